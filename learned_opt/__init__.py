@@ -1,0 +1,48 @@
+"""learned_opt: learned optimizers for PyTorch.
+
+The public API; everything else is an implementation detail.
+"""
+
+from __future__ import annotations
+
+from . import pretrained
+from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
+from .higher_interop import DifferentiableLearnedOptimizer, register
+from .learners import MetaLearner, OptimizerLearner
+from .meta_train import MetaTrainConfig, MetaTrainer
+from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
+from .rules import AdamRule, LSTMRule, SGDRule, UpdateRule
+from .tasks import MLPFamily, QuadraticFamily, Task, TaskFamily, make_family
+from .unroll import run_inner, unroll
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "AdamRule",
+    "CheckpointError",
+    "DifferentiableLearnedOptimizer",
+    "LSTMOptimizer",
+    "LSTMRule",
+    "LearnedOptimizer",
+    "MLPFamily",
+    "MetaLearner",
+    "MetaTrainConfig",
+    "MetaTrainer",
+    "NonFiniteGradientError",
+    "OptimizerLearner",
+    "QuadraticFamily",
+    "SGDRule",
+    "Task",
+    "TaskFamily",
+    "UpdateRule",
+    "WeightsMismatchError",
+    "load_rule",
+    "make_family",
+    "pretrained",
+    "run_inner",
+    "save_rule",
+    "unroll",
+    "__version__",
+]

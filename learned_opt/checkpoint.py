@@ -1,0 +1,191 @@
+"""Saving and loading rules and trainer state, safely.
+
+Every file is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``)
+and read with ``torch.load(weights_only=True)``, which refuses pickled code: a file carrying a
+pickle payload raises :class:`CheckpointError` and nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .rules import RULES, UpdateRule, build_rule
+
+__all__ = [
+    "RULE_FORMAT",
+    "CheckpointError",
+    "WeightsMismatchError",
+    "atomic_save",
+    "safe_load",
+    "rule_to_dict",
+    "rule_from_dict",
+    "save_rule",
+    "load_rule",
+]
+
+#: Format tag of a rule record (inside weights files and trainer checkpoints).
+RULE_FORMAT = "learned_opt.rule/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file is missing, truncated, corrupt, unsafe or malformed."""
+
+
+class WeightsMismatchError(CheckpointError, ValueError):
+    """A weights file holds a rule of another architecture than the one expected."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically: readers see the old file or the new one, never half.
+
+    Args:
+        obj: tensors, containers and plain Python values (loadable with ``weights_only=True``).
+        path: destination; its directory is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # Make the rename itself durable.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
+    """Load a file written by :func:`atomic_save` without executing any code in it.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, or holds anything but tensors
+            and plain containers (for example a pickled object whose unpickling would run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No such checkpoint file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"Refused to load {path}: it contains Python objects other than tensors and plain "
+            f"containers, and loading them could execute code. Only files written by learned_opt "
+            f"(torch.save of tensors, dicts, lists, numbers and strings) are accepted. ({exc})"
+        ) from exc
+    except Exception as exc:  # zipfile / EOF / RuntimeError from a truncated or garbled file
+        raise CheckpointError(
+            f"Cannot read {path}: the file is truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def rule_to_dict(rule: UpdateRule, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A plain-dict record of a rule: kind, config, weights (on CPU) and metadata."""
+    return {
+        "format": RULE_FORMAT,
+        "kind": rule.kind,
+        "config": rule.config(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+
+
+def _shape(t: Any) -> tuple[int, ...] | str:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def rule_from_dict(
+    record: Any, *, expected_kind: str | None = None, source: str = "<record>"
+) -> UpdateRule:
+    """Rebuild a rule from :func:`rule_to_dict`'s record, checking every tensor's shape.
+
+    Raises:
+        WeightsMismatchError: wrong kind, or tensors that do not fit the recorded architecture;
+            the message names what was expected and what was found.
+        CheckpointError: not a rule record at all.
+    """
+    if not isinstance(record, dict) or record.get("format") != RULE_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(
+            f"{source} is not a learned_opt rule file: expected format {RULE_FORMAT!r}, "
+            f"found {found!r}"
+        )
+    kind = record.get("kind")
+    if kind not in RULES:
+        raise WeightsMismatchError(
+            f"{source} holds a rule of unknown kind {kind!r}; expected one of {sorted(RULES)}"
+        )
+    if expected_kind is not None and kind != expected_kind:
+        raise WeightsMismatchError(
+            f"{source}: expected weights of a {expected_kind!r} rule, found a {kind!r} rule"
+        )
+    config = record.get("config") or {}
+    rule = build_rule(kind, config)
+    expected = rule.state_dict()
+    found = record.get("state_dict")
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{source}: the rule record has no state_dict")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {_shape(found[k])}"
+        for k in sorted(set(expected) & set(found))
+        if not isinstance(found[k], torch.Tensor) or found[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing tensors {missing}" if missing else "",
+                f"unexpected tensors {unexpected}" if unexpected else "",
+                "wrong shapes: " + ", ".join(wrong) if wrong else "",
+            )
+            if part
+        )
+        raise WeightsMismatchError(
+            f"{source}: the weights do not fit a {kind!r} rule with config {config}: {details}"
+        )
+    rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()})
+    return rule
+
+
+def save_rule(
+    path: str | os.PathLike, rule: UpdateRule, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write a rule (and metadata such as how it was produced) to a weights file, atomically."""
+    atomic_save(rule_to_dict(rule, metadata), path)
+
+
+def load_rule(
+    path: str | os.PathLike, *, expected_kind: str | None = None
+) -> tuple[UpdateRule, dict[str, Any]]:
+    """Load a rule from a weights file or from a meta-trainer checkpoint.
+
+    A trainer checkpoint carries two rules, the latest and the best by held-out evaluation; the
+    best one is returned.
+
+    Returns:
+        ``(rule, metadata)``.
+    """
+    obj = safe_load(path)
+    if isinstance(obj, dict) and "best_rule" in obj:  # a meta-trainer checkpoint
+        obj = obj["best_rule"]
+    rule = rule_from_dict(obj, expected_kind=expected_kind, source=str(path))
+    return rule, dict(obj.get("metadata") or {})

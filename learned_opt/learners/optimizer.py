@@ -1,0 +1,94 @@
+"""The learned optimizer as a meta-learner: phi = T steps of the learned rule from an init."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..rules import RuleState, UpdateRule
+from ..tasks import Batch, FlatSpec, Task
+from .base import MetaLearner
+
+__all__ = ["OptimizerLearner", "OptimizerState"]
+
+
+@dataclass
+class OptimizerState:
+    """Inner state of a learned-optimizer unroll.
+
+    Attributes:
+        params: the optimizee's parameters as one flat vector (see :class:`FlatSpec`).
+        rule_state: the rule's per-coordinate state over that vector.
+        spec: how the flat vector maps to named tensors.
+        step: inner steps taken.
+    """
+
+    params: Tensor
+    rule_state: RuleState
+    spec: FlatSpec
+    step: int = 0
+
+
+class OptimizerLearner(MetaLearner):
+    """A learned update rule unrolled on a task (Andrychowicz et al., 2016).
+
+    Each inner step computes the training loss at phi_t, its gradient, and
+    ``phi_{t+1} = phi_t + lr * rule(grad)``. With ``second_order=False`` (the paper's choice) the
+    gradient is treated as a constant: the meta-gradient flows through the rule's outputs and
+    the direct path phi_t -> phi_{t+1}, but not through the Hessian.
+
+    Args:
+        rule: the update rule (its parameters are theta).
+        second_order: backpropagate through the optimizee's gradients (``create_graph=True``).
+        lr: multiplier on the rule's update (as in the drop-in optimizer).
+    """
+
+    def __init__(self, rule: UpdateRule, *, second_order: bool = False, lr: float = 1.0) -> None:
+        super().__init__()
+        self.rule = rule
+        self.second_order = second_order
+        self.lr = lr
+
+    def init_state(self, task: Task, generator: torch.Generator) -> OptimizerState:
+        named = task.init_params(generator)
+        spec = FlatSpec(named)
+        flat = spec.flatten(named).detach().requires_grad_(True)
+        return OptimizerState(flat, self.rule.init_state(spec.numel, like=flat), spec)
+
+    def step(
+        self, task: Task, state: OptimizerState, batch: Batch, *, differentiable: bool = True
+    ) -> tuple[OptimizerState, Tensor]:
+        phi = state.params
+        if not phi.requires_grad:
+            phi = phi.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = task.loss(state.spec.unflatten(phi), batch)
+            create_graph = differentiable and self.second_order
+            (grad,) = torch.autograd.grad(
+                loss, phi, create_graph=create_graph, retain_graph=differentiable
+            )
+        if differentiable:
+            update, rule_state = self.rule(grad, state.rule_state)
+            new_phi = phi + self.lr * update
+        else:
+            with torch.no_grad():
+                update, rule_state = self.rule(grad, state.rule_state)
+                new_phi = (phi + self.lr * update).requires_grad_(True)
+            loss = loss.detach()
+        return OptimizerState(new_phi, rule_state, state.spec, state.step + 1), loss
+
+    def evaluate(self, task: Task, state: OptimizerState, batch: Batch) -> Tensor:
+        return task.loss(state.spec.unflatten(state.params), batch)
+
+    def detach_state(self, state: OptimizerState) -> OptimizerState:
+        return OptimizerState(
+            state.params.detach().requires_grad_(True),
+            {k: v.detach() for k, v in state.rule_state.items()},
+            state.spec,
+            state.step,
+        )
+
+    def params_of(self, task: Task, state: OptimizerState) -> dict[str, Tensor]:
+        return state.spec.unflatten(state.params)

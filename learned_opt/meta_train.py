@@ -1,0 +1,442 @@
+"""The outer loop: meta-optimizer, clipping, evaluation, logging, checkpoints, resume.
+
+One trainer trains any :class:`~learned_opt.learners.MetaLearner`. Randomness is a pure function
+of ``(seed, iteration, task index)``, so a resumed run repeats exactly what an uninterrupted run
+would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
+from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed
+from .learners import MetaLearner, OptimizerLearner
+from .optim import LearnedOptimizer
+from .rules import build_rule
+from .tasks import TaskFamily, make_family
+from .unroll import OBJECTIVES, unroll
+
+__all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
+
+TRAINER_FORMAT = "learned_opt.trainer/1"
+_EVAL_STREAM = 7_777_777  # seeds of held-out evaluation tasks never collide with training ones
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (saved in every checkpoint and log).
+
+    Attributes:
+        family: task family name (:data:`learned_opt.tasks.FAMILIES`).
+        family_kwargs: overrides of the family's defaults.
+        rule: rule kind (:data:`learned_opt.rules.RULES`).
+        rule_kwargs: the rule's constructor arguments.
+        horizon: inner steps per task (T).
+        truncation: inner steps per truncation window (K); one meta-update per window.
+        objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
+            (held-out loss at the end of the window).
+        second_order: backpropagate through the optimizee's gradients.
+        meta_lr: Adam learning rate of the meta-optimizer.
+        meta_batch: tasks unrolled side by side; their window meta-losses are averaged.
+        clip_grad: maximum meta-gradient norm (``0`` disables clipping).
+        iterations: task batches to unroll (each gives ``ceil(T / K)`` meta-updates).
+        time_budget: stop after this many seconds of training (``None``: no limit).
+        eval_every: iterations between held-out evaluations (``0`` disables them).
+        eval_tasks: held-out tasks per evaluation.
+        eval_horizon: inner steps in evaluation (``None``: ``horizon``).
+        checkpoint_every: iterations between checkpoints.
+        keep_checkpoints: how many recent checkpoints to keep.
+        max_loss_ratio: an inner loss above this multiple of its first value ends the unroll.
+        seed: the seed of everything.
+    """
+
+    family: str = "quadratic"
+    family_kwargs: dict[str, Any] = field(default_factory=dict)
+    rule: str = "lstm"
+    rule_kwargs: dict[str, Any] = field(default_factory=dict)
+    horizon: int = 100
+    truncation: int = 20
+    objective: str = "train"
+    second_order: bool = False
+    meta_lr: float = 1e-3
+    meta_batch: int = 1
+    clip_grad: float = 1.0
+    iterations: int = 500
+    time_budget: float | None = None
+    eval_every: int = 50
+    eval_tasks: int = 8
+    eval_horizon: int | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    max_loss_ratio: float | None = 1e3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"Invalid objective {self.objective!r}; expected one of {OBJECTIVES}")
+        for name in ("horizon", "truncation", "meta_batch", "iterations", "eval_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
+        if self.meta_lr <= 0:
+            raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MetaTrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Trainer checkpoints in ``ckpt_dir``, newest first."""
+    return sorted(Path(ckpt_dir).glob("ckpt_*.pt"), reverse=True)
+
+
+class _Progress:
+    """A one-line progress report on stderr (no dependency on tqdm)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, it: int, text: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 10.0) and it < self.total:
+            return
+        self.last = now
+        end = "" if self.tty and it < self.total else "\n"
+        sys.stderr.write(f"\r[{it}/{self.total}] {text}" + end)
+        sys.stderr.flush()
+
+
+class MetaTrainer:
+    """Meta-trains a learner on a task family.
+
+    Args:
+        config: the run's configuration.
+        log_dir: TensorBoard directory (``None``: no logging).
+        ckpt_dir: checkpoint directory (``None``: no checkpoints).
+        learner: the meta-learner; by default an :class:`OptimizerLearner` around the configured
+            rule, initialized from ``config.seed``.
+        family: the task family; by default ``make_family(config.family, **config.family_kwargs)``.
+        progress: show a progress line on stderr.
+    """
+
+    def __init__(
+        self,
+        config: MetaTrainConfig,
+        *,
+        log_dir: str | Path | None = None,
+        ckpt_dir: str | Path | None = None,
+        learner: MetaLearner | None = None,
+        family: TaskFamily | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.family = family or make_family(config.family, **config.family_kwargs)
+        if learner is None:
+            torch.manual_seed(config.seed)  # only the rule's initialization draws from it
+            rule = build_rule(config.rule, config.rule_kwargs)
+            if hasattr(rule, "reset_parameters"):
+                rule.reset_parameters(torch.Generator().manual_seed(config.seed))
+            learner = OptimizerLearner(rule, second_order=config.second_order)
+        self.learner = learner
+        self.meta_opt = torch.optim.Adam(self.learner.parameters(), lr=config.meta_lr)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+        self.progress = progress
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.best_metric = math.inf
+        self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
+        self.history: dict[str, list[float]] = {"eval_iteration": [], "eval_metric": []}
+        self.adam_baseline: dict[str, Any] | None = None
+        self.skipped_steps = 0
+        self._writer: Any = None
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The whole trainer state as plain data (loadable with ``weights_only=True``)."""
+        state: dict[str, Any] = {
+            "format": TRAINER_FORMAT,
+            "config": self.config.to_dict(),
+            "family": self.family.config(),
+            "iteration": self.iteration,
+            "elapsed": self.elapsed,
+            "learner": self.learner.state_dict(),
+            "best_learner": self.best_state,
+            "best_metric": self.best_metric,
+            "meta_optimizer": self.meta_opt.state_dict(),
+            "history": self.history,
+            "adam_baseline": self.adam_baseline,
+            "skipped_steps": self.skipped_steps,
+        }
+        rule = getattr(self.learner, "rule", None)
+        if rule is not None:
+            meta = {"source": "meta_train", "iteration": self.iteration, "config": state["config"]}
+            state["rule"] = rule_to_dict(rule, meta)
+            best = build_rule(rule.kind, rule.config())
+            best.load_state_dict({k[len("rule."):]: v for k, v in self.best_state.items()})
+            state["best_rule"] = rule_to_dict(best, {**meta, "eval_metric": self.best_metric})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the configuration must match this trainer's."""
+        if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+            raise CheckpointError(f"Not a learned_opt trainer checkpoint (format {TRAINER_FORMAT})")
+        saved = MetaTrainConfig.from_dict(state["config"])
+        mine, theirs = self.config.to_dict(), saved.to_dict()
+        ignore = {"iterations", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints"}
+        diff = {k: (theirs[k], mine[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+        if diff:
+            raise ValueError(f"Checkpoint configuration differs (saved, current): {diff}")
+        self.learner.load_state_dict(state["learner"])
+        self.meta_opt.load_state_dict(state["meta_optimizer"])
+        self.iteration = int(state["iteration"])
+        self.elapsed = float(state["elapsed"])
+        self.best_state = state["best_learner"]
+        self.best_metric = float(state["best_metric"])
+        self.history = state["history"]
+        self.adam_baseline = state["adam_baseline"]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``."""
+        if self.ckpt_dir is None:
+            return None
+        path = self.ckpt_dir / f"ckpt_{self.iteration:08d}.pt"
+        state = self.state_dict()
+        atomic_save(state, path)
+        if "best_rule" in state:
+            atomic_save(state["best_rule"], self.ckpt_dir / "best.pt")
+            atomic_save(state["rule"], self.ckpt_dir / "last.pt")
+        for old in find_checkpoints(self.ckpt_dir)[self.config.keep_checkpoints :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Resume from ``path`` or from the newest readable checkpoint in ``ckpt_dir``.
+
+        A truncated or corrupt newest checkpoint is reported with a warning and the one before
+        it is used.
+
+        Returns:
+            whether a checkpoint was loaded.
+        """
+        candidates = [Path(path)] if path is not None else []
+        if path is None and self.ckpt_dir is not None:
+            candidates = find_checkpoints(self.ckpt_dir)
+        for candidate in candidates:
+            try:
+                state = safe_load(candidate)
+            except CheckpointError as exc:
+                if path is not None:
+                    raise
+                warnings.warn(f"Skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            self.load_state_dict(state)
+            return True
+        return False
+
+    # ------------------------------------------------------------------------------ logging
+    def _log(self, tag: str, value: float, step: int | None = None) -> None:
+        if self.log_dir is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+            self._writer.add_text("config", "```\n" + json.dumps(self.config.to_dict(), indent=2)
+                                  + "\n```", 0)
+        self._writer.add_scalar(tag, value, self.iteration if step is None else step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # --------------------------------------------------------------------------- evaluation
+    def _eval_seeds(self) -> list[int]:
+        return [task_seed(self.config.seed, _EVAL_STREAM, k) for k in range(self.config.eval_tasks)]
+
+    def _eval_horizon(self) -> int:
+        return self.config.eval_horizon or self.config.horizon
+
+    def _metric_name(self) -> str:
+        return "final_train_loss" if self.config.objective == "train" else "final_test_loss"
+
+    def evaluate(self) -> tuple[float, np.ndarray]:
+        """Mean final loss of the current rule on the held-out tasks, and the mean loss curve."""
+        rule = self.learner.rule
+
+        def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+            return LearnedOptimizer(params, rule, lr=lr)
+
+        runs = [
+            run_optimizer(self.family, s, factory, 1.0, self._eval_horizon(), name="learned")
+            for s in self._eval_seeds()
+        ]
+        values = [getattr(r, self._metric_name()) for r in runs]
+        metric = float(np.mean([v if math.isfinite(v) else math.inf for v in values]))
+        return metric, np.nanmean(np.array([r.losses for r in runs]), axis=0)
+
+    def baseline(self) -> dict[str, Any]:
+        """Adam with the best learning rate of a grid, on the same held-out tasks (computed once)."""
+        if self.adam_baseline is None:
+            best: dict[str, Any] = {"metric": math.inf}
+            for lr in DEFAULT_LR_GRID:
+                runs = [
+                    run_optimizer(
+                        self.family, s, lambda p, lr: torch.optim.Adam(p, lr=lr), lr,
+                        self._eval_horizon(), name="adam",
+                    )
+                    for s in self._eval_seeds()
+                ]
+                vals = [getattr(r, self._metric_name()) for r in runs]
+                metric = float(np.mean([v if math.isfinite(v) else math.inf for v in vals]))
+                if metric < best["metric"]:
+                    curve = np.nanmean(np.array([r.losses for r in runs]), axis=0)
+                    best = {"metric": metric, "lr": lr, "curve": curve.tolist()}
+            self.adam_baseline = best
+        return self.adam_baseline
+
+    def _run_eval(self) -> None:
+        if not hasattr(self.learner, "rule"):
+            return
+        metric, curve = self.evaluate()
+        self.history["eval_iteration"].append(self.iteration)
+        self.history["eval_metric"].append(metric)
+        self._log("eval/metric", metric)
+        if metric < self.best_metric:
+            self.best_metric = metric
+            self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
+        self._log("eval/best_metric", self.best_metric)
+        adam = self.baseline()
+        self._log("eval/adam_tuned_metric", adam["metric"])
+        self._log("eval/adam_tuned_lr", adam["lr"])
+        self._log("eval/ratio_vs_adam", metric / adam["metric"])
+        if self.log_dir is not None:
+            for t, (mine, theirs) in enumerate(zip(curve, adam["curve"])):
+                self._writer.add_scalars(
+                    f"eval_curves/iter_{self.iteration:07d}",
+                    {"learned": float(mine), "adam_tuned": float(theirs)},
+                    t,
+                )
+
+    # ------------------------------------------------------------------------------ training
+    def _meta_step(self, losses: list[torch.Tensor]) -> tuple[float, float, bool]:
+        meta_loss = torch.stack(losses).mean()
+        self.meta_opt.zero_grad(set_to_none=True)
+        meta_loss.backward()
+        params = [p for p in self.learner.parameters() if p.grad is not None]
+        max_norm = self.config.clip_grad if self.config.clip_grad > 0 else math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        if not (math.isfinite(norm) and math.isfinite(float(meta_loss.detach()))):
+            self.meta_opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return float(meta_loss.detach()), norm, False
+        self.meta_opt.step()
+        return float(meta_loss.detach()), norm, True
+
+    def train_iteration(self) -> dict[str, float]:
+        """Unroll one batch of tasks and take one meta-step per truncation window."""
+        cfg = self.config
+        unrolls = []
+        for j in range(cfg.meta_batch):
+            seed = task_seed(cfg.seed, self.iteration, j)
+            task = self.family.sample(torch.Generator().manual_seed(seed))
+            unrolls.append(
+                unroll(
+                    self.learner, task, torch.Generator().manual_seed(seed + 1),
+                    horizon=cfg.horizon, truncation=cfg.truncation, objective=cfg.objective,
+                    max_loss_ratio=cfg.max_loss_ratio,
+                )
+            )
+        meta_losses, norms, final_losses, diverged = [], [], [], 0
+        active = list(unrolls)
+        while active:
+            windows = []
+            for u in list(active):
+                w = next(u, None)
+                if w is None:
+                    active.remove(u)
+                    continue
+                windows.append(w)
+                diverged += w.diverged
+                if len(w.train_losses):
+                    final_losses.append(float(w.train_losses[-1]))
+            usable = [w.meta_loss for w in windows if w.meta_loss is not None]
+            if usable:
+                loss, norm, _ = self._meta_step(usable)
+                meta_losses.append(loss)
+                norms.append(norm)
+        return {
+            "meta_loss": float(np.mean(meta_losses)) if meta_losses else math.nan,
+            "grad_norm": float(np.mean(norms)) if norms else math.nan,
+            "diverged": float(diverged),
+        }
+
+    def train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None = None) -> None:
+        """Run until ``config.iterations`` or ``config.time_budget`` is reached.
+
+        Evaluates every ``eval_every`` iterations (and at the end), keeps the best rule by that
+        evaluation, checkpoints every ``checkpoint_every`` iterations (and at the end).
+        """
+        cfg = self.config
+        bar = _Progress(cfg.iterations, self.progress)
+        if self.iteration == 0 and cfg.eval_every:
+            self._run_eval()
+        last_eval = self.iteration
+        while self.iteration < cfg.iterations:
+            if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+                break
+            start = time.perf_counter()
+            stats = self.train_iteration()
+            self.iteration += 1
+            seconds = time.perf_counter() - start
+            self.elapsed += seconds
+            self._log("meta/loss", stats["meta_loss"])
+            self._log("meta/grad_norm", stats["grad_norm"])
+            self._log("meta/diverged_tasks", stats["diverged"])
+            self._log("meta/skipped_steps", self.skipped_steps)
+            self._log("time/inner_steps_per_second", cfg.horizon * cfg.meta_batch / seconds)
+            if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                self._run_eval()
+                last_eval = self.iteration
+            if self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            best = f" best_eval={self.best_metric:.4g}" if math.isfinite(self.best_metric) else ""
+            bar.update(self.iteration, f"meta_loss={stats['meta_loss']:.4g}{best}")
+            if on_iteration is not None:
+                on_iteration(self, stats)
+        if cfg.eval_every and last_eval != self.iteration:
+            self._run_eval()
+        self.save_checkpoint()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write the best rule (by held-out evaluation) as a weights file with ``metadata``."""
+        record = self.state_dict()["best_rule"]
+        record["metadata"].update(metadata or {})
+        atomic_save(record, path)

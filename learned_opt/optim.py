@@ -1,0 +1,231 @@
+"""Drop-in ``torch.optim.Optimizer`` wrappers around update rules."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import pretrained
+from .checkpoint import load_rule, rule_from_dict, rule_to_dict
+from .rules import LSTMRule, UpdateRule
+
+__all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError"]
+
+_NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient (or the update computed from it) contains NaN or Inf."""
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    r"""A ``torch.optim.Optimizer`` that applies any :class:`~learned_opt.rules.UpdateRule`.
+
+    For each parameter :math:`p` with gradient :math:`g` and per-parameter rule state
+    :math:`s` (kept in ``self.state[p]``)::
+
+        update, s = rule(g.flatten(), s)
+        p += lr * update.view_as(p)
+
+    ``lr`` is a multiplier on the rule's update (1.0 reproduces the rule as meta-trained); it lives
+    in the param groups, so ``torch.optim.lr_scheduler`` schedules work unchanged. The rule itself
+    is frozen: the optimizer never changes its weights.
+
+    Non-finite gradients never reach the parameters. With ``nonfinite="skip"`` (default) a
+    parameter whose gradient (or computed update) holds NaN or Inf is left untouched, its state is
+    not advanced, and a ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a
+    :class:`NonFiniteGradientError` is raised before any parameter of that step is changed.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer.
+        rule: the update rule.
+        lr: multiplier on the rule's update.
+        nonfinite: ``"skip"`` or ``"raise"``.
+
+    Raises:
+        ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        rule: UpdateRule,
+        *,
+        lr: float = 1.0,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(lr, Tensor) and lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; use one of {_NONFINITE_POLICIES}")
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"rule must be an UpdateRule, got {type(rule).__name__}")
+        self.rule = copy.deepcopy(rule).requires_grad_(False)
+        self.nonfinite = nonfinite
+        self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
+        super().__init__(params, {"lr": lr})
+
+    def _rule_for(self, p: Tensor) -> UpdateRule:
+        """The rule on ``p``'s device and dtype (cached copies; the original stays as it is)."""
+        ref = next(iter(self.rule.parameters()), None)
+        if ref is None or (ref.device == p.device and ref.dtype == p.dtype):
+            return self.rule
+        key = (p.device, p.dtype)
+        if key not in self._rule_copies:
+            self._rule_copies[key] = copy.deepcopy(self.rule).to(device=p.device, dtype=p.dtype)
+        return self._rule_copies[key]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply one update to every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        pending: list[tuple[Tensor, float, Tensor, dict[str, Tensor]]] = []
+        skipped = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+                if grad.shape != p.shape:
+                    raise ValueError(
+                        f"Gradient of shape {tuple(grad.shape)} does not match its parameter of "
+                        f"shape {tuple(p.shape)}"
+                    )
+                state = self.state[p]
+                rule = self._rule_for(p)
+                if len(state) == 0:
+                    state.update(rule.init_state(p.numel(), like=p))
+                flat = grad.reshape(-1).to(p.dtype)
+                update, new_state = rule(flat, state)
+                if not (torch.isfinite(flat).all() and torch.isfinite(update).all()):
+                    if self.nonfinite == "raise":
+                        raise NonFiniteGradientError(
+                            f"Non-finite gradient or update for a parameter of shape "
+                            f"{tuple(p.shape)}; no parameter was changed in this step"
+                        )
+                    skipped += 1
+                    continue
+                pending.append((p, group["lr"], update, new_state))
+
+        # Apply only once every gradient has been checked, so "raise" leaves the model untouched.
+        for p, lr, update, new_state in pending:
+            p.add_(update.view(p.shape), alpha=lr)
+            self.state[p].update(new_state)
+        if skipped:
+            warnings.warn(
+                f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "
+                "non-finite gradients (parameters and optimizer state left unchanged)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimizer state plus the rule record (so a resume needs nothing else)."""
+        sd = super().state_dict()
+        sd["rule"] = rule_to_dict(self.rule)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (also one read back with ``torch.load(weights_only=True)``)."""
+        state_dict = dict(state_dict)
+        record = state_dict.pop("rule", None)
+        if record is not None:
+            rule = rule_from_dict(record, expected_kind=self.rule.kind, source="state_dict")
+            self.rule.load_state_dict(rule.state_dict())
+            self._rule_copies.clear()
+        super().load_state_dict(state_dict)
+
+
+def _resolve_weights(
+    weights: str | os.PathLike | UpdateRule | None,
+) -> tuple[UpdateRule | None, dict[str, Any]]:
+    if weights is None:
+        weights = pretrained.DEFAULT
+    if isinstance(weights, UpdateRule):
+        return weights, {}
+    if isinstance(weights, str) and weights in pretrained.available():
+        return load_rule(pretrained.path(weights), expected_kind="lstm")
+    if isinstance(weights, str | os.PathLike) and os.path.exists(weights):
+        return load_rule(weights, expected_kind="lstm")
+    raise ValueError(
+        f"weights={weights!r} is neither a shipped name ({pretrained.available()}) nor an "
+        "existing file"
+    )
+
+
+class LSTMOptimizer(LearnedOptimizer):
+    r"""The coordinatewise LSTM optimizer (Andrychowicz et al., 2016) as a drop-in optimizer.
+
+    Usage::
+
+        opt = learned_opt.LSTMOptimizer(model.parameters())
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+    Each coordinate of each parameter gets its own LSTM hidden state (``self.state[p]["h"]`` and
+    ``["c"]``, shaped ``(num_layers, p.numel(), hidden_size)``), updated by one small LSTM whose
+    weights are shared by all coordinates; see :class:`~learned_opt.rules.LSTMRule` for the math.
+
+    Args:
+        params: parameters or param-group dicts.
+        weights: ``None`` for the shipped default (``learned_opt.pretrained.DEFAULT``), the name of
+            shipped weights (``learned_opt.pretrained.available()``), the path of a weights file or
+            meta-trainer checkpoint, or an :class:`~learned_opt.rules.LSTMRule`.
+        lr: multiplier on the learned update (1.0 = as meta-trained); schedulable.
+        nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
+        hidden_size, num_layers: if given, the architecture the weights must have.
+
+    Raises:
+        ValueError: empty parameters, bad ``lr``, unknown weights name or missing file.
+        learned_opt.checkpoint.WeightsMismatchError: weights of another architecture.
+        learned_opt.checkpoint.CheckpointError: a corrupt or unsafe weights file.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        weights: str | os.PathLike | LSTMRule | None = None,
+        lr: float = 1.0,
+        nonfinite: str = "skip",
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        rule, meta = _resolve_weights(weights)
+        if not isinstance(rule, LSTMRule):
+            raise TypeError(f"LSTMOptimizer needs an LSTMRule, got {type(rule).__name__}")
+        for name, want in (("hidden_size", hidden_size), ("num_layers", num_layers)):
+            have = getattr(rule, name)
+            if want is not None and want != have:
+                from .checkpoint import WeightsMismatchError
+
+                raise WeightsMismatchError(
+                    f"weights={weights!r}: expected an LSTM with {name}={want}, found {name}={have}"
+                )
+        self.metadata = meta
+        super().__init__(params, rule, lr=lr, nonfinite=nonfinite)

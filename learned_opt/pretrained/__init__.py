@@ -1,0 +1,45 @@
+"""Meta-trained weights shipped inside the package (no network access needed).
+
+Each ``<name>.pt`` is a rule file written by :func:`learned_opt.checkpoint.save_rule`; its
+metadata (also in ``<name>.json``) records the command, the commit, the meta-training budget and
+the figures the weights reached.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT", "available", "path", "metadata"]
+
+_DIR = Path(__file__).resolve().parent
+
+#: The weights that ``LSTMOptimizer`` uses when none are given.
+DEFAULT = "paper-mnist"
+
+
+def available() -> list[str]:
+    """Names of the shipped weights."""
+    return sorted(p.stem for p in _DIR.glob("*.pt"))
+
+
+def path(name: str) -> Path:
+    """File of the shipped weights ``name``.
+
+    Raises:
+        ValueError: no weights of that name are shipped.
+    """
+    file = _DIR / f"{name}.pt"
+    if not file.is_file():
+        raise ValueError(f"No shipped weights named {name!r}; available: {available()}")
+    return file
+
+
+def metadata(name: str) -> dict[str, Any]:
+    """The metadata recorded with the shipped weights ``name``."""
+    meta = _DIR / f"{name}.json"
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    path(name)  # raises if the weights themselves are missing
+    return {}

@@ -1,0 +1,31 @@
+"""Update rules: learned (coordinatewise LSTM) and hand-designed (SGD, Adam)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import RuleState, UpdateRule
+from .hand import AdamRule, SGDRule
+from .lstm import LSTMRule
+
+__all__ = ["RULES", "AdamRule", "LSTMRule", "RuleState", "SGDRule", "UpdateRule", "build_rule"]
+
+#: Rule classes by their ``kind`` (the name saved in checkpoints).
+RULES: dict[str, type[UpdateRule]] = {cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule)}
+
+
+def build_rule(kind: str, config: dict[str, Any] | None = None) -> UpdateRule:
+    """Construct a rule from its ``kind`` and :meth:`UpdateRule.config` dictionary.
+
+    Raises:
+        ValueError: unknown kind or configuration keys.
+    """
+    if kind not in RULES:
+        raise ValueError(f"Unknown rule kind {kind!r}; expected one of {sorted(RULES)}")
+    config = dict(config or {})
+    if "betas" in config:
+        config["betas"] = tuple(config["betas"])
+    try:
+        return RULES[kind](**config)
+    except TypeError as exc:
+        raise ValueError(f"Invalid configuration for rule {kind!r}: {config} ({exc})") from exc

@@ -1,0 +1,58 @@
+"""The update-rule interface shared by learned and hand-designed rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RuleState", "UpdateRule"]
+
+RuleState = dict[str, Tensor]
+
+
+class UpdateRule(nn.Module):
+    """A coordinatewise update rule: a pure function ``(grad, state) -> (update, state)``.
+
+    The rule's meta-parameters theta are the module's parameters. The update is *added* to the
+    optimizee's parameters: ``phi <- phi + lr * update``. Rules never write in place, so the same
+    code serves the drop-in optimizer (under ``no_grad``) and the differentiable unroll.
+
+    A rule sees one flat, 1-D tensor of coordinates at a time. Because every rule here is
+    coordinatewise, applying it to the concatenation of all parameters or to each parameter
+    separately gives the same result; the unroll uses the former, the drop-in optimizer the
+    latter. Per-coordinate state tensors put the coordinate axis at ``coord_dim(key)``.
+
+    Subclasses implement :meth:`init_state`, :meth:`forward` and :meth:`config`.
+    """
+
+    #: Name under which :func:`learned_opt.rules.build_rule` finds the class.
+    kind: str = ""
+
+    def init_state(self, numel: int, *, like: Tensor) -> RuleState:
+        """Fresh state for ``numel`` coordinates on ``like``'s device and dtype."""
+        raise NotImplementedError
+
+    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        """Return ``(update, new_state)`` for a flat gradient ``grad`` of shape ``(n,)``."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serializable constructor arguments (saved in every checkpoint)."""
+        raise NotImplementedError
+
+    def coord_dim(self, key: str) -> int | None:
+        """Axis of state entry ``key`` that indexes coordinates (``None``: shared scalar)."""
+        return 0
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+
+def step_count(state: RuleState, like: Tensor) -> Tensor:
+    """The incremented step counter, as a 0-dim float tensor like torch.optim keeps it."""
+    step = state.get("step")
+    if step is None:
+        return torch.ones((), dtype=torch.float32, device=like.device)
+    return step + 1

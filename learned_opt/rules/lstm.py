@@ -1,0 +1,144 @@
+"""The coordinatewise LSTM optimizer of Andrychowicz et al. (2016)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..preprocess import log_sign
+from .base import RuleState, UpdateRule, step_count
+
+__all__ = ["LSTMRule"]
+
+
+class LSTMRule(UpdateRule):
+    r"""Coordinatewise LSTM update rule ("Learning to learn by gradient descent by gradient
+    descent", Andrychowicz et al., NeurIPS 2016).
+
+    One small LSTM with shared weights theta runs on every coordinate i of the optimizee, with its
+    own hidden state per coordinate:
+
+    .. math::
+        x_t^i = \mathrm{preprocess}(g_t^i), \qquad
+        (o_t^i, s_{t+1}^i) = \mathrm{LSTM}_\theta(x_t^i, s_t^i), \qquad
+        \Delta_t^i = \alpha\,(w^\top o_t^i + b)
+
+    where ``preprocess`` is :func:`~learned_opt.preprocess.log_sign` (or the raw gradient) and
+    :math:`\alpha` is the output scale. The optimizee is updated by
+    :math:`\phi_{t+1} = \phi_t + \Delta_t`.
+
+    Each layer's four gates are computed by two matrix products over all coordinates at once
+    (``addmm`` with the input and the recurrent weights), so the cost is a handful of large
+    kernels per layer, independent of the number of parameter tensors.
+
+    Args:
+        hidden_size: LSTM units per layer (20 in the paper).
+        num_layers: stacked LSTM layers (2 in the paper).
+        preprocess: ``"log_sign"`` (the paper) or ``"none"`` (raw gradient as one input).
+        preprocess_p: the scale ``p`` of the log/sign preprocessing (10 in the paper, 5 in the
+            original TensorFlow code).
+        output_scale: :math:`\alpha`, the factor on the linear read-out (0.1 in the paper).
+        forget_bias: initial bias of the forget gates.
+    """
+
+    kind = "lstm"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        *,
+        preprocess: str = "log_sign",
+        preprocess_p: float = 10.0,
+        output_scale: float = 0.1,
+        forget_bias: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_layers < 1:
+            raise ValueError(
+                f"Invalid LSTM size: hidden_size={hidden_size}, num_layers={num_layers}"
+            )
+        if preprocess not in ("log_sign", "none"):
+            raise ValueError(f"Invalid preprocess: {preprocess!r} (use 'log_sign' or 'none')")
+        if preprocess_p <= 0:
+            raise ValueError(f"Invalid preprocess_p: {preprocess_p}")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.preprocess = preprocess
+        self.preprocess_p = float(preprocess_p)
+        self.output_scale = float(output_scale)
+        self.forget_bias = float(forget_bias)
+        in_size = 2 if preprocess == "log_sign" else 1
+        h = hidden_size
+        for layer in range(num_layers):
+            n_in = in_size if layer == 0 else h
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(n_in, 4 * h)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(h, 4 * h)))
+            self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(4 * h)))
+        self.out_weight = nn.Parameter(torch.empty(h, 1))
+        self.out_bias = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) like ``nn.LSTM``; forget gates start at ``forget_bias``."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.uniform_(-bound, bound, generator=generator)
+            h = self.hidden_size
+            for layer in range(self.num_layers):
+                getattr(self, f"bias_l{layer}")[h : 2 * h].fill_(self.forget_bias)
+            self.out_bias.zero_()
+
+    def init_state(self, numel: int, *, like: Tensor) -> RuleState:
+        shape = (self.num_layers, numel, self.hidden_size)
+        return {
+            "h": torch.zeros(shape, dtype=like.dtype, device=like.device),
+            "c": torch.zeros(shape, dtype=like.dtype, device=like.device),
+            "step": torch.zeros((), dtype=torch.float32, device=like.device),
+        }
+
+    def coord_dim(self, key: str) -> int | None:
+        return None if key == "step" else 1
+
+    def inputs(self, grad: Tensor) -> Tensor:
+        """Per-coordinate network inputs, shape ``(n, in_size)``."""
+        if self.preprocess == "log_sign":
+            return log_sign(grad, self.preprocess_p)
+        return grad.unsqueeze(-1)
+
+    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        x = self.inputs(grad)
+        hs, cs = state["h"], state["c"]
+        new_h, new_c = [], []
+        for layer in range(self.num_layers):
+            w_ih = getattr(self, f"weight_ih_l{layer}")
+            w_hh = getattr(self, f"weight_hh_l{layer}")
+            bias = getattr(self, f"bias_l{layer}")
+            gates = torch.addmm(torch.addmm(bias, x, w_ih), hs[layer], w_hh)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new_h.append(h)
+            new_c.append(c)
+            x = h
+        update = torch.addmm(self.out_bias, x, self.out_weight).squeeze(-1) * self.output_scale
+        new_state = {
+            "h": torch.stack(new_h),
+            "c": torch.stack(new_c),
+            "step": step_count(state, grad),
+        }
+        return update, new_state
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "preprocess": self.preprocess,
+            "preprocess_p": self.preprocess_p,
+            "output_scale": self.output_scale,
+            "forget_bias": self.forget_bias,
+        }

@@ -1,0 +1,50 @@
+"""Tasks, task families and the named families of the command line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
+from .mlp import ACTIVATIONS, MLPFamily, make_mlp
+from .quadratic import QuadraticFamily
+
+__all__ = [
+    "ACTIVATIONS",
+    "FAMILIES",
+    "Batch",
+    "BatchSampler",
+    "FlatSpec",
+    "MLPFamily",
+    "QuadraticFamily",
+    "Task",
+    "TaskFamily",
+    "make_family",
+    "make_mlp",
+    "uniform_init",
+]
+
+#: Named task families: name -> (constructor, default keyword arguments).
+FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
+    "quadratic": (QuadraticFamily, {"dim": 10}),
+    # The paper's MNIST task: 784-20-10 sigmoid MLP, batch 128.
+    "mnist": (MLPFamily, {"dataset": "mnist", "hidden": (20,), "activation": "sigmoid"}),
+    "mnist-40": (MLPFamily, {"dataset": "mnist", "hidden": (40,), "activation": "sigmoid"}),
+    "mnist-2layer": (MLPFamily, {"dataset": "mnist", "hidden": (20, 20), "activation": "sigmoid"}),
+    "mnist-relu": (MLPFamily, {"dataset": "mnist", "hidden": (20,), "activation": "relu"}),
+    "digits": (
+        MLPFamily,
+        {"dataset": "digits", "hidden": (20,), "activation": "sigmoid", "batch_size": 32},
+    ),
+}
+
+
+def make_family(name: str, **overrides: Any) -> TaskFamily:
+    """Build a named task family, with keyword overrides of its defaults.
+
+    Raises:
+        ValueError: unknown family name.
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown task family {name!r}; expected one of {sorted(FAMILIES)}")
+    cls, defaults = FAMILIES[name]
+    return cls(**{**defaults, **overrides})
