@@ -38,8 +38,10 @@ DEFAULT_LR_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 
 
 def task_seed(*key: int) -> int:
     """A well-mixed 63-bit seed from integers (``numpy.random.SeedSequence``)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint32).view(np.uint64)[0]
-               >> np.uint64(1))
+    return int(
+        np.random.SeedSequence(list(key)).generate_state(2, np.uint32).view(np.uint64)[0]
+        >> np.uint64(1)
+    )
 
 
 @dataclass

@@ -39,8 +39,14 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
         **kwargs: passed to ``higher.optim.DifferentiableOptimizer``.
     """
 
-    def __init__(self, other: LearnedOptimizer, reference_params: Any, *,
-                 rule: UpdateRule | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        other: LearnedOptimizer,
+        reference_params: Any,
+        *,
+        rule: UpdateRule | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._other = other
         self._rule = rule
         super().__init__(other, reference_params, **kwargs)

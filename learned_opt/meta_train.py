@@ -195,7 +195,7 @@ class MetaTrainer:
             meta = {"source": "meta_train", "iteration": self.iteration, "config": state["config"]}
             state["rule"] = rule_to_dict(rule, meta)
             best = build_rule(rule.kind, rule.config())
-            best.load_state_dict({k[len("rule."):]: v for k, v in self.best_state.items()})
+            best.load_state_dict({k[len("rule.") :]: v for k, v in self.best_state.items()})
             state["best_rule"] = rule_to_dict(best, {**meta, "eval_metric": self.best_metric})
         return state
 
@@ -251,7 +251,9 @@ class MetaTrainer:
             except CheckpointError as exc:
                 if path is not None:
                     raise
-                warnings.warn(f"Skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"Skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2
+                )
                 continue
             self.load_state_dict(state)
             return True
@@ -265,8 +267,9 @@ class MetaTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir))
-            self._writer.add_text("config", "```\n" + json.dumps(self.config.to_dict(), indent=2)
-                                  + "\n```", 0)
+            self._writer.add_text(
+                "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
+            )
         self._writer.add_scalar(tag, value, self.iteration if step is None else step)
 
     def close(self) -> None:
@@ -307,8 +310,12 @@ class MetaTrainer:
             for lr in DEFAULT_LR_GRID:
                 runs = [
                     run_optimizer(
-                        self.family, s, lambda p, lr: torch.optim.Adam(p, lr=lr), lr,
-                        self._eval_horizon(), name="adam",
+                        self.family,
+                        s,
+                        lambda p, lr: torch.optim.Adam(p, lr=lr),
+                        lr,
+                        self._eval_horizon(),
+                        name="adam",
                     )
                     for s in self._eval_seeds()
                 ]
@@ -367,8 +374,12 @@ class MetaTrainer:
             task = self.family.sample(torch.Generator().manual_seed(seed))
             unrolls.append(
                 unroll(
-                    self.learner, task, torch.Generator().manual_seed(seed + 1),
-                    horizon=cfg.horizon, truncation=cfg.truncation, objective=cfg.objective,
+                    self.learner,
+                    task,
+                    torch.Generator().manual_seed(seed + 1),
+                    horizon=cfg.horizon,
+                    truncation=cfg.truncation,
+                    objective=cfg.objective,
                     max_loss_ratio=cfg.max_loss_ratio,
                 )
             )

@@ -63,7 +63,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not isinstance(lr, Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r}; use one of {_NONFINITE_POLICIES}")
+            raise ValueError(
+                f"Invalid nonfinite policy: {nonfinite!r}; use one of {_NONFINITE_POLICIES}"
+            )
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be an UpdateRule, got {type(rule).__name__}")
         self.rule = copy.deepcopy(rule).requires_grad_(False)

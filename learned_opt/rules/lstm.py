@@ -86,7 +86,7 @@ class LSTMRule(UpdateRule):
         """Uniform(-1/sqrt(H), 1/sqrt(H)) like ``nn.LSTM``; forget gates start at ``forget_bias``."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         with torch.no_grad():
-            for name, param in self.named_parameters():
+            for _name, param in self.named_parameters():
                 param.uniform_(-bound, bound, generator=generator)
             h = self.hidden_size
             for layer in range(self.num_layers):

@@ -24,7 +24,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str) -> nn.Sequential:
     """``Linear -> act -> ... -> Linear`` (no activation after the last layer)."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
+        )
     layers: list[nn.Module] = []
     sizes = [in_dim, *hidden]
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -99,7 +101,9 @@ class MLPFamily(TaskFamily):
         holdout: str = "val",
     ) -> None:
         if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}"
+            )
         if batch_size < 1:
             raise ValueError(f"Invalid batch size: {batch_size}")
         self.dataset = dataset

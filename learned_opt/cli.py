@@ -1,0 +1,236 @@
+"""The ``learned-opt`` command: ``meta-train`` and ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import pretrained
+from .checkpoint import load_rule
+from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
+from .meta_train import MetaTrainConfig, MetaTrainer
+from .optim import LearnedOptimizer
+from .report import HAND_DESIGNED, plot_curves, table, write_jsonl
+from .tasks import FAMILIES, make_family
+
+__all__ = ["main", "build_parser", "git_commit"]
+
+_TUNE_STREAM = 1_000_003
+_EVAL_STREAM = 2_000_003
+
+
+def git_commit() -> str:
+    """The current commit (with ``+dirty`` when the tree has changes), or ``"unknown"``."""
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="learned-opt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mt = sub.add_parser("meta-train", help="meta-train a learned optimizer on a task family")
+    d = MetaTrainConfig()
+    mt.add_argument("--family", default=d.family, choices=sorted(FAMILIES))
+    mt.add_argument("--family-kwargs", type=_json_arg, default={}, metavar="JSON")
+    mt.add_argument("--rule", default=d.rule)
+    mt.add_argument(
+        "--rule-kwargs",
+        type=_json_arg,
+        default={},
+        metavar="JSON",
+        help='e.g. \'{"hidden_size": 20, "num_layers": 2, "preprocess_p": 5}\'',
+    )
+    mt.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per task (T)")
+    mt.add_argument("--truncation", type=int, default=d.truncation, help="steps per window (K)")
+    mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
+    mt.add_argument("--second-order", action="store_true")
+    mt.add_argument("--meta-lr", type=float, default=d.meta_lr)
+    mt.add_argument("--meta-batch", type=int, default=d.meta_batch)
+    mt.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    mt.add_argument("--iterations", type=int, default=d.iterations, help="task batches to unroll")
+    mt.add_argument("--time-budget", type=float, default=None, help="seconds of meta-training")
+    mt.add_argument("--eval-every", type=int, default=d.eval_every)
+    mt.add_argument("--eval-tasks", type=int, default=d.eval_tasks)
+    mt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    mt.add_argument("--seed", type=int, default=d.seed)
+    mt.add_argument("--log-dir", default=None, help="TensorBoard directory")
+    mt.add_argument("--ckpt-dir", default=None, help="checkpoint directory")
+    mt.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    mt.add_argument("--export", default=None, help="write the best weights (with metadata) here")
+    mt.add_argument("--quiet", action="store_true", help="no progress line")
+
+    ev = sub.add_parser("eval", help="a learned optimizer against tuned hand-designed optimizers")
+    ev.add_argument(
+        "--weights",
+        default=pretrained.DEFAULT,
+        help=f"shipped name {pretrained.available()} or a weights/checkpoint file",
+    )
+    ev.add_argument("--family", default="mnist", choices=sorted(FAMILIES))
+    ev.add_argument("--family-kwargs", type=_json_arg, default={}, metavar="JSON")
+    ev.add_argument("--steps", type=int, default=100)
+    ev.add_argument("--seeds", type=int, default=10, help="evaluation seeds")
+    ev.add_argument("--tune-seeds", type=int, default=3, help="seeds used to tune learning rates")
+    ev.add_argument("--baselines", default="adam", help="comma list of " + ",".join(HAND_DESIGNED))
+    ev.add_argument("--lrs", default=",".join(map(str, DEFAULT_LR_GRID)))
+    ev.add_argument("--records", default=None, help="JSONL output of every run")
+    ev.add_argument("--plot", default=None, help="PNG of the loss curves")
+    ev.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
+    family_kwargs = dict(args.family_kwargs)
+    config = MetaTrainConfig(
+        family=args.family,
+        family_kwargs=family_kwargs,
+        rule=args.rule,
+        rule_kwargs=args.rule_kwargs,
+        horizon=args.horizon,
+        truncation=args.truncation,
+        objective=args.objective,
+        second_order=args.second_order,
+        meta_lr=args.meta_lr,
+        meta_batch=args.meta_batch,
+        clip_grad=args.clip_grad,
+        iterations=args.iterations,
+        time_budget=args.time_budget,
+        eval_every=args.eval_every,
+        eval_tasks=args.eval_tasks,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    trainer = MetaTrainer(
+        config, log_dir=args.log_dir, ckpt_dir=args.ckpt_dir, progress=not args.quiet
+    )
+    if args.resume:
+        if args.ckpt_dir is None:
+            print("--resume needs --ckpt-dir", file=sys.stderr)
+            return 2
+        if trainer.resume():
+            print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
+    start = time.time()
+    trainer.train()
+    trainer.close()
+    adam = trainer.adam_baseline or {}
+    summary = {
+        "iterations": trainer.iteration,
+        "meta_train_seconds": round(trainer.elapsed, 1),
+        "best_eval_metric": trainer.best_metric,
+        "adam_tuned_eval_metric": adam.get("metric"),
+        "adam_tuned_lr": adam.get("lr"),
+        "skipped_meta_steps": trainer.skipped_steps,
+    }
+    print(json.dumps(summary))
+    if args.export:
+        trainer.export_best(
+            args.export,
+            {
+                "command": "learned-opt " + shlex.join(argv),
+                "commit": git_commit(),
+                "config": config.to_dict(),
+                "budget": {
+                    "iterations": trainer.iteration,
+                    "seconds": round(trainer.elapsed, 1),
+                    "wall_seconds_this_session": round(time.time() - start, 1),
+                    "torch_threads": torch.get_num_threads(),
+                },
+                "figures": summary,
+            },
+        )
+        print(f"wrote {args.export}", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    family = make_family(args.family, **args.family_kwargs)
+    if args.weights in pretrained.available():
+        rule, _ = load_rule(pretrained.path(args.weights))
+    else:
+        rule, _ = load_rule(args.weights)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    tune = [task_seed(args.seed, _TUNE_STREAM, k) for k in range(args.tune_seeds)]
+    evals = [task_seed(args.seed, _EVAL_STREAM, k) for k in range(args.seeds)]
+    records: list[dict[str, Any]] = []
+
+    def learned(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        return LearnedOptimizer(p, rule, lr=lr)
+
+    for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
+        if name not in HAND_DESIGNED:
+            print(
+                f"unknown baseline {name!r}; choose from {sorted(HAND_DESIGNED)}", file=sys.stderr
+            )
+            return 2
+        best, scores = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name)
+        grid = ", ".join(f"{lr:g}: {s:.4g}" for lr, s in scores.items())
+        print(
+            f"tuned {name}: lr={best:g} (mean final train loss on tuning seeds: {grid})",
+            file=sys.stderr,
+        )
+        records += [
+            run_optimizer(family, s, HAND_DESIGNED[name], best, args.steps, name=name).record()
+            for s in evals
+        ]
+    records += [
+        run_optimizer(family, s, learned, 1.0, args.steps, name=f"learned:{args.weights}").record()
+        for s in evals
+    ]
+    for r in records:
+        r["family"] = family.config()
+        r["steps"] = args.steps
+    reference = args.baselines.split(",")[0].strip()
+    print(
+        f"\n{family.config()} after {args.steps} steps, {args.seeds} seeds; "
+        "final loss on the whole training set:\n"
+    )
+    print(table(records, reference))
+    print("\nheld-out loss:\n")
+    print(table(records, reference, metric="final_test_loss"))
+    if args.records:
+        write_jsonl(args.records, records)
+        print(f"\nwrote {args.records}", file=sys.stderr)
+    if args.plot:
+        plot_curves(records, args.plot, title=f"{args.family}, {args.steps} steps")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "meta-train":
+        return _meta_train(args, argv)
+    return _eval(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
