@@ -145,6 +145,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         "iterations": trainer.iteration,
         "meta_train_seconds": round(trainer.elapsed, 1),
         "best_eval_metric": trainer.best_metric,
+        "best_iteration": trainer.best_iteration,
         "adam_tuned_eval_metric": adam.get("metric"),
         "adam_tuned_lr": adam.get("lr"),
         "skipped_meta_steps": trainer.skipped_steps,
@@ -166,7 +167,9 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
                 "figures": summary,
             },
         )
-        print(f"wrote {args.export}", file=sys.stderr)
+        meta_path = Path(args.export).with_suffix(".json")
+        meta_path.write_text(json.dumps(load_rule(args.export)[1], indent=2) + "\n")
+        print(f"wrote {args.export} and {meta_path}", file=sys.stderr)
     return 0
 
 

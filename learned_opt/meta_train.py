@@ -167,6 +167,7 @@ class MetaTrainer:
         self.iteration = 0
         self.elapsed = 0.0
         self.best_metric = math.inf
+        self.best_iteration = 0
         self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
         self.history: dict[str, list[float]] = {"eval_iteration": [], "eval_metric": []}
         self.adam_baseline: dict[str, Any] | None = None
@@ -185,6 +186,7 @@ class MetaTrainer:
             "learner": self.learner.state_dict(),
             "best_learner": self.best_state,
             "best_metric": self.best_metric,
+            "best_iteration": self.best_iteration,
             "meta_optimizer": self.meta_opt.state_dict(),
             "history": self.history,
             "adam_baseline": self.adam_baseline,
@@ -196,7 +198,10 @@ class MetaTrainer:
             state["rule"] = rule_to_dict(rule, meta)
             best = build_rule(rule.kind, rule.config())
             best.load_state_dict({k[len("rule.") :]: v for k, v in self.best_state.items()})
-            state["best_rule"] = rule_to_dict(best, {**meta, "eval_metric": self.best_metric})
+            state["best_rule"] = rule_to_dict(
+                best,
+                {**meta, "eval_metric": self.best_metric, "best_iteration": self.best_iteration},
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,6 +220,7 @@ class MetaTrainer:
         self.elapsed = float(state["elapsed"])
         self.best_state = state["best_learner"]
         self.best_metric = float(state["best_metric"])
+        self.best_iteration = int(state.get("best_iteration", 0))
         self.history = state["history"]
         self.adam_baseline = state["adam_baseline"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -336,6 +342,7 @@ class MetaTrainer:
         self._log("eval/metric", metric)
         if metric < self.best_metric:
             self.best_metric = metric
+            self.best_iteration = self.iteration
             self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
         self._log("eval/best_metric", self.best_metric)
         adam = self.baseline()
@@ -410,14 +417,14 @@ class MetaTrainer:
     def train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None = None) -> None:
         """Run until ``config.iterations`` or ``config.time_budget`` is reached.
 
-        Evaluates every ``eval_every`` iterations (and at the end), keeps the best rule by that
-        evaluation, checkpoints every ``checkpoint_every`` iterations (and at the end).
+        Evaluates every ``eval_every`` iterations (on that schedule only, so that a resumed run
+        evaluates exactly where an uninterrupted one would), keeps the best rule by that
+        evaluation, checkpoints every ``checkpoint_every`` iterations and at the end.
         """
         cfg = self.config
         bar = _Progress(cfg.iterations, self.progress)
         if self.iteration == 0 and cfg.eval_every:
             self._run_eval()
-        last_eval = self.iteration
         while self.iteration < cfg.iterations:
             if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                 break
@@ -433,15 +440,12 @@ class MetaTrainer:
             self._log("time/inner_steps_per_second", cfg.horizon * cfg.meta_batch / seconds)
             if cfg.eval_every and self.iteration % cfg.eval_every == 0:
                 self._run_eval()
-                last_eval = self.iteration
             if self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             best = f" best_eval={self.best_metric:.4g}" if math.isfinite(self.best_metric) else ""
             bar.update(self.iteration, f"meta_loss={stats['meta_loss']:.4g}{best}")
             if on_iteration is not None:
                 on_iteration(self, stats)
-        if cfg.eval_every and last_eval != self.iteration:
-            self._run_eval()
         self.save_checkpoint()
         if self._writer is not None:
             self._writer.flush()

@@ -218,6 +218,9 @@ class LSTMOptimizer(LearnedOptimizer):
         hidden_size: int | None = None,
         num_layers: int | None = None,
     ) -> None:
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError("optimizer got an empty parameter list")
         rule, meta = _resolve_weights(weights)
         if not isinstance(rule, LSTMRule):
             raise TypeError(f"LSTMOptimizer needs an LSTMRule, got {type(rule).__name__}")

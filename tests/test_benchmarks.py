@@ -1,0 +1,21 @@
+"""Every benchmark has a --smoke mode, run here."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_eval_vs_tuned_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["eval_vs_tuned.py", "--smoke", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "eval_vs_tuned.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "mean / adam" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "records.jsonl").stat().st_size > 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

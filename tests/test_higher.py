@@ -1,0 +1,53 @@
+"""The learned rule inside higher.innerloop_ctx."""
+
+from __future__ import annotations
+
+import higher
+import torch
+from torch import nn
+
+from learned_opt import DifferentiableLearnedOptimizer, LSTMOptimizer, LSTMRule
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    y = torch.randint(2, (8,))
+    return model, x, y
+
+
+def test_higher_follows_the_drop_in_trajectory(rule: LSTMRule) -> None:
+    model, x, y = _setup()
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = LSTMOptimizer(model.parameters(), weights=rule)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        assert isinstance(diffopt, DifferentiableLearnedOptimizer)
+        for _ in range(5):
+            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
+        fast = [p.detach().clone() for p in fmodel.parameters()]
+
+    for p, r in zip(model.parameters(), reference):  # higher left the model alone
+        assert torch.equal(p, r)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for a, b in zip(fast, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
+    model, x, y = _setup()
+    opt = LSTMOptimizer(model.parameters(), weights=rule)
+    trainable = LSTMRule()
+    trainable.load_state_dict(rule.state_dict())
+    with higher.innerloop_ctx(model, opt) as (fmodel, _):
+        diffopt = DifferentiableLearnedOptimizer(opt, model.parameters(), fmodel=fmodel,
+                                                 rule=trainable)
+        for _ in range(3):
+            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
+        nn.functional.cross_entropy(fmodel(x), y).backward()
+    grads = [p.grad for p in trainable.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

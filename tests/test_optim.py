@@ -1,0 +1,257 @@
+"""The drop-in optimizer: torch.optim contract, parity with the unroll, bad input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import learned_opt
+from learned_opt import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError, SGDRule
+from learned_opt.learners import OptimizerLearner
+from learned_opt.tasks import make_family
+from learned_opt.unroll import unroll
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def _loss(model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, generator=g)
+    return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+
+def test_default_weights_are_shipped_and_train_a_model() -> None:
+    model = _model()
+    opt = LSTMOptimizer(model.parameters())
+    assert opt.metadata.get("command"), "shipped weights must record how they were made"
+    first = float(_loss(model))
+    for _ in range(50):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+    assert float(_loss(model)) < first
+
+
+def test_empty_parameter_list_raises() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        LSTMOptimizer([])
+
+
+def test_invalid_arguments_raise(rule) -> None:
+    p = [nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="learning rate"):
+        LSTMOptimizer(p, weights=rule, lr=-1.0)
+    with pytest.raises(ValueError, match="nonfinite"):
+        LSTMOptimizer(p, weights=rule, nonfinite="ignore")
+    with pytest.raises(ValueError, match="neither a shipped name"):
+        LSTMOptimizer(p, weights="no-such-weights")
+
+
+def test_step_with_closure_returns_loss(rule) -> None:
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), weights=rule)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _loss(model)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert opt.step() is None
+
+
+def test_parameters_without_grad_are_untouched(rule) -> None:
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    opt = LSTMOptimizer([a, b], weights=rule)
+    b_before = b.detach().clone()
+    (a**2).sum().backward()
+    opt.step()
+    assert torch.equal(b, b_before)
+    assert b not in opt.state or len(opt.state[b]) == 0
+    assert set(opt.state[a]) == {"h", "c", "step"}
+    assert opt.state[a]["h"].shape == (2, 3, 20)
+
+
+def test_param_groups_and_lr_multiplier(rule) -> None:
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.ones(4))
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b], "lr": 0.0}], weights=rule)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    assert not torch.equal(a, torch.ones(4))
+    assert torch.equal(b, torch.ones(4))
+    c = nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [c], "lr": 0.5})
+    assert opt.param_groups[-1]["lr"] == 0.5
+    c.grad = torch.ones(2)
+    opt.step()
+    assert not torch.equal(c, torch.ones(2))
+
+
+def test_lr_multiplier_scales_the_update(rule) -> None:
+    updates = []
+    for lr in (1.0, 0.25):
+        p = nn.Parameter(torch.ones(3))
+        opt = LSTMOptimizer([p], weights=rule, lr=lr)
+        p.grad = torch.tensor([1.0, -2.0, 3.0])
+        opt.step()
+        updates.append(p.detach() - 1)
+    torch.testing.assert_close(updates[1], 0.25 * updates[0])
+
+
+def test_works_with_lr_scheduler(rule) -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([p], weights=rule)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes_noncontiguous_and_zero_dim(rule, dtype: torch.dtype) -> None:
+    base = torch.randn(6, 4, dtype=dtype)
+    start = base.t().contiguous()
+    noncontig = nn.Parameter(base.t())  # 4 x 6, non-contiguous
+    scalar = nn.Parameter(torch.tensor(2.0, dtype=dtype))
+    assert not noncontig.is_contiguous()
+    opt = LSTMOptimizer([noncontig, scalar], weights=rule)
+    before = [noncontig.detach().clone(), scalar.detach().clone()]
+    for _ in range(3):
+        opt.zero_grad()
+        ((noncontig**2).sum() + scalar**2).backward()
+        opt.step()
+    assert noncontig.dtype == dtype and scalar.dtype == dtype
+    assert opt.state[noncontig]["h"].dtype == dtype
+    assert not torch.equal(noncontig, before[0]) and not torch.equal(scalar, before[1])
+    assert opt.state[scalar]["h"].shape == (2, 1, 20)
+    # The coordinatewise rule treats each coordinate alike, whatever the memory layout.
+    contig = nn.Parameter(start)
+    opt2 = LSTMOptimizer([contig], weights=rule)
+    for _ in range(3):
+        opt2.zero_grad()
+        (contig**2).sum().backward()
+        opt2.step()
+    torch.testing.assert_close(contig, noncontig)
+
+
+def test_state_dict_round_trip_through_weights_only_load(rule) -> None:
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), weights=rule)
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(model).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    model2 = _model()
+    model2.load_state_dict(saved["model"])
+    opt2 = LSTMOptimizer(model2.parameters(), weights=learned_opt.LSTMRule())  # other weights
+    opt2.load_state_dict(saved["opt"])
+    for m, o in ((model, opt), (model2, opt2)):
+        for _ in range(3):
+            o.zero_grad()
+            _loss(m).backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sparse_gradients_are_rejected(rule) -> None:
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = LSTMOptimizer(emb.parameters(), weights=rule)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_non_finite_gradient_is_skipped_with_a_warning(rule) -> None:
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([a, b], weights=rule)
+    a.grad = torch.tensor([1.0, float("nan"), 1.0])
+    b.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and len(opt.state[a]) == 3
+    assert float(opt.state[a]["step"]) == 0  # state not advanced
+    assert not torch.equal(b, torch.ones(3))
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_non_finite_gradient_raise_policy_changes_nothing(rule) -> None:
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([a, b], weights=rule, nonfinite="raise")
+    a.grad = torch.ones(3)
+    b.grad = torch.tensor([float("inf"), 1.0, 1.0])
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and torch.equal(b, torch.ones(3))
+
+
+def test_finite_gradients_give_no_warning(rule) -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = LSTMOptimizer([p], weights=rule)
+    p.grad = torch.tensor([1e-30, 1e30, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("family", ["quadratic", "digits"])
+def test_drop_in_equals_unroll_with_frozen_rule(rule, family: str) -> None:
+    """k steps of the drop-in optimizer == k steps of the meta-training unroll."""
+    steps = 8
+    fam = make_family(family)
+    task = fam.sample(torch.Generator().manual_seed(3))
+    learner = OptimizerLearner(rule)
+    windows = list(unroll(learner, task, torch.Generator().manual_seed(4), horizon=steps,
+                          truncation=steps, differentiable=False))
+    unrolled = learner.params_of(task, windows[-1].state)
+
+    task = fam.sample(torch.Generator().manual_seed(3))  # same data stream again
+    params = {k: v.clone().requires_grad_(True)
+              for k, v in task.init_params(torch.Generator().manual_seed(4)).items()}
+    opt = LSTMOptimizer(list(params.values()), weights=rule)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(params, task.train.sample()).backward()
+        opt.step()
+    for name, value in params.items():
+        torch.testing.assert_close(value.detach(), unrolled[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_generic_learned_optimizer_with_sgd_rule() -> None:
+    p = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = LearnedOptimizer([p], SGDRule(lr=0.5))
+    p.grad = torch.tensor([1.0, 1.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.5, 1.5]))
+    with pytest.raises(TypeError):
+        LearnedOptimizer([p], rule=torch.nn.Linear(1, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(rule) -> None:
+    cpu = nn.Parameter(torch.randn(5, 3))
+    gpu = nn.Parameter(cpu.detach().cuda())
+    opts = [LSTMOptimizer([cpu], weights=rule), LSTMOptimizer([gpu], weights=rule)]
+    for _ in range(3):
+        for p, o in zip((cpu, gpu), opts):
+            o.zero_grad()
+            (p**2).sum().backward()
+            o.step()
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
