@@ -5,7 +5,8 @@ from the evaluation seeds; the learned optimizer runs as shipped (multiplier 1.0
 ``records.jsonl`` (one line per run: optimizer, lr, seed, per-step losses, final losses, wall
 time), ``table.md`` (generated from the records) and ``curves.png`` into ``--out``.
 
-    python benchmarks/eval_vs_tuned.py --weights quadratic --family quadratic --out benchmarks/results/quadratic
+    python benchmarks/eval_vs_tuned.py --weights quadratic --family quadratic \
+        --out benchmarks/results/quadratic
     python benchmarks/eval_vs_tuned.py --smoke --out /tmp/smoke
 """
 
@@ -37,13 +38,33 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.weights, args.family, args.steps, args.seeds, args.tune_seeds = (
-            "quadratic", "quadratic", 10, 2, 1)
+            "quadratic",
+            "quadratic",
+            10,
+            2,
+            1,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cli = ["eval", "--weights", args.weights, "--family", args.family, "--steps", str(args.steps),
-           "--seeds", str(args.seeds), "--tune-seeds", str(args.tune_seeds), "--baselines",
-           args.baselines, "--records", str(out / "records.jsonl"), "--plot",
-           str(out / "curves.png")]
+    cli = [
+        "eval",
+        "--weights",
+        args.weights,
+        "--family",
+        args.family,
+        "--steps",
+        str(args.steps),
+        "--seeds",
+        str(args.seeds),
+        "--tune-seeds",
+        str(args.tune_seeds),
+        "--baselines",
+        args.baselines,
+        "--records",
+        str(out / "records.jsonl"),
+        "--plot",
+        str(out / "curves.png"),
+    ]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main(cli)
@@ -55,14 +76,17 @@ def run(argv: list[str] | None = None) -> int:
     header = (
         f"# {args.weights} on {args.family}, {args.steps} steps, {args.seeds} evaluation seeds\n\n"
         f"Command: `python benchmarks/eval_vs_tuned.py {' '.join(argv or sys.argv[1:])}`  \n"
-        f"Commit: {git_commit()}; torch {torch.__version__}; {platform.processor() or platform.machine()}"
+        f"Commit: {git_commit()}; torch {torch.__version__}; {platform.machine()}"
         f", {torch.get_num_threads()} threads\n\n"
     )
     (out / "table.md").write_text(
         header
-        + "Final loss on the whole training set:\n\n" + table(records, reference) + "\n\n"
+        + "Final loss on the whole training set:\n\n"
+        + table(records, reference)
+        + "\n\n"
         + "Final loss on held-out data:\n\n"
-        + table(records, reference, metric="final_test_loss") + "\n"
+        + table(records, reference, metric="final_test_loss")
+        + "\n"
     )
     return 0
 

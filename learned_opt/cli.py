@@ -199,6 +199,12 @@ def _eval(args: argparse.Namespace) -> int:
             f"tuned {name}: lr={best:g} (mean final train loss on tuning seeds: {grid})",
             file=sys.stderr,
         )
+        if len(lrs) > 1 and best in (min(lrs), max(lrs)):
+            print(
+                f"warning: the best {name} learning rate {best:g} is at the edge of the grid; "
+                "widen --lrs",
+                file=sys.stderr,
+            )
         records += [
             run_optimizer(family, s, HAND_DESIGNED[name], best, args.steps, name=name).record()
             for s in evals

@@ -33,7 +33,19 @@ __all__ = [
 OptimizerFactory = Callable[[list[Tensor], float], torch.optim.Optimizer]
 
 #: Learning rates tried when tuning a hand-designed optimizer (log-spaced, half decades).
-DEFAULT_LR_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+DEFAULT_LR_GRID: tuple[float, ...] = (
+    1e-4,
+    3e-4,
+    1e-3,
+    3e-3,
+    1e-2,
+    3e-2,
+    1e-1,
+    3e-1,
+    1.0,
+    3.0,
+    10.0,
+)
 
 
 def task_seed(*key: int) -> int:

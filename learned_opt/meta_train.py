@@ -310,7 +310,7 @@ class MetaTrainer:
         return metric, np.nanmean(np.array([r.losses for r in runs]), axis=0)
 
     def baseline(self) -> dict[str, Any]:
-        """Adam with the best learning rate of a grid, on the same held-out tasks (computed once)."""
+        """Adam at the best learning rate of a grid, on the same held-out tasks (computed once)."""
         if self.adam_baseline is None:
             best: dict[str, Any] = {"metric": math.inf}
             for lr in DEFAULT_LR_GRID:

@@ -189,9 +189,9 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    Each coordinate of each parameter gets its own LSTM hidden state (``self.state[p]["h"]`` and
-    ``["c"]``, shaped ``(num_layers, p.numel(), hidden_size)``), updated by one small LSTM whose
-    weights are shared by all coordinates; see :class:`~learned_opt.rules.LSTMRule` for the math.
+    Each coordinate of each parameter gets its own LSTM state (``self.state[p]["h0"]``,
+    ``["c0"]``, ... one pair per layer, each ``(p.numel(), hidden_size)``), updated by one small
+    LSTM whose weights all coordinates share; see :class:`~learned_opt.rules.LSTMRule`.
 
     Args:
         params: parameters or param-group dicts.

@@ -67,8 +67,9 @@ def test_wrong_architecture_names_expected_and_found(tmp_path: Path) -> None:
 
     save_rule(tmp_path / "wide.pt", big)
     with pytest.raises(WeightsMismatchError, match="expected an LSTM with hidden_size=20, found"):
-        LSTMOptimizer([torch.nn.Parameter(torch.ones(1))], weights=tmp_path / "wide.pt",
-                      hidden_size=20)
+        LSTMOptimizer(
+            [torch.nn.Parameter(torch.ones(1))], weights=tmp_path / "wide.pt", hidden_size=20
+        )
 
 
 def test_truncated_and_garbage_files(tmp_path: Path, rule: LSTMRule) -> None:

@@ -12,9 +12,24 @@ from learned_opt.report import read_jsonl
 
 
 def test_meta_train_resume_export_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    common = ["meta-train", "--family", "quadratic", "--horizon", "10", "--truncation", "5",
-              "--eval-every", "2", "--eval-tasks", "2", "--ckpt-dir", str(tmp_path / "ckpt"),
-              "--log-dir", str(tmp_path / "tb"), "--quiet"]
+    common = [
+        "meta-train",
+        "--family",
+        "quadratic",
+        "--horizon",
+        "10",
+        "--truncation",
+        "5",
+        "--eval-every",
+        "2",
+        "--eval-tasks",
+        "2",
+        "--ckpt-dir",
+        str(tmp_path / "ckpt"),
+        "--log-dir",
+        str(tmp_path / "tb"),
+        "--quiet",
+    ]
     assert main([*common, "--iterations", "2"]) == 0
     export = tmp_path / "w.pt"
     assert main([*common, "--iterations", "4", "--resume", "--export", str(export)]) == 0
@@ -31,27 +46,81 @@ def test_meta_train_resume_export_then_eval(tmp_path: Path, capsys: pytest.Captu
     assert meta["commit"] and meta["budget"]["iterations"] == 4
 
     records, plot = tmp_path / "r.jsonl", tmp_path / "curves.png"
-    assert main(["eval", "--weights", str(export), "--family", "quadratic", "--steps", "15",
-                 "--seeds", "3", "--tune-seeds", "2", "--lrs", "0.01,0.1",
-                 "--baselines", "adam,sgd", "--records", str(records), "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(export),
+                "--family",
+                "quadratic",
+                "--steps",
+                "15",
+                "--seeds",
+                "3",
+                "--tune-seeds",
+                "2",
+                "--lrs",
+                "0.01,0.1",
+                "--baselines",
+                "adam,sgd",
+                "--records",
+                str(records),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| optimizer | lr | seeds | mean |" in out and "mean / adam" in out
     rows = read_jsonl(records)
-    assert len(rows) == 9 and {r["optimizer"] for r in rows} == {"adam", "sgd",
-                                                                  f"learned:{export}"}
+    assert len(rows) == 9 and {r["optimizer"] for r in rows} == {"adam", "sgd", f"learned:{export}"}
     assert all(len(r["losses"]) == 15 for r in rows)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_module_entry_point_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "learned_opt", "meta-train", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for flag in ("--family", "--horizon", "--truncation", "--objective", "--iterations",
-                 "--time-budget", "--log-dir", "--ckpt-dir", "--resume", "--second-order"):
+    out = subprocess.run(
+        [sys.executable, "-m", "learned_opt", "meta-train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--family",
+        "--horizon",
+        "--truncation",
+        "--objective",
+        "--iterations",
+        "--time-budget",
+        "--log-dir",
+        "--ckpt-dir",
+        "--resume",
+        "--second-order",
+    ):
         assert flag in out
 
 
 def test_unknown_baseline_is_an_error(capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", "--weights", "quadratic", "--family", "quadratic", "--steps", "2",
-                 "--seeds", "1", "--tune-seeds", "1", "--baselines", "lbfgs"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                "quadratic",
+                "--family",
+                "quadratic",
+                "--steps",
+                "2",
+                "--seeds",
+                "1",
+                "--tune-seeds",
+                "1",
+                "--baselines",
+                "lbfgs",
+            ]
+        )
+        == 2
+    )
     assert "unknown baseline" in capsys.readouterr().err

@@ -43,8 +43,9 @@ def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
     trainable = LSTMRule()
     trainable.load_state_dict(rule.state_dict())
     with higher.innerloop_ctx(model, opt) as (fmodel, _):
-        diffopt = DifferentiableLearnedOptimizer(opt, model.parameters(), fmodel=fmodel,
-                                                 rule=trainable)
+        diffopt = DifferentiableLearnedOptimizer(
+            opt, model.parameters(), fmodel=fmodel, rule=trainable
+        )
         for _ in range(3):
             diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
         nn.functional.cross_entropy(fmodel(x), y).backward()

@@ -8,8 +8,16 @@ import torch
 from learned_opt import LSTMOptimizer
 from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
 
-SMALL = dict(family="quadratic", horizon=12, truncation=4, eval_tasks=3, eval_every=2,
-             checkpoint_every=1, meta_lr=3e-3, seed=3)
+SMALL = dict(
+    family="quadratic",
+    horizon=12,
+    truncation=4,
+    eval_tasks=3,
+    eval_every=2,
+    checkpoint_every=1,
+    meta_lr=3e-3,
+    seed=3,
+)
 
 
 def _weights(trainer: MetaTrainer) -> list[torch.Tensor]:
@@ -34,8 +42,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
 
 
 def test_tensorboard_logs_checkpoints_and_best_weights(tmp_path: Path) -> None:
-    trainer = MetaTrainer(MetaTrainConfig(iterations=4, keep_checkpoints=2, **SMALL),
-                          log_dir=tmp_path / "tb", ckpt_dir=tmp_path / "ckpt")
+    trainer = MetaTrainer(
+        MetaTrainConfig(iterations=4, keep_checkpoints=2, **SMALL),
+        log_dir=tmp_path / "tb",
+        ckpt_dir=tmp_path / "ckpt",
+    )
     trainer.train()
     trainer.close()
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -45,12 +56,20 @@ def test_tensorboard_logs_checkpoints_and_best_weights(tmp_path: Path) -> None:
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("meta/loss", "meta/grad_norm", "eval/metric", "eval/adam_tuned_metric",
-                "eval/ratio_vs_adam", "eval/best_metric"):
+    for tag in (
+        "meta/loss",
+        "meta/grad_norm",
+        "eval/metric",
+        "eval/adam_tuned_metric",
+        "eval/ratio_vs_adam",
+        "eval/best_metric",
+    ):
         assert tag in tags, tag
     assert len(acc.Scalars("meta/loss")) == 4
-    assert [p.name for p in find_checkpoints(tmp_path / "ckpt")] == ["ckpt_00000004.pt",
-                                                                     "ckpt_00000003.pt"]
+    assert [p.name for p in find_checkpoints(tmp_path / "ckpt")] == [
+        "ckpt_00000004.pt",
+        "ckpt_00000003.pt",
+    ]
     # The best rule is selected by held-out evaluation and loads into the drop-in optimizer.
     opt = LSTMOptimizer([torch.nn.Parameter(torch.ones(2))], weights=tmp_path / "ckpt" / "best.pt")
     assert opt.metadata["eval_metric"] == pytest.approx(trainer.best_metric)
@@ -70,15 +89,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
 
 def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:
     MetaTrainer(MetaTrainConfig(iterations=1, **SMALL), ckpt_dir=tmp_path).train()
-    other = MetaTrainer(MetaTrainConfig(iterations=1, **{**SMALL, "truncation": 6}),
-                        ckpt_dir=tmp_path)
+    other = MetaTrainer(
+        MetaTrainConfig(iterations=1, **{**SMALL, "truncation": 6}), ckpt_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="truncation"):
         other.resume()
 
 
 def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:
-    trainer = MetaTrainer(MetaTrainConfig(iterations=1, eval_every=0, **{
-        k: v for k, v in SMALL.items() if k != "eval_every"}))
+    trainer = MetaTrainer(
+        MetaTrainConfig(
+            iterations=1, eval_every=0, **{k: v for k, v in SMALL.items() if k != "eval_every"}
+        )
+    )
     before = _weights(trainer)
     loss = sum(p.sum() for p in trainer.learner.parameters()) * float("nan")
     _, _, stepped = trainer._meta_step([loss])
@@ -88,9 +111,18 @@ def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:
 
 
 def test_meta_training_beats_its_initialization() -> None:
-    trainer = MetaTrainer(MetaTrainConfig(**{**SMALL, "horizon": 30, "truncation": 10,
-                                             "iterations": 30, "eval_every": 30,
-                                             "eval_tasks": 4}))
+    trainer = MetaTrainer(
+        MetaTrainConfig(
+            **{
+                **SMALL,
+                "horizon": 30,
+                "truncation": 10,
+                "iterations": 30,
+                "eval_every": 30,
+                "eval_tasks": 4,
+            }
+        )
+    )
     trainer.train()
     first, last = trainer.history["eval_metric"][0], trainer.history["eval_metric"][-1]
     assert last < 0.5 * first

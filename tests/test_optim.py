@@ -77,8 +77,8 @@ def test_parameters_without_grad_are_untouched(rule) -> None:
     opt.step()
     assert torch.equal(b, b_before)
     assert b not in opt.state or len(opt.state[b]) == 0
-    assert set(opt.state[a]) == {"h", "c", "step"}
-    assert opt.state[a]["h"].shape == (2, 3, 20)
+    assert set(opt.state[a]) == {"h0", "c0", "h1", "c1", "step"}
+    assert opt.state[a]["h1"].shape == (3, 20)
 
 
 def test_param_groups_and_lr_multiplier(rule) -> None:
@@ -132,9 +132,9 @@ def test_dtypes_noncontiguous_and_zero_dim(rule, dtype: torch.dtype) -> None:
         ((noncontig**2).sum() + scalar**2).backward()
         opt.step()
     assert noncontig.dtype == dtype and scalar.dtype == dtype
-    assert opt.state[noncontig]["h"].dtype == dtype
+    assert opt.state[noncontig]["h0"].dtype == dtype
     assert not torch.equal(noncontig, before[0]) and not torch.equal(scalar, before[1])
-    assert opt.state[scalar]["h"].shape == (2, 1, 20)
+    assert opt.state[scalar]["c1"].shape == (1, 20)
     # The coordinatewise rule treats each coordinate alike, whatever the memory layout.
     contig = nn.Parameter(start)
     opt2 = LSTMOptimizer([contig], weights=rule)
@@ -185,7 +185,7 @@ def test_non_finite_gradient_is_skipped_with_a_warning(rule) -> None:
     b.grad = torch.ones(3)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
-    assert torch.equal(a, torch.ones(3)) and len(opt.state[a]) == 3
+    assert torch.equal(a, torch.ones(3)) and len(opt.state[a]) == 5
     assert float(opt.state[a]["step"]) == 0  # state not advanced
     assert not torch.equal(b, torch.ones(3))
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
@@ -218,13 +218,23 @@ def test_drop_in_equals_unroll_with_frozen_rule(rule, family: str) -> None:
     fam = make_family(family)
     task = fam.sample(torch.Generator().manual_seed(3))
     learner = OptimizerLearner(rule)
-    windows = list(unroll(learner, task, torch.Generator().manual_seed(4), horizon=steps,
-                          truncation=steps, differentiable=False))
+    windows = list(
+        unroll(
+            learner,
+            task,
+            torch.Generator().manual_seed(4),
+            horizon=steps,
+            truncation=steps,
+            differentiable=False,
+        )
+    )
     unrolled = learner.params_of(task, windows[-1].state)
 
     task = fam.sample(torch.Generator().manual_seed(3))  # same data stream again
-    params = {k: v.clone().requires_grad_(True)
-              for k, v in task.init_params(torch.Generator().manual_seed(4)).items()}
+    params = {
+        k: v.clone().requires_grad_(True)
+        for k, v in task.init_params(torch.Generator().manual_seed(4)).items()
+    }
     opt = LSTMOptimizer(list(params.values()), weights=rule)
     for _ in range(steps):
         opt.zero_grad()

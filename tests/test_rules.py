@@ -66,8 +66,10 @@ def test_hand_rules_go_downhill() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adam_rule_in_drop_in_matches_torch_adam(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    ref = [torch.randn(4, 3, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype,
-                                                                           requires_grad=True)]
+    ref = [
+        torch.randn(4, 3, dtype=dtype, requires_grad=True),
+        torch.randn(5, dtype=dtype, requires_grad=True),
+    ]
     mine = [p.detach().clone().requires_grad_(True) for p in ref]
     opt_ref = torch.optim.Adam(ref, lr=3e-2, betas=(0.8, 0.99), eps=1e-6, foreach=False)
     opt_mine = LearnedOptimizer(mine, AdamRule(lr=3e-2, betas=(0.8, 0.99), eps=1e-6))

@@ -33,8 +33,14 @@ def test_mlp_family_on_real_data() -> None:
     fam = MLPFamily("digits", hidden=(7, 5), activation="relu", batch_size=16)
     task = fam.sample(torch.Generator().manual_seed(0))
     params = task.init_params(torch.Generator().manual_seed(0))
-    assert [tuple(p.shape) for p in params.values()] == [(7, 64), (7,), (5, 7), (5,), (10, 5),
-                                                         (10,)]
+    assert [tuple(p.shape) for p in params.values()] == [
+        (7, 64),
+        (7,),
+        (5, 7),
+        (5,),
+        (10, 5),
+        (10,),
+    ]
     x, y = task.train.sample()
     assert x.shape == (16, 64) and y.dtype == torch.int64
     loss = task.loss(params, (x, y))

@@ -13,16 +13,25 @@ def _meta_grad(rule: LSTMRule, *, second_order: bool, objective: str = "train") 
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
     learner = OptimizerLearner(rule, second_order=second_order)
     rule.zero_grad()
-    for w in unroll(learner, task, torch.Generator().manual_seed(1), horizon=6, truncation=3,
-                    objective=objective):
+    for w in unroll(
+        learner,
+        task,
+        torch.Generator().manual_seed(1),
+        horizon=6,
+        truncation=3,
+        objective=objective,
+    ):
         w.meta_loss.backward()
     return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
 
 
 def test_windows_cover_the_horizon_and_detach(rule: LSTMRule) -> None:
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
-    windows = list(unroll(OptimizerLearner(rule), task, torch.Generator().manual_seed(1),
-                          horizon=10, truncation=4))
+    windows = list(
+        unroll(
+            OptimizerLearner(rule), task, torch.Generator().manual_seed(1), horizon=10, truncation=4
+        )
+    )
     assert [(w.start, w.end) for w in windows] == [(0, 4), (4, 8), (8, 10)]
     assert all(w.meta_loss.requires_grad for w in windows)
     assert [len(w.train_losses) for w in windows] == [4, 4, 2]
@@ -43,8 +52,9 @@ def test_test_objective_reaches_theta(rule: LSTMRule) -> None:
 
 def test_sgd_unroll_matches_hand_computation() -> None:
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
-    losses, state = run_inner(OptimizerLearner(SGDRule(lr=1e-3)), task,
-                              torch.Generator().manual_seed(1), 3)
+    losses, state = run_inner(
+        OptimizerLearner(SGDRule(lr=1e-3)), task, torch.Generator().manual_seed(1), 3
+    )
     theta = task.init_params(torch.Generator().manual_seed(1))["theta"].clone()
     w, y = task.train.sample()
     for _ in range(3):
@@ -55,9 +65,16 @@ def test_sgd_unroll_matches_hand_computation() -> None:
 
 def test_exploding_inner_task_ends_the_unroll() -> None:
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
-    windows = list(unroll(OptimizerLearner(SGDRule(lr=10.0)), task,
-                          torch.Generator().manual_seed(1), horizon=50, truncation=5,
-                          max_loss_ratio=100.0))
+    windows = list(
+        unroll(
+            OptimizerLearner(SGDRule(lr=10.0)),
+            task,
+            torch.Generator().manual_seed(1),
+            horizon=50,
+            truncation=5,
+            max_loss_ratio=100.0,
+        )
+    )
     assert windows[-1].diverged
     assert sum(w.end - w.start for w in windows) < 50
     assert all(torch.isfinite(w.train_losses).all() for w in windows)

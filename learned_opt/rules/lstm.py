@@ -83,7 +83,7 @@ class LSTMRule(UpdateRule):
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Uniform(-1/sqrt(H), 1/sqrt(H)) like ``nn.LSTM``; forget gates start at ``forget_bias``."""
+        """U(-1/sqrt(H), 1/sqrt(H)) like ``nn.LSTM``; forget gates start at ``forget_bias``."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         with torch.no_grad():
             for _name, param in self.named_parameters():
@@ -94,15 +94,18 @@ class LSTMRule(UpdateRule):
             self.out_bias.zero_()
 
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
-        shape = (self.num_layers, numel, self.hidden_size)
-        return {
-            "h": torch.zeros(shape, dtype=like.dtype, device=like.device),
-            "c": torch.zeros(shape, dtype=like.dtype, device=like.device),
-            "step": torch.zeros((), dtype=torch.float32, device=like.device),
-        }
+        """Zero hidden and cell states ``h{l}``, ``c{l}`` of shape ``(numel, hidden_size)``."""
+        state: RuleState = {}
+        for layer in range(self.num_layers):
+            for kind in ("h", "c"):
+                state[f"{kind}{layer}"] = torch.zeros(
+                    numel, self.hidden_size, dtype=like.dtype, device=like.device
+                )
+        state["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
+        return state
 
     def coord_dim(self, key: str) -> int | None:
-        return None if key == "step" else 1
+        return None if key == "step" else 0
 
     def inputs(self, grad: Tensor) -> Tensor:
         """Per-coordinate network inputs, shape ``(n, in_size)``."""
@@ -110,27 +113,36 @@ class LSTMRule(UpdateRule):
             return log_sign(grad, self.preprocess_p)
         return grad.unsqueeze(-1)
 
+    def _gate_scale(self, like: Tensor) -> Tensor:
+        h = self.hidden_size
+        scale = torch.ones(4 * h, dtype=like.dtype, device=like.device)
+        scale[2 * h : 3 * h] = 2.0
+        return scale
+
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        # Speed: each layer is one matrix product over [x, h] and ONE sigmoid over all four
+        # gates; the cell gate uses tanh(z) = 2 sigmoid(2z) - 1, the factor 2 being folded into
+        # its weight columns. Per-layer state tensors avoid stacking (and its backward).
         x = self.inputs(grad)
-        hs, cs = state["h"], state["c"]
-        new_h, new_c = [], []
+        h_size = self.hidden_size
+        w_first = getattr(self, "weight_ih_l0")
+        scale = self._gate_scale(w_first)
+        new_state: RuleState = {}
         for layer in range(self.num_layers):
-            w_ih = getattr(self, f"weight_ih_l{layer}")
-            w_hh = getattr(self, f"weight_hh_l{layer}")
-            bias = getattr(self, f"bias_l{layer}")
-            gates = torch.addmm(torch.addmm(bias, x, w_ih), hs[layer], w_hh)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            new_h.append(h)
-            new_c.append(c)
+            w = torch.cat(
+                (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"))
+            )
+            bias = getattr(self, f"bias_l{layer}") * scale
+            gates = torch.addmm(bias, torch.cat((x, state[f"h{layer}"]), dim=1), w * scale)
+            s = torch.sigmoid(gates)
+            i, f, g, o = s.split(h_size, dim=1)  # one SplitBackward, not four slice ones
+            c = torch.addcmul(f * state[f"c{layer}"], i, 2.0 * g - 1.0)
+            h = o * torch.tanh(c)
+            new_state[f"h{layer}"] = h
+            new_state[f"c{layer}"] = c
             x = h
         update = torch.addmm(self.out_bias, x, self.out_weight).squeeze(-1) * self.output_scale
-        new_state = {
-            "h": torch.stack(new_h),
-            "c": torch.stack(new_c),
-            "step": step_count(state, grad),
-        }
+        new_state["step"] = step_count(state, grad)
         return update, new_state
 
     def config(self) -> dict[str, Any]:
