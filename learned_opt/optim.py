@@ -38,9 +38,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
     is frozen: the optimizer never changes its weights.
 
     Non-finite gradients never reach the parameters. With ``nonfinite="skip"`` (default) a
-    parameter whose gradient (or computed update) holds NaN or Inf is left untouched, its state is
-    not advanced, and a ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a
-    :class:`NonFiniteGradientError` is raised before any parameter of that step is changed.
+    parameter whose gradient holds NaN or Inf is left untouched, its state is not advanced, and a
+    ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a :class:`NonFiniteGradientError` is
+    raised before any parameter or state of that step is changed. (With finite gradients and
+    finite rule weights, the rules here always produce finite updates.)
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer.
@@ -98,7 +99,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        pending: list[tuple[Tensor, float, Tensor, dict[str, Tensor]]] = []
+        # Check every gradient first, so that "raise" leaves the model and state untouched.
+        work: list[tuple[Tensor, float]] = []
         skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -115,26 +117,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"Gradient of shape {tuple(grad.shape)} does not match its parameter of "
                         f"shape {tuple(p.shape)}"
                     )
-                state = self.state[p]
-                rule = self._rule_for(p)
-                if len(state) == 0:
-                    state.update(rule.init_state(p.numel(), like=p))
-                flat = grad.reshape(-1).to(p.dtype)
-                update, new_state = rule(flat, state)
-                if not (torch.isfinite(flat).all() and torch.isfinite(update).all()):
+                if not torch.isfinite(grad).all():
                     if self.nonfinite == "raise":
                         raise NonFiniteGradientError(
-                            f"Non-finite gradient or update for a parameter of shape "
-                            f"{tuple(p.shape)}; no parameter was changed in this step"
+                            f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
+                            "no parameter was changed in this step"
                         )
                     skipped += 1
                     continue
-                pending.append((p, group["lr"], update, new_state))
+                work.append((p, group["lr"]))
 
-        # Apply only once every gradient has been checked, so "raise" leaves the model untouched.
-        for p, lr, update, new_state in pending:
+        for p, lr in work:
+            state = self.state[p]
+            rule = self._rule_for(p)
+            if len(state) == 0:
+                state.update(rule.init_state(p.numel(), like=p))
+            flat = p.grad.reshape(-1)
+            if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
+                update = rule.step_(flat, state)
+            else:
+                update, new_state = rule(flat, state)
+                state.update(new_state)
             p.add_(update.view(p.shape), alpha=lr)
-            self.state[p].update(new_state)
         if skipped:
             warnings.warn(
                 f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "

@@ -19,3 +19,12 @@ def test_eval_vs_tuned_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert "mean / adam" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "records.jsonl").stat().st_size > 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mnist_paper_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["mnist_paper.py", "--smoke", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "mnist_paper.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| smoke | 10 |" in summary

@@ -145,6 +145,62 @@ class LSTMRule(UpdateRule):
         new_state["step"] = step_count(state, grad)
         return update, new_state
 
+    @torch.no_grad()
+    def step_(self, grad: Tensor, state: RuleState, *, chunk: int = 4096) -> Tensor:
+        """Inference fast path: the same math as :meth:`forward`, updating ``state`` in place.
+
+        Used by the drop-in optimizer. Coordinates are processed in chunks of ``chunk`` rows so
+        that the working set (``chunk x 4H`` gates plus states) stays in cache, with preallocated
+        buffers and in-place elementwise work; the four gates of a layer are one ``addmm``.
+
+        Returns:
+            the update, shape ``(n,)``.
+        """
+        n = grad.numel()
+        h_size = self.hidden_size
+        if grad.device.type != "cpu":
+            chunk = max(n, 1)  # one pass on accelerators: kernel launches cost more than cache
+        chunk = max(1, min(chunk, n))
+        ref = self.weight_ih_l0
+        scale = self._gate_scale(ref)
+        weights = []
+        for layer in range(self.num_layers):
+            w = torch.cat(
+                (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"))
+            )
+            weights.append((w * scale, getattr(self, f"bias_l{layer}") * scale, w.shape[0]))
+        update = torch.empty(n, dtype=grad.dtype, device=grad.device)
+        gates_buf = torch.empty(chunk, 4 * h_size, dtype=grad.dtype, device=grad.device)
+        tanh_buf = torch.empty(chunk, h_size, dtype=grad.dtype, device=grad.device)
+        xh_bufs = [
+            torch.empty(chunk, rows, dtype=grad.dtype, device=grad.device) for _, _, rows in weights
+        ]
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            m = end - start
+            x = self.inputs(grad[start:end])
+            for layer, (w, b, _) in enumerate(weights):
+                h = state[f"h{layer}"][start:end]
+                c = state[f"c{layer}"][start:end]
+                xh = xh_bufs[layer][:m]
+                n_in = x.shape[1]
+                xh[:, :n_in].copy_(x)
+                xh[:, n_in:].copy_(h)
+                gates = gates_buf[:m]
+                torch.addmm(b, xh, w, out=gates)
+                gates.sigmoid_()
+                i, f, g, o = gates.split(h_size, dim=1)
+                g.mul_(2.0).sub_(1.0)
+                c.mul_(f).addcmul_(i, g)
+                t = tanh_buf[:m]
+                torch.tanh(c, out=t)
+                torch.mul(o, t, out=h)
+                x = h
+            torch.addmm(self.out_bias, x, self.out_weight, out=update[start:end].view(m, 1))
+        update.mul_(self.output_scale)
+        state["step"].add_(1)
+        return update
+
     def config(self) -> dict[str, Any]:
         return {
             "hidden_size": self.hidden_size,
