@@ -47,17 +47,33 @@ def run(argv: list[str] | None = None) -> int:
         settings = [("smoke", "digits", 10)]
         args.weights, args.seeds, args.tune_seeds = "quadratic", 2, 1
     out = Path(args.out)
-    lines = [f"# {args.weights}: the paper's MNIST settings\n",
-             f"{args.seeds} evaluation seeds; learning rates tuned on {args.tune_seeds} other "
-             "seeds. Mean final loss on the whole training set (60k), ratio to the best tuned "
-             "hand-designed optimizer.\n",
-             "| setting | steps | LSTM | best hand-designed | its mean | LSTM / best | Adam |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"# {args.weights}: the paper's MNIST settings\n",
+        f"{args.seeds} evaluation seeds; learning rates tuned on {args.tune_seeds} other "
+        "seeds. Mean final loss on the whole training set (60k), ratio to the best tuned "
+        "hand-designed optimizer.\n",
+        "| setting | steps | LSTM | best hand-designed | its mean | LSTM / best | Adam |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
     for name, family, steps in settings:
-        code = eval_vs_tuned([
-            "--weights", args.weights, "--family", family, "--steps", str(steps),
-            "--seeds", str(args.seeds), "--tune-seeds", str(args.tune_seeds),
-            "--baselines", "adam,rmsprop,sgd,nesterov", "--out", str(out / name)])
+        code = eval_vs_tuned(
+            [
+                "--weights",
+                args.weights,
+                "--family",
+                family,
+                "--steps",
+                str(steps),
+                "--seeds",
+                str(args.seeds),
+                "--tune-seeds",
+                str(args.tune_seeds),
+                "--baselines",
+                "adam,rmsprop,sgd,nesterov",
+                "--out",
+                str(out / name),
+            ]
+        )
         if code:
             return code
         means: dict[str, float] = {}
@@ -67,8 +83,10 @@ def run(argv: list[str] | None = None) -> int:
         learned = next(v for k, v in means.items() if k.startswith("learned:"))
         hand = {k: v for k, v in means.items() if not k.startswith("learned:")}
         best = min(hand, key=hand.get)
-        lines.append(f"| {name} | {steps} | {learned:.4f} | {best} | {hand[best]:.4f} | "
-                     f"{learned / hand[best]:.3f} | {hand['adam']:.4f} |")
+        lines.append(
+            f"| {name} | {steps} | {learned:.4f} | {best} | {hand[best]:.4f} | "
+            f"{learned / hand[best]:.3f} | {hand['adam']:.4f} |"
+        )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

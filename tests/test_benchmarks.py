@@ -28,3 +28,11 @@ def test_mnist_paper_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert exit_info.value.code == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "| smoke | 10 |" in summary
+
+
+def test_step_time_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["step_time.py", "--smoke", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "| 10k |" in (tmp_path / "table.md").read_text()

@@ -125,7 +125,7 @@ class LSTMRule(UpdateRule):
         # its weight columns. Per-layer state tensors avoid stacking (and its backward).
         x = self.inputs(grad)
         h_size = self.hidden_size
-        w_first = getattr(self, "weight_ih_l0")
+        w_first = self.weight_ih_l0
         scale = self._gate_scale(w_first)
         new_state: RuleState = {}
         for layer in range(self.num_layers):
@@ -137,7 +137,7 @@ class LSTMRule(UpdateRule):
             s = torch.sigmoid(gates)
             i, f, g, o = s.split(h_size, dim=1)  # one SplitBackward, not four slice ones
             c = torch.addcmul(f * state[f"c{layer}"], i, 2.0 * g - 1.0)
-            h = o * torch.tanh(c)
+            h = o * (2.0 * torch.sigmoid(2.0 * c) - 1.0)  # tanh; torch's CPU tanh is 4x slower
             new_state[f"h{layer}"] = h
             new_state[f"c{layer}"] = c
             x = h
@@ -193,7 +193,7 @@ class LSTMRule(UpdateRule):
                 g.mul_(2.0).sub_(1.0)
                 c.mul_(f).addcmul_(i, g)
                 t = tanh_buf[:m]
-                torch.tanh(c, out=t)
+                torch.mul(c, 2.0, out=t).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(c), faster on CPU
                 torch.mul(o, t, out=h)
                 x = h
             torch.addmm(self.out_bias, x, self.out_weight, out=update[start:end].view(m, 1))
