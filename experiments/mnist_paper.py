@@ -34,8 +34,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--ship", action="store_true", help="copy the exported weights into "
-                        f"learned_opt/pretrained/{pretrained.DEFAULT}.pt and stop")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the exported weights into "
+        f"learned_opt/pretrained/{pretrained.DEFAULT}.pt and stop",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     weights = out / f"{pretrained.DEFAULT}.pt"
@@ -45,9 +49,22 @@ def run(argv: list[str] | None = None) -> int:
         shutil.copyfile(weights.with_suffix(".json"), dest / f"{pretrained.DEFAULT}.json")
         print(f"shipped {weights} as {pretrained.DEFAULT}")
         return 0
-    cli = ["meta-train", *RECIPE, "--iterations", str(args.iterations),
-           "--time-budget", str(args.time_budget), "--seed", str(args.seed),
-           "--log-dir", str(out / "tb"), "--ckpt-dir", str(out / "ckpt"), "--export", str(weights)]
+    cli = [
+        "meta-train",
+        *RECIPE,
+        "--iterations",
+        str(args.iterations),
+        "--time-budget",
+        str(args.time_budget),
+        "--seed",
+        str(args.seed),
+        "--log-dir",
+        str(out / "tb"),
+        "--ckpt-dir",
+        str(out / "ckpt"),
+        "--export",
+        str(weights),
+    ]
     if args.resume:
         cli.append("--resume")
     return main(cli)

@@ -137,6 +137,10 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
             return 2
         if trainer.resume():
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
+    command = "learned-opt " + shlex.join(argv)
+    trainer.notes.setdefault("commands", []).append(
+        {"command": command, "commit": git_commit(), "start_iteration": trainer.iteration}
+    )
     start = time.time()
     trainer.train()
     trainer.close()
@@ -155,7 +159,8 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         trainer.export_best(
             args.export,
             {
-                "command": "learned-opt " + shlex.join(argv),
+                "command": command,
+                "all_commands": trainer.notes.get("commands", []),
                 "commit": git_commit(),
                 "config": config.to_dict(),
                 "budget": {

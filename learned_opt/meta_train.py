@@ -172,6 +172,8 @@ class MetaTrainer:
         self.history: dict[str, list[float]] = {"eval_iteration": [], "eval_metric": []}
         self.adam_baseline: dict[str, Any] | None = None
         self.skipped_steps = 0
+        #: Free-form provenance kept in checkpoints (the CLI records each command line here).
+        self.notes: dict[str, Any] = {"commands": []}
         self._writer: Any = None
 
     # ----------------------------------------------------------------------------------- state
@@ -191,6 +193,7 @@ class MetaTrainer:
             "history": self.history,
             "adam_baseline": self.adam_baseline,
             "skipped_steps": self.skipped_steps,
+            "notes": self.notes,
         }
         rule = getattr(self.learner, "rule", None)
         if rule is not None:
@@ -224,6 +227,7 @@ class MetaTrainer:
         self.history = state["history"]
         self.adam_baseline = state["adam_baseline"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.notes = state.get("notes") or {"commands": []}
 
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``."""

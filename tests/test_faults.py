@@ -1,0 +1,141 @@
+"""Fault injection: runs killed with SIGKILL resume to the same result; hostile optimizer input."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from learned_opt import LSTMOptimizer, LSTMRule, load_rule
+from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
+
+ARGS = [
+    "--family",
+    "quadratic",
+    "--horizon",
+    "30",
+    "--truncation",
+    "5",
+    "--iterations",
+    "14",
+    "--eval-every",
+    "4",
+    "--eval-tasks",
+    "2",
+    "--checkpoint-every",
+    "1",
+    "--seed",
+    "11",
+    "--meta-lr",
+    "3e-3",
+    "--quiet",
+]
+
+
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    reference = MetaTrainer(
+        MetaTrainConfig(
+            family="quadratic",
+            horizon=30,
+            truncation=5,
+            iterations=14,
+            eval_every=4,
+            eval_tasks=2,
+            checkpoint_every=1,
+            seed=11,
+            meta_lr=3e-3,
+        )
+    )
+    reference.train()
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "learned_opt",
+        "meta-train",
+        *ARGS,
+        "--ckpt-dir",
+        str(ckpt),
+        "--resume",
+    ]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):
+        before = len(find_checkpoints(ckpt)) and find_checkpoints(ckpt)[0].name
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            newest = find_checkpoints(ckpt)[0].name if find_checkpoints(ckpt) else None
+            if newest and newest != before:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))  # a random moment inside the next iteration(s)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 3, "the run finished before it could be killed enough times"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    final = torch.load(find_checkpoints(ckpt)[0], weights_only=True)
+    assert final["iteration"] == 14
+    resumed = MetaTrainer(MetaTrainConfig.from_dict(final["config"]))
+    resumed.load_state_dict(final)
+    for a, b in zip(reference.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    assert reference.history == resumed.history
+    rule, _ = load_rule(ckpt / "best.pt")
+    assert isinstance(rule, LSTMRule)
+
+
+finite_or_not = st.one_of(
+    st.floats(min_value=-1e30, max_value=1e30, allow_nan=False),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 0.0]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    values=st.lists(finite_or_not, min_size=1, max_size=8),
+    present=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_hostile_gradients_never_silently_corrupt_parameters(shapes, dtype, values, present):
+    rule = LSTMRule()
+    params = [torch.nn.Parameter(torch.ones(s, dtype=dtype)) for s in shapes]
+    opt = LSTMOptimizer(params[:1], weights=rule)
+    for step in range(3):
+        if step == 1 and len(params) > 1:
+            opt.add_param_group({"params": params[1:]})  # parameters added mid-training
+        for i, p in enumerate(params):
+            if not present[(i + step) % 3]:  # gradients appear and disappear between steps
+                p.grad = None
+                continue
+            flat = torch.tensor(
+                [values[(i + k) % len(values)] for k in range(p.numel())], dtype=dtype
+            )
+            p.grad = flat.reshape(p.shape)
+        before = [p.detach().clone() for p in params]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        skipped = any("non-finite" in str(w.message) for w in caught)
+        managed = {id(q) for g in opt.param_groups for q in g["params"]}
+        for p, b in zip(params, before):
+            assert torch.isfinite(p).all(), "a parameter became non-finite"
+            if id(p) not in managed:
+                assert torch.equal(p, b)
+            elif p.grad is not None and not torch.isfinite(p.grad).all():
+                assert torch.equal(p, b) and skipped, "a non-finite gradient was not skipped"
