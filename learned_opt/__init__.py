@@ -5,7 +5,7 @@ The public API; everything else is an implementation detail.
 
 from __future__ import annotations
 
-from . import pretrained
+from . import kernels, pretrained
 from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
 from .higher_interop import DifferentiableLearnedOptimizer, register
 from .learners import MetaLearner, OptimizerLearner
@@ -40,6 +40,7 @@ __all__ = [
     "WeightsMismatchError",
     "load_rule",
     "make_family",
+    "kernels",
     "pretrained",
     "run_inner",
     "save_rule",

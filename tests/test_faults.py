@@ -11,7 +11,6 @@ import time
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
