@@ -7,6 +7,7 @@ would have done.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -60,6 +61,10 @@ class MetaTrainConfig:
         checkpoint_every: iterations between checkpoints.
         keep_checkpoints: how many recent checkpoints to keep.
         max_loss_ratio: an inner loss above this multiple of its first value ends the unroll.
+        rollback_after: after this many non-finite meta-steps in a row (each one skipped), roll
+            back to the last good checkpoint and scale the meta learning rate by
+            ``rollback_lr_factor``.
+        rollback_lr_factor: see ``rollback_after``.
         seed: the seed of everything.
     """
 
@@ -82,6 +87,8 @@ class MetaTrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     max_loss_ratio: float | None = 1e3
+    rollback_after: int = 3
+    rollback_lr_factor: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -172,6 +179,9 @@ class MetaTrainer:
         self.history: dict[str, list[float]] = {"eval_iteration": [], "eval_metric": []}
         self.adam_baseline: dict[str, Any] | None = None
         self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self._good: tuple[dict, dict] = self._snapshot()
         #: Free-form provenance kept in checkpoints (the CLI records each command line here).
         self.notes: dict[str, Any] = {"commands": []}
         self._writer: Any = None
@@ -193,6 +203,7 @@ class MetaTrainer:
             "history": self.history,
             "adam_baseline": self.adam_baseline,
             "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "notes": self.notes,
         }
         rule = getattr(self.learner, "rule", None)
@@ -228,9 +239,35 @@ class MetaTrainer:
         self.adam_baseline = state["adam_baseline"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.notes = state.get("notes") or {"commands": []}
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.consecutive_skips = 0
+        self._good = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return (copy.deepcopy(self.learner.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
+
+    def _rollback(self) -> None:
+        """Return to the last good checkpoint with a lower meta learning rate."""
+        lrs = [g["lr"] * self.config.rollback_lr_factor for g in self.meta_opt.param_groups]
+        learner_state, opt_state = self._good
+        self.learner.load_state_dict(learner_state)
+        self.meta_opt.load_state_dict(copy.deepcopy(opt_state))
+        for group, lr in zip(self.meta_opt.param_groups, lrs):
+            group["lr"] = lr
+        self.rollbacks += 1
+        self.consecutive_skips = 0
+        self._log("meta/rollbacks", self.rollbacks)
+        self._log("meta/lr", lrs[0])
+        warnings.warn(
+            f"{self.config.rollback_after} non-finite meta-steps in a row at iteration "
+            f"{self.iteration}: rolled back to the last good checkpoint, meta lr now {lrs[0]:.3g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``."""
+        self._good = self._snapshot()
         if self.ckpt_dir is None:
             return None
         path = self.ckpt_dir / f"ckpt_{self.iteration:08d}.pt"
@@ -372,7 +409,11 @@ class MetaTrainer:
         if not (math.isfinite(norm) and math.isfinite(float(meta_loss.detach()))):
             self.meta_opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.config.rollback_after:
+                self._rollback()
             return float(meta_loss.detach()), norm, False
+        self.consecutive_skips = 0
         self.meta_opt.step()
         return float(meta_loss.detach()), norm, True
 

@@ -133,3 +133,31 @@ def test_config_validation() -> None:
         MetaTrainConfig(objective="sum")
     with pytest.raises(ValueError, match="truncation"):
         MetaTrainConfig(truncation=0)
+
+
+def test_repeated_non_finite_meta_gradients_roll_back_with_lower_lr() -> None:
+    cfg = MetaTrainConfig(
+        iterations=2,
+        eval_every=0,
+        rollback_after=3,
+        rollback_lr_factor=0.5,
+        **{k: v for k, v in SMALL.items() if k != "eval_every"},
+    )
+    trainer = MetaTrainer(cfg)
+    trainer.train_iteration()  # some good steps
+    trainer.iteration += 1
+    trainer.save_checkpoint()  # the last good state (kept in memory without a ckpt_dir)
+    good = _weights(trainer)
+    trainer.train_iteration()  # moves away from it
+    hooks = [p.register_hook(lambda g: g * float("nan")) for p in trainer.learner.parameters()]
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        trainer.train_iteration()  # 3 windows, all non-finite
+    for h in hooks:
+        h.remove()
+    assert trainer.rollbacks == 1 and trainer.skipped_steps == 3
+    assert trainer.meta_opt.param_groups[0]["lr"] == pytest.approx(cfg.meta_lr * 0.5)
+    for a, b in zip(good, _weights(trainer)):
+        assert torch.equal(a, b)
+    stats = trainer.train_iteration()  # and training goes on, finite
+    assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())
+    assert stats["meta_loss"] == stats["meta_loss"]
