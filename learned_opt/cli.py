@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     mt.add_argument("--export", default=None, help="write the best weights (with metadata) here")
     mt.add_argument("--quiet", action="store_true", help="no progress line")
+    mt.add_argument("--note", action="append", default=[], help="provenance note kept with the run")
 
     ev = sub.add_parser("eval", help="a learned optimizer against tuned hand-designed optimizers")
     ev.add_argument(
@@ -141,6 +142,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
     trainer.notes.setdefault("commands", []).append(
         {"command": command, "commit": git_commit(), "start_iteration": trainer.iteration}
     )
+    trainer.notes.setdefault("notes", []).extend(args.note)
     start = time.time()
     trainer.train()
     trainer.close()
@@ -161,6 +163,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
             {
                 "command": command,
                 "all_commands": trainer.notes.get("commands", []),
+                "notes": trainer.notes.get("notes", []),
                 "commit": git_commit(),
                 "config": config.to_dict(),
                 "budget": {
