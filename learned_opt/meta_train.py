@@ -234,8 +234,12 @@ class MetaTrainer:
         self.elapsed = float(state["elapsed"])
         self.best_state = state["best_learner"]
         self.best_metric = float(state["best_metric"])
-        self.best_iteration = int(state.get("best_iteration", 0))
         self.history = state["history"]
+        self.best_iteration = int(state.get("best_iteration", -1))
+        if self.best_iteration < 0:  # checkpoints written before best_iteration was recorded
+            metrics = self.history.get("eval_metric", [])
+            its = self.history.get("eval_iteration", [])
+            self.best_iteration = its[int(np.argmin(metrics))] if metrics else 0
         self.adam_baseline = state["adam_baseline"]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.notes = state.get("notes") or {"commands": []}
