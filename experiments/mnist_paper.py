@@ -3,6 +3,7 @@ sigmoid MLPs (batch 128, T = 100, K = 20), select weights by held-out evaluation
 
     python experiments/mnist_paper.py --out runs/mnist-paper --time-budget 3600
     python experiments/mnist_paper.py --out runs/mnist-paper --time-budget 3600 --resume   # go on
+    python experiments/mnist_paper.py --out runs/mnist-ft --finetune-from paper-mnist  # stage 2
     python experiments/mnist_paper.py --out runs/mnist-paper --ship    # copy into the package
 
 TensorBoard: ``tensorboard --logdir runs/mnist-paper/tb`` (meta-loss, meta-gradient norm, the

@@ -19,7 +19,7 @@ from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
 from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer
 from .report import HAND_DESIGNED, plot_curves, table, write_jsonl
-from .tasks import FAMILIES, make_family
+from .tasks import FAMILIES, MLPFamily, make_family
 
 __all__ = ["main", "build_parser", "git_commit"]
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='e.g. \'{"hidden_size": 20, "num_layers": 2, "preprocess_p": 5}\'',
     )
+    mt.add_argument("--init-weights", default=None, help="start from these weights (fine-tune)")
     mt.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per task (T)")
     mt.add_argument("--truncation", type=int, default=d.truncation, help="steps per window (K)")
     mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
@@ -115,6 +116,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         family_kwargs=family_kwargs,
         rule=args.rule,
         rule_kwargs=args.rule_kwargs,
+        init_weights=args.init_weights,
         horizon=args.horizon,
         truncation=args.truncation,
         objective=args.objective,
@@ -182,7 +184,10 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    family = make_family(args.family, **args.family_kwargs)
+    # Final figures train on the whole training split and report the official held-out split;
+    # meta-training selects weights on a validation split carved from the training data instead.
+    defaults = {"holdout": "test"} if FAMILIES[args.family][0] is MLPFamily else {}
+    family = make_family(args.family, **{**defaults, **args.family_kwargs})
     if args.weights in pretrained.available():
         rule, _ = load_rule(pretrained.path(args.weights))
     else:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
+from .checkpoint import CheckpointError, atomic_save, load_rule, rule_to_dict, safe_load
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed
 from .learners import MetaLearner, OptimizerLearner
 from .optim import LearnedOptimizer
@@ -45,6 +45,8 @@ class MetaTrainConfig:
         family_kwargs: overrides of the family's defaults.
         rule: rule kind (:data:`learned_opt.rules.RULES`).
         rule_kwargs: the rule's constructor arguments.
+        init_weights: start from these weights (a shipped name or a weights/checkpoint file)
+            instead of a random initialization; the rule's architecture comes from the file.
         horizon: inner steps per task (T).
         truncation: inner steps per truncation window (K); one meta-update per window.
         objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
@@ -72,6 +74,7 @@ class MetaTrainConfig:
     family_kwargs: dict[str, Any] = field(default_factory=dict)
     rule: str = "lstm"
     rule_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_weights: str | None = None
     horizon: int = 100
     truncation: int = 20
     objective: str = "train"
@@ -161,10 +164,17 @@ class MetaTrainer:
         self.config = config
         self.family = family or make_family(config.family, **config.family_kwargs)
         if learner is None:
-            torch.manual_seed(config.seed)  # only the rule's initialization draws from it
-            rule = build_rule(config.rule, config.rule_kwargs)
-            if hasattr(rule, "reset_parameters"):
-                rule.reset_parameters(torch.Generator().manual_seed(config.seed))
+            if config.init_weights is not None:
+                from . import pretrained
+
+                source = config.init_weights
+                if source in pretrained.available():
+                    source = str(pretrained.path(source))
+                rule, _ = load_rule(source, expected_kind=config.rule)
+            else:
+                rule = build_rule(config.rule, config.rule_kwargs)
+                if hasattr(rule, "reset_parameters"):
+                    rule.reset_parameters(torch.Generator().manual_seed(config.seed))
             learner = OptimizerLearner(rule, second_order=config.second_order)
         self.learner = learner
         self.meta_opt = torch.optim.Adam(self.learner.parameters(), lr=config.meta_lr)
