@@ -36,3 +36,15 @@ def test_step_time_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         runpy.run_path(str(ROOT / "benchmarks" / "step_time.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert "| 10k |" in (tmp_path / "table.md").read_text()
+
+
+def test_meta_train_throughput_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["meta_train_throughput.py", "--smoke", "--out", str(tmp_path), "--threads", "1"],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "meta_train_throughput.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "| 5 |" in (tmp_path / "table.md").read_text()
