@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import pretrained
+from . import distributed, pretrained
 from .checkpoint import load_rule
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
 from .meta_train import MetaTrainConfig, MetaTrainer
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     mt.add_argument("--export", default=None, help="write the best weights (with metadata) here")
     mt.add_argument("--quiet", action="store_true", help="no progress line")
+    mt.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits for the others before failing (under torchrun)",
+    )
     mt.add_argument("--note", action="append", default=[], help="provenance note kept with the run")
 
     ev = sub.add_parser("eval", help="a learned optimizer against tuned hand-designed optimizers")
@@ -110,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
+    multi = distributed.init_from_env(timeout_s=args.dist_timeout)
+    try:
+        return _meta_train_inner(args, argv)
+    finally:
+        if multi:
+            torch.distributed.destroy_process_group()
+
+
+def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
+    main_rank = distributed.is_main()
     family_kwargs = dict(args.family_kwargs)
     config = MetaTrainConfig(
         family=args.family,
@@ -132,13 +148,16 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         seed=args.seed,
     )
     trainer = MetaTrainer(
-        config, log_dir=args.log_dir, ckpt_dir=args.ckpt_dir, progress=not args.quiet
+        config,
+        log_dir=args.log_dir,
+        ckpt_dir=args.ckpt_dir,
+        progress=main_rank and not args.quiet,
     )
     if args.resume:
         if args.ckpt_dir is None:
             print("--resume needs --ckpt-dir", file=sys.stderr)
             return 2
-        if trainer.resume():
+        if trainer.resume() and main_rank:
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
     command = "learned-opt " + shlex.join(argv)
     trainer.notes.setdefault("commands", []).append(
@@ -157,7 +176,10 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         "adam_tuned_eval_metric": adam.get("metric"),
         "adam_tuned_lr": adam.get("lr"),
         "skipped_meta_steps": trainer.skipped_steps,
+        "world_size": distributed.world_size(),
     }
+    if not main_rank:
+        return 0
     print(json.dumps(summary))
     if args.export:
         trainer.export_best(
@@ -173,6 +195,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
                     "seconds": round(trainer.elapsed, 1),
                     "wall_seconds_this_session": round(time.time() - start, 1),
                     "torch_threads": torch.get_num_threads(),
+                    "processes": distributed.world_size(),
                 },
                 "figures": summary,
             },

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, atomic_save, load_rule, rule_to_dict, safe_load
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed
 from .learners import MetaLearner, OptimizerLearner
@@ -53,7 +54,8 @@ class MetaTrainConfig:
             (held-out loss at the end of the window).
         second_order: backpropagate through the optimizee's gradients.
         meta_lr: Adam learning rate of the meta-optimizer.
-        meta_batch: tasks unrolled side by side; their window meta-losses are averaged.
+        meta_batch: tasks unrolled side by side per meta-update (over all processes); their
+            window meta-losses are averaged.
         clip_grad: maximum meta-gradient norm (``0`` disables clipping).
         iterations: task batches to unroll (each gives ``ceil(T / K)`` meta-updates).
         time_budget: stop after this many seconds of training (``None``: no limit).
@@ -282,7 +284,7 @@ class MetaTrainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``."""
         self._good = self._snapshot()
-        if self.ckpt_dir is None:
+        if self.ckpt_dir is None or not distributed.is_main():
             return None
         path = self.ckpt_dir / f"ckpt_{self.iteration:08d}.pt"
         state = self.state_dict()
@@ -322,7 +324,7 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------ logging
     def _log(self, tag: str, value: float, step: int | None = None) -> None:
-        if self.log_dir is None:
+        if self.log_dir is None or not distributed.is_main():
             return
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -404,7 +406,7 @@ class MetaTrainer:
         self._log("eval/adam_tuned_metric", adam["metric"])
         self._log("eval/adam_tuned_lr", adam["lr"])
         self._log("eval/ratio_vs_adam", metric / adam["metric"])
-        if self.log_dir is not None:
+        if self._writer is not None:
             for t, (mine, theirs) in enumerate(zip(curve, adam["curve"])):
                 self._writer.add_scalars(
                     f"eval_curves/iter_{self.iteration:07d}",
@@ -414,13 +416,23 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------ training
     def _meta_step(self, losses: list[torch.Tensor]) -> tuple[float, float, bool]:
-        meta_loss = torch.stack(losses).mean()
         self.meta_opt.zero_grad(set_to_none=True)
-        meta_loss.backward()
+        if losses:
+            meta_loss = torch.stack(losses).mean()
+            meta_loss.backward()
+        else:  # only in distributed runs: this rank's tasks all diverged; contribute zeros
+            meta_loss = torch.zeros(())
+        if distributed.world_size() > 1:  # average the meta-gradient over ranks (same on all)
+            for p in self.learner.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce_mean([p.grad for p in self.learner.parameters()])
         params = [p for p in self.learner.parameters() if p.grad is not None]
         max_norm = self.config.clip_grad if self.config.clip_grad > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        if not (math.isfinite(norm) and math.isfinite(float(meta_loss.detach()))):
+        # The norm is computed after the all-reduce, so every rank takes the same decision.
+        local_ok = distributed.world_size() > 1 or math.isfinite(float(meta_loss.detach()))
+        if not (math.isfinite(norm) and local_ok):
             self.meta_opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -435,7 +447,16 @@ class MetaTrainer:
         """Unroll one batch of tasks and take one meta-step per truncation window."""
         cfg = self.config
         unrolls = []
-        for j in range(cfg.meta_batch):
+        world = distributed.world_size()
+        if cfg.meta_batch % world:
+            raise ValueError(
+                f"meta_batch={cfg.meta_batch} must be a multiple of the number of processes "
+                f"({world}): each process unrolls meta_batch / {world} of the tasks"
+            )
+        # meta_batch is global: rank r unrolls tasks r, r + N, r + 2N, ... of the iteration, so
+        # any number of processes meta-trains on exactly the same tasks (and can resume the same
+        # checkpoint).
+        for j in range(distributed.rank(), cfg.meta_batch, world):
             seed = task_seed(cfg.seed, self.iteration, j)
             task = self.family.sample(torch.Generator().manual_seed(seed))
             unrolls.append(
@@ -451,7 +472,8 @@ class MetaTrainer:
             )
         meta_losses, norms, final_losses, diverged = [], [], [], 0
         active = list(unrolls)
-        while active:
+        # A fixed number of rounds, so every rank joins the same number of all-reduces.
+        for _ in range(math.ceil(cfg.horizon / cfg.truncation)):
             windows = []
             for u in list(active):
                 w = next(u, None)
@@ -463,7 +485,7 @@ class MetaTrainer:
                 if len(w.train_losses):
                     final_losses.append(float(w.train_losses[-1]))
             usable = [w.meta_loss for w in windows if w.meta_loss is not None]
-            if usable:
+            if usable or distributed.world_size() > 1:
                 loss, norm, _ = self._meta_step(usable)
                 meta_losses.append(loss)
                 norms.append(norm)
@@ -491,7 +513,8 @@ class MetaTrainer:
             stats = self.train_iteration()
             self.iteration += 1
             seconds = time.perf_counter() - start
-            self.elapsed += seconds
+            # Ranks agree on the clock (the slowest one), so they stop at the same iteration.
+            self.elapsed += distributed.all_reduce_max(seconds)
             self._log("meta/loss", stats["meta_loss"])
             self._log("meta/grad_norm", stats["grad_norm"])
             self._log("meta/diverged_tasks", stats["diverged"])

@@ -1,0 +1,88 @@
+"""Data-parallel meta-training over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Meta-training is embarrassingly parallel over tasks: of the ``meta_batch`` tasks of an iteration,
+rank r unrolls tasks r, r + N, r + 2N, ... (so N processes meta-train on exactly the tasks of one
+process, and a checkpoint resumes with any N that divides ``meta_batch``), the meta-gradients are
+averaged with ``all_reduce``, and every rank applies the same update, so the rule weights stay
+identical on every rank. Launch
+with ``torchrun``; its rendezvous flags give multi-node runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init_from_env",
+    "rank",
+    "world_size",
+    "is_main",
+    "all_reduce_mean",
+    "all_reduce_max",
+    "barrier",
+]
+
+
+def init_from_env(timeout_s: float = 300.0) -> bool:
+    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
+
+    A rank that dies makes the collectives of the others fail after ``timeout_s`` seconds with an
+    error, instead of hanging forever.
+
+    Returns:
+        whether a multi-process group is active.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors across ranks, in place, as one flat buffer (one collective)."""
+    if not _active() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over ranks (the value itself in a single process)."""
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

@@ -1,0 +1,37 @@
+"""Run under torchrun by tests/test_distributed.py: meta-train, then save this rank's weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from learned_opt import distributed
+from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    assert distributed.init_from_env(timeout_s=60)
+    cfg = MetaTrainConfig(
+        family="quadratic",
+        horizon=10,
+        truncation=5,
+        meta_batch=4,
+        iterations=3,
+        eval_every=0,
+        meta_lr=3e-3,
+        seed=5,
+    )
+    trainer = MetaTrainer(cfg)
+
+    def maybe_die(tr: MetaTrainer, stats: dict) -> None:
+        if len(sys.argv) > 2 and sys.argv[2] == "die" and distributed.rank() == 1:
+            import os
+
+            os._exit(3)  # a crashed rank: no clean shutdown, no more collectives
+
+    trainer.train(on_iteration=maybe_die)
+    weights = [p.detach().clone() for p in trainer.learner.parameters()]
+    torch.save(weights, out / f"rank{distributed.rank()}.pt")
+    torch.distributed.destroy_process_group()
