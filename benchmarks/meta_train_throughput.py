@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 
-def worker(family: str, truncation: int, steps: int, threads: int) -> dict:
+def worker(family: str, truncation: int, steps: int, threads: int, seconds: float) -> dict:
     import torch
 
     from learned_opt import LSTMRule, OptimizerLearner, kernels, make_family
@@ -49,7 +49,7 @@ def worker(family: str, truncation: int, steps: int, threads: int) -> dict:
 
     one_task(0)  # warm-up
     start, done, seed = time.perf_counter(), 0, 1
-    while time.perf_counter() - start < 8.0 or seed < 3:
+    while time.perf_counter() - start < seconds or seed < 3:
         done += one_task(seed)
         seed += 1
     seconds = time.perf_counter() - start
@@ -70,14 +70,15 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", default="5,20,100")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per config")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        fam, k, steps, threads = args.worker
-        print(json.dumps(worker(fam, int(k), int(steps), int(threads))))
+        fam, k, steps, threads, seconds = args.worker
+        print(json.dumps(worker(fam, int(k), int(steps), int(threads), float(seconds))))
         return 0
     if args.smoke:
-        args.family, args.ks = "digits", "5"
+        args.family, args.ks, args.seconds = "digits", "5", 0.5
     import torch
 
     threads = args.threads or torch.get_num_threads()
@@ -86,7 +87,8 @@ def run(argv: list[str] | None = None) -> int:
     records, lines = (
         [],
         [
-            f"{args.family}, first-order, horizon 100, {threads} threads, torch {torch.__version__}",
+            f"{args.family}, first-order, horizon 100, {threads} threads, "
+            f"torch {torch.__version__}",
             "",
             "| K | kernels | inner steps/s | peak RSS MB | peak - before unroll MB |",
             "| ---: | --- | ---: | ---: | ---: |",
@@ -107,6 +109,7 @@ def run(argv: list[str] | None = None) -> int:
                 str(k),
                 "100",
                 str(threads),
+                str(args.seconds),
             ]
             res = json.loads(
                 subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -48,3 +48,13 @@ def test_meta_train_throughput_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyP
         runpy.run_path(str(ROOT / "benchmarks" / "meta_train_throughput.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert "| 5 |" in (tmp_path / "table.md").read_text()
+
+
+def test_distributed_throughput_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["distributed_throughput.py", "--smoke", "--out", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "benchmarks" / "distributed_throughput.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "2 processes / 1 process" in (tmp_path / "table.md").read_text()
