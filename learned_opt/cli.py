@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init_metadata(init_weights: str | None) -> dict[str, Any] | None:
+    """Provenance of the weights a fine-tuning run started from (their own metadata)."""
+    if init_weights is None:
+        return None
+    if init_weights in pretrained.available():
+        return {"weights": init_weights, **pretrained.metadata(init_weights)}
+    return {"weights": init_weights, **load_rule(init_weights)[1]}
+
+
 def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
     multi = distributed.init_from_env(timeout_s=args.dist_timeout)
     try:
@@ -198,6 +207,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
                     "processes": distributed.world_size(),
                 },
                 "figures": summary,
+                "initialized_from": _init_metadata(config.init_weights),
             },
         )
         meta_path = Path(args.export).with_suffix(".json")
