@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from .base import MetaLearner
+from .maml import MAMLLearner, MAMLState
 from .optimizer import OptimizerLearner, OptimizerState
+from .rnn import RNNLearner, RNNState
 
-__all__ = ["MetaLearner", "OptimizerLearner", "OptimizerState"]
+__all__ = [
+    "MAMLLearner",
+    "MAMLState",
+    "MetaLearner",
+    "OptimizerLearner",
+    "OptimizerState",
+    "RNNLearner",
+    "RNNState",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
+from .fewshot import DigitsFewShotFamily, SinusoidFamily
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
 
@@ -13,9 +14,11 @@ __all__ = [
     "FAMILIES",
     "Batch",
     "BatchSampler",
+    "DigitsFewShotFamily",
     "FlatSpec",
     "MLPFamily",
     "QuadraticFamily",
+    "SinusoidFamily",
     "Task",
     "TaskFamily",
     "make_family",
@@ -35,6 +38,9 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
         MLPFamily,
         {"dataset": "digits", "hidden": (20,), "activation": "sigmoid", "batch_size": 32},
     ),
+    # Few-shot families (support set = Task.train, query set = Task.test).
+    "sinusoid": (SinusoidFamily, {"k_shot": 10, "n_query": 50}),
+    "digits-fewshot": (DigitsFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
 }
 
 

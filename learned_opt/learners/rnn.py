@@ -1,0 +1,144 @@
+"""A black-box recurrent meta-learner: an RNN reads the support set, a head reads its state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tasks import Batch, Task
+from .base import MetaLearner
+
+__all__ = ["RNNLearner", "RNNState"]
+
+_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+
+@dataclass
+class RNNState:
+    """Inner state of a recurrent learner.
+
+    Attributes:
+        h: the RNN's hidden state, shape ``(1, 1, hidden)`` (layers, batch, units).
+        c: the LSTM's cell state (same shape), ``None`` for a GRU.
+        step: support batches read so far.
+    """
+
+    h: Tensor
+    c: Tensor | None
+    step: int = 0
+
+
+class RNNLearner(MetaLearner):
+    """Learning as sequence modelling (Hochreiter et al., 2001; Santoro et al., 2016).
+
+    An LSTM (or GRU) reads the support pairs ``(x, y)`` one per time step, with ``y`` one-hot for
+    classification (integer targets) and raw for regression (float targets). Its final hidden
+    state ``h`` plays the role of phi: a head MLP maps ``concat[h, x]`` to a prediction for any
+    query input ``x``. theta is the RNN's and the head's weights; the task's own model and
+    parameters are not used, only its ``loss_fn``, so one learner serves every family with the
+    same input and output sizes.
+
+    :meth:`step` reads one whole support batch (continuing from the current hidden state) and
+    returns the head's loss on that batch; :meth:`evaluate` scores the head on a query batch.
+    Use ``horizon=1`` in :func:`~learned_opt.unroll.unroll` to read the support set once.
+
+    Args:
+        x_dim: input features (flattened).
+        y_dim: classes (classification) or target features (regression); the head's outputs.
+        hidden: RNN units.
+        head_hidden: hidden width of the head MLP.
+        cell: ``"lstm"`` or ``"gru"``.
+        seed: seed of the weight initialization.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        y_dim: int,
+        hidden: int = 64,
+        *,
+        head_hidden: int = 64,
+        cell: str = "lstm",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if cell not in _CELLS:
+            raise ValueError(f"Unknown cell {cell!r}; expected one of {sorted(_CELLS)}")
+        if min(x_dim, y_dim, hidden, head_hidden) < 1:
+            raise ValueError(f"Invalid sizes: x_dim={x_dim}, y_dim={y_dim}, hidden={hidden}")
+        self.x_dim, self.y_dim, self.hidden, self.cell = x_dim, y_dim, hidden, cell
+        skip = nn.utils.skip_init  # no draws from the global RNG; see reset_parameters
+        self.rnn = skip(_CELLS[cell], x_dim + y_dim, hidden, batch_first=True)
+        self.head = nn.Sequential(
+            skip(nn.Linear, hidden + x_dim, head_hidden),
+            nn.ReLU(),
+            skip(nn.Linear, head_hidden, y_dim),
+        )
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """PyTorch's default initialization (U(-1/sqrt(fan), 1/sqrt(fan))), from ``generator``."""
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.hidden)
+            for p in self.rnn.parameters():
+                p.uniform_(-bound, bound, generator=generator)
+            for layer in self.head:
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+
+    def _targets(self, y: Tensor, like: Tensor) -> Tensor:
+        """The RNN's view of the targets: one-hot labels or raw values, ``(n, y_dim)``."""
+        if not y.is_floating_point():
+            return F.one_hot(y.long(), self.y_dim).to(like.dtype)
+        y = y.reshape(len(y), -1).to(like.dtype)
+        if y.shape[1] != self.y_dim:
+            raise ValueError(f"Targets have {y.shape[1]} features, expected y_dim={self.y_dim}")
+        return y
+
+    def predict(self, state: RNNState, x: Tensor) -> Tensor:
+        """The head's prediction for inputs ``x`` given the state's hidden vector."""
+        x = x.reshape(len(x), -1)
+        h = state.h[-1].expand(len(x), -1)
+        return self.head(torch.cat((h, x), dim=1))
+
+    def init_state(self, task: Task, generator: torch.Generator) -> RNNState:
+        """Zero hidden (and cell) state (``generator`` is unused)."""
+        p = next(self.rnn.parameters())
+        h = torch.zeros(1, 1, self.hidden, dtype=p.dtype, device=p.device)
+        return RNNState(h, torch.zeros_like(h) if self.cell == "lstm" else None)
+
+    def step(
+        self, task: Task, state: RNNState, batch: Batch, *, differentiable: bool = True
+    ) -> tuple[RNNState, Tensor]:
+        x, y = batch
+        x = x.reshape(len(x), -1)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            seq = torch.cat((x, self._targets(y, x)), dim=1).unsqueeze(0)
+            if state.c is not None:
+                _, (h, c) = self.rnn(seq, (state.h, state.c))
+            else:
+                _, h = self.rnn(seq, state.h)
+                c = None
+            new = RNNState(h, c, state.step + 1)
+            loss = task.loss_fn(self.predict(new, x), y)
+        return new, loss
+
+    def evaluate(self, task: Task, state: RNNState, batch: Batch) -> Tensor:
+        x, y = batch
+        return task.loss_fn(self.predict(state, x), y)
+
+    def detach_state(self, state: RNNState) -> RNNState:
+        c = state.c.detach() if state.c is not None else None
+        return RNNState(state.h.detach(), c, state.step)
+
+    def params_of(self, task: Task, state: RNNState) -> dict[str, Tensor]:
+        """The head's weights (``head.*``) and the hidden vector ``h``: together, phi."""
+        params = {f"head.{n}": p for n, p in self.head.named_parameters()}
+        params["h"] = state.h[-1, 0]
+        return params

@@ -1,0 +1,194 @@
+"""Few-shot task families: sinusoid regression and N-way K-shot digits classification.
+
+Each task's training sampler (``Task.train``) is its support set D_train and returns the whole
+set on every call; its held-out sampler (``Task.test``) is the query set. A learner adapts on the
+support set and is scored on the query set, which is what the ``"test"`` objective of
+:func:`~learned_opt.unroll.unroll` does with ``horizon`` = the number of adaptation steps.
+
+Meta-training and meta-testing tasks come from families built with ``split="train"`` and
+``split="test"``. For digits the two splits use disjoint classes; for sinusoids the distribution
+is the same and the split only selects an independent stream of tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import BatchSampler, Task, TaskFamily, uniform_init
+from .mlp import make_mlp
+
+__all__ = ["DIGIT_CLASSES", "DigitsFewShotFamily", "SinusoidFamily"]
+
+_SPLITS = ("train", "test")
+#: Mixed into every task seed so that the two splits draw independent task streams.
+_SPLIT_SALT = {"train": 0x5EED_0000, "test": 0x7E57_0000}
+#: Digit classes of each split (disjoint, so that 5-way tasks exist in both).
+DIGIT_CLASSES: dict[str, tuple[int, ...]] = {"train": (0, 1, 2, 3, 4), "test": (5, 6, 7, 8, 9)}
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLITS:
+        raise ValueError(f"Invalid split {split!r}; expected one of {_SPLITS}")
+
+
+def _split_generator(generator: torch.Generator, split: str) -> torch.Generator:
+    """A fresh generator for one task, from one draw of ``generator`` and the split."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator().manual_seed(seed ^ _SPLIT_SALT[split])
+
+
+def _whole_set(x: Tensor, y: Tensor, generator: torch.Generator) -> BatchSampler:
+    return BatchSampler(x, y, None, generator)
+
+
+class SinusoidFamily(TaskFamily):
+    """Few-shot regression of ``y = A sin(x - p)`` (Finn et al., 2017).
+
+    Amplitude ``A ~ U[0.1, 5]``, phase ``p ~ U[0, pi]``, inputs ``x ~ U[-5, 5]``; the model is a
+    1-40-40-1 ReLU MLP trained with the mean squared error.
+
+    Args:
+        k_shot: support points per task.
+        n_query: query points per task.
+        split: ``"train"`` (meta-training) or ``"test"`` (meta-testing). Both splits have the
+            same task distribution; the split is mixed into each task's seed, so a given
+            generator yields different tasks in the two splits.
+        hidden: hidden layer widths of the model.
+    """
+
+    name = "sinusoid"
+
+    def __init__(
+        self,
+        k_shot: int = 10,
+        n_query: int = 50,
+        split: str = "train",
+        hidden: tuple[int, ...] = (40, 40),
+    ) -> None:
+        _check_split(split)
+        if k_shot < 1 or n_query < 1:
+            raise ValueError(f"Invalid k_shot/n_query: {k_shot}/{n_query} (must be >= 1)")
+        self.k_shot = k_shot
+        self.n_query = n_query
+        self.split = split
+        self.hidden = tuple(int(h) for h in hidden)
+        self.model = make_mlp(1, self.hidden, 1, "relu")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        gen = _split_generator(generator, self.split)
+        amplitude = 0.1 + 4.9 * float(torch.rand((), generator=gen))
+        phase = math.pi * float(torch.rand((), generator=gen))
+        x = torch.rand(self.k_shot + self.n_query, 1, generator=gen) * 10.0 - 5.0
+        y = amplitude * torch.sin(x - phase)
+        k = self.k_shot
+        train = _whole_set(x[:k], y[:k], torch.Generator().manual_seed(0))
+        test = _whole_set(x[k:], y[k:], torch.Generator().manual_seed(1))
+        model = self.model
+
+        def init_fn(g: torch.Generator) -> dict[str, Tensor]:
+            return uniform_init(model, g)
+
+        name = f"sinusoid(A={amplitude:.3g},p={phase:.3g},k={k},{self.split})"
+        return Task(name, model, F.mse_loss, init_fn, train, test)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "k_shot": self.k_shot,
+            "n_query": self.n_query,
+            "split": self.split,
+            "hidden": list(self.hidden),
+        }
+
+
+class DigitsFewShotFamily(TaskFamily):
+    """N-way K-shot classification of scikit-learn's 8x8 digits.
+
+    Each task picks ``n_way`` classes of its split (:data:`DIGIT_CLASSES`: 0-4 for
+    meta-training, 5-9 for meta-testing), relabels them ``0 .. n_way - 1`` in a random order and
+    draws, without replacement, ``k_shot`` support and ``n_query`` query images per class. The
+    support set is shuffled (sequence learners see the classes interleaved); the query set is not.
+    The model is a 64-64-n_way ReLU MLP trained with cross-entropy.
+
+    Args:
+        n_way: classes per task (at most 5, the number of classes of a split).
+        k_shot: support images per class.
+        n_query: query images per class.
+        split: ``"train"`` or ``"test"``.
+        hidden: hidden layer widths of the model.
+    """
+
+    name = "digits-fewshot"
+
+    def __init__(
+        self,
+        n_way: int = 5,
+        k_shot: int = 1,
+        n_query: int = 15,
+        split: str = "train",
+        hidden: tuple[int, ...] = (64,),
+    ) -> None:
+        _check_split(split)
+        classes = DIGIT_CLASSES[split]
+        if not 2 <= n_way <= len(classes):
+            raise ValueError(f"Invalid n_way {n_way}: split {split!r} has {len(classes)} classes")
+        if k_shot < 1 or n_query < 1:
+            raise ValueError(f"Invalid k_shot/n_query: {k_shot}/{n_query} (must be >= 1)")
+        from ..data import load_digits
+
+        x, y = load_digits()
+        self.by_class = {c: x[y == c] for c in classes}
+        smallest = min(len(v) for v in self.by_class.values())
+        if k_shot + n_query > smallest:
+            raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds {smallest} images")
+        self.n_way = n_way
+        self.k_shot = k_shot
+        self.n_query = n_query
+        self.split = split
+        self.classes = classes
+        self.hidden = tuple(int(h) for h in hidden)
+        self.model = make_mlp(x.shape[1], self.hidden, n_way, "relu")
+
+    def sample(self, generator: torch.Generator) -> Task:
+        gen = _split_generator(generator, self.split)
+        order = torch.randperm(len(self.classes), generator=gen)[: self.n_way].tolist()
+        chosen = [self.classes[i] for i in order]
+        k, q = self.k_shot, self.n_query
+        support_x, query_x = [], []
+        for c in chosen:
+            images = self.by_class[c]
+            idx = torch.randperm(len(images), generator=gen)[: k + q]
+            support_x.append(images[idx[:k]])
+            query_x.append(images[idx[k:]])
+        labels = torch.arange(self.n_way)
+        xs, ys = torch.cat(support_x), labels.repeat_interleave(k)
+        shuffle = torch.randperm(len(xs), generator=gen)
+        xs, ys = xs[shuffle], ys[shuffle]
+        xq, yq = torch.cat(query_x), labels.repeat_interleave(q)
+        train = _whole_set(xs, ys, torch.Generator().manual_seed(0))
+        test = _whole_set(xq, yq, torch.Generator().manual_seed(1))
+        model = self.model
+
+        def init_fn(g: torch.Generator) -> dict[str, Tensor]:
+            return uniform_init(model, g)
+
+        classes = "".join(map(str, chosen))
+        name = f"digits-{self.n_way}way-{k}shot(classes={classes},{self.split})"
+        task = Task(name, model, F.cross_entropy, init_fn, train, test)
+        task.classes = tuple(chosen)  # the original digit of each label, for inspection
+        return task
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n_way": self.n_way,
+            "k_shot": self.k_shot,
+            "n_query": self.n_query,
+            "split": self.split,
+            "hidden": list(self.hidden),
+        }
