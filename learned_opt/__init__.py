@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import kernels, pretrained
 from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
 from .higher_interop import DifferentiableLearnedOptimizer, register
-from .learners import MetaLearner, OptimizerLearner
+from .learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
 from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
 from .rules import AdamRule, LSTMRule, SGDRule, UpdateRule
@@ -26,6 +26,7 @@ __all__ = [
     "LSTMOptimizer",
     "LSTMRule",
     "LearnedOptimizer",
+    "MAMLLearner",
     "MLPFamily",
     "MetaLearner",
     "MetaTrainConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "NonFiniteGradientError",
     "OptimizerLearner",
     "QuadraticFamily",
+    "RNNLearner",
     "SGDRule",
     "Task",
     "TaskFamily",

@@ -150,6 +150,8 @@ class MetaTrainer:
         learner: the meta-learner; by default an :class:`OptimizerLearner` around the configured
             rule, initialized from ``config.seed``.
         family: the task family; by default ``make_family(config.family, **config.family_kwargs)``.
+        eval_family: the family of the held-out evaluation tasks (e.g. a meta-test split with
+            other classes); by default ``family``.
         progress: show a progress line on stderr.
     """
 
@@ -161,10 +163,12 @@ class MetaTrainer:
         ckpt_dir: str | Path | None = None,
         learner: MetaLearner | None = None,
         family: TaskFamily | None = None,
+        eval_family: TaskFamily | None = None,
         progress: bool = False,
     ) -> None:
         self.config = config
         self.family = family or make_family(config.family, **config.family_kwargs)
+        self.eval_family = eval_family or self.family
         if learner is None:
             if config.init_weights is not None:
                 from . import pretrained
@@ -352,19 +356,56 @@ class MetaTrainer:
         return "final_train_loss" if self.config.objective == "train" else "final_test_loss"
 
     def evaluate(self) -> tuple[float, np.ndarray]:
-        """Mean final loss of the current rule on the held-out tasks, and the mean loss curve."""
+        """Mean final loss of the current rule on the held-out tasks, and the mean loss curve.
+
+        A learner without a rule (MAML, a recurrent learner, ...) is evaluated by
+        :meth:`evaluate_learner` instead.
+        """
+        if not hasattr(self.learner, "rule"):
+            return self.evaluate_learner()
         rule = self.learner.rule
 
         def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
             return LearnedOptimizer(params, rule, lr=lr)
 
         runs = [
-            run_optimizer(self.family, s, factory, 1.0, self._eval_horizon(), name="learned")
+            run_optimizer(self.eval_family, s, factory, 1.0, self._eval_horizon(), name="learned")
             for s in self._eval_seeds()
         ]
         values = [getattr(r, self._metric_name()) for r in runs]
         metric = float(np.mean([v if math.isfinite(v) else math.inf for v in values]))
         return metric, np.nanmean(np.array([r.losses for r in runs]), axis=0)
+
+    def evaluate_learner(self) -> tuple[float, np.ndarray]:
+        """Mean held-out loss of any learner on the held-out tasks, and the mean loss curve.
+
+        Each task is unrolled for ``eval_horizon`` inner steps without meta-gradients and scored
+        with :meth:`MetaLearner.evaluate` on its whole ``task.test`` (the query set of a few-shot
+        task); the curve is the mean inner training loss per step (NaN after a divergence).
+        """
+        horizon = self._eval_horizon()
+        values, curves = [], []
+        for s in self._eval_seeds():
+            task = self.eval_family.sample(torch.Generator().manual_seed(s))
+            gen = torch.Generator().manual_seed(s + 1)
+            windows = list(
+                unroll(
+                    self.learner,
+                    task,
+                    gen,
+                    horizon=horizon,
+                    truncation=horizon,
+                    differentiable=False,
+                )
+            )
+            with torch.no_grad():
+                values.append(
+                    float(self.learner.evaluate(task, windows[-1].state, task.test.full()))
+                )
+            curve = torch.cat([w.train_losses for w in windows]).tolist()
+            curves.append(curve + [math.nan] * (horizon - len(curve)))
+        metric = float(np.mean([v if math.isfinite(v) else math.inf for v in values]))
+        return metric, np.nanmean(np.array(curves), axis=0)
 
     def baseline(self) -> dict[str, Any]:
         """Adam at the best learning rate of a grid, on the same held-out tasks (computed once)."""
@@ -373,7 +414,7 @@ class MetaTrainer:
             for lr in DEFAULT_LR_GRID:
                 runs = [
                     run_optimizer(
-                        self.family,
+                        self.eval_family,
                         s,
                         lambda p, lr: torch.optim.Adam(p, lr=lr),
                         lr,
@@ -391,8 +432,6 @@ class MetaTrainer:
         return self.adam_baseline
 
     def _run_eval(self) -> None:
-        if not hasattr(self.learner, "rule"):
-            return
         metric, curve = self.evaluate()
         self.history["eval_iteration"].append(self.iteration)
         self.history["eval_metric"].append(metric)
@@ -402,6 +441,8 @@ class MetaTrainer:
             self.best_iteration = self.iteration
             self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
         self._log("eval/best_metric", self.best_metric)
+        if not hasattr(self.learner, "rule"):
+            return  # the tuned-Adam baseline compares update rules only
         adam = self.baseline()
         self._log("eval/adam_tuned_metric", adam["metric"])
         self._log("eval/adam_tuned_lr", adam["lr"])

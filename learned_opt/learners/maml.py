@@ -174,9 +174,10 @@ class MAMLLearner(MetaLearner):
         override = {"lr": [lrs[n] for n in self.names]}
         callback = (lambda gs: [g.detach() for g in gs]) if self.first_order else None
         x, y = task.train.full()
-        with higher.innerloop_ctx(
-            model, opt, copy_initial_weights=False, override=override
-        ) as (fmodel, diffopt):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override=override) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(self.inner_steps if steps is None else steps):
                 diffopt.step(task.loss_fn(fmodel(x), y), grad_callback=callback)
             fast = list(fmodel.parameters())

@@ -71,13 +71,16 @@ class RNNLearner(MetaLearner):
         if min(x_dim, y_dim, hidden, head_hidden) < 1:
             raise ValueError(f"Invalid sizes: x_dim={x_dim}, y_dim={y_dim}, hidden={hidden}")
         self.x_dim, self.y_dim, self.hidden, self.cell = x_dim, y_dim, hidden, cell
-        skip = nn.utils.skip_init  # no draws from the global RNG; see reset_parameters
-        self.rnn = skip(_CELLS[cell], x_dim + y_dim, hidden, batch_first=True)
+        # Built on the meta device, so nothing is drawn from the global RNG (reset_parameters
+        # initializes the weights from an explicit generator).
+        meta = "meta"
+        self.rnn = _CELLS[cell](x_dim + y_dim, hidden, batch_first=True, device=meta)
         self.head = nn.Sequential(
-            skip(nn.Linear, hidden + x_dim, head_hidden),
+            nn.Linear(hidden + x_dim, head_hidden, device=meta),
             nn.ReLU(),
-            skip(nn.Linear, head_hidden, y_dim),
+            nn.Linear(head_hidden, y_dim, device=meta),
         )
+        self.to_empty(device="cpu")
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
     def reset_parameters(self, generator: torch.Generator) -> None:

@@ -1,0 +1,272 @@
+"""The meta-learner contract, over the learned optimizer, MAML and the recurrent learner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from learned_opt import LSTMRule
+from learned_opt.learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
+from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
+from learned_opt.tasks import DigitsFewShotFamily, SinusoidFamily, Task, TaskFamily
+from learned_opt.unroll import run_inner, unroll
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread is much faster than two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAMILIES: dict[str, Callable[[], TaskFamily]] = {
+    "sinusoid": lambda: SinusoidFamily(k_shot=5, n_query=10),
+    "digits": lambda: DigitsFewShotFamily(n_way=3, k_shot=2, n_query=4),
+}
+
+
+def _lstm_opt(family: TaskFamily) -> MetaLearner:
+    rule = LSTMRule(hidden_size=8)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    return OptimizerLearner(rule)
+
+
+def _maml(family: TaskFamily) -> MetaLearner:
+    return MAMLLearner(family.model, inner_lr=0.05)
+
+
+def _rnn(family: TaskFamily) -> MetaLearner:
+    x, y = family.sample(torch.Generator().manual_seed(0)).train.full()
+    y_dim = y.shape[1] if y.is_floating_point() else family.n_way
+    return RNNLearner(x.shape[1], y_dim, hidden=16, head_hidden=16)
+
+
+LEARNERS: dict[str, Callable[[TaskFamily], MetaLearner]] = {
+    "lstm-opt": _lstm_opt,
+    "maml": _maml,
+    "rnn": _rnn,
+}
+
+
+def _depends_on_theta(learner: MetaLearner, task: Task, state: Any) -> bool:
+    """Whether any of phi (other than theta's own tensors) is a function of theta."""
+    theta = list(learner.parameters())
+    ids = {id(p) for p in theta}
+    phi = [t for t in learner.params_of(task, state).values() if id(t) not in ids]
+    phi = [t for t in phi if t.requires_grad]
+    if not phi:
+        return False
+    total = sum(t.sum() for t in phi)
+    grads = torch.autograd.grad(total, theta, allow_unused=True, retain_graph=True)
+    return any(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+@pytest.mark.parametrize("learner_name", list(LEARNERS))
+def test_contract(learner_name: str, family_name: str) -> None:
+    family = FAMILIES[family_name]()
+    learner = LEARNERS[learner_name](family)
+    task = family.sample(torch.Generator().manual_seed(1))
+    theta = dict(learner.named_parameters())
+    # Two truncation windows: the second must backpropagate after the first one's graph is gone.
+    windows = list(
+        unroll(
+            learner,
+            task,
+            torch.Generator().manual_seed(2),
+            horizon=4,
+            truncation=2,
+            objective="test",
+        )
+    )
+    assert [(w.start, w.end) for w in windows] == [(0, 2), (2, 4)]
+    assert _depends_on_theta(learner, task, windows[-1].state)
+    for k, w in enumerate(windows):
+        assert w.meta_loss is not None and w.meta_loss.dim() == 0
+        assert torch.isfinite(w.meta_loss) and w.meta_loss.requires_grad
+        assert torch.isfinite(w.train_losses).all() and len(w.train_losses) == 2
+        learner.zero_grad(set_to_none=True)
+        w.meta_loss.backward()
+        grads = {n: p.grad for n, p in theta.items()}
+        assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+        if k == 0:  # later windows start from a detached state (MAML's init gets no gradient)
+            assert all(g is not None for g in grads.values()), grads
+        assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0
+
+    state = learner.detach_state(windows[-1].state)
+    assert not _depends_on_theta(learner, task, state)
+    # Evaluating a detached state still works and only reaches theta through the learner itself.
+    loss = learner.evaluate(task, state, task.test.full())
+    assert torch.isfinite(loss)
+
+    # Without meta-gradients the same unroll builds no graph.
+    losses, final = run_inner(learner, task, torch.Generator().manual_seed(2), 3)
+    assert len(losses) == 3 and not losses.requires_grad
+    with torch.no_grad():
+        assert torch.isfinite(learner.evaluate(task, final, task.test.full()))
+    assert not _depends_on_theta(learner, task, final)
+
+
+def _maml_setup(first_order: bool = False, family: TaskFamily | None = None):
+    family = family or SinusoidFamily(k_shot=5, n_query=10)
+    learner = MAMLLearner(family.model, inner_lr=0.05, first_order=first_order)
+    return learner, family.sample(torch.Generator().manual_seed(0))
+
+
+def _maml_meta_grad(first_order: bool) -> torch.Tensor:
+    learner, task = _maml_setup(first_order)
+    (window,) = unroll(learner, task, torch.Generator(), horizon=3, truncation=3, objective="test")
+    window.meta_loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in learner.parameters()])
+
+
+def test_maml_first_and_second_order_meta_gradients_differ() -> None:
+    first, second = _maml_meta_grad(True), _maml_meta_grad(False)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert first.abs().sum() > 0 and second.abs().sum() > 0
+    assert not torch.allclose(first, second)
+
+
+def test_maml_state_starts_at_theta_and_takes_sgd_steps() -> None:
+    learner, task = _maml_setup()
+    state = learner.init_state(task, torch.Generator())
+    assert list(state.params) == list(task.init_params(torch.Generator()))
+    assert all(p is learner.init[n.replace(".", "-")] for n, p in state.params.items())
+    batch = task.train.full()
+    new, loss = learner.step(task, state, batch)
+    grads = torch.autograd.grad(task.loss(state.params, batch), list(state.params.values()))
+    for (n, p), g in zip(state.params.items(), grads):
+        torch.testing.assert_close(new.params[n], p - 0.05 * g)
+    assert new.step == 1 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_maml_higher_path_equals_functional_path(first_order: bool, family_name: str) -> None:
+    learner, task = _maml_setup(first_order, FAMILIES[family_name]())
+    with torch.no_grad():  # distinct per-coordinate learning rates
+        for p in learner.log_lr.parameters():
+            p.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) - 0.5)
+    results = []
+    for adapt in (learner.adapt, learner.adapt_with_higher):
+        params = adapt(task, 3)
+        learner.zero_grad(set_to_none=True)
+        task.loss(params, task.test.full()).backward()
+        results.append((params, [p.grad.clone() for p in learner.parameters()]))
+    (functional, functional_grads), (via_higher, higher_grads) = results
+    assert list(functional) == list(via_higher)
+    assert not torch.allclose(functional["0.weight"], learner.init["0-weight"])  # it adapted
+    for n in functional:
+        torch.testing.assert_close(functional[n], via_higher[n], rtol=1e-5, atol=1e-6)
+    # The same meta-gradient, for theta's initialization and its learning rates.
+    for a, b in zip(functional_grads, higher_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_maml_fixed_learning_rates_are_buffers() -> None:
+    learner = MAMLLearner(SinusoidFamily().model, inner_lr=0.1, learn_lrs=False)
+    names = {n for n, _ in learner.named_parameters()}
+    assert names and all(n.startswith("init.") for n in names)
+    assert all(torch.allclose(lr, torch.tensor(0.1)) for lr in learner.lrs().values())
+    assert any(n.startswith("log_lr.") for n in learner.state_dict())
+
+
+def test_maml_rejects_a_mismatched_task() -> None:
+    learner = MAMLLearner(SinusoidFamily().model)
+    task = DigitsFewShotFamily(n_way=2).sample(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="parameters"):
+        learner.init_state(task, torch.Generator())
+
+
+def test_rnn_learner_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    before = torch.random.get_rng_state()
+    a, b = RNNLearner(64, 5, seed=1), RNNLearner(64, 5, seed=1)
+    gru = RNNLearner(64, 5, cell="gru", seed=1)
+    assert torch.equal(before, torch.random.get_rng_state())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(a.rnn.weight_ih_l0, RNNLearner(64, 5, seed=2).rnn.weight_ih_l0)
+    task = DigitsFewShotFamily(n_way=5).sample(torch.Generator().manual_seed(0))
+    state, loss = gru.step(task, gru.init_state(task, torch.Generator()), task.train.full())
+    assert state.c is None and state.h.shape == (1, 1, 64) and torch.isfinite(loss)
+    assert gru.predict(state, task.test.full()[0]).shape == (75, 5)
+    with pytest.raises(ValueError, match="cell"):
+        RNNLearner(1, 1, cell="rnn")
+
+
+def test_rnn_learner_depends_on_the_support_set() -> None:
+    learner = RNNLearner(1, 1, hidden=16)
+    family = SinusoidFamily()
+    tasks = [family.sample(torch.Generator().manual_seed(s)) for s in (0, 1)]
+    states = [
+        learner.step(t, learner.init_state(t, torch.Generator()), t.train.full())[0] for t in tasks
+    ]
+    x = tasks[0].test.full()[0]
+    assert not torch.allclose(learner.predict(states[0], x), learner.predict(states[1], x))
+    params = learner.params_of(tasks[0], states[0])
+    assert torch.equal(params["h"], states[0].h[0, 0]) and "head.0.weight" in params
+
+
+def test_meta_training_maml_lowers_the_meta_test_query_loss(tmp_path: Path) -> None:
+    family, meta_test = SinusoidFamily(), SinusoidFamily(split="test")
+    config = MetaTrainConfig(
+        family="sinusoid",
+        horizon=5,
+        truncation=5,
+        objective="test",
+        meta_lr=1e-2,
+        meta_batch=4,
+        iterations=60,
+        eval_every=30,
+        eval_tasks=16,
+        checkpoint_every=30,
+    )
+    trainer = MetaTrainer(
+        config,
+        learner=MAMLLearner(family.model),
+        family=family,
+        eval_family=meta_test,
+        ckpt_dir=tmp_path,
+    )
+    trainer.train()
+    before, *_, after = trainer.history["eval_metric"]
+    assert trainer.history["eval_iteration"] == [0, 30, 60]
+    assert after < 0.7 * before  # query MSE after 5 adaptation steps, on meta-test tasks
+    assert trainer.best_metric == min(trainer.history["eval_metric"])
+    assert trainer.adam_baseline is None  # the Adam baseline is for update rules only
+    # Checkpoints of non-rule learners hold the learner and restore it.
+    resumed = MetaTrainer(
+        config, learner=MAMLLearner(family.model), family=family, ckpt_dir=tmp_path
+    )
+    assert resumed.resume() and resumed.iteration == 60
+    for p, q in zip(trainer.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_meta_trainer_evaluates_the_recurrent_learner() -> None:
+    family = DigitsFewShotFamily(n_way=3, k_shot=2, n_query=4)
+    config = MetaTrainConfig(
+        family="digits-fewshot",
+        horizon=1,
+        truncation=1,
+        objective="test",
+        iterations=2,
+        eval_every=1,
+        eval_tasks=2,
+    )
+    trainer = MetaTrainer(
+        config,
+        learner=RNNLearner(64, 3, hidden=16, head_hidden=16),
+        family=family,
+        eval_family=DigitsFewShotFamily(n_way=3, k_shot=2, n_query=4, split="test"),
+    )
+    trainer.train()
+    assert trainer.history["eval_iteration"] == [0, 1, 2]
+    metric, curve = trainer.evaluate()
+    assert metric == trainer.history["eval_metric"][-1] and curve.shape == (1,)
