@@ -10,6 +10,7 @@ PyTorch in ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,13 @@ def _load() -> Any:
     if os.environ.get("LEARNED_OPT_NO_EXT"):
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        # A process killed while compiling leaves its lock behind, and torch would wait on it
+        # forever: a lock older than any plausible build is stale.
+        lock = Path(_get_build_directory("learned_opt_lstm_cell", verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
         _EXT = load(
             name="learned_opt_lstm_cell",
             sources=[str(Path(__file__).with_name("lstm_cell.cpp"))],
