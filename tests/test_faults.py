@@ -117,7 +117,7 @@ finite_or_not = st.one_of(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=4),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
     values=st.lists(finite_or_not, min_size=1, max_size=8),
     present=st.lists(st.booleans(), min_size=3, max_size=3),
 )

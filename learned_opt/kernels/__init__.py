@@ -21,6 +21,7 @@ from torch import Tensor
 __all__ = ["fused_cell", "fused_cell_", "available"]
 
 _EXT: Any = None
+_DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
 _TRIED = False
 
 
@@ -82,7 +83,7 @@ class _FusedCell(torch.autograd.Function):
 def fused_cell(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor] | None:
     """``(h, c)`` of an LSTM cell from gate pre-activations ``[i, f, g, o]``, differentiable
     once (not twice); ``None`` when the kernels are unavailable or the inputs are not on CPU."""
-    if gates.device.type != "cpu" or _load() is None:
+    if gates.device.type != "cpu" or gates.dtype not in _DTYPES or _load() is None:
         return None
     if torch.is_grad_enabled() and (gates.requires_grad or c_prev.requires_grad):
         return _FusedCell.apply(gates, c_prev)
@@ -92,7 +93,7 @@ def fused_cell(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor] | None:
 def fused_cell_(gates: Tensor, c: Tensor, h: Tensor) -> bool:
     """In-place inference cell: ``gates`` is overwritten, ``c`` and ``h`` get the new states.
     Returns ``False`` (doing nothing) when the kernels are unavailable."""
-    if gates.device.type != "cpu" or _load() is None:
+    if gates.device.type != "cpu" or gates.dtype not in _DTYPES or _load() is None:
         return False
     _EXT.forward_(gates, c, h)
     return True
