@@ -121,7 +121,15 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.families, args.ks, args.iterations, args.test_tasks = "sinusoid,digits", "1", 2, 4
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

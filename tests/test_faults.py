@@ -52,6 +52,17 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(
     monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")
     monkeypatch.setattr(kernels, "_EXT", None)
     monkeypatch.setattr(kernels, "_TRIED", True)
+    # Bit-exact comparison: matrix products round differently with other thread counts.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sigkill_and_compare(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sigkill_and_compare(tmp_path: Path) -> None:
     reference = MetaTrainer(
         MetaTrainConfig(
             family="quadratic",
