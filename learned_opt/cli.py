@@ -119,9 +119,7 @@ def _init_metadata(init_weights: str | None) -> dict[str, Any] | None:
     """Provenance of the weights a fine-tuning run started from (their own metadata)."""
     if init_weights is None:
         return None
-    if init_weights in pretrained.available():
-        return {"weights": init_weights, **pretrained.metadata(init_weights)}
-    return {"weights": init_weights, **load_rule(init_weights)[1]}
+    return {"weights": init_weights, **load_rule(pretrained.resolve(init_weights))[1]}
 
 
 def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
@@ -221,10 +219,7 @@ def _eval(args: argparse.Namespace) -> int:
     # meta-training selects weights on a validation split carved from the training data instead.
     defaults = {"holdout": "test"} if FAMILIES[args.family][0] is MLPFamily else {}
     family = make_family(args.family, **{**defaults, **args.family_kwargs})
-    if args.weights in pretrained.available():
-        rule, _ = load_rule(pretrained.path(args.weights))
-    else:
-        rule, _ = load_rule(args.weights)
+    rule, _ = load_rule(pretrained.resolve(args.weights))
     lrs = [float(x) for x in args.lrs.split(",")]
     tune = [task_seed(args.seed, _TUNE_STREAM, k) for k in range(args.tune_seeds)]
     evals = [task_seed(args.seed, _EVAL_STREAM, k) for k in range(args.seeds)]

@@ -173,10 +173,9 @@ class MetaTrainer:
             if config.init_weights is not None:
                 from . import pretrained
 
-                source = config.init_weights
-                if source in pretrained.available():
-                    source = str(pretrained.path(source))
-                rule, _ = load_rule(source, expected_kind=config.rule)
+                rule, _ = load_rule(
+                    pretrained.resolve(config.init_weights), expected_kind=config.rule
+                )
             else:
                 rule = build_rule(config.rule, config.rule_kwargs)
                 if hasattr(rule, "reset_parameters"):

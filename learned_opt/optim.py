@@ -172,14 +172,7 @@ def _resolve_weights(
         weights = pretrained.DEFAULT
     if isinstance(weights, UpdateRule):
         return weights, {}
-    if isinstance(weights, str) and weights in pretrained.available():
-        return load_rule(pretrained.path(weights), expected_kind="lstm")
-    if isinstance(weights, str | os.PathLike) and os.path.exists(weights):
-        return load_rule(weights, expected_kind="lstm")
-    raise ValueError(
-        f"weights={weights!r} is neither a shipped name ({pretrained.available()}) nor an "
-        "existing file"
-    )
+    return load_rule(pretrained.resolve(weights), expected_kind="lstm")
 
 
 class LSTMOptimizer(LearnedOptimizer):

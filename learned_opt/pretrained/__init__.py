@@ -8,10 +8,11 @@ the figures the weights reached.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT", "available", "path", "metadata"]
+__all__ = ["DEFAULT", "available", "path", "metadata", "resolve"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -34,6 +35,21 @@ def path(name: str) -> Path:
     if not file.is_file():
         raise ValueError(f"No shipped weights named {name!r}; available: {available()}")
     return file
+
+
+def resolve(weights: str | os.PathLike) -> Path:
+    """The file behind ``weights``: the name of shipped weights, or a path to an existing file.
+
+    Raises:
+        ValueError: neither a shipped name nor an existing file.
+    """
+    if isinstance(weights, str) and weights in available():
+        return path(weights)
+    if os.path.isfile(weights):
+        return Path(weights)
+    raise ValueError(
+        f"weights={weights!r} is neither a shipped name ({available()}) nor an existing file"
+    )
 
 
 def metadata(name: str) -> dict[str, Any]:
