@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from learned_opt.report import write_jsonl
+
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,9 +82,7 @@ def run(argv: list[str] | None = None) -> int:
     ]
     lines += [f"| {r['processes']} | {r['steps_per_second']:.1f} |" for r in records]
     lines += ["", f"2 processes / 1 process: {speedup:.2f}x"]
-    with (out / "records.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

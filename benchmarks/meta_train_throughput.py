@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from learned_opt.report import write_jsonl
+
 
 def worker(family: str, truncation: int, steps: int, threads: int, seconds: float) -> dict:
     import torch
@@ -130,9 +132,7 @@ def run(argv: list[str] | None = None) -> int:
                 f"{res['steps_per_second']:.1f} | {res['peak_rss_mb']:.0f} | "
                 f"{res['peak_minus_base_mb']:.0f} |"
             )
-    with (out / "records.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

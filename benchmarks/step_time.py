@@ -15,7 +15,6 @@ Prints a table with ratios; writes JSONL records.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from learned_opt import LSTMOptimizer, LSTMRule
 from learned_opt.preprocess import log_sign
+from learned_opt.report import write_jsonl
 
 SIZES = {"10k": (80, 64), "100k": (280, 210), "1M": (900, 650), "10M": (2800, 2100)}
 
@@ -150,9 +150,7 @@ def run(argv: list[str] | None = None) -> int:
             f"{naive_ms} | {floor * 1e3:.1f} | {mine / floor:.2f} | {naive_ratio} | "
             f"{mine / times['adam']:.0f} | {state_bytes / n:.0f} |"
         )
-    with (out / "records.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

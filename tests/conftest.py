@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import runpy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,3 +21,20 @@ def rule() -> LSTMRule:
     with torch.no_grad():
         r.out_weight.mul_(5.0)
     return r
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_script(monkeypatch: pytest.MonkeyPatch) -> Callable[..., object]:
+    """Run a script of the repository (path relative to its root) as ``__main__`` with the
+    given arguments; returns its exit code."""
+
+    def run(relpath: str, *args: str) -> object:
+        monkeypatch.setattr(sys, "argv", [Path(relpath).name, *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / relpath), run_name="__main__")
+        return exit_info.value.code
+
+    return run
