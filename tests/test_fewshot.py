@@ -37,6 +37,7 @@ def test_families_are_registered() -> None:
         "k_shot": 3,
         "n_query": 15,
         "split": "test",
+        "augment": False,
         "hidden": [64],
     }
 
@@ -140,3 +141,27 @@ def test_digits_rejects_bad_configurations() -> None:
         DigitsFewShotFamily(split="val")
     with pytest.raises(ValueError, match="exceeds"):
         DigitsFewShotFamily(k_shot=100, n_query=100)
+
+
+def test_mnist_fewshot_tasks_use_the_class_split_and_a_conv_net() -> None:
+    from learned_opt.data import load_mnist
+    from learned_opt.tasks import MNISTFewShotFamily
+
+    x, y = load_mnist("train")
+    assert isinstance(make_family("mnist-fewshot"), MNISTFewShotFamily)
+    for split in ("train", "test"):
+        fam = MNISTFewShotFamily(n_way=3, k_shot=2, n_query=4, split=split, channels=4)
+        task = fam.sample(_gen(3))
+        xs, ys = task.train.full()
+        assert xs.shape == (6, 784) and torch.bincount(ys).tolist() == [2, 2, 2]
+        assert set(task.classes) <= set(DIGIT_CLASSES[split])
+        # The support images are MNIST images of the classes their labels stand for.
+        first = xs[0]
+        match = (x == first).all(1).nonzero().flatten()
+        assert len(match) >= 1 and int(y[match[0]]) == task.classes[int(ys[0])]
+        assert any(isinstance(m, torch.nn.Conv2d) for m in task.model.modules())
+        assert task.model(xs).shape == (6, 3)
+        assert torch.isfinite(task.loss(task.init_params(_gen(0)), (xs, ys)))
+    assert MNISTFewShotFamily(channels=4).config()["channels"] == 4
+    with pytest.raises(ValueError, match="channels"):
+        MNISTFewShotFamily(channels=0)

@@ -37,6 +37,12 @@ def _lstm_opt(family: TaskFamily) -> MetaLearner:
     return OptimizerLearner(rule)
 
 
+def _lstm_opt_init(family: TaskFamily) -> MetaLearner:
+    rule = LSTMRule(hidden_size=8)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    return OptimizerLearner(rule, init_model=family.model)
+
+
 def _maml(family: TaskFamily) -> MetaLearner:
     return MAMLLearner(family.model, inner_lr=0.05)
 
@@ -47,10 +53,19 @@ def _rnn(family: TaskFamily) -> MetaLearner:
     return RNNLearner(x.shape[1], y_dim, hidden=16, head_hidden=16)
 
 
+def _rnn_bilinear(family: TaskFamily) -> MetaLearner:
+    x, y = family.sample(torch.Generator().manual_seed(0)).train.full()
+    y_dim = y.shape[1] if y.is_floating_point() else family.n_way
+    encoder = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 6), torch.nn.ReLU())
+    return RNNLearner(x.shape[1], y_dim, hidden=16, head="bilinear", pairs="outer", encoder=encoder)
+
+
 LEARNERS: dict[str, Callable[[TaskFamily], MetaLearner]] = {
     "lstm-opt": _lstm_opt,
+    "lstm-opt-init": _lstm_opt_init,
     "maml": _maml,
     "rnn": _rnn,
+    "rnn-bilinear": _rnn_bilinear,
 }
 
 
@@ -270,3 +285,44 @@ def test_meta_trainer_evaluates_the_recurrent_learner() -> None:
     assert trainer.history["eval_iteration"] == [0, 1, 2]
     metric, curve = trainer.evaluate()
     assert metric == trainer.history["eval_metric"][-1] and curve.shape == (1,)
+
+
+def test_optimizer_learner_with_learned_init_starts_at_theta() -> None:
+    family = FAMILIES["digits"]()
+    learner = _lstm_opt_init(family)
+    assert learner.init is not None
+    task = family.sample(torch.Generator().manual_seed(0))
+    # Two generators, one start: the initialization is theta, not a random draw.
+    a = learner.init_state(task, torch.Generator().manual_seed(1))
+    b = learner.init_state(task, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a.params, b.params)
+    expected = torch.cat([p.reshape(-1) for p in learner.init.values_by_name().values()])
+    torch.testing.assert_close(a.params, expected)
+    assert learner.init.names == [n for n, _ in family.model.named_parameters()]
+    # The meta-gradient reaches both the rule and the initialization.
+    window = list(
+        unroll(learner, task, torch.Generator(), horizon=3, truncation=3, objective="test")
+    )[-1]
+    window.meta_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.init.values())
+    assert learner.rule.weight_ih_l0.grad.abs().sum() > 0
+    other = SinusoidFamily(k_shot=5).sample(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="expected"):
+        learner.init_state(other, torch.Generator())
+
+
+def test_rnn_learner_rejects_unknown_options() -> None:
+    with pytest.raises(ValueError, match="head"):
+        RNNLearner(4, 2, head="attention")
+    with pytest.raises(ValueError, match="pairs"):
+        RNNLearner(4, 2, pairs="sum")
+
+
+def test_rnn_outer_pairs_keep_each_class_in_its_own_slots() -> None:
+    learner = RNNLearner(3, 2, hidden=4, pairs="outer")
+    f = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    y = torch.eye(2)
+    seq = learner._pairs(f, y)
+    assert seq.shape == (2, 3 + 2 + 6)
+    torch.testing.assert_close(seq[0, 5:], torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(seq[1, 5:], torch.tensor([0.0, 0.0, 0.0, 4.0, 5.0, 6.0]))

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..tasks import Batch, Task
+from ..tasks import Batch, Task, uniform_init
 
-__all__ = ["MetaLearner"]
+__all__ = ["LearnedInit", "MetaLearner"]
 
 
 class MetaLearner(nn.Module):
@@ -44,3 +44,37 @@ class MetaLearner(nn.Module):
     def params_of(self, task: Task, state: Any) -> dict[str, Tensor]:
         """The optimizee parameters phi held by ``state``, by name."""
         raise NotImplementedError
+
+
+class LearnedInit(nn.ParameterDict):
+    """A meta-learned initialization of a task model's parameters (part of theta).
+
+    Keys are the model's parameter names with ``"."`` replaced by ``"-"`` (module attribute
+    names cannot contain dots), so a learner's ``state_dict`` reads ``init.0-weight``, ...
+
+    Args:
+        model: the task model; only its parameter names and shapes are used.
+        seed: seed of the starting values (PyTorch's default layer initialization).
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+        init = uniform_init(model, torch.Generator().manual_seed(seed))
+        if any("-" in n for n in init):
+            raise ValueError(f"Parameter names must not contain '-': {list(init)}")
+        # A list of pairs keeps the model's order (ParameterDict sorts the keys of a plain dict).
+        super().__init__([(n.replace(".", "-"), nn.Parameter(v)) for n, v in init.items()])
+
+    @property
+    def names(self) -> list[str]:
+        """The task model's parameter names, in order."""
+        return [k.replace("-", ".") for k in self.keys()]
+
+    def values_by_name(self) -> dict[str, Tensor]:
+        """The initialization by the model's parameter names (differentiable in theta)."""
+        return {k.replace("-", "."): v for k, v in self.items()}
+
+    def check(self, task: Task) -> None:
+        """Raise ``ValueError`` if ``task``'s model has other parameters than this init."""
+        names = [n for n, _ in task.model.named_parameters()]
+        if names != self.names:
+            raise ValueError(f"Task {task.name} has parameters {names}, expected {self.names}")

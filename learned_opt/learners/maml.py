@@ -10,8 +10,8 @@ import higher
 import torch
 from torch import Tensor, nn
 
-from ..tasks import Batch, Task, uniform_init
-from .base import MetaLearner
+from ..tasks import Batch, Task
+from .base import LearnedInit, MetaLearner
 
 __all__ = ["MAMLLearner", "MAMLState"]
 
@@ -81,10 +81,12 @@ class MAMLLearner(MetaLearner):
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.learn_lrs = learn_lrs
-        init = uniform_init(model, torch.Generator().manual_seed(seed))
-        self.names = list(init)
-        self.init = nn.ParameterDict({_key(n): nn.Parameter(v) for n, v in init.items()})
-        log_lrs = {_key(n): torch.full_like(v, math.log(inner_lr)) for n, v in init.items()}
+        self.init = LearnedInit(model, seed)
+        self.names = self.init.names
+        log_lrs = {
+            _key(n): torch.full_like(v, math.log(inner_lr))
+            for n, v in self.init.values_by_name().items()
+        }
         if learn_lrs:
             self.log_lr: nn.Module = nn.ParameterDict(
                 {k: nn.Parameter(v) for k, v in log_lrs.items()}
@@ -98,15 +100,10 @@ class MAMLLearner(MetaLearner):
         """The inner learning rates, by parameter name (differentiable in theta)."""
         return {n: getattr(self.log_lr, _key(n)).exp() for n in self.names}
 
-    def _check(self, task: Task) -> None:
-        names = [n for n, _ in task.model.named_parameters()]
-        if names != self.names:
-            raise ValueError(f"Task {task.name} has parameters {names}, expected {self.names}")
-
     def init_state(self, task: Task, generator: torch.Generator) -> MAMLState:
         """The learned initialization (``generator`` is unused: the start is theta itself)."""
-        self._check(task)
-        return MAMLState({n: self.init[_key(n)] for n in self.names})
+        self.init.check(task)
+        return MAMLState(self.init.values_by_name())
 
     def step(
         self, task: Task, state: MAMLState, batch: Batch, *, differentiable: bool = True
@@ -162,7 +159,7 @@ class MAMLLearner(MetaLearner):
         Returns:
             the adapted parameters by name, differentiable in theta.
         """
-        self._check(task)
+        self.init.check(task)
         model = copy.deepcopy(task.model)
         modules = dict(model.named_modules())
         for n in self.names:

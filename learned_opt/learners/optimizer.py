@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..rules import RuleState, UpdateRule
 from ..tasks import Batch, FlatSpec, Task
-from .base import MetaLearner
+from .base import LearnedInit, MetaLearner
 
 __all__ = ["OptimizerLearner", "OptimizerState"]
 
@@ -39,19 +39,40 @@ class OptimizerLearner(MetaLearner):
     gradient is treated as a constant: the meta-gradient flows through the rule's outputs and
     the direct path phi_t -> phi_{t+1}, but not through the Hessian.
 
+    With ``init_model``, phi_0 is meta-learned as well (theta = the rule and the initialization),
+    as in the LSTM meta-learner of Ravi & Larochelle (2017) for few-shot learning; otherwise every
+    unroll starts from the task's own random initialization.
+
     Args:
         rule: the update rule (its parameters are theta).
         second_order: backpropagate through the optimizee's gradients (``create_graph=True``).
         lr: multiplier on the rule's update (as in the drop-in optimizer).
+        init_model: meta-learn an initialization of this model's parameters (the tasks' model).
+        init_seed: seed of that initialization's starting values.
     """
 
-    def __init__(self, rule: UpdateRule, *, second_order: bool = False, lr: float = 1.0) -> None:
+    def __init__(
+        self,
+        rule: UpdateRule,
+        *,
+        second_order: bool = False,
+        lr: float = 1.0,
+        init_model: nn.Module | None = None,
+        init_seed: int = 0,
+    ) -> None:
         super().__init__()
         self.rule = rule
         self.second_order = second_order
         self.lr = lr
+        self.init = LearnedInit(init_model, init_seed) if init_model is not None else None
 
     def init_state(self, task: Task, generator: torch.Generator) -> OptimizerState:
+        if self.init is not None:
+            self.init.check(task)
+            named = self.init.values_by_name()
+            spec = FlatSpec(named)
+            flat = spec.flatten(named)  # differentiable in the learned initialization
+            return OptimizerState(flat, self.rule.init_state(spec.numel, like=flat), spec)
         named = task.init_params(generator)
         spec = FlatSpec(named)
         flat = spec.flatten(named).detach().requires_grad_(True)

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tasks import Batch, Task
+from ..tasks import Batch, Task, uniform_init
 from .base import MetaLearner
 
 __all__ = ["RNNLearner", "RNNState"]
 
 _CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
+_HEADS = ("mlp", "bilinear")
+_PAIRS = ("concat", "outer")
 
 
 @dataclass
@@ -35,12 +37,21 @@ class RNNState:
 class RNNLearner(MetaLearner):
     """Learning as sequence modelling (Hochreiter et al., 2001; Santoro et al., 2016).
 
-    An LSTM (or GRU) reads the support pairs ``(x, y)`` one per time step, with ``y`` one-hot for
-    classification (integer targets) and raw for regression (float targets). Its final hidden
-    state ``h`` plays the role of phi: a head MLP maps ``concat[h, x]`` to a prediction for any
-    query input ``x``. theta is the RNN's and the head's weights; the task's own model and
-    parameters are not used, only its ``loss_fn``, so one learner serves every family with the
-    same input and output sizes.
+    An LSTM (or GRU) reads the support pairs ``(f(x), y)`` one per time step, with ``y`` one-hot
+    for classification (integer targets) and raw for regression (float targets), and ``f`` an
+    optional learned encoder (identity by default). Its final hidden state ``h`` plays the role of
+    phi: a head maps ``(h, f(x))`` to a prediction for any query input ``x``. theta is the
+    encoder's, the RNN's and the head's weights; the task's own model and parameters are not used,
+    only its ``loss_fn``, so one learner serves every family with the same input and output sizes.
+
+    Heads:
+
+    - ``"mlp"``: an MLP on ``concat[h, f(x)]``;
+    - ``"bilinear"``: ``W(h) f(x) + b(h)`` with ``W(h)`` (``y_dim x features``) and ``b(h)``
+      linear in ``h``. The prediction is a learned similarity between the query's features and
+      what the RNN stored about the support set, which an MLP on a concatenation must
+      approximate; with one-hot labels gating its input, an LSTM can write each class's features
+      into its own units, and the bilinear read-out compares a query against them.
 
     :meth:`step` reads one whole support batch (continuing from the current hidden state) and
     returns the head's loss on that batch; :meth:`evaluate` scores the head on a query batch.
@@ -50,8 +61,17 @@ class RNNLearner(MetaLearner):
         x_dim: input features (flattened).
         y_dim: classes (classification) or target features (regression); the head's outputs.
         hidden: RNN units.
-        head_hidden: hidden width of the head MLP.
+        head_hidden: hidden width of the head MLP (``head="mlp"``).
         cell: ``"lstm"`` or ``"gru"``.
+        head: ``"mlp"`` or ``"bilinear"``.
+        pairs: how a support pair becomes the RNN's input: ``"concat"``, ``[f(x), y]``; or
+            ``"outer"``, ``[f(x), y, y (x) f(x)]`` with the outer product flattened. With one-hot
+            labels the outer product puts each class's features into their own input slots, so an
+            additive recurrent update can keep per-class sums of the features (prototypes) for the
+            bilinear head to compare a query against; with ``"concat"`` the RNN must discover
+            that binding through its gates, a long plateau at chance accuracy.
+        encoder: a module mapping flattened inputs ``(n, x_dim)`` to features ``(n, d)``; its
+            weights are re-initialized from ``seed`` (PyTorch's default layer scheme).
         seed: seed of the weight initialization.
     """
 
@@ -63,24 +83,43 @@ class RNNLearner(MetaLearner):
         *,
         head_hidden: int = 64,
         cell: str = "lstm",
+        head: str = "mlp",
+        pairs: str = "concat",
+        encoder: nn.Module | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if cell not in _CELLS:
             raise ValueError(f"Unknown cell {cell!r}; expected one of {sorted(_CELLS)}")
+        if head not in _HEADS:
+            raise ValueError(f"Unknown head {head!r}; expected one of {_HEADS}")
+        if pairs not in _PAIRS:
+            raise ValueError(f"Unknown pairs encoding {pairs!r}; expected one of {_PAIRS}")
         if min(x_dim, y_dim, hidden, head_hidden) < 1:
             raise ValueError(f"Invalid sizes: x_dim={x_dim}, y_dim={y_dim}, hidden={hidden}")
         self.x_dim, self.y_dim, self.hidden, self.cell = x_dim, y_dim, hidden, cell
+        self.head_kind = head
+        self.pairs = pairs
+        f_dim = x_dim
+        if encoder is not None:
+            with torch.no_grad():
+                f_dim = int(encoder(torch.zeros(1, x_dim)).shape[-1])
+        self.f_dim = f_dim
         # Built on the meta device, so nothing is drawn from the global RNG (reset_parameters
         # initializes the weights from an explicit generator).
         meta = "meta"
-        self.rnn = _CELLS[cell](x_dim + y_dim, hidden, batch_first=True, device=meta)
-        self.head = nn.Sequential(
-            nn.Linear(hidden + x_dim, head_hidden, device=meta),
-            nn.ReLU(),
-            nn.Linear(head_hidden, y_dim, device=meta),
-        )
+        in_dim = f_dim + y_dim + (y_dim * f_dim if pairs == "outer" else 0)
+        self.rnn = _CELLS[cell](in_dim, hidden, batch_first=True, device=meta)
+        if head == "mlp":
+            self.head: nn.Module = nn.Sequential(
+                nn.Linear(hidden + f_dim, head_hidden, device=meta),
+                nn.ReLU(),
+                nn.Linear(head_hidden, y_dim, device=meta),
+            )
+        else:
+            self.head = nn.Linear(hidden, y_dim * (f_dim + 1), device=meta)
         self.to_empty(device="cpu")
+        self.encoder = encoder  # attached after to_empty: its device is the caller's
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -89,11 +128,17 @@ class RNNLearner(MetaLearner):
             bound = 1.0 / math.sqrt(self.hidden)
             for p in self.rnn.parameters():
                 p.uniform_(-bound, bound, generator=generator)
-            for layer in self.head:
-                if isinstance(layer, nn.Linear):
-                    bound = 1.0 / math.sqrt(layer.in_features)
-                    layer.weight.uniform_(-bound, bound, generator=generator)
-                    layer.bias.uniform_(-bound, bound, generator=generator)
+            for module in (self.head, self.encoder):
+                if module is None:
+                    continue
+                fresh = uniform_init(module, generator)
+                for name, p in module.named_parameters():
+                    p.copy_(fresh[name])
+
+    def features(self, x: Tensor) -> Tensor:
+        """``f(x)`` for flattened inputs."""
+        x = x.reshape(len(x), -1)
+        return x if self.encoder is None else self.encoder(x)
 
     def _targets(self, y: Tensor, like: Tensor) -> Tensor:
         """The RNN's view of the targets: one-hot labels or raw values, ``(n, y_dim)``."""
@@ -104,11 +149,22 @@ class RNNLearner(MetaLearner):
             raise ValueError(f"Targets have {y.shape[1]} features, expected y_dim={self.y_dim}")
         return y
 
+    def _pairs(self, f: Tensor, y: Tensor) -> Tensor:
+        if self.pairs == "concat":
+            return torch.cat((f, y), dim=1)
+        outer = (y.unsqueeze(2) * f.unsqueeze(1)).flatten(1)
+        return torch.cat((f, y, outer), dim=1)
+
     def predict(self, state: RNNState, x: Tensor) -> Tensor:
         """The head's prediction for inputs ``x`` given the state's hidden vector."""
-        x = x.reshape(len(x), -1)
-        h = state.h[-1].expand(len(x), -1)
-        return self.head(torch.cat((h, x), dim=1))
+        return self._head(state, self.features(x))
+
+    def _head(self, state: RNNState, f: Tensor) -> Tensor:
+        if self.head_kind == "mlp":
+            h = state.h[-1].expand(len(f), -1)
+            return self.head(torch.cat((h, f), dim=1))
+        wb = self.head(state.h[-1, 0]).view(self.y_dim, self.f_dim + 1)
+        return f @ wb[:, :-1].T + wb[:, -1]
 
     def init_state(self, task: Task, generator: torch.Generator) -> RNNState:
         """Zero hidden (and cell) state (``generator`` is unused)."""
@@ -120,16 +176,16 @@ class RNNLearner(MetaLearner):
         self, task: Task, state: RNNState, batch: Batch, *, differentiable: bool = True
     ) -> tuple[RNNState, Tensor]:
         x, y = batch
-        x = x.reshape(len(x), -1)
         with torch.enable_grad() if differentiable else torch.no_grad():
-            seq = torch.cat((x, self._targets(y, x)), dim=1).unsqueeze(0)
+            f = self.features(x)
+            seq = self._pairs(f, self._targets(y, f)).unsqueeze(0)
             if state.c is not None:
                 _, (h, c) = self.rnn(seq, (state.h, state.c))
             else:
                 _, h = self.rnn(seq, state.h)
                 c = None
             new = RNNState(h, c, state.step + 1)
-            loss = task.loss_fn(self.predict(new, x), y)
+            loss = task.loss_fn(self._head(new, f), y)
         return new, loss
 
     def evaluate(self, task: Task, state: RNNState, batch: Batch) -> Tensor:

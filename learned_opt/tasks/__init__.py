@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
-from .fewshot import DigitsFewShotFamily, SinusoidFamily
+from .fewshot import DigitsFewShotFamily, MNISTFewShotFamily, SinusoidFamily
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
 
@@ -17,6 +17,7 @@ __all__ = [
     "DigitsFewShotFamily",
     "FlatSpec",
     "MLPFamily",
+    "MNISTFewShotFamily",
     "QuadraticFamily",
     "SinusoidFamily",
     "Task",
@@ -41,6 +42,7 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
     # Few-shot families (support set = Task.train, query set = Task.test).
     "sinusoid": (SinusoidFamily, {"k_shot": 10, "n_query": 50}),
     "digits-fewshot": (DigitsFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
+    "mnist-fewshot": (MNISTFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
 }
 
 

@@ -1,4 +1,4 @@
-"""Few-shot task families: sinusoid regression and N-way K-shot digits classification.
+"""Few-shot task families: sinusoid regression and N-way K-shot digit classification.
 
 Each task's training sampler (``Task.train``) is its support set D_train and returns the whole
 set on every call; its held-out sampler (``Task.test``) is the query set. A learner adapts on the
@@ -17,12 +17,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import BatchSampler, Task, TaskFamily, uniform_init
 from .mlp import make_mlp
 
-__all__ = ["DIGIT_CLASSES", "DigitsFewShotFamily", "SinusoidFamily"]
+__all__ = [
+    "DIGIT_CLASSES",
+    "DigitsFewShotFamily",
+    "MNISTFewShotFamily",
+    "SinusoidFamily",
+    "conv_net",
+]
 
 _SPLITS = ("train", "test")
 #: Mixed into every task seed so that the two splits draw independent task streams.
@@ -106,24 +112,25 @@ class SinusoidFamily(TaskFamily):
         }
 
 
-class DigitsFewShotFamily(TaskFamily):
-    """N-way K-shot classification of scikit-learn's 8x8 digits.
+class _ClassFewShotFamily(TaskFamily):
+    """N-way K-shot classification over the classes of one split of a labelled image set.
 
-    Each task picks ``n_way`` classes of its split (:data:`DIGIT_CLASSES`: 0-4 for
-    meta-training, 5-9 for meta-testing), relabels them ``0 .. n_way - 1`` in a random order and
-    draws, without replacement, ``k_shot`` support and ``n_query`` query images per class. The
-    support set is shuffled (sequence learners see the classes interleaved); the query set is not.
-    The model is a 64-64-n_way ReLU MLP trained with cross-entropy.
+    Each task picks ``n_way`` classes of its split, relabels them ``0 .. n_way - 1`` in a random
+    order and draws, without replacement, ``k_shot`` support and ``n_query`` query images per
+    class. The support set is shuffled (sequence learners see the classes interleaved); the query
+    set is not. Subclasses provide the images (:meth:`_images`) and the model (:meth:`_model`).
 
-    Args:
-        n_way: classes per task (at most 5, the number of classes of a split).
-        k_shot: support images per class.
-        n_query: query images per class.
-        split: ``"train"`` or ``"test"``.
-        hidden: hidden layer widths of the model.
+    With ``augment``, every class also appears under the seven other symmetries of the square
+    (rotations by multiples of 90 degrees, with and without a mirror), each as a class of its own:
+    8x the classes, the augmentation of Santoro et al. (2016) and Finn et al. (2017) on Omniglot.
+    It is meant for meta-training splits: with five classes, every 5-way task holds the same five
+    and a meta-learner can memorize them rather than learn to learn. Classes are then
+    ``(class, symmetry)`` pairs, symmetry 0 being the identity.
     """
 
-    name = "digits-fewshot"
+    name = "fewshot"
+    #: classes of each split (disjoint, so that 5-way tasks exist in both).
+    classes_of: dict[str, tuple[int, ...]] = DIGIT_CLASSES
 
     def __init__(
         self,
@@ -131,18 +138,23 @@ class DigitsFewShotFamily(TaskFamily):
         k_shot: int = 1,
         n_query: int = 15,
         split: str = "train",
-        hidden: tuple[int, ...] = (64,),
+        augment: bool = False,
     ) -> None:
         _check_split(split)
-        classes = DIGIT_CLASSES[split]
+        classes: tuple[Any, ...] = self.classes_of[split]
+        if augment:
+            classes = tuple((c, t) for c in classes for t in range(8))
         if not 2 <= n_way <= len(classes):
             raise ValueError(f"Invalid n_way {n_way}: split {split!r} has {len(classes)} classes")
         if k_shot < 1 or n_query < 1:
             raise ValueError(f"Invalid k_shot/n_query: {k_shot}/{n_query} (must be >= 1)")
-        from ..data import load_digits
-
-        x, y = load_digits()
-        self.by_class = {c: x[y == c] for c in classes}
+        x, y = self._images()
+        if augment:
+            side = math.isqrt(x.shape[1])
+            self.by_class = {(c, t): _symmetry(x[y == c], side, t) for c, t in classes}
+        else:
+            self.by_class = {c: x[y == c] for c in classes}
+        self.augment = augment
         smallest = min(len(v) for v in self.by_class.values())
         if k_shot + n_query > smallest:
             raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds {smallest} images")
@@ -151,8 +163,14 @@ class DigitsFewShotFamily(TaskFamily):
         self.n_query = n_query
         self.split = split
         self.classes = classes
-        self.hidden = tuple(int(h) for h in hidden)
-        self.model = make_mlp(x.shape[1], self.hidden, n_way, "relu")
+        self.in_features = x.shape[1]
+        self.model = self._model()
+
+    def _images(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _model(self) -> nn.Module:
+        raise NotImplementedError
 
     def sample(self, generator: torch.Generator) -> Task:
         gen = _split_generator(generator, self.split)
@@ -177,10 +195,10 @@ class DigitsFewShotFamily(TaskFamily):
         def init_fn(g: torch.Generator) -> dict[str, Tensor]:
             return uniform_init(model, g)
 
-        classes = "".join(map(str, chosen))
-        name = f"digits-{self.n_way}way-{k}shot(classes={classes},{self.split})"
+        classes = ",".join(map(str, chosen))
+        name = f"{self.name}-{self.n_way}way-{k}shot(classes={classes},{self.split})"
         task = Task(name, model, F.cross_entropy, init_fn, train, test)
-        task.classes = tuple(chosen)  # the original digit of each label, for inspection
+        task.classes = tuple(chosen)  # the original class of each label, for inspection
         return task
 
     def config(self) -> dict[str, Any]:
@@ -190,5 +208,117 @@ class DigitsFewShotFamily(TaskFamily):
             "k_shot": self.k_shot,
             "n_query": self.n_query,
             "split": self.split,
-            "hidden": list(self.hidden),
+            "augment": self.augment,
         }
+
+
+def _symmetry(images: Tensor, side: int, t: int) -> Tensor:
+    """Symmetry ``t`` (0-7) of the square applied to flattened ``side x side`` images."""
+    x = images.view(-1, side, side)
+    if t >= 4:
+        x = x.flip(2)
+    return torch.rot90(x, t % 4, (1, 2)).reshape(len(images), -1).contiguous()
+
+
+class DigitsFewShotFamily(_ClassFewShotFamily):
+    """N-way K-shot classification of scikit-learn's 8x8 digits.
+
+    Classes 0-4 for meta-training, 5-9 for meta-testing (:data:`DIGIT_CLASSES`). The model is a
+    64-64-n_way ReLU MLP trained with cross-entropy. With only five meta-training classes, learned
+    features do not transfer to the other five (a prototypical network trained on 0-4 scores
+    below raw pixels on 5-9); :class:`MNISTFewShotFamily` is the harder-to-overfit variant.
+
+    Args:
+        n_way: classes per task (at most 5, the number of classes of a split).
+        k_shot: support images per class.
+        n_query: query images per class.
+        split: ``"train"`` or ``"test"``.
+        hidden: hidden layer widths of the model.
+        augment: the eight symmetries of the square as extra classes (see above).
+    """
+
+    name = "digits-fewshot"
+
+    def __init__(
+        self,
+        n_way: int = 5,
+        k_shot: int = 1,
+        n_query: int = 15,
+        split: str = "train",
+        hidden: tuple[int, ...] = (64,),
+        augment: bool = False,
+    ) -> None:
+        self.hidden = tuple(int(h) for h in hidden)
+        super().__init__(n_way, k_shot, n_query, split, augment)
+
+    def _images(self) -> tuple[Tensor, Tensor]:
+        from ..data import load_digits
+
+        return load_digits()
+
+    def _model(self) -> nn.Module:
+        return make_mlp(self.in_features, self.hidden, self.n_way, "relu")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "hidden": list(self.hidden)}
+
+
+def conv_net(side: int, channels: int, layers: int, out_dim: int) -> nn.Sequential:
+    """A small convolutional classifier for flattened ``side x side`` grey images.
+
+    ``layers`` blocks of ``Conv2d(3x3, stride 2, padding 1) -> ReLU`` with ``channels`` maps each,
+    then a linear read-out. Strided convolutions instead of pooling keep it cheap on a CPU.
+    """
+    blocks: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+    c_in, size = 1, side
+    for _ in range(layers):
+        blocks += [nn.Conv2d(c_in, channels, 3, stride=2, padding=1), nn.ReLU()]
+        c_in, size = channels, (size + 1) // 2
+    blocks += [nn.Flatten(), nn.Linear(channels * size * size, out_dim)]
+    return nn.Sequential(*blocks)
+
+
+class MNISTFewShotFamily(_ClassFewShotFamily):
+    """N-way K-shot classification of MNIST digits (28x28) with a small convolutional network.
+
+    Classes 0-4 for meta-training, 5-9 for meta-testing, drawn from the 60k training images. The
+    model is :func:`conv_net` (three stride-2 3x3 convolutions of ``channels`` maps, ReLU, linear
+    read-out).
+
+    Args:
+        n_way: classes per task (at most 5).
+        k_shot: support images per class.
+        n_query: query images per class.
+        split: ``"train"`` or ``"test"``.
+        channels: feature maps per convolution.
+        layers: convolution blocks.
+        augment: the eight symmetries of the square as extra classes (see above).
+    """
+
+    name = "mnist-fewshot"
+
+    def __init__(
+        self,
+        n_way: int = 5,
+        k_shot: int = 1,
+        n_query: int = 15,
+        split: str = "train",
+        channels: int = 32,
+        layers: int = 3,
+        augment: bool = False,
+    ) -> None:
+        if channels < 1 or layers < 1:
+            raise ValueError(f"Invalid channels/layers: {channels}/{layers}")
+        self.channels, self.layers = int(channels), int(layers)
+        super().__init__(n_way, k_shot, n_query, split, augment)
+
+    def _images(self) -> tuple[Tensor, Tensor]:
+        from ..data import load_mnist
+
+        return load_mnist("train")
+
+    def _model(self) -> nn.Module:
+        return conv_net(28, self.channels, self.layers, self.n_way)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "channels": self.channels, "layers": self.layers}
