@@ -1,10 +1,20 @@
 """Benchmark: meta-training throughput (inner steps per second) and peak memory on the paper's MNIST
-task (784-20-10 sigmoid MLP, batch 128, 2x20 LSTM, first order), for truncation lengths K.
+task (784-20-10 sigmoid MLP, batch 128, 2x20 LSTM, first order), for truncation lengths K, with
+gradient checkpointing off and on (segments of ceil(sqrt(K)) steps), side by side in one run.
 
-Each K runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``) is its own.
-The dataset (MNIST in memory, ~200 MB) is part of every process's footprint; the table also gives
-the peak minus the footprint measured just before the first unroll. Also measured side by side:
-the same unroll with the fused kernels disabled (the pure-PyTorch path).
+Each configuration runs in a fresh subprocess, so that its peak resident memory is its own. The
+peak is the process's RSS high-water mark (``VmHWM``), reset just before the first unroll (after
+the dataset is loaded and the kernels are compiled; where /proc is not writable, ``ru_maxrss``
+since the process started). Two figures per run: the whole-process peak (it includes Python,
+torch and the dataset, ~200 MB for MNIST) and the growth = that peak minus the RSS just before the
+first unroll, i.e. what meta-training itself added.
+
+Each configuration also runs with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc's allocator keeps
+freed memory in its heap for reuse, and with the activations of K inner steps freed and
+reallocated segment after segment (checkpointing), its heap fragments and the RSS stays well above
+the live memory; with every allocation of 128 KiB or more in its own mapping, freed tensors go
+back to the OS at once (at the cost of page faults, which the timings of those rows include).
+Also measured: the same unroll with the fused kernels disabled (the pure-PyTorch path).
 
     python benchmarks/meta_train_throughput.py --out benchmarks/results/meta_train_throughput
     python benchmarks/meta_train_throughput.py --smoke --out /tmp/smoke
@@ -15,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -23,8 +34,30 @@ from pathlib import Path
 
 from learned_opt.report import write_jsonl
 
+PINNED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
-def worker(family: str, truncation: int, steps: int, threads: int, seconds: float) -> dict:
+
+def _rss_mb(field: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux); whether that worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _rss_mb("VmHWM") is not None
+
+
+def worker(
+    family: str, truncation: int, steps: int, threads: int, seconds: float, segment: int
+) -> dict:
     import torch
 
     from learned_opt import LSTMRule, OptimizerLearner, kernels, make_family
@@ -35,13 +68,23 @@ def worker(family: str, truncation: int, steps: int, threads: int, seconds: floa
     learner = OptimizerLearner(LSTMRule())
     opt = torch.optim.Adam(learner.parameters(), lr=1e-4)
     kernels.available()  # compile/load before timing
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if _reset_peak():
+        method = "VmHWM, reset before the first unroll"
+        base = _rss_mb("VmRSS")
+    else:
+        method = "ru_maxrss since process start"
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def one_task(seed: int) -> int:
         task = fam.sample(torch.Generator().manual_seed(seed))
         done = 0
         for w in unroll(
-            learner, task, torch.Generator().manual_seed(seed), horizon=steps, truncation=truncation
+            learner,
+            task,
+            torch.Generator().manual_seed(seed),
+            horizon=steps,
+            truncation=truncation,
+            checkpoint_segment=segment or None,
         ):
             opt.zero_grad()
             w.meta_loss.backward()
@@ -55,14 +98,28 @@ def worker(family: str, truncation: int, steps: int, threads: int, seconds: floa
         done += one_task(seed)
         seed += 1
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if method.startswith("VmHWM"):
+        peak = _rss_mb("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "steps_per_second": done / seconds,
         "inner_steps": done,
-        "peak_rss_mb": peak / 1024,
-        "peak_minus_base_mb": (peak - base) / 1024,
+        "peak_rss_mb": peak,
+        "base_rss_mb": base,
+        "peak_minus_base_mb": peak - base,
+        "memory_method": method,
         "fused_kernels": kernels.available(),
     }
+
+
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": PINNED}
+
+
+def _ratio(records: list[dict], lo: int, hi: int, key: str) -> str:
+    by_k = {r["truncation"]: r[key] for r in records}
+    a, b = by_k.get(lo), by_k.get(hi)
+    return "-" if a is None or b is None or a <= 0 else f"{b / a:.2f}x"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -70,68 +127,112 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="mnist")
     parser.add_argument("--ks", default="5,20,100")
+    parser.add_argument("--horizon", type=int, default=100, help="inner steps per task (T)")
+    parser.add_argument("--checkpoint", default="off,on", help="gradient checkpointing modes")
+    parser.add_argument("--segment", type=int, default=None, help="default: ceil(sqrt(K))")
+    parser.add_argument("--kernels", default="fused,pytorch", help="fused, pytorch or both")
+    parser.add_argument(
+        "--allocators",
+        default="default,pinned",
+        help="glibc default and/or pinned (MALLOC_MMAP_THRESHOLD_=131072, fused kernels only)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per config")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        fam, k, steps, threads, seconds = args.worker
-        print(json.dumps(worker(fam, int(k), int(steps), int(threads), float(seconds))))
+        fam, k, steps, threads, seconds, segment = args.worker
+        res = worker(fam, int(k), int(steps), int(threads), float(seconds), int(segment))
+        print(json.dumps(res))
         return 0
     if args.smoke:
-        args.family, args.ks, args.seconds = "digits", "5", 0.5
+        args.family, args.ks, args.horizon, args.seconds = "digits", "5", 10, 0.2
+        args.kernels, args.allocators = "fused", "default"
     import torch
 
+    from learned_opt.unroll import sqrt_segment
+
     threads = args.threads or torch.get_num_threads()
+    ks = [int(x) for x in args.ks.split(",")]
+    modes = [m.strip() == "on" for m in args.checkpoint.split(",")]
+    configs = [(kind.strip(), "glibc default") for kind in args.kernels.split(",")]
+    if "default" not in args.allocators:
+        configs = []
+    if "pinned" in args.allocators:
+        configs.append(("fused", "MALLOC_MMAP_THRESHOLD_=131072"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records, lines = (
-        [],
-        [
-            f"{args.family}, first-order, horizon 100, {threads} threads, "
-            f"torch {torch.__version__}",
-            "",
-            "| K | kernels | inner steps/s | peak RSS MB | peak - before unroll MB |",
-            "| ---: | --- | ---: | ---: | ---: |",
-        ],
-    )
-    for k in [int(x) for x in args.ks.split(",")]:
-        for fused in (True, False):
-            env = dict(os.environ)
-            if not fused:
-                env["LEARNED_OPT_NO_EXT"] = "1"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--out",
-                str(out),
-                "--worker",
-                args.family,
-                str(k),
-                "100",
-                str(threads),
-                str(args.seconds),
-            ]
-            res = json.loads(
-                subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            rec = {
-                "what": "meta_train_throughput",
-                "family": args.family,
-                "truncation": k,
-                "threads": threads,
-                "fused_requested": fused,
-                **res,
-            }
-            records.append(rec)
-            lines.append(
-                f"| {k} | {'fused' if res['fused_kernels'] else 'pytorch'} | "
-                f"{res['steps_per_second']:.1f} | {res['peak_rss_mb']:.0f} | "
-                f"{res['peak_minus_base_mb']:.0f} |"
-            )
+
+    def measure(k: int, ckpt: bool, fused: bool, allocator: str) -> dict:
+        segment = (args.segment or sqrt_segment(k)) if ckpt else 0
+        env = {**os.environ, **ALLOCATORS[allocator]}
+        if not fused:
+            env["LEARNED_OPT_NO_EXT"] = "1"
+        cmd = [sys.executable, __file__, "--out", str(out), "--worker", args.family, str(k)]
+        cmd += [str(args.horizon), str(threads), str(args.seconds), str(segment)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise RuntimeError(f"worker failed: {' '.join(cmd)}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {
+            "what": "meta_train_throughput",
+            "family": args.family,
+            "horizon": args.horizon,
+            "truncation": k,
+            "checkpoint_segment": segment or None,
+            "threads": threads,
+            "fused_requested": fused,
+            "allocator": allocator,
+            **res,
+        }
+
+    records: list[dict] = []
+    lines = [
+        f"{args.family}, first-order, horizon {args.horizon}, {threads} threads, "
+        f"torch {torch.__version__}; memory: resident set size (RSS) of a fresh process per row",
+        "",
+        "| K | checkpoint | kernels | allocator | inner steps/s | peak RSS MB | growth MB |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for k in ks:
+        for ckpt in modes:
+            for kind, allocator in configs:
+                rec = measure(k, ckpt, kind == "fused", allocator)
+                records.append(rec)
+                seg = f"S = {rec['checkpoint_segment']}" if ckpt else "off"
+                kern = "fused" if rec["fused_kernels"] else "pytorch"
+                lines.append(
+                    f"| {k} | {seg} | {kern} | {allocator} | {rec['steps_per_second']:.1f} | "
+                    f"{rec['peak_rss_mb']:.0f} | {rec['peak_minus_base_mb']:.0f} |"
+                )
+    lines += [
+        "",
+        "growth = peak RSS minus the RSS just before the first unroll (what meta-training added); "
+        f"memory measured as: {records[0]['memory_method']}",
+    ]
+    if len(ks) > 1:
+        lo, hi = min(ks), max(ks)
+        lines += ["", f"Peak memory at K = {hi} / at K = {lo}:", ""]
+        lines += ["| checkpoint | kernels | allocator | whole-process peak | growth |"]
+        lines += ["| --- | --- | --- | ---: | ---: |"]
+        for ckpt in modes:
+            for kind, allocator in configs:
+                sel = [
+                    r
+                    for r in records
+                    if (r["checkpoint_segment"] is not None) == ckpt
+                    and r["fused_requested"] == (kind == "fused")
+                    and r["allocator"] == allocator
+                ]
+                seg = "off"
+                if ckpt:
+                    seg = f"S = {args.segment}" if args.segment else "S = ceil(sqrt(K))"
+                lines.append(
+                    f"| {seg} | {kind} | {allocator} | {_ratio(sel, lo, hi, 'peak_rss_mb')} | "
+                    f"{_ratio(sel, lo, hi, 'peak_minus_base_mb')} |"
+                )
     write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -6,6 +6,8 @@ in one run: the median wall time of ``opt.step()`` for ``torch.optim.Adam``, ``L
 and a straightforward coordinatewise LSTM step built from ``nn.LSTMCell`` (what typical
 reimplementations of the paper do); and the compute floor = the rule's matrix-multiply FLOPs per
 step / this machine's fp32 matrix-multiply rate, measured here on the rule's own shapes.
+Also the same ``LSTMOptimizer`` with its LSTM states stored in bfloat16
+(``state_dtype=torch.bfloat16``, computed in fp32): step time and state bytes per parameter.
 Prints a table with ratios; writes JSONL records.
 
     python benchmarks/step_time.py --out benchmarks/results/step_time
@@ -71,6 +73,10 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def optimizer_state_bytes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values())
+
+
 def matmul_rate(rows: int = 16384) -> float:
     """fp32 FLOP/s of the rule's own matrix products ((rows x 40) @ (40 x 80))."""
     a, b, c = torch.randn(rows, 40), torch.randn(40, 80), torch.empty(rows, 80)
@@ -107,8 +113,10 @@ def run(argv: list[str] | None = None) -> int:
         f"the rule's shapes: {rate / 1e9:.1f} GFLOP/s; rule: {rule_flops(rule)} FLOPs/coord",
         "",
         "| size | params | tensors | Adam ms | LSTMOptimizer ms | naive LSTMCell ms | "
-        "floor ms | LSTMOpt / floor | naive / LSTMOpt | LSTMOpt / Adam | state bytes/param |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "floor ms | LSTMOpt / floor | naive / LSTMOpt | LSTMOpt / Adam | state bytes/param | "
+        "bf16 state ms | bf16 / fp32 state time | bf16 state bytes/param |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for size in args.sizes.split(","):
         torch.manual_seed(0)
@@ -121,13 +129,17 @@ def run(argv: list[str] | None = None) -> int:
         opts = {
             "adam": torch.optim.Adam(params, lr=1e-3),
             "lstm_optimizer": LSTMOptimizer(params, weights=rule),
+            "lstm_optimizer_bf16_state": LSTMOptimizer(
+                params, weights=rule, state_dtype=torch.bfloat16
+            ),
         }
         if n <= args.naive_max:
             opts["naive_lstmcell"] = NaiveLSTMStep(params)
         for name, opt in opts.items():
             times[name] = median_time(opt.step, args.repeats)
-        state = opts["lstm_optimizer"].state
-        state_bytes = sum(t.numel() * t.element_size() for p in params for t in state[p].values())
+
+        state_bytes = optimizer_state_bytes(opts["lstm_optimizer"], params)
+        bf16_bytes = optimizer_state_bytes(opts["lstm_optimizer_bf16_state"], params)
         floor = n * rule_flops(rule) / rate
         rec = {
             "what": "step_time",
@@ -138,17 +150,20 @@ def run(argv: list[str] | None = None) -> int:
             "floor_seconds": floor,
             "matmul_flops_per_s": rate,
             "state_bytes_per_param": state_bytes / n,
+            "bf16_state_bytes_per_param": bf16_bytes / n,
             "threads": torch.get_num_threads(),
         }
         records.append(rec)
         naive = times.get("naive_lstmcell")
         mine = times["lstm_optimizer"]
+        bf16 = times["lstm_optimizer_bf16_state"]
         naive_ms = "-" if naive is None else f"{naive * 1e3:.1f}"
         naive_ratio = "-" if naive is None else f"{naive / mine:.2f}"
         lines.append(
             f"| {size} | {n} | {len(params)} | {times['adam'] * 1e3:.2f} | {mine * 1e3:.1f} | "
             f"{naive_ms} | {floor * 1e3:.1f} | {mine / floor:.2f} | {naive_ratio} | "
-            f"{mine / times['adam']:.0f} | {state_bytes / n:.0f} |"
+            f"{mine / times['adam']:.0f} | {state_bytes / n:.0f} | {bf16 * 1e3:.1f} | "
+            f"{bf16 / mine:.2f} | {bf16_bytes / n:.0f} |"
         )
     write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--truncation", type=int, default=d.truncation, help="steps per window (K)")
     mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
     mt.add_argument("--second-order", action="store_true")
+    mt.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="gradient checkpointing: recompute the inner steps during the meta-backward "
+        "instead of keeping them (memory ~sqrt(K) instead of K; same meta-gradients)",
+    )
+    mt.add_argument(
+        "--grad-checkpoint-segment",
+        type=int,
+        default=None,
+        metavar="S",
+        help="inner steps per checkpointed segment (default ceil(sqrt(truncation)))",
+    )
     mt.add_argument("--meta-lr", type=float, default=d.meta_lr)
     mt.add_argument("--meta-batch", type=int, default=d.meta_batch)
     mt.add_argument("--clip-grad", type=float, default=d.clip_grad)
@@ -144,6 +157,8 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         truncation=args.truncation,
         objective=args.objective,
         second_order=args.second_order,
+        grad_checkpoint=args.grad_checkpoint or args.grad_checkpoint_segment is not None,
+        grad_checkpoint_segment=args.grad_checkpoint_segment,
         meta_lr=args.meta_lr,
         meta_batch=args.meta_batch,
         clip_grad=args.clip_grad,

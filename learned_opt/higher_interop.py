@@ -69,7 +69,18 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 state = self.state[group_idx][p_idx]
                 if len(state) == 0:
                     state.update(rule.init_state(p.numel(), like=p))
-                update, new_state = rule(g.reshape(-1), dict(state))
+                # A drop-in optimizer's state may be stored in another dtype (state_dtype):
+                # compute in the gradient's.
+                work = {
+                    k: v.to(g.dtype)
+                    if isinstance(v, torch.Tensor)
+                    and v.is_floating_point()
+                    and v.dtype != g.dtype
+                    and rule.coord_dim(k) is not None
+                    else v
+                    for k, v in state.items()
+                }
+                update, new_state = rule(g.reshape(-1), work)
                 state.update(new_state)
                 group["params"][p_idx] = p + group["lr"] * update.view(p.shape)
 

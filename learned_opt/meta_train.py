@@ -29,7 +29,7 @@ from .learners import MetaLearner, OptimizerLearner
 from .optim import LearnedOptimizer
 from .rules import build_rule
 from .tasks import TaskFamily, make_family
-from .unroll import OBJECTIVES, unroll
+from .unroll import OBJECTIVES, sqrt_segment, unroll
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
 
@@ -53,6 +53,12 @@ class MetaTrainConfig:
         objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
             (held-out loss at the end of the window).
         second_order: backpropagate through the optimizee's gradients.
+        grad_checkpoint: gradient checkpointing in the unroll: keep only the inner states at
+            segment boundaries and recompute each segment's activations during the meta-backward
+            (peak memory grows with ~sqrt(K) instead of K, for one extra forward pass of the
+            inner steps). Same meta-gradients; a run may be resumed with it switched on or off.
+        grad_checkpoint_segment: inner steps per segment (``None``: ``ceil(sqrt(K))``); only used
+            with ``grad_checkpoint``.
         meta_lr: Adam learning rate of the meta-optimizer.
         meta_batch: tasks unrolled side by side per meta-update (over all processes); their
             window meta-losses are averaged.
@@ -81,6 +87,8 @@ class MetaTrainConfig:
     truncation: int = 20
     objective: str = "train"
     second_order: bool = False
+    grad_checkpoint: bool = False
+    grad_checkpoint_segment: int | None = None
     meta_lr: float = 1e-3
     meta_batch: int = 1
     clip_grad: float = 1.0
@@ -104,6 +112,16 @@ class MetaTrainConfig:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
         if self.meta_lr <= 0:
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
+        if self.grad_checkpoint_segment is not None and self.grad_checkpoint_segment < 1:
+            raise ValueError(
+                f"Invalid grad_checkpoint_segment: {self.grad_checkpoint_segment} (must be >= 1)"
+            )
+
+    def checkpoint_segment(self) -> int | None:
+        """The unroll's ``checkpoint_segment``: ``None`` without gradient checkpointing."""
+        if not self.grad_checkpoint:
+            return None
+        return self.grad_checkpoint_segment or sqrt_segment(self.truncation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,7 +257,17 @@ class MetaTrainer:
             raise CheckpointError(f"Not a learned_opt trainer checkpoint (format {TRAINER_FORMAT})")
         saved = MetaTrainConfig.from_dict(state["config"])
         mine, theirs = self.config.to_dict(), saved.to_dict()
-        ignore = {"iterations", "time_budget", "eval_every", "checkpoint_every", "keep_checkpoints"}
+        # Settings that change neither the math nor the randomness of the run (checkpointing
+        # recomputes the same values): a run may be resumed with other values of these.
+        ignore = {
+            "iterations",
+            "time_budget",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "grad_checkpoint",
+            "grad_checkpoint_segment",
+        }
         diff = {k: (theirs[k], mine[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
         if diff:
             raise ValueError(f"Checkpoint configuration differs (saved, current): {diff}")
@@ -508,6 +536,7 @@ class MetaTrainer:
                     truncation=cfg.truncation,
                     objective=cfg.objective,
                     max_loss_ratio=cfg.max_loss_ratio,
+                    checkpoint_segment=cfg.checkpoint_segment(),
                 )
             )
         meta_losses, norms, final_losses, diverged = [], [], [], 0

@@ -15,9 +15,11 @@ from . import pretrained
 from .checkpoint import load_rule, rule_from_dict, rule_to_dict
 from .rules import LSTMRule, UpdateRule
 
-__all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError"]
+__all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
 _NONFINITE_POLICIES = ("skip", "raise")
+#: Storage dtypes of the per-coordinate optimizer state (``None``: the parameter's dtype).
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -48,9 +50,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule: the update rule.
         lr: multiplier on the rule's update.
         nonfinite: ``"skip"`` or ``"raise"``.
+        state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the parameter's
+            dtype), ``torch.float32`` or ``torch.bfloat16`` (half the memory of float32). The
+            update is always computed in the parameter's dtype: the state is upcast for the
+            computation and rounded back when stored.
 
     Raises:
-        ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy.
+        ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
+            ``state_dtype``.
     """
 
     def __init__(
@@ -60,7 +67,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         *,
         lr: float = 1.0,
         nonfinite: str = "skip",
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        if not any(state_dtype is d for d in STATE_DTYPES):
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r}; use None (the parameters' dtype), "
+                "torch.float32 or torch.bfloat16"
+            )
         if not isinstance(lr, Tensor) and lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if nonfinite not in _NONFINITE_POLICIES:
@@ -71,6 +84,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"rule must be an UpdateRule, got {type(rule).__name__}")
         self.rule = copy.deepcopy(rule).requires_grad_(False)
         self.nonfinite = nonfinite
+        self.state_dtype = state_dtype
         self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
         super().__init__(params, {"lr": lr})
 
@@ -132,12 +146,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             rule = self._rule_for(p)
             if len(state) == 0:
                 state.update(rule.init_state(p.numel(), like=p))
+                self._cast_state(rule, state)
             flat = p.grad.reshape(-1)
             if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
-                update = rule.step_(flat, state)
-            else:
+                update = rule.step_(flat, state)  # handles states stored in another dtype
+            elif self.state_dtype is None:
                 update, new_state = rule(flat, state)
                 state.update(new_state)
+            else:
+                work_state = {k: self._compute_value(rule, k, v, flat) for k, v in state.items()}
+                update, new_state = rule(flat, work_state)
+                state.update(new_state)
+                self._cast_state(rule, state)
             p.add_(update.view(p.shape), alpha=lr)
         if skipped:
             warnings.warn(
@@ -147,6 +167,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         return loss
+
+    def _stored(self, rule: UpdateRule, key: str, value: Any) -> bool:
+        """Whether ``state[key]`` is per-coordinate state kept in ``state_dtype``."""
+        return (
+            self.state_dtype is not None
+            and isinstance(value, Tensor)
+            and value.is_floating_point()
+            and rule.coord_dim(key) is not None
+        )
+
+    def _cast_state(self, rule: UpdateRule, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if self._stored(rule, key, value) and value.dtype != self.state_dtype:
+                state[key] = value.to(self.state_dtype)
+
+    def _compute_value(self, rule: UpdateRule, key: str, value: Any, like: Tensor) -> Any:
+        return value.to(like.dtype) if self._stored(rule, key, value) else value
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state plus the rule record (so a resume needs nothing else)."""
@@ -163,6 +200,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.rule.load_state_dict(rule.state_dict())
             self._rule_copies.clear()
         super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype; keep the storage dtype instead.
+        for p, state in self.state.items():
+            if isinstance(p, Tensor):
+                self._cast_state(self._rule_for(p), state)
 
 
 def _resolve_weights(
@@ -198,6 +239,9 @@ class LSTMOptimizer(LearnedOptimizer):
         lr: multiplier on the learned update (1.0 = as meta-trained); schedulable.
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
         hidden_size, num_layers: if given, the architecture the weights must have.
+        state_dtype: ``torch.bfloat16`` stores the LSTM hidden and cell states in bfloat16 (160
+            instead of 320 bytes per parameter); each chunk of them is upcast to the parameter's
+            dtype for the step and rounded back. ``None`` (default): the parameter's dtype.
 
     Raises:
         ValueError: empty parameters, bad ``lr``, unknown weights name or missing file.
@@ -214,6 +258,7 @@ class LSTMOptimizer(LearnedOptimizer):
         nonfinite: str = "skip",
         hidden_size: int | None = None,
         num_layers: int | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         params = list(params)
         if len(params) == 0:
@@ -230,4 +275,4 @@ class LSTMOptimizer(LearnedOptimizer):
                     f"weights={weights!r}: expected an LSTM with {name}={want}, found {name}={have}"
                 )
         self.metadata = meta
-        super().__init__(params, rule, lr=lr, nonfinite=nonfinite)
+        super().__init__(params, rule, lr=lr, nonfinite=nonfinite, state_dtype=state_dtype)

@@ -20,7 +20,9 @@ def test_mnist_paper_smoke(tmp_path: Path, run_script) -> None:
 
 def test_step_time_smoke(tmp_path: Path, run_script) -> None:
     assert run_script("benchmarks/step_time.py", "--smoke", "--out", str(tmp_path)) == 0
-    assert "| 10k |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| 10k |" in table and "bf16 state bytes/param" in table
+    assert table.strip().splitlines()[-1].endswith("| 160 |")
 
 
 def test_meta_train_throughput_smoke(tmp_path: Path, run_script) -> None:
@@ -29,7 +31,8 @@ def test_meta_train_throughput_smoke(tmp_path: Path, run_script) -> None:
         run_script("benchmarks/meta_train_throughput.py", "--smoke", "--out", out, "--threads", "1")
         == 0
     )
-    assert "| 5 |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| 5 | off | fused | glibc default |" in table and "| 5 | S = 3 | fused |" in table
 
 
 def test_distributed_throughput_smoke(tmp_path: Path, run_script) -> None:
@@ -37,3 +40,10 @@ def test_distributed_throughput_smoke(tmp_path: Path, run_script) -> None:
         run_script("benchmarks/distributed_throughput.py", "--smoke", "--out", str(tmp_path)) == 0
     )
     assert "2 processes / 1 process" in (tmp_path / "table.md").read_text()
+
+
+def test_bf16_quality_smoke(tmp_path: Path, run_script) -> None:
+    assert run_script("benchmarks/bf16_quality.py", "--smoke", "--out", str(tmp_path)) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| final_train_loss |" in table and "bf16 / fp32" in table
+    assert (tmp_path / "records.jsonl").stat().st_size > 0

@@ -161,6 +161,11 @@ class LSTMRule(UpdateRule):
         buffers; per layer, one ``addmm`` for the four gates and one fused in-place cell kernel
         (or the in-place PyTorch fallback).
 
+        The hidden and cell states may be stored in another dtype than ``grad``'s (e.g. bfloat16
+        states for float32 gradients, half the memory): each chunk of them is then upcast into
+        a buffer of ``grad``'s dtype, the step is computed in that dtype, and the new states are
+        rounded back into the stored ones.
+
         Returns:
             the update, shape ``(n,)``.
         """
@@ -175,18 +180,30 @@ class LSTMRule(UpdateRule):
         gates_buf = torch.empty(chunk, 4 * h_size, **like)
         tanh_buf = torch.empty(chunk, h_size, **like)
         xh_bufs = [torch.empty(chunk, w.shape[0], **like) for w, _ in weights]
+        mixed = any(
+            state[f"{kind}{layer}"].dtype != grad.dtype
+            for layer in range(self.num_layers)
+            for kind in ("h", "c")
+        )
+        if mixed:  # compute buffers for states stored in another dtype
+            h_buf = torch.empty(chunk, h_size, **like)
+            c_buf = torch.empty(chunk, h_size, **like)
         scale = self._gate_scale(grad)
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             m = end - start
             x = self.inputs(grad[start:end])
             for layer, (w, b) in enumerate(weights):
-                h = state[f"h{layer}"][start:end]
-                c = state[f"c{layer}"][start:end]
+                h_stored = state[f"h{layer}"][start:end]
+                c_stored = state[f"c{layer}"][start:end]
                 xh = xh_bufs[layer][:m]
                 n_in = x.shape[1]
                 xh[:, :n_in].copy_(x)
-                xh[:, n_in:].copy_(h)
+                xh[:, n_in:].copy_(h_stored)
+                if mixed:
+                    h, c = h_buf[:m], c_buf[:m].copy_(c_stored)
+                else:
+                    h, c = h_stored, c_stored
                 gates = torch.addmm(b, xh, w, out=gates_buf[:m])
                 if not (h.is_contiguous() and kernels.fused_cell_(gates, c, h)):
                     gates.mul_(scale).sigmoid_()
@@ -196,7 +213,10 @@ class LSTMRule(UpdateRule):
                     t = tanh_buf[:m]
                     torch.mul(c, 2.0, out=t).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(c)
                     torch.mul(o, t, out=h)
-                x = h
+                if mixed:
+                    h_stored.copy_(h)
+                    c_stored.copy_(c)
+                x = h  # the next layer (and the read-out) use the unrounded value
             torch.addmm(self.out_bias, x, self.out_weight, out=update[start:end].view(m, 1))
         update.mul_(self.output_scale)
         state["step"].add_(1)
