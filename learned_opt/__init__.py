@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from . import kernels, pretrained
 from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
+from .estimators import Estimator, PESEstimator, TBPTTEstimator
 from .higher_interop import DifferentiableLearnedOptimizer, register
 from .learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
 from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
-from .rules import AdamRule, LSTMRule, SGDRule, UpdateRule
+from .rules import AdamRule, GeneralLSTMRule, LSTMRule, SGDRule, UpdateRule
 from .tasks import MLPFamily, QuadraticFamily, Task, TaskFamily, make_family
 from .unroll import run_inner, unroll
 
@@ -23,6 +24,8 @@ __all__ = [
     "AdamRule",
     "CheckpointError",
     "DifferentiableLearnedOptimizer",
+    "Estimator",
+    "GeneralLSTMRule",
     "LSTMOptimizer",
     "LSTMRule",
     "LearnedOptimizer",
@@ -33,9 +36,11 @@ __all__ = [
     "MetaTrainer",
     "NonFiniteGradientError",
     "OptimizerLearner",
+    "PESEstimator",
     "QuadraticFamily",
     "RNNLearner",
     "SGDRule",
+    "TBPTTEstimator",
     "Task",
     "TaskFamily",
     "UpdateRule",

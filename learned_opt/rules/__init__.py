@@ -1,17 +1,29 @@
-"""Update rules: learned (coordinatewise LSTM) and hand-designed (SGD, Adam)."""
+"""Update rules: learned (coordinatewise LSTMs) and hand-designed (SGD, Adam)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .base import RuleState, UpdateRule
+from .general import GeneralLSTMRule
 from .hand import AdamRule, SGDRule
 from .lstm import LSTMRule
 
-__all__ = ["RULES", "AdamRule", "LSTMRule", "RuleState", "SGDRule", "UpdateRule", "build_rule"]
+__all__ = [
+    "RULES",
+    "AdamRule",
+    "GeneralLSTMRule",
+    "LSTMRule",
+    "RuleState",
+    "SGDRule",
+    "UpdateRule",
+    "build_rule",
+]
 
 #: Rule classes by their ``kind`` (the name saved in checkpoints).
-RULES: dict[str, type[UpdateRule]] = {cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule)}
+RULES: dict[str, type[UpdateRule]] = {
+    cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, GeneralLSTMRule)
+}
 
 
 def build_rule(kind: str, config: dict[str, Any] | None = None) -> UpdateRule:

@@ -6,24 +6,34 @@ from typing import Any
 
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
 from .fewshot import DigitsFewShotFamily, MNISTFewShotFamily, SinusoidFamily
+from .mixture import DiverseFamily, MixtureFamily, sample_horizon
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
+from .rescale import RescaledFamily
+from .zoo import ConvFamily, RandomMLPFamily, RowRNNFamily
 
 __all__ = [
     "ACTIVATIONS",
     "FAMILIES",
     "Batch",
     "BatchSampler",
+    "ConvFamily",
     "DigitsFewShotFamily",
+    "DiverseFamily",
     "FlatSpec",
     "MLPFamily",
     "MNISTFewShotFamily",
+    "MixtureFamily",
     "QuadraticFamily",
+    "RandomMLPFamily",
+    "RescaledFamily",
+    "RowRNNFamily",
     "SinusoidFamily",
     "Task",
     "TaskFamily",
     "make_family",
     "make_mlp",
+    "sample_horizon",
     "uniform_init",
 ]
 
@@ -43,6 +53,13 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
     "sinusoid": (SinusoidFamily, {"k_shot": 10, "n_query": 50}),
     "digits-fewshot": (DigitsFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
     "mnist-fewshot": (MNISTFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
+    # Issue 4's meta-training distribution (MLPs, conv nets, RNNs, regression; see mixture.py),
+    # and the same with random per-task parameter and loss scales (tasks/rescale.py).
+    "diverse": (DiverseFamily, {}),
+    "diverse-rescaled": (
+        DiverseFamily,
+        {"param_scale_range": (0.2, 5.0), "loss_scale_range": (1e-2, 1e2)},
+    ),
 }
 
 

@@ -1,0 +1,303 @@
+"""A coordinatewise LSTM rule built to generalize: scale-invariant inputs and an Adam nominal step.
+
+The paper's LSTM (:class:`~learned_opt.rules.LSTMRule`) reads the raw gradient through the
+log/sign preprocessing and writes the whole update. Two known fixes make a learned rule transfer
+to models, loss scales and horizons it never saw:
+
+- **scale-invariant inputs** (RNNprop, Lv et al., 2017; the hierarchical RNN optimizer,
+  Wichrowska et al., 2017): the network reads momenta at several timescales and the gradient, each
+  divided by the root of a running second moment, so multiplying the loss by a constant changes
+  nothing it sees;
+- **a nominal descent direction** that the network only corrects (Wichrowska et al., 2017; Metz
+  et al., 2022): the Adam direction ``d = -m_hat / (sqrt(v_hat) + eps)`` scaled per coordinate
+  by ``exp(a)`` and shifted by ``b``, both read out of the LSTM. With zero read-out weights
+  (the default initialization) the rule *is* Adam with learning rate ``lr``, so meta-training
+  starts from a strong optimizer instead of from noise.
+
+Both are switches (``scale_invariant``, ``nominal``); with both off the rule is the paper's LSTM
+(log/sign inputs, ``output_scale`` times a linear read-out), in a pure-PyTorch implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..preprocess import log_sign
+from .base import RuleState, UpdateRule, step_count
+
+__all__ = ["GeneralLSTMRule"]
+
+
+class GeneralLSTMRule(UpdateRule):
+    r"""A coordinatewise LSTM with shared weights, scale-invariant inputs and an Adam nominal step.
+
+    Per coordinate :math:`i` with gradient :math:`g_t` (superscript :math:`i` dropped), the rule
+    keeps a second moment :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2` and momenta
+    :math:`m^{(k)}_t = \beta_k m^{(k)}_{t-1} + (1-\beta_k) g_t`, bias-corrected like Adam
+    (:math:`\hat v_t = v_t / (1-\beta_2^t)`, :math:`\hat m^{(k)}_t = m^{(k)}_t / (1-\beta_k^t)`),
+    and with :math:`D_t = \sqrt{\hat v_t} + \epsilon`:
+
+    **Inputs** (``scale_invariant=True``): :math:`g_t / D_t` and :math:`\hat m^{(k)}_t / D_t` for
+    every :math:`\beta_k` in ``momentum_betas``; with ``log_features``, also
+    :math:`\ell(|g_t| / D_t)` and :math:`\ell\big((\sqrt{\hat v^{fast}_t} + \epsilon) / D_t\big)`
+    where :math:`v^{fast}` is a second moment with :math:`\beta = 0.9` and
+    :math:`\ell(x) = \log(\max(x, e^{-p})) / p` (how large the gradient is now, relative to its
+    recent and long-run typical size). Each input is a ratio of two quantities that scale alike
+    with the gradient, so the inputs do not change when the loss is multiplied by a constant (up
+    to :math:`\epsilon`). With ``scale_invariant=False`` the input is the paper's
+    :func:`~learned_opt.preprocess.log_sign` of the raw gradient.
+
+    **Output** (``nominal=True``): the LSTM's read-out gives two numbers per coordinate,
+    :math:`(r_a, r_b) = \alpha (W^\top h_t + c)`, and
+
+    .. math::
+        a = A \tanh(r_a / A), \qquad
+        \Delta_t = \eta \left( d_t\, e^{a} + r_b \right), \qquad
+        d_t = -\hat m_t / D_t \ (\beta_1),
+
+    with :math:`\eta = e^{\log\eta}` a learned base learning rate (initially ``lr``). The
+    multiplicative correction :math:`e^a` is bounded in :math:`[e^{-A}, e^{A}]` (``a_bound``;
+    :math:`\tanh(r/A) A` has slope 1 at 0, so small read-outs act linearly) and the additive one is
+    in the units of the normalized Adam step, so neither can make the update explode in a way Adam
+    would not. With zero read-out weights and bias (:meth:`reset_parameters` default)
+    :math:`a = r_b = 0` and :math:`\Delta_t = \eta d_t`: exactly Adam (``betas=(beta1, beta2)``,
+    ``eps``). With ``nominal=False`` the update is :math:`\alpha (W^\top h_t + c)`, one read-out,
+    as in :class:`~learned_opt.rules.LSTMRule`.
+
+    All state is per coordinate (momenta, second moments, LSTM hidden and cell states, shaped
+    ``(n,)`` or ``(n, hidden_size)``) plus a shared step counter, so the rule works on the flat
+    vector of the unroll and per tensor in :class:`~learned_opt.optim.LearnedOptimizer`.
+
+    Args:
+        hidden_size: LSTM units per layer.
+        num_layers: stacked LSTM layers.
+        scale_invariant: normalized momentum/gradient inputs (else log/sign of the raw gradient).
+        nominal: correct an Adam nominal step (else the read-out is the update).
+        momentum_betas: timescales of the momentum inputs (used with ``scale_invariant``).
+        beta1: momentum of the nominal Adam direction.
+        beta2: decay of the second moment :math:`v`.
+        eps: :math:`\epsilon` of the normalization (Adam's).
+        log_features: add the two log-magnitude ratio inputs (with ``scale_invariant``).
+        lr: initial base learning rate :math:`\eta` of the nominal step.
+        learn_lr: meta-learn :math:`\log\eta` (else it stays at ``log(lr)``).
+        a_bound: :math:`A`, the bound on the log-scale correction.
+        output_scale: :math:`\alpha`, the factor on the read-out.
+        preprocess_p: :math:`p` of the log features and of the log/sign preprocessing.
+        forget_bias: initial bias of the forget gates.
+    """
+
+    kind = "general-lstm"
+
+    def __init__(
+        self,
+        hidden_size: int = 32,
+        num_layers: int = 1,
+        *,
+        scale_invariant: bool = True,
+        nominal: bool = True,
+        momentum_betas: Sequence[float] = (0.5, 0.9, 0.99, 0.999),
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        log_features: bool = True,
+        lr: float = 1e-3,
+        learn_lr: bool = True,
+        a_bound: float = 3.0,
+        output_scale: float = 0.1,
+        preprocess_p: float = 10.0,
+        forget_bias: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_layers < 1:
+            raise ValueError(
+                f"Invalid LSTM size: hidden_size={hidden_size}, num_layers={num_layers}"
+            )
+        betas = tuple(float(b) for b in momentum_betas)
+        for b in (*betas, beta1, beta2):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta: {b} (must be in [0, 1))")
+        if scale_invariant and not betas:
+            raise ValueError("scale_invariant needs at least one momentum beta")
+        if eps <= 0 or lr <= 0 or a_bound <= 0 or preprocess_p <= 0:
+            raise ValueError(
+                f"Invalid eps/lr/a_bound/preprocess_p: {eps}/{lr}/{a_bound}/{preprocess_p} "
+                "(must be > 0)"
+            )
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.scale_invariant = bool(scale_invariant)
+        self.nominal = bool(nominal)
+        self.momentum_betas = betas
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+        self.log_features = bool(log_features)
+        self.lr = float(lr)
+        self.learn_lr = bool(learn_lr)
+        self.a_bound = float(a_bound)
+        self.output_scale = float(output_scale)
+        self.preprocess_p = float(preprocess_p)
+        self.forget_bias = float(forget_bias)
+        # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
+        # with a momentum input of the same beta).
+        mom: list[float] = list(betas) if self.scale_invariant else []
+        if self.nominal and self.beta1 not in mom:
+            mom.append(self.beta1)
+        self._state_betas = tuple(mom)
+        self.in_size = self.num_inputs()
+        h = self.hidden_size
+        for layer in range(self.num_layers):
+            n_in = self.in_size if layer == 0 else h
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(n_in, 4 * h)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(h, 4 * h)))
+            self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(4 * h)))
+        n_out = 2 if self.nominal else 1
+        self.out_weight = nn.Parameter(torch.empty(h, n_out))
+        self.out_bias = nn.Parameter(torch.empty(n_out))
+        if self.nominal:
+            log_lr = torch.tensor(math.log(self.lr))
+            if self.learn_lr:
+                self.log_lr = nn.Parameter(log_lr)
+            else:
+                self.register_buffer("log_lr", log_lr)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- set-up
+    def num_inputs(self) -> int:
+        """Inputs per coordinate: 1 + len(momentum_betas) (+2 with ``log_features``) with
+        ``scale_invariant``, else 2 (log/sign)."""
+        if not self.scale_invariant:
+            return 2
+        return 1 + len(self.momentum_betas) + (2 if self.log_features else 0)
+
+    def reset_parameters(
+        self, generator: torch.Generator | None = None, *, zero_output: bool | None = None
+    ) -> None:
+        """LSTM weights ~ U(-1/sqrt(H), 1/sqrt(H)) (``nn.LSTM``), forget gates at
+        ``forget_bias``, base learning rate at ``lr``.
+
+        The read-out starts at zero when ``zero_output`` (default: with ``nominal``), which makes
+        the rule exactly Adam; otherwise it is drawn like the LSTM weights (bias zero).
+        """
+        if zero_output is None:
+            zero_output = self.nominal
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        h = self.hidden_size
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                for name in ("weight_ih", "weight_hh", "bias"):
+                    getattr(self, f"{name}_l{layer}").uniform_(-bound, bound, generator=generator)
+                getattr(self, f"bias_l{layer}")[h : 2 * h].fill_(self.forget_bias)
+            if zero_output:
+                self.out_weight.zero_()
+            else:
+                self.out_weight.uniform_(-bound, bound, generator=generator)
+            self.out_bias.zero_()
+            if self.nominal:
+                self.log_lr.fill_(math.log(self.lr))
+
+    def init_state(self, numel: int, *, like: Tensor) -> RuleState:
+        """Zero momenta ``m{k}``, second moments ``v`` (and ``v_fast``), LSTM states ``h{l}``,
+        ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter."""
+        kw = dict(dtype=like.dtype, device=like.device)
+        state: RuleState = {}
+        if self._state_betas:
+            for k in range(len(self._state_betas)):
+                state[f"m{k}"] = torch.zeros(numel, **kw)
+            state["v"] = torch.zeros(numel, **kw)
+        if self.scale_invariant and self.log_features:
+            state["v_fast"] = torch.zeros(numel, **kw)
+        for layer in range(self.num_layers):
+            state[f"h{layer}"] = torch.zeros(numel, self.hidden_size, **kw)
+            state[f"c{layer}"] = torch.zeros(numel, self.hidden_size, **kw)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
+        return state
+
+    def coord_dim(self, key: str) -> int | None:
+        return None if key == "step" else 0
+
+    # ----------------------------------------------------------------------------- the step
+    def _inputs(
+        self, grad: Tensor, moments: list[Tensor], denom: Tensor | None, v_fast_hat: Tensor | None
+    ) -> Tensor:
+        if not self.scale_invariant:
+            return log_sign(grad, self.preprocess_p)
+        assert denom is not None
+        feats = [grad / denom]
+        feats += [moments[self._state_betas.index(b)] / denom for b in self.momentum_betas]
+        if self.log_features:
+            assert v_fast_hat is not None
+            p = self.preprocess_p
+            floor = math.exp(-p)
+            feats.append(torch.log((grad.abs() / denom).clamp_min(floor)) / p)
+            ratio = (v_fast_hat.sqrt() + self.eps) / denom
+            feats.append(torch.log(ratio.clamp_min(floor)) / p)
+        return torch.stack(feats, dim=-1)
+
+    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        step = step_count(state, grad)
+        t = float(step)
+        new_state: RuleState = {"step": step}
+        moments: list[Tensor] = []  # bias-corrected momenta, by _state_betas
+        denom = v_fast_hat = None
+        raw_m: dict[float, Tensor] = {}
+        if self._state_betas:
+            for k, beta in enumerate(self._state_betas):
+                m = torch.lerp(state[f"m{k}"], grad, 1 - beta)
+                new_state[f"m{k}"] = m
+                raw_m[beta] = m
+                moments.append(m / (1 - beta**t))
+            v = state["v"] * self.beta2 + (1 - self.beta2) * grad * grad
+            new_state["v"] = v
+            # Adam's operation order (AdamRule), so that the nominal step matches torch.optim.
+            denom = v.sqrt() / (1 - self.beta2**t) ** 0.5 + self.eps
+        if self.scale_invariant and self.log_features:
+            v_fast = state["v_fast"] * 0.9 + 0.1 * grad * grad
+            new_state["v_fast"] = v_fast
+            v_fast_hat = v_fast / (1 - 0.9**t)
+        x = self._inputs(grad, moments, denom, v_fast_hat)
+        for layer in range(self.num_layers):
+            w = torch.cat(
+                (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"))
+            )
+            gates = torch.addmm(
+                getattr(self, f"bias_l{layer}"), torch.cat((x, state[f"h{layer}"]), dim=1), w
+            )
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * state[f"c{layer}"] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new_state[f"h{layer}"] = h
+            new_state[f"c{layer}"] = c
+            x = h
+        out = torch.addmm(self.out_bias, x, self.out_weight) * self.output_scale
+        if not self.nominal:
+            return out.squeeze(-1), new_state
+        assert denom is not None
+        direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
+        a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
+        update = torch.exp(self.log_lr) * (direction * torch.exp(a) + out[:, 1])
+        return update, new_state
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "scale_invariant": self.scale_invariant,
+            "nominal": self.nominal,
+            "momentum_betas": list(self.momentum_betas),
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "log_features": self.log_features,
+            "lr": self.lr,
+            "learn_lr": self.learn_lr,
+            "a_bound": self.a_bound,
+            "output_scale": self.output_scale,
+            "preprocess_p": self.preprocess_p,
+            "forget_bias": self.forget_bias,
+        }

@@ -1,0 +1,235 @@
+"""GeneralLSTMRule: the UpdateRule contract, Adam at initialization, scale invariance, options,
+checkpoint records, the drop-in optimizer and the unroll."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_opt import LearnedOptimizer, load_rule, save_rule
+from learned_opt.checkpoint import rule_from_dict, rule_to_dict
+from learned_opt.learners import OptimizerLearner
+from learned_opt.rules import RULES, AdamRule, GeneralLSTMRule, build_rule
+from learned_opt.tasks import QuadraticFamily
+from learned_opt.unroll import unroll
+
+OPTIONS = {
+    "default": {},
+    "no-si": {"scale_invariant": False},
+    "no-nominal": {"nominal": False},
+    "plain": {"scale_invariant": False, "nominal": False},
+    "2-layers-no-log": {"num_layers": 2, "hidden_size": 8, "log_features": False},
+    "fixed-lr": {"learn_lr": False, "momentum_betas": [0.9, 0.999]},
+}
+
+
+def _random_rule(**kwargs) -> GeneralLSTMRule:
+    """A rule with a random (non-zero) read-out, so that every weight matters."""
+    rule = GeneralLSTMRule(hidden_size=kwargs.pop("hidden_size", 8), **kwargs)
+    rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
+    return rule
+
+
+@pytest.fixture(params=sorted(OPTIONS))
+def option(request: pytest.FixtureRequest) -> dict:
+    return dict(OPTIONS[request.param])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contract_shapes_dtypes_purity(option: dict, dtype: torch.dtype) -> None:
+    rule = _random_rule(**option).to(dtype)
+    grad = torch.randn(7, dtype=dtype)
+    state = rule.init_state(7, like=grad)
+    before = {k: v.clone() for k, v in state.items()}
+    for _ in range(3):
+        update, new_state = rule(grad, state)
+        assert update.shape == (7,) and update.dtype == dtype
+        assert torch.isfinite(update).all()
+        assert set(new_state) == set(state)
+        for k, v in new_state.items():
+            dim = rule.coord_dim(k)
+            if dim is not None:
+                assert v.shape[dim] == 7 and v.dtype == dtype
+        for k, v in state.items():  # never in place
+            assert torch.equal(v, before[k])
+        state, before = new_state, {k: v.clone() for k, v in new_state.items()}
+        grad = torch.randn(7, dtype=dtype)
+
+
+def test_coordinatewise(option: dict) -> None:
+    rule = _random_rule(**option)
+    a, b = torch.randn(5), torch.randn(3)
+    sa, sb, s = (rule.init_state(n, like=a) for n in (5, 3, 8))
+    for _ in range(3):
+        u, s = rule(torch.cat([a, b]), s)
+        ua, sa = rule(a, sa)
+        ub, sb = rule(b, sb)
+        torch.testing.assert_close(u, torch.cat([ua, ub]))
+        a, b = a * 0.5 + torch.randn(5), b * 0.5 + torch.randn(3)
+
+
+def test_options_change_the_input_count() -> None:
+    betas = (0.5, 0.9, 0.99, 0.999)
+    assert GeneralLSTMRule().num_inputs() == 1 + len(betas) + 2
+    assert GeneralLSTMRule(log_features=False).num_inputs() == 1 + len(betas)
+    assert GeneralLSTMRule(momentum_betas=(0.9,), log_features=False).num_inputs() == 2
+    assert GeneralLSTMRule(scale_invariant=False).num_inputs() == 2
+    for kwargs in ({}, {"log_features": False}, {"scale_invariant": False}):
+        rule = GeneralLSTMRule(hidden_size=4, **kwargs)
+        assert rule.weight_ih_l0.shape == (rule.num_inputs(), 16)
+    assert GeneralLSTMRule(nominal=False).out_weight.shape[1] == 1
+    assert GeneralLSTMRule().out_weight.shape[1] == 2
+    assert "log_lr" not in dict(GeneralLSTMRule(nominal=False).named_parameters())
+    assert "log_lr" not in dict(GeneralLSTMRule(learn_lr=False).named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"scale_invariant": False}, {"num_layers": 2}])
+def test_starts_as_adam(dtype: torch.dtype, kwargs: dict) -> None:
+    """With the default (zero) read-out the rule is Adam with lr = the base learning rate, in
+    the drop-in optimizer, whatever its inputs."""
+    torch.manual_seed(0)
+    ref = [torch.randn(4, 3, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype)]
+    ref[1].requires_grad_(True)
+    mine = [p.detach().clone().requires_grad_(True) for p in ref]
+    opt_ref = torch.optim.Adam(ref, lr=3e-2, betas=(0.8, 0.99), eps=1e-6, foreach=False)
+    rule = GeneralLSTMRule(hidden_size=8, lr=3e-2, beta1=0.8, beta2=0.99, eps=1e-6, **kwargs)
+    opt_mine = LearnedOptimizer(mine, rule)
+    for step in range(20):
+        for params, opt in ((ref, opt_ref), (mine, opt_mine)):
+            opt.zero_grad()
+            loss = sum(((p - 1) ** 2 * (1 + step % 3)).sum() + p.sin().sum() for p in params)
+            loss.backward()
+            opt.step()
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    # and the raw update equals AdamRule's on the flat vector
+    grad = torch.randn(6, dtype=torch.float64)
+    r = GeneralLSTMRule(hidden_size=4, lr=1e-3).double()
+    u, _ = r(grad, r.init_state(6, like=grad))
+    a, _ = AdamRule(lr=1e-3)(grad, AdamRule().init_state(6, like=grad))
+    torch.testing.assert_close(u, a, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("c", [1e-3, 1e3])
+def test_scale_invariance(c: float) -> None:
+    """With scale_invariant and nominal, gradients multiplied by a constant give the same updates
+    (up to eps), with a trained-looking (random) network."""
+    rule = _random_rule(eps=1e-12).double()
+    gen = torch.Generator().manual_seed(0)
+    s1 = rule.init_state(50, like=torch.zeros(1, dtype=torch.float64))
+    s2 = {k: v.clone() for k, v in s1.items()}
+    for _ in range(6):
+        g = torch.randn(50, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 10, 50)
+        u1, s1 = rule(g, s1)
+        u2, s2 = rule(c * g, s2)
+        torch.testing.assert_close(u1, u2, rtol=1e-7, atol=1e-12)
+    # the paper's preprocessing is not invariant
+    plain = _random_rule(scale_invariant=False, eps=1e-12).double()
+    g = torch.randn(50, generator=gen, dtype=torch.float64)
+    u1, _ = plain(g, plain.init_state(50, like=g))
+    u2, _ = plain(c * g, plain.init_state(50, like=g))
+    assert not torch.allclose(u1, u2)
+
+
+def test_update_is_differentiable_in_every_weight(option: dict) -> None:
+    rule = _random_rule(**option).double()
+    grad = torch.randn(9, dtype=torch.float64)
+    state = rule.init_state(9, like=grad)
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(3):
+        update, state = rule(grad, state)
+        total = total + (update * torch.linspace(-1, 2, 9, dtype=torch.float64)).sum()
+        grad = grad * 0.7 + 0.3
+    grads = torch.autograd.grad(total, list(rule.parameters()))
+    for (name, _), g in zip(rule.named_parameters(), grads):
+        assert torch.isfinite(g).all(), name
+        assert g.abs().sum() > 0, name
+
+
+def test_meta_gradient_gradcheck_two_step_unroll() -> None:
+    """Second-order meta-gradient of a two-step unroll vs finite differences."""
+    task = QuadraticFamily(dim=3, dtype=torch.float64).sample(torch.Generator().manual_seed(0))
+    rule = _random_rule(hidden_size=3, lr=0.05).double()
+    names = [n for n, _ in rule.named_parameters()]
+
+    def meta_loss(*weights: torch.Tensor) -> torch.Tensor:
+        learner = OptimizerLearner(rule, second_order=True)
+        with torch.nn.utils.stateless._reparametrize_module(rule, dict(zip(names, weights))):
+            (window,) = list(
+                unroll(learner, task, torch.Generator().manual_seed(1), horizon=2, truncation=2)
+            )
+            return window.meta_loss
+
+    weights = tuple(p.detach().clone().requires_grad_(True) for p in rule.parameters())
+    assert torch.autograd.gradcheck(meta_loss, weights, eps=1e-6, atol=1e-5)
+
+
+def test_zero_readout_still_gets_a_meta_gradient() -> None:
+    """At the Adam initialization the read-out and the base lr get meta-gradients (training can
+    leave Adam), in the first-order unroll the trainer uses."""
+    task = QuadraticFamily(dim=5).sample(torch.Generator().manual_seed(0))
+    rule = GeneralLSTMRule(hidden_size=4, lr=0.05)
+    learner = OptimizerLearner(rule)
+    windows = unroll(learner, task, torch.Generator().manual_seed(1), horizon=6, truncation=3)
+    loss = next(windows).meta_loss
+    loss.backward()
+    assert rule.out_weight.grad.abs().sum() > 0 and rule.log_lr.grad.abs() > 0
+
+
+def test_config_round_trip_through_checkpoint_records(option: dict, tmp_path: Path) -> None:
+    rule = _random_rule(**option)
+    assert RULES["general-lstm"] is GeneralLSTMRule
+    clone = build_rule(rule.kind, rule.config())
+    assert clone.config() == rule.config()
+    loaded = rule_from_dict(rule_to_dict(rule), expected_kind="general-lstm")
+    assert loaded.config() == rule.config()
+    for (n, a), (_, b) in zip(rule.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    save_rule(tmp_path / "w.pt", rule, {"note": "test"})
+    from_file, meta = load_rule(tmp_path / "w.pt")
+    assert isinstance(from_file, GeneralLSTMRule) and meta == {"note": "test"}
+    grad = torch.randn(4)
+    u1, _ = rule(grad, rule.init_state(4, like=grad))
+    u2, _ = from_file(grad, from_file.init_state(4, like=grad))
+    torch.testing.assert_close(u1, u2)
+
+
+def test_drop_in_optimizer_state_dict_and_bf16_state() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    opt = LearnedOptimizer(model.parameters(), _random_rule(lr=0.01), lr=1.0)
+    first = None
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first
+    sd = opt.state_dict()
+    opt2 = LearnedOptimizer(model.parameters(), GeneralLSTMRule(hidden_size=8, lr=0.01))
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.rule.out_weight, opt.rule.out_weight)
+    p = next(iter(model.parameters()))
+    assert torch.equal(opt2.state[p]["v"], opt.state[p]["v"])
+    bf = LearnedOptimizer(model.parameters(), _random_rule(), state_dtype=torch.bfloat16)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    bf.step()
+    assert bf.state[p]["h0"].dtype == torch.bfloat16 and bf.state[p]["step"].dtype == torch.float32
+
+
+def test_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="hidden_size"):
+        GeneralLSTMRule(hidden_size=0)
+    with pytest.raises(ValueError, match="beta"):
+        GeneralLSTMRule(beta2=1.0)
+    with pytest.raises(ValueError, match="momentum beta"):
+        GeneralLSTMRule(momentum_betas=())
+    with pytest.raises(ValueError, match="Invalid eps"):
+        GeneralLSTMRule(lr=0.0)
+    assert math.isclose(float(GeneralLSTMRule(lr=0.02).log_lr.detach().exp()), 0.02, rel_tol=1e-6)

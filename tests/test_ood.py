@@ -1,0 +1,42 @@
+"""The out-of-distribution benchmark's --smoke mode (shipped paper-mnist weights)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from learned_opt.tasks import make_family
+
+
+def test_ood_smoke(tmp_path: Path, run_script, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pure-PyTorch LSTM path: no kernel compilation inside a timed smoke test.
+    monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")
+    assert run_script("benchmarks/ood.py", "--smoke", "--out", str(tmp_path)) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "**geometric mean, all**" in table and "| wine-mlp-tanh-32 | 6 |" in table
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    tasks = {r["benchmark_task"] for r in records}
+    assert len(tasks) == 5 and {r["steps"] for r in records} == {3, 6}
+    assert {r["optimizer"] for r in records} == {"adam", "learned:paper-mnist"}
+    pngs = sorted((tmp_path / "curves").glob("*.png"))
+    assert len(pngs) == 10 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_ood_tasks_are_outside_the_diverse_distribution() -> None:
+    """No OOD task's architecture and batch size are all among the choices of a "diverse" member
+    of the same kind on the same dataset."""
+    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
+    members = make_family("diverse").config()["members"]
+    choices = {"name", "dataset", "holdout", "test_batch_size"}
+    for name, make in ood["OOD_TASKS"].items():
+        config = make("val").config()
+        for member in members:
+            if (member["name"], member["dataset"]) != (config["name"], config["dataset"]):
+                continue
+            keys = [k for k in config if k not in choices]
+            assert not all(set(config[k]) <= set(member[k]) for k in keys), name
+    assert ood["geometric_mean"]([0.5, 2.0]) == pytest.approx(1.0)
+    assert ood["geometric_mean"]([1.0, float("inf")]) == float("inf")
