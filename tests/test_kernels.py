@@ -57,3 +57,139 @@ def test_rule_with_and_without_kernels(monkeypatch: pytest.MonkeyPatch, rule: LS
     slow_inplace = rule.step_(grad, rule.init_state(500, like=grad))
     for other in (fast_inplace, slow, slow_inplace):
         torch.testing.assert_close(other, fast, atol=1e-6, rtol=1e-5)
+
+
+# --- the fused in-place step (kernels.fused_step_, used by LSTMRule.step_) ---------------------
+
+
+def _random_state(rule: LSTMRule, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = rule.init_state(n, like=torch.zeros(1))
+    for layer in range(rule.num_layers):
+        for kind in ("h", "c"):
+            state[f"{kind}{layer}"] = torch.randn(n, rule.hidden_size, generator=g)
+    return state
+
+
+def _fused(rule: LSTMRule, grad: torch.Tensor, state: dict, block: int | None = None):
+    layers = range(rule.num_layers)
+    return kernels.fused_step_(
+        grad,
+        [state[f"h{layer}"] for layer in layers],
+        [state[f"c{layer}"] for layer in layers],
+        [getattr(rule, f"weight_ih_l{layer}").detach() for layer in layers],
+        [getattr(rule, f"weight_hh_l{layer}").detach() for layer in layers],
+        [getattr(rule, f"bias_l{layer}").detach() for layer in layers],
+        rule.out_weight.detach(),
+        rule.out_bias.detach(),
+        preprocess_p=rule.preprocess_p if rule.preprocess == "log_sign" else None,
+        output_scale=rule.output_scale,
+        block=block,
+    )
+
+
+@pytest.mark.parametrize(
+    "hidden,layers,preprocess,p,n",
+    [
+        (20, 2, "log_sign", 10.0, 4099),  # the paper's rule; blocks and a partial last block
+        (20, 2, "log_sign", 10.0, 1),
+        (20, 2, "log_sign", 10.0, 7),  # fewer rows than one register block, and one more
+        (20, 2, "log_sign", 88.0, 500),  # threshold e^-p is a float32 subnormal
+        (8, 1, "none", 10.0, 50),
+        (12, 3, "log_sign", 5.0, 301),
+        (4, 2, "log_sign", 10.0, 13),
+        (68, 1, "log_sign", 10.0, 40),  # wider than the on-stack row buffer
+    ],
+)
+def test_fused_step_matches_forward(
+    hidden: int, layers: int, preprocess: str, p: float, n: int
+) -> None:
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden, layers, preprocess=preprocess, preprocess_p=p)
+    with torch.no_grad():
+        rule.out_weight.mul_(5.0)
+        for name, param in rule.named_parameters():
+            if name.startswith("bias"):
+                param.add_(torch.randn_like(param))  # saturating and non-saturating gates
+    grad = torch.randn(n) * 10.0 ** torch.randint(-8, 3, (n,)).float()
+    grad[: min(n, 3)] = 0.0
+    grad[3:7] = torch.tensor([1e-40, -3e-44, 1e-38, -8e-39])[: max(0, min(n, 7) - 3)]  # subnormals
+    state = _random_state(rule, n)
+    with torch.no_grad():
+        expected, new_state = rule(grad, state)
+        fused_state = {k: v.clone() for k, v in state.items()}
+        update = _fused(rule, grad, fused_state)
+    assert update is not None
+    torch.testing.assert_close(update, expected, atol=1e-6, rtol=1e-5)
+    for layer in range(layers):
+        for kind in ("h", "c"):
+            key = f"{kind}{layer}"
+            torch.testing.assert_close(fused_state[key], new_state[key], atol=2e-6, rtol=1e-5)
+
+
+def test_fused_step_does_not_depend_on_blocks_or_threads(rule: LSTMRule) -> None:
+    n = 10_007
+    grad = torch.randn(n) * 1e-3
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads, block in ((1, None), (2, None), (2, 6), (3, 7), (1, 100_000)):
+            torch.set_num_threads(num_threads)
+            state = _random_state(rule, n)
+            update = _fused(rule, grad, state, block=block)
+            results.append((update, state))
+    finally:
+        torch.set_num_threads(threads)
+    update0, state0 = results[0]
+    for update, state in results[1:]:
+        assert torch.equal(update, update0)
+        for key in ("h0", "c0", "h1", "c1"):
+            assert torch.equal(state[key], state0[key])
+
+
+def test_fused_step_bf16_state_is_the_fp32_step_of_the_rounded_state(rule: LSTMRule) -> None:
+    n = 1000
+    grad = torch.randn(n) * 1e-2
+    state32 = {
+        k: (v.to(torch.bfloat16).float() if v.dim() == 2 else v)
+        for k, v in _random_state(rule, n).items()
+    }
+    state16 = {k: (v.to(torch.bfloat16) if v.dim() == 2 else v.clone()) for k, v in state32.items()}
+    expected = _fused(rule, grad, state32)
+    got = _fused(rule, grad, state16, block=10)
+    assert torch.equal(got, expected)
+    for key in ("h0", "c0", "h1", "c1"):
+        assert state16[key].dtype == torch.bfloat16
+        assert torch.equal(state16[key], state32[key].to(torch.bfloat16))
+
+
+def test_fused_step_declines_what_it_does_not_cover(rule: LSTMRule) -> None:
+    n = 10
+    state = _random_state(rule, n)
+    assert _fused(rule, torch.randn(n, dtype=torch.float64), state) is None
+    assert _fused(rule, torch.randn(2 * n)[::2], state) is None  # non-contiguous gradient
+    state["c1"] = torch.randn(rule.hidden_size, n).t()  # non-contiguous state
+    assert _fused(rule, torch.randn(n), state) is None
+    odd = LSTMRule(6, 1)  # hidden size not a multiple of 4: the chunked path
+    assert _fused(odd, torch.randn(n), _random_state(odd, n)) is None
+    grad = torch.randn(n)
+    state = _random_state(odd, n)
+    expected, _ = odd(grad, state)
+    torch.testing.assert_close(odd.step_(grad, state), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_vector_tanh_and_sigmoid_error_bounds() -> None:
+    """The fused step's rational tanh, and sigmoid(x) = 0.5 tanh(x / 2) + 0.5 built from it, are
+    within 4e-7 (absolute) of the exact functions over the whole float range."""
+    x = torch.cat((torch.linspace(-20.0, 20.0, 2_000_001), torch.tensor([-1e30, 1e30, 0.0])))
+    t = kernels._load().tanh_approx(x)
+    assert (t.double() - torch.tanh(x.double())).abs().max() < 4e-7
+    s = 0.5 * kernels._load().tanh_approx(0.5 * x) + 0.5
+    assert (s.double() - torch.sigmoid(x.double())).abs().max() < 4e-7
+    assert t.abs().max() <= 1.0 and s.min() >= 0.0 and s.max() <= 1.0
+
+
+def test_build_name_includes_the_cpu() -> None:
+    fp = kernels._cpu_fingerprint()
+    assert fp == kernels._cpu_fingerprint()
+    assert len(fp) == 10 and all(ch in "0123456789abcdef" for ch in fp)

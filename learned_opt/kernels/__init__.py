@@ -1,15 +1,20 @@
 """Optional fused CPU kernels, compiled on first use (``torch.utils.cpp_extension``).
 
 The LSTM cell's elementwise work (four gate nonlinearities, the cell update, the hidden output and
-their derivatives) runs as one pass per row instead of ~15 separate PyTorch kernels. If the
-compiler or ``ninja`` is missing, or ``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to
-the pure-PyTorch implementation (same math) with one warning. Build products are cached by
-PyTorch in ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``).
+their derivatives) runs as one pass per row instead of ~15 separate PyTorch kernels; and the whole
+in-place inference step of the LSTM optimizer (preprocessing, gate products, cells, read-out) runs
+as one call (:func:`fused_step_`). If the compiler or ``ninja`` is missing, or
+``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to the pure-PyTorch implementation (same
+math) with one warning. Build products are cached by PyTorch in ``~/.cache/torch_extensions`` (or
+``TORCH_EXTENSIONS_DIR``), under a name that includes a fingerprint of this CPU: the code is
+compiled with ``-march=native``, so a cache shared with another kind of machine is not reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -18,11 +23,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["fused_cell", "fused_cell_", "available"]
+__all__ = ["fused_cell", "fused_cell_", "fused_step_", "available"]
 
 _EXT: Any = None
 _DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
 _TRIED = False
+_CFLAGS = ["-O3", "-ffast-math", "-march=native"]
+
+
+def _cpu_fingerprint() -> str:
+    """A short hash of what ``-march=native`` depends on: the CPU model and its feature flags
+    (``/proc/cpuinfo`` on Linux; elsewhere the platform's processor description)."""
+    desc = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("vendor_id", "model name", "flags", "Features", "CPU part"):
+                    desc.append(line.strip())
+                elif not line.strip() and len(desc) > 2:
+                    break  # the first processor describes them all
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:10]
 
 
 def _load() -> Any:
@@ -37,13 +60,14 @@ def _load() -> Any:
 
         # A process killed while compiling leaves its lock behind, and torch would wait on it
         # forever: a lock older than any plausible build is stale.
-        lock = Path(_get_build_directory("learned_opt_lstm_cell", verbose=False)) / "lock"
+        name = f"learned_opt_lstm_cell_{_cpu_fingerprint()}"
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         _EXT = load(
-            name="learned_opt_lstm_cell",
+            name=name,
             sources=[str(Path(__file__).with_name("lstm_cell.cpp"))],
-            extra_cflags=["-O3", "-ffast-math", "-march=native"],
+            extra_cflags=_CFLAGS,
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, unsupported platform
@@ -97,6 +121,73 @@ def fused_cell_(gates: Tensor, c: Tensor, h: Tensor) -> bool:
         return False
     _EXT.forward_(gates, c, h)
     return True
+
+
+#: Rows per block of :func:`fused_step_` (the per-thread working set, ~``block * 16H`` floats
+#: with the states, stays in L1/L2).
+FUSED_BLOCK = 128
+
+
+def fused_step_(
+    grad: Tensor,
+    h: list[Tensor],
+    c: list[Tensor],
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    bias: list[Tensor],
+    out_weight: Tensor,
+    out_bias: Tensor,
+    *,
+    preprocess_p: float | None,
+    output_scale: float,
+    block: int | None = None,
+) -> Tensor | None:
+    """The whole in-place inference step of a coordinatewise LSTM (:meth:`LSTMRule.step_`) in one
+    call: log/sign preprocessing (``preprocess_p``; ``None`` for the raw gradient), per layer
+    ``gates = [x, h] @ [w_ih; w_hh] + bias`` and the cell update of ``h[l]``, ``c[l]`` in place,
+    and the read-out ``output_scale * (h[-1] @ out_weight + out_bias)``, which is returned.
+
+    Coordinates are processed in blocks of ``block`` rows spread over the intra-op threads, with
+    per-thread scratch; results do not depend on the blocking or the thread count. The states may
+    be float32 or bfloat16 (upcast per block, computed in float32, rounded back to nearest).
+
+    Returns ``None`` (doing nothing) when this case is not covered: kernels unavailable, not on
+    CPU, ``grad`` not a contiguous float32 vector, states of another dtype or layout, a hidden
+    size that is not a multiple of 4.
+    """
+    n = grad.numel()
+    if (
+        grad.device.type != "cpu"
+        or grad.dtype != torch.float32
+        or not grad.is_contiguous()
+        or w_hh[0].shape[0] % 4
+        or not h
+    ):
+        return None
+    sdt = h[0].dtype
+    if sdt not in (torch.float32, torch.bfloat16):
+        return None
+    hidden = w_hh[0].shape[0]
+    for s in (*h, *c):
+        if s.dtype != sdt or s.device.type != "cpu" or not s.is_contiguous():
+            return None
+        if s.shape != (n, hidden):
+            return None
+    if _load() is None:
+        return None
+    return _EXT.step_(
+        grad,
+        h,
+        c,
+        w_ih,
+        w_hh,
+        bias,
+        out_weight,
+        out_bias,
+        0.0 if preprocess_p is None else float(preprocess_p),
+        float(output_scale),
+        FUSED_BLOCK if block is None else int(block),
+    )
 
 
 class _NoCtx:

@@ -6,9 +6,23 @@
 // per unit, so fusing (with a vectorizable exp) is most of the speed-up.
 //
 // Layout: gates (m, 4H) in the order [i, f, g, o]; states (m, H); all contiguous.
+//
+// Below those, `step_`: the whole in-place inference step of the LSTM optimizer (preprocessing,
+// gate products, cells, read-out) in one call, for float32 (see the comment there).
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 // tanh as a rational function (the minimax approximation Eigen uses for float): only multiplies,
 // adds and one division, so it vectorizes well; max error ~1e-7 for float32. Doubles use std::.
@@ -138,8 +152,443 @@ std::vector<torch::Tensor> lstm_cell_backward(torch::Tensor dh, torch::Tensor dc
   return {dgates, dc_prev};
 }
 
+// ------------------------------------------------------------------------------------------
+// The whole in-place inference step of the coordinatewise LSTM optimizer, fused (float32).
+//
+// Per block of `block` coordinates (rows), on one thread, with per-thread scratch that stays in
+// L1/L2: preprocessing (log/sign) -> per layer, the gate products and the cell update in one
+// register-blocked kernel -> read-out. Blocks are handed out to the threads dynamically (one
+// parallel region per call), so a thread that the OS delays does not hold up the others.
+//
+// Gate kernel. The layer's weights are packed so that 8 consecutive columns hold, for 4
+// consecutive units u..u+3, the pre-activations [i, f] and the next 8 hold [g, o] ("quads").
+// For 6 rows x 1 quad (2 x 8 columns) the 12 accumulators stay in registers over the whole
+// reduction ([x, h_prev] @ W: each weight vector loaded once per 6 rows); the epilogue then has
+// all four gates of those units and finishes the cell there: nonlinearities, c update, h.
+// The sigmoid gates (i, f, o) go through the same tanh as g: their packed weights are pre-scaled
+// by 0.5 (exact in binary floating point) and sigmoid(z) = 0.5 * tanh(0.5 z) + 0.5.
+//
+// The hidden/cell states may be float32 (updated in place) or bfloat16 (each block is upcast into
+// float32 scratch, computed exactly like float32 states holding the same values, and rounded back
+// to nearest-even). Per-row results do not depend on the blocking or the number of threads.
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
+inline void store8(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
+
+// tanh_ above, on 8 lanes (same coefficients, same operation order).
+inline v8 tanh8(v8 x) {
+  const float clamp = 7.99881172180175781f;
+  x = x < -clamp ? -clamp : x;
+  x = x > clamp ? clamp : x;
+  const v8 x2 = x * x;
+  v8 p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * x;
+  v8 q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p / q;
+}
+
+// [lo half of a, lo half of b] and [hi half of a, hi half of b]; 4 floats from each of two
+// addresses; and the reverse.
+#if defined(__AVX__)
+inline v8 lo_lo(v8 a, v8 b) { return (v8)_mm256_permute2f128_ps((__m256)a, (__m256)b, 0x20); }
+inline v8 hi_hi(v8 a, v8 b) { return (v8)_mm256_permute2f128_ps((__m256)a, (__m256)b, 0x31); }
+inline v8 load4x2(const float* lo, const float* hi) {
+  return (v8)_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo)), _mm_loadu_ps(hi), 1);
+}
+inline void store4x2(float* lo, float* hi, v8 v) {
+  _mm_storeu_ps(lo, _mm256_castps256_ps128((__m256)v));
+  _mm_storeu_ps(hi, _mm256_extractf128_ps((__m256)v, 1));
+}
+#else
+inline v8 lo_lo(v8 a, v8 b) { return v8{a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]}; }
+inline v8 hi_hi(v8 a, v8 b) { return v8{a[4], a[5], a[6], a[7], b[4], b[5], b[6], b[7]}; }
+inline v8 load4x2(const float* lo, const float* hi) {
+  return v8{lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
+}
+inline void store4x2(float* lo, float* hi, v8 v) {
+  for (int j = 0; j < 4; ++j) {
+    lo[j] = v[j];
+    hi[j] = v[4 + j];
+  }
+}
+#endif
+
+constexpr int kRows = 6;  // rows per gate kernel call
+
+// One operand of the gate product: rows of `a` (leading dimension lda) times w (K, 4H).
+struct Seg {
+  const float* a;
+  int64_t lda;
+  int64_t K;
+  const float* w;
+};
+
+// Rows `rows[0..5]` (indices into the operands), quad q: gates from the packed weights (columns
+// 16q .. 16q + 15) and bias, then the cell update: c[r] (4 floats at unit 4q, in place) and the
+// new hidden state h_out[r] (4 floats at unit 4q).
+__attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg,
+                                                       const float* bias, int64_t N, int64_t q,
+                                                       const int64_t* rows, float* const* c,
+                                                       float* const* h_out) {
+  const int64_t col = 16 * q;
+  v8 acc[kRows][2];
+  const v8 b0 = load8(bias + col), b1 = load8(bias + col + 8);
+  for (int r = 0; r < kRows; ++r) {
+    acc[r][0] = b0;
+    acc[r][1] = b1;
+  }
+  for (int s = 0; s < nseg; ++s) {
+    const float* a[kRows];
+    for (int r = 0; r < kRows; ++r) a[r] = segs[s].a + rows[r] * segs[s].lda;
+    const float* w = segs[s].w + col;
+    const int64_t K = segs[s].K;
+    for (int64_t k = 0; k < K; ++k) {
+      const v8 w0 = load8(w + k * N), w1 = load8(w + k * N + 8);
+      for (int r = 0; r < kRows; ++r) {
+        const float x = a[r][k];
+        acc[r][0] += x * w0;
+        acc[r][1] += x * w1;
+      }
+    }
+  }
+  // acc[r][0] = [i, f], acc[r][1] = [g, o] (pre-scaled); gates of rows r, r + 1 side by side.
+  const v8 g_scale = {1.0f, 1.0f, 1.0f, 1.0f, 0.5f, 0.5f, 0.5f, 0.5f};
+  const v8 g_shift = {0.0f, 0.0f, 0.0f, 0.0f, 0.5f, 0.5f, 0.5f, 0.5f};
+  for (int r = 0; r < kRows; r += 2) {
+    const v8 if0 = tanh8(acc[r][0]) * 0.5f + 0.5f, if1 = tanh8(acc[r + 1][0]) * 0.5f + 0.5f;
+    const v8 go0 = tanh8(acc[r][1]) * g_scale + g_shift;
+    const v8 go1 = tanh8(acc[r + 1][1]) * g_scale + g_shift;
+    const v8 i = lo_lo(if0, if1), f = hi_hi(if0, if1), g = lo_lo(go0, go1), o = hi_hi(go0, go1);
+    float* c0 = c[r] + 4 * q;
+    float* c1 = c[r + 1] + 4 * q;
+    const v8 cn = f * load4x2(c0, c1) + i * g;
+    store4x2(c0, c1, cn);
+    store4x2(h_out[r] + 4 * q, h_out[r + 1] + 4 * q, o * tanh8(cn));
+  }
+}
+
+#define LO_NOINLINE __attribute__((noinline))  // separate symbols in profiles; per-block calls
+
+// One LSTM layer on m rows: gates from the segments ([x, h_prev]), c (m, H) updated in place,
+// h (m, H) overwritten with the new hidden state once the rows no longer need the old one.
+// `dummy` holds 2 H floats of scratch (rows past m write there).
+LO_NOINLINE void lstm_layer(int64_t m, int64_t H, const Seg* segs, int nseg, const float* bias,
+                            float* c, float* h, float* dummy) {
+  const int64_t N = 4 * H, nq = H / 4;
+  float* dummy_c = dummy;
+  float* dummy_h = dummy + H;
+  float hbuf[kRows * 64];  // new hidden states of the current rows (H <= 64; else on the heap)
+  std::vector<float> hheap(H > 64 ? kRows * H : 0);
+  float* hb = H > 64 ? hheap.data() : hbuf;
+  for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+    const int64_t live = std::min<int64_t>(kRows, m - r0);
+    int64_t rows[kRows];
+    float* cp[kRows];
+    float* hp[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const bool ok = r < live;
+      rows[r] = ok ? r0 + r : m - 1;
+      cp[r] = ok ? c + (r0 + r) * H : dummy_c;
+      hp[r] = ok ? hb + r * H : dummy_h;
+    }
+    for (int64_t q = 0; q < nq; ++q) quad_kernel(segs, nseg, bias, N, q, rows, cp, hp);
+    std::memcpy(h + r0 * H, hb, live * H * sizeof(float));
+  }
+}
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, like c10::BFloat16 (NaN -> the canonical quiet NaN).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct StepArgs {
+  int64_t n, H, L, n_in;
+  const float* grad;
+  float* update;
+  std::vector<float*> h32, c32;     // float32 states (or empty)
+  std::vector<uint16_t*> h16, c16;  // bfloat16 states (or empty)
+  bool bf16;
+  const float* packed;  // per layer: wx (n_in or H, 4H), wh (H, 4H), b (4H), quad order
+  std::vector<int64_t> wx_off, wh_off, b_off;
+  const float* out_w;
+  float out_b;
+  float p, thr, exp_p;  // log/sign preprocessing (n_in == 1: the raw gradient)
+  float out_scale;
+};
+
+// Natural log on 8 lanes, x > 0 and finite (Cephes' logf: |error| ~ 1 ulp), subnormals included.
+// Written out rather than left to the compiler so that every lane of every block runs the same
+// code (an auto-vectorized loop would mix vector and scalar libm versions, whose last bits
+// differ, making results depend on the blocking).
+inline v8 log8(v8 x) {
+  const v8i tiny = x < 1.17549435e-38f;  // subnormal: scale into the normal range first
+  x = tiny ? x * 8388608.0f : x;
+  v8 e = tiny ? v8{} - 23.0f : v8{};
+  const v8i bits = reinterpret_cast<v8i&>(x);
+  e += __builtin_convertvector(((bits >> 23) & 0xff) - 126, v8);
+  const v8i mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  v8 m = reinterpret_cast<const v8&>(mbits);
+  const v8i small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const v8 z = m * m;
+  v8 y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += e * -2.12194440e-4f;
+  y += z * -0.5f;
+  return m + y + e * 0.693359375f;
+}
+
+// x (m, n_in): the network inputs of m gradients (log/sign preprocessing, see
+// learned_opt.preprocess.log_sign; or the raw gradient).
+LO_NOINLINE void preprocess(const StepArgs& A, const float* __restrict g, int64_t m,
+                            float* __restrict x) {
+  if (A.n_in == 1) {
+    std::memcpy(x, g, m * sizeof(float));
+    return;
+  }
+  const float p = A.p, thr = A.thr, ep = A.exp_p;
+  for (int64_t r = 0; r < m; r += 8) {
+    const int64_t len = std::min<int64_t>(8, m - r);
+    float buf[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    std::memcpy(buf, g + r, len * sizeof(float));
+    const v8 v = load8(buf);
+    const v8 mag = v < 0.0f ? -v : v;
+    const v8i large = mag >= thr;
+    const v8 lg = log8(mag > thr ? mag : thr) / p;
+    const v8 sgn = v > 0.0f ? v8{} + 1.0f : (v < 0.0f ? v8{} - 1.0f : v8{});
+    const v8 x0 = large ? lg : v8{} - 1.0f;
+    const v8 x1 = large ? sgn : v * ep;
+    for (int64_t j = 0; j < len; ++j) {
+      x[2 * (r + j)] = x0[j];
+      x[2 * (r + j) + 1] = x1[j];
+    }
+  }
+}
+
+// u (m,) = out_scale * (h (m, H) @ out_w + out_b).
+LO_NOINLINE void readout(const StepArgs& A, const float* __restrict h, int64_t m,
+                         float* __restrict u) {
+  const int64_t H = A.H;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* hr = h + r * H;
+    float s = 0.0f;
+    for (int64_t k = 0; k < H; ++k) s += hr[k] * A.out_w[k];
+    u[r] = (s + A.out_b) * A.out_scale;
+  }
+}
+
+LO_NOINLINE void from_bf16(const uint16_t* __restrict src, int64_t len, float* __restrict dst) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = bf16_to_float(src[j]);
+}
+
+LO_NOINLINE void to_bf16(const float* __restrict src, int64_t len, uint16_t* __restrict dst) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = float_to_bf16(src[j]);
+}
+
+// Floats of per-thread scratch for blocks of `block` rows.
+int64_t scratch_floats(const StepArgs& A, int64_t block) {
+  int64_t f = block * A.n_in + 2 * A.H + 16;
+  if (A.bf16) f += 2 * A.L * block * A.H;
+  return f;
+}
+
+void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
+  const int64_t H = A.H;
+  float* x = scratch;                 // (m, n_in)
+  float* dummy = x + m * A.n_in;      // 2 H
+  float* st = dummy + 2 * H + 16;     // bf16 states: per layer h, c (m, H) in float32
+  preprocess(A, A.grad + start, m, x);
+  const float* in = x;
+  int64_t in_ld = A.n_in;
+  for (int64_t l = 0; l < A.L; ++l) {
+    float *h, *c;
+    if (A.bf16) {
+      h = st + 2 * l * m * H;
+      c = h + m * H;
+      from_bf16(A.h16[l] + start * H, m * H, h);
+      from_bf16(A.c16[l] + start * H, m * H, c);
+    } else {
+      h = A.h32[l] + start * H;
+      c = A.c32[l] + start * H;
+    }
+    const Seg segs[2] = {{in, in_ld, l == 0 ? A.n_in : H, A.packed + A.wx_off[l]},
+                         {h, H, H, A.packed + A.wh_off[l]}};
+    lstm_layer(m, H, segs, 2, A.packed + A.b_off[l], c, h, dummy);
+    if (A.bf16) {
+      to_bf16(h, m * H, A.h16[l] + start * H);
+      to_bf16(c, m * H, A.c16[l] + start * H);
+    }
+    in = h;  // the next layer and the read-out use the unrounded value
+    in_ld = H;
+  }
+  readout(A, in, m, A.update + start);
+}
+
+}  // namespace
+
+// The fused in-place step. grad (n,) float32; hs, cs: per layer (n, H) float32 or bfloat16
+// (all the same dtype), updated in place; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H);
+// out_w (H, 1), out_b (1); H a multiple of 4. p > 0: log/sign preprocessing with scale p
+// (w_ih[0] has 2 rows); p <= 0: the raw gradient (1 row). Returns the update (n,) =
+// out_scale * (h_L @ out_w + out_b). `block`: rows per unit of work (per-thread working set).
+torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
+                         std::vector<torch::Tensor> cs, std::vector<torch::Tensor> w_ih,
+                         std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias,
+                         torch::Tensor out_w, torch::Tensor out_b, double p, double out_scale,
+                         int64_t block) {
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.dim() == 1,
+              "lstm_step_: grad must be a contiguous 1-D float32 tensor");
+  const int64_t L = static_cast<int64_t>(hs.size());
+  TORCH_CHECK(L >= 1 && (int64_t)cs.size() == L && (int64_t)w_ih.size() == L &&
+                  (int64_t)w_hh.size() == L && (int64_t)bias.size() == L,
+              "lstm_step_: one h, c, w_ih, w_hh, bias per layer");
+  const int64_t n = grad.numel(), H = w_hh[0].size(0), N = 4 * H;
+  TORCH_CHECK(H % 4 == 0, "lstm_step_: the hidden size must be a multiple of 4");
+  StepArgs A;
+  A.n = n;
+  A.H = H;
+  A.L = L;
+  A.n_in = w_ih[0].size(0);
+  TORCH_CHECK(A.n_in == (p > 0 ? 2 : 1), "lstm_step_: input size does not match preprocessing");
+  const auto sdt = hs[0].scalar_type();
+  TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
+              "lstm_step_: states must be float32 or bfloat16");
+  A.bf16 = sdt == torch::kBFloat16;
+  for (int64_t l = 0; l < L; ++l) {
+    for (const auto* s : {&hs[l], &cs[l]}) {
+      TORCH_CHECK(s->scalar_type() == sdt && s->is_contiguous() && s->dim() == 2 &&
+                      s->size(0) == n && s->size(1) == H,
+                  "lstm_step_: states must be contiguous (n, H) tensors of one dtype");
+    }
+    TORCH_CHECK(w_ih[l].dim() == 2 && w_ih[l].size(0) == (l == 0 ? A.n_in : H) &&
+                    w_ih[l].size(1) == N && w_hh[l].dim() == 2 && w_hh[l].size(0) == H &&
+                    w_hh[l].size(1) == N && bias[l].numel() == N,
+                "lstm_step_: weight shapes");
+    if (A.bf16) {
+      A.h16.push_back(reinterpret_cast<uint16_t*>(hs[l].data_ptr<at::BFloat16>()));
+      A.c16.push_back(reinterpret_cast<uint16_t*>(cs[l].data_ptr<at::BFloat16>()));
+    } else {
+      A.h32.push_back(hs[l].data_ptr<float>());
+      A.c32.push_back(cs[l].data_ptr<float>());
+    }
+  }
+  // Packed weights, quad order: column (gate, unit u) -> 16 (u / 4) + 4 gate + u % 4, with the
+  // sigmoid gates (i, f, o: gates 0, 1, 3) scaled by 0.5.
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    A.wx_off.push_back(total);
+    total += w_ih[l].size(0) * N;
+    A.wh_off.push_back(total);
+    total += H * N;
+    A.b_off.push_back(total);
+    total += N;
+  }
+  std::vector<float> packed(total);
+  auto pack = [&](const torch::Tensor& w, float* dst) {
+    auto wc = w.detach().to(torch::kFloat32).contiguous();
+    const float* src = wc.data_ptr<float>();
+    const int64_t rows = wc.numel() / N;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t gate = j / H, u = j % H;
+        dst[r * N + 16 * (u / 4) + 4 * gate + u % 4] = src[r * N + j] * (gate == 2 ? 1.0f : 0.5f);
+      }
+    }
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    pack(w_ih[l], packed.data() + A.wx_off[l]);
+    pack(w_hh[l], packed.data() + A.wh_off[l]);
+    pack(bias[l].reshape({1, N}), packed.data() + A.b_off[l]);
+  }
+  A.packed = packed.data();
+  auto ow = out_w.detach().to(torch::kFloat32).contiguous();
+  TORCH_CHECK(ow.numel() == H && out_b.numel() == 1, "lstm_step_: read-out shapes");
+  A.out_w = ow.data_ptr<float>();
+  A.out_b = out_b.detach().to(torch::kFloat32).item<float>();
+  A.p = static_cast<float>(p);
+  A.thr = static_cast<float>(p > 0 ? std::exp(-p) : 0.0);
+  A.exp_p = static_cast<float>(p > 0 ? std::exp(p) : 1.0);
+  A.out_scale = static_cast<float>(out_scale);
+  A.grad = grad.data_ptr<float>();
+  auto update = torch::empty({n}, grad.options());
+  A.update = update.data_ptr<float>();
+  if (n == 0) return update;
+
+  block = std::max<int64_t>(kRows, block);
+  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nblocks);
+  const int64_t sf = scratch_floats(A, block);
+  std::atomic<int64_t> next{0};
+  auto run = [&]() {
+    std::vector<float> scratch(sf);
+    for (;;) {
+      const int64_t b = next.fetch_add(1, std::memory_order_relaxed);
+      if (b >= nblocks) break;
+      const int64_t start = b * block;
+      step_block(A, start, std::min(block, n - start), scratch.data());
+    }
+  };
+  if (nthreads <= 1 || at::in_parallel_region()) {
+    run();
+  } else {
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { run(); });
+  }
+  return update;
+}
+
+// The fused step's vector tanh on a float32 tensor (out of place), for testing its accuracy.
+torch::Tensor tanh_approx(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "tanh_approx: float32 expected");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  const int64_t n = xc.numel();
+  float buf[8];
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t len = std::min<int64_t>(8, n - i);
+    std::fill(buf, buf + 8, 0.0f);
+    std::copy(src + i, src + i + len, buf);
+    store8(buf, tanh8(load8(buf)));
+    std::copy(buf, buf + len, dst + i);
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lstm_cell_forward, "fused LSTM cell forward");
   m.def("forward_", &lstm_cell_forward_, "fused LSTM cell forward, in place");
   m.def("backward", &lstm_cell_backward, "fused LSTM cell backward");
+  m.def("step_", &lstm_step_, "fused in-place step of the coordinatewise LSTM optimizer");
+  m.def("tanh_approx", &tanh_approx, "the fused step's vector tanh (for tests)");
 }

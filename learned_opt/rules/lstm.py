@@ -156,10 +156,13 @@ class LSTMRule(UpdateRule):
     def step_(self, grad: Tensor, state: RuleState, *, chunk: int = 4096) -> Tensor:
         """Inference fast path: the same math as :meth:`forward`, updating ``state`` in place.
 
-        Used by the drop-in optimizer. Coordinates are processed in chunks of ``chunk`` rows so
-        that the working set (``chunk x 4H`` gates plus states) stays in cache, with preallocated
-        buffers; per layer, one ``addmm`` for the four gates and one fused in-place cell kernel
-        (or the in-place PyTorch fallback).
+        Used by the drop-in optimizer. On CPU with float32 gradients (and float32 or bfloat16
+        states) the whole step is one fused kernel call (:func:`learned_opt.kernels.fused_step_`:
+        cache-sized blocks of coordinates spread over the threads, preprocessing, gate products,
+        cells and read-out per block). Otherwise coordinates are processed in chunks of ``chunk``
+        rows so that the working set (``chunk x 4H`` gates plus states) stays in cache, with
+        preallocated buffers; per layer, one ``addmm`` for the four gates and one fused in-place
+        cell kernel (or the in-place PyTorch fallback).
 
         The hidden and cell states may be stored in another dtype than ``grad``'s (e.g. bfloat16
         states for float32 gradients, half the memory): each chunk of them is then upcast into
@@ -169,6 +172,22 @@ class LSTMRule(UpdateRule):
         Returns:
             the update, shape ``(n,)``.
         """
+        layers = range(self.num_layers)
+        update = kernels.fused_step_(
+            grad,
+            [state[f"h{layer}"] for layer in layers],
+            [state[f"c{layer}"] for layer in layers],
+            [getattr(self, f"weight_ih_l{layer}") for layer in layers],
+            [getattr(self, f"weight_hh_l{layer}") for layer in layers],
+            [getattr(self, f"bias_l{layer}") for layer in layers],
+            self.out_weight,
+            self.out_bias,
+            preprocess_p=self.preprocess_p if self.preprocess == "log_sign" else None,
+            output_scale=self.output_scale,
+        )
+        if update is not None:
+            state["step"].add_(1)
+            return update
         n = grad.numel()
         h_size = self.hidden_size
         if grad.device.type != "cpu":
