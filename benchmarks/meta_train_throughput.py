@@ -1,13 +1,17 @@
 """Benchmark: meta-training throughput (inner steps per second) and peak memory on the paper's MNIST
 task (784-20-10 sigmoid MLP, batch 128, 2x20 LSTM, first order), for truncation lengths K, with
-gradient checkpointing off and on (segments of ceil(sqrt(K)) steps), side by side in one run.
+gradient checkpointing off, on with one level of segments of ceil(sqrt(K)) steps ("sqrt") and on
+with the default nested segments of :func:`learned_opt.unroll.checkpoint_schedule` ("on", e.g.
+(25, 5, 1) for K = 100; ``--segment 10,1`` overrides them), side by side in one run. Each row also
+gives the exact recomputation of its schedule (:func:`learned_opt.unroll.schedule_cost`): inner
+steps re-run per inner step of the forward pass.
 
 Each configuration runs in a fresh subprocess, so that its peak resident memory is its own. The
 peak is the process's RSS high-water mark (``VmHWM``), reset just before the first unroll (after
 the dataset is loaded and the kernels are compiled; where /proc is not writable, ``ru_maxrss``
 since the process started). Two figures per run: the whole-process peak (it includes Python,
-torch and the dataset, ~200 MB for MNIST) and the growth = that peak minus the RSS just before the
-first unroll, i.e. what meta-training itself added.
+torch and the dataset, ~530 MB for MNIST here) and the growth = that peak minus the RSS just
+before the first unroll, i.e. what meta-training itself added.
 
 Each configuration also runs with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc's allocator keeps
 freed memory in its heap for reuse, and with the activations of K inner steps freed and
@@ -56,7 +60,7 @@ def _reset_peak() -> bool:
 
 
 def worker(
-    family: str, truncation: int, steps: int, threads: int, seconds: float, segment: int
+    family: str, truncation: int, steps: int, threads: int, seconds: float, segment: tuple[int, ...]
 ) -> dict:
     import torch
 
@@ -114,6 +118,7 @@ def worker(
 
 
 ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": PINNED}
+MODES = ("off", "sqrt", "on")
 
 
 def _ratio(records: list[dict], lo: int, hi: int, key: str) -> str:
@@ -122,14 +127,31 @@ def _ratio(records: list[dict], lo: int, hi: int, key: str) -> str:
     return "-" if a is None or b is None or a <= 0 else f"{b / a:.2f}x"
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip() and int(x) > 0)
+
+
+def _label(segment: tuple[int, ...] | None) -> str:
+    if not segment:
+        return "off"
+    return f"S = {segment[0]}" if len(segment) == 1 else f"S = ({', '.join(map(str, segment))})"
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="mnist")
     parser.add_argument("--ks", default="5,20,100")
     parser.add_argument("--horizon", type=int, default=100, help="inner steps per task (T)")
-    parser.add_argument("--checkpoint", default="off,on", help="gradient checkpointing modes")
-    parser.add_argument("--segment", type=int, default=None, help="default: ceil(sqrt(K))")
+    parser.add_argument(
+        "--checkpoint",
+        default="off,sqrt,on",
+        help="gradient checkpointing modes: off; sqrt (one level, S = ceil(sqrt(K))); on (nested "
+        "segments of checkpoint_schedule(K), or --segment)",
+    )
+    parser.add_argument(
+        "--segment", default=None, help='segments of the "on" mode, e.g. 10 or 25,5,1'
+    )
     parser.add_argument("--kernels", default="fused,pytorch", help="fused, pytorch or both")
     parser.add_argument(
         "--allocators",
@@ -143,7 +165,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         fam, k, steps, threads, seconds, segment = args.worker
-        res = worker(fam, int(k), int(steps), int(threads), float(seconds), int(segment))
+        res = worker(fam, int(k), int(steps), int(threads), float(seconds), _sizes(segment))
         print(json.dumps(res))
         return 0
     if args.smoke:
@@ -151,11 +173,13 @@ def run(argv: list[str] | None = None) -> int:
         args.kernels, args.allocators = "fused", "default"
     import torch
 
-    from learned_opt.unroll import sqrt_segment
+    from learned_opt.unroll import checkpoint_schedule, schedule_cost, sqrt_segment
 
     threads = args.threads or torch.get_num_threads()
     ks = [int(x) for x in args.ks.split(",")]
-    modes = [m.strip() == "on" for m in args.checkpoint.split(",")]
+    modes = [m.strip() for m in args.checkpoint.split(",")]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown --checkpoint modes {sorted(unknown)}; expected {MODES}")
     configs = [(kind.strip(), "glibc default") for kind in args.kernels.split(",")]
     if "default" not in args.allocators:
         configs = []
@@ -164,24 +188,36 @@ def run(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def measure(k: int, ckpt: bool, fused: bool, allocator: str) -> dict:
-        segment = (args.segment or sqrt_segment(k)) if ckpt else 0
+    def segments(k: int, mode: str) -> tuple[int, ...]:
+        if mode == "sqrt":
+            return (sqrt_segment(k),)
+        if mode == "on":
+            return _sizes(args.segment) if args.segment else checkpoint_schedule(k)
+        return ()
+
+    def measure(k: int, mode: str, fused: bool, allocator: str) -> dict:
+        segment = segments(k, mode)
         env = {**os.environ, **ALLOCATORS[allocator]}
         if not fused:
             env["LEARNED_OPT_NO_EXT"] = "1"
         cmd = [sys.executable, __file__, "--out", str(out), "--worker", args.family, str(k)]
-        cmd += [str(args.horizon), str(threads), str(args.seconds), str(segment)]
+        cmd += [str(args.horizon), str(threads), str(args.seconds)]
+        cmd += [",".join(map(str, segment)) or "0"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr)
             raise RuntimeError(f"worker failed: {' '.join(cmd)}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
+        cost = schedule_cost(k, segment) if segment else {"recomputed": 0, "max_checkpoints": 0}
         return {
             "what": "meta_train_throughput",
             "family": args.family,
             "horizon": args.horizon,
             "truncation": k,
-            "checkpoint_segment": segment or None,
+            "checkpoint": mode,
+            "checkpoint_segment": list(segment) or None,
+            "recomputed_per_step": cost["recomputed"] / k,
+            "max_checkpoints": cost["max_checkpoints"],
             "threads": threads,
             "fused_requested": fused,
             "allocator": allocator,
@@ -193,44 +229,61 @@ def run(argv: list[str] | None = None) -> int:
         f"{args.family}, first-order, horizon {args.horizon}, {threads} threads, "
         f"torch {torch.__version__}; memory: resident set size (RSS) of a fresh process per row",
         "",
-        "| K | checkpoint | kernels | allocator | inner steps/s | peak RSS MB | growth MB |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
+        "| K | checkpoint | kernels | allocator | inner steps/s | vs off | peak RSS MB | growth MB "
+        "| re-runs per step | states kept |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k in ks:
-        for ckpt in modes:
+        for mode in modes:
             for kind, allocator in configs:
-                rec = measure(k, ckpt, kind == "fused", allocator)
+                rec = measure(k, mode, kind == "fused", allocator)
                 records.append(rec)
-                seg = f"S = {rec['checkpoint_segment']}" if ckpt else "off"
+                off = [
+                    r
+                    for r in records
+                    if r["truncation"] == k
+                    and r["checkpoint"] == "off"
+                    and r["fused_requested"] == rec["fused_requested"]
+                    and r["allocator"] == allocator
+                ]
+                rel = f"{rec['steps_per_second'] / off[0]['steps_per_second']:.2f}x" if off else "-"
+                seg = rec["checkpoint_segment"]
                 kern = "fused" if rec["fused_kernels"] else "pytorch"
                 lines.append(
-                    f"| {k} | {seg} | {kern} | {allocator} | {rec['steps_per_second']:.1f} | "
-                    f"{rec['peak_rss_mb']:.0f} | {rec['peak_minus_base_mb']:.0f} |"
+                    f"| {k} | {_label(seg)} | {kern} | {allocator} | "
+                    f"{rec['steps_per_second']:.1f} | {rel} | {rec['peak_rss_mb']:.0f} | "
+                    f"{rec['peak_minus_base_mb']:.0f} | {rec['recomputed_per_step']:.2f} | "
+                    f"{rec['max_checkpoints'] or '-'} |"
                 )
     lines += [
         "",
         "growth = peak RSS minus the RSS just before the first unroll (what meta-training added); "
-        f"memory measured as: {records[0]['memory_method']}",
+        f"memory measured as: {records[0]['memory_method']}; vs off = inner steps/s relative to "
+        "checkpointing off (same K, kernels and allocator); re-runs per step and states kept "
+        "(at most, per window) count the schedule exactly (learned_opt.unroll.schedule_cost)",
     ]
     if len(ks) > 1:
         lo, hi = min(ks), max(ks)
         lines += ["", f"Peak memory at K = {hi} / at K = {lo}:", ""]
         lines += ["| checkpoint | kernels | allocator | whole-process peak | growth |"]
         lines += ["| --- | --- | --- | ---: | ---: |"]
-        for ckpt in modes:
+        names = {
+            "off": "off",
+            "sqrt": "S = ceil(sqrt(K))",
+            "on": f"S = {args.segment}" if args.segment else "checkpoint_schedule(K)",
+        }
+        for mode in modes:
             for kind, allocator in configs:
                 sel = [
                     r
                     for r in records
-                    if (r["checkpoint_segment"] is not None) == ckpt
+                    if r["checkpoint"] == mode
                     and r["fused_requested"] == (kind == "fused")
                     and r["allocator"] == allocator
                 ]
-                seg = "off"
-                if ckpt:
-                    seg = f"S = {args.segment}" if args.segment else "S = ceil(sqrt(K))"
                 lines.append(
-                    f"| {seg} | {kind} | {allocator} | {_ratio(sel, lo, hi, 'peak_rss_mb')} | "
+                    f"| {names[mode]} | {kind} | {allocator} | "
+                    f"{_ratio(sel, lo, hi, 'peak_rss_mb')} | "
                     f"{_ratio(sel, lo, hi, 'peak_minus_base_mb')} |"
                 )
     write_jsonl(out / "records.jsonl", records)

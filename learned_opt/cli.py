@@ -27,6 +27,17 @@ _TUNE_STREAM = 1_000_003
 _EVAL_STREAM = 2_000_003
 
 
+def _segment_arg(text: str) -> int | tuple[int, ...]:
+    """``--grad-checkpoint-segment``: ``S`` or ``S1,S2,...``."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an integer or a comma-separated list: {text!r}"
+        ) from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def git_commit() -> str:
     """The current commit (with ``+dirty`` when the tree has changes), or ``"unknown"``."""
     try:
@@ -78,14 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-checkpoint",
         action="store_true",
         help="gradient checkpointing: recompute the inner steps during the meta-backward "
-        "instead of keeping them (memory ~sqrt(K) instead of K; same meta-gradients)",
+        "instead of keeping them (by default nested segments: O(log K) inner states and one "
+        "step's activations alive instead of K steps', for ~ceil(log8 K) extra forward passes; "
+        "same meta-gradients; with glibc, also set MALLOC_MMAP_THRESHOLD_=131072 in the "
+        "environment, or the freed memory stays in the heap: see the README)",
     )
     mt.add_argument(
         "--grad-checkpoint-segment",
-        type=int,
+        type=_segment_arg,
         default=None,
-        metavar="S",
-        help="inner steps per checkpointed segment (default ceil(sqrt(truncation)))",
+        metavar="S[,S2,...]",
+        help="inner steps per checkpointed segment (one level), or nested segment lengths "
+        "S1 > S2 > ... (e.g. 25,5,1); default: checkpoint_schedule(truncation)",
     )
     mt.add_argument("--meta-lr", type=float, default=d.meta_lr)
     mt.add_argument("--meta-batch", type=int, default=d.meta_batch)

@@ -29,7 +29,7 @@ from .learners import MetaLearner, OptimizerLearner
 from .optim import LearnedOptimizer
 from .rules import build_rule
 from .tasks import TaskFamily, make_family
-from .unroll import OBJECTIVES, sqrt_segment, unroll
+from .unroll import OBJECTIVES, checkpoint_schedule, checkpoint_segments, unroll
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
 
@@ -53,12 +53,16 @@ class MetaTrainConfig:
         objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
             (held-out loss at the end of the window).
         second_order: backpropagate through the optimizee's gradients.
-        grad_checkpoint: gradient checkpointing in the unroll: keep only the inner states at
-            segment boundaries and recompute each segment's activations during the meta-backward
-            (peak memory grows with ~sqrt(K) instead of K, for one extra forward pass of the
-            inner steps). Same meta-gradients; a run may be resumed with it switched on or off.
-        grad_checkpoint_segment: inner steps per segment (``None``: ``ceil(sqrt(K))``); only used
-            with ``grad_checkpoint``.
+        grad_checkpoint: gradient checkpointing in the unroll: keep only some inner states and
+            recompute the inner steps' activations during the meta-backward. By default nested
+            segments (:func:`~learned_opt.unroll.checkpoint_schedule`): O(log K) inner states and
+            one step's activations alive instead of K steps', for ~L extra forward passes of the
+            inner steps with L = ceil(log_8 K) levels (1 for K <= 8, 2 for K <= 64, 3 for
+            K <= 512). Same meta-gradients; a run may be resumed with it switched on or off.
+        grad_checkpoint_segment: the unroll's ``checkpoint_segment``: ``S`` (one level of
+            segments of S steps: ~K / S states and S steps' activations, one extra forward
+            pass) or nested segment lengths ``(S1, S2, ..., SL)``; ``None``:
+            ``checkpoint_schedule(K)``. Only used with ``grad_checkpoint``.
         meta_lr: Adam learning rate of the meta-optimizer.
         meta_batch: tasks unrolled side by side per meta-update (over all processes); their
             window meta-losses are averaged.
@@ -88,7 +92,7 @@ class MetaTrainConfig:
     objective: str = "train"
     second_order: bool = False
     grad_checkpoint: bool = False
-    grad_checkpoint_segment: int | None = None
+    grad_checkpoint_segment: int | tuple[int, ...] | None = None
     meta_lr: float = 1e-3
     meta_batch: int = 1
     clip_grad: float = 1.0
@@ -112,16 +116,25 @@ class MetaTrainConfig:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
         if self.meta_lr <= 0:
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
-        if self.grad_checkpoint_segment is not None and self.grad_checkpoint_segment < 1:
-            raise ValueError(
-                f"Invalid grad_checkpoint_segment: {self.grad_checkpoint_segment} (must be >= 1)"
+        segment = self.grad_checkpoint_segment
+        if segment is not None:
+            try:
+                sizes = checkpoint_segments(segment)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"Invalid grad_checkpoint_segment: {segment} (must be >= 1, or nested "
+                    "segment lengths S1 > S2 > ... >= 1)"
+                ) from None
+            # A list (from a JSON log) or a one-level tuple reads as the same setting.
+            object.__setattr__(
+                self, "grad_checkpoint_segment", sizes[0] if len(sizes) == 1 else sizes
             )
 
-    def checkpoint_segment(self) -> int | None:
+    def checkpoint_segment(self) -> int | tuple[int, ...] | None:
         """The unroll's ``checkpoint_segment``: ``None`` without gradient checkpointing."""
         if not self.grad_checkpoint:
             return None
-        return self.grad_checkpoint_segment or sqrt_segment(self.truncation)
+        return self.grad_checkpoint_segment or checkpoint_schedule(self.truncation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
