@@ -161,6 +161,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         records = [r for d in args.merge.split(",") for r in read_jsonl(Path(d) / "records.jsonl")]
+        write_jsonl(Path(args.out) / "records.jsonl", records)
         report(records, Path(args.out))
         return 0
     if args.smoke:
