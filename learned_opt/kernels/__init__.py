@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,10 @@ _EXT: Any = None
 _DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
 _TRIED = False
 _CFLAGS = ["-O3", "-ffast-math", "-march=native"]
+# at::parallel_for is a header template: without OpenMP in the extension's own compile it runs
+# serially. Linked with -fopenmp, the extension resolves to the libgomp that torch already loaded
+# (same soname), so it shares torch's thread pool and follows torch.set_num_threads.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def _cpu_fingerprint() -> str:
@@ -67,7 +72,8 @@ def _load() -> Any:
         _EXT = load(
             name=name,
             sources=[str(Path(__file__).with_name("lstm_cell.cpp"))],
-            extra_cflags=_CFLAGS,
+            extra_cflags=_CFLAGS + _OPENMP,
+            extra_ldflags=_OPENMP,
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, unsupported platform
