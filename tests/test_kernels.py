@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -193,3 +195,15 @@ def test_build_name_includes_the_cpu() -> None:
     fp = kernels._cpu_fingerprint()
     assert fp == kernels._cpu_fingerprint()
     assert len(fp) == 10 and all(ch in "0123456789abcdef" for ch in fp)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built with OpenMP on Linux only")
+def test_parallel_for_is_really_parallel() -> None:
+    """at::parallel_for is a header template: the extension must itself be built with OpenMP, or
+    the fused step silently runs on one thread."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kernels._load().parallel_width() == 2
+    finally:
+        torch.set_num_threads(threads)

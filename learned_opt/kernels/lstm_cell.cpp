@@ -585,10 +585,31 @@ torch::Tensor tanh_approx(torch::Tensor x) {
   return y;
 }
 
+// How many tasks at::parallel_for runs at once here with torch's thread count (1 when the
+// extension was built without OpenMP: then its parallel_for is serial), for testing.
+int64_t parallel_width() {
+  std::atomic<int64_t> running{0}, most{0};
+  const int64_t n = at::get_num_threads();
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t now = ++running;
+    int64_t seen = most.load();
+    while (now > seen && !most.compare_exchange_weak(seen, now)) {
+    }
+    // wait (bounded) for the others to arrive, so that the count is not a race
+    for (int spin = 0; spin < 100000000 && running.load() < n; ++spin) {
+    }
+    seen = most.load();
+    while (running.load() > seen && !most.compare_exchange_weak(seen, running.load())) {
+    }
+  });
+  return most.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lstm_cell_forward, "fused LSTM cell forward");
   m.def("forward_", &lstm_cell_forward_, "fused LSTM cell forward, in place");
   m.def("backward", &lstm_cell_backward, "fused LSTM cell backward");
   m.def("step_", &lstm_step_, "fused in-place step of the coordinatewise LSTM optimizer");
   m.def("tanh_approx", &tanh_approx, "the fused step's vector tanh (for tests)");
+  m.def("parallel_width", &parallel_width, "tasks at::parallel_for runs at once (for tests)");
 }
