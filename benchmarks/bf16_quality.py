@@ -20,7 +20,7 @@ import torch
 
 from learned_opt import LSTMOptimizer, pretrained
 from learned_opt.evaluate import run_optimizer, task_seed
-from learned_opt.report import write_jsonl
+from learned_opt.report import write_results
 from learned_opt.tasks import FAMILIES, MLPFamily, make_family
 
 _STREAM = 3_000_017  # evaluation seeds of this benchmark
@@ -81,9 +81,7 @@ def run(argv: list[str] | None = None) -> int:
             f"| {metric} | {a.mean():.4f} | {b.mean():.4f} | {b.mean() / a.mean():.4f} | "
             f"{per_seed.min():.4f} | {np.median(per_seed):.4f} | {per_seed.max():.4f} |"
         )
-    write_jsonl(out / "records.jsonl", records)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, records, lines)
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from learned_opt.report import write_jsonl
+from learned_opt.report import write_results
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -82,9 +82,7 @@ def run(argv: list[str] | None = None) -> int:
     ]
     lines += [f"| {r['processes']} | {r['steps_per_second']:.1f} |" for r in records]
     lines += ["", f"2 processes / 1 process: {speedup:.2f}x"]
-    write_jsonl(out / "records.jsonl", records)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, records, lines)
     return 0
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from learned_opt.report import write_jsonl
+from learned_opt.report import write_results
 
 PINNED = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -286,9 +286,7 @@ def run(argv: list[str] | None = None) -> int:
                     f"{_ratio(sel, lo, hi, 'peak_rss_mb')} | "
                     f"{_ratio(sel, lo, hi, 'peak_minus_base_mb')} |"
                 )
-    write_jsonl(out / "records.jsonl", records)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, records, lines)
     return 0
 
 

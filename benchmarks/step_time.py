@@ -26,7 +26,7 @@ from torch import nn
 
 from learned_opt import LSTMOptimizer, LSTMRule
 from learned_opt.preprocess import log_sign
-from learned_opt.report import write_jsonl
+from learned_opt.report import write_results
 
 SIZES = {"10k": (80, 64), "100k": (280, 210), "1M": (900, 650), "10M": (2800, 2100)}
 
@@ -165,9 +165,7 @@ def run(argv: list[str] | None = None) -> int:
             f"{mine / times['adam']:.0f} | {state_bytes / n:.0f} | {bf16 * 1e3:.1f} | "
             f"{bf16 / mine:.2f} | {bf16_bytes / n:.0f} |"
         )
-    write_jsonl(out / "records.jsonl", records)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, records, lines)
     return 0
 
 

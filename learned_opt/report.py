@@ -51,6 +51,17 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
             f.write(json.dumps(r) + "\n")
 
 
+def write_results(
+    out: str | os.PathLike, records: Iterable[dict[str, Any]], lines: list[str]
+) -> None:
+    """A benchmark's outputs: ``out/records.jsonl``, ``out/table.md`` (``lines``), and the table
+    printed."""
+    out = Path(out)
+    write_jsonl(out / "records.jsonl", records)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
