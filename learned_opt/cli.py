@@ -15,6 +15,7 @@ import torch
 
 from . import distributed, pretrained
 from .checkpoint import load_rule
+from .estimators import ESTIMATORS
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
 from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer
@@ -82,7 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mt.add_argument("--init-weights", default=None, help="start from these weights (fine-tune)")
     mt.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per task (T)")
+    mt.add_argument(
+        "--min-horizon",
+        type=int,
+        default=None,
+        help="draw each task's horizon log-uniformly in [min-horizon, horizon] (heavy-tailed)",
+    )
     mt.add_argument("--truncation", type=int, default=d.truncation, help="steps per window (K)")
+    mt.add_argument(
+        "--estimator",
+        default=d.estimator,
+        choices=sorted(ESTIMATORS),
+        help="meta-gradient estimator: truncated backpropagation, persistent ES (unbiased, "
+        "memory independent of K and T) or truncated antithetic ES",
+    )
+    mt.add_argument(
+        "--estimator-kwargs",
+        type=_json_arg,
+        default={},
+        metavar="JSON",
+        help='e.g. \'{"sigma": 0.01, "pairs": 8}\' for pes/es',
+    )
     mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
     mt.add_argument("--second-order", action="store_true")
     mt.add_argument(
@@ -169,9 +190,12 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         rule_kwargs=args.rule_kwargs,
         init_weights=args.init_weights,
         horizon=args.horizon,
+        min_horizon=args.min_horizon,
         truncation=args.truncation,
         objective=args.objective,
         second_order=args.second_order,
+        estimator=args.estimator,
+        estimator_kwargs=args.estimator_kwargs,
         grad_checkpoint=args.grad_checkpoint or args.grad_checkpoint_segment is not None,
         grad_checkpoint_segment=args.grad_checkpoint_segment,
         meta_lr=args.meta_lr,

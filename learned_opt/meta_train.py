@@ -24,12 +24,15 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, atomic_save, load_rule, rule_to_dict, safe_load
+from .estimators import ESTIMATORS, Estimator, average_gradients, build_estimator, set_gradients
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed
 from .learners import MetaLearner, OptimizerLearner
 from .optim import LearnedOptimizer
 from .rules import build_rule
-from .tasks import TaskFamily, make_family
+from .tasks import TaskFamily, make_family, sample_horizon
 from .unroll import OBJECTIVES, checkpoint_schedule, checkpoint_segments, unroll
+
+_HORIZON_STREAM = 2  # offset of the seed of a task's horizon draw (task: +0, inner state: +1)
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
 
@@ -48,11 +51,19 @@ class MetaTrainConfig:
         rule_kwargs: the rule's constructor arguments.
         init_weights: start from these weights (a shipped name or a weights/checkpoint file)
             instead of a random initialization; the rule's architecture comes from the file.
-        horizon: inner steps per task (T).
+        horizon: inner steps per task (T); with ``min_horizon``, the longest horizon drawn.
+        min_horizon: draw each task's horizon log-uniformly in ``[min_horizon, horizon]``
+            (:func:`~learned_opt.tasks.sample_horizon`: heavy-tailed, every octave of lengths
+            gets the same share of tasks); ``None``: every task runs ``horizon`` steps.
         truncation: inner steps per truncation window (K); one meta-update per window.
         objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
             (held-out loss at the end of the window).
         second_order: backpropagate through the optimizee's gradients.
+        estimator: the meta-gradient estimator (:data:`~learned_opt.estimators.ESTIMATORS`):
+            ``"tbptt"`` (backpropagation through each window), ``"pes"`` (persistent evolution
+            strategies: unbiased over the whole horizon, memory independent of K and T) or
+            ``"es"`` (truncated antithetic ES).
+        estimator_kwargs: the estimator's arguments (PES/ES: ``sigma``, ``pairs``).
         grad_checkpoint: gradient checkpointing in the unroll: keep only some inner states and
             recompute the inner steps' activations during the meta-backward. By default nested
             segments (:func:`~learned_opt.unroll.checkpoint_schedule`): O(log K) inner states and
@@ -88,9 +99,12 @@ class MetaTrainConfig:
     rule_kwargs: dict[str, Any] = field(default_factory=dict)
     init_weights: str | None = None
     horizon: int = 100
+    min_horizon: int | None = None
     truncation: int = 20
     objective: str = "train"
     second_order: bool = False
+    estimator: str = "tbptt"
+    estimator_kwargs: dict[str, Any] = field(default_factory=dict)
     grad_checkpoint: bool = False
     grad_checkpoint_segment: int | tuple[int, ...] | None = None
     meta_lr: float = 1e-3
@@ -116,6 +130,19 @@ class MetaTrainConfig:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
         if self.meta_lr <= 0:
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
+        if self.min_horizon is not None and not 1 <= self.min_horizon <= self.horizon:
+            raise ValueError(
+                f"Invalid min_horizon: {self.min_horizon} (must be in [1, horizon={self.horizon}])"
+            )
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(
+                f"Unknown estimator {self.estimator!r}; expected one of {sorted(ESTIMATORS)}"
+            )
+        if self.estimator != "tbptt" and (self.grad_checkpoint or self.second_order):
+            raise ValueError(
+                f"grad_checkpoint and second_order apply to backpropagation only, not to the "
+                f"{self.estimator!r} estimator (which never builds a graph)"
+            )
         segment = self.grad_checkpoint_segment
         if segment is not None:
             try:
@@ -129,6 +156,21 @@ class MetaTrainConfig:
             object.__setattr__(
                 self, "grad_checkpoint_segment", sizes[0] if len(sizes) == 1 else sizes
             )
+
+    def build_estimator(self) -> Estimator:
+        """The configured meta-gradient estimator."""
+        kwargs = dict(self.estimator_kwargs)
+        if self.estimator == "tbptt":
+            kwargs.setdefault("checkpoint_segment", self.checkpoint_segment())
+        return build_estimator(self.estimator, **kwargs)
+
+    def task_horizon(self, iteration: int, index: int) -> int:
+        """The horizon of task ``index`` of ``iteration``: ``horizon``, or a log-uniform draw
+        from its own seed stream when ``min_horizon`` is set."""
+        if self.min_horizon is None:
+            return self.horizon
+        seed = task_seed(self.seed, iteration, index) + _HORIZON_STREAM
+        return sample_horizon(torch.Generator().manual_seed(seed), self.min_horizon, self.horizon)
 
     def checkpoint_segment(self) -> int | tuple[int, ...] | None:
         """The unroll's ``checkpoint_segment``: ``None`` without gradient checkpointing."""
@@ -213,6 +255,7 @@ class MetaTrainer:
                     rule.reset_parameters(torch.Generator().manual_seed(config.seed))
             learner = OptimizerLearner(rule, second_order=config.second_order)
         self.learner = learner
+        self.estimator = config.build_estimator()
         self.meta_opt = torch.optim.Adam(self.learner.parameters(), lr=config.meta_lr)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
@@ -496,13 +539,16 @@ class MetaTrainer:
                 )
 
     # ------------------------------------------------------------------------------ training
-    def _meta_step(self, losses: list[torch.Tensor]) -> tuple[float, float, bool]:
+    def _meta_step(
+        self, grads: list[torch.Tensor | None] | None, meta_loss: float
+    ) -> tuple[float, float, bool]:
+        """One meta-step from this process's mean meta-gradient ``grads`` (``None``: no usable
+        window here) and mean meta-loss."""
         self.meta_opt.zero_grad(set_to_none=True)
-        if losses:
-            meta_loss = torch.stack(losses).mean()
-            meta_loss.backward()
+        if grads is not None:
+            set_gradients(self.learner, grads)
         else:  # only in distributed runs: this rank's tasks all diverged; contribute zeros
-            meta_loss = torch.zeros(())
+            meta_loss = 0.0
         if distributed.world_size() > 1:  # average the meta-gradient over ranks (same on all)
             for p in self.learner.parameters():
                 if p.grad is None:
@@ -512,69 +558,75 @@ class MetaTrainer:
         max_norm = self.config.clip_grad if self.config.clip_grad > 0 else math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
         # The norm is computed after the all-reduce, so every rank takes the same decision.
-        local_ok = distributed.world_size() > 1 or math.isfinite(float(meta_loss.detach()))
+        local_ok = distributed.world_size() > 1 or math.isfinite(meta_loss)
         if not (math.isfinite(norm) and local_ok):
             self.meta_opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.consecutive_skips += 1
             if self.consecutive_skips >= self.config.rollback_after:
                 self._rollback()
-            return float(meta_loss.detach()), norm, False
+            return meta_loss, norm, False
         self.consecutive_skips = 0
         self.meta_opt.step()
-        return float(meta_loss.detach()), norm, True
+        return meta_loss, norm, True
 
     def train_iteration(self) -> dict[str, float]:
-        """Unroll one batch of tasks and take one meta-step per truncation window."""
+        """Unroll one batch of tasks and take one meta-step per truncation window.
+
+        Each task's unroll is a stream of per-window meta-gradient estimates from the configured
+        estimator; round after round, the next window of every task still running is taken, and
+        the mean of their estimates makes one meta-step.
+        """
         cfg = self.config
-        unrolls = []
         world = distributed.world_size()
         if cfg.meta_batch % world:
             raise ValueError(
                 f"meta_batch={cfg.meta_batch} must be a multiple of the number of processes "
                 f"({world}): each process unrolls meta_batch / {world} of the tasks"
             )
+        horizons = [cfg.task_horizon(self.iteration, j) for j in range(cfg.meta_batch)]
         # meta_batch is global: rank r unrolls tasks r, r + N, r + 2N, ... of the iteration, so
         # any number of processes meta-trains on exactly the same tasks (and can resume the same
         # checkpoint).
+        streams = []
         for j in range(distributed.rank(), cfg.meta_batch, world):
             seed = task_seed(cfg.seed, self.iteration, j)
             task = self.family.sample(torch.Generator().manual_seed(seed))
-            unrolls.append(
-                unroll(
+            streams.append(
+                self.estimator.unroll(
                     self.learner,
                     task,
                     torch.Generator().manual_seed(seed + 1),
-                    horizon=cfg.horizon,
+                    horizon=horizons[j],
                     truncation=cfg.truncation,
                     objective=cfg.objective,
                     max_loss_ratio=cfg.max_loss_ratio,
-                    checkpoint_segment=cfg.checkpoint_segment(),
                 )
             )
-        meta_losses, norms, final_losses, diverged = [], [], [], 0
-        active = list(unrolls)
-        # A fixed number of rounds, so every rank joins the same number of all-reduces.
-        for _ in range(math.ceil(cfg.horizon / cfg.truncation)):
-            windows = []
-            for u in list(active):
-                w = next(u, None)
-                if w is None:
-                    active.remove(u)
+        meta_losses, norms, diverged = [], [], 0
+        active = list(streams)
+        # A fixed number of rounds (that of the longest task of the whole iteration), so every
+        # rank joins the same number of all-reduces; tasks that end early drop out.
+        for _ in range(math.ceil(max(horizons) / cfg.truncation)):
+            estimates = []
+            for s in list(active):
+                e = next(s, None)
+                if e is None:
+                    active.remove(s)
                     continue
-                windows.append(w)
-                diverged += w.diverged
-                if len(w.train_losses):
-                    final_losses.append(float(w.train_losses[-1]))
-            usable = [w.meta_loss for w in windows if w.meta_loss is not None]
-            if usable or distributed.world_size() > 1:
-                loss, norm, _ = self._meta_step(usable)
+                estimates.append(e)
+                diverged += e.diverged
+            grads = average_gradients(estimates)
+            if grads is not None or world > 1:
+                usable = [e.meta_loss for e in estimates if e.grads is not None]
+                loss, norm, _ = self._meta_step(grads, float(np.mean(usable)) if usable else 0.0)
                 meta_losses.append(loss)
                 norms.append(norm)
         return {
             "meta_loss": float(np.mean(meta_losses)) if meta_losses else math.nan,
             "grad_norm": float(np.mean(norms)) if norms else math.nan,
             "diverged": float(diverged),
+            "inner_steps": float(sum(horizons)),
         }
 
     def train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None = None) -> None:
@@ -601,7 +653,7 @@ class MetaTrainer:
             self._log("meta/grad_norm", stats["grad_norm"])
             self._log("meta/diverged_tasks", stats["diverged"])
             self._log("meta/skipped_steps", self.skipped_steps)
-            self._log("time/inner_steps_per_second", cfg.horizon * cfg.meta_batch / seconds)
+            self._log("time/inner_steps_per_second", stats["inner_steps"] / seconds)
             if cfg.eval_every and self.iteration % cfg.eval_every == 0:
                 self._run_eval()
             if self.iteration % cfg.checkpoint_every == 0:

@@ -124,3 +124,37 @@ def test_unknown_baseline_is_an_error(capsys: pytest.CaptureFixture) -> None:
         == 2
     )
     assert "unknown baseline" in capsys.readouterr().err
+
+
+def test_meta_train_with_pes_and_random_horizons(tmp_path: Path) -> None:
+    argv = [
+        "meta-train",
+        "--family",
+        "quadratic",
+        "--horizon",
+        "12",
+        "--min-horizon",
+        "4",
+        "--truncation",
+        "4",
+        "--estimator",
+        "pes",
+        "--estimator-kwargs",
+        '{"sigma": 0.02, "pairs": 2}',
+        "--meta-batch",
+        "2",
+        "--iterations",
+        "2",
+        "--eval-every",
+        "0",
+        "--ckpt-dir",
+        str(tmp_path / "ckpt"),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    from learned_opt.checkpoint import safe_load
+    from learned_opt.meta_train import find_checkpoints
+
+    config = safe_load(find_checkpoints(tmp_path / "ckpt")[0])["config"]
+    assert config["estimator"] == "pes" and config["min_horizon"] == 4
+    assert config["estimator_kwargs"] == {"sigma": 0.02, "pairs": 2}

@@ -103,8 +103,8 @@ def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:
         )
     )
     before = _weights(trainer)
-    loss = sum(p.sum() for p in trainer.learner.parameters()) * float("nan")
-    _, _, stepped = trainer._meta_step([loss])
+    grads = [torch.full_like(p, float("nan")) for p in trainer.learner.parameters()]
+    _, _, stepped = trainer._meta_step(grads, float("nan"))
     assert not stepped and trainer.skipped_steps == 1
     for a, b in zip(before, _weights(trainer)):
         assert torch.equal(a, b)
@@ -133,6 +133,65 @@ def test_config_validation() -> None:
         MetaTrainConfig(objective="sum")
     with pytest.raises(ValueError, match="truncation"):
         MetaTrainConfig(truncation=0)
+    with pytest.raises(ValueError, match="estimator"):
+        MetaTrainConfig(estimator="reinforce")
+    with pytest.raises(ValueError, match="backpropagation only"):
+        MetaTrainConfig(estimator="pes", grad_checkpoint=True)
+    with pytest.raises(ValueError, match="min_horizon"):
+        MetaTrainConfig(horizon=10, min_horizon=11)
+
+
+def test_pes_estimator_meta_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = dict(SMALL, estimator="pes", estimator_kwargs={"sigma": 0.01, "pairs": 4})
+    full = MetaTrainer(MetaTrainConfig(iterations=4, **cfg), ckpt_dir=tmp_path / "full")
+    before = _weights(full)
+    full.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, _weights(full)))
+    first = MetaTrainer(MetaTrainConfig(iterations=2, **cfg), ckpt_dir=tmp_path / "split")
+    first.train()
+    second = MetaTrainer(MetaTrainConfig(iterations=4, **cfg), ckpt_dir=tmp_path / "split")
+    assert second.resume()
+    second.train()
+    for a, b in zip(_weights(full), _weights(second)):
+        assert torch.equal(a, b)
+    # The estimator is part of the run's definition: TBPTT may not resume a PES run.
+    with pytest.raises(ValueError, match="estimator"):
+        MetaTrainer(MetaTrainConfig(iterations=4, **SMALL), ckpt_dir=tmp_path / "split").resume()
+
+
+def test_pes_meta_training_beats_its_initialization() -> None:
+    cfg = {**SMALL, "horizon": 20, "truncation": 10, "iterations": 20, "eval_every": 20}
+    trainer = MetaTrainer(
+        MetaTrainConfig(
+            **{**cfg, "eval_tasks": 4, "meta_lr": 1e-2},
+            estimator="pes",
+            estimator_kwargs={"sigma": 0.02, "pairs": 8},
+        )
+    )
+    trainer.train()
+    first, last = trainer.history["eval_metric"][0], trainer.history["eval_metric"][-1]
+    assert last < 0.8 * first
+
+
+def test_random_horizons_are_heavy_tailed_deterministic_and_unrolled() -> None:
+    cfg = MetaTrainConfig(**{**SMALL, "horizon": 200, "meta_batch": 4}, min_horizon=10)
+    drawn = [cfg.task_horizon(i, j) for i in range(50) for j in range(4)]
+    assert drawn == [cfg.task_horizon(i, j) for i in range(50) for j in range(4)]
+    assert min(drawn) >= 10 and max(drawn) <= 200 and len(set(drawn)) > 50
+    # Log-uniform: about as many tasks in [10, 45) as in [45, 200].
+    short = sum(t < 45 for t in drawn) / len(drawn)
+    assert 0.35 < short < 0.65
+    assert MetaTrainConfig(**SMALL).task_horizon(3, 1) == SMALL["horizon"]
+
+    trainer = MetaTrainer(cfg)
+    stats = trainer.train_iteration()
+    horizons = [cfg.task_horizon(0, j) for j in range(4)]
+    assert stats["inner_steps"] == sum(horizons) and len(set(horizons)) > 1
+    assert stats["meta_loss"] == stats["meta_loss"]
+    # One meta-step per round of windows, until the longest task ends.
+    p = next(trainer.learner.parameters())
+    rounds = -(-max(horizons) // cfg.truncation)
+    assert int(trainer.meta_opt.state[p]["step"]) == rounds
 
 
 def test_repeated_non_finite_meta_gradients_roll_back_with_lower_lr() -> None:

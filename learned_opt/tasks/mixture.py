@@ -35,12 +35,11 @@ def sample_horizon(generator: torch.Generator, min_steps: int = 50, max_steps: i
     long unrolls that teach late-training behaviour are not drowned out by short ones, nor do they
     dominate the compute.
 
-    How a trainer uses it (``MetaTrainer.train_iteration`` does not yet): draw the horizon of
-    task ``j`` of iteration ``i`` from its own stream, e.g.
-    ``sample_horizon(torch.Generator().manual_seed(task_seed(seed, i, j) + 2))``, pass it as that
-    task's ``horizon`` to :func:`~learned_opt.unroll.unroll` (or to an estimator's ``unroll``),
-    and run ``ceil(max_j T_j / K)`` rounds of windows: tasks that end early drop out of the
-    later rounds, which the trainer already handles. Per-window meta-losses are means over the
+    How :class:`~learned_opt.meta_train.MetaTrainer` uses it (``MetaTrainConfig.min_horizon``):
+    the horizon of task ``j`` of iteration ``i`` comes from its own stream,
+    ``sample_horizon(torch.Generator().manual_seed(task_seed(seed, i, j) + 2), ...)``, and the
+    iteration runs ``ceil(max_j T_j / K)`` rounds of windows: tasks that end early drop out of the
+    later rounds. Per-window meta-losses are means over the
     window, so short and long tasks weigh alike per window.
     """
     if not 1 <= min_steps <= max_steps:
