@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='e.g. \'{"sigma": 0.01, "pairs": 8}\' for pes/es',
     )
     mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
+    mt.add_argument(
+        "--log-meta-loss",
+        action="store_true",
+        help="meta-loss = log of the objective (tasks of any loss scale weigh alike); the "
+        "evaluation then reports geometric means",
+    )
     mt.add_argument("--second-order", action="store_true")
     mt.add_argument(
         "--grad-checkpoint",
@@ -193,6 +199,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         min_horizon=args.min_horizon,
         truncation=args.truncation,
         objective=args.objective,
+        log_meta_loss=args.log_meta_loss,
         second_order=args.second_order,
         estimator=args.estimator,
         estimator_kwargs=args.estimator_kwargs,

@@ -132,6 +132,7 @@ class Estimator:
         truncation: int,
         objective: str = "train",
         max_loss_ratio: float | None = None,
+        log_meta_loss: bool = False,
     ) -> Iterator[MetaGradient]:
         """A lazy stream of one :class:`MetaGradient` per truncation window of ``task``.
 
@@ -151,6 +152,7 @@ class Estimator:
         truncation: int,
         objective: str = "train",
         max_loss_ratio: float | None = None,
+        log_meta_loss: bool = False,
     ) -> MetaGradient:
         """The estimate for the whole unroll at fixed theta: the mean over usable windows of
         the window estimates, i.e. of the gradient of the mean window meta-loss (TBPTT: the
@@ -164,6 +166,7 @@ class Estimator:
                 truncation=truncation,
                 objective=objective,
                 max_loss_ratio=max_loss_ratio,
+                log_meta_loss=log_meta_loss,
             )
         )
         usable = [w for w in windows if w.grads is not None]
@@ -217,6 +220,7 @@ class TBPTTEstimator(Estimator):
         truncation: int,
         objective: str = "train",
         max_loss_ratio: float | None = None,
+        log_meta_loss: bool = False,
     ) -> Iterator[MetaGradient]:
         _check(horizon, truncation, objective)
         params = meta_parameters(learner)
@@ -229,6 +233,7 @@ class TBPTTEstimator(Estimator):
             objective=objective,
             max_loss_ratio=max_loss_ratio,
             checkpoint_segment=self.checkpoint_segment,
+            log_meta_loss=log_meta_loss,
         ):
             grads: list[Tensor | None] | None = None
             loss = math.nan
@@ -303,8 +308,10 @@ class PESUnroll:
         truncation: int,
         objective: str,
         max_loss_ratio: float | None,
+        log_meta_loss: bool = False,
     ) -> None:
         _check(horizon, truncation, objective)
+        self.log_meta_loss = log_meta_loss
         self.estimator = estimator
         self.learner, self.task = learner, task
         self.horizon, self.truncation, self.objective = horizon, truncation, objective
@@ -365,6 +372,8 @@ class PESUnroll:
             else:
                 assert test_batch is not None
                 meta = float(self.learner.evaluate(self.task, state, test_batch))
+            if self.log_meta_loss:
+                meta = math.log(meta) if meta > 0 else math.nan
         return state, meta, losses, not math.isfinite(meta)
 
     def __next__(self) -> MetaGradient:
@@ -482,6 +491,7 @@ class PESEstimator(Estimator):
         truncation: int,
         objective: str = "train",
         max_loss_ratio: float | None = None,
+        log_meta_loss: bool = False,
     ) -> PESUnroll:
         return PESUnroll(
             self,
@@ -492,6 +502,7 @@ class PESEstimator(Estimator):
             truncation=truncation,
             objective=objective,
             max_loss_ratio=max_loss_ratio,
+            log_meta_loss=log_meta_loss,
         )
 
     def config(self) -> dict[str, Any]:

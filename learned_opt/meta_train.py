@@ -58,6 +58,9 @@ class MetaTrainConfig:
         truncation: inner steps per truncation window (K); one meta-update per window.
         objective: ``"train"`` (mean training loss over the window, the paper) or ``"test"``
             (held-out loss at the end of the window).
+        log_meta_loss: the meta-loss of a window is the log of the objective, so that tasks
+            of different loss scales weigh alike (see :func:`~learned_opt.unroll.unroll`); the
+            held-out evaluation then reports the geometric mean of the final losses.
         second_order: backpropagate through the optimizee's gradients.
         estimator: the meta-gradient estimator (:data:`~learned_opt.estimators.ESTIMATORS`):
             ``"tbptt"`` (backpropagation through each window), ``"pes"`` (persistent evolution
@@ -102,6 +105,7 @@ class MetaTrainConfig:
     min_horizon: int | None = None
     truncation: int = 20
     objective: str = "train"
+    log_meta_loss: bool = False
     second_order: bool = False
     estimator: str = "tbptt"
     estimator_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -435,6 +439,17 @@ class MetaTrainer:
     def _eval_horizon(self) -> int:
         return self.config.eval_horizon or self.config.horizon
 
+    def _aggregate(self, values: list[float]) -> float:
+        """The evaluation metric of per-task final losses: their mean, or with
+        ``log_meta_loss`` their geometric mean; ``inf`` if any is not finite (or not positive)."""
+        if not all(math.isfinite(v) for v in values):
+            return math.inf
+        if self.config.log_meta_loss:
+            if min(values) <= 0:
+                return math.inf
+            return float(np.exp(np.mean(np.log(values))))
+        return float(np.mean(values))
+
     def _metric_name(self) -> str:
         return "final_train_loss" if self.config.objective == "train" else "final_test_loss"
 
@@ -456,7 +471,7 @@ class MetaTrainer:
             for s in self._eval_seeds()
         ]
         values = [getattr(r, self._metric_name()) for r in runs]
-        metric = float(np.mean([v if math.isfinite(v) else math.inf for v in values]))
+        metric = self._aggregate(values)
         return metric, np.nanmean(np.array([r.losses for r in runs]), axis=0)
 
     def evaluate_learner(self) -> tuple[float, np.ndarray]:
@@ -487,7 +502,7 @@ class MetaTrainer:
                 )
             curve = torch.cat([w.train_losses for w in windows]).tolist()
             curves.append(curve + [math.nan] * (horizon - len(curve)))
-        metric = float(np.mean([v if math.isfinite(v) else math.inf for v in values]))
+        metric = self._aggregate(values)
         return metric, np.nanmean(np.array(curves), axis=0)
 
     def baseline(self) -> dict[str, Any]:
@@ -507,7 +522,7 @@ class MetaTrainer:
                     for s in self._eval_seeds()
                 ]
                 vals = [getattr(r, self._metric_name()) for r in runs]
-                metric = float(np.mean([v if math.isfinite(v) else math.inf for v in vals]))
+                metric = self._aggregate(vals)
                 if metric < best["metric"]:
                     curve = np.nanmean(np.array([r.losses for r in runs]), axis=0)
                     best = {"metric": metric, "lr": lr, "curve": curve.tolist()}
@@ -601,6 +616,7 @@ class MetaTrainer:
                     truncation=cfg.truncation,
                     objective=cfg.objective,
                     max_loss_ratio=cfg.max_loss_ratio,
+                    log_meta_loss=cfg.log_meta_loss,
                 )
             )
         meta_losses, norms, diverged = [], [], 0

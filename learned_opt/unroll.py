@@ -392,6 +392,7 @@ def unroll(
     differentiable: bool = True,
     max_loss_ratio: float | None = None,
     checkpoint_segment: int | Sequence[int] | None = None,
+    log_meta_loss: bool = False,
 ) -> Iterator[Window]:
     """Run ``horizon`` inner steps, yielding a :class:`Window` every ``truncation`` steps.
 
@@ -416,6 +417,9 @@ def unroll(
             recomputation and the states kept). The windows, meta-gradients and batch stream are
             those of the plain unroll. Ignored when ``differentiable`` is ``False`` or grad is
             disabled (there is nothing to keep).
+        log_meta_loss: the window's meta-loss is the log of the objective. Its gradient does
+            not depend on the scale of the task's loss, so tasks of very different loss scales
+            (a mixture of families, random loss rescaling) weigh alike in a meta-batch.
     """
     if horizon < 1 or truncation < 1:
         raise ValueError(f"Invalid horizon/truncation: {horizon}/{truncation}")
@@ -453,6 +457,8 @@ def unroll(
             meta_loss = torch.stack(losses).mean()
         else:
             meta_loss = learner.evaluate(task, state, task.test.sample())
+        if meta_loss is not None and log_meta_loss:
+            meta_loss = torch.log(meta_loss)
         if meta_loss is not None and not differentiable:
             meta_loss = meta_loss.detach()
         yield Window(meta_loss, train_losses, start, start + len(losses), state, diverged)

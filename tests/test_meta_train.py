@@ -220,3 +220,29 @@ def test_repeated_non_finite_meta_gradients_roll_back_with_lower_lr() -> None:
     stats = trainer.train_iteration()  # and training goes on, finite
     assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())
     assert stats["meta_loss"] == stats["meta_loss"]
+
+
+def test_log_meta_loss_trains_and_evaluates_with_geometric_means() -> None:
+    cfg = MetaTrainConfig(**{**SMALL, "iterations": 2, "eval_every": 2}, log_meta_loss=True)
+    trainer = MetaTrainer(cfg)
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.learner.parameters())
+    metric, _ = trainer.evaluate()
+    assert metric == trainer.history["eval_metric"][-1]
+    finals = []
+    from learned_opt.evaluate import run_optimizer
+    from learned_opt.optim import LearnedOptimizer
+
+    for s in trainer._eval_seeds():
+        run = run_optimizer(
+            trainer.eval_family,
+            s,
+            lambda p, lr: LearnedOptimizer(p, trainer.learner.rule, lr=lr),
+            1.0,
+            cfg.horizon,
+            name="learned",
+        )
+        finals.append(run.final_train_loss)
+    geo = float(torch.tensor(finals, dtype=torch.float64).log().mean().exp())
+    assert metric == pytest.approx(geo, rel=1e-6)
+    assert trainer._aggregate([1.0, float("nan")]) == float("inf")

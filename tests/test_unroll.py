@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,34 @@ def test_invalid_arguments() -> None:
         next(unroll(learner, task, torch.Generator(), objective="val"))
     with pytest.raises(ValueError, match="horizon"):
         next(unroll(learner, task, torch.Generator(), horizon=0))
+
+
+@pytest.mark.parametrize("objective", ["train", "test"])
+def test_log_meta_loss_divides_the_meta_gradient_by_the_loss(
+    rule: LSTMRule, objective: str
+) -> None:
+    task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
+    learner = OptimizerLearner(rule)
+
+    def window(t, log: bool) -> tuple[float, torch.Tensor]:
+        rule.zero_grad()
+        w = next(
+            unroll(
+                learner,
+                t,
+                torch.Generator().manual_seed(1),
+                horizon=3,
+                truncation=3,
+                objective=objective,
+                log_meta_loss=log,
+            )
+        )
+        w.meta_loss.backward()
+        return float(w.meta_loss.detach()), torch.cat(
+            [p.grad.reshape(-1) for p in rule.parameters()]
+        )
+
+    plain, plain_grad = window(task, False)
+    logged, log_grad = window(task, True)
+    assert logged == pytest.approx(math.log(plain), rel=1e-5)
+    torch.testing.assert_close(log_grad, plain_grad / plain, rtol=1e-4, atol=1e-8)
