@@ -11,7 +11,12 @@ mean final training loss (whole training set) to tuned Adam's, and their geometr
 tasks and horizons (below 1: the learned optimizer wins). Writes ``records.jsonl`` (one line per
 run), ``table.md`` and ``curves/<task>-<steps>.png`` into ``--out``.
 
+Several weights (``--weights label=file,label=file,...``) are measured side by side against the
+same tuned Adam runs: the summary then has one ratio column per weights, e.g. an ablation of the
+general rule's options, each meta-trained with the same budget.
+
     python benchmarks/ood.py --weights my_general.pt --out benchmarks/results/ood
+    python benchmarks/ood.py --weights full=a.pt,no-nominal=b.pt,paper=paper-mnist --out ...
     python benchmarks/ood.py --smoke --out /tmp/ood-smoke
 """
 
@@ -78,10 +83,25 @@ def _mean(records: list[dict[str, Any]], name: str, metric: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def parse_weights(text: str) -> dict[str, str]:
+    """``"a.pt,name=b.pt"`` -> ``{"a": "a.pt", "name": "b.pt"}`` (labels default to the stem)."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        label, _, path = item.rpartition("=")
+        label = label or Path(path).stem
+        if label in out:
+            raise ValueError(f"Duplicate weights label {label!r}")
+        out[label] = path
+    if not out:
+        raise ValueError("No weights given")
+    return out
+
+
 def evaluate_ood(
-    rule: UpdateRule,
+    rules: dict[str, UpdateRule],
     *,
-    label: str,
     tasks: Sequence[str],
     steps: Sequence[int],
     seeds: int,
@@ -91,18 +111,19 @@ def evaluate_ood(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run the benchmark for ``rule``.
+    """Run the benchmark for each of ``rules`` (label -> rule) against one tuned Adam.
 
     Returns:
         ``(records, rows)``: one record per run (:meth:`RunResult.record` plus ``benchmark_task``
-        and ``steps``), and one summary row per task and horizon.
+        and ``steps``; the learned runs are named ``learned:<label>``), and one summary row per
+        task and horizon with ``learned_{train,test}`` and ``ratio_{train,test}`` dicts by label.
     """
     tune = [task_seed(seed, _TUNE_STREAM, k) for k in range(tune_seeds)]
     evals = [task_seed(seed, _EVAL_STREAM, k) for k in range(seeds)]
     adam = HAND_DESIGNED["adam"]
 
-    def learned(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-        return LearnedOptimizer(p, rule, lr=lr)
+    def learned(rule: UpdateRule) -> Callable[[list[torch.Tensor], float], torch.optim.Optimizer]:
+        return lambda p, lr: LearnedOptimizer(p, rule, lr=lr)
 
     records: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -113,59 +134,76 @@ def evaluate_ood(
             best, scores = tune_lr(family, adam, tune, n_steps, lrs, name="adam")
             edge = len(lrs) > 1 and best in (min(lrs), max(lrs))
             runs = [run_optimizer(family, s, adam, best, n_steps, name="adam") for s in evals]
-            runs += [run_optimizer(family, s, learned, 1.0, n_steps, name=label) for s in evals]
+            for label, rule in rules.items():
+                runs += [
+                    run_optimizer(family, s, learned(rule), 1.0, n_steps, name=f"learned:{label}")
+                    for s in evals
+                ]
             these = []
             for r in runs:
                 rec = r.record()
                 rec.update(benchmark_task=name, steps=n_steps, family=family.config())
                 these.append(rec)
             records += these
-            row = {"task": name, "steps": n_steps, "adam_lr": best, "adam_lr_at_edge": edge}
+            row: dict[str, Any] = {
+                "task": name,
+                "steps": n_steps,
+                "adam_lr": best,
+                "adam_lr_at_edge": edge,
+            }
             for metric, key in (("final_train_loss", "train"), ("final_test_loss", "test")):
                 row[f"adam_{key}"] = _mean(these, "adam", metric)
-                row[f"learned_{key}"] = _mean(these, label, metric)
-                row[f"ratio_{key}"] = row[f"learned_{key}"] / row[f"adam_{key}"]
+                row[f"learned_{key}"] = {
+                    label: _mean(these, f"learned:{label}", metric) for label in rules
+                }
+                row[f"ratio_{key}"] = {
+                    label: v / row[f"adam_{key}"] for label, v in row[f"learned_{key}"].items()
+                }
             rows.append(row)
+            ratios = ", ".join(f"{k} {v:.3f}" for k, v in row["ratio_train"].items())
             log(
-                f"{name} T={n_steps}: learned/Adam final train loss {row['ratio_train']:.3f} "
-                f"(learned {row['learned_train']:.4g}, Adam {row['adam_train']:.4g} at lr={best:g}"
-                f"{', at the edge of the grid' if edge else ''}); held-out "
-                f"{row['ratio_test']:.3f}; {time.perf_counter() - start:.1f}s"
+                f"{name} T={n_steps}: learned/Adam final train loss: {ratios} (Adam "
+                f"{row['adam_train']:.4g} at lr={best:g}"
+                f"{', at the edge of the grid' if edge else ''}); "
+                f"{time.perf_counter() - start:.1f}s"
             )
     return records, rows
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one line per task and horizon, then the geometric means of the ratios."""
+def summary_table(rows: list[dict[str, Any]], key: str = "train") -> str:
+    """Markdown: one line per task and horizon with each weights' ratio (learned / tuned Adam
+    final loss, ``key`` = ``"train"`` or ``"test"``), then the geometric means of the ratios."""
+    labels = list(rows[0][f"ratio_{key}"]) if rows else []
     lines = [
-        "| task | steps | Adam lr | Adam final train loss | learned | learned / Adam "
-        "| held-out learned / Adam |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| task | steps | Adam lr | Adam final loss | " + " | ".join(labels) + " |",
+        "| --- | ---: | ---: | ---: |" + " ---: |" * len(labels),
     ]
     for r in rows:
         lr = f"{r['adam_lr']:g}" + (" (edge)" if r["adam_lr_at_edge"] else "")
-        lines.append(
-            f"| {r['task']} | {r['steps']} | {lr} | {r['adam_train']:.4g} | "
-            f"{r['learned_train']:.4g} | {r['ratio_train']:.3f} | {r['ratio_test']:.3f} |"
+        cells = " | ".join(f"{r[f'ratio_{key}'][k]:.3f}" for k in labels)
+        lines.append(f"| {r['task']} | {r['steps']} | {lr} | {r[f'adam_{key}']:.4g} | {cells} |")
+
+    def geo(sub: list[dict[str, Any]]) -> str:
+        return " | ".join(
+            f"**{geometric_mean([r[f'ratio_{key}'][k] for r in sub]):.3f}**" for k in labels
         )
+
     for n_steps in sorted({r["steps"] for r in rows}):
         sub = [r for r in rows if r["steps"] == n_steps]
-        lines.append(
-            f"| **geometric mean** | {n_steps} | | | | "
-            f"**{geometric_mean([r['ratio_train'] for r in sub]):.3f}** | "
-            f"{geometric_mean([r['ratio_test'] for r in sub]):.3f} |"
-        )
-    lines.append(
-        f"| **geometric mean, all** | | | | | "
-        f"**{geometric_mean([r['ratio_train'] for r in rows]):.3f}** | "
-        f"{geometric_mean([r['ratio_test'] for r in rows]):.3f} |"
-    )
+        lines.append(f"| **geometric mean** | {n_steps} | | | {geo(sub)} |")
+    lines.append(f"| **geometric mean, all** | | | | {geo(rows)} |")
+    worst = " | ".join(f"{max(r[f'ratio_{key}'][k] for r in rows):.3f}" for k in labels)
+    lines.append(f"| worst task | | | | {worst} |")
     return "\n".join(lines)
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=pretrained.DEFAULT, help="shipped name or file")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help=f"comma list of [label=]shipped name or file (default {pretrained.DEFAULT})",
+    )
     parser.add_argument("--steps", default="100,1000", help="comma list of horizons")
     parser.add_argument("--seeds", type=int, default=10, help="evaluation seeds")
     parser.add_argument("--tune-seeds", type=int, default=3, help="seeds that tune Adam's lr")
@@ -178,7 +216,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.weights, args.steps, args.seeds, args.tune_seeds, args.lrs = (
-            "paper-mnist",
+            args.weights or "paper-mnist",
             "3,6",
             1,
             1,
@@ -191,13 +229,16 @@ def run(argv: list[str] | None = None) -> int:
         return 2
     steps = [int(s) for s in args.steps.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
-    rule = load_learned(args.weights)
-    label = f"learned:{Path(str(args.weights)).stem}"
+    try:
+        weights = parse_weights(args.weights or pretrained.DEFAULT)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    rules = {label: load_learned(path) for label, path in weights.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, rows = evaluate_ood(
-        rule,
-        label=label,
+        rules,
         tasks=tasks,
         steps=steps,
         seeds=args.seeds,
@@ -211,9 +252,8 @@ def run(argv: list[str] | None = None) -> int:
         for n_steps in steps:
             sub = [r for r in records if r["benchmark_task"] == name and r["steps"] == n_steps]
             plot_curves(sub, out / "curves" / f"{name}-{n_steps}.png", title=f"{name}, {n_steps}")
-    summary = summary_table(rows)
-    geo = geometric_mean([r["ratio_train"] for r in rows])
-    print(f"\n{summary}\n\ngeometric mean of learned / Adam (final train loss): {geo:.3f}")
+    summary, held_out = summary_table(rows, "train"), summary_table(rows, "test")
+    print(f"\nlearned / tuned Adam, final training loss (whole training set):\n\n{summary}")
     details = []
     for name in tasks:
         for n_steps in steps:
@@ -221,16 +261,24 @@ def run(argv: list[str] | None = None) -> int:
             details.append(f"### {name}, {n_steps} steps\n\n{table(sub, 'adam')}\n")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     header = (
-        f"# {args.weights} out of distribution vs tuned Adam\n\n"
+        f"# {', '.join(weights)} out of distribution vs tuned Adam\n\n"
         f"Command: `python benchmarks/ood.py {command}`  \n"
         f"Commit: {git_commit()}; torch {torch.__version__}; {platform.machine()}, "
         f"{torch.get_num_threads()} threads; {args.seeds} evaluation seeds, Adam's lr tuned on "
         f"{args.tune_seeds} other seeds over {lrs}; holdout {args.holdout!r}\n\n"
-        "Ratios are mean final losses (whole training set; held-out set) of the learned "
-        "optimizer over tuned Adam's; below 1 the learned optimizer wins.\n\n"
+        "Ratios are mean final losses of the learned optimizer over tuned Adam's; below 1 "
+        "the learned optimizer wins. Weights: "
+        + ", ".join(f"`{k}` = `{v}`" for k, v in weights.items())
+        + "\n\n"
     )
     (out / "table.md").write_text(
-        header + summary + "\n\nPer task (final train loss over seeds):\n\n" + "\n".join(details)
+        header
+        + "## Final training loss (whole training set)\n\n"
+        + summary
+        + "\n\n## Final held-out loss\n\n"
+        + held_out
+        + "\n\n## Per task (final train loss over seeds)\n\n"
+        + "\n".join(details)
     )
     sys.stdout.flush()
     print(f"wrote {out / 'records.jsonl'}, {out / 'table.md'}, {out / 'curves'}/", file=sys.stderr)

@@ -40,3 +40,18 @@ def test_ood_tasks_are_outside_the_diverse_distribution() -> None:
             assert not all(set(config[k]) <= set(member[k]) for k in keys), name
     assert ood["geometric_mean"]([0.5, 2.0]) == pytest.approx(1.0)
     assert ood["geometric_mean"]([1.0, float("inf")]) == float("inf")
+
+
+def test_ood_compares_several_weights_against_one_tuned_adam(tmp_path: Path, run_script) -> None:
+    argv = ["--smoke", "--weights", "mine=paper-mnist,quadratic", "--tasks", "wine-mlp-tanh-32"]
+    assert run_script("benchmarks/ood.py", *argv, "--out", str(tmp_path)) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| task | steps | Adam lr | Adam final loss | mine | quadratic |" in table
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    names = [r["optimizer"] for r in records if r["steps"] == 3]
+    assert sorted(set(names)) == ["adam", "learned:mine", "learned:quadratic"]
+    assert len(names) == 3  # one seed each: the Adam runs are shared
+    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
+    assert ood["parse_weights"]("a.pt, b=c.pt") == {"a": "a.pt", "b": "c.pt"}
+    with pytest.raises(ValueError, match="Duplicate"):
+        ood["parse_weights"]("x=a.pt,x=b.pt")
