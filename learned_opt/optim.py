@@ -13,7 +13,10 @@ from torch import Tensor
 
 from . import pretrained
 from .checkpoint import load_rule, rule_from_dict, rule_to_dict
-from .rules import LSTMRule, UpdateRule
+from .rules import GeneralLSTMRule, LSTMRule, UpdateRule
+
+#: The rules LSTMOptimizer runs: the paper's LSTM and the generalizing variant (issue 4).
+_LSTM_RULES = (LSTMRule, GeneralLSTMRule)
 
 __all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
@@ -213,7 +216,15 @@ def _resolve_weights(
         weights = pretrained.DEFAULT
     if isinstance(weights, UpdateRule):
         return weights, {}
-    return load_rule(pretrained.resolve(weights), expected_kind="lstm")
+    rule, meta = load_rule(pretrained.resolve(weights))
+    if not isinstance(rule, _LSTM_RULES):
+        from .checkpoint import WeightsMismatchError
+
+        raise WeightsMismatchError(
+            f"weights={weights!r} hold a {rule.kind!r} rule, not a coordinatewise LSTM "
+            f"({', '.join(repr(c.kind) for c in _LSTM_RULES)}); use LearnedOptimizer(params, rule)"
+        )
+    return rule, meta
 
 
 class LSTMOptimizer(LearnedOptimizer):
@@ -235,7 +246,9 @@ class LSTMOptimizer(LearnedOptimizer):
         params: parameters or param-group dicts.
         weights: ``None`` for the shipped default (``learned_opt.pretrained.DEFAULT``), the name of
             shipped weights (``learned_opt.pretrained.available()``), the path of a weights file or
-            meta-trainer checkpoint, or an :class:`~learned_opt.rules.LSTMRule`.
+            meta-trainer checkpoint, or an :class:`~learned_opt.rules.LSTMRule` (the paper's) or
+            :class:`~learned_opt.rules.GeneralLSTMRule` (weights of either kind load by name or
+            path).
         lr: multiplier on the learned update (1.0 = as meta-trained); schedulable.
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
         hidden_size, num_layers: if given, the architecture the weights must have.
@@ -253,7 +266,7 @@ class LSTMOptimizer(LearnedOptimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
-        weights: str | os.PathLike | LSTMRule | None = None,
+        weights: str | os.PathLike | LSTMRule | GeneralLSTMRule | None = None,
         lr: float = 1.0,
         nonfinite: str = "skip",
         hidden_size: int | None = None,
@@ -264,8 +277,10 @@ class LSTMOptimizer(LearnedOptimizer):
         if len(params) == 0:
             raise ValueError("optimizer got an empty parameter list")
         rule, meta = _resolve_weights(weights)
-        if not isinstance(rule, LSTMRule):
-            raise TypeError(f"LSTMOptimizer needs an LSTMRule, got {type(rule).__name__}")
+        if not isinstance(rule, _LSTM_RULES):
+            raise TypeError(
+                f"LSTMOptimizer needs an LSTMRule or GeneralLSTMRule, got {type(rule).__name__}"
+            )
         for name, want in (("hidden_size", hidden_size), ("num_layers", num_layers)):
             have = getattr(rule, name)
             if want is not None and want != have:

@@ -62,7 +62,7 @@ def test_wrong_architecture_names_expected_and_found(tmp_path: Path) -> None:
         load_rule(tmp_path / "bad.pt")
 
     save_rule(tmp_path / "adam.pt", AdamRule())
-    with pytest.raises(WeightsMismatchError, match="expected weights of a 'lstm' rule, found"):
+    with pytest.raises(WeightsMismatchError, match="hold a 'adam' rule, not a coordinatewise LSTM"):
         LSTMOptimizer([torch.nn.Parameter(torch.ones(1))], weights=tmp_path / "adam.pt")
 
     save_rule(tmp_path / "wide.pt", big)

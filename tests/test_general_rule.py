@@ -233,3 +233,19 @@ def test_validates_arguments() -> None:
     with pytest.raises(ValueError, match="Invalid eps"):
         GeneralLSTMRule(lr=0.0)
     assert math.isclose(float(GeneralLSTMRule(lr=0.02).log_lr.detach().exp()), 0.02, rel_tol=1e-6)
+
+
+def test_lstm_optimizer_loads_general_weights_by_path(tmp_path: Path) -> None:
+    from learned_opt import LSTMOptimizer
+
+    rule = GeneralLSTMRule(hidden_size=8)
+    save_rule(tmp_path / "g.pt", rule, {"note": "test"})
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = LSTMOptimizer([w], weights=tmp_path / "g.pt")
+    assert isinstance(opt.rule, GeneralLSTMRule) and opt.metadata["note"] == "test"
+    w.grad = torch.tensor([0.5, -0.5, 1.0])
+    opt.step()
+    # At initialization the rule is Adam: the first step moves each coordinate by lr * sign(g).
+    torch.testing.assert_close(
+        w.detach(), torch.tensor([1.0, -2.0, 3.0]) - rule.lr * torch.tensor([1.0, -1.0, 1.0])
+    )
