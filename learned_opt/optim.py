@@ -153,14 +153,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             flat = p.grad.reshape(-1)
             if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
                 update = rule.step_(flat, state)  # handles states stored in another dtype
-            elif self.state_dtype is None:
-                update, new_state = rule(flat, state)
-                state.update(new_state)
             else:
-                work_state = {k: self._compute_value(rule, k, v, flat) for k, v in state.items()}
-                update, new_state = rule(flat, work_state)
-                state.update(new_state)
-                self._cast_state(rule, state)
+                update = self._chunked_step(rule, flat, state)
             p.add_(update.view(p.shape), alpha=lr)
         if skipped:
             warnings.warn(
@@ -170,6 +164,40 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         return loss
+
+    #: Coordinates per call of a rule without an in-place ``step_``: its temporaries (e.g. a
+    #: (chunk, 4H) gate matrix) stay small enough to be reused by the allocator and to sit in
+    #: cache, instead of fresh tensors the size of the whole parameter every step.
+    chunk_size: int = 8192
+
+    def _chunked_step(self, rule: UpdateRule, flat: Tensor, state: dict[str, Any]) -> Tensor:
+        """``rule(flat, state)`` in chunks of coordinates (valid because rules are
+        coordinatewise), writing the new per-coordinate state into ``state`` in place (cast to
+        its storage dtype) and returning the update."""
+        coord = {
+            k for k, v in state.items() if isinstance(v, Tensor) and rule.coord_dim(k) is not None
+        }
+        update = torch.empty_like(flat)
+        shared: dict[str, Any] = {}
+        n = flat.numel()
+        for start in range(0, n, self.chunk_size):
+            end = min(n, start + self.chunk_size)
+            sub = {}
+            for k, v in state.items():
+                if k in coord:
+                    v = v.narrow(rule.coord_dim(k), start, end - start)
+                    sub[k] = self._compute_value(rule, k, v, flat)
+                else:
+                    sub[k] = v
+            out, new_state = rule(flat[start:end], sub)
+            update[start:end] = out
+            for k, v in new_state.items():
+                if k in coord:
+                    state[k].narrow(rule.coord_dim(k), start, end - start).copy_(v)
+                else:
+                    shared[k] = v  # e.g. the step counter: the same in every chunk
+        state.update(shared)
+        return update
 
     def _stored(self, rule: UpdateRule, key: str, value: Any) -> bool:
         """Whether ``state[key]`` is per-coordinate state kept in ``state_dtype``."""

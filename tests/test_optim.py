@@ -265,3 +265,26 @@ def test_cuda_matches_cpu(rule) -> None:
             (p**2).sum().backward()
             o.step()
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_rules_without_an_in_place_step_run_in_chunks_with_the_same_result(state_dtype) -> None:
+    from learned_opt.rules import GeneralLSTMRule
+
+    rule = GeneralLSTMRule(hidden_size=8)
+    rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
+    grads = [torch.randn(1000, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    params, opts = [], []
+    for chunk in (1000, 64):  # one call per tensor, and 16 calls
+        p = torch.nn.Parameter(torch.zeros(1000))
+        opt = LearnedOptimizer([p], rule, state_dtype=state_dtype)
+        opt.chunk_size = chunk
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        params.append(p)
+        opts.append(opt)
+    torch.testing.assert_close(params[0], params[1], rtol=1e-6, atol=1e-7)
+    for key, value in opts[0].state[params[0]].items():
+        torch.testing.assert_close(value, opts[1].state[params[1]][key], rtol=1e-5, atol=1e-6)
+    assert int(opts[1].state[params[1]]["step"]) == 3

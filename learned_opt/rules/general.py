@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..preprocess import log_sign
 from .base import RuleState, UpdateRule, step_count
 
@@ -268,9 +269,13 @@ class GeneralLSTMRule(UpdateRule):
             gates = torch.addmm(
                 getattr(self, f"bias_l{layer}"), torch.cat((x, state[f"h{layer}"]), dim=1), w
             )
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * state[f"c{layer}"] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            fused = kernels.fused_cell(gates, state[f"c{layer}"])  # same math, one pass
+            if fused is not None:
+                h, c = fused
+            else:
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * state[f"c{layer}"] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
             new_state[f"h{layer}"] = h
             new_state[f"c{layer}"] = c
             x = h
