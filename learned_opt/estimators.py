@@ -9,8 +9,7 @@ meta-gradient estimates, :class:`MetaGradient` (one gradient tensor per meta-par
 :func:`~learned_opt.unroll.unroll`'s windows in :class:`~learned_opt.meta_train.MetaTrainer`.
 
 - :class:`TBPTTEstimator`: backpropagation through each window (truncated backpropagation
-  through time), what ``MetaTrainer.train_iteration`` does today; :func:`meta_train_iteration`
-  with it reproduces the trainer's meta-steps (tested).
+  through time), the trainer's default (``MetaTrainConfig(estimator="tbptt")``).
 - :class:`PESEstimator`: persistent evolution strategies (Vicol, Metz & Sohl-Dickstein, ICML 2021,
   "Unbiased gradient estimation in unrolled computation graphs with persistent evolution
   strategies"). No backpropagation through the unroll at all: every particle runs under
@@ -19,7 +18,9 @@ meta-gradient estimates, :class:`MetaGradient` (one gradient tensor per meta-par
   unroll (TBPTT is biased towards short-horizon behaviour). ``persistent=False`` gives plain
   antithetic truncated ES, for comparison.
 
-How a trainer drives an estimator (what :func:`meta_train_iteration` does)::
+How :class:`~learned_opt.meta_train.MetaTrainer` drives an estimator (``train_iteration``; with
+distribution and rollback on top) and, for a single process without the trainer,
+:func:`meta_train_iteration`::
 
     streams = [est.unroll(learner, task_j, gen_j, horizon=T, truncation=K, objective=...)
                for j in tasks of the iteration]
@@ -542,8 +543,9 @@ def meta_train_iteration(
     Round after round, takes the next window of every stream still running, averages their
     gradients (:func:`average_gradients`), clips the norm to ``clip_grad`` (``0``: no clipping)
     and takes one meta-step; a round whose gradient or mean meta-loss is not finite is skipped.
-    This is ``MetaTrainer.train_iteration`` + ``_meta_step`` with the estimator made explicit
-    (single process; no rollback): with :class:`TBPTTEstimator` streams it takes the same steps.
+    The loop of ``MetaTrainer.train_iteration`` without the trainer (single process; no
+    rollback, logging or checkpoints), for research code that builds its own streams: with the
+    trainer's streams it takes the same steps (tested).
 
     Returns:
         ``{"meta_loss", "grad_norm", "skipped", "rounds"}`` (means over the rounds).

@@ -32,12 +32,11 @@ from .rules import build_rule
 from .tasks import TaskFamily, make_family, sample_horizon
 from .unroll import OBJECTIVES, checkpoint_schedule, checkpoint_segments, unroll
 
-_HORIZON_STREAM = 2  # offset of the seed of a task's horizon draw (task: +0, inner state: +1)
-
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
 
 TRAINER_FORMAT = "learned_opt.trainer/1"
 _EVAL_STREAM = 7_777_777  # seeds of held-out evaluation tasks never collide with training ones
+_HORIZON_STREAM = 2  # offset of the seed of a task's horizon draw (task: +0, inner state: +1)
 
 
 @dataclass(frozen=True)
@@ -558,12 +557,11 @@ class MetaTrainer:
         self, grads: list[torch.Tensor | None] | None, meta_loss: float
     ) -> tuple[float, float, bool]:
         """One meta-step from this process's mean meta-gradient ``grads`` (``None``: no usable
-        window here) and mean meta-loss."""
+        window here) and mean meta-loss (``0.0`` when ``grads`` is ``None``)."""
         self.meta_opt.zero_grad(set_to_none=True)
         if grads is not None:
             set_gradients(self.learner, grads)
-        else:  # only in distributed runs: this rank's tasks all diverged; contribute zeros
-            meta_loss = 0.0
+        # else (distributed runs only): this rank's tasks all diverged; it contributes zeros
         if distributed.world_size() > 1:  # average the meta-gradient over ranks (same on all)
             for p in self.learner.parameters():
                 if p.grad is None:

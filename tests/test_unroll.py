@@ -98,12 +98,12 @@ def test_log_meta_loss_divides_the_meta_gradient_by_the_loss(
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
     learner = OptimizerLearner(rule)
 
-    def window(t, log: bool) -> tuple[float, torch.Tensor]:
+    def window(log: bool) -> tuple[float, torch.Tensor]:
         rule.zero_grad()
         w = next(
             unroll(
                 learner,
-                t,
+                task,
                 torch.Generator().manual_seed(1),
                 horizon=3,
                 truncation=3,
@@ -116,7 +116,7 @@ def test_log_meta_loss_divides_the_meta_gradient_by_the_loss(
             [p.grad.reshape(-1) for p in rule.parameters()]
         )
 
-    plain, plain_grad = window(task, False)
-    logged, log_grad = window(task, True)
+    plain, plain_grad = window(False)
+    logged, log_grad = window(True)
     assert logged == pytest.approx(math.log(plain), rel=1e-5)
     torch.testing.assert_close(log_grad, plain_grad / plain, rtol=1e-4, atol=1e-8)
