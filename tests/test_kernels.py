@@ -117,8 +117,10 @@ def test_fused_step_matches_forward(
     grad[: min(n, 3)] = 0.0
     grad[3:7] = torch.tensor([1e-40, -3e-44, 1e-38, -8e-39])[: max(0, min(n, 7) - 3)]  # subnormals
     state = _random_state(rule, n)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(kernels, "_load", lambda: None)  # the pure-PyTorch forward as the reference
         expected, new_state = rule(grad, state)
+    with torch.no_grad():
         fused_state = {k: v.clone() for k, v in state.items()}
         update = _fused(rule, grad, fused_state)
     assert update is not None
@@ -207,3 +209,97 @@ def test_parallel_for_is_really_parallel() -> None:
         assert kernels._load().parallel_width() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+# --- the fused differentiable step (kernels.fused_rule, used by LSTMRule.forward) -------------
+
+
+def _meta_grads(rule: LSTMRule, n: int, steps: int, fused: bool) -> tuple[torch.Tensor, list]:
+    """A small unroll through ``rule.forward``: the loss reads the updates and some of the states
+    (so that the backward gets gradients wrt states and a None for others), differentiated wrt
+    the rule's weights."""
+    gen = torch.Generator().manual_seed(1)
+    state = _random_state(rule, n)
+    phi = torch.randn(n, generator=gen)
+    loss = torch.zeros(())
+    with pytest.MonkeyPatch.context() as m:
+        if not fused:
+            m.setattr(kernels, "_load", lambda: None)
+        for t in range(steps):
+            grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-8, 2, (n,), generator=gen)
+            update, state = rule(grad, state)
+            assert (type(update.grad_fn).__name__ == "_FusedRuleBackward") == fused
+            phi = phi + update
+            loss = loss + (phi**2).sum() + 0.1 * (state["c0"] ** 2).sum()
+            if t == steps - 1:
+                loss = loss + (state[f"h{rule.num_layers - 1}"].cos()).sum()
+    return loss.detach(), list(torch.autograd.grad(loss, list(rule.parameters())))
+
+
+@pytest.mark.parametrize(
+    "hidden,layers,preprocess,p,n",
+    [
+        (20, 2, "log_sign", 10.0, 4099),  # the paper's rule; several chunks, a partial block
+        (20, 2, "log_sign", 10.0, 1),
+        (8, 1, "none", 10.0, 50),
+        (12, 3, "log_sign", 5.0, 301),
+        (4, 2, "log_sign", 10.0, 13),
+        (32, 1, "log_sign", 10.0, 70),
+        (68, 1, "log_sign", 10.0, 40),  # wider than the backward's register kernels
+    ],
+)
+def test_fused_rule_meta_gradients_match_pytorch(
+    hidden: int, layers: int, preprocess: str, p: float, n: int
+) -> None:
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden, layers, preprocess=preprocess, preprocess_p=p)
+    with torch.no_grad():
+        for name, param in rule.named_parameters():
+            if name.startswith("bias"):
+                param.add_(torch.randn_like(param))
+    loss, grads = _meta_grads(rule, n, 3, fused=True)
+    ref_loss, ref_grads = _meta_grads(rule, n, 3, fused=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for (name, _), g, ref in zip(rule.named_parameters(), grads, ref_grads, strict=True):
+        scale = ref.abs().max().clamp_min(1e-6)
+        assert (g - ref).abs().max() / scale < 1e-4, name
+
+
+def test_fused_rule_gradients_do_not_depend_on_threads(rule: LSTMRule) -> None:
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2, 3):
+            torch.set_num_threads(num_threads)
+            results.append(_meta_grads(rule, 5003, 2, fused=True))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        for g, g0 in zip(grads, results[0][1], strict=True):
+            assert torch.equal(g, g0)
+
+
+def test_fused_rule_covers_first_order_float32_only(rule: LSTMRule) -> None:
+    n = 10
+    state = _random_state(rule, n)
+    layers = range(rule.num_layers)
+
+    def call(grad: torch.Tensor, dtype: torch.dtype = torch.float32):
+        r = LSTMRule().to(dtype)
+        return kernels.fused_rule(
+            grad.to(dtype),
+            [state[f"h{layer}"].to(dtype) for layer in layers],
+            [state[f"c{layer}"].to(dtype) for layer in layers],
+            [getattr(r, f"weight_ih_l{layer}") for layer in layers],
+            [getattr(r, f"weight_hh_l{layer}") for layer in layers],
+            [getattr(r, f"bias_l{layer}") for layer in layers],
+            r.out_weight,
+            r.out_bias,
+            preprocess_p=10.0,
+            output_scale=0.1,
+        )
+
+    assert call(torch.randn(n)) is not None
+    assert call(torch.randn(n), torch.float64) is None  # float64: the PyTorch path
+    assert call(torch.randn(n, requires_grad=True)) is None  # second order: the PyTorch path

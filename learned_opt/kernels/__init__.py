@@ -1,13 +1,16 @@
 """Optional fused CPU kernels, compiled on first use (``torch.utils.cpp_extension``).
 
 The LSTM cell's elementwise work (four gate nonlinearities, the cell update, the hidden output and
-their derivatives) runs as one pass per row instead of ~15 separate PyTorch kernels; and the whole
+their derivatives) runs as one pass per row instead of ~15 separate PyTorch kernels; the whole
 in-place inference step of the LSTM optimizer (preprocessing, gate products, cells, read-out) runs
-as one call (:func:`fused_step_`). If the compiler or ``ninja`` is missing, or
-``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to the pure-PyTorch implementation (same
-math) with one warning. Build products are cached by PyTorch in ``~/.cache/torch_extensions`` (or
-``TORCH_EXTENSIONS_DIR``), under a name that includes a fingerprint of this CPU: the code is
-compiled with ``-march=native``, so a cache shared with another kind of machine is not reused.
+as one call (:func:`fused_step_`); and for meta-training, the rule's whole step is one
+differentiable call (:func:`fused_rule`) whose backward is one fused call too (the cells' backward
+and the gate products' backward per cache-sized block of coordinates). If the compiler or
+``ninja`` is missing, or ``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to the
+pure-PyTorch implementation (same math) with one warning. Build products are cached by PyTorch in
+``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``), under a name that includes a
+fingerprint of this CPU: the code is compiled with ``-march=native``, so a cache shared with
+another kind of machine is not reused.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["fused_cell", "fused_cell_", "fused_step_", "available"]
+__all__ = ["fused_cell", "fused_cell_", "fused_rule", "fused_step_", "available"]
 
 _EXT: Any = None
 _DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
@@ -194,6 +197,119 @@ def fused_step_(
         float(output_scale),
         FUSED_BLOCK if block is None else int(block),
     )
+
+
+#: Rows per partial sum of the weight gradients in the fused rule's backward (fixed, so that the
+#: result does not depend on the thread count).
+FUSED_CHUNK = 1024
+
+
+class _FusedRule(torch.autograd.Function):
+    """The coordinatewise LSTM's step, differentiable in its states and weights (not in the
+    gradient it reads: first order)."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, layers: int, p: float, scale: float, *tensors: Tensor):
+        hs, cs, w_ih, w_hh, bias = (list(tensors[i * layers : (i + 1) * layers]) for i in range(5))
+        out_w, out_b = tensors[5 * layers :]
+        res = _EXT.train_forward(
+            grad, hs, cs, w_ih, w_hh, bias, out_w, out_b, p, scale, FUSED_BLOCK
+        )
+        update, hn, cn, acts = (
+            res[0],
+            res[1 : 1 + layers],
+            res[1 + layers : 1 + 2 * layers],
+            res[1 + 2 * layers :],
+        )
+        ctx.layers, ctx.p, ctx.scale = layers, p, scale
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad, *hs, *cs, *hn, *cn, *acts, *w_ih, *w_hh, *bias, out_w, out_b)
+        return (update, *hn, *cn)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_update: Tensor | None, *d_states: Tensor | None):
+        layers = ctx.layers
+        grad, *rest = ctx.saved_tensors
+        hs, cs, hn, cn, acts, w_ih, w_hh, bias = (
+            rest[i * layers : (i + 1) * layers] for i in range(8)
+        )
+        out_w, out_b = rest[8 * layers :]
+        empty = grad.new_empty(0)
+        d_update = torch.zeros_like(grad) if d_update is None else d_update.contiguous()
+        dh, dc = (
+            [
+                empty if d is None else d.contiguous()
+                for d in d_states[i * layers : (i + 1) * layers]
+            ]
+            for i in range(2)
+        )
+        res = _EXT.train_backward(
+            grad,
+            hs,
+            cs,
+            hn,
+            cn,
+            acts,
+            w_ih,
+            w_hh,
+            bias,
+            out_w,
+            out_b,
+            d_update,
+            dh,
+            dc,
+            ctx.p,
+            ctx.scale,
+            FUSED_BLOCK,
+            FUSED_CHUNK,
+        )
+        return (None, None, None, None, *res)
+
+
+def fused_rule(
+    grad: Tensor,
+    h: list[Tensor],
+    c: list[Tensor],
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    bias: list[Tensor],
+    out_weight: Tensor,
+    out_bias: Tensor,
+    *,
+    preprocess_p: float | None,
+    output_scale: float,
+) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+    """The coordinatewise LSTM's step out of place (:meth:`LSTMRule.forward`), differentiable in
+    the states and weights with a fused backward (for meta-training): the same math as
+    :func:`fused_step_`, returning ``(update, new h per layer, new c per layer)``; the old states
+    are left as they are.
+
+    Returns ``None`` when this case is not covered: kernels unavailable, not all float32
+    contiguous CPU tensors, a hidden size that is not a multiple of 4, or a gradient that
+    requires grad (second-order meta-gradients need the PyTorch path).
+    """
+    tensors = (*h, *c, *w_ih, *w_hh, *bias, out_weight, out_bias)
+    if (
+        grad.requires_grad
+        or grad.dim() != 1
+        or not h
+        or w_hh[0].shape[0] % 4
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (grad, *tensors))
+        or any(not s.is_contiguous() for s in (grad, *h, *c))
+        or _load() is None
+    ):
+        return None
+    p = 0.0 if preprocess_p is None else float(preprocess_p)
+    layers = len(h)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        update, *states = _FusedRule.apply(grad, layers, p, float(output_scale), *tensors)
+    else:
+        res = _EXT.train_forward(
+            grad, h, c, w_ih, w_hh, bias, out_weight, out_bias, p, float(output_scale), FUSED_BLOCK
+        )
+        update, states = res[0], res[1 : 1 + 2 * layers]
+    return update, list(states[:layers]), list(states[layers:])
 
 
 class _NoCtx:

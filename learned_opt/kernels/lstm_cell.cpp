@@ -8,7 +8,9 @@
 // Layout: gates (m, 4H) in the order [i, f, g, o]; states (m, H); all contiguous.
 //
 // Below those, `step_`: the whole in-place inference step of the LSTM optimizer (preprocessing,
-// gate products, cells, read-out) in one call, for float32 (see the comment there).
+// gate products, cells, read-out) in one call, for float32 (see the comment there); and
+// `train_forward` / `train_backward`: the same step out of place, differentiable, for
+// meta-training.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -249,11 +251,12 @@ struct Seg {
 
 // Rows `rows[0..5]` (indices into the operands), quad q: gates from the packed weights (columns
 // 16q .. 16q + 15) and bias, then the cell update: c[r] (4 floats at unit 4q, in place) and the
-// new hidden state h_out[r] (4 floats at unit 4q).
+// new hidden state h_out[r] (4 floats at unit 4q). With `act` (meta-training), the activations
+// [i, f, g, o] of row r are also stored in act[r] (4H floats, one gate kind after the other).
 __attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg,
                                                        const float* bias, int64_t N, int64_t q,
                                                        const int64_t* rows, float* const* c,
-                                                       float* const* h_out) {
+                                                       float* const* h_out, float* const* act) {
   const int64_t col = 16 * q;
   v8 acc[kRows][2];
   const v8 b0 = load8(bias + col), b1 = load8(bias + col + 8);
@@ -283,6 +286,15 @@ __attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg
     const v8 go0 = tanh8(acc[r][1]) * g_scale + g_shift;
     const v8 go1 = tanh8(acc[r + 1][1]) * g_scale + g_shift;
     const v8 i = lo_lo(if0, if1), f = hi_hi(if0, if1), g = lo_lo(go0, go1), o = hi_hi(go0, go1);
+    if (act) {
+      const int64_t H = N / 4;
+      float* a0 = act[r] + 4 * q;
+      float* a1 = act[r + 1] + 4 * q;
+      store4x2(a0, a1, i);
+      store4x2(a0 + H, a1 + H, f);
+      store4x2(a0 + 2 * H, a1 + 2 * H, g);
+      store4x2(a0 + 3 * H, a1 + 3 * H, o);
+    }
     float* c0 = c[r] + 4 * q;
     float* c1 = c[r + 1] + 4 * q;
     const v8 cn = f * load4x2(c0, c1) + i * g;
@@ -294,13 +306,15 @@ __attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg
 #define LO_NOINLINE __attribute__((noinline))  // separate symbols in profiles; per-block calls
 
 // One LSTM layer on m rows: gates from the segments ([x, h_prev]), c (m, H) updated in place,
-// h (m, H) overwritten with the new hidden state once the rows no longer need the old one.
-// `dummy` holds 2 H floats of scratch (rows past m write there).
+// h (m, H) overwritten with the new hidden state once the rows no longer need the old one; with
+// `act`, the gate activations (m, 4H) too. `dummy` holds 6 H floats of scratch (rows past m
+// write there).
 LO_NOINLINE void lstm_layer(int64_t m, int64_t H, const Seg* segs, int nseg, const float* bias,
-                            float* c, float* h, float* dummy) {
+                            float* c, float* h, float* dummy, float* act = nullptr) {
   const int64_t N = 4 * H, nq = H / 4;
   float* dummy_c = dummy;
   float* dummy_h = dummy + H;
+  float* dummy_a = dummy + 2 * H;
   float hbuf[kRows * 64];  // new hidden states of the current rows (H <= 64; else on the heap)
   std::vector<float> hheap(H > 64 ? kRows * H : 0);
   float* hb = H > 64 ? hheap.data() : hbuf;
@@ -309,13 +323,16 @@ LO_NOINLINE void lstm_layer(int64_t m, int64_t H, const Seg* segs, int nseg, con
     int64_t rows[kRows];
     float* cp[kRows];
     float* hp[kRows];
+    float* ap[kRows];
     for (int r = 0; r < kRows; ++r) {
       const bool ok = r < live;
       rows[r] = ok ? r0 + r : m - 1;
       cp[r] = ok ? c + (r0 + r) * H : dummy_c;
       hp[r] = ok ? hb + r * H : dummy_h;
+      ap[r] = act == nullptr ? nullptr : (ok ? act + (r0 + r) * N : dummy_a);
     }
-    for (int64_t q = 0; q < nq; ++q) quad_kernel(segs, nseg, bias, N, q, rows, cp, hp);
+    float* const* aps = act == nullptr ? nullptr : ap;
+    for (int64_t q = 0; q < nq; ++q) quad_kernel(segs, nseg, bias, N, q, rows, cp, hp, aps);
     std::memcpy(h + r0 * H, hb, live * H * sizeof(float));
   }
 }
@@ -429,7 +446,7 @@ LO_NOINLINE void to_bf16(const float* __restrict src, int64_t len, uint16_t* __r
 
 // Floats of per-thread scratch for blocks of `block` rows.
 int64_t scratch_floats(const StepArgs& A, int64_t block) {
-  int64_t f = block * A.n_in + 2 * A.H + 16;
+  int64_t f = block * A.n_in + 6 * A.H + 16;
   if (A.bf16) f += 2 * A.L * block * A.H;
   return f;
 }
@@ -437,8 +454,8 @@ int64_t scratch_floats(const StepArgs& A, int64_t block) {
 void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
   const int64_t H = A.H;
   float* x = scratch;                 // (m, n_in)
-  float* dummy = x + m * A.n_in;      // 2 H
-  float* st = dummy + 2 * H + 16;     // bf16 states: per layer h, c (m, H) in float32
+  float* dummy = x + m * A.n_in;      // 6 H
+  float* st = dummy + 6 * H + 16;     // bf16 states: per layer h, c (m, H) in float32
   preprocess(A, A.grad + start, m, x);
   const float* in = x;
   int64_t in_ld = A.n_in;
@@ -468,51 +485,37 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
 
 }  // namespace
 
-// The fused in-place step. grad (n,) float32; hs, cs: per layer (n, H) float32 or bfloat16
-// (all the same dtype), updated in place; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H);
-// out_w (H, 1), out_b (1); H a multiple of 4. p > 0: log/sign preprocessing with scale p
-// (w_ih[0] has 2 rows); p <= 0: the raw gradient (1 row). Returns the update (n,) =
-// out_scale * (h_L @ out_w + out_b). `block`: rows per unit of work (per-thread working set).
-torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
-                         std::vector<torch::Tensor> cs, std::vector<torch::Tensor> w_ih,
-                         std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias,
-                         torch::Tensor out_w, torch::Tensor out_b, double p, double out_scale,
-                         int64_t block) {
+namespace {
+
+// Shape checks, the packed weights and the read-out of a fused step (inference or training).
+// grad (n,) float32; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H); out_w (H, 1), out_b (1);
+// H a multiple of 4; p > 0: log/sign preprocessing (w_ih[0] has 2 rows), else the raw gradient.
+struct Prepared {
+  std::vector<float> packed;
+  torch::Tensor out_w;
+};
+
+void prepare(StepArgs& A, Prepared& P, const char* name, const torch::Tensor& grad, int64_t L,
+             const std::vector<torch::Tensor>& w_ih, const std::vector<torch::Tensor>& w_hh,
+             const std::vector<torch::Tensor>& bias, const torch::Tensor& out_w,
+             const torch::Tensor& out_b, double p, double out_scale) {
   TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.dim() == 1,
-              "lstm_step_: grad must be a contiguous 1-D float32 tensor");
-  const int64_t L = static_cast<int64_t>(hs.size());
-  TORCH_CHECK(L >= 1 && (int64_t)cs.size() == L && (int64_t)w_ih.size() == L &&
-                  (int64_t)w_hh.size() == L && (int64_t)bias.size() == L,
-              "lstm_step_: one h, c, w_ih, w_hh, bias per layer");
-  const int64_t n = grad.numel(), H = w_hh[0].size(0), N = 4 * H;
-  TORCH_CHECK(H % 4 == 0, "lstm_step_: the hidden size must be a multiple of 4");
-  StepArgs A;
-  A.n = n;
+              name, ": grad must be a contiguous 1-D float32 tensor");
+  TORCH_CHECK(L >= 1 && (int64_t)w_ih.size() == L && (int64_t)w_hh.size() == L &&
+                  (int64_t)bias.size() == L,
+              name, ": one h, c, w_ih, w_hh, bias per layer");
+  const int64_t H = w_hh[0].size(0), N = 4 * H;
+  TORCH_CHECK(H % 4 == 0 && H > 0, name, ": the hidden size must be a multiple of 4");
+  A.n = grad.numel();
   A.H = H;
   A.L = L;
   A.n_in = w_ih[0].size(0);
-  TORCH_CHECK(A.n_in == (p > 0 ? 2 : 1), "lstm_step_: input size does not match preprocessing");
-  const auto sdt = hs[0].scalar_type();
-  TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
-              "lstm_step_: states must be float32 or bfloat16");
-  A.bf16 = sdt == torch::kBFloat16;
+  TORCH_CHECK(A.n_in == (p > 0 ? 2 : 1), name, ": input size does not match preprocessing");
   for (int64_t l = 0; l < L; ++l) {
-    for (const auto* s : {&hs[l], &cs[l]}) {
-      TORCH_CHECK(s->scalar_type() == sdt && s->is_contiguous() && s->dim() == 2 &&
-                      s->size(0) == n && s->size(1) == H,
-                  "lstm_step_: states must be contiguous (n, H) tensors of one dtype");
-    }
     TORCH_CHECK(w_ih[l].dim() == 2 && w_ih[l].size(0) == (l == 0 ? A.n_in : H) &&
                     w_ih[l].size(1) == N && w_hh[l].dim() == 2 && w_hh[l].size(0) == H &&
                     w_hh[l].size(1) == N && bias[l].numel() == N,
-                "lstm_step_: weight shapes");
-    if (A.bf16) {
-      A.h16.push_back(reinterpret_cast<uint16_t*>(hs[l].data_ptr<at::BFloat16>()));
-      A.c16.push_back(reinterpret_cast<uint16_t*>(cs[l].data_ptr<at::BFloat16>()));
-    } else {
-      A.h32.push_back(hs[l].data_ptr<float>());
-      A.c32.push_back(cs[l].data_ptr<float>());
-    }
+                name, ": weight shapes");
   }
   // Packed weights, quad order: column (gate, unit u) -> 16 (u / 4) + 4 gate + u % 4, with the
   // sigmoid gates (i, f, o: gates 0, 1, 3) scaled by 0.5.
@@ -525,7 +528,7 @@ torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
     A.b_off.push_back(total);
     total += N;
   }
-  std::vector<float> packed(total);
+  P.packed.assign(total, 0.0f);
   auto pack = [&](const torch::Tensor& w, float* dst) {
     auto wc = w.detach().to(torch::kFloat32).contiguous();
     const float* src = wc.data_ptr<float>();
@@ -538,36 +541,44 @@ torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
     }
   };
   for (int64_t l = 0; l < L; ++l) {
-    pack(w_ih[l], packed.data() + A.wx_off[l]);
-    pack(w_hh[l], packed.data() + A.wh_off[l]);
-    pack(bias[l].reshape({1, N}), packed.data() + A.b_off[l]);
+    pack(w_ih[l], P.packed.data() + A.wx_off[l]);
+    pack(w_hh[l], P.packed.data() + A.wh_off[l]);
+    pack(bias[l].reshape({1, N}), P.packed.data() + A.b_off[l]);
   }
-  A.packed = packed.data();
-  auto ow = out_w.detach().to(torch::kFloat32).contiguous();
-  TORCH_CHECK(ow.numel() == H && out_b.numel() == 1, "lstm_step_: read-out shapes");
-  A.out_w = ow.data_ptr<float>();
+  A.packed = P.packed.data();
+  P.out_w = out_w.detach().to(torch::kFloat32).contiguous();
+  TORCH_CHECK(P.out_w.numel() == H && out_b.numel() == 1, name, ": read-out shapes");
+  A.out_w = P.out_w.data_ptr<float>();
   A.out_b = out_b.detach().to(torch::kFloat32).item<float>();
   A.p = static_cast<float>(p);
   A.thr = static_cast<float>(p > 0 ? std::exp(-p) : 0.0);
   A.exp_p = static_cast<float>(p > 0 ? std::exp(p) : 1.0);
   A.out_scale = static_cast<float>(out_scale);
   A.grad = grad.data_ptr<float>();
-  auto update = torch::empty({n}, grad.options());
-  A.update = update.data_ptr<float>();
-  if (n == 0) return update;
+}
 
-  block = std::max<int64_t>(kRows, block);
-  const int64_t nblocks = (n + block - 1) / block;
+void check_states(const char* name, const std::vector<torch::Tensor>& s, int64_t L, int64_t n,
+                  int64_t H, torch::ScalarType dt) {
+  TORCH_CHECK((int64_t)s.size() == L, name, ": one state per layer");
+  for (const auto& t : s) {
+    TORCH_CHECK(t.scalar_type() == dt && t.device().is_cpu() && t.is_contiguous() &&
+                    t.dim() == 2 && t.size(0) == n && t.size(1) == H,
+                name, ": states must be contiguous (n, H) CPU tensors of one dtype");
+  }
+}
+
+// Runs fn(block index, scratch) over nblocks blocks on up to torch's thread count, each thread
+// with its own scratch of sf floats; blocks handed out dynamically.
+template <typename F>
+void run_blocks(int64_t nblocks, int64_t sf, const F& fn) {
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nblocks);
-  const int64_t sf = scratch_floats(A, block);
   std::atomic<int64_t> next{0};
   auto run = [&]() {
     std::vector<float> scratch(sf);
     for (;;) {
       const int64_t b = next.fetch_add(1, std::memory_order_relaxed);
       if (b >= nblocks) break;
-      const int64_t start = b * block;
-      step_block(A, start, std::min(block, n - start), scratch.data());
+      fn(b, scratch.data());
     }
   };
   if (nthreads <= 1 || at::in_parallel_region()) {
@@ -575,7 +586,472 @@ torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
   } else {
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { run(); });
   }
+}
+
+}  // namespace
+
+// The fused in-place step. grad (n,) float32; hs, cs: per layer (n, H) float32 or bfloat16
+// (all the same dtype), updated in place; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H);
+// out_w (H, 1), out_b (1); H a multiple of 4. p > 0: log/sign preprocessing with scale p
+// (w_ih[0] has 2 rows); p <= 0: the raw gradient (1 row). Returns the update (n,) =
+// out_scale * (h_L @ out_w + out_b). `block`: rows per unit of work (per-thread working set).
+torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
+                         std::vector<torch::Tensor> cs, std::vector<torch::Tensor> w_ih,
+                         std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias,
+                         torch::Tensor out_w, torch::Tensor out_b, double p, double out_scale,
+                         int64_t block) {
+  const int64_t L = static_cast<int64_t>(hs.size());
+  StepArgs A;
+  Prepared P;
+  prepare(A, P, "lstm_step_", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  const int64_t n = A.n, H = A.H;
+  const auto sdt = hs[0].scalar_type();
+  TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
+              "lstm_step_: states must be float32 or bfloat16");
+  check_states("lstm_step_", hs, L, n, H, sdt);
+  check_states("lstm_step_", cs, L, n, H, sdt);
+  A.bf16 = sdt == torch::kBFloat16;
+  for (int64_t l = 0; l < L; ++l) {
+    if (A.bf16) {
+      A.h16.push_back(reinterpret_cast<uint16_t*>(hs[l].data_ptr<at::BFloat16>()));
+      A.c16.push_back(reinterpret_cast<uint16_t*>(cs[l].data_ptr<at::BFloat16>()));
+    } else {
+      A.h32.push_back(hs[l].data_ptr<float>());
+      A.c32.push_back(cs[l].data_ptr<float>());
+    }
+  }
+  auto update = torch::empty({n}, grad.options());
+  A.update = update.data_ptr<float>();
+  if (n == 0) return update;
+  block = std::max<int64_t>(kRows, block);
+  run_blocks((n + block - 1) / block, scratch_floats(A, block), [&](int64_t b, float* scratch) {
+    const int64_t start = b * block;
+    step_block(A, start, std::min(block, n - start), scratch);
+  });
   return update;
+}
+
+// ------------------------------------------------------------------------------------------
+// Meta-training: the rule's step as a differentiable function, forward and backward fused.
+//
+// Forward (lstm_train_forward): the same per-block computation as the in-place step, out of
+// place (new states in new tensors, the old ones are the backward's inputs), also writing each
+// layer's gate activations act[l] (n, 4H) = [i, f, g, o] for the backward.
+//
+// Backward (lstm_train_backward): per block of rows, from the top layer down: the read-out's
+// backward, the cell's backward (dgates), then the gate product's three backward products on
+// the block with register-blocked kernels: dW += [x, h_prev]^T dgates (per-chunk partial sums),
+// and [dx, dh_prev] = dgates @ [W_ih; W_hh]^T. The weight gradients are summed over fixed chunks
+// of rows and the chunks' partial sums added in order, so the result does not depend on the
+// thread count or the scheduling (the unroll's checkpointing relies on bit-exact re-runs).
+
+namespace {
+
+struct TrainArgs {
+  StepArgs A;                              // forward pointers (h32/c32 unused)
+  std::vector<const float*> h_prev, c_prev, h_new, c_new, act;
+  std::vector<float*> h_out, c_out, act_out;  // forward outputs
+  // backward
+  const float* d_update = nullptr;
+  std::vector<const float*> dh_new, dc_new;  // nullptr: zero
+  std::vector<float*> dh_prev, dc_prev;
+  std::vector<float> wt;                   // per layer: [W_ih; W_hh] transposed, padded (N, Kp)
+  std::vector<int64_t> wt_off, wt_kp;
+  // gradient layout in a partial-sum buffer: per layer dW_ih (in, N), dW_hh (H, N), db (N),
+  // then d_out_w (H), d_out_b (1)
+  std::vector<int64_t> gx_off, gh_off, gb_off;
+  int64_t gow_off = 0, gob_off = 0, gsize = 0;
+};
+
+void train_fwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratch) {
+  const StepArgs& A = T.A;
+  const int64_t H = A.H;
+  float* x = scratch;             // (m, n_in)
+  float* dummy = x + m * A.n_in;  // 6 H
+  preprocess(A, A.grad + start, m, x);
+  const float* in = x;
+  int64_t in_ld = A.n_in;
+  for (int64_t l = 0; l < A.L; ++l) {
+    float* c = T.c_out[l] + start * H;
+    float* h = T.h_out[l] + start * H;
+    std::memcpy(c, T.c_prev[l] + start * H, m * H * sizeof(float));
+    const Seg segs[2] = {{in, in_ld, l == 0 ? A.n_in : H, A.packed + A.wx_off[l]},
+                         {T.h_prev[l] + start * H, H, H, A.packed + A.wh_off[l]}};
+    lstm_layer(m, H, segs, 2, A.packed + A.b_off[l], c, h, dummy, T.act_out[l] + start * 4 * H);
+    in = h;
+    in_ld = H;
+  }
+  readout(A, in, m, A.update + start);
+}
+
+// out (K, N) += a^T d over m rows: a (m, K) with leading dimension lda, d (m, N); N % 16 == 0.
+// Tiles of KT rows of out x CV vectors of 8 columns, the accumulators in registers.
+template <int KT, int CV>
+inline void atd_tile(const float* a, int64_t lda, const float* d, int64_t m, int64_t N,
+                     int64_t j0, float* out) {
+  v8 acc[KT][CV];
+  for (int k = 0; k < KT; ++k)
+    for (int v = 0; v < CV; ++v) acc[k][v] = v8{};
+  for (int64_t r = 0; r < m; ++r) {
+    v8 dv[CV];
+    for (int v = 0; v < CV; ++v) dv[v] = load8(d + r * N + j0 + 8 * v);
+    const float* ar = a + r * lda;
+    for (int k = 0; k < KT; ++k) {
+      const float x = ar[k];
+      for (int v = 0; v < CV; ++v) acc[k][v] += x * dv[v];
+    }
+  }
+  for (int k = 0; k < KT; ++k)
+    for (int v = 0; v < CV; ++v) {
+      float* o = out + k * N + j0 + 8 * v;
+      store8(o, load8(o) + acc[k][v]);
+    }
+}
+
+template <int CV>
+void add_atd_cv(const float* a, int64_t lda, int64_t K, const float* d, int64_t m, int64_t N,
+                float* out) {
+  for (int64_t j0 = 0; j0 < N; j0 += 8 * CV) {
+    int64_t k0 = 0;
+    for (; k0 + 4 <= K; k0 += 4) atd_tile<4, CV>(a + k0, lda, d, m, N, j0, out + k0 * N);
+    for (; k0 < K; ++k0) atd_tile<1, CV>(a + k0, lda, d, m, N, j0, out + k0 * N);
+  }
+}
+
+LO_NOINLINE void add_atd(const float* a, int64_t lda, int64_t K, const float* d, int64_t m,
+                         int64_t N, float* out) {
+  if (N % 40 == 0) return add_atd_cv<5>(a, lda, K, d, m, N, out);
+  if (N % 32 == 0) return add_atd_cv<4>(a, lda, K, d, m, N, out);
+  return add_atd_cv<2>(a, lda, K, d, m, N, out);
+}
+
+// out (m, 8 KV) = d (m, N) @ wt (N, 8 KV), R rows at a time (rows past m read row m - 1 and
+// write to `spill`, R * 8 KV floats).
+template <int R, int KV>
+LO_NOINLINE void dwt(const float* d, int64_t m, int64_t N, const float* wt, float* out,
+                     float* spill) {
+  constexpr int64_t Kp = 8 * KV;
+  for (int64_t r0 = 0; r0 < m; r0 += R) {
+    const float* dr[R];
+    float* orow[R];
+    for (int r = 0; r < R; ++r) {
+      const bool ok = r0 + r < m;
+      dr[r] = d + (ok ? r0 + r : m - 1) * N;
+      orow[r] = ok ? out + (r0 + r) * Kp : spill + r * Kp;
+    }
+    v8 acc[R][KV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < KV; ++v) acc[r][v] = v8{};
+    for (int64_t j = 0; j < N; ++j) {
+      v8 w[KV];
+      for (int v = 0; v < KV; ++v) w[v] = load8(wt + j * Kp + 8 * v);
+      for (int r = 0; r < R; ++r) {
+        const float x = dr[r][j];
+        for (int v = 0; v < KV; ++v) acc[r][v] += x * w[v];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < KV; ++v) store8(orow[r] + 8 * v, acc[r][v]);
+  }
+}
+
+void d_wt(const float* d, int64_t m, int64_t N, const float* wt, int64_t Kp, float* out,
+          float* spill) {
+  switch (Kp / 8) {
+    case 1: return dwt<8, 1>(d, m, N, wt, out, spill);
+    case 2: return dwt<8, 2>(d, m, N, wt, out, spill);
+    case 3: return dwt<8, 3>(d, m, N, wt, out, spill);
+    case 4: return dwt<4, 4>(d, m, N, wt, out, spill);
+    case 5: return dwt<4, 5>(d, m, N, wt, out, spill);
+    case 6: return dwt<3, 6>(d, m, N, wt, out, spill);
+    case 8: return dwt<2, 8>(d, m, N, wt, out, spill);
+    default: break;
+  }
+  // wide layers: 8 columns at a time
+  for (int64_t v = 0; v < Kp / 8; ++v) {
+    for (int64_t r = 0; r < m; ++r) {
+      v8 acc = v8{};
+      for (int64_t j = 0; j < N; ++j) acc += d[r * N + j] * load8(wt + j * Kp + 8 * v);
+      store8(out + r * Kp + 8 * v, acc);
+    }
+  }
+}
+
+// The cell's backward on m rows: from the activations act (m, 4H), the old and new cell states
+// and the gradients wrt the new h and c (dc_new may be nullptr: zero), the gradients wrt the
+// gate pre-activations dg (m, 4H) and the old cell state; the bias gradient (the column sums of
+// dg) is added into gb.
+LO_NOINLINE void cell_backward(const float* __restrict act, const float* __restrict c_prev,
+                               const float* __restrict c_new, const float* __restrict dc_new,
+                               const float* __restrict dh, int64_t m, int64_t H,
+                               float* __restrict dg, float* __restrict dc_prev,
+                               float* __restrict gb) {
+  const int64_t N = 4 * H;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* a = act + r * N;
+    const float* cpr = c_prev + r * H;
+    const float* cnr = c_new + r * H;
+    const float* dhr = dh + r * H;
+    float* gr = dg + r * N;
+    float* dcr = dc_prev + r * H;
+    float dct[64];
+    float* dc = H <= 64 ? dct : dcr;  // dc_prev = dct * f: written over below
+    if (dc_new) {
+      const float* dnr = dc_new + r * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) dc[k] = dnr[k];
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) dc[k] = 0.0f;
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      const float i = a[k], f = a[H + k], gg = a[2 * H + k], o = a[3 * H + k];
+      const float t = tanh_(cnr[k]);
+      const float d = dc[k] + dhr[k] * o * (1.0f - t * t);
+      gr[k] = d * gg * i * (1.0f - i);
+      gr[H + k] = d * cpr[k] * f * (1.0f - f);
+      gr[2 * H + k] = d * i * (1.0f - gg * gg);
+      gr[3 * H + k] = dhr[k] * t * o * (1.0f - o);
+      dcr[k] = d * f;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) gb[j] += gr[j];
+  }
+}
+
+// Scratch floats of one backward block of m rows.
+int64_t bwd_scratch_floats(const TrainArgs& T, int64_t m) {
+  const int64_t H = T.A.H, N = 4 * H;
+  int64_t kp_max = 0;
+  for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
+  return m * T.A.n_in + 2 * m * H + m * N + m * kp_max + 8 * kp_max + 64;  // spill: 8 rows
+}
+
+// The backward of rows [start, start + m), gradients of the weights added into g.
+void train_bwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratch, float* g) {
+  const StepArgs& A = T.A;
+  const int64_t H = A.H, N = 4 * H, L = A.L;
+  float* x = scratch;       // (m, n_in) layer 0's inputs
+  float* dh = x + m * A.n_in;  // (m, H) gradient wrt the current layer's new h
+  float* dhx = dh + m * H;     // (m, H) gradient wrt the layer below's new h
+  float* dg = dhx + m * H;     // (m, N) gradient wrt the gate pre-activations
+  int64_t kp_max = 0;
+  for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
+  float* prod = dg + m * N;       // (m, Kp) dg @ W^T
+  float* spill = prod + m * kp_max;  // 8 Kp
+  preprocess(A, A.grad + start, m, x);
+  // read-out: u = s (h_top @ w + b)
+  {
+    const float* du = T.d_update + start;
+    const float* ht = T.h_new[L - 1] + start * H;
+    const float* dht = T.dh_new[L - 1] ? T.dh_new[L - 1] + start * H : nullptr;
+    float* gow = g + T.gow_off;
+    float sb = 0.0f;
+    for (int64_t r = 0; r < m; ++r) {
+      const float s = du[r] * A.out_scale;
+      sb += s;
+      for (int64_t k = 0; k < H; ++k) {
+        dh[r * H + k] = (dht ? dht[r * H + k] : 0.0f) + s * A.out_w[k];
+        gow[k] += s * ht[r * H + k];
+      }
+    }
+    g[T.gob_off] += sb;
+  }
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const float* act = T.act[l] + start * N;
+    const float* cp = T.c_prev[l] + start * H;
+    const float* cn = T.c_new[l] + start * H;
+    const float* dcn = T.dc_new[l] ? T.dc_new[l] + start * H : nullptr;
+    float* dcp = T.dc_prev[l] + start * H;
+    cell_backward(act, cp, cn, dcn, dh, m, H, dg, dcp, g + T.gb_off[l]);
+    // weights: [x, h_prev]^T dg
+    const float* xin = l == 0 ? x : T.h_new[l - 1] + start * H;
+    const int64_t kin = l == 0 ? A.n_in : H;
+    add_atd(xin, kin, kin, dg, m, N, g + T.gx_off[l]);
+    add_atd(T.h_prev[l] + start * H, H, H, dg, m, N, g + T.gh_off[l]);
+    // inputs: prod = dg @ W^T, columns [dh_prev (H) | dx (H, layers above 0)] (padded)
+    const int64_t kp = T.wt_kp[l];
+    d_wt(dg, m, N, T.wt.data() + T.wt_off[l], kp, prod, spill);
+    float* dhp = T.dh_prev[l] + start * H;
+    for (int64_t r = 0; r < m; ++r) std::memcpy(dhp + r * H, prod + r * kp, H * sizeof(float));
+    if (l > 0) {
+      const float* dhb = T.dh_new[l - 1] ? T.dh_new[l - 1] + start * H : nullptr;
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t k = 0; k < H; ++k) {
+          dhx[r * H + k] = prod[r * kp + H + k] + (dhb ? dhb[r * H + k] : 0.0f);
+        }
+      }
+      std::swap(dh, dhx);
+    }
+  }
+}
+
+const float* f32_or_null(const torch::Tensor& t, int64_t n, int64_t H, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n * H,
+              "lstm_train_backward: ", what, " must be contiguous float32 (n, H) or empty");
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
+// Forward of the rule's step for meta-training (float32): the same arguments as lstm_step_,
+// old states not modified. Returns [update (n,), h_new x L, c_new x L, act x L (n, 4H)].
+std::vector<torch::Tensor> lstm_train_forward(torch::Tensor grad, std::vector<torch::Tensor> hs,
+                                              std::vector<torch::Tensor> cs,
+                                              std::vector<torch::Tensor> w_ih,
+                                              std::vector<torch::Tensor> w_hh,
+                                              std::vector<torch::Tensor> bias,
+                                              torch::Tensor out_w, torch::Tensor out_b, double p,
+                                              double out_scale, int64_t block) {
+  const int64_t L = static_cast<int64_t>(hs.size());
+  TrainArgs T;
+  Prepared P;
+  prepare(T.A, P, "lstm_train_forward", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  const int64_t n = T.A.n, H = T.A.H;
+  check_states("lstm_train_forward", hs, L, n, H, torch::kFloat32);
+  check_states("lstm_train_forward", cs, L, n, H, torch::kFloat32);
+  T.A.bf16 = false;
+  auto update = torch::empty({n}, grad.options());
+  T.A.update = update.data_ptr<float>();
+  std::vector<torch::Tensor> out{update};
+  std::vector<torch::Tensor> hn, cn, acts;
+  for (int64_t l = 0; l < L; ++l) {
+    hn.push_back(torch::empty({n, H}, grad.options()));
+    cn.push_back(torch::empty({n, H}, grad.options()));
+    acts.push_back(torch::empty({n, 4 * H}, grad.options()));
+    T.h_prev.push_back(hs[l].data_ptr<float>());
+    T.c_prev.push_back(cs[l].data_ptr<float>());
+    T.h_out.push_back(hn[l].data_ptr<float>());
+    T.c_out.push_back(cn[l].data_ptr<float>());
+    T.act_out.push_back(acts[l].data_ptr<float>());
+  }
+  out.insert(out.end(), hn.begin(), hn.end());
+  out.insert(out.end(), cn.begin(), cn.end());
+  out.insert(out.end(), acts.begin(), acts.end());
+  if (n == 0) return out;
+  block = std::max<int64_t>(kRows, block);
+  run_blocks((n + block - 1) / block, block * T.A.n_in + 6 * H + 16,
+             [&](int64_t b, float* scratch) {
+               const int64_t start = b * block;
+               train_fwd_block(T, start, std::min(block, n - start), scratch);
+             });
+  return out;
+}
+
+// Backward of lstm_train_forward. d_update (n,); dh_new, dc_new: per layer (n, H) or empty
+// (zero). Returns [dh_prev x L, dc_prev x L, dw_ih x L, dw_hh x L, dbias x L, d_out_w (H, 1),
+// d_out_b (1)]. `block`: rows per unit of work; `chunk`: rows per partial sum of the weight
+// gradients (a multiple of block; fixed, so that results do not depend on the threads).
+std::vector<torch::Tensor> lstm_train_backward(
+    torch::Tensor grad, std::vector<torch::Tensor> hs, std::vector<torch::Tensor> cs,
+    std::vector<torch::Tensor> hs_new, std::vector<torch::Tensor> cs_new,
+    std::vector<torch::Tensor> acts, std::vector<torch::Tensor> w_ih,
+    std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias, torch::Tensor out_w,
+    torch::Tensor out_b, torch::Tensor d_update, std::vector<torch::Tensor> dh_new,
+    std::vector<torch::Tensor> dc_new, double p, double out_scale, int64_t block,
+    int64_t chunk) {
+  const char* name = "lstm_train_backward";
+  const int64_t L = static_cast<int64_t>(hs.size());
+  TrainArgs T;
+  Prepared P;
+  prepare(T.A, P, name, grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  const int64_t n = T.A.n, H = T.A.H, N = 4 * H;
+  for (const auto* s : {&hs, &cs, &hs_new, &cs_new}) check_states(name, *s, L, n, H, torch::kFloat32);
+  TORCH_CHECK((int64_t)acts.size() == L && (int64_t)dh_new.size() == L &&
+                  (int64_t)dc_new.size() == L,
+              name, ": one activation and state gradient per layer");
+  TORCH_CHECK(d_update.scalar_type() == torch::kFloat32 && d_update.is_contiguous() &&
+                  d_update.numel() == n,
+              name, ": d_update must be a contiguous float32 (n,) tensor");
+  T.d_update = d_update.data_ptr<float>();
+  std::vector<torch::Tensor> dhp, dcp;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(acts[l].scalar_type() == torch::kFloat32 && acts[l].is_contiguous() &&
+                    acts[l].numel() == n * N,
+                name, ": activations must be contiguous float32 (n, 4H)");
+    T.h_prev.push_back(hs[l].data_ptr<float>());
+    T.c_prev.push_back(cs[l].data_ptr<float>());
+    T.h_new.push_back(hs_new[l].data_ptr<float>());
+    T.c_new.push_back(cs_new[l].data_ptr<float>());
+    T.act.push_back(acts[l].data_ptr<float>());
+    T.dh_new.push_back(f32_or_null(dh_new[l], n, H, "dh_new"));
+    T.dc_new.push_back(f32_or_null(dc_new[l], n, H, "dc_new"));
+    dhp.push_back(torch::empty({n, H}, grad.options()));
+    dcp.push_back(torch::empty({n, H}, grad.options()));
+    T.dh_prev.push_back(dhp[l].data_ptr<float>());
+    T.dc_prev.push_back(dcp[l].data_ptr<float>());
+  }
+  // [W_ih; W_hh]^T per layer, (N, Kp): columns [h (H) | x (H, layers above 0)], zero padded.
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t k = l == 0 ? H : 2 * H;
+    T.wt_kp.push_back((k + 7) / 8 * 8);
+    T.wt_off.push_back(total);
+    total += N * T.wt_kp[l];
+  }
+  T.wt.assign(total, 0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    auto wh = w_hh[l].detach().to(torch::kFloat32).contiguous();
+    auto wx = w_ih[l].detach().to(torch::kFloat32).contiguous();
+    const float* ph = wh.data_ptr<float>();
+    const float* px = wx.data_ptr<float>();
+    float* dst = T.wt.data() + T.wt_off[l];
+    const int64_t kp = T.wt_kp[l];
+    for (int64_t j = 0; j < N; ++j) {
+      for (int64_t k = 0; k < H; ++k) dst[j * kp + k] = ph[k * N + j];
+      if (l > 0)
+        for (int64_t k = 0; k < H; ++k) dst[j * kp + H + k] = px[k * N + j];
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t kin = l == 0 ? T.A.n_in : H;
+    T.gx_off.push_back(T.gsize);
+    T.gsize += kin * N;
+    T.gh_off.push_back(T.gsize);
+    T.gsize += H * N;
+    T.gb_off.push_back(T.gsize);
+    T.gsize += N;
+  }
+  T.gow_off = T.gsize;
+  T.gsize += H;
+  T.gob_off = T.gsize;
+  T.gsize += 1;
+
+  block = std::max<int64_t>(8, block);
+  chunk = std::max<int64_t>(1, chunk / block) * block;
+  const int64_t nchunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
+  std::vector<float> partial(std::max<int64_t>(nchunks, 1) * T.gsize, 0.0f);
+  run_blocks(nchunks, bwd_scratch_floats(T, block), [&](int64_t c, float* scratch) {
+    float* g = partial.data() + c * T.gsize;
+    const int64_t end = std::min(n, (c + 1) * chunk);
+    for (int64_t start = c * chunk; start < end; start += block) {
+      train_bwd_block(T, start, std::min(block, end - start), scratch, g);
+    }
+  });
+  std::vector<float> gsum(T.gsize, 0.0f);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const float* g = partial.data() + c * T.gsize;
+    for (int64_t i = 0; i < T.gsize; ++i) gsum[i] += g[i];
+  }
+  auto opts = grad.options();
+  auto from = [&](int64_t off, std::vector<int64_t> shape) {
+    int64_t numel = 1;
+    for (auto s : shape) numel *= s;
+    auto t = torch::empty(shape, opts);
+    std::memcpy(t.data_ptr<float>(), gsum.data() + off, numel * sizeof(float));
+    return t;
+  };
+  std::vector<torch::Tensor> out;
+  out.insert(out.end(), dhp.begin(), dhp.end());
+  out.insert(out.end(), dcp.begin(), dcp.end());
+  for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gx_off[l], {l == 0 ? T.A.n_in : H, N}));
+  for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gh_off[l], {H, N}));
+  for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gb_off[l], {N}));
+  out.push_back(from(T.gow_off, {H, 1}));
+  out.push_back(from(T.gob_off, {1}));
+  return out;
 }
 
 // The fused step's vector tanh on a float32 tensor (out of place), for testing its accuracy.
@@ -622,6 +1098,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_", &lstm_cell_forward_, "fused LSTM cell forward, in place");
   m.def("backward", &lstm_cell_backward, "fused LSTM cell backward");
   m.def("step_", &lstm_step_, "fused in-place step of the coordinatewise LSTM optimizer");
+  m.def("train_forward", &lstm_train_forward, "fused step of the LSTM rule for meta-training");
+  m.def("train_backward", &lstm_train_backward, "backward of train_forward");
   m.def("tanh_approx", &tanh_approx, "the fused step's vector tanh (for tests)");
   m.def("parallel_width", &parallel_width, "tasks at::parallel_for runs at once (for tests)");
 }

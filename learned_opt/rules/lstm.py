@@ -33,7 +33,9 @@ class LSTMRule(UpdateRule):
 
     Each layer's four gates are computed by two matrix products over all coordinates at once
     (``addmm`` with the input and the recurrent weights), so the cost is a handful of large
-    kernels per layer, independent of the number of parameter tensors.
+    kernels per layer, independent of the number of parameter tensors. On CPU in float32 with a
+    first-order gradient (the meta-training case), :meth:`forward` is instead one fused kernel
+    call with a fused backward (:func:`learned_opt.kernels.fused_rule`, same math).
 
     Args:
         hidden_size: LSTM units per layer (20 in the paper).
@@ -138,6 +140,26 @@ class LSTMRule(UpdateRule):
         return o * (2.0 * torch.sigmoid(2.0 * c) - 1.0), c
 
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        layers = range(self.num_layers)
+        fused = kernels.fused_rule(
+            grad,
+            [state[f"h{layer}"] for layer in layers],
+            [state[f"c{layer}"] for layer in layers],
+            [getattr(self, f"weight_ih_l{layer}") for layer in layers],
+            [getattr(self, f"weight_hh_l{layer}") for layer in layers],
+            [getattr(self, f"bias_l{layer}") for layer in layers],
+            self.out_weight,
+            self.out_bias,
+            preprocess_p=self.preprocess_p if self.preprocess == "log_sign" else None,
+            output_scale=self.output_scale,
+        )
+        if fused is not None:
+            update, hs, cs = fused
+            new_state = {
+                f"{kind}{layer}": s[layer] for kind, s in (("h", hs), ("c", cs)) for layer in layers
+            }
+            new_state["step"] = step_count(state, grad)
+            return update, new_state
         x = self.inputs(grad)
         scale = self._gate_scale(self.weight_ih_l0)
         new_state: RuleState = {}
