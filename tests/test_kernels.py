@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from learned_opt import LSTMRule, kernels
+from learned_opt import GeneralLSTMRule, LSTMRule, UpdateRule, kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="fused kernels unavailable")
 
@@ -64,7 +64,7 @@ def test_rule_with_and_without_kernels(monkeypatch: pytest.MonkeyPatch, rule: LS
 # --- the fused in-place step (kernels.fused_step_, used by LSTMRule.step_) ---------------------
 
 
-def _random_state(rule: LSTMRule, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _random_state(rule: UpdateRule, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     state = rule.init_state(n, like=torch.zeros(1))
     for layer in range(rule.num_layers):
@@ -214,7 +214,7 @@ def test_parallel_for_is_really_parallel() -> None:
 # --- the fused differentiable step (kernels.fused_rule, used by LSTMRule.forward) -------------
 
 
-def _meta_grads(rule: LSTMRule, n: int, steps: int, fused: bool) -> tuple[torch.Tensor, list]:
+def _meta_grads(rule: UpdateRule, n: int, steps: int, fused: bool) -> tuple[torch.Tensor, list]:
     """A small unroll through ``rule.forward``: the loss reads the updates and some of the states
     (so that the backward gets gradients wrt states and a None for others), differentiated wrt
     the rule's weights."""
@@ -228,7 +228,10 @@ def _meta_grads(rule: LSTMRule, n: int, steps: int, fused: bool) -> tuple[torch.
         for t in range(steps):
             grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-8, 2, (n,), generator=gen)
             update, state = rule(grad, state)
-            assert (type(update.grad_fn).__name__ == "_FusedRuleBackward") == fused
+            if isinstance(rule, LSTMRule):
+                assert (type(update.grad_fn).__name__ == "_FusedRuleBackward") == fused
+            else:
+                assert (type(state["h0"].grad_fn).__name__ == "_FusedRuleBackward") == fused
             phi = phi + update
             loss = loss + (phi**2).sum() + 0.1 * (state["c0"] ** 2).sum()
             if t == steps - 1:
@@ -303,3 +306,34 @@ def test_fused_rule_covers_first_order_float32_only(rule: LSTMRule) -> None:
     assert call(torch.randn(n)) is not None
     assert call(torch.randn(n), torch.float64) is None  # float64: the PyTorch path
     assert call(torch.randn(n, requires_grad=True)) is None  # second order: the PyTorch path
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # 1 x 32, scale-invariant inputs, nominal Adam step
+        {"nominal": False},
+        {"scale_invariant": False, "hidden_size": 8, "num_layers": 2},
+    ],
+)
+def test_general_rule_fused_lstm_matches_pytorch(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    rule = GeneralLSTMRule(**kwargs)
+    rule.reset_parameters(zero_output=False)  # a read-out that depends on the LSTM
+    loss, grads = _meta_grads(rule, 777, 3, fused=True)
+    ref_loss, ref_grads = _meta_grads(rule, 777, 3, fused=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for (name, _), g, ref in zip(rule.named_parameters(), grads, ref_grads, strict=True):
+        scale = ref.abs().max().clamp_min(1e-6)
+        assert (g - ref).abs().max() / scale < 1e-4, name
+    # inference (no graph): the in-place kernel on copies of the states
+    state = _random_state(rule, 500)
+    grad = torch.randn(500) * 1e-2
+    with torch.no_grad():
+        update, new = rule(grad, state)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernels, "_load", lambda: None)
+            ref_update, ref_new = rule(grad, state)
+    torch.testing.assert_close(update, ref_update, atol=1e-6, rtol=1e-5)
+    for key in ref_new:
+        torch.testing.assert_close(new[key], ref_new[key], atol=2e-6, rtol=1e-5)

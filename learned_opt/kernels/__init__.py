@@ -27,7 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["fused_cell", "fused_cell_", "fused_rule", "fused_step_", "available"]
+__all__ = [
+    "available",
+    "fused_cell",
+    "fused_cell_",
+    "fused_lstm",
+    "fused_lstm_",
+    "fused_rule",
+    "fused_step_",
+]
 
 _EXT: Any = None
 _DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
@@ -137,6 +145,26 @@ def fused_cell_(gates: Tensor, c: Tensor, h: Tensor) -> bool:
 FUSED_BLOCK = 128
 
 
+def _states_ok(h: list[Tensor], c: list[Tensor], n: int, hidden: int, dtypes: tuple) -> bool:
+    if not h or len(h) != len(c):
+        return False
+    sdt = h[0].dtype
+    return sdt in dtypes and all(
+        s.dtype == sdt and s.device.type == "cpu" and s.is_contiguous() and s.shape == (n, hidden)
+        for s in (*h, *c)
+    )
+
+
+def _inputs_ok(x: Tensor, dim: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == dim
+        and x.is_contiguous()
+        and not x.requires_grad
+    )
+
+
 def fused_step_(
     grad: Tensor,
     h: list[Tensor],
@@ -164,25 +192,15 @@ def fused_step_(
     CPU, ``grad`` not a contiguous float32 vector, states of another dtype or layout, a hidden
     size that is not a multiple of 4.
     """
-    n = grad.numel()
     if (
         grad.device.type != "cpu"
         or grad.dtype != torch.float32
         or not grad.is_contiguous()
-        or w_hh[0].shape[0] % 4
         or not h
+        or w_hh[0].shape[0] % 4
+        or not _states_ok(h, c, grad.numel(), w_hh[0].shape[0], (torch.float32, torch.bfloat16))
+        or _load() is None
     ):
-        return None
-    sdt = h[0].dtype
-    if sdt not in (torch.float32, torch.bfloat16):
-        return None
-    hidden = w_hh[0].shape[0]
-    for s in (*h, *c):
-        if s.dtype != sdt or s.device.type != "cpu" or not s.is_contiguous():
-            return None
-        if s.shape != (n, hidden):
-            return None
-    if _load() is None:
         return None
     return _EXT.step_(
         grad,
@@ -196,7 +214,40 @@ def fused_step_(
         0.0 if preprocess_p is None else float(preprocess_p),
         float(output_scale),
         FUSED_BLOCK if block is None else int(block),
+        False,
     )
+
+
+def fused_lstm_(
+    x: Tensor,
+    h: list[Tensor],
+    c: list[Tensor],
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    bias: list[Tensor],
+    *,
+    block: int | None = None,
+) -> bool:
+    """In-place inference step of a stack of coordinatewise LSTM layers on given per-coordinate
+    inputs ``x`` (n, in) (e.g. :class:`~learned_opt.rules.GeneralLSTMRule`'s features): the
+    kernel of :func:`fused_step_` without its preprocessing and read-out; the top layer's new
+    hidden state is ``h[-1]``. Returns ``False`` (doing nothing) when not covered (see
+    :func:`fused_step_`)."""
+    hidden = w_hh[0].shape[0] if w_hh else 0
+    if (
+        not h
+        or hidden % 4
+        or not _inputs_ok(x, 2)
+        or not _states_ok(h, c, x.shape[0], hidden, (torch.float32, torch.bfloat16))
+        or _load() is None
+    ):
+        return False
+    empty = x.new_empty(0)
+    _EXT.step_(
+        x, h, c, w_ih, w_hh, bias, empty, empty, 0.0, 1.0,
+        FUSED_BLOCK if block is None else int(block), True,
+    )  # fmt: skip
+    return True
 
 
 #: Rows per partial sum of the weight gradients in the fused rule's backward (fixed, so that the
@@ -206,14 +257,17 @@ FUSED_CHUNK = 1024
 
 class _FusedRule(torch.autograd.Function):
     """The coordinatewise LSTM's step, differentiable in its states and weights (not in the
-    gradient it reads: first order)."""
+    gradient or inputs it reads: first order). With ``inputs``, ``grad`` holds the network's
+    inputs and there is no read-out (``out_w``, ``out_b`` empty)."""
 
     @staticmethod
-    def forward(ctx: Any, grad: Tensor, layers: int, p: float, scale: float, *tensors: Tensor):
+    def forward(
+        ctx: Any, grad: Tensor, inputs: bool, layers: int, p: float, scale: float, *tensors: Tensor
+    ):
         hs, cs, w_ih, w_hh, bias = (list(tensors[i * layers : (i + 1) * layers]) for i in range(5))
         out_w, out_b = tensors[5 * layers :]
         res = _EXT.train_forward(
-            grad, hs, cs, w_ih, w_hh, bias, out_w, out_b, p, scale, FUSED_BLOCK
+            grad, hs, cs, w_ih, w_hh, bias, out_w, out_b, p, scale, FUSED_BLOCK, inputs
         )
         update, hn, cn, acts = (
             res[0],
@@ -221,14 +275,14 @@ class _FusedRule(torch.autograd.Function):
             res[1 + layers : 1 + 2 * layers],
             res[1 + 2 * layers :],
         )
-        ctx.layers, ctx.p, ctx.scale = layers, p, scale
+        ctx.inputs, ctx.layers, ctx.p, ctx.scale = inputs, layers, p, scale
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad, *hs, *cs, *hn, *cn, *acts, *w_ih, *w_hh, *bias, out_w, out_b)
-        return (update, *hn, *cn)
+        return (*hn, *cn) if inputs else (update, *hn, *cn)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, d_update: Tensor | None, *d_states: Tensor | None):
+    def backward(ctx: Any, *d_out: Tensor | None):
         layers = ctx.layers
         grad, *rest = ctx.saved_tensors
         hs, cs, hn, cn, acts, w_ih, w_hh, bias = (
@@ -236,7 +290,11 @@ class _FusedRule(torch.autograd.Function):
         )
         out_w, out_b = rest[8 * layers :]
         empty = grad.new_empty(0)
-        d_update = torch.zeros_like(grad) if d_update is None else d_update.contiguous()
+        if ctx.inputs:
+            d_update, d_states = empty, d_out
+        else:
+            d_update, *d_states = d_out
+            d_update = torch.zeros_like(grad) if d_update is None else d_update.contiguous()
         dh, dc = (
             [
                 empty if d is None else d.contiguous()
@@ -245,26 +303,16 @@ class _FusedRule(torch.autograd.Function):
             for i in range(2)
         )
         res = _EXT.train_backward(
-            grad,
-            hs,
-            cs,
-            hn,
-            cn,
-            acts,
-            w_ih,
-            w_hh,
-            bias,
-            out_w,
-            out_b,
-            d_update,
-            dh,
-            dc,
-            ctx.p,
-            ctx.scale,
-            FUSED_BLOCK,
-            FUSED_CHUNK,
-        )
-        return (None, None, None, None, *res)
+            grad, hs, cs, hn, cn, acts, w_ih, w_hh, bias, out_w, out_b, d_update, dh, dc,
+            ctx.p, ctx.scale, FUSED_BLOCK, FUSED_CHUNK, ctx.inputs,
+        )  # fmt: skip
+        if ctx.inputs:
+            res = [*res[:-2], None, None]
+        return (None, None, None, None, None, *res)
+
+
+def _differentiable(tensors: tuple[Tensor, ...]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fused_rule(
@@ -290,26 +338,60 @@ def fused_rule(
     requires grad (second-order meta-gradients need the PyTorch path).
     """
     tensors = (*h, *c, *w_ih, *w_hh, *bias, out_weight, out_bias)
+    hidden = w_hh[0].shape[0] if w_hh else 0
     if (
-        grad.requires_grad
-        or grad.dim() != 1
+        not _inputs_ok(grad, 1)
         or not h
-        or w_hh[0].shape[0] % 4
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (grad, *tensors))
-        or any(not s.is_contiguous() for s in (grad, *h, *c))
+        or hidden % 4
+        or not _states_ok(h, c, grad.numel(), hidden, (torch.float32,))
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
         or _load() is None
     ):
         return None
     p = 0.0 if preprocess_p is None else float(preprocess_p)
-    layers = len(h)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        update, *states = _FusedRule.apply(grad, layers, p, float(output_scale), *tensors)
+    layers, scale = len(h), float(output_scale)
+    if _differentiable(tensors):
+        update, *states = _FusedRule.apply(grad, False, layers, p, scale, *tensors)
     else:
         res = _EXT.train_forward(
-            grad, h, c, w_ih, w_hh, bias, out_weight, out_bias, p, float(output_scale), FUSED_BLOCK
+            grad, h, c, w_ih, w_hh, bias, out_weight, out_bias, p, scale, FUSED_BLOCK, False
         )
         update, states = res[0], res[1 : 1 + 2 * layers]
     return update, list(states[:layers]), list(states[layers:])
+
+
+def fused_lstm(
+    x: Tensor,
+    h: list[Tensor],
+    c: list[Tensor],
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    bias: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """A stack of coordinatewise LSTM layers on given inputs ``x`` (n, in), out of place and
+    differentiable in the states and weights (not in ``x``: first order), with the fused
+    backward of :func:`fused_rule`: returns ``(new h per layer, new c per layer)``, or ``None``
+    when not covered (see :func:`fused_rule`; ``x`` must not require grad)."""
+    tensors = (*h, *c, *w_ih, *w_hh, *bias)
+    hidden = w_hh[0].shape[0] if w_hh else 0
+    if (
+        not h
+        or hidden % 4
+        or not _inputs_ok(x, 2)
+        or not _states_ok(h, c, x.shape[0], hidden, (torch.float32,))
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or _load() is None
+    ):
+        return None
+    layers = len(h)
+    empty = x.new_empty(0)
+    if _differentiable(tensors):
+        states = _FusedRule.apply(x, True, layers, 0.0, 1.0, *tensors, empty, empty)
+    else:  # inference: the in-place kernel on copies (no activations to save)
+        states = [s.clone() for s in (*h, *c)]
+        _EXT.step_(x, states[:layers], states[layers:], w_ih, w_hh, bias, empty, empty, 0.0, 1.0,
+                   FUSED_BLOCK, True)  # fmt: skip
+    return list(states[:layers]), list(states[layers:])
 
 
 class _NoCtx:

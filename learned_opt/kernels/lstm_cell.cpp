@@ -365,6 +365,8 @@ struct StepArgs {
   float out_b;
   float p, thr, exp_p;  // log/sign preprocessing (n_in == 1: the raw gradient)
   float out_scale;
+  const float* x = nullptr;  // given network inputs (n, n_in) instead of grad + preprocessing
+  bool readout = true;       // false: no read-out (the caller reads the top layer's h)
 };
 
 // Natural log on 8 lanes, x > 0 and finite (Cephes' logf: |error| ~ 1 ulp), subnormals included.
@@ -456,7 +458,11 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
   float* x = scratch;                 // (m, n_in)
   float* dummy = x + m * A.n_in;      // 6 H
   float* st = dummy + 6 * H + 16;     // bf16 states: per layer h, c (m, H) in float32
-  preprocess(A, A.grad + start, m, x);
+  if (A.x) {
+    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
+  } else {
+    preprocess(A, A.grad + start, m, x);
+  }
   const float* in = x;
   int64_t in_ld = A.n_in;
   for (int64_t l = 0; l < A.L; ++l) {
@@ -480,7 +486,7 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
     in = h;  // the next layer and the read-out use the unrounded value
     in_ld = H;
   }
-  readout(A, in, m, A.update + start);
+  if (A.readout) readout(A, in, m, A.update + start);
 }
 
 }  // namespace
@@ -495,22 +501,35 @@ struct Prepared {
   torch::Tensor out_w;
 };
 
+// With `inputs`, `grad` holds the network's inputs x (n, in) instead (no preprocessing), and an
+// empty out_w means no read-out.
 void prepare(StepArgs& A, Prepared& P, const char* name, const torch::Tensor& grad, int64_t L,
              const std::vector<torch::Tensor>& w_ih, const std::vector<torch::Tensor>& w_hh,
              const std::vector<torch::Tensor>& bias, const torch::Tensor& out_w,
-             const torch::Tensor& out_b, double p, double out_scale) {
-  TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.dim() == 1,
-              name, ": grad must be a contiguous 1-D float32 tensor");
+             const torch::Tensor& out_b, double p, double out_scale, bool inputs) {
+  if (inputs) {
+    TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() &&
+                    grad.dim() == 2 && grad.device().is_cpu(),
+                name, ": inputs must be a contiguous (n, in) float32 CPU tensor");
+  } else {
+    TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() &&
+                    grad.dim() == 1 && grad.device().is_cpu(),
+                name, ": grad must be a contiguous 1-D float32 CPU tensor");
+  }
   TORCH_CHECK(L >= 1 && (int64_t)w_ih.size() == L && (int64_t)w_hh.size() == L &&
                   (int64_t)bias.size() == L,
               name, ": one h, c, w_ih, w_hh, bias per layer");
   const int64_t H = w_hh[0].size(0), N = 4 * H;
   TORCH_CHECK(H % 4 == 0 && H > 0, name, ": the hidden size must be a multiple of 4");
-  A.n = grad.numel();
+  A.n = inputs ? grad.size(0) : grad.numel();
   A.H = H;
   A.L = L;
   A.n_in = w_ih[0].size(0);
-  TORCH_CHECK(A.n_in == (p > 0 ? 2 : 1), name, ": input size does not match preprocessing");
+  if (inputs) {
+    TORCH_CHECK(grad.size(1) == A.n_in, name, ": inputs do not match w_ih[0]");
+  } else {
+    TORCH_CHECK(A.n_in == (p > 0 ? 2 : 1), name, ": input size does not match preprocessing");
+  }
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(w_ih[l].dim() == 2 && w_ih[l].size(0) == (l == 0 ? A.n_in : H) &&
                     w_ih[l].size(1) == N && w_hh[l].dim() == 2 && w_hh[l].size(0) == H &&
@@ -546,15 +565,22 @@ void prepare(StepArgs& A, Prepared& P, const char* name, const torch::Tensor& gr
     pack(bias[l].reshape({1, N}), P.packed.data() + A.b_off[l]);
   }
   A.packed = P.packed.data();
-  P.out_w = out_w.detach().to(torch::kFloat32).contiguous();
-  TORCH_CHECK(P.out_w.numel() == H && out_b.numel() == 1, name, ": read-out shapes");
-  A.out_w = P.out_w.data_ptr<float>();
-  A.out_b = out_b.detach().to(torch::kFloat32).item<float>();
+  A.readout = !(inputs && out_w.numel() == 0);
+  if (A.readout) {
+    P.out_w = out_w.detach().to(torch::kFloat32).contiguous();
+    TORCH_CHECK(P.out_w.numel() == H && out_b.numel() == 1, name, ": read-out shapes");
+    A.out_w = P.out_w.data_ptr<float>();
+    A.out_b = out_b.detach().to(torch::kFloat32).item<float>();
+  }
   A.p = static_cast<float>(p);
   A.thr = static_cast<float>(p > 0 ? std::exp(-p) : 0.0);
   A.exp_p = static_cast<float>(p > 0 ? std::exp(p) : 1.0);
   A.out_scale = static_cast<float>(out_scale);
-  A.grad = grad.data_ptr<float>();
+  if (inputs) {
+    A.x = grad.data_ptr<float>();
+  } else {
+    A.grad = grad.data_ptr<float>();
+  }
 }
 
 void check_states(const char* name, const std::vector<torch::Tensor>& s, int64_t L, int64_t n,
@@ -595,15 +621,18 @@ void run_blocks(int64_t nblocks, int64_t sf, const F& fn) {
 // out_w (H, 1), out_b (1); H a multiple of 4. p > 0: log/sign preprocessing with scale p
 // (w_ih[0] has 2 rows); p <= 0: the raw gradient (1 row). Returns the update (n,) =
 // out_scale * (h_L @ out_w + out_b). `block`: rows per unit of work (per-thread working set).
+// With `inputs`, grad is the network's inputs x (n, in) instead (any per-coordinate features,
+// computed by the caller), and with an empty out_w there is no read-out (an empty tensor is
+// returned; the top layer's h is the state hs[L - 1]).
 torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
                          std::vector<torch::Tensor> cs, std::vector<torch::Tensor> w_ih,
                          std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias,
                          torch::Tensor out_w, torch::Tensor out_b, double p, double out_scale,
-                         int64_t block) {
+                         int64_t block, bool inputs) {
   const int64_t L = static_cast<int64_t>(hs.size());
   StepArgs A;
   Prepared P;
-  prepare(A, P, "lstm_step_", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  prepare(A, P, "lstm_step_", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale, inputs);
   const int64_t n = A.n, H = A.H;
   const auto sdt = hs[0].scalar_type();
   TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
@@ -620,7 +649,7 @@ torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
       A.c32.push_back(cs[l].data_ptr<float>());
     }
   }
-  auto update = torch::empty({n}, grad.options());
+  auto update = torch::empty({A.readout ? n : 0}, grad.options());
   A.update = update.data_ptr<float>();
   if (n == 0) return update;
   block = std::max<int64_t>(kRows, block);
@@ -668,7 +697,11 @@ void train_fwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
   const int64_t H = A.H;
   float* x = scratch;             // (m, n_in)
   float* dummy = x + m * A.n_in;  // 6 H
-  preprocess(A, A.grad + start, m, x);
+  if (A.x) {
+    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
+  } else {
+    preprocess(A, A.grad + start, m, x);
+  }
   const float* in = x;
   int64_t in_ld = A.n_in;
   for (int64_t l = 0; l < A.L; ++l) {
@@ -681,7 +714,7 @@ void train_fwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
     in = h;
     in_ld = H;
   }
-  readout(A, in, m, A.update + start);
+  if (A.readout) readout(A, in, m, A.update + start);
 }
 
 // out (K, N) += a^T d over m rows: a (m, K) with leading dimension lda, d (m, N); N % 16 == 0.
@@ -840,9 +873,15 @@ void train_bwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
   for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
   float* prod = dg + m * N;       // (m, Kp) dg @ W^T
   float* spill = prod + m * kp_max;  // 8 Kp
-  preprocess(A, A.grad + start, m, x);
-  // read-out: u = s (h_top @ w + b)
-  {
+  if (A.x) {
+    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
+  } else {
+    preprocess(A, A.grad + start, m, x);
+  }
+  if (!A.readout) {  // the top layer's h: only its own gradient
+    const float* dht = T.dh_new[L - 1] ? T.dh_new[L - 1] + start * H : nullptr;
+    for (int64_t j = 0; j < m * H; ++j) dh[j] = dht ? dht[j] : 0.0f;
+  } else {  // read-out: u = s (h_top @ w + b)
     const float* du = T.d_update + start;
     const float* ht = T.h_new[L - 1] + start * H;
     const float* dht = T.dh_new[L - 1] ? T.dh_new[L - 1] + start * H : nullptr;
@@ -897,23 +936,25 @@ const float* f32_or_null(const torch::Tensor& t, int64_t n, int64_t H, const cha
 }  // namespace
 
 // Forward of the rule's step for meta-training (float32): the same arguments as lstm_step_,
-// old states not modified. Returns [update (n,), h_new x L, c_new x L, act x L (n, 4H)].
+// old states not modified. Returns [update (n,), h_new x L, c_new x L, act x L (n, 4H)]
+// (update empty without a read-out).
 std::vector<torch::Tensor> lstm_train_forward(torch::Tensor grad, std::vector<torch::Tensor> hs,
                                               std::vector<torch::Tensor> cs,
                                               std::vector<torch::Tensor> w_ih,
                                               std::vector<torch::Tensor> w_hh,
                                               std::vector<torch::Tensor> bias,
                                               torch::Tensor out_w, torch::Tensor out_b, double p,
-                                              double out_scale, int64_t block) {
+                                              double out_scale, int64_t block, bool inputs) {
   const int64_t L = static_cast<int64_t>(hs.size());
   TrainArgs T;
   Prepared P;
-  prepare(T.A, P, "lstm_train_forward", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  prepare(T.A, P, "lstm_train_forward", grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale,
+          inputs);
   const int64_t n = T.A.n, H = T.A.H;
   check_states("lstm_train_forward", hs, L, n, H, torch::kFloat32);
   check_states("lstm_train_forward", cs, L, n, H, torch::kFloat32);
   T.A.bf16 = false;
-  auto update = torch::empty({n}, grad.options());
+  auto update = torch::empty({T.A.readout ? n : 0}, grad.options());
   T.A.update = update.data_ptr<float>();
   std::vector<torch::Tensor> out{update};
   std::vector<torch::Tensor> hn, cn, acts;
@@ -942,7 +983,8 @@ std::vector<torch::Tensor> lstm_train_forward(torch::Tensor grad, std::vector<to
 
 // Backward of lstm_train_forward. d_update (n,); dh_new, dc_new: per layer (n, H) or empty
 // (zero). Returns [dh_prev x L, dc_prev x L, dw_ih x L, dw_hh x L, dbias x L, d_out_w (H, 1),
-// d_out_b (1)]. `block`: rows per unit of work; `chunk`: rows per partial sum of the weight
+// d_out_b (1)] (the last two empty without a read-out; no gradient wrt given inputs: they are
+// constants, as the gradient is). `block`: rows per unit of work; `chunk`: rows per partial sum of the weight
 // gradients (a multiple of block; fixed, so that results do not depend on the threads).
 std::vector<torch::Tensor> lstm_train_backward(
     torch::Tensor grad, std::vector<torch::Tensor> hs, std::vector<torch::Tensor> cs,
@@ -950,22 +992,24 @@ std::vector<torch::Tensor> lstm_train_backward(
     std::vector<torch::Tensor> acts, std::vector<torch::Tensor> w_ih,
     std::vector<torch::Tensor> w_hh, std::vector<torch::Tensor> bias, torch::Tensor out_w,
     torch::Tensor out_b, torch::Tensor d_update, std::vector<torch::Tensor> dh_new,
-    std::vector<torch::Tensor> dc_new, double p, double out_scale, int64_t block,
-    int64_t chunk) {
+    std::vector<torch::Tensor> dc_new, double p, double out_scale, int64_t block, int64_t chunk,
+    bool inputs) {
   const char* name = "lstm_train_backward";
   const int64_t L = static_cast<int64_t>(hs.size());
   TrainArgs T;
   Prepared P;
-  prepare(T.A, P, name, grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale);
+  prepare(T.A, P, name, grad, L, w_ih, w_hh, bias, out_w, out_b, p, out_scale, inputs);
   const int64_t n = T.A.n, H = T.A.H, N = 4 * H;
   for (const auto* s : {&hs, &cs, &hs_new, &cs_new}) check_states(name, *s, L, n, H, torch::kFloat32);
   TORCH_CHECK((int64_t)acts.size() == L && (int64_t)dh_new.size() == L &&
                   (int64_t)dc_new.size() == L,
               name, ": one activation and state gradient per layer");
-  TORCH_CHECK(d_update.scalar_type() == torch::kFloat32 && d_update.is_contiguous() &&
-                  d_update.numel() == n,
-              name, ": d_update must be a contiguous float32 (n,) tensor");
-  T.d_update = d_update.data_ptr<float>();
+  if (T.A.readout) {
+    TORCH_CHECK(d_update.scalar_type() == torch::kFloat32 && d_update.is_contiguous() &&
+                    d_update.numel() == n,
+                name, ": d_update must be a contiguous float32 (n,) tensor");
+    T.d_update = d_update.data_ptr<float>();
+  }
   std::vector<torch::Tensor> dhp, dcp;
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(acts[l].scalar_type() == torch::kFloat32 && acts[l].is_contiguous() &&
@@ -1049,8 +1093,13 @@ std::vector<torch::Tensor> lstm_train_backward(
   for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gx_off[l], {l == 0 ? T.A.n_in : H, N}));
   for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gh_off[l], {H, N}));
   for (int64_t l = 0; l < L; ++l) out.push_back(from(T.gb_off[l], {N}));
-  out.push_back(from(T.gow_off, {H, 1}));
-  out.push_back(from(T.gob_off, {1}));
+  if (T.A.readout) {
+    out.push_back(from(T.gow_off, {H, 1}));
+    out.push_back(from(T.gob_off, {1}));
+  } else {
+    out.push_back(torch::empty({0}, opts));
+    out.push_back(torch::empty({0}, opts));
+  }
   return out;
 }
 

@@ -240,6 +240,36 @@ class GeneralLSTMRule(UpdateRule):
             feats.append(torch.log(ratio.clamp_min(floor)) / p)
         return torch.stack(feats, dim=-1)
 
+    def _lstm(self, x: Tensor, state: RuleState) -> tuple[list[Tensor], list[Tensor]]:
+        """New hidden and cell states of every layer from the inputs ``x`` (n, in): the whole
+        stack in one fused call on CPU in float32 when ``x`` is a constant (first order), else
+        per layer one gate product and the fused (or PyTorch) cell."""
+        layers = range(self.num_layers)
+        hs = [state[f"h{layer}"] for layer in layers]
+        cs = [state[f"c{layer}"] for layer in layers]
+        w_ih = [getattr(self, f"weight_ih_l{layer}") for layer in layers]
+        w_hh = [getattr(self, f"weight_hh_l{layer}") for layer in layers]
+        bias = [getattr(self, f"bias_l{layer}") for layer in layers]
+        fused = kernels.fused_lstm(x, hs, cs, w_ih, w_hh, bias)
+        if fused is not None:
+            return fused
+        new_h: list[Tensor] = []
+        new_c: list[Tensor] = []
+        for layer in layers:
+            w = torch.cat((w_ih[layer], w_hh[layer]))
+            gates = torch.addmm(bias[layer], torch.cat((x, hs[layer]), dim=1), w)
+            cell = kernels.fused_cell(gates, cs[layer])  # same math, one pass
+            if cell is not None:
+                h, c = cell
+            else:
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            new_h.append(h)
+            new_c.append(c)
+            x = h
+        return new_h, new_c
+
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         step = step_count(state, grad)
         t = float(step)
@@ -262,23 +292,10 @@ class GeneralLSTMRule(UpdateRule):
             new_state["v_fast"] = v_fast
             v_fast_hat = v_fast / (1 - 0.9**t)
         x = self._inputs(grad, moments, denom, v_fast_hat)
-        for layer in range(self.num_layers):
-            w = torch.cat(
-                (getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}"))
-            )
-            gates = torch.addmm(
-                getattr(self, f"bias_l{layer}"), torch.cat((x, state[f"h{layer}"]), dim=1), w
-            )
-            fused = kernels.fused_cell(gates, state[f"c{layer}"])  # same math, one pass
-            if fused is not None:
-                h, c = fused
-            else:
-                i, f, g, o = gates.chunk(4, dim=1)
-                c = torch.sigmoid(f) * state[f"c{layer}"] + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
+        for layer, (h, c) in enumerate(zip(*self._lstm(x, state), strict=True)):
             new_state[f"h{layer}"] = h
             new_state[f"c{layer}"] = c
-            x = h
+        x = new_state[f"h{self.num_layers - 1}"]
         out = torch.addmm(self.out_bias, x, self.out_weight) * self.output_scale
         if not self.nominal:
             return out.squeeze(-1), new_state
