@@ -446,6 +446,14 @@ LO_NOINLINE void to_bf16(const float* __restrict src, int64_t len, uint16_t* __r
   for (int64_t j = 0; j < len; ++j) dst[j] = float_to_bf16(src[j]);
 }
 
+// The network inputs of rows [start, start + m): the given ones, or the preprocessed gradient
+// written into x (scratch of m * n_in floats). Read only.
+inline float* block_inputs(const StepArgs& A, int64_t start, int64_t m, float* x) {
+  if (A.x) return const_cast<float*>(A.x) + start * A.n_in;
+  preprocess(A, A.grad + start, m, x);
+  return x;
+}
+
 // Floats of per-thread scratch for blocks of `block` rows.
 int64_t scratch_floats(const StepArgs& A, int64_t block) {
   int64_t f = block * A.n_in + 6 * A.H + 16;
@@ -458,11 +466,7 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
   float* x = scratch;                 // (m, n_in)
   float* dummy = x + m * A.n_in;      // 6 H
   float* st = dummy + 6 * H + 16;     // bf16 states: per layer h, c (m, H) in float32
-  if (A.x) {
-    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
-  } else {
-    preprocess(A, A.grad + start, m, x);
-  }
+  x = block_inputs(A, start, m, x);
   const float* in = x;
   int64_t in_ld = A.n_in;
   for (int64_t l = 0; l < A.L; ++l) {
@@ -697,11 +701,7 @@ void train_fwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
   const int64_t H = A.H;
   float* x = scratch;             // (m, n_in)
   float* dummy = x + m * A.n_in;  // 6 H
-  if (A.x) {
-    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
-  } else {
-    preprocess(A, A.grad + start, m, x);
-  }
+  x = block_inputs(A, start, m, x);
   const float* in = x;
   int64_t in_ld = A.n_in;
   for (int64_t l = 0; l < A.L; ++l) {
@@ -873,11 +873,7 @@ void train_bwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
   for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
   float* prod = dg + m * N;       // (m, Kp) dg @ W^T
   float* spill = prod + m * kp_max;  // 8 Kp
-  if (A.x) {
-    x = const_cast<float*>(A.x) + start * A.n_in;  // read only
-  } else {
-    preprocess(A, A.grad + start, m, x);
-  }
+  x = block_inputs(A, start, m, x);
   if (!A.readout) {  // the top layer's h: only its own gradient
     const float* dht = T.dh_new[L - 1] ? T.dh_new[L - 1] + start * H : nullptr;
     for (int64_t j = 0; j < m * H; ++j) dh[j] = dht ? dht[j] : 0.0f;

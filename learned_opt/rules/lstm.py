@@ -139,10 +139,10 @@ class LSTMRule(UpdateRule):
         c = torch.addcmul(f * c_prev, i, 2.0 * g - 1.0)
         return o * (2.0 * torch.sigmoid(2.0 * c) - 1.0), c
 
-    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+    def _kernel_args(self, state: RuleState) -> tuple[Any, ...]:
+        """States and weights as the fused kernels take them (lists per layer)."""
         layers = range(self.num_layers)
-        fused = kernels.fused_rule(
-            grad,
+        return (
             [state[f"h{layer}"] for layer in layers],
             [state[f"c{layer}"] for layer in layers],
             [getattr(self, f"weight_ih_l{layer}") for layer in layers],
@@ -150,14 +150,20 @@ class LSTMRule(UpdateRule):
             [getattr(self, f"bias_l{layer}") for layer in layers],
             self.out_weight,
             self.out_bias,
-            preprocess_p=self.preprocess_p if self.preprocess == "log_sign" else None,
-            output_scale=self.output_scale,
         )
+
+    def _kernel_kwargs(self) -> dict[str, Any]:
+        return {
+            "preprocess_p": self.preprocess_p if self.preprocess == "log_sign" else None,
+            "output_scale": self.output_scale,
+        }
+
+    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        fused = kernels.fused_rule(grad, *self._kernel_args(state), **self._kernel_kwargs())
         if fused is not None:
             update, hs, cs = fused
-            new_state = {
-                f"{kind}{layer}": s[layer] for kind, s in (("h", hs), ("c", cs)) for layer in layers
-            }
+            new_state = {f"h{layer}": h for layer, h in enumerate(hs)}
+            new_state.update({f"c{layer}": c for layer, c in enumerate(cs)})
             new_state["step"] = step_count(state, grad)
             return update, new_state
         x = self.inputs(grad)
@@ -194,19 +200,7 @@ class LSTMRule(UpdateRule):
         Returns:
             the update, shape ``(n,)``.
         """
-        layers = range(self.num_layers)
-        update = kernels.fused_step_(
-            grad,
-            [state[f"h{layer}"] for layer in layers],
-            [state[f"c{layer}"] for layer in layers],
-            [getattr(self, f"weight_ih_l{layer}") for layer in layers],
-            [getattr(self, f"weight_hh_l{layer}") for layer in layers],
-            [getattr(self, f"bias_l{layer}") for layer in layers],
-            self.out_weight,
-            self.out_bias,
-            preprocess_p=self.preprocess_p if self.preprocess == "log_sign" else None,
-            output_scale=self.output_scale,
-        )
+        update = kernels.fused_step_(grad, *self._kernel_args(state), **self._kernel_kwargs())
         if update is not None:
             state["step"].add_(1)
             return update
