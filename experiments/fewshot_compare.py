@@ -151,6 +151,7 @@ def run(argv: list[str] | None = None) -> int:
         "--iterations", type=int, default=None, help=f"meta-iterations (default {ITERATIONS})"
     )
     parser.add_argument("--test-tasks", type=int, default=200)
+    parser.add_argument("--learners", default=",".join(LEARNERS), help=f"from {LEARNERS}")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
         "--merge",
@@ -164,6 +165,8 @@ def run(argv: list[str] | None = None) -> int:
         write_jsonl(Path(args.out) / "records.jsonl", records)
         report(records, Path(args.out))
         return 0
+    if unknown := set(args.learners.split(",")) - set(LEARNERS):
+        parser.error(f"unknown learners {sorted(unknown)}; expected some of {LEARNERS}")
     if args.smoke:
         args.families, args.ks, args.iterations, args.test_tasks = "sinusoid,mnist", "1", 2, 4
     threads = torch.get_num_threads()
@@ -182,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         for k in [int(x) for x in args.ks.split(",")]:
             train, test = families(name, k)
             seeds = [task_seed(99, k, i) for i in range(args.test_tasks)]
-            for kind in LEARNERS:
+            for kind in args.learners.split(","):
                 start = time.perf_counter()
                 if kind == "scratch-adam":
                     tune = [task_seed(98, k, i) for i in range(max(4, args.test_tasks // 10))]
@@ -272,9 +275,13 @@ def plot(records: list[dict], path: Path) -> None:
         rows = [r for r in records if r["family"] == fam]
         ks = sorted({r["k_shot"] for r in rows})
         for i, kind in enumerate(LEARNERS):
-            sel = [next(r for r in rows if r["k_shot"] == k and r["learner"] == kind) for k in ks]
+            found = {r["k_shot"]: r for r in rows if r["learner"] == kind}
+            if not found:
+                continue
             xs = np.arange(len(ks)) + (i - 1.5) * 0.2
-            ax.bar(xs, [r["mean"] for r in sel], 0.2, yerr=[r["ci95"] for r in sel], label=kind)
+            means = [found[k]["mean"] if k in found else np.nan for k in ks]  # not run: no bar
+            errs = [found[k]["ci95"] if k in found else 0.0 for k in ks]
+            ax.bar(xs, means, 0.2, yerr=errs, label=kind)
         ax.set_xticks(np.arange(len(ks)), [f"K={k}" for k in ks])
         ax.set_title(f"{fam}: meta-test {rows[0]['metric']}")
         ax.legend()
