@@ -316,6 +316,29 @@ def test_rnn_learner_rejects_unknown_options() -> None:
         RNNLearner(4, 2, head="attention")
     with pytest.raises(ValueError, match="pairs"):
         RNNLearner(4, 2, pairs="sum")
+    with pytest.raises(ValueError, match="init"):
+        RNNLearner(4, 2, init="zeros")
+    with pytest.raises(ValueError, match="accumulator"):  # the head cannot read the classes
+        RNNLearner(4, 2, hidden=8, init="accumulator")
+    with pytest.raises(ValueError, match="hidden >= "):  # too few units for 2 x 4 slots
+        RNNLearner(4, 2, hidden=7, head="bilinear", pairs="outer", init="accumulator")
+
+
+def test_rnn_learner_accumulator_init_is_a_prototype_classifier() -> None:
+    """With init="accumulator" and no encoder, the untrained learner classifies a query by its
+    dot product with each class's (squashed) support sum: support points come back labelled."""
+    learner = RNNLearner(4, 3, hidden=12, head="bilinear", pairs="outer", init="accumulator")
+    x = torch.tensor([[1.0, 0.2, 0.0, 0.0], [0.0, 1.0, 0.0, 0.1], [0.0, 0.0, 1.0, 1.0]])
+    y = torch.tensor([0, 1, 2])
+    task = DigitsFewShotFamily(n_way=3).sample(torch.Generator().manual_seed(0))
+    state, _ = learner.step(task, learner.init_state(task, torch.Generator()), (x, y))
+    logits = learner.predict(state, x)
+    assert torch.equal(logits.argmax(1), y)
+    # ... and the labels, not the order of the support set, decide
+    state2, _ = learner.step(
+        task, learner.init_state(task, torch.Generator()), (x[[2, 0, 1]], y[[2, 0, 1]])
+    )
+    assert torch.equal(learner.predict(state2, x).argmax(1), y)
 
 
 def test_rnn_outer_pairs_keep_each_class_in_its_own_slots() -> None:

@@ -73,6 +73,19 @@ class RNNLearner(MetaLearner):
         encoder: a module mapping flattened inputs ``(n, x_dim)`` to features ``(n, d)``; its
             weights are re-initialized from ``seed`` (PyTorch's default layer scheme).
         seed: seed of the weight initialization.
+        init: ``"default"`` (PyTorch's scheme for every weight) or ``"accumulator"`` (LSTM,
+            ``"outer"`` pairs and ``"bilinear"`` head only, ``hidden >= y_dim * d``): the RNN starts
+            as a per-class feature accumulator and the head as a read-out of it. The gates start
+            open (input, output) and closed to forgetting (biases +``gate_bias``), the cell
+            input of unit ``c * d + j`` reads the outer-product slot of class ``c``, feature
+            ``j``, and the head maps that unit to the weight of feature ``j`` in class ``c``'s
+            logit; the other
+            weights start at a tenth of the default scheme. At initialization the learner is
+            then a nearest-prototype classifier (logit of class c = a query's features dotted
+            with the squashed sum of class c's support features) on the encoder's features, which
+            meta-training refines, instead of having to discover that binding from noise (a long
+            plateau at chance accuracy: the recurrent learner stayed below training from scratch
+            on 5-way 1-shot MNIST after 4,000 meta-steps with the default scheme).
     """
 
     def __init__(
@@ -87,6 +100,7 @@ class RNNLearner(MetaLearner):
         pairs: str = "concat",
         encoder: nn.Module | None = None,
         seed: int = 0,
+        init: str = "default",
     ) -> None:
         super().__init__()
         if cell not in _CELLS:
@@ -95,6 +109,8 @@ class RNNLearner(MetaLearner):
             raise ValueError(f"Unknown head {head!r}; expected one of {_HEADS}")
         if pairs not in _PAIRS:
             raise ValueError(f"Unknown pairs encoding {pairs!r}; expected one of {_PAIRS}")
+        if init not in ("default", "accumulator"):
+            raise ValueError(f"Unknown init {init!r}; expected 'default' or 'accumulator'")
         if min(x_dim, y_dim, hidden, head_hidden) < 1:
             raise ValueError(f"Invalid sizes: x_dim={x_dim}, y_dim={y_dim}, hidden={hidden}")
         self.x_dim, self.y_dim, self.hidden, self.cell = x_dim, y_dim, hidden, cell
@@ -120,10 +136,23 @@ class RNNLearner(MetaLearner):
             self.head = nn.Linear(hidden, y_dim * (f_dim + 1), device=meta)
         self.to_empty(device="cpu")
         self.encoder = encoder  # attached after to_empty: its device is the caller's
+        self.init = init
+        if init == "accumulator" and (
+            cell != "lstm" or pairs != "outer" or head != "bilinear" or hidden < y_dim * f_dim
+        ):
+            raise ValueError(
+                "init='accumulator' needs cell='lstm', pairs='outer', head='bilinear' and "
+                f"hidden >= y_dim * features = {y_dim * f_dim} (got {cell!r}, {pairs!r}, "
+                f"{head!r}, hidden={hidden})"
+            )
         self.reset_parameters(torch.Generator().manual_seed(seed))
 
+    #: Initial bias of the input, forget and output gates with ``init="accumulator"``.
+    gate_bias: float = 4.0
+
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default initialization (U(-1/sqrt(fan), 1/sqrt(fan))), from ``generator``."""
+        """PyTorch's default initialization (U(-1/sqrt(fan), 1/sqrt(fan))), from ``generator``;
+        then, with ``init="accumulator"``, the accumulator structure (see the class)."""
         with torch.no_grad():
             bound = 1.0 / math.sqrt(self.hidden)
             for p in self.rnn.parameters():
@@ -134,6 +163,24 @@ class RNNLearner(MetaLearner):
                 fresh = uniform_init(module, generator)
                 for name, p in module.named_parameters():
                     p.copy_(fresh[name])
+            if self.init == "accumulator":
+                self._accumulator_init()
+
+    def _accumulator_init(self) -> None:
+        H, d, k = self.hidden, self.f_dim, self.y_dim
+        slots = torch.arange(k * d)
+        rnn = self.rnn
+        for p in (*rnn.parameters(), *self.head.parameters()):
+            p.mul_(0.1)
+        for name in ("bias_ih_l0", "bias_hh_l0"):
+            getattr(rnn, name).zero_()
+        b = rnn.bias_ih_l0
+        b[:H] = b[H : 2 * H] = b[3 * H :] = self.gate_bias  # i, f, o open; g (cell input) at 0
+        # cell input of unit s = the outer-product slot s (class s // d, feature s % d)
+        rnn.weight_ih_l0[2 * H + slots, d + k + slots] = 1.0
+        # head: unit s -> the weight of feature s % d in the logit of class s // d
+        rows = (slots // d) * (d + 1) + slots % d
+        self.head.weight[rows, slots] = 1.0
 
     def features(self, x: Tensor) -> Tensor:
         """``f(x)`` for flattened inputs."""
