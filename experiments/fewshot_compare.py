@@ -11,9 +11,9 @@ confidence intervals. Writes records.jsonl, table.md and results.png to ``--out`
 The learners:
 
 - ``maml``: Meta-SGD (learned init and per-coordinate inner learning rates), 5 SGD steps;
-- ``rnn``: an LSTM reads the support pairs; for images a conv encoder feeds it the features,
-  paired with the labels by an outer product, and a bilinear head reads out (see
-  :class:`~learned_opt.RNNLearner`);
+- ``rnn``: an LSTM reads the support pairs; for images an encoder (conv net for MNIST) feeds it
+  the features, paired with the labels by an outer product, and a bilinear head reads out, the
+  LSTM starting as a per-class accumulator (see :class:`~learned_opt.RNNLearner`);
 - ``lstm-optimizer``: the paper's 2x20 coordinatewise LSTM rule, 5 steps from a meta-learned
   initialization (the meta-learner LSTM of Ravi & Larochelle, 2017);
 - ``scratch-adam``: no meta-learning, 50 Adam steps on D_train from a random initialization,
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from learned_opt import LSTMRule, MAMLLearner, OptimizerLearner, RNNLearner
@@ -81,12 +82,17 @@ def make_learner(kind: str, family: TaskFamily, name: str) -> tuple[MetaLearner,
     if kind == "rnn":
         if name == "sinusoid":
             return RNNLearner(1, 1), 1
-        if name == "mnist":
-            encoder = conv_net(28, 32, 3, 64)
-            return RNNLearner(
-                784, 5, hidden=256, head="bilinear", pairs="outer", encoder=encoder
-            ), 1
-        return RNNLearner(64, 5, hidden=256, head="bilinear", pairs="outer"), 1
+        # Images: a conv encoder of 32 features, and the LSTM starts as a per-class accumulator
+        # of them (5 x 32 slots in 256 units) read by the bilinear head, i.e. as a prototype
+        # classifier; from PyTorch's default initialization it stayed below training from
+        # scratch on 5-way 1-shot MNIST (0.35 accuracy after 3,000-4,000 meta-steps; 0.47 with
+        # the accumulator start after 3,000).
+        encoder = conv_net(28, 32, 3, 32) if name == "mnist" else nn.Linear(64, 32)
+        x_dim = 784 if name == "mnist" else 64
+        return RNNLearner(
+            x_dim, 5, hidden=256, head="bilinear", pairs="outer", encoder=encoder,
+            init="accumulator",
+        ), 1  # fmt: skip
     rule = LSTMRule()
     rule.reset_parameters(torch.Generator().manual_seed(0))
     return OptimizerLearner(rule, init_model=family.model), INNER_STEPS
