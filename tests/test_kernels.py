@@ -337,3 +337,16 @@ def test_general_rule_fused_lstm_matches_pytorch(kwargs: dict) -> None:
     torch.testing.assert_close(update, ref_update, atol=1e-6, rtol=1e-5)
     for key in ref_new:
         torch.testing.assert_close(new[key], ref_new[key], atol=2e-6, rtol=1e-5)
+
+
+def test_fused_rule_inference_and_training_forwards_agree_exactly(rule: LSTMRule) -> None:
+    state = _random_state(rule, 3001)
+    grad = torch.randn(3001) * 1e-3
+    update, new = rule(grad, state)  # training forward (saves activations)
+    assert update.requires_grad
+    with torch.no_grad():
+        update2, new2 = rule(grad, state)  # in-place kernel on copies of the states
+    assert torch.equal(update.detach(), update2)
+    for key in ("h0", "c0", "h1", "c1"):
+        assert torch.equal(new[key].detach(), new2[key])
+        assert not torch.equal(new2[key], state[key])  # the old states are left as they were

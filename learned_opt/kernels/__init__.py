@@ -352,11 +352,10 @@ def fused_rule(
     layers, scale = len(h), float(output_scale)
     if _differentiable(tensors):
         update, *states = _FusedRule.apply(grad, False, layers, p, scale, *tensors)
-    else:
-        res = _EXT.train_forward(
-            grad, h, c, w_ih, w_hh, bias, out_weight, out_bias, p, scale, FUSED_BLOCK, False
-        )
-        update, states = res[0], res[1 : 1 + 2 * layers]
+    else:  # inference: the in-place kernel on copies (no activations to save)
+        states = [s.clone() for s in (*h, *c)]
+        update = _EXT.step_(grad, states[:layers], states[layers:], w_ih, w_hh, bias, out_weight,
+                            out_bias, p, scale, FUSED_BLOCK, False)  # fmt: skip
     return update, list(states[:layers]), list(states[layers:])
 
 
