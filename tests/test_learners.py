@@ -318,7 +318,7 @@ def test_rnn_learner_rejects_unknown_options() -> None:
         RNNLearner(4, 2, pairs="sum")
     with pytest.raises(ValueError, match="init"):
         RNNLearner(4, 2, init="zeros")
-    with pytest.raises(ValueError, match="accumulator"):  # the head cannot read the classes
+    with pytest.raises(ValueError, match="accumulator"):  # the MLP head cannot read the classes
         RNNLearner(4, 2, hidden=8, init="accumulator")
     with pytest.raises(ValueError, match="hidden >= "):  # too few units for 2 x 4 slots
         RNNLearner(4, 2, hidden=7, head="bilinear", pairs="outer", init="accumulator")
@@ -349,3 +349,19 @@ def test_rnn_outer_pairs_keep_each_class_in_its_own_slots() -> None:
     assert seq.shape == (2, 3 + 2 + 6)
     torch.testing.assert_close(seq[0, 5:], torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(seq[1, 5:], torch.tensor([0.0, 0.0, 0.0, 4.0, 5.0, 6.0]))
+
+
+def test_rnn_learner_distance_head_ignores_a_shared_feature_direction() -> None:
+    """Two classes whose features share a direction, the second with the larger norm: a dot
+    product with the stored class features calls the first class's own support point the second
+    class; the distance head labels both right."""
+    task = DigitsFewShotFamily(n_way=2).sample(torch.Generator().manual_seed(0))
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 0.5, 0.0, 0.0]])
+    y = torch.tensor([0, 1])
+    predictions = {}
+    for head in ("bilinear", "distance"):
+        learner = RNNLearner(4, 2, hidden=8, head=head, pairs="outer", init="accumulator")
+        state, _ = learner.step(task, learner.init_state(task, torch.Generator()), (x, y))
+        predictions[head] = learner.predict(state, x).argmax(1)
+    assert torch.equal(predictions["distance"], y)
+    assert torch.equal(predictions["bilinear"], torch.tensor([1, 1]))

@@ -15,7 +15,7 @@ from .base import MetaLearner
 __all__ = ["RNNLearner", "RNNState"]
 
 _CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU}
-_HEADS = ("mlp", "bilinear")
+_HEADS = ("mlp", "bilinear", "distance")
 _PAIRS = ("concat", "outer")
 
 
@@ -51,7 +51,11 @@ class RNNLearner(MetaLearner):
       linear in ``h``. The prediction is a learned similarity between the query's features and
       what the RNN stored about the support set, which an MLP on a concatenation must
       approximate; with one-hot labels gating its input, an LSTM can write each class's features
-      into its own units, and the bilinear read-out compares a query against them.
+      into its own units, and the bilinear read-out compares a query against them;
+    - ``"distance"``: ``logit_c = -||f(x) - W_c(h)||^2 + b_c(h)`` (up to a term that is the same
+      for every class), with ``W(h)`` and ``b(h)`` linear in ``h`` as above: the query is compared
+      with what the RNN stored for each class by distance, as prototypical networks do, so a
+      common component of the features (which a dot product rewards in every class) cancels.
 
     :meth:`step` reads one whole support batch (continuing from the current hidden state) and
     returns the head's loss on that batch; :meth:`evaluate` scores the head on a query batch.
@@ -132,16 +136,17 @@ class RNNLearner(MetaLearner):
                 nn.ReLU(),
                 nn.Linear(head_hidden, y_dim, device=meta),
             )
-        else:
+        else:  # bilinear or distance: W(h) (y_dim x f_dim) and b(h) (y_dim)
             self.head = nn.Linear(hidden, y_dim * (f_dim + 1), device=meta)
         self.to_empty(device="cpu")
         self.encoder = encoder  # attached after to_empty: its device is the caller's
         self.init = init
         if init == "accumulator" and (
-            cell != "lstm" or pairs != "outer" or head != "bilinear" or hidden < y_dim * f_dim
+            cell != "lstm" or pairs != "outer" or head == "mlp" or hidden < y_dim * f_dim
         ):
             raise ValueError(
-                "init='accumulator' needs cell='lstm', pairs='outer', head='bilinear' and "
+                "init='accumulator' needs cell='lstm', pairs='outer', head='bilinear' or "
+                "'distance', and "
                 f"hidden >= y_dim * features = {y_dim * f_dim} (got {cell!r}, {pairs!r}, "
                 f"{head!r}, hidden={hidden})"
             )
@@ -211,7 +216,10 @@ class RNNLearner(MetaLearner):
             h = state.h[-1].expand(len(f), -1)
             return self.head(torch.cat((h, f), dim=1))
         wb = self.head(state.h[-1, 0]).view(self.y_dim, self.f_dim + 1)
-        return f @ wb[:, :-1].T + wb[:, -1]
+        w, b = wb[:, :-1], wb[:, -1]
+        if self.head_kind == "distance":  # -||f - w_c||^2 + b_c without the common -||f||^2
+            return 2.0 * f @ w.T - (w * w).sum(1) + b
+        return f @ w.T + b
 
     def init_state(self, task: Task, generator: torch.Generator) -> RNNState:
         """Zero hidden (and cell) state (``generator`` is unused)."""
