@@ -78,8 +78,9 @@ class RNNLearner(MetaLearner):
             weights are re-initialized from ``seed`` (PyTorch's default layer scheme).
         seed: seed of the weight initialization.
         init: ``"default"`` (PyTorch's scheme for every weight) or ``"accumulator"`` (LSTM,
-            ``"outer"`` pairs and ``"bilinear"`` head only, ``hidden >= y_dim * d``): the RNN starts
-            as a per-class feature accumulator and the head as a read-out of it. The gates start
+            ``"outer"`` pairs, ``"bilinear"`` or ``"distance"`` head, ``hidden >= y_dim * d``):
+            the RNN starts as a per-class feature accumulator and the head as a read-out of it.
+            The gates start
             open (input, output) and closed to forgetting (biases +``gate_bias``), the cell
             input of unit ``c * d + j`` reads the outer-product slot of class ``c``, feature
             ``j``, and the head maps that unit to the weight of feature ``j`` in class ``c``'s
