@@ -80,17 +80,15 @@ class RNNLearner(MetaLearner):
         init: ``"default"`` (PyTorch's scheme for every weight) or ``"accumulator"`` (LSTM,
             ``"outer"`` pairs, ``"bilinear"`` or ``"distance"`` head, ``hidden >= y_dim * d``):
             the RNN starts as a per-class feature accumulator and the head as a read-out of it.
-            The gates start
-            open (input, output) and closed to forgetting (biases +``gate_bias``), the cell
-            input of unit ``c * d + j`` reads the outer-product slot of class ``c``, feature
-            ``j``, and the head maps that unit to the weight of feature ``j`` in class ``c``'s
-            logit; the other
-            weights start at a tenth of the default scheme. At initialization the learner is
-            then a nearest-prototype classifier (logit of class c = a query's features dotted
-            with the squashed sum of class c's support features) on the encoder's features, which
-            meta-training refines, instead of having to discover that binding from noise (a long
-            plateau at chance accuracy: the recurrent learner stayed below training from scratch
-            on 5-way 1-shot MNIST after 4,000 meta-steps with the default scheme).
+            The gates start open (input, output) and closed to forgetting (biases
+            +``gate_bias``), the cell input of unit ``c * d + j`` reads the outer-product slot of
+            class ``c``, feature ``j``, and the head maps that unit to the weight of feature
+            ``j`` in class ``c``'s logit; the other weights start at a tenth of the default
+            scheme. At initialization the learner is then a nearest-prototype classifier on the
+            encoder's features (``"bilinear"``: a query's features dotted with the squashed sum
+            of each class's support features), which meta-training refines, instead of having
+            to discover that binding from noise: on 5-way 1-shot MNIST the default scheme stayed
+            at 0.35 accuracy after 4,000 meta-steps, the accumulator start reached 0.44-0.47.
     """
 
     def __init__(
