@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--time-budget", type=float, default=None, help="seconds of meta-training")
     mt.add_argument("--eval-every", type=int, default=d.eval_every)
     mt.add_argument("--eval-tasks", type=int, default=d.eval_tasks)
+    mt.add_argument(
+        "--eval-family",
+        default=None,
+        choices=sorted(FAMILIES),
+        help="family of the held-out tasks that select the best weights (default: --family)",
+    )
+    mt.add_argument("--eval-family-kwargs", type=_json_arg, default={}, metavar="JSON")
     mt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     mt.add_argument("--seed", type=int, default=d.seed)
     mt.add_argument("--log-dir", default=None, help="TensorBoard directory")
@@ -212,6 +219,8 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         time_budget=args.time_budget,
         eval_every=args.eval_every,
         eval_tasks=args.eval_tasks,
+        eval_family=args.eval_family,
+        eval_family_kwargs=args.eval_family_kwargs,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )

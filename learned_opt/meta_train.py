@@ -85,6 +85,12 @@ class MetaTrainConfig:
         eval_every: iterations between held-out evaluations (``0`` disables them).
         eval_tasks: held-out tasks per evaluation.
         eval_horizon: inner steps in evaluation (``None``: ``horizon``).
+        eval_family: the named family of the held-out evaluation tasks, which select the
+            weights kept as best (``None``: ``family``). A learned optimizer meant to transfer
+            should be selected on tasks outside its meta-training distribution: selecting on
+            tasks like the meta-training ones keeps improving in distribution while the transfer
+            gets worse (README, issue 4).
+        eval_family_kwargs: keyword arguments of ``eval_family``.
         checkpoint_every: iterations between checkpoints.
         keep_checkpoints: how many recent checkpoints to keep.
         max_loss_ratio: an inner loss above this multiple of its first value ends the unroll.
@@ -118,6 +124,8 @@ class MetaTrainConfig:
     eval_every: int = 50
     eval_tasks: int = 8
     eval_horizon: int | None = None
+    eval_family: str | None = None
+    eval_family_kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     max_loss_ratio: float | None = 1e3
@@ -227,7 +235,7 @@ class MetaTrainer:
             rule, initialized from ``config.seed``.
         family: the task family; by default ``make_family(config.family, **config.family_kwargs)``.
         eval_family: the family of the held-out evaluation tasks (e.g. a meta-test split with
-            other classes); by default ``family``.
+            other classes); by default ``config.eval_family`` if set, else ``family``.
         progress: show a progress line on stderr.
     """
 
@@ -244,6 +252,8 @@ class MetaTrainer:
     ) -> None:
         self.config = config
         self.family = family or make_family(config.family, **config.family_kwargs)
+        if eval_family is None and config.eval_family is not None:
+            eval_family = make_family(config.eval_family, **config.eval_family_kwargs)
         self.eval_family = eval_family or self.family
         if learner is None:
             if config.init_weights is not None:

@@ -158,3 +158,16 @@ def test_meta_train_with_pes_and_random_horizons(tmp_path: Path) -> None:
     config = safe_load(find_checkpoints(tmp_path / "ckpt")[0])["config"]
     assert config["estimator"] == "pes" and config["min_horizon"] == 4
     assert config["estimator_kwargs"] == {"sigma": 0.02, "pairs": 2}
+
+
+def test_meta_train_eval_family_reaches_the_exported_config(tmp_path: Path) -> None:
+    export = tmp_path / "w.pt"
+    args = ["meta-train", "--family", "quadratic", "--horizon", "6", "--truncation", "3"]
+    args += ["--iterations", "2", "--eval-every", "1", "--eval-tasks", "2", "--quiet"]
+    args += ["--eval-family", "quadratic", "--eval-family-kwargs", '{"dim": 4}']
+    assert main([*args, "--export", str(export)]) == 0
+    from learned_opt import load_rule
+
+    _, meta = load_rule(export)
+    assert meta["config"]["eval_family"] == "quadratic"
+    assert meta["config"]["eval_family_kwargs"] == {"dim": 4}

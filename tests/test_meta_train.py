@@ -246,3 +246,25 @@ def test_log_meta_loss_trains_and_evaluates_with_geometric_means() -> None:
     geo = float(torch.tensor(finals, dtype=torch.float64).log().mean().exp())
     assert metric == pytest.approx(geo, rel=1e-6)
     assert trainer._aggregate([1.0, float("nan")]) == float("inf")
+
+
+def test_eval_family_selects_on_other_tasks_without_changing_training(tmp_path: Path) -> None:
+    plain = MetaTrainer(MetaTrainConfig(iterations=4, **SMALL), ckpt_dir=tmp_path / "plain")
+    plain.train()
+    cfg = MetaTrainConfig(
+        iterations=4, eval_family="quadratic", eval_family_kwargs={"dim": 3}, **SMALL
+    )
+    other = MetaTrainer(cfg, ckpt_dir=tmp_path / "other")
+    assert other.eval_family.config() != other.family.config()
+    other.train()
+    for p, q in zip(_weights(plain), _weights(other), strict=True):
+        assert torch.equal(p, q)  # evaluation draws from its own stream: training is the same
+    assert plain.best_metric != other.best_metric  # scored on other tasks
+    # the setting is part of the run: kept in checkpoints, and a resume must match it
+    again = MetaTrainer(
+        MetaTrainConfig(**{**cfg.to_dict(), "iterations": 5}), ckpt_dir=tmp_path / "other"
+    )
+    assert again.resume() and again.eval_family.config() == other.eval_family.config()
+    mismatched = MetaTrainer(MetaTrainConfig(iterations=5, **SMALL), ckpt_dir=tmp_path / "other")
+    with pytest.raises(ValueError, match="eval_family"):
+        mismatched.resume()
