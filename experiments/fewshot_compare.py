@@ -160,6 +160,7 @@ def run(argv: list[str] | None = None) -> int:
         "--iterations", type=int, default=None, help=f"meta-iterations (default {ITERATIONS})"
     )
     parser.add_argument("--test-tasks", type=int, default=200)
+    parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-step")
     parser.add_argument("--learners", default=",".join(LEARNERS), help=f"from {LEARNERS}")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
@@ -217,14 +218,18 @@ def _run(args: argparse.Namespace) -> int:
                         meta_lr=META_LR_IMAGES.get(kind, META_LR[kind])
                         if name != "sinusoid"
                         else META_LR[kind],
-                        meta_batch=4,
+                        meta_batch=args.meta_batch,
                         iterations=its,
                         eval_every=0,
                         seed=k,
                     )
                     MetaTrainer(cfg, learner=learner, family=train).train()
                     values = evaluate_learner(learner, steps, test, seeds, name)
-                    extra = {"inner_steps": steps, "meta_iterations": its}
+                    extra = {
+                        "inner_steps": steps,
+                        "meta_iterations": its,
+                        "meta_batch": args.meta_batch,
+                    }
                 arr = np.array(values)
                 half = 1.96 * arr.std(ddof=1) / math.sqrt(len(arr)) if len(arr) > 1 else 0.0
                 rec = {
