@@ -65,15 +65,16 @@ META_LR = {"maml": 1e-3, "rnn": 3e-3, "lstm-optimizer": 1e-3}
 META_LR_IMAGES = {"rnn": 1e-3}
 
 
-def families(name: str, k: int) -> tuple[TaskFamily, TaskFamily]:
+def families(name: str, k: int, channels: int | None = None) -> tuple[TaskFamily, TaskFamily]:
     if name == "sinusoid":
         return SinusoidFamily(k_shot=k, split="train"), SinusoidFamily(k_shot=k, split="test")
     cls = MNISTFewShotFamily if name == "mnist" else DigitsFewShotFamily
+    extra = {"channels": channels} if channels and name == "mnist" else {}
     # Meta-training classes 0-4 under the 8 symmetries of the square (40 classes), so that 5-way
     # tasks do not always hold the same five; meta-test tasks: plain images of classes 5-9.
     return (
-        cls(n_way=5, k_shot=k, split="train", augment=True),
-        cls(n_way=5, k_shot=k, split="test"),
+        cls(n_way=5, k_shot=k, split="train", augment=True, **extra),
+        cls(n_way=5, k_shot=k, split="test", **extra),
     )
 
 
@@ -161,6 +162,9 @@ def run(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--test-tasks", type=int, default=200)
     parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-step")
+    parser.add_argument(
+        "--channels", type=int, default=None, help="MNIST conv net width (default: the family's)"
+    )
     parser.add_argument("--learners", default=",".join(LEARNERS), help=f"from {LEARNERS}")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
@@ -193,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
     records = []
     for name in args.families.split(","):
         for k in [int(x) for x in args.ks.split(",")]:
-            train, test = families(name, k)
+            train, test = families(name, k, args.channels)
             seeds = [task_seed(99, k, i) for i in range(args.test_tasks)]
             for kind in args.learners.split(","):
                 start = time.perf_counter()
@@ -230,6 +234,8 @@ def _run(args: argparse.Namespace) -> int:
                         "meta_iterations": its,
                         "meta_batch": args.meta_batch,
                     }
+                if args.channels and name == "mnist":
+                    extra["channels"] = args.channels
                 arr = np.array(values)
                 half = 1.96 * arr.std(ddof=1) / math.sqrt(len(arr)) if len(arr) > 1 else 0.0
                 rec = {
