@@ -32,7 +32,6 @@ __all__ = [
     "fused_cell",
     "fused_cell_",
     "fused_lstm",
-    "fused_lstm_",
     "fused_rule",
     "fused_step_",
 ]
@@ -218,38 +217,6 @@ def fused_step_(
     )
 
 
-def fused_lstm_(
-    x: Tensor,
-    h: list[Tensor],
-    c: list[Tensor],
-    w_ih: list[Tensor],
-    w_hh: list[Tensor],
-    bias: list[Tensor],
-    *,
-    block: int | None = None,
-) -> bool:
-    """In-place inference step of a stack of coordinatewise LSTM layers on given per-coordinate
-    inputs ``x`` (n, in) (e.g. :class:`~learned_opt.rules.GeneralLSTMRule`'s features): the
-    kernel of :func:`fused_step_` without its preprocessing and read-out; the top layer's new
-    hidden state is ``h[-1]``. Returns ``False`` (doing nothing) when not covered (see
-    :func:`fused_step_`)."""
-    hidden = w_hh[0].shape[0] if w_hh else 0
-    if (
-        not h
-        or hidden % 4
-        or not _inputs_ok(x, 2)
-        or not _states_ok(h, c, x.shape[0], hidden, (torch.float32, torch.bfloat16))
-        or _load() is None
-    ):
-        return False
-    empty = x.new_empty(0)
-    _EXT.step_(
-        x, h, c, w_ih, w_hh, bias, empty, empty, 0.0, 1.0,
-        FUSED_BLOCK if block is None else int(block), True,
-    )  # fmt: skip
-    return True
-
-
 #: Rows per partial sum of the weight gradients in the fused rule's backward (fixed, so that the
 #: result does not depend on the thread count).
 FUSED_CHUNK = 1024
@@ -311,8 +278,47 @@ class _FusedRule(torch.autograd.Function):
         return (None, None, None, None, None, *res)
 
 
-def _differentiable(tensors: tuple[Tensor, ...]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _fused_out_of_place(
+    x: Tensor,
+    inputs: bool,
+    h: list[Tensor],
+    c: list[Tensor],
+    w_ih: list[Tensor],
+    w_hh: list[Tensor],
+    bias: list[Tensor],
+    readout: tuple[Tensor, ...],
+    p: float,
+    scale: float,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]] | None:
+    """The out-of-place step of :func:`fused_rule` (``inputs=False``: ``x`` is the gradient, with
+    the read-out ``(out_weight, out_bias)``) or :func:`fused_lstm` (``inputs=True``: ``x`` holds
+    the network's inputs, no read-out): ``(update or None, new h, new c)``, or ``None`` when not
+    covered. Differentiable when a state or weight requires grad; otherwise the in-place kernel
+    runs on copies of the states (no activations to save)."""
+    tensors = (*h, *c, *w_ih, *w_hh, *bias, *readout)
+    hidden = w_hh[0].shape[0] if w_hh else 0
+    if (
+        not _inputs_ok(x, 2 if inputs else 1)
+        or not h
+        or hidden % 4
+        or not _states_ok(h, c, x.shape[0], hidden, (torch.float32,))
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+        or _load() is None
+    ):
+        return None
+    layers = len(h)
+    out_w, out_b = readout or (x.new_empty(0), x.new_empty(0))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        res = _FusedRule.apply(
+            x, inputs, layers, p, scale, *h, *c, *w_ih, *w_hh, *bias, out_w, out_b
+        )
+        update, states = (None, res) if inputs else (res[0], res[1:])
+    else:
+        states = [s.clone() for s in (*h, *c)]
+        update = _EXT.step_(x, states[:layers], states[layers:], w_ih, w_hh, bias, out_w, out_b,
+                            p, scale, FUSED_BLOCK, inputs)  # fmt: skip
+        update = None if inputs else update
+    return update, list(states[:layers]), list(states[layers:])
 
 
 def fused_rule(
@@ -337,26 +343,10 @@ def fused_rule(
     contiguous CPU tensors, a hidden size that is not a multiple of 4, or a gradient that
     requires grad (second-order meta-gradients need the PyTorch path).
     """
-    tensors = (*h, *c, *w_ih, *w_hh, *bias, out_weight, out_bias)
-    hidden = w_hh[0].shape[0] if w_hh else 0
-    if (
-        not _inputs_ok(grad, 1)
-        or not h
-        or hidden % 4
-        or not _states_ok(h, c, grad.numel(), hidden, (torch.float32,))
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
-        or _load() is None
-    ):
-        return None
     p = 0.0 if preprocess_p is None else float(preprocess_p)
-    layers, scale = len(h), float(output_scale)
-    if _differentiable(tensors):
-        update, *states = _FusedRule.apply(grad, False, layers, p, scale, *tensors)
-    else:  # inference: the in-place kernel on copies (no activations to save)
-        states = [s.clone() for s in (*h, *c)]
-        update = _EXT.step_(grad, states[:layers], states[layers:], w_ih, w_hh, bias, out_weight,
-                            out_bias, p, scale, FUSED_BLOCK, False)  # fmt: skip
-    return update, list(states[:layers]), list(states[layers:])
+    readout = (out_weight, out_bias)
+    # with a read-out, the update is a tensor
+    return _fused_out_of_place(grad, False, h, c, w_ih, w_hh, bias, readout, p, float(output_scale))  # type: ignore[return-value]
 
 
 def fused_lstm(
@@ -367,30 +357,13 @@ def fused_lstm(
     w_hh: list[Tensor],
     bias: list[Tensor],
 ) -> tuple[list[Tensor], list[Tensor]] | None:
-    """A stack of coordinatewise LSTM layers on given inputs ``x`` (n, in), out of place and
-    differentiable in the states and weights (not in ``x``: first order), with the fused
-    backward of :func:`fused_rule`: returns ``(new h per layer, new c per layer)``, or ``None``
-    when not covered (see :func:`fused_rule`; ``x`` must not require grad)."""
-    tensors = (*h, *c, *w_ih, *w_hh, *bias)
-    hidden = w_hh[0].shape[0] if w_hh else 0
-    if (
-        not h
-        or hidden % 4
-        or not _inputs_ok(x, 2)
-        or not _states_ok(h, c, x.shape[0], hidden, (torch.float32,))
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
-        or _load() is None
-    ):
-        return None
-    layers = len(h)
-    empty = x.new_empty(0)
-    if _differentiable(tensors):
-        states = _FusedRule.apply(x, True, layers, 0.0, 1.0, *tensors, empty, empty)
-    else:  # inference: the in-place kernel on copies (no activations to save)
-        states = [s.clone() for s in (*h, *c)]
-        _EXT.step_(x, states[:layers], states[layers:], w_ih, w_hh, bias, empty, empty, 0.0, 1.0,
-                   FUSED_BLOCK, True)  # fmt: skip
-    return list(states[:layers]), list(states[layers:])
+    """A stack of coordinatewise LSTM layers on given inputs ``x`` (n, in) (e.g.
+    :class:`~learned_opt.rules.GeneralLSTMRule`'s features), out of place and differentiable in
+    the states and weights (not in ``x``: first order), with the fused backward of
+    :func:`fused_rule`: returns ``(new h per layer, new c per layer)``, or ``None`` when not
+    covered (see :func:`fused_rule`; ``x`` must not require grad)."""
+    res = _fused_out_of_place(x, True, h, c, w_ih, w_hh, bias, (), 0.0, 1.0)
+    return None if res is None else (res[1], res[2])
 
 
 class _NoCtx:

@@ -493,10 +493,6 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
   if (A.readout) readout(A, in, m, A.update + start);
 }
 
-}  // namespace
-
-namespace {
-
 // Shape checks, the packed weights and the read-out of a fused step (inference or training).
 // grad (n,) float32; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H); out_w (H, 1), out_b (1);
 // H a multiple of 4; p > 0: log/sign preprocessing (w_ih[0] has 2 rows), else the raw gradient.
@@ -690,6 +686,7 @@ struct TrainArgs {
   std::vector<float*> dh_prev, dc_prev;
   std::vector<float> wt;                   // per layer: [W_ih; W_hh] transposed, padded (N, Kp)
   std::vector<int64_t> wt_off, wt_kp;
+  int64_t kp_max = 0;                      // the widest of wt_kp
   // gradient layout in a partial-sum buffer: per layer dW_ih (in, N), dW_hh (H, N), db (N),
   // then d_out_w (H), d_out_b (1)
   std::vector<int64_t> gx_off, gh_off, gb_off;
@@ -856,9 +853,7 @@ LO_NOINLINE void cell_backward(const float* __restrict act, const float* __restr
 // Scratch floats of one backward block of m rows.
 int64_t bwd_scratch_floats(const TrainArgs& T, int64_t m) {
   const int64_t H = T.A.H, N = 4 * H;
-  int64_t kp_max = 0;
-  for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
-  return m * T.A.n_in + 2 * m * H + m * N + m * kp_max + 8 * kp_max + 64;  // spill: 8 rows
+  return m * T.A.n_in + 2 * m * H + m * N + m * T.kp_max + 8 * T.kp_max + 64;  // spill: 8 rows
 }
 
 // The backward of rows [start, start + m), gradients of the weights added into g.
@@ -869,10 +864,8 @@ void train_bwd_block(const TrainArgs& T, int64_t start, int64_t m, float* scratc
   float* dh = x + m * A.n_in;  // (m, H) gradient wrt the current layer's new h
   float* dhx = dh + m * H;     // (m, H) gradient wrt the layer below's new h
   float* dg = dhx + m * H;     // (m, N) gradient wrt the gate pre-activations
-  int64_t kp_max = 0;
-  for (auto k : T.wt_kp) kp_max = std::max(kp_max, k);
   float* prod = dg + m * N;       // (m, Kp) dg @ W^T
-  float* spill = prod + m * kp_max;  // 8 Kp
+  float* spill = prod + m * T.kp_max;  // 8 Kp
   x = block_inputs(A, start, m, x);
   if (!A.readout) {  // the top layer's h: only its own gradient
     const float* dht = T.dh_new[L - 1] ? T.dh_new[L - 1] + start * H : nullptr;
@@ -1028,6 +1021,7 @@ std::vector<torch::Tensor> lstm_train_backward(
   for (int64_t l = 0; l < L; ++l) {
     const int64_t k = l == 0 ? H : 2 * H;
     T.wt_kp.push_back((k + 7) / 8 * 8);
+    T.kp_max = std::max(T.kp_max, T.wt_kp[l]);
     T.wt_off.push_back(total);
     total += N * T.wt_kp[l];
   }

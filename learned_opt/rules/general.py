@@ -292,11 +292,11 @@ class GeneralLSTMRule(UpdateRule):
             new_state["v_fast"] = v_fast
             v_fast_hat = v_fast / (1 - 0.9**t)
         x = self._inputs(grad, moments, denom, v_fast_hat)
-        for layer, (h, c) in enumerate(zip(*self._lstm(x, state), strict=True)):
-            new_state[f"h{layer}"] = h
-            new_state[f"c{layer}"] = c
-        x = new_state[f"h{self.num_layers - 1}"]
-        out = torch.addmm(self.out_bias, x, self.out_weight) * self.output_scale
+        hs, cs = self._lstm(x, state)
+        for layer in range(self.num_layers):
+            new_state[f"h{layer}"] = hs[layer]
+            new_state[f"c{layer}"] = cs[layer]
+        out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if not self.nominal:
             return out.squeeze(-1), new_state
         assert denom is not None
