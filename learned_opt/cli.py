@@ -17,7 +17,7 @@ from . import distributed, pretrained
 from .checkpoint import load_rule
 from .estimators import ESTIMATORS
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
-from .meta_train import MetaTrainConfig, MetaTrainer
+from .meta_train import META_LR_SCHEDULES, MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer
 from .report import HAND_DESIGNED, plot_curves, table, write_jsonl
 from .tasks import FAMILIES, MLPFamily, make_family
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "S1 > S2 > ... (e.g. 25,5,1); default: checkpoint_schedule(truncation)",
     )
     mt.add_argument("--meta-lr", type=float, default=d.meta_lr)
+    mt.add_argument(
+        "--meta-lr-schedule",
+        choices=META_LR_SCHEDULES,
+        default=d.meta_lr_schedule,
+        help="cosine: decay the meta learning rate to 0 over --iterations",
+    )
     mt.add_argument("--meta-batch", type=int, default=d.meta_batch)
     mt.add_argument("--clip-grad", type=float, default=d.clip_grad)
     mt.add_argument("--iterations", type=int, default=d.iterations, help="task batches to unroll")
@@ -213,6 +219,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         grad_checkpoint=args.grad_checkpoint or args.grad_checkpoint_segment is not None,
         grad_checkpoint_segment=args.grad_checkpoint_segment,
         meta_lr=args.meta_lr,
+        meta_lr_schedule=args.meta_lr_schedule,
         meta_batch=args.meta_batch,
         clip_grad=args.clip_grad,
         iterations=args.iterations,

@@ -35,6 +35,8 @@ from .unroll import OBJECTIVES, checkpoint_schedule, checkpoint_segments, unroll
 __all__ = ["MetaTrainConfig", "MetaTrainer", "TRAINER_FORMAT", "find_checkpoints"]
 
 TRAINER_FORMAT = "learned_opt.trainer/1"
+#: Meta learning-rate schedules (``MetaTrainConfig.meta_lr_schedule``).
+META_LR_SCHEDULES = ("constant", "cosine")
 _EVAL_STREAM = 7_777_777  # seeds of held-out evaluation tasks never collide with training ones
 _HORIZON_STREAM = 2  # offset of the seed of a task's horizon draw (task: +0, inner state: +1)
 
@@ -76,7 +78,12 @@ class MetaTrainConfig:
             segments of S steps: ~K / S states and S steps' activations, one extra forward
             pass) or nested segment lengths ``(S1, S2, ..., SL)``; ``None``:
             ``checkpoint_schedule(K)``. Only used with ``grad_checkpoint``.
-        meta_lr: Adam learning rate of the meta-optimizer.
+        meta_lr: Adam learning rate of the meta-optimizer (times each of the learner's
+            :meth:`~learned_opt.learners.MetaLearner.meta_param_groups` scales).
+        meta_lr_schedule: ``"constant"``, or ``"cosine"``: the meta learning rate decays as
+            ``(1 + cos(pi * i / iterations)) / 2`` at iteration ``i``, so that the weights a run
+            ends with are not one noisy meta-step's. The schedule follows the configured
+            ``iterations``: resuming with more iterations stretches what is left of it.
         meta_batch: tasks unrolled side by side per meta-update (over all processes); their
             window meta-losses are averaged.
         clip_grad: maximum meta-gradient norm (``0`` disables clipping).
@@ -117,6 +124,7 @@ class MetaTrainConfig:
     grad_checkpoint: bool = False
     grad_checkpoint_segment: int | tuple[int, ...] | None = None
     meta_lr: float = 1e-3
+    meta_lr_schedule: str = "constant"
     meta_batch: int = 1
     clip_grad: float = 1.0
     iterations: int = 500
@@ -141,6 +149,11 @@ class MetaTrainConfig:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
         if self.meta_lr <= 0:
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
+        if self.meta_lr_schedule not in META_LR_SCHEDULES:
+            raise ValueError(
+                f"Unknown meta_lr_schedule {self.meta_lr_schedule!r}; expected one of "
+                f"{META_LR_SCHEDULES}"
+            )
         if self.min_horizon is not None and not 1 <= self.min_horizon <= self.horizon:
             raise ValueError(
                 f"Invalid min_horizon: {self.min_horizon} (must be in [1, horizon={self.horizon}])"
@@ -224,6 +237,23 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _param_groups(learner: MetaLearner, meta_lr: float) -> list[dict[str, Any]]:
+    """The Adam parameter groups of ``learner`` (see ``MetaLearner.meta_param_groups``)."""
+    groups, seen = [], set()
+    for g in learner.meta_param_groups():
+        params = list(g["params"])
+        scale = float(g.get("lr_scale", 1.0))
+        if not scale > 0:
+            raise ValueError(f"Invalid lr_scale {scale} in the learner's meta_param_groups")
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, "lr": meta_lr * scale, "base_lr": meta_lr * scale})
+    if seen != {id(p) for p in learner.parameters()} or sum(
+        len(g["params"]) for g in groups
+    ) != len(seen):
+        raise ValueError("meta_param_groups must hold each of the learner's parameters once")
+    return groups
+
+
 class MetaTrainer:
     """Meta-trains a learner on a task family.
 
@@ -269,7 +299,7 @@ class MetaTrainer:
             learner = OptimizerLearner(rule, second_order=config.second_order)
         self.learner = learner
         self.estimator = config.build_estimator()
-        self.meta_opt = torch.optim.Adam(self.learner.parameters(), lr=config.meta_lr)
+        self.meta_opt = torch.optim.Adam(_param_groups(self.learner, config.meta_lr))
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
         self.progress = progress
@@ -364,12 +394,15 @@ class MetaTrainer:
 
     def _rollback(self) -> None:
         """Return to the last good checkpoint with a lower meta learning rate."""
-        lrs = [g["lr"] * self.config.rollback_lr_factor for g in self.meta_opt.param_groups]
+        factor = self.config.rollback_lr_factor
+        bases = [g.get("base_lr", g["lr"]) * factor for g in self.meta_opt.param_groups]
         learner_state, opt_state = self._good
         self.learner.load_state_dict(learner_state)
         self.meta_opt.load_state_dict(copy.deepcopy(opt_state))
-        for group, lr in zip(self.meta_opt.param_groups, lrs):
-            group["lr"] = lr
+        for group, base in zip(self.meta_opt.param_groups, bases):
+            group["base_lr"] = base
+        self._schedule_lr()
+        lrs = [g["lr"] for g in self.meta_opt.param_groups]
         self.rollbacks += 1
         self.consecutive_skips = 0
         self._log("meta/rollbacks", self.rollbacks)
@@ -590,8 +623,19 @@ class MetaTrainer:
                 self._rollback()
             return meta_loss, norm, False
         self.consecutive_skips = 0
+        self._schedule_lr()
         self.meta_opt.step()
         return meta_loss, norm, True
+
+    def _schedule_lr(self) -> None:
+        """Set each group's learning rate from its base and the schedule at this iteration."""
+        factor = 1.0
+        if self.config.meta_lr_schedule == "cosine":
+            done = min(self.iteration / self.config.iterations, 1.0)
+            factor = 0.5 * (1.0 + math.cos(math.pi * done))
+        for group in self.meta_opt.param_groups:
+            # Checkpoints from before schedules have no base_lr: their lr is the base.
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
     def train_iteration(self) -> dict[str, float]:
         """Unroll one batch of tasks and take one meta-step per truncation window.
@@ -675,6 +719,7 @@ class MetaTrainer:
             self.elapsed += distributed.all_reduce_max(seconds)
             self._log("meta/loss", stats["meta_loss"])
             self._log("meta/grad_norm", stats["grad_norm"])
+            self._log("meta/lr", self.meta_opt.param_groups[0]["lr"])
             self._log("meta/diverged_tasks", stats["diverged"])
             self._log("meta/skipped_steps", self.skipped_steps)
             self._log("time/inner_steps_per_second", stats["inner_steps"] / seconds)

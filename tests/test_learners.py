@@ -365,3 +365,57 @@ def test_rnn_learner_distance_head_ignores_a_shared_feature_direction() -> None:
         predictions[head] = learner.predict(state, x).argmax(1)
     assert torch.equal(predictions["distance"], y)
     assert torch.equal(predictions["bilinear"], torch.tensor([1, 1]))
+
+
+def test_rnn_outer_mean_pairs_store_class_means_whatever_k() -> None:
+    """With "outer-mean" pairs and the accumulator start, the stored values of a class are the
+    mean of its support features: repeating every support point 10 times changes nothing the
+    head reads (with "outer" the sums grow and saturate the cell)."""
+    task = DigitsFewShotFamily(n_way=2).sample(torch.Generator().manual_seed(0))
+    x = torch.tensor([[0.3, 0.1, 0.0, 0.0], [0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.3]])
+    y = torch.tensor([0, 1, 1])
+    learner = RNNLearner(4, 2, hidden=8, head="distance", pairs="outer-mean", init="accumulator")
+    seq = learner._pairs(x, learner._targets(y, x))
+    torch.testing.assert_close(
+        seq[:, 6:],
+        torch.tensor(
+            [
+                [0.3, 0.1, 0, 0, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0, 0.1, 0.15, 0],
+                [0, 0, 0, 0, 0.05, 0, 0, 0.15],
+            ]
+        ),
+    )
+
+    def stored(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        state, _ = learner.step(task, learner.init_state(task, torch.Generator()), (xs, ys))
+        return learner.head(state.h[-1, 0]).view(2, 5)[:, :4]
+
+    once, ten = stored(x, y), stored(x.repeat(10, 1), y.repeat(10))
+    means = torch.stack([x[0], x[1:].mean(0)])
+    # (the head's other weights start at a tenth of the default scheme: a little noise)
+    assert torch.nn.functional.cosine_similarity(once, means, dim=1).min() > 0.9
+    torch.testing.assert_close(ten, once, atol=0.06, rtol=0.0)  # forget gate ~0.98 per step
+    sums = RNNLearner(4, 2, hidden=8, head="distance", pairs="outer", init="accumulator")
+    state, _ = sums.step(
+        task, sums.init_state(task, torch.Generator()), (x.repeat(10, 1), y.repeat(10))
+    )
+    assert (sums.head(state.h[-1, 0]).view(2, 5)[:, :4] - once).abs().max() > 0.3
+    with pytest.raises(ValueError, match="class labels"):
+        learner.step(task, learner.init_state(task, torch.Generator()), (x, x[:, :2]))
+
+
+def test_rnn_feature_norm_and_meta_param_groups() -> None:
+    encoder = torch.nn.Linear(4, 6)
+    learner = RNNLearner(4, 2, hidden=12, encoder=encoder, feature_norm=0.3, rnn_lr_scale=0.1)
+    f = learner.features(torch.randn(5, 4) + 10.0)
+    torch.testing.assert_close(f.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.std(1, unbiased=False), torch.full((5,), 0.3), atol=1e-3, rtol=0)
+    groups = learner.meta_param_groups()
+    assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in learner.rnn.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(learner.parameters()))
+    with pytest.raises(ValueError, match="feature_norm"):
+        RNNLearner(4, 2, feature_norm=0.0)
+    with pytest.raises(ValueError, match="rnn_lr_scale"):
+        RNNLearner(4, 2, rnn_lr_scale=-1.0)

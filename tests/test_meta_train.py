@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,55 @@ def test_eval_family_selects_on_other_tasks_without_changing_training(tmp_path: 
     mismatched = MetaTrainer(MetaTrainConfig(iterations=5, **SMALL), ckpt_dir=tmp_path / "other")
     with pytest.raises(ValueError, match="eval_family"):
         mismatched.resume()
+
+
+def test_learner_param_groups_scale_the_meta_learning_rate() -> None:
+    from learned_opt import RNNLearner
+    from learned_opt.tasks.fewshot import DigitsFewShotFamily
+
+    family = DigitsFewShotFamily(n_way=2, k_shot=1)
+    learner = RNNLearner(64, 2, hidden=16, rnn_lr_scale=0.01)
+    cfg = MetaTrainConfig(family=family.name, horizon=1, truncation=1, objective="test",
+                          meta_lr=1e-2, iterations=1, eval_every=0)  # fmt: skip
+    trainer = MetaTrainer(cfg, learner=learner, family=family)
+    assert [g["lr"] for g in trainer.meta_opt.param_groups] == pytest.approx([1e-4, 1e-2])
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    trainer.train()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in learner.named_parameters()}
+    # Adam's first step moves each entry by about its group's learning rate
+    assert 0 < moved["rnn.weight_hh_l0"] <= 1.01e-4
+    assert moved["head.0.weight"] > 5e-3
+
+    class Broken(RNNLearner):
+        def meta_param_groups(self) -> list[dict]:
+            return [{"params": list(self.rnn.parameters())}]  # misses the head
+
+    with pytest.raises(ValueError, match="each of the learner's parameters once"):
+        MetaTrainer(cfg, learner=Broken(64, 2, hidden=16), family=family)
+
+
+def test_cosine_meta_lr_schedule_decays_and_resumes(tmp_path: Path) -> None:
+    small = {k: v for k, v in SMALL.items() if k != "eval_every"}
+    cfg = MetaTrainConfig(iterations=4, eval_every=0, meta_lr_schedule="cosine", **small)
+    full = MetaTrainer(cfg, ckpt_dir=tmp_path / "full")
+    lrs = []
+    full.train(on_iteration=lambda t, _: lrs.append(t.meta_opt.param_groups[0]["lr"]))
+    # set before each meta-step from the iteration it belongs to: 0, 1, 2, 3 of 4
+    expected = [cfg.meta_lr * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    assert lrs == pytest.approx(expected)
+    first = MetaTrainer(cfg, ckpt_dir=tmp_path / "split")  # the same run, stopped half-way
+    for _ in range(2):
+        first.train_iteration()
+        first.iteration += 1
+    first.save_checkpoint()
+    second = MetaTrainer(cfg, ckpt_dir=tmp_path / "split")
+    assert second.resume() and second.iteration == 2
+    second.train()
+    for a, b in zip(_weights(full), _weights(second)):
+        assert torch.equal(a, b)
+    constant = MetaTrainer(MetaTrainConfig(iterations=4, eval_every=0, **small),
+                           ckpt_dir=tmp_path / "split")  # fmt: skip
+    with pytest.raises(ValueError, match="meta_lr_schedule"):
+        constant.resume()
+    with pytest.raises(ValueError, match="meta_lr_schedule"):
+        MetaTrainConfig(meta_lr_schedule="linear")

@@ -24,7 +24,8 @@ class MetaLearner(nn.Module):
       (differentiable in theta when ``differentiable``);
     - :meth:`evaluate` scores a state on held-out data.
 
-    :meth:`detach_state` cuts the graph between truncation windows.
+    :meth:`detach_state` cuts the graph between truncation windows; :meth:`meta_param_groups`
+    tells the meta-optimizer which parts of theta take smaller steps.
     """
 
     def init_state(self, task: Task, generator: torch.Generator) -> Any:
@@ -44,6 +45,12 @@ class MetaLearner(nn.Module):
     def params_of(self, task: Task, state: Any) -> dict[str, Tensor]:
         """The optimizee parameters phi held by ``state``, by name."""
         raise NotImplementedError
+
+    def meta_param_groups(self) -> list[dict[str, Any]]:
+        """theta as the meta-optimizer's parameter groups, each ``{"params": [...],
+        "lr_scale": s}``: the group's meta learning rate is ``s`` times the configured one.
+        Every parameter in exactly one group; by default one group at scale 1."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
 
 class LearnedInit(nn.ParameterDict):
