@@ -38,6 +38,7 @@ def test_families_are_registered() -> None:
         "n_query": 15,
         "split": "test",
         "augment": False,
+        "shift": 0,
         "hidden": [64],
     }
 
@@ -165,3 +166,31 @@ def test_mnist_fewshot_tasks_use_the_class_split_and_a_conv_net() -> None:
     assert MNISTFewShotFamily(channels=4).config()["channels"] == 4
     with pytest.raises(ValueError, match="channels"):
         MNISTFewShotFamily(channels=0)
+
+
+def test_shift_translates_each_image_of_the_same_task() -> None:
+    """shift=s: the same classes, labels and images as without it, each moved by its own offset
+    in [-s, s]^2 with zeros filled in; shift=0 is the plain family."""
+    plain = DigitsFewShotFamily(n_way=3, k_shot=2, n_query=4)
+    moved = DigitsFewShotFamily(n_way=3, k_shot=2, n_query=4, shift=1)
+    assert moved.config()["shift"] == 1 and plain.config()["shift"] == 0
+    a = plain.sample(torch.Generator().manual_seed(5))
+    b = moved.sample(torch.Generator().manual_seed(5))
+    assert a.classes == b.classes
+    offsets = set()
+    for sa, sb in ((a.train, b.train), (a.test, b.test)):
+        (xa, ya), (xb, yb) = sa.full(), sb.full()
+        assert torch.equal(ya, yb)
+        for img_a, img_b in zip(xa.view(-1, 8, 8), xb.view(-1, 8, 8)):
+            padded = torch.nn.functional.pad(img_a, (1, 1, 1, 1))
+            found = [
+                (r, c)
+                for r in range(3)
+                for c in range(3)
+                if torch.equal(padded[r : r + 8, c : c + 8], img_b)
+            ]
+            assert found, "not a translation of the unshifted image"
+            offsets.update(found)
+    assert len(offsets) > 3  # images move independently
+    with pytest.raises(ValueError, match="shift"):
+        DigitsFewShotFamily(shift=4)

@@ -126,6 +126,12 @@ class _ClassFewShotFamily(TaskFamily):
     It is meant for meta-training splits: with five classes, every 5-way task holds the same five
     and a meta-learner can memorize them rather than learn to learn. Classes are then
     ``(class, symmetry)`` pairs, symmetry 0 being the identity.
+
+    With ``shift``, every image of a task (support and query) is translated by its own random
+    offset of up to ``shift`` pixels along each axis (zero-filled): variation within a class,
+    which makes features learned on the meta-training classes less specific to them (a learner
+    that reads the support set through fixed meta-learned features memorizes them otherwise).
+    The task's classes and images are those drawn without it.
     """
 
     name = "fewshot"
@@ -139,6 +145,7 @@ class _ClassFewShotFamily(TaskFamily):
         n_query: int = 15,
         split: str = "train",
         augment: bool = False,
+        shift: int = 0,
     ) -> None:
         _check_split(split)
         classes: tuple[Any, ...] = self.classes_of[split]
@@ -149,8 +156,11 @@ class _ClassFewShotFamily(TaskFamily):
         if k_shot < 1 or n_query < 1:
             raise ValueError(f"Invalid k_shot/n_query: {k_shot}/{n_query} (must be >= 1)")
         x, y = self._images()
+        side = math.isqrt(x.shape[1])
+        if not 0 <= shift < side // 2:
+            raise ValueError(f"Invalid shift {shift}: must be in [0, {side // 2 - 1}]")
+        self.side, self.shift = side, int(shift)
         if augment:
-            side = math.isqrt(x.shape[1])
             self.by_class = {(c, t): _symmetry(x[y == c], side, t) for c, t in classes}
         else:
             self.by_class = {c: x[y == c] for c in classes}
@@ -188,6 +198,8 @@ class _ClassFewShotFamily(TaskFamily):
         shuffle = torch.randperm(len(xs), generator=gen)
         xs, ys = xs[shuffle], ys[shuffle]
         xq, yq = torch.cat(query_x), labels.repeat_interleave(q)
+        if self.shift:
+            xs, xq = self._translate(xs, gen), self._translate(xq, gen)
         train = _whole_set(xs, ys, torch.Generator().manual_seed(0))
         test = _whole_set(xq, yq, torch.Generator().manual_seed(1))
         model = self.model
@@ -201,6 +213,14 @@ class _ClassFewShotFamily(TaskFamily):
         task.classes = tuple(chosen)  # the original class of each label, for inspection
         return task
 
+    def _translate(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        """Each flattened image moved by its own offset in ``[-shift, shift]^2``, zero-filled."""
+        s, side = self.shift, self.side
+        padded = F.pad(images.view(-1, side, side), (s, s, s, s))
+        offsets = torch.randint(0, 2 * s + 1, (len(images), 2), generator=gen).tolist()
+        out = [padded[i, r : r + side, c : c + side] for i, (r, c) in enumerate(offsets)]
+        return torch.stack(out).reshape(len(images), -1)
+
     def config(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -209,6 +229,7 @@ class _ClassFewShotFamily(TaskFamily):
             "n_query": self.n_query,
             "split": self.split,
             "augment": self.augment,
+            "shift": self.shift,
         }
 
 
@@ -235,6 +256,7 @@ class DigitsFewShotFamily(_ClassFewShotFamily):
         split: ``"train"`` or ``"test"``.
         hidden: hidden layer widths of the model.
         augment: the eight symmetries of the square as extra classes (see above).
+        shift: random translation of every image by up to this many pixels (see above).
     """
 
     name = "digits-fewshot"
@@ -247,9 +269,10 @@ class DigitsFewShotFamily(_ClassFewShotFamily):
         split: str = "train",
         hidden: tuple[int, ...] = (64,),
         augment: bool = False,
+        shift: int = 0,
     ) -> None:
         self.hidden = tuple(int(h) for h in hidden)
-        super().__init__(n_way, k_shot, n_query, split, augment)
+        super().__init__(n_way, k_shot, n_query, split, augment, shift)
 
     def _images(self) -> tuple[Tensor, Tensor]:
         from ..data import load_digits
@@ -293,6 +316,7 @@ class MNISTFewShotFamily(_ClassFewShotFamily):
         channels: feature maps per convolution.
         layers: convolution blocks.
         augment: the eight symmetries of the square as extra classes (see above).
+        shift: random translation of every image by up to this many pixels (see above).
     """
 
     name = "mnist-fewshot"
@@ -306,11 +330,12 @@ class MNISTFewShotFamily(_ClassFewShotFamily):
         channels: int = 32,
         layers: int = 3,
         augment: bool = False,
+        shift: int = 0,
     ) -> None:
         if channels < 1 or layers < 1:
             raise ValueError(f"Invalid channels/layers: {channels}/{layers}")
         self.channels, self.layers = int(channels), int(layers)
-        super().__init__(n_way, k_shot, n_query, split, augment)
+        super().__init__(n_way, k_shot, n_query, split, augment, shift)
 
     def _images(self) -> tuple[Tensor, Tensor]:
         from ..data import load_mnist
