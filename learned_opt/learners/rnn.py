@@ -89,7 +89,7 @@ class RNNLearner(MetaLearner):
         rnn_lr_scale: the meta learning rate of the RNN's weights relative to the rest of theta
             (see :meth:`meta_param_groups`). Adam moves every entry of a matrix by about the
             learning rate, so a large recurrent matrix changes by much more in norm than a
-            small one; at 1e-3 the accumulator's 320-unit LSTM left its structure within a few
+            small one; at 1e-3 the accumulator's 160-unit LSTM left its structure within a few
             meta-steps on 50-step support sequences (5-way 10-shot) and never returned, at
             3e-5 (scale 0.03) the encoder and head learn and the LSTM keeps accumulating.
         seed: seed of the weight initialization.
