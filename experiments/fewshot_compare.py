@@ -98,8 +98,10 @@ def families(
     )
 
 
-def make_learner(kind: str, family: TaskFamily, name: str) -> tuple[MetaLearner, int]:
-    """The learner and its number of inner steps."""
+def make_learner(
+    kind: str, family: TaskFamily, name: str, second_order: bool = False
+) -> tuple[MetaLearner, int]:
+    """The learner and its number of inner steps (``second_order``: the learned optimizer's)."""
     if kind == "maml":
         lr = 0.01 if name == "sinusoid" else 0.1
         return MAMLLearner(family.model, inner_steps=INNER_STEPS, inner_lr=lr), INNER_STEPS
@@ -122,8 +124,7 @@ def make_learner(kind: str, family: TaskFamily, name: str) -> tuple[MetaLearner,
         ), 1  # fmt: skip
     rule = LSTMRule()
     rule.reset_parameters(torch.Generator().manual_seed(0))
-    second = name != "sinusoid" and IMAGE_SETTINGS[kind].get("second_order", False)
-    return OptimizerLearner(rule, init_model=family.model, second_order=second), INNER_STEPS
+    return OptimizerLearner(rule, init_model=family.model, second_order=second_order), INNER_STEPS
 
 
 def score(task: Task, prediction: torch.Tensor, target: torch.Tensor, name: str) -> float:
@@ -244,7 +245,8 @@ def _run(args: argparse.Namespace) -> int:
                     image = IMAGE_SETTINGS.get(kind, {}) if name != "sinusoid" else {}
                     shift = image.get("shift", 0) if name == "mnist" else 0
                     meta_train = families(name, k, args.channels, shift)[0] if shift else train
-                    learner, steps = make_learner(kind, meta_train, name)
+                    second = image.get("second_order", False)
+                    learner, steps = make_learner(kind, meta_train, name, second)
                     its = args.iterations or ITERATIONS[name]
                     meta_batch = args.meta_batch or image.get("meta_batch", 4)
                     schedule = image.get("meta_lr_schedule", "constant")
