@@ -249,3 +249,26 @@ def test_lstm_optimizer_loads_general_weights_by_path(tmp_path: Path) -> None:
     torch.testing.assert_close(
         w.detach(), torch.tensor([1.0, -2.0, 3.0]) - rule.lr * torch.tensor([1.0, -1.0, 1.0])
     )
+
+
+@pytest.mark.parametrize("make", [lambda: _random_rule(), lambda: AdamRule(lr=0.1)])
+def test_second_order_meta_gradient_is_finite_where_gradients_are_zero(make) -> None:
+    """Coordinates whose gradient is exactly 0 (dead units) have second moment 0; the
+    second-order meta-gradient through sqrt(v) must be 0 there, not nan."""
+    rule = make()
+    grad = torch.tensor([0.0, 0.5, -1.0, 0.0]).requires_grad_(True)
+    state = rule.init_state(4, like=grad)
+    total = torch.zeros(())
+    for _ in range(3):
+        update, state = rule(grad * 1.0, state)
+        total = total + update.pow(2).sum()
+    (d_grad,) = torch.autograd.grad(total, grad, retain_graph=True)
+    assert torch.isfinite(d_grad).all() and d_grad[1:3].abs().min() > 0
+    theta = [p for p in rule.parameters() if p.requires_grad]
+    for g in torch.autograd.grad(total, theta) if theta else []:
+        assert torch.isfinite(g).all()
+    # Same values as the plain sqrt.
+    v = torch.tensor([0.0, 4.0]).requires_grad_(True)
+    from learned_opt.rules.base import safe_sqrt
+
+    torch.testing.assert_close(safe_sqrt(v), torch.tensor([0.0, 2.0]))

@@ -43,6 +43,12 @@ def _lstm_opt_init(family: TaskFamily) -> MetaLearner:
     return OptimizerLearner(rule, init_model=family.model)
 
 
+def _lstm_opt_steps(family: TaskFamily) -> MetaLearner:
+    rule = LSTMRule(hidden_size=8)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    return OptimizerLearner(rule, init_model=family.model, tensor_step_sizes=True)
+
+
 def _maml(family: TaskFamily) -> MetaLearner:
     return MAMLLearner(family.model, inner_lr=0.05)
 
@@ -63,6 +69,7 @@ def _rnn_bilinear(family: TaskFamily) -> MetaLearner:
 LEARNERS: dict[str, Callable[[TaskFamily], MetaLearner]] = {
     "lstm-opt": _lstm_opt,
     "lstm-opt-init": _lstm_opt_init,
+    "lstm-opt-steps": _lstm_opt_steps,
     "maml": _maml,
     "rnn": _rnn,
     "rnn-bilinear": _rnn_bilinear,
@@ -309,6 +316,40 @@ def test_optimizer_learner_with_learned_init_starts_at_theta() -> None:
     other = SinusoidFamily(k_shot=5).sample(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="expected"):
         learner.init_state(other, torch.Generator())
+
+
+def test_optimizer_learner_tensor_step_sizes_scale_each_tensor_of_the_update() -> None:
+    family = FAMILIES["digits"]()
+    task = family.sample(torch.Generator().manual_seed(0))
+    plain = _lstm_opt_init(family)
+    scaled = _lstm_opt_steps(family)
+    scaled.load_state_dict(plain.state_dict(), strict=False)
+    assert scaled.log_step_sizes is not None and len(scaled.log_step_sizes) == len(plain.init)
+    batch = task.train.full()
+    gen = torch.Generator()
+    # At log-scale 0 the learner is the plain one.
+    a, _ = plain.step(task, plain.init_state(task, gen), batch)
+    b, _ = scaled.step(task, scaled.init_state(task, gen), batch)
+    torch.testing.assert_close(a.params, b.params)
+    # Tensor i's update is exp(s_i) times the plain one, whatever the other tensors' sizes.
+    sizes = torch.linspace(-1.0, 1.0, len(plain.init))
+    with torch.no_grad():
+        scaled.log_step_sizes.copy_(sizes)
+    start = plain.init_state(task, gen).params.detach()
+    b, _ = scaled.step(task, scaled.init_state(task, gen), batch)
+    plain_update = a.spec.unflatten((a.params - start).detach())
+    scaled_update = b.spec.unflatten((b.params - start).detach())
+    for s, name in zip(sizes, a.spec.names):
+        torch.testing.assert_close(scaled_update[name], plain_update[name] * s.exp())
+    # The meta-gradient reaches every step size.
+    window = list(
+        unroll(scaled, task, torch.Generator(), horizon=3, truncation=3, objective="test")
+    )[-1]
+    window.meta_loss.backward()
+    assert (scaled.log_step_sizes.grad.abs() > 0).all()
+    # Without a fixed model there is no fixed set of tensors to size.
+    with pytest.raises(ValueError, match="init_model"):
+        OptimizerLearner(LSTMRule(hidden_size=8), tensor_step_sizes=True)
 
 
 def test_rnn_learner_rejects_unknown_options() -> None:

@@ -49,6 +49,12 @@ class OptimizerLearner(MetaLearner):
         lr: multiplier on the rule's update (as in the drop-in optimizer).
         init_model: meta-learn an initialization of this model's parameters (the tasks' model).
         init_seed: seed of that initialization's starting values.
+        tensor_step_sizes: with ``init_model``, also meta-learn one step size per parameter
+            tensor (a log-scale on the rule's update, starting at 1). The coordinatewise rule
+            sees only a coordinate's gradient history, so it cannot tell a first layer's weight
+            from a last layer's bias; in few-shot learning from a learned init, the layers need
+            different step sizes (what Meta-SGD learns per coordinate). One scalar per tensor
+            keeps the rule a shared coordinatewise optimizer.
     """
 
     def __init__(
@@ -59,12 +65,26 @@ class OptimizerLearner(MetaLearner):
         lr: float = 1.0,
         init_model: nn.Module | None = None,
         init_seed: int = 0,
+        tensor_step_sizes: bool = False,
     ) -> None:
         super().__init__()
         self.rule = rule
         self.second_order = second_order
         self.lr = lr
         self.init = LearnedInit(init_model, init_seed) if init_model is not None else None
+        self.log_step_sizes: nn.Parameter | None = None
+        if tensor_step_sizes:
+            if self.init is None:
+                raise ValueError("tensor_step_sizes needs init_model (a fixed set of tensors)")
+            self.log_step_sizes = nn.Parameter(torch.zeros(len(self.init)))
+
+    def _scale(self, update: Tensor, spec: FlatSpec) -> Tensor:
+        """``lr`` times the update, each tensor's part times its learned step size."""
+        if self.log_step_sizes is None:
+            return self.lr * update
+        sizes = self.log_step_sizes.exp().to(update.dtype)
+        counts = torch.tensor(spec.numels, device=update.device)
+        return self.lr * update * sizes.to(update.device).repeat_interleave(counts)
 
     def init_state(self, task: Task, generator: torch.Generator) -> OptimizerState:
         if self.init is not None:
@@ -92,11 +112,11 @@ class OptimizerLearner(MetaLearner):
             )
         if differentiable:
             update, rule_state = self.rule(grad, state.rule_state)
-            new_phi = phi + self.lr * update
+            new_phi = phi + self._scale(update, state.spec)
         else:
             with torch.no_grad():
                 update, rule_state = self.rule(grad, state.rule_state)
-                new_phi = (phi + self.lr * update).requires_grad_(True)
+                new_phi = (phi + self._scale(update, state.spec)).requires_grad_(True)
             loss = loss.detach()
         return OptimizerState(new_phi, rule_state, state.spec, state.step + 1), loss
 

@@ -56,3 +56,17 @@ def step_count(state: RuleState, like: Tensor) -> Tensor:
     if step is None:
         return torch.ones((), dtype=torch.float32, device=like.device)
     return step + 1
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``x.sqrt()`` whose gradient is 0 (not ``nan``) where ``x == 0``.
+
+    Second-moment estimates are 0 where a coordinate has had only zero gradients (a dead unit, a
+    padded input). Backpropagating through them to the gradient (second-order meta-gradients)
+    multiplies sqrt's infinite derivative at 0 by the zero derivative of ``g * g``, which is
+    ``nan``; here that derivative is 0, the value of the limit. Same values as ``sqrt``.
+    """
+    if not x.requires_grad:
+        return x.sqrt()
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), 0.0)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..preprocess import log_sign
-from .base import RuleState, UpdateRule, step_count
+from .base import RuleState, UpdateRule, safe_sqrt, step_count
 
 __all__ = ["GeneralLSTMRule"]
 
@@ -236,7 +236,7 @@ class GeneralLSTMRule(UpdateRule):
             p = self.preprocess_p
             floor = math.exp(-p)
             feats.append(torch.log((grad.abs() / denom).clamp_min(floor)) / p)
-            ratio = (v_fast_hat.sqrt() + self.eps) / denom
+            ratio = (safe_sqrt(v_fast_hat) + self.eps) / denom
             feats.append(torch.log(ratio.clamp_min(floor)) / p)
         return torch.stack(feats, dim=-1)
 
@@ -286,7 +286,7 @@ class GeneralLSTMRule(UpdateRule):
             v = state["v"] * self.beta2 + (1 - self.beta2) * grad * grad
             new_state["v"] = v
             # Adam's operation order (AdamRule), so that the nominal step matches torch.optim.
-            denom = v.sqrt() / (1 - self.beta2**t) ** 0.5 + self.eps
+            denom = safe_sqrt(v) / (1 - self.beta2**t) ** 0.5 + self.eps
         if self.scale_invariant and self.log_features:
             v_fast = state["v_fast"] * 0.9 + 0.1 * grad * grad
             new_state["v_fast"] = v_fast

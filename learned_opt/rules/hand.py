@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import RuleState, UpdateRule, step_count
+from .base import RuleState, UpdateRule, safe_sqrt, step_count
 
 __all__ = ["SGDRule", "AdamRule"]
 
@@ -100,7 +100,7 @@ class AdamRule(UpdateRule):
         t = float(step)
         bias_correction1 = 1 - beta1**t
         bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-        denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + self.eps
+        denom = safe_sqrt(exp_avg_sq) / bias_correction2_sqrt + self.eps
         update = -(self.lr / bias_correction1) * exp_avg / denom
         return update, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
