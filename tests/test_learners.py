@@ -46,7 +46,7 @@ def _lstm_opt_init(family: TaskFamily) -> MetaLearner:
 def _lstm_opt_steps(family: TaskFamily) -> MetaLearner:
     rule = LSTMRule(hidden_size=8)
     rule.reset_parameters(torch.Generator().manual_seed(0))
-    return OptimizerLearner(rule, init_model=family.model, tensor_step_sizes=True)
+    return OptimizerLearner(rule, init_model=family.model, step_sizes="tensor")
 
 
 def _maml(family: TaskFamily) -> MetaLearner:
@@ -349,7 +349,27 @@ def test_optimizer_learner_tensor_step_sizes_scale_each_tensor_of_the_update() -
     assert (scaled.log_step_sizes.grad.abs() > 0).all()
     # Without a fixed model there is no fixed set of tensors to size.
     with pytest.raises(ValueError, match="init_model"):
-        OptimizerLearner(LSTMRule(hidden_size=8), tensor_step_sizes=True)
+        OptimizerLearner(LSTMRule(hidden_size=8), step_sizes="tensor")
+    with pytest.raises(ValueError, match="step_sizes"):
+        OptimizerLearner(LSTMRule(hidden_size=8), init_model=family.model, step_sizes="layer")
+
+
+def test_optimizer_learner_coordinate_step_sizes_scale_each_coordinate() -> None:
+    family = FAMILIES["digits"]()
+    task = family.sample(torch.Generator().manual_seed(0))
+    plain = _lstm_opt_init(family)
+    scaled = OptimizerLearner(plain.rule, init_model=family.model, step_sizes="coordinate")
+    scaled.init.load_state_dict(plain.init.state_dict())
+    n = sum(p.numel() for p in plain.init.values())
+    assert scaled.log_step_sizes.shape == (n,)
+    sizes = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scaled.log_step_sizes.copy_(sizes)
+    gen, batch = torch.Generator(), task.train.full()
+    start = plain.init_state(task, gen).params.detach()
+    a, _ = plain.step(task, plain.init_state(task, gen), batch)
+    b, _ = scaled.step(task, scaled.init_state(task, gen), batch)
+    torch.testing.assert_close(b.params - start, (a.params - start) * sizes.exp())
 
 
 def test_rnn_learner_rejects_unknown_options() -> None:

@@ -11,7 +11,10 @@ from ..rules import RuleState, UpdateRule
 from ..tasks import Batch, FlatSpec, Task
 from .base import LearnedInit, MetaLearner
 
-__all__ = ["OptimizerLearner", "OptimizerState"]
+__all__ = ["STEP_SIZES", "OptimizerLearner", "OptimizerState"]
+
+#: The learned step-size options of :class:`OptimizerLearner`.
+STEP_SIZES = (None, "tensor", "coordinate")
 
 
 @dataclass
@@ -49,12 +52,13 @@ class OptimizerLearner(MetaLearner):
         lr: multiplier on the rule's update (as in the drop-in optimizer).
         init_model: meta-learn an initialization of this model's parameters (the tasks' model).
         init_seed: seed of that initialization's starting values.
-        tensor_step_sizes: with ``init_model``, also meta-learn one step size per parameter
-            tensor (a log-scale on the rule's update, starting at 1). The coordinatewise rule
-            sees only a coordinate's gradient history, so it cannot tell a first layer's weight
-            from a last layer's bias; in few-shot learning from a learned init, the layers need
-            different step sizes (what Meta-SGD learns per coordinate). One scalar per tensor
-            keeps the rule a shared coordinatewise optimizer.
+        step_sizes: with ``init_model``, also meta-learn step sizes that multiply the rule's
+            update (as log-scales starting at 0, i.e. at 1): ``"tensor"``, one per parameter
+            tensor, or ``"coordinate"``, one per coordinate (Meta-SGD's learned inner learning
+            rates, here on the learned rule's update). The coordinatewise rule sees only a
+            coordinate's gradient history, so it cannot tell a first layer's weight from a last
+            layer's bias; from a learned initialization, few-shot learning needs different step
+            sizes for them. ``None``: the rule's update as it is.
     """
 
     def __init__(
@@ -65,26 +69,34 @@ class OptimizerLearner(MetaLearner):
         lr: float = 1.0,
         init_model: nn.Module | None = None,
         init_seed: int = 0,
-        tensor_step_sizes: bool = False,
+        step_sizes: str | None = None,
     ) -> None:
         super().__init__()
         self.rule = rule
         self.second_order = second_order
         self.lr = lr
         self.init = LearnedInit(init_model, init_seed) if init_model is not None else None
+        if step_sizes not in STEP_SIZES:
+            raise ValueError(f"Unknown step_sizes {step_sizes!r}; expected one of {STEP_SIZES}")
+        if step_sizes is not None and self.init is None:
+            raise ValueError("step_sizes needs init_model (a fixed set of parameter tensors)")
+        self.step_sizes = step_sizes
         self.log_step_sizes: nn.Parameter | None = None
-        if tensor_step_sizes:
-            if self.init is None:
-                raise ValueError("tensor_step_sizes needs init_model (a fixed set of tensors)")
-            self.log_step_sizes = nn.Parameter(torch.zeros(len(self.init)))
+        if self.init is not None and step_sizes is not None:
+            sized = list(self.init.values())
+            n = len(sized) if step_sizes == "tensor" else sum(p.numel() for p in sized)
+            self.log_step_sizes = nn.Parameter(torch.zeros(n))
 
     def _scale(self, update: Tensor, spec: FlatSpec) -> Tensor:
-        """``lr`` times the update, each tensor's part times its learned step size."""
+        """``lr`` times the update, times the learned step sizes (if any)."""
+        update = self.lr * update
         if self.log_step_sizes is None:
-            return self.lr * update
-        sizes = self.log_step_sizes.exp().to(update.dtype)
-        counts = torch.tensor(spec.numels, device=update.device)
-        return self.lr * update * sizes.to(update.device).repeat_interleave(counts)
+            return update
+        sizes = self.log_step_sizes.exp().to(update)
+        if self.step_sizes == "tensor":
+            counts = torch.tensor(spec.numels, device=update.device)
+            sizes = sizes.repeat_interleave(counts, output_size=spec.numel)
+        return update * sizes
 
     def init_state(self, task: Task, generator: torch.Generator) -> OptimizerState:
         if self.init is not None:
