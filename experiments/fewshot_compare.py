@@ -19,6 +19,10 @@ The learners:
 - ``lstm-optimizer``: the paper's 2x20 coordinatewise LSTM rule, 5 steps from a meta-learned
   initialization (the meta-learner LSTM of Ravi & Larochelle, 2017); on images with
   second-order meta-gradients;
+- ``general-optimizer``: the learned optimizer with the library's general rule
+  (:class:`~learned_opt.rules.GeneralLSTMRule`: an Adam step, base learning rate 0.01, corrected
+  per coordinate by a 32-unit LSTM) and a learned step size per parameter tensor, 10 steps from a
+  meta-learned initialization, second-order meta-gradients;
 - ``scratch-adam``: no meta-learning, 50 Adam steps on D_train from a random initialization,
   learning rate tuned on meta-training tasks.
 
@@ -45,6 +49,7 @@ from learned_opt.evaluate import task_seed
 from learned_opt.learners import MetaLearner
 from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
 from learned_opt.report import read_jsonl, write_jsonl
+from learned_opt.rules import GeneralLSTMRule
 from learned_opt.tasks import Task, TaskFamily
 from learned_opt.tasks.fewshot import (
     DigitsFewShotFamily,
@@ -54,7 +59,7 @@ from learned_opt.tasks.fewshot import (
 )
 from learned_opt.unroll import unroll
 
-LEARNERS = ("maml", "rnn", "lstm-optimizer", "scratch-adam")
+LEARNERS = ("maml", "rnn", "lstm-optimizer", "general-optimizer", "scratch-adam")
 SCRATCH_STEPS = 50
 INNER_STEPS = 5
 #: Default meta-iterations (meta-batch 4) per family: the conv net makes MNIST the costly one.
@@ -62,7 +67,10 @@ ITERATIONS = {"sinusoid": 2000, "mnist": 1000, "digits": 2000}
 FAMILY_NAMES = ("sinusoid", "mnist", "digits")
 #: Meta-learning rate of each learner (the black-box RNN needs a larger one to leave its initial
 #: plateau, where it predicts the class prior, within the budget).
-META_LR = {"maml": 1e-3, "rnn": 3e-3, "lstm-optimizer": 1e-3}
+META_LR = {"maml": 1e-3, "rnn": 3e-3, "lstm-optimizer": 1e-3, "general-optimizer": 1e-3}
+#: Inner steps of the general learned optimizer (the paper rule and MAML take INNER_STEPS): on
+#: 5-way 10-shot MNIST it reached 0.813 with 5 steps and 0.841 with 10 (600 meta-steps each).
+GENERAL_STEPS = 10
 #: ... except the recurrent learner on images: at 3e-3 it collapses to predicting one class at
 #: K = 5 and 10 on MNIST (0.200 accuracy), at 1e-3 it learns.
 META_LR_IMAGES = {"rnn": 1e-3}
@@ -122,6 +130,17 @@ def make_learner(
             x_dim, 5, hidden=320, head="distance", pairs="outer-mean", encoder=encoder,
             feature_norm=0.3, rnn_lr_scale=0.03, gate_bias=6.0, init="accumulator",
         ), 1  # fmt: skip
+    if kind == "general-optimizer":
+        # The step sizes let each layer move at its own rate (the coordinatewise rule cannot
+        # tell the layers apart). 10-shot MNIST, 5 steps, 600-1,000 meta-steps of 4 tasks: this
+        # learner 0.813, with one step size per coordinate 0.801; the paper rule 0.795, with
+        # per-tensor step sizes 0.784 (single runs; run-to-run spread is a few points).
+        general = GeneralLSTMRule(lr=0.01)
+        general.reset_parameters(torch.Generator().manual_seed(0))
+        learner = OptimizerLearner(
+            general, init_model=family.model, second_order=True, step_sizes="tensor"
+        )
+        return learner, GENERAL_STEPS
     rule = LSTMRule()
     rule.reset_parameters(torch.Generator().manual_seed(0))
     return OptimizerLearner(rule, init_model=family.model, second_order=second_order), INNER_STEPS
@@ -276,8 +295,10 @@ def _run(args: argparse.Namespace) -> int:
                         extra["train_shift"] = shift
                     if kind == "maml":
                         extra["second_order"] = not learner.first_order
-                    elif kind == "lstm-optimizer":
+                    elif kind in ("lstm-optimizer", "general-optimizer"):
                         extra["second_order"] = learner.second_order
+                        extra["rule"] = learner.rule.kind
+                        extra["step_sizes"] = learner.step_sizes
                 if args.channels and name == "mnist":
                     extra["channels"] = args.channels
                 arr = np.array(values)
@@ -344,10 +365,11 @@ def plot(records: list[dict], path: Path) -> None:
             found = {r["k_shot"]: r for r in rows if r["learner"] == kind}
             if not found:
                 continue
-            xs = np.arange(len(ks)) + (i - 1.5) * 0.2
+            width = 0.8 / len(LEARNERS)
+            xs = np.arange(len(ks)) + (i - (len(LEARNERS) - 1) / 2) * width
             means = [found[k]["mean"] if k in found else np.nan for k in ks]  # not run: no bar
             errs = [found[k]["ci95"] if k in found else 0.0 for k in ks]
-            ax.bar(xs, means, 0.2, yerr=errs, label=kind)
+            ax.bar(xs, means, width, yerr=errs, label=kind)
         ax.set_xticks(np.arange(len(ks)), [f"K={k}" for k in ks])
         ax.set_title(f"{fam}: meta-test {rows[0]['metric']}")
         ax.legend()
