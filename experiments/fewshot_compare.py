@@ -225,6 +225,10 @@ def run(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         records = [r for d in args.merge.split(",") for r in read_jsonl(Path(d) / "records.jsonl")]
+        families_seen = list(dict.fromkeys(r["family"] for r in records))
+        records.sort(
+            key=lambda r: (families_seen.index(r["family"]), r["k_shot"], _order(r["learner"]))
+        )
         write_jsonl(Path(args.out) / "records.jsonl", records)
         report(records, Path(args.out))
         return 0
@@ -319,6 +323,10 @@ def _run(args: argparse.Namespace) -> int:
                 write_jsonl(out / "records.jsonl", records)  # partial results survive
     report(records, out)
     return 0
+
+
+def _order(learner: str) -> int:
+    return LEARNERS.index(learner) if learner in LEARNERS else len(LEARNERS)
 
 
 def report(records: list[dict], out: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 def test_fewshot_compare_smoke(tmp_path: Path, run_script) -> None:
     assert run_script("experiments/fewshot_compare.py", "--smoke", "--out", str(tmp_path)) == 0
     table = (tmp_path / "table.md").read_text()
-    for learner in ("maml", "rnn", "lstm-optimizer", "scratch-adam"):
-        assert learner in table
+    for learner in ("maml", "rnn", "lstm-optimizer", "general-optimizer", "scratch-adam"):
+        assert f"| {learner} |" in table
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -19,3 +19,28 @@ def test_fewshot_compare_runs_only_the_learners_asked_for(tmp_path: Path, run_sc
     table = (tmp_path / "table.md").read_text()
     assert "maml" in table and "scratch-adam" in table
     assert "| rnn |" not in table and "lstm-optimizer" not in table
+
+
+def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
+    """Runs split over processes merge into one table: by family, K, then learner."""
+    from learned_opt.report import write_jsonl
+
+    def rec(family: str, k: int, learner: str, mean: float) -> dict:
+        return {"family": family, "k_shot": k, "learner": learner, "metric": "accuracy",
+                "mean": mean, "ci95": 0.01, "tasks": 200, "seconds": 1.0}  # fmt: skip
+
+    write_jsonl(tmp_path / "a" / "records.jsonl", [rec("mnist", 5, "scratch-adam", 0.7)])
+    write_jsonl(
+        tmp_path / "b" / "records.jsonl",
+        [rec("mnist", 5, "general-optimizer", 0.72), rec("mnist", 1, "maml", 0.6)],
+    )
+    merged = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert (
+        run_script(
+            "experiments/fewshot_compare.py", "--merge", merged, "--out", str(tmp_path / "m")
+        )
+        == 0
+    )
+    rows = [line for line in (tmp_path / "m" / "table.md").read_text().splitlines()[2:]]
+    assert [r.split("|")[3].strip() for r in rows] == ["maml", "general-optimizer", "scratch-adam"]
+    assert "+2.0 pp (better)" in rows[1]
