@@ -58,7 +58,10 @@ def run(argv: list[str] | None = None) -> int:
                 "--ckpt-dir",
                 tmp,
             ]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:  # say why: the launcher's and the ranks' output
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise RuntimeError(f"torchrun with {nproc} processes exited {proc.returncode}")
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         steps = summary["iterations"] * args.meta_batch * 100
         records.append(
