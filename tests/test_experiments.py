@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from learned_opt.report import write_jsonl
+
 
 def test_fewshot_compare_smoke(tmp_path: Path, run_script) -> None:
     assert run_script("experiments/fewshot_compare.py", "--smoke", "--out", str(tmp_path)) == 0
@@ -23,8 +25,6 @@ def test_fewshot_compare_runs_only_the_learners_asked_for(tmp_path: Path, run_sc
 
 def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
     """Runs split over processes merge into one table: by family, K, then learner."""
-    from learned_opt.report import write_jsonl
-
     def rec(family: str, k: int, learner: str, mean: float) -> dict:
         return {"family": family, "k_shot": k, "learner": learner, "metric": "accuracy",
                 "mean": mean, "ci95": 0.01, "tasks": 200, "seconds": 1.0}  # fmt: skip
@@ -41,6 +41,6 @@ def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
         )
         == 0
     )
-    rows = [line for line in (tmp_path / "m" / "table.md").read_text().splitlines()[2:]]
+    rows = (tmp_path / "m" / "table.md").read_text().splitlines()[2:]
     assert [r.split("|")[3].strip() for r in rows] == ["maml", "general-optimizer", "scratch-adam"]
     assert "+2.0 pp (better)" in rows[1]

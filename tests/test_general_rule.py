@@ -13,6 +13,7 @@ from learned_opt import LearnedOptimizer, load_rule, save_rule
 from learned_opt.checkpoint import rule_from_dict, rule_to_dict
 from learned_opt.learners import OptimizerLearner
 from learned_opt.rules import RULES, AdamRule, GeneralLSTMRule, build_rule
+from learned_opt.rules.base import safe_sqrt
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.unroll import unroll
 
@@ -269,6 +270,4 @@ def test_second_order_meta_gradient_is_finite_where_gradients_are_zero(make) -> 
         assert torch.isfinite(g).all()
     # Same values as the plain sqrt.
     v = torch.tensor([0.0, 4.0]).requires_grad_(True)
-    from learned_opt.rules.base import safe_sqrt
-
     torch.testing.assert_close(safe_sqrt(v), torch.tensor([0.0, 2.0]))
