@@ -25,6 +25,7 @@ def test_fewshot_compare_runs_only_the_learners_asked_for(tmp_path: Path, run_sc
 
 def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
     """Runs split over processes merge into one table: by family, K, then learner."""
+
     def rec(family: str, k: int, learner: str, mean: float) -> dict:
         return {"family": family, "k_shot": k, "learner": learner, "metric": "accuracy",
                 "mean": mean, "ci95": 0.01, "tasks": 200, "seconds": 1.0}  # fmt: skip
