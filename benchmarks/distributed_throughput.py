@@ -33,7 +33,7 @@ def run(argv: list[str] | None = None) -> int:
         args.family, args.iterations = "quadratic", 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     records = []
     for nproc in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +60,7 @@ def run(argv: list[str] | None = None) -> int:
             ]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:  # say why: the launcher's and the ranks' output
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-12000:])
                 raise RuntimeError(f"torchrun with {nproc} processes exited {proc.returncode}")
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         steps = summary["iterations"] * args.meta_batch * 100

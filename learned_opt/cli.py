@@ -196,7 +196,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
         return _meta_train_inner(args, argv)
     finally:
         if multi:
-            torch.distributed.destroy_process_group()
+            distributed.shutdown()
 
 
 def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:

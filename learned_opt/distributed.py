@@ -24,6 +24,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_max",
     "barrier",
+    "shutdown",
 ]
 
 
@@ -40,9 +41,23 @@ def init_from_env(timeout_s: float = 300.0) -> bool:
         return dist.get_world_size() > 1
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    # Import torch._dynamo before the group exists. Imported after it (constructing any
+    # torch.optim optimizer imports it), it keeps references to the default group, so
+    # destroy_process_group() no longer frees the group: its gloo backend is then destroyed during
+    # interpreter shutdown, which intermittently aborts a rank whose work is done (SIGABRT,
+    # "terminate called without an active exception"). tests/test_distributed.py checks that
+    # shutdown() frees the group.
+    import torch._dynamo  # noqa: F401
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group (every rank, at the end of its work); a no-op without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _active() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     assert distributed.init_from_env(timeout_s=60)
+    group, rank = weakref.ref(torch.distributed.group.WORLD), distributed.rank()
     cfg = MetaTrainConfig(
         family="quadratic",
         horizon=10,
@@ -34,4 +36,7 @@ if __name__ == "__main__":
     trainer.train(on_iteration=maybe_die)
     weights = [p.detach().clone() for p in trainer.learner.parameters()]
     torch.save(weights, out / f"rank{distributed.rank()}.pt")
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
+    # Nothing may keep the group alive past shutdown: one destroyed at interpreter exit can abort
+    # the process (see distributed.init_from_env).
+    (out / f"rank{rank}_group_freed.txt").write_text(str(group() is None))

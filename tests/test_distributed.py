@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,10 @@ def _torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> None:
         f"--nproc_per_node={nproc}",
         *args,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # faulthandler: a rank that aborts prints every thread's Python stack
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-12000:]
 
 
 def test_two_ranks_hold_identical_weights_equal_to_one_process(tmp_path: Path) -> None:
@@ -34,6 +37,8 @@ def test_two_ranks_hold_identical_weights_equal_to_one_process(tmp_path: Path) -
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for a, b in zip(rank0, rank1):
         assert torch.equal(a, b)  # identical on every rank
+    for r in (0, 1):  # shutdown() freed the process group (no teardown at interpreter exit)
+        assert (tmp_path / f"rank{r}_group_freed.txt").read_text() == "True"
     single = MetaTrainer(
         MetaTrainConfig(
             family="quadratic",
