@@ -8,6 +8,8 @@ sigmoid MLPs (batch 128, T = 100, K = 20), select weights by held-out evaluation
     python experiments/mnist_paper.py --out runs/mnist-s4 --finetune-from paper-mnist --stage 4
     python experiments/mnist_paper.py --out runs/mnist-s5 --finetune-from paper-mnist --stage 5
     python experiments/mnist_paper.py --out runs/mnist-paper --ship    # copy into the package
+    python experiments/mnist_paper.py --out runs/mnist-paper --ship --benchmark runs/bench
+        # the same, recording the figures of benchmarks/mnist_paper.py (run on these weights)
 
 TensorBoard: ``tensorboard --logdir runs/mnist-paper/tb`` (meta-loss, meta-gradient norm, the
 held-out evaluation over meta-training against tuned Adam, evaluation loss curves).
@@ -17,11 +19,14 @@ Then benchmark: ``python benchmarks/mnist_paper.py --weights runs/mnist-paper/pa
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from learned_opt import pretrained
+from learned_opt.checkpoint import load_rule, save_rule
 from learned_opt.cli import main
 
 #: Stage 1, the paper: from a random initialization, meta-loss = training losses along the unroll.
@@ -97,14 +102,33 @@ def run(argv: list[str] | None = None) -> int:
         help="copy the exported weights into "
         f"learned_opt/pretrained/{pretrained.DEFAULT}.pt and stop",
     )
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        help="with --ship: an output directory of benchmarks/mnist_paper.py run on these "
+        "weights; its figures and command go into the shipped metadata",
+    )
+    parser.add_argument(
+        "--ship-to", default=None, help=argparse.SUPPRESS
+    )  # the package directory by default (tests ship elsewhere)
     args = parser.parse_args(argv)
     out = Path(args.out)
     weights = out / f"{pretrained.DEFAULT}.pt"
     if args.ship:
-        dest = Path(pretrained.__file__).parent
-        shutil.copyfile(weights, dest / weights.name)
-        shutil.copyfile(weights.with_suffix(".json"), dest / f"{pretrained.DEFAULT}.json")
-        print(f"shipped {weights} as {pretrained.DEFAULT}")
+        dest = Path(args.ship_to or Path(pretrained.__file__).parent)
+        if args.benchmark is None:
+            shutil.copyfile(weights, dest / weights.name)
+            shutil.copyfile(weights.with_suffix(".json"), dest / f"{pretrained.DEFAULT}.json")
+        else:
+            bench = json.loads((Path(args.benchmark) / "summary.json").read_text())
+            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+            if bench.get("weights_sha256") != digest:
+                parser.error(f"{args.benchmark} benchmarked other weights than {weights}")
+            rule, meta = load_rule(weights)
+            meta["benchmark"] = {**bench, "results": str(args.benchmark)}
+            save_rule(dest / weights.name, rule, meta)
+            (dest / f"{pretrained.DEFAULT}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"shipped {weights} as {pretrained.DEFAULT} in {dest}")
         return 0
     stage = args.stage or (1 if args.finetune_from is None else 2)
     if stage > 1 and args.finetune_from is None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import torch
+
+from learned_opt import pretrained
+from learned_opt.checkpoint import load_rule
 from learned_opt.report import write_jsonl
 
 
@@ -45,3 +51,28 @@ def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
     rows = (tmp_path / "m" / "table.md").read_text().splitlines()[2:]
     assert [r.split("|")[3].strip() for r in rows] == ["maml", "general-optimizer", "scratch-adam"]
     assert "+2.0 pp (better)" in rows[1]
+
+
+def test_mnist_paper_ships_weights_with_their_benchmark_figures(tmp_path: Path, run_script) -> None:
+    run_dir, bench, package = tmp_path / "run", tmp_path / "bench", tmp_path / "package"
+    run_dir.mkdir()
+    package.mkdir()
+    # the smoke benchmark evaluates the packaged "quadratic" weights: ship a copy of those
+    shutil.copyfile(pretrained.path("quadratic"), run_dir / "paper-mnist.pt")
+    (run_dir / "paper-mnist.json").write_text("{}")
+    assert run_script("benchmarks/mnist_paper.py", "--smoke", "--out", str(bench)) == 0
+    ship = ["--out", str(run_dir), "--ship", "--benchmark", str(bench), "--ship-to", str(package)]
+    assert run_script("experiments/mnist_paper.py", *ship) == 0
+    rule, meta = load_rule(package / "paper-mnist.pt")
+    original, _ = load_rule(pretrained.path("quadratic"))
+    for a, b in zip(rule.parameters(), original.parameters()):
+        assert torch.equal(a, b)  # only the metadata changed
+    figures = meta["benchmark"]["figures"]["smoke"]
+    assert figures["ratio_vs_adam"] == round(figures["lstm"] / figures["adam_tuned"], 3)
+    assert "benchmarks/mnist_paper.py" in meta["benchmark"]["command"]
+    assert json.loads((package / "paper-mnist.json").read_text()) == meta
+    # weights other than the benchmarked ones are refused, and nothing is written
+    (package / "paper-mnist.pt").unlink()
+    torch.save({"other": torch.zeros(1)}, run_dir / "paper-mnist.pt")
+    assert run_script("experiments/mnist_paper.py", *ship) == 2
+    assert not (package / "paper-mnist.pt").exists()
