@@ -1,15 +1,23 @@
 """Reproduce the paper's MNIST experiment: meta-train the 2x20 coordinatewise LSTM on 784-20-10
 sigmoid MLPs (batch 128, T = 100, K = 20), select weights by held-out evaluation, and export them.
 
-    python experiments/mnist_paper.py --out runs/mnist-paper --time-budget 3600
+The recipe of the shipped ``paper-mnist`` weights (one core each; ~40 + ~45 minutes):
+
+    python experiments/mnist_paper.py --out runs/mnist-s1 --seed 1 --iterations 1620      # stage 1
+    python experiments/mnist_paper.py --out runs/mnist-s3 --stage 3 --time-budget 2400 \
+        --finetune-from runs/mnist-s1/paper-mnist.pt                                      # stage 3
+    python benchmarks/mnist_paper.py --weights runs/mnist-s3/paper-mnist.pt \
+        --out benchmarks/results/mnist
+    python experiments/mnist_paper.py --out runs/mnist-s3 --ship \
+        --benchmark benchmarks/results/mnist
+
+Other entry points:
+
     python experiments/mnist_paper.py --out runs/mnist-paper --time-budget 3600 --resume   # go on
     python experiments/mnist_paper.py --out runs/mnist-ft --finetune-from paper-mnist  # stage 2
-    python experiments/mnist_paper.py --out runs/mnist-full --finetune-from paper-mnist --stage 3
     python experiments/mnist_paper.py --out runs/mnist-s4 --finetune-from paper-mnist --stage 4
     python experiments/mnist_paper.py --out runs/mnist-s5 --finetune-from paper-mnist --stage 5
     python experiments/mnist_paper.py --out runs/mnist-paper --ship    # copy into the package
-    python experiments/mnist_paper.py --out runs/mnist-paper --ship --benchmark runs/bench
-        # the same, recording the figures of benchmarks/mnist_paper.py (run on these weights)
 
 TensorBoard: ``tensorboard --logdir runs/mnist-paper/tb`` (meta-loss, meta-gradient norm, the
 held-out evaluation over meta-training against tuned Adam, evaluation loss curves).

@@ -76,3 +76,20 @@ def test_mnist_paper_ships_weights_with_their_benchmark_figures(tmp_path: Path, 
     torch.save({"other": torch.zeros(1)}, run_dir / "paper-mnist.pt")
     assert run_script("experiments/mnist_paper.py", *ship) == 2
     assert not (package / "paper-mnist.pt").exists()
+
+
+def test_plot_meta_eval_reads_tensorboard_logs(tmp_path: Path, run_script) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as w:
+        for step, ratio in [(0, 1.5), (20, 0.9), (40, 0.8), (60, 0.95)]:
+            w.add_scalar("eval/ratio_vs_adam", ratio, step)
+    out = tmp_path / "out"
+    args = ["--run", f"a={tmp_path / 'tb'}@40", "--run", f"b={tmp_path / 'tb'}", "--out", str(out)]
+    assert run_script("experiments/plot_meta_eval.py", *args, "--mark", "0.85") == 0
+    rows = (out / "meta_eval.csv").read_text().splitlines()
+    assert rows[0] == "run,meta_iteration,ratio_vs_adam"
+    assert [r for r in rows if r.startswith("a,")] == ["a,0,1.5000", "a,20,0.9000", "a,40,0.8000"]
+    assert len([r for r in rows if r.startswith("b,")]) == 4
+    assert (out / "meta_eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_script("experiments/plot_meta_eval.py", "--run", "no-equals", "--out", str(out)) == 2
