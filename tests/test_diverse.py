@@ -70,3 +70,39 @@ def test_one_meta_training_iteration_of_the_general_rule_on_diverse(diverse) -> 
     assert math.isfinite(stats["meta_loss"]) and math.isfinite(stats["grad_norm"])
     after = trainer.learner.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_val_ood_is_outside_diverse_and_the_ood_benchmark(diverse) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ood import OOD_TASKS
+
+    val = make_family("val-ood")
+    assert val.holdout == "val" and val.config()["name"] == "val-ood"
+    others = [m.config() for m in diverse.members]
+    others += [factory("test").config() for factory in OOD_TASKS.values()]
+    arch_keys = ("widths", "channels", "hidden")
+    for member in val.members:
+        mine = member.config()
+        for other in others:
+            if (other["name"], other["dataset"]) != (mine["name"], mine["dataset"]):
+                continue  # another kind of model or another dataset
+            key = next(k for k in arch_keys if k in mine)
+            assert not set(mine[key]) & set(other[key]), (mine, other)
+    seen = set()
+    for seed in range(40):
+        task = val.sample(torch.Generator().manual_seed(seed))
+        kind = task.name.split("(")[0]
+        if kind in seen:
+            continue
+        seen.add(kind)
+        params = {
+            k: v.requires_grad_(True)
+            for k, v in task.init_params(torch.Generator().manual_seed(0)).items()
+        }
+        loss = task.loss(params, task.train.sample())
+        grads = torch.autograd.grad(loss, list(params.values()))
+        assert math.isfinite(float(loss.detach())) and all(torch.isfinite(g).all() for g in grads)
+    assert seen == {"iris-mlp", "digits-mlp", "mnist-conv", "mnist-rnn"}

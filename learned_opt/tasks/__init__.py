@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
 from .fewshot import DigitsFewShotFamily, MNISTFewShotFamily, SinusoidFamily
-from .mixture import DiverseFamily, MixtureFamily, sample_horizon
+from .mixture import DiverseFamily, MixtureFamily, ValidationOODFamily, sample_horizon
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
 from .rescale import RescaledFamily
@@ -31,6 +31,7 @@ __all__ = [
     "SinusoidFamily",
     "Task",
     "TaskFamily",
+    "ValidationOODFamily",
     "make_family",
     "make_mlp",
     "sample_horizon",
@@ -60,6 +61,9 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
         DiverseFamily,
         {"param_scale_range": (0.2, 5.0), "loss_scale_range": (1e-2, 1e2)},
     ),
+    # Validation tasks outside both "diverse" and benchmarks/ood.py, for weight selection
+    # (MetaTrainConfig.eval_family).
+    "val-ood": (ValidationOODFamily, {}),
 }
 
 

@@ -23,7 +23,7 @@ from .base import Task, TaskFamily
 from .rescale import RescaledFamily
 from .zoo import ConvFamily, RandomMLPFamily, RowRNNFamily
 
-__all__ = ["DiverseFamily", "MixtureFamily", "sample_horizon"]
+__all__ = ["DiverseFamily", "MixtureFamily", "ValidationOODFamily", "sample_horizon"]
 
 
 def sample_horizon(generator: torch.Generator, min_steps: int = 50, max_steps: int = 1000) -> int:
@@ -140,3 +140,35 @@ class DiverseFamily(MixtureFamily):
                 for m in members
             ]
         super().__init__(members, (3, 2, 1, 1, 1), name="diverse")
+
+
+class ValidationOODFamily(MixtureFamily):
+    """Validation tasks outside the meta-training distribution (registered as ``"val-ood"``),
+    for selecting weights that transfer (``MetaTrainConfig.eval_family``).
+
+    Weights selected on held-out tasks of the meta-training distribution itself keep improving
+    there while they get worse out of distribution (README, issue 4), so selection needs tasks
+    that are shifted the way the out-of-distribution benchmark is, yet are not its tasks. Each
+    member is outside :class:`DiverseFamily` and differs from every task of ``benchmarks/ood.py``
+    (equal weights):
+
+    - MLPs on iris (a dataset in neither): width 16/32, 1-2 hidden layers, the four activations,
+      batch 16/32;
+    - MLPs on digits wider than any of ``diverse`` (2 x 128, tanh/GELU, batch 128);
+    - conv nets on MNIST with more channels than ``diverse``'s (16 channels, 2 layers, batch 64);
+    - Elman RNNs on MNIST rows wider than ``diverse``'s (64 units, batch 128).
+
+    Args:
+        holdout: ``"val"`` (weight selection; the default) or ``"test"``.
+    """
+
+    def __init__(self, holdout: str = "val") -> None:
+        acts = ("sigmoid", "tanh", "relu", "gelu")
+        members: list[TaskFamily] = [
+            RandomMLPFamily("iris", (16, 32), (1, 2), acts, (16, 32), None, holdout=holdout),
+            RandomMLPFamily("digits", (128,), (2,), ("tanh", "gelu"), (128,), holdout=holdout),
+            ConvFamily("mnist", (16,), (2,), (64,), holdout=holdout),
+            RowRNNFamily("mnist", ("rnn",), (64,), (128,), holdout=holdout),
+        ]
+        self.holdout = holdout
+        super().__init__(members, name="val-ood")

@@ -9,9 +9,10 @@ parameters) and has a ``holdout`` of ``"val"`` (meta-training, weight selection)
 
 Datasets (:data:`DATASETS`): ``"mnist"`` (60k 28x28 digits), ``"digits"`` (scikit-learn's 1,797
 8x8 digits), ``"wine"`` (178 wines, 13 features, 3 classes), ``"breast_cancer"`` (569 tumours,
-30 features, 2 classes) and ``"diabetes"`` (442 patients, 10 features, a disease-progression
-score; regression with the mean squared error). The scikit-learn tables ship inside the package;
-their features (and the diabetes target) are standardized with the training part's statistics.
+30 features, 2 classes), ``"iris"`` (150 flowers, 4 features, 3 classes) and ``"diabetes"`` (442
+patients, 10 features, a disease-progression score; regression with the mean squared error). The
+scikit-learn tables ship inside the package; their features (and the diabetes target) are
+standardized with the training part's statistics.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ DATASETS: dict[str, tuple[str, int | None]] = {
     "digits": ("class", 8),
     "wine": ("class", None),
     "breast_cancer": ("class", None),
+    "iris": ("class", None),
     "diabetes": ("regress", None),
 }
 
