@@ -60,7 +60,9 @@ def test_zoo_tasks_follow_the_task_contract(name: str) -> None:
 
 
 def test_tabular_datasets_are_standardized_and_split() -> None:
-    for name, n, d in (("wine", 178, 13), ("breast_cancer", 569, 30), ("diabetes", 442, 10)):
+    tables = [("wine", 178, 13), ("breast_cancer", 569, 30), ("iris", 150, 4)]
+    tables.append(("diabetes", 442, 10))
+    for name, n, d in tables:
         xt, yt, xv, yv = load_dataset(name, "val")
         xt2, yt2, xh, yh = load_dataset(name, "test")
         assert xt.shape[1] == d and len(xt) + len(xv) + len(xh) == n
@@ -68,7 +70,7 @@ def test_tabular_datasets_are_standardized_and_split() -> None:
         torch.testing.assert_close(xt.mean(0), torch.zeros(d), atol=1e-5, rtol=0)
         assert yt.dtype == (torch.float32 if name == "diabetes" else torch.int64)
     with pytest.raises(ValueError, match="Unknown dataset"):
-        load_dataset("iris", "val")
+        load_dataset("linnerud", "val")
 
 
 def test_row_rnn_architecture_choices() -> None:
