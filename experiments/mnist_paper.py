@@ -116,9 +116,8 @@ def run(argv: list[str] | None = None) -> int:
         help="with --ship: an output directory of benchmarks/mnist_paper.py run on these "
         "weights; its figures and command go into the shipped metadata",
     )
-    parser.add_argument(
-        "--ship-to", default=None, help=argparse.SUPPRESS
-    )  # the package directory by default (tests ship elsewhere)
+    # where --ship writes: the package by default; tests ship into a temporary directory
+    parser.add_argument("--ship-to", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = Path(args.out)
     weights = out / f"{pretrained.DEFAULT}.pt"
