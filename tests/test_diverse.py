@@ -13,6 +13,16 @@ from learned_opt import MetaTrainConfig, MetaTrainer
 from learned_opt.tasks import FAMILIES, DiverseFamily, make_family
 
 
+def _assert_finite_loss_and_gradients(task) -> None:
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in task.init_params(torch.Generator().manual_seed(0)).items()
+    }
+    loss = task.loss(params, task.train.sample())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    assert math.isfinite(float(loss.detach())) and all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.fixture(scope="module")
 def diverse() -> DiverseFamily:
     return make_family("diverse")
@@ -33,13 +43,7 @@ def test_diverse_covers_every_member_and_follows_the_task_contract(diverse) -> N
     assert {"mnist-mlp", "digits-mlp", "mnist-conv", "mnist-rnn", "diabetes-mlp"} <= kinds
     for seed in range(5):
         task = diverse.sample(torch.Generator().manual_seed(seed))
-        params = {
-            k: v.requires_grad_(True)
-            for k, v in task.init_params(torch.Generator().manual_seed(0)).items()
-        }
-        loss = task.loss(params, task.train.sample())
-        grads = torch.autograd.grad(loss, list(params.values()))
-        assert math.isfinite(float(loss.detach())) and all(torch.isfinite(g).all() for g in grads)
+        _assert_finite_loss_and_gradients(task)
     config = diverse.config()
     assert config["name"] == "diverse" and len(config["members"]) == 5
     json.dumps(config)
@@ -98,11 +102,5 @@ def test_val_ood_is_outside_diverse_and_the_ood_benchmark(diverse) -> None:
         if kind in seen:
             continue
         seen.add(kind)
-        params = {
-            k: v.requires_grad_(True)
-            for k, v in task.init_params(torch.Generator().manual_seed(0)).items()
-        }
-        loss = task.loss(params, task.train.sample())
-        grads = torch.autograd.grad(loss, list(params.values()))
-        assert math.isfinite(float(loss.detach())) and all(torch.isfinite(g).all() for g in grads)
+        _assert_finite_loss_and_gradients(task)
     assert seen == {"iris-mlp", "digits-mlp", "mnist-conv", "mnist-rnn"}
