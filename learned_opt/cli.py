@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--eval-every", type=int, default=d.eval_every)
     mt.add_argument("--eval-tasks", type=int, default=d.eval_tasks)
     mt.add_argument(
+        "--eval-horizon",
+        type=int,
+        default=None,
+        help="inner steps of the held-out evaluation (default: --horizon)",
+    )
+    mt.add_argument(
         "--eval-family",
         default=None,
         choices=sorted(FAMILIES),
@@ -226,6 +232,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         time_budget=args.time_budget,
         eval_every=args.eval_every,
         eval_tasks=args.eval_tasks,
+        eval_horizon=args.eval_horizon,
         eval_family=args.eval_family,
         eval_family_kwargs=args.eval_family_kwargs,
         checkpoint_every=args.checkpoint_every,

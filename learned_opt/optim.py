@@ -153,6 +153,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             flat = p.grad.reshape(-1)
             if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
                 update = rule.step_(flat, state)  # handles states stored in another dtype
+            elif rule.tensor_aware:  # reads whole-tensor statistics: one call per tensor
+                update = self._whole_step(rule, flat, state)
             else:
                 update = self._chunked_step(rule, flat, state)
             p.add_(update.view(p.shape), alpha=lr)
@@ -169,6 +171,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: (chunk, 4H) gate matrix) stay small enough to be reused by the allocator and to sit in
     #: cache, instead of fresh tensors the size of the whole parameter every step.
     chunk_size: int = 8192
+
+    def _whole_step(self, rule: UpdateRule, flat: Tensor, state: dict[str, Any]) -> Tensor:
+        """``rule(flat, state)`` on the whole tensor, writing the new state into ``state``."""
+        sub = {k: self._compute_value(rule, k, v, flat) if isinstance(v, Tensor) else v
+               for k, v in state.items()}
+        update, new_state = rule(flat, sub)
+        for k, v in new_state.items():
+            if isinstance(state.get(k), Tensor) and state[k].shape == v.shape:
+                state[k].copy_(v)  # keeps its storage dtype
+            else:
+                state[k] = v
+        return update
 
     def _chunked_step(self, rule: UpdateRule, flat: Tensor, state: dict[str, Any]) -> Tensor:
         """``rule(flat, state)`` in chunks of coordinates (valid because rules are

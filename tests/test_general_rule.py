@@ -271,3 +271,145 @@ def test_second_order_meta_gradient_is_finite_where_gradients_are_zero(make) -> 
     # Same values as the plain sqrt.
     v = torch.tensor([0.0, 4.0]).requires_grad_(True)
     torch.testing.assert_close(safe_sqrt(v), torch.tensor([0.0, 2.0]))
+
+
+# --------------------------------------------------------------------- per-tensor step sizes
+def _hd_adam_reference(params, grads_fn, steps, lr, kappa, bound, betas=(0.9, 0.999), eps=1e-8):
+    """Adam whose per-tensor step size follows the multiplicative hypergradient rule
+    ``s += kappa * cos(-g_t, d_{t-1})`` (written out here independently of the library)."""
+    b1, b2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    prev = [torch.zeros_like(p) for p in params]
+    s = [0.0 for _ in params]
+    for t in range(1, steps + 1):
+        grads = grads_fn(params)
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            d = -(m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+            norm = float(g.norm() * prev[i].norm())
+            cos = float(-(g * prev[i]).sum()) / norm if norm > 0 else 0.0
+            s[i] = min(max(s[i] + kappa * cos, -bound), bound)
+            prev[i] = d
+            new.append(p + lr * math.exp(s[i]) * d)
+        params = new
+    return params, s
+
+
+def test_lr_adapt_starts_as_hypergradient_adam() -> None:
+    """With a zero read-out and ``lr_adapt`` the drop-in optimizer is Adam with a per-tensor
+    multiplicative hypergradient step size, including in tensors larger than a chunk."""
+    torch.manual_seed(0)
+    init = [torch.randn(40, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
+    targets = [torch.randn_like(p) for p in init]
+
+    def grads_fn(params):
+        return [2 * (p - y) * (1 + y.abs()) + 0.1 * torch.cos(p) for p, y in zip(params, targets)]
+
+    ref, s_ref = _hd_adam_reference(init, grads_fn, 40, lr=0.01, kappa=0.2, bound=2.0)
+    rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.2, lr_adapt_bound=2.0).double()
+    assert rule.tensor_aware
+    mine = [p.clone().requires_grad_(True) for p in init]
+    opt = LearnedOptimizer(mine, rule)
+    opt.chunk_size = 16  # smaller than the first tensor: it must still see the whole tensor
+    for _ in range(40):
+        for p, g in zip(mine, grads_fn([p.detach() for p in mine])):
+            p.grad = g
+        opt.step()
+    for a, b in zip(ref, mine):  # (the base lr is stored as a float32 log: 1e-7 relative)
+        torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-9)
+    for p, s in zip(mine, s_ref):
+        torch.testing.assert_close(opt.state[p]["log_step"], torch.full_like(p, s).reshape(-1))
+    assert max(abs(s) for s in s_ref) > 0.5  # the step sizes did move
+
+
+def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
+    rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1, lr_adapt_bound=0.35)
+    rule = rule.double().requires_grad_(False)
+    g = torch.tensor([2.0, -2.0, 2.0], dtype=torch.float64)  # parallel to its Adam step
+    state = rule.init_state(3, like=g)
+    logs = []
+    for _ in range(6):  # a constant gradient: every step agrees with the previous one
+        _, state = rule(g, state)
+        logs.append(float(state["log_step"][0]))
+    assert logs[0] == 0.0  # no previous step yet
+    torch.testing.assert_close(logs[1:4], [0.1, 0.2, 0.3])
+    assert logs[-1] == pytest.approx(0.35)  # clipped at the bound
+    _, flipped = rule(-10 * g, state)  # the gradient turns against the last step
+    assert float(flipped["log_step"][0]) == pytest.approx(0.25)
+    assert torch.all(flipped["log_step"] == flipped["log_step"][0])  # one value per tensor
+
+
+def test_lr_adapt_flat_layout_matches_per_tensor() -> None:
+    """On the unroll's flat vector (``numels`` given) the rule gives each tensor the updates it
+    gets alone, with a trained-looking (random) network; without ``numels`` it would not."""
+    rule = _random_rule(lr_adapt=0.3).double()
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 1, 7]
+    flat_state = rule.init_state(13, like=torch.zeros(1, dtype=torch.float64), numels=sizes)
+    one_state = rule.init_state(13, like=torch.zeros(1, dtype=torch.float64))
+    states = [rule.init_state(n, like=torch.zeros(1, dtype=torch.float64)) for n in sizes]
+    g = torch.randn(13, generator=gen, dtype=torch.float64)
+    for _ in range(5):
+        u, flat_state = rule(g, flat_state)
+        u_one, one_state = rule(g, one_state)
+        parts = []
+        for k, part in enumerate(g.split(sizes)):
+            uk, states[k] = rule(part, states[k])
+            parts.append(uk)
+        torch.testing.assert_close(u, torch.cat(parts), rtol=1e-10, atol=1e-14)
+        g = 0.6 * g + torch.randn(13, generator=gen, dtype=torch.float64) * torch.tensor(
+            [1.0] * 5 + [-3.0] + [0.2] * 7, dtype=torch.float64
+        )
+    assert not torch.allclose(u, u_one)
+    with pytest.raises(ValueError, match="add up"):
+        rule.init_state(13, like=g, numels=[5, 7])
+
+
+def test_lr_adapt_unroll_passes_the_layout_and_matches_the_drop_in_optimizer() -> None:
+    from learned_opt.tasks import RandomMLPFamily
+
+    rule = _random_rule(lr_adapt=0.2, lr=0.01)
+    family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
+    task = family.sample(torch.Generator().manual_seed(3))
+    learner = OptimizerLearner(rule)
+    state = learner.init_state(task, torch.Generator().manual_seed(4))
+    ids = state.rule_state["tensor"]
+    assert ids.dtype == torch.int64 and int(ids[-1]) == len(state.spec.numels) - 1
+    windows = list(
+        unroll(learner, task, torch.Generator().manual_seed(4), horizon=12, truncation=4,
+               differentiable=False)
+    )
+    unrolled = windows[-1].state.params
+    # the same task (same batch stream) with the drop-in optimizer, one call per tensor
+    task = family.sample(torch.Generator().manual_seed(3))
+    leaves = {k: v.clone().requires_grad_(True)
+              for k, v in task.init_params(torch.Generator().manual_seed(4)).items()}
+    opt = LearnedOptimizer(list(leaves.values()), rule)
+    for _ in range(12):
+        opt.zero_grad()
+        task.loss(leaves, task.train.sample()).backward()
+        opt.step()
+    torch.testing.assert_close(
+        torch.cat([p.detach().reshape(-1) for p in leaves.values()]), unrolled,
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_lr_adapt_meta_gradient_and_validation() -> None:
+    rule = _random_rule(lr_adapt=0.1)
+    task = QuadraticFamily(dim=5).sample(torch.Generator().manual_seed(0))
+    learner = OptimizerLearner(rule)
+    windows = unroll(learner, task, torch.Generator().manual_seed(1), horizon=8, truncation=8)
+    next(windows).meta_loss.backward()
+    for name, p in rule.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    clone = rule_from_dict(rule_to_dict(rule), expected_kind="general-lstm")
+    assert clone.config()["lr_adapt"] == 0.1 and clone.tensor_aware
+    assert not GeneralLSTMRule().tensor_aware
+    with pytest.raises(ValueError, match="nominal"):
+        GeneralLSTMRule(nominal=False, lr_adapt=0.1)
+    with pytest.raises(ValueError, match="lr_adapt"):
+        GeneralLSTMRule(lr_adapt=-1.0)

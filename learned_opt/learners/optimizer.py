@@ -104,11 +104,16 @@ class OptimizerLearner(MetaLearner):
             named = self.init.values_by_name()
             spec = FlatSpec(named)
             flat = spec.flatten(named)  # differentiable in the learned initialization
-            return OptimizerState(flat, self.rule.init_state(spec.numel, like=flat), spec)
+            return OptimizerState(flat, self._rule_state(spec, flat), spec)
         named = task.init_params(generator)
         spec = FlatSpec(named)
         flat = spec.flatten(named).detach().requires_grad_(True)
-        return OptimizerState(flat, self.rule.init_state(spec.numel, like=flat), spec)
+        return OptimizerState(flat, self._rule_state(spec, flat), spec)
+
+    def _rule_state(self, spec: FlatSpec, flat: Tensor) -> RuleState:
+        if self.rule.tensor_aware:  # the flat vector holds several tensors: say where each is
+            return self.rule.init_state(spec.numel, like=flat, numels=spec.numels)  # type: ignore[call-arg]
+        return self.rule.init_state(spec.numel, like=flat)
 
     def step(
         self, task: Task, state: OptimizerState, batch: Batch, *, differentiable: bool = True

@@ -24,11 +24,22 @@ class UpdateRule(nn.Module):
     separately gives the same result; the unroll uses the former, the drop-in optimizer the
     latter. Per-coordinate state tensors put the coordinate axis at ``coord_dim(key)``.
 
+    A rule whose :attr:`tensor_aware` is true also reads statistics of each whole parameter
+    tensor (e.g. :class:`~learned_opt.rules.GeneralLSTMRule`'s per-tensor step-size adaptation):
+    its :meth:`init_state` takes ``numels``, the sizes of the tensors the flat vector
+    concatenates (the unroll passes them; the drop-in optimizer calls it once per tensor, whole,
+    never in chunks).
+
     Subclasses implement :meth:`init_state`, :meth:`forward` and :meth:`config`.
     """
 
     #: Name under which :func:`learned_opt.rules.build_rule` finds the class.
     kind: str = ""
+
+    @property
+    def tensor_aware(self) -> bool:
+        """Whether the update of a coordinate depends on the rest of its parameter tensor."""
+        return False
 
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
         """Fresh state for ``numel`` coordinates on ``like``'s device and dtype."""

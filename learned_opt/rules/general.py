@@ -14,6 +14,16 @@ to models, loss scales and horizons it never saw:
   (the default initialization) the rule *is* Adam with learning rate ``lr``, so meta-training
   starts from a strong optimizer instead of from noise.
 
+A third fix makes the nominal step's size adapt over long horizons, which a learned rule
+meta-trained on short unrolls cannot learn to do by itself:
+
+- **per-tensor step-size adaptation** (``lr_adapt``; the multiplicative hypergradient rule of
+  Baydin et al., 2018, and the learned learning-rate state of the hierarchical RNN optimizer):
+  each parameter tensor keeps a log step size that grows while the new gradient keeps pointing
+  along the previous update and shrinks when it turns against it. Tuned Adam on a 1000-step run
+  can use a learning rate 1000x larger than at 100 steps; a fixed learned rule cannot follow it
+  without a state that integrates over the run.
+
 Both are switches (``scale_invariant``, ``nominal``); with both off the rule is the paper's LSTM
 (log/sign inputs, ``output_scale`` times a linear read-out), in a pure-PyTorch implementation.
 """
@@ -61,7 +71,18 @@ class GeneralLSTMRule(UpdateRule):
         \Delta_t = \eta \left( d_t\, e^{a} + r_b \right), \qquad
         d_t = -\hat m_t / D_t \ (\beta_1),
 
-    with :math:`\eta = e^{\log\eta}` a learned base learning rate (initially ``lr``). The
+    with :math:`\eta = e^{\log\eta}` a learned base learning rate (initially ``lr``); with
+    ``lr_adapt`` :math:`= \kappa > 0`, :math:`\eta` is multiplied by :math:`e^{s_t}`, one log step
+    size per parameter tensor :math:`P`:
+
+    .. math::
+        s_t = \operatorname{clip}\left(s_{t-1} + \kappa \cos(-g^P_t, u^P_{t-1}),\
+        \pm S\right), \qquad s_0 = 0,
+
+    where :math:`u_{t-1} = d_{t-1} e^{a} + r_b` is the previous update's direction and
+    :math:`S` = ``lr_adapt_bound``: while successive steps agree the step size grows by up to
+    :math:`e^\kappa` per step, and it shrinks as fast when the gradient turns against the last
+    step (overshoot). The cosine does not depend on the gradient's scale. The
     multiplicative correction :math:`e^a` is bounded in :math:`[e^{-A}, e^{A}]` (``a_bound``;
     :math:`\tanh(r/A) A` has slope 1 at 0, so small read-outs act linearly) and the additive one is
     in the units of the normalized Adam step, so neither can make the update explode in a way Adam
@@ -90,6 +111,10 @@ class GeneralLSTMRule(UpdateRule):
         output_scale: :math:`\alpha`, the factor on the read-out.
         preprocess_p: :math:`p` of the log features and of the log/sign preprocessing.
         forget_bias: initial bias of the forget gates.
+        lr_adapt: :math:`\kappa`, the per-tensor step-size adaptation rate (0: off). Needs
+            ``nominal``. The unroll passes the tensor layout (``init_state(..., numels=...)``);
+            the drop-in optimizer applies the rule to each tensor whole.
+        lr_adapt_bound: :math:`S`, the bound on the log step size :math:`|s_t|`.
     """
 
     kind = "general-lstm"
@@ -112,6 +137,8 @@ class GeneralLSTMRule(UpdateRule):
         output_scale: float = 0.1,
         preprocess_p: float = 10.0,
         forget_bias: float = 1.0,
+        lr_adapt: float = 0.0,
+        lr_adapt_bound: float = math.log(1000.0),
     ) -> None:
         super().__init__()
         if hidden_size < 1 or num_layers < 1:
@@ -129,6 +156,13 @@ class GeneralLSTMRule(UpdateRule):
                 f"Invalid eps/lr/a_bound/preprocess_p: {eps}/{lr}/{a_bound}/{preprocess_p} "
                 "(must be > 0)"
             )
+        if lr_adapt < 0 or lr_adapt_bound <= 0:
+            raise ValueError(
+                f"Invalid lr_adapt/lr_adapt_bound: {lr_adapt}/{lr_adapt_bound} "
+                "(must be >= 0 / > 0)"
+            )
+        if lr_adapt > 0 and not nominal:
+            raise ValueError("lr_adapt adapts the nominal step's size; it needs nominal=True")
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
         self.scale_invariant = bool(scale_invariant)
@@ -144,6 +178,8 @@ class GeneralLSTMRule(UpdateRule):
         self.output_scale = float(output_scale)
         self.preprocess_p = float(preprocess_p)
         self.forget_bias = float(forget_bias)
+        self.lr_adapt = float(lr_adapt)
+        self.lr_adapt_bound = float(lr_adapt_bound)
         # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
         # with a momentum input of the same beta).
         mom: list[float] = list(betas) if self.scale_invariant else []
@@ -202,11 +238,32 @@ class GeneralLSTMRule(UpdateRule):
             if self.nominal:
                 self.log_lr.fill_(math.log(self.lr))
 
-    def init_state(self, numel: int, *, like: Tensor) -> RuleState:
+    @property
+    def tensor_aware(self) -> bool:
+        return self.lr_adapt > 0
+
+    def init_state(
+        self, numel: int, *, like: Tensor, numels: Sequence[int] | None = None
+    ) -> RuleState:
         """Zero momenta ``m{k}``, second moments ``v`` (and ``v_fast``), LSTM states ``h{l}``,
-        ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter."""
+        ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
+
+        With ``lr_adapt``, also the log step size ``log_step`` and the previous update direction
+        ``prev`` (per coordinate), and, if ``numels`` (the sizes of the parameter tensors the
+        ``numel`` coordinates concatenate) is given, ``tensor`` (each coordinate's tensor index;
+        without it the coordinates are one tensor).
+        """
         kw = dict(dtype=like.dtype, device=like.device)
         state: RuleState = {}
+        if self.lr_adapt > 0:
+            state["log_step"] = torch.zeros(numel, **kw)
+            state["prev"] = torch.zeros(numel, **kw)
+            if numels is not None:
+                if sum(numels) != numel or any(n < 0 for n in numels):
+                    raise ValueError(f"numels {list(numels)} do not add up to {numel}")
+                sizes = torch.tensor(list(numels), device=like.device)
+                ids = torch.arange(len(numels), device=like.device)
+                state["tensor"] = ids.repeat_interleave(sizes, output_size=numel)
         if self._state_betas:
             for k in range(len(self._state_betas)):
                 state[f"m{k}"] = torch.zeros(numel, **kw)
@@ -302,8 +359,31 @@ class GeneralLSTMRule(UpdateRule):
         assert denom is not None
         direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
         a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
-        update = torch.exp(self.log_lr) * (direction * torch.exp(a) + out[:, 1])
-        return update, new_state
+        update = direction * torch.exp(a) + out[:, 1]
+        if self.lr_adapt > 0:
+            log_step = self._adapt(grad, update, state)
+            new_state["log_step"] = log_step
+            new_state["prev"] = update
+            if "tensor" in state:
+                new_state["tensor"] = state["tensor"]
+            update = update * torch.exp(log_step)
+        return torch.exp(self.log_lr) * update, new_state
+
+    def _adapt(self, grad: Tensor, update: Tensor, state: RuleState) -> Tensor:
+        """The new log step size: ``s + kappa * cos(-g, u_prev)`` per tensor, clipped."""
+        prev = state["prev"]
+        ids = state.get("tensor")
+        products = torch.stack((-grad * prev, grad * grad, prev * prev))
+        if ids is None:
+            dot, g2, p2 = products.sum(dim=1, keepdim=True)
+        else:
+            n = int(ids[-1]) + 1 if ids.numel() else 0
+            sums = products.new_zeros(3, n).index_add_(1, ids, products)
+            dot, g2, p2 = sums[:, ids]
+        # cos = 0 where either vector is zero (the first step: no previous update yet)
+        cos = dot / torch.sqrt(g2 * p2).clamp_min(1e-30)
+        bound = self.lr_adapt_bound
+        return (state["log_step"] + self.lr_adapt * cos).clamp(-bound, bound)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -322,4 +402,6 @@ class GeneralLSTMRule(UpdateRule):
             "output_scale": self.output_scale,
             "preprocess_p": self.preprocess_p,
             "forget_bias": self.forget_bias,
+            "lr_adapt": self.lr_adapt,
+            "lr_adapt_bound": self.lr_adapt_bound,
         }
