@@ -342,10 +342,12 @@ def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     assert torch.all(flipped["log_step"] == flipped["log_step"][0])  # one value per tensor
 
 
-def test_lr_adapt_flat_layout_matches_per_tensor() -> None:
+@pytest.mark.parametrize("nominal", [True, False])
+def test_lr_adapt_flat_layout_matches_per_tensor(nominal: bool) -> None:
     """On the unroll's flat vector (``numels`` given) the rule gives each tensor the updates it
-    gets alone, with a trained-looking (random) network; without ``numels`` it would not."""
-    rule = _random_rule(lr_adapt=0.3).double()
+    gets alone, with a trained-looking (random) network; without ``numels`` it would not. (Without
+    the nominal step the adapted step size multiplies the network's update.)"""
+    rule = _random_rule(lr_adapt=0.3, nominal=nominal).double()
     gen = torch.Generator().manual_seed(0)
     sizes = [5, 1, 7]
     flat_state = rule.init_state(13, like=torch.zeros(1, dtype=torch.float64), numels=sizes)
@@ -409,7 +411,5 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
     clone = rule_from_dict(rule_to_dict(rule), expected_kind="general-lstm")
     assert clone.config()["lr_adapt"] == 0.1 and clone.tensor_aware
     assert not GeneralLSTMRule().tensor_aware
-    with pytest.raises(ValueError, match="nominal"):
-        GeneralLSTMRule(nominal=False, lr_adapt=0.1)
     with pytest.raises(ValueError, match="lr_adapt"):
         GeneralLSTMRule(lr_adapt=-1.0)

@@ -111,8 +111,9 @@ class GeneralLSTMRule(UpdateRule):
         output_scale: :math:`\alpha`, the factor on the read-out.
         preprocess_p: :math:`p` of the log features and of the log/sign preprocessing.
         forget_bias: initial bias of the forget gates.
-        lr_adapt: :math:`\kappa`, the per-tensor step-size adaptation rate (0: off). Needs
-            ``nominal``. The unroll passes the tensor layout (``init_state(..., numels=...)``);
+        lr_adapt: :math:`\kappa`, the per-tensor step-size adaptation rate (0: off). Without
+            ``nominal`` the adapted step size multiplies the network's update (and :math:`u` is
+            that update). The unroll passes the tensor layout (``init_state(..., numels=...)``);
             the drop-in optimizer applies the rule to each tensor whole.
         lr_adapt_bound: :math:`S`, the bound on the log step size :math:`|s_t|`.
     """
@@ -161,8 +162,6 @@ class GeneralLSTMRule(UpdateRule):
                 f"Invalid lr_adapt/lr_adapt_bound: {lr_adapt}/{lr_adapt_bound} "
                 "(must be >= 0 / > 0)"
             )
-        if lr_adapt > 0 and not nominal:
-            raise ValueError("lr_adapt adapts the nominal step's size; it needs nominal=True")
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
         self.scale_invariant = bool(scale_invariant)
@@ -355,19 +354,28 @@ class GeneralLSTMRule(UpdateRule):
             new_state[f"c{layer}"] = cs[layer]
         out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if not self.nominal:
-            return out.squeeze(-1), new_state
+            update = out.squeeze(-1)
+            if self.lr_adapt > 0:
+                update = self._adapted(grad, update, state, new_state)
+            return update, new_state
         assert denom is not None
         direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
         a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
         update = direction * torch.exp(a) + out[:, 1]
         if self.lr_adapt > 0:
-            log_step = self._adapt(grad, update, state)
-            new_state["log_step"] = log_step
-            new_state["prev"] = update
-            if "tensor" in state:
-                new_state["tensor"] = state["tensor"]
-            update = update * torch.exp(log_step)
+            update = self._adapted(grad, update, state, new_state)
         return torch.exp(self.log_lr) * update, new_state
+
+    def _adapted(
+        self, grad: Tensor, update: Tensor, state: RuleState, new_state: RuleState
+    ) -> Tensor:
+        """``update`` times the adapted step size; records the step size and direction."""
+        log_step = self._adapt(grad, update, state)
+        new_state["log_step"] = log_step
+        new_state["prev"] = update
+        if "tensor" in state:
+            new_state["tensor"] = state["tensor"]
+        return update * torch.exp(log_step)
 
     def _adapt(self, grad: Tensor, update: Tensor, state: RuleState) -> Tensor:
         """The new log step size: ``s + kappa * cos(-g, u_prev)`` per tensor, clipped."""
