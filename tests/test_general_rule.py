@@ -413,3 +413,18 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
     assert not GeneralLSTMRule().tensor_aware
     with pytest.raises(ValueError, match="lr_adapt"):
         GeneralLSTMRule(lr_adapt=-1.0)
+
+
+def test_lr_adapt_meta_gradient_is_finite_when_a_tensor_gets_no_gradient() -> None:
+    """A tensor whose gradient is all zero (a dead layer) has cos = 0; the meta-gradient through
+    the norm product must be 0 there, not 0 * inf = nan."""
+    rule = _random_rule(lr_adapt=0.1)
+    state = rule.init_state(6, like=torch.zeros(1), numels=[3, 3])
+    total = torch.zeros(())
+    for _ in range(3):
+        grad = torch.tensor([0.5, -1.0, 2.0, 0.0, 0.0, 0.0])
+        update, state = rule(grad, state)
+        total = total + update.sum()
+    grads = torch.autograd.grad(total, list(rule.parameters()))
+    for (name, _), g in zip(rule.named_parameters(), grads):
+        assert torch.isfinite(g).all(), name

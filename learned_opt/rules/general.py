@@ -388,8 +388,9 @@ class GeneralLSTMRule(UpdateRule):
             n = int(ids[-1]) + 1 if ids.numel() else 0
             sums = products.new_zeros(3, n).index_add_(1, ids, products)
             dot, g2, p2 = sums[:, ids]
-        # cos = 0 where either vector is zero (the first step: no previous update yet)
-        cos = dot / torch.sqrt(g2 * p2).clamp_min(1e-30)
+        # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
+        # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan
+        cos = dot / safe_sqrt(g2 * p2).clamp_min(1e-30)
         bound = self.lr_adapt_bound
         return (state["log_step"] + self.lr_adapt * cos).clamp(-bound, bound)
 
