@@ -214,9 +214,10 @@ def test_pes_accumulates_perturbations_and_resets_at_the_end(quadratic) -> None:
     assert not torch.equal(es.xi, first)
 
 
-def test_pes_builds_no_graph_and_restores_theta() -> None:
+@pytest.mark.parametrize("kwargs", [{}, {"lr_adapt": 0.1}])
+def test_pes_builds_no_graph_and_restores_theta(kwargs: dict) -> None:
     task = QuadraticFamily(dim=6).sample(torch.Generator().manual_seed(0))
-    rule = GeneralLSTMRule(hidden_size=4, lr=0.05)
+    rule = GeneralLSTMRule(hidden_size=4, lr=0.05, **kwargs)
     rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
     learner = OptimizerLearner(rule)
     theta = [p.detach().clone() for p in meta_parameters(learner)]
