@@ -71,19 +71,24 @@ class GeneralLSTMRule(UpdateRule):
         \Delta_t = \eta \left( d_t\, e^{a} + r_b \right), \qquad
         d_t = -\hat m_t / D_t \ (\beta_1),
 
-    with :math:`\eta = e^{\log\eta}` a learned base learning rate (initially ``lr``); with
-    ``lr_adapt`` :math:`= \kappa > 0`, :math:`\eta` is multiplied by :math:`e^{s_t}`, one log step
-    size per parameter tensor :math:`P`:
+    with :math:`\eta = e^{\log\eta}` a learned base learning rate (initially ``lr``). With
+    ``lr_adapt`` :math:`= \kappa > 0` the direction's step size is adapted, one log step size
+    per parameter tensor :math:`P`:
 
     .. math::
         s_t = \operatorname{clip}\left(s_{t-1} + \kappa \cos(-g^P_t, u^P_{t-1}),\
         \pm S\right), \qquad s_0 = 0,
 
-    where :math:`u_{t-1} = d_{t-1} e^{a} + r_b` is the previous update's direction and
-    :math:`S` = ``lr_adapt_bound``: while successive steps agree the step size grows by up to
-    :math:`e^\kappa` per step, and it shrinks as fast when the gradient turns against the last
-    step (overshoot). The cosine does not depend on the gradient's scale. The
-    multiplicative correction :math:`e^a` is bounded in :math:`[e^{-A}, e^{A}]` (``a_bound``;
+    and :math:`\Delta_t = \eta \left( e^{s_t} u_t + r_b \right)`, where
+    :math:`u_t = d_t e^{a}` is the corrected Adam direction and :math:`S` = ``lr_adapt_bound``:
+    while successive steps agree the step size grows by up to :math:`e^\kappa` per step, and it
+    shrinks as fast when the gradient turns against the last step (overshoot). The cosine does
+    not depend on the gradient's scale. The additive correction :math:`r_b` is not scaled by
+    :math:`e^{s_t}`: a learned drift that a 1000x step size would amplify makes long runs
+    diverge. (Without ``nominal``, :math:`u_t` is the network's update and
+    :math:`\Delta_t = e^{s_t} u_t`.)
+
+    The multiplicative correction :math:`e^a` is bounded in :math:`[e^{-A}, e^{A}]` (``a_bound``;
     :math:`\tanh(r/A) A` has slope 1 at 0, so small read-outs act linearly) and the additive one is
     in the units of the normalized Adam step, so neither can make the update explode in a way Adam
     would not. With zero read-out weights and bias (:meth:`reset_parameters` default)
@@ -361,10 +366,10 @@ class GeneralLSTMRule(UpdateRule):
         assert denom is not None
         direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
         a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
-        update = direction * torch.exp(a) + out[:, 1]
-        if self.lr_adapt > 0:
+        update = direction * torch.exp(a)
+        if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
             update = self._adapted(grad, update, state, new_state)
-        return torch.exp(self.log_lr) * update, new_state
+        return torch.exp(self.log_lr) * (update + out[:, 1]), new_state
 
     def _adapted(
         self, grad: Tensor, update: Tensor, state: RuleState, new_state: RuleState
