@@ -93,3 +93,32 @@ def test_plot_meta_eval_reads_tensorboard_logs(tmp_path: Path, run_script) -> No
     assert len([r for r in rows if r.startswith("b,")]) == 4
     assert (out / "meta_eval.png").read_bytes()[:4] == b"\x89PNG"
     assert run_script("experiments/plot_meta_eval.py", "--run", "no-equals", "--out", str(out)) == 2
+
+
+def test_general_variants_switch_off_the_adaptation_and_the_training(
+    tmp_path: Path, run_script
+) -> None:
+    from learned_opt import save_rule
+    from learned_opt.rules import GeneralLSTMRule
+
+    rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1)
+    rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
+    with torch.no_grad():
+        rule.log_lr.add_(0.5)  # "trained": the base learning rate moved
+    save_rule(tmp_path / "w.pt", rule, {"command": "learned-opt meta-train ..."})
+    out = tmp_path / "variants"
+    assert run_script("experiments/general_variants.py", "--weights", str(tmp_path / "w.pt"),
+                      "--out", str(out)) == 0
+    off, meta = load_rule(out / "no-lr-adapt.pt")
+    assert off.lr_adapt == 0.0 and meta["source_command"] == "learned-opt meta-train ..."
+    assert len(meta["source_sha256"]) == 64
+    for (name, a), b in zip(rule.state_dict().items(), off.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh, _ = load_rule(out / "untrained.pt")
+    assert fresh.config() == rule.config()
+    assert torch.count_nonzero(fresh.out_weight) == 0
+    assert abs(float(fresh.log_lr.detach().exp()) - 0.01) < 1e-6
+    # a rule without the adaptation is refused
+    save_rule(tmp_path / "plain.pt", GeneralLSTMRule(hidden_size=4))
+    assert run_script("experiments/general_variants.py", "--weights", str(tmp_path / "plain.pt"),
+                      "--out", str(out)) == 2
