@@ -122,3 +122,12 @@ def test_general_variants_switch_off_the_adaptation_and_the_training(
     save_rule(tmp_path / "plain.pt", GeneralLSTMRule(hidden_size=4))
     assert run_script("experiments/general_variants.py", "--weights", str(tmp_path / "plain.pt"),
                       "--out", str(out)) == 2
+
+
+def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
+    args = ("--steps", "3", "--tasks", "1", "--lrs", "0.01,0.02", "--kappas", "0.1")
+    assert run_script("experiments/select_adapt_valood.py", *args, "--out", str(tmp_path)) == 0
+    rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
+    assert sorted((r["lr"], r["kappa"]) for r in rows) == [(0.01, 0.1), (0.02, 0.1)]
+    assert [r["worst"] for r in rows] == sorted(r["worst"] for r in rows)
+    assert all(len(r["ratios"]) == 1 and r["worst"] > 0 for r in rows)
