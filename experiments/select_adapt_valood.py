@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     names: list[str] = []
     start = time.perf_counter()
     for n in horizons:
-        for s in seeds:
+        for k, s in enumerate(seeds):
             best = min(
                 run_optimizer(family, s, lambda p, lr: torch.optim.Adam(p, lr=lr), lr, n)
                 .final_train_loss
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_optimizer(family, s, lambda p, _: LearnedOptimizer(p, rule), 1.0, n)
                 loss = r.final_train_loss if math.isfinite(r.final_train_loss) else math.inf
                 mine[(lr, kappa)].append(loss / best)
-            names.append(f"{r.task}@{n}")
+            names.append(f"{k}:{r.task}@{n}")  # task k of the family (names repeat)
             print(f"{names[-1]}: Adam {best:.4g}; {time.perf_counter() - start:.0f}s", flush=True)
     rows = []
     for (lr, kappa), ratios in mine.items():

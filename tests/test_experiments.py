@@ -130,4 +130,5 @@ def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
     rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
     assert sorted((r["lr"], r["kappa"]) for r in rows) == [(0.01, 0.1), (0.02, 0.1)]
     assert [r["worst"] for r in rows] == sorted(r["worst"] for r in rows)
-    assert all(len(r["ratios"]) == 1 and r["worst"] > 0 for r in rows)
+    assert all(list(r["ratios"]) == ["0:" + next(iter(r["ratios"]))[2:]] for r in rows)
+    assert all(r["worst"] > 0 for r in rows)
