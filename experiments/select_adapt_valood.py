@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [task_seed(0, _STREAM, k) for k in range(args.tasks)]
     horizons = [int(s) for s in args.steps.split(",")]
     grid = [(float(a), float(k)) for a in args.lrs.split(",") for k in args.kappas.split(",")]
-    adam: dict[tuple[int, int], float] = {}
     mine: dict[tuple[float, float], list[float]] = {g: [] for g in grid}
     names: list[str] = []
     start = time.perf_counter()
@@ -53,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
                 .final_train_loss
                 for lr in DEFAULT_LR_GRID
             )
-            adam[(n, s)] = best
             for lr, kappa in grid:
                 rule = GeneralLSTMRule(hidden_size=1, lr=lr, lr_adapt=kappa)
                 r = run_optimizer(family, s, lambda p, _: LearnedOptimizer(p, rule), 1.0, n)

@@ -153,8 +153,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             flat = p.grad.reshape(-1)
             if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
                 update = rule.step_(flat, state)  # handles states stored in another dtype
-            elif rule.tensor_aware:  # reads whole-tensor statistics: one call per tensor
-                update = self._whole_step(rule, flat, state)
+            elif rule.tensor_aware:  # reads whole-tensor statistics: the tensor in one chunk
+                update = self._chunked_step(rule, flat, state, chunk=max(1, flat.numel()))
             else:
                 update = self._chunked_step(rule, flat, state)
             p.add_(update.view(p.shape), alpha=lr)
@@ -172,30 +172,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
     #: cache, instead of fresh tensors the size of the whole parameter every step.
     chunk_size: int = 8192
 
-    def _whole_step(self, rule: UpdateRule, flat: Tensor, state: dict[str, Any]) -> Tensor:
-        """``rule(flat, state)`` on the whole tensor, writing the new state into ``state``."""
-        sub = {k: self._compute_value(rule, k, v, flat) if isinstance(v, Tensor) else v
-               for k, v in state.items()}
-        update, new_state = rule(flat, sub)
-        for k, v in new_state.items():
-            if isinstance(state.get(k), Tensor) and state[k].shape == v.shape:
-                state[k].copy_(v)  # keeps its storage dtype
-            else:
-                state[k] = v
-        return update
-
-    def _chunked_step(self, rule: UpdateRule, flat: Tensor, state: dict[str, Any]) -> Tensor:
-        """``rule(flat, state)`` in chunks of coordinates (valid because rules are
-        coordinatewise), writing the new per-coordinate state into ``state`` in place (cast to
-        its storage dtype) and returning the update."""
+    def _chunked_step(
+        self, rule: UpdateRule, flat: Tensor, state: dict[str, Any], chunk: int | None = None
+    ) -> Tensor:
+        """``rule(flat, state)`` in chunks of ``chunk`` coordinates (default
+        :attr:`chunk_size`; valid because rules are coordinatewise, and a tensor-aware rule gets
+        the whole tensor as one chunk), writing the new per-coordinate state into ``state`` in
+        place (cast to its storage dtype) and returning the update."""
         coord = {
             k for k, v in state.items() if isinstance(v, Tensor) and rule.coord_dim(k) is not None
         }
         update = torch.empty_like(flat)
         shared: dict[str, Any] = {}
         n = flat.numel()
-        for start in range(0, n, self.chunk_size):
-            end = min(n, start + self.chunk_size)
+        chunk = chunk or self.chunk_size
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
             sub = {}
             for k, v in state.items():
                 if k in coord:

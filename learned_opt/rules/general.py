@@ -20,9 +20,10 @@ meta-trained on short unrolls cannot learn to do by itself:
 - **per-tensor step-size adaptation** (``lr_adapt``; the multiplicative hypergradient rule of
   Baydin et al., 2018, and the learned learning-rate state of the hierarchical RNN optimizer):
   each parameter tensor keeps a log step size that grows while the new gradient keeps pointing
-  along the previous update and shrinks when it turns against it. Tuned Adam on a 1000-step run
-  can use a learning rate 1000x larger than at 100 steps; a fixed learned rule cannot follow it
-  without a state that integrates over the run.
+  along the previous update and shrinks when it turns against it. Tuned Adam's best learning
+  rate on the out-of-distribution benchmark's tasks spans 0.003 to 1; a rule meta-trained on
+  short unrolls does not learn to keep growing its steps without a state that integrates over
+  the run.
 
 Both are switches (``scale_invariant``, ``nominal``); with both off the rule is the paper's LSTM
 (log/sign inputs, ``output_scale`` times a linear read-out), in a pure-PyTorch implementation.
@@ -374,16 +375,8 @@ class GeneralLSTMRule(UpdateRule):
     def _adapted(
         self, grad: Tensor, update: Tensor, state: RuleState, new_state: RuleState
     ) -> Tensor:
-        """``update`` times the adapted step size; records the step size and direction."""
-        log_step = self._adapt(grad, update, state)
-        new_state["log_step"] = log_step
-        new_state["prev"] = update
-        if "tensor" in state:
-            new_state["tensor"] = state["tensor"]
-        return update * torch.exp(log_step)
-
-    def _adapt(self, grad: Tensor, update: Tensor, state: RuleState) -> Tensor:
-        """The new log step size: ``s + kappa * cos(-g, u_prev)`` per tensor, clipped."""
+        """``update`` times the adapted step size ``exp(s)``, with
+        ``s <- clip(s + kappa * cos(-g, u_prev))`` per tensor; records ``s`` and ``update``."""
         prev = state["prev"]
         ids = state.get("tensor")
         products = torch.stack((-grad * prev, grad * grad, prev * prev))
@@ -397,7 +390,12 @@ class GeneralLSTMRule(UpdateRule):
         # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan
         cos = dot / safe_sqrt(g2 * p2).clamp_min(1e-30)
         bound = self.lr_adapt_bound
-        return (state["log_step"] + self.lr_adapt * cos).clamp(-bound, bound)
+        log_step = (state["log_step"] + self.lr_adapt * cos).clamp(-bound, bound)
+        new_state["log_step"] = log_step
+        new_state["prev"] = update
+        if ids is not None:
+            new_state["tensor"] = ids
+        return update * torch.exp(log_step)
 
     def config(self) -> dict[str, Any]:
         return {
