@@ -1,4 +1,4 @@
-"""Choose the step-size adaptation's base learning rate and rate on ``val-ood``, not on the test tasks.
+"""Choose the step-size adaptation's base learning rate and rate on ``val-ood``, not the test tasks.
 
 The general rule with ``lr_adapt`` and a zero read-out is Adam with per-tensor hypergradient step
 sizes; its two numbers (base ``lr`` and ``kappa``) matter most at 100 steps. This script runs a
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for lr, kappa in grid:
                 rule = GeneralLSTMRule(hidden_size=1, lr=lr, lr_adapt=kappa)
-                r = run_optimizer(family, s, lambda p, _: LearnedOptimizer(p, rule), 1.0, n)
+                r = run_optimizer(family, s, lambda p, _, r=rule: LearnedOptimizer(p, r), 1.0, n)
                 loss = r.final_train_loss if math.isfinite(r.final_train_loss) else math.inf
                 mine[(lr, kappa)].append(loss / best)
             names.append(f"{k}:{r.task}@{n}")  # task k of the family (names repeat)

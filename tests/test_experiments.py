@@ -124,6 +124,25 @@ def test_general_variants_switch_off_the_adaptation_and_the_training(
                       "--out", str(out)) == 2
 
 
+def test_stable_adapt_writes_the_configuration_and_its_ablations(
+    tmp_path: Path, run_script
+) -> None:
+    out = tmp_path / "stable"
+    assert run_script("experiments/stable_adapt.py", "--out", str(out)) == 0
+    rules = {p.stem: load_rule(p) for p in sorted(out.glob("*.pt"))}
+    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-adapt"}
+    full, meta = rules["stable"]
+    assert meta["command"].startswith("python experiments/stable_adapt.py --out")
+    assert full.lr_adapt == 0.1 and full.grad_clip == 2.0 and full.lr_adapt_shrink == 3.0
+    assert torch.count_nonzero(full.out_weight) == 0  # untrained: a zero read-out
+    for name, key, off in (("no-warmup", "lr_adapt_warmup", 0.0), ("no-shrink", "lr_adapt_shrink",
+                           1.0), ("no-clip", "grad_clip", 0.0), ("no-adapt", "lr_adapt", 0.0)):
+        config = rules[name][0].config()
+        assert config[key] == off
+        assert {k: v for k, v in config.items() if k != key} == {
+            k: v for k, v in full.config().items() if k != key}, name
+
+
 def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
     args = ("--steps", "3", "--tasks", "1", "--lrs", "0.01,0.02", "--kappas", "0.1")
     assert run_script("experiments/select_adapt_valood.py", *args, "--out", str(tmp_path)) == 0

@@ -274,9 +274,15 @@ def test_second_order_meta_gradient_is_finite_where_gradients_are_zero(make) -> 
 
 
 # --------------------------------------------------------------------- per-tensor step sizes
-def _hd_adam_reference(params, grads_fn, steps, lr, kappa, bound, betas=(0.9, 0.999), eps=1e-8):
+def _hd_adam_reference(
+    params, grads_fn, steps, lr, kappa, bound, betas=(0.9, 0.999), eps=1e-8,
+    warmup=0.0, warmup_steps=20.0, shrink=1.0, margin=0.2, clip=0.0,
+):
     """Adam whose per-tensor step size follows the multiplicative hypergradient rule
-    ``s += kappa * cos(-g_t, d_{t-1})`` (written out here independently of the library)."""
+    ``s += kappa_t * c(cos(-g_t, d_{t-1}))`` with ``kappa_t = kappa (1 + warmup e^{-t/tau})``,
+    ``c`` counting cosines below ``-margin`` ``shrink`` times, and each tensor's gradient norm
+    clipped at ``sqrt(clip)`` times its running RMS (written out here independently of the
+    library, with Python floats per tensor)."""
     b1, b2 = betas
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -286,12 +292,20 @@ def _hd_adam_reference(params, grads_fn, steps, lr, kappa, bound, betas=(0.9, 0.
         grads = grads_fn(params)
         new = []
         for i, (p, g) in enumerate(zip(params, grads)):
+            if clip and t > 1:
+                ref = float(v[i].sum()) / (1 - b2 ** (t - 1))
+                n2 = float((g * g).sum())
+                if ref > 0 and n2 > clip * ref:
+                    g = g * math.sqrt(clip * ref / n2)
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
             d = -(m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
             norm = float(g.norm() * prev[i].norm())
             cos = float(-(g * prev[i]).sum()) / norm if norm > 0 else 0.0
-            s[i] = min(max(s[i] + kappa * cos, -bound), bound)
+            if cos < -margin:
+                cos = -margin + shrink * (cos + margin)
+            rate = kappa * (1 + warmup * math.exp(-t / warmup_steps))
+            s[i] = min(max(s[i] + rate * cos, -bound), bound)
             prev[i] = d
             new.append(p + lr * math.exp(s[i]) * d)
         params = new
@@ -325,6 +339,67 @@ def test_lr_adapt_starts_as_hypergradient_adam() -> None:
     assert max(abs(s) for s in s_ref) > 0.5  # the step sizes did move
 
 
+def test_warmup_shrink_and_grad_clip_match_the_reference() -> None:
+    """All three stabilizers on (adaptation warm-up, the faster shrink, gradient clipping), with
+    gradients whose scale jumps, so that the clipping and the shrink both act."""
+    torch.manual_seed(1)
+    init = [torch.randn(40, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
+    targets = [torch.randn_like(p) for p in init]
+    calls = [0]
+
+    def grads_fn(params):
+        calls[0] += 1
+        spike = 30.0 if calls[0] % 7 == 0 else 1.0  # a rare large gradient
+        return [spike * (2 * (p - y) * (1 + y.abs()) + 0.1 * torch.cos(p))
+                for p, y in zip(params, targets)]
+
+    options = dict(warmup=4.0, warmup_steps=10.0, shrink=3.0, margin=0.1, clip=2.0)
+    ref, s_ref = _hd_adam_reference(init, grads_fn, 40, lr=0.05, kappa=0.2, bound=2.0, **options)
+    _, s_plain = _hd_adam_reference(init, grads_fn, 40, lr=0.05, kappa=0.2, bound=2.0)
+    assert max(abs(a - b) for a, b in zip(s_ref, s_plain)) > 0.1  # the options change the run
+    calls[0] = 0
+    rule = GeneralLSTMRule(
+        hidden_size=4, lr=0.05, lr_adapt=0.2, lr_adapt_bound=2.0, lr_adapt_warmup=4.0,
+        lr_adapt_warmup_steps=10.0, lr_adapt_shrink=3.0, lr_adapt_margin=0.1, grad_clip=2.0,
+    ).double()
+    mine = [p.clone().requires_grad_(True) for p in init]
+    opt = LearnedOptimizer(mine, rule)
+    opt.chunk_size = 16
+    for _ in range(40):
+        for p, g in zip(mine, grads_fn([p.detach() for p in mine])):
+            p.grad = g
+        opt.step()
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-9)
+    for p, s in zip(mine, s_ref):
+        torch.testing.assert_close(opt.state[p]["log_step"], torch.full_like(p, s).reshape(-1))
+
+
+def test_grad_clip_bounds_a_rare_large_gradient_per_tensor() -> None:
+    rule = GeneralLSTMRule(hidden_size=2, lr=0.01, grad_clip=4.0).double().requires_grad_(False)
+    assert rule.tensor_aware
+    g = torch.tensor([1.0, -1.0, 0.5, 0.5], dtype=torch.float64)
+    state = rule.init_state(4, like=g, numels=[2, 2])
+    for _ in range(20):
+        quiet, state = rule(g, state)
+    spike = g * torch.tensor([100.0, 100.0, 1.0, 1.0], dtype=torch.float64)  # tensor 0 only
+    update, after = rule(spike, state)
+    # tensor 0's gradient enters the moments at norm 2 x its RMS (sqrt(4)); tensor 1 untouched
+    v_prev = state["v"] / (1 - 0.999**20)
+    seen0 = spike[:2] * torch.sqrt(4.0 * v_prev[:2].sum() / spike[:2].square().sum())
+    torch.testing.assert_close(after["v"][:2], 0.999 * state["v"][:2] + 0.001 * seen0**2)
+    torch.testing.assert_close(after["v"][2:], 0.999 * state["v"][2:] + 0.001 * g[2:] ** 2)
+    free = GeneralLSTMRule(hidden_size=2, lr=0.01).double().requires_grad_(False)
+    unclipped, _ = free(spike, {k: v for k, v in state.items() if k != "tensor"})
+    assert not torch.allclose(update[:2], unclipped[:2])
+    torch.testing.assert_close(update[2:], unclipped[2:])
+    # no history (the first step, or a tensor whose gradients were all zero): nothing clipped
+    fresh = rule.init_state(4, like=g, numels=[2, 2])
+    _, fresh = rule(torch.zeros(4, dtype=torch.float64), fresh)
+    _, fresh = rule(spike, fresh)
+    torch.testing.assert_close(fresh["v"], 0.001 * spike**2)
+
+
 def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1, lr_adapt_bound=0.35)
     rule = rule.double().requires_grad_(False)
@@ -342,12 +417,16 @@ def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     assert torch.all(flipped["log_step"] == flipped["log_step"][0])  # one value per tensor
 
 
+STABLE = {"lr_adapt_warmup": 5.0, "lr_adapt_shrink": 3.0, "grad_clip": 2.0}
+
+
+@pytest.mark.parametrize("extra", [{}, STABLE], ids=["plain", "stable"])
 @pytest.mark.parametrize("nominal", [True, False])
-def test_lr_adapt_flat_layout_matches_per_tensor(nominal: bool) -> None:
+def test_lr_adapt_flat_layout_matches_per_tensor(nominal: bool, extra: dict) -> None:
     """On the unroll's flat vector (``numels`` given) the rule gives each tensor the updates it
     gets alone, with a trained-looking (random) network; without ``numels`` it would not. (Without
     the nominal step the adapted step size multiplies the network's update.)"""
-    rule = _random_rule(lr_adapt=0.3, nominal=nominal).double()
+    rule = _random_rule(lr_adapt=0.3, nominal=nominal, **extra).double()
     gen = torch.Generator().manual_seed(0)
     sizes = [5, 1, 7]
     flat_state = rule.init_state(13, like=torch.zeros(1, dtype=torch.float64), numels=sizes)
@@ -370,10 +449,11 @@ def test_lr_adapt_flat_layout_matches_per_tensor(nominal: bool) -> None:
         rule.init_state(13, like=g, numels=[5, 7])
 
 
-def test_lr_adapt_unroll_passes_the_layout_and_matches_the_drop_in_optimizer() -> None:
+@pytest.mark.parametrize("extra", [{}, STABLE], ids=["plain", "stable"])
+def test_lr_adapt_unroll_passes_the_layout_and_matches_the_drop_in_optimizer(extra: dict) -> None:
     from learned_opt.tasks import RandomMLPFamily
 
-    rule = _random_rule(lr_adapt=0.2, lr=0.01)
+    rule = _random_rule(lr_adapt=0.2, lr=0.01, **extra)
     family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
     task = family.sample(torch.Generator().manual_seed(3))
     learner = OptimizerLearner(rule)
@@ -413,12 +493,22 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
     assert not GeneralLSTMRule().tensor_aware
     with pytest.raises(ValueError, match="lr_adapt"):
         GeneralLSTMRule(lr_adapt=-1.0)
+    for bad in ({"lr_adapt_warmup": -1.0}, {"lr_adapt_warmup_steps": 0.0},
+                {"lr_adapt_shrink": 0.5}, {"lr_adapt_margin": -0.1}, {"grad_clip": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GeneralLSTMRule(**bad)
+    with pytest.raises(ValueError, match="second moment"):
+        GeneralLSTMRule(grad_clip=2.0, scale_invariant=False, nominal=False)
+    stable = _random_rule(lr_adapt=0.1, lr_adapt_warmup=5.0, lr_adapt_shrink=3.0, grad_clip=2.0)
+    clone = rule_from_dict(rule_to_dict(stable), expected_kind="general-lstm")
+    assert clone.config() == stable.config() and clone.config()["grad_clip"] == 2.0
+    assert GeneralLSTMRule(grad_clip=2.0).tensor_aware
 
 
 def test_lr_adapt_meta_gradient_is_finite_when_a_tensor_gets_no_gradient() -> None:
     """A tensor whose gradient is all zero (a dead layer) has cos = 0; the meta-gradient through
     the norm product must be 0 there, not 0 * inf = nan."""
-    rule = _random_rule(lr_adapt=0.1)
+    rule = _random_rule(lr_adapt=0.1, lr_adapt_shrink=3.0, grad_clip=2.0)
     state = rule.init_state(6, like=torch.zeros(1), numels=[3, 3])
     total = torch.zeros(())
     for _ in range(3):

@@ -25,6 +25,13 @@ meta-trained on short unrolls cannot learn to do by itself:
   short unrolls does not learn to keep growing its steps without a state that integrates over
   the run.
 
+Three switches make the adaptation fast early and safe late (measured in the README, issue 4):
+a warm-up of the adaptation rate (``lr_adapt_warmup``: the step size finds its scale in the first
+tens of steps), a faster shrink on a clear overshoot (``lr_adapt_shrink``), and per-tensor
+clipping of gradients that are much larger than their running RMS (``grad_clip``; a rare large
+gradient after a quiet stretch otherwise moves Adam tens of steps' worth, which a grown step size
+turns into a blow-up).
+
 Both are switches (``scale_invariant``, ``nominal``); with both off the rule is the paper's LSTM
 (log/sign inputs, ``output_scale`` times a linear read-out), in a pure-PyTorch implementation.
 """
@@ -89,6 +96,21 @@ class GeneralLSTMRule(UpdateRule):
     diverge. (Without ``nominal``, :math:`u_t` is the network's update and
     :math:`\Delta_t = e^{s_t} u_t`.)
 
+    Two options shape the adaptation. ``lr_adapt_warmup`` :math:`= B` makes the rate
+    :math:`\kappa_t = \kappa (1 + B e^{-t/\tau})` (:math:`\tau` = ``lr_adapt_warmup_steps``):
+    fast while the step size is far from its scale, slow once it is there. ``lr_adapt_shrink``
+    :math:`= D` counts a cosine below :math:`-\mu` (``lr_adapt_margin``) :math:`D` times,
+    :math:`c \mapsto c + (D - 1)\min(0, c + \mu)`: a clear overshoot shrinks the step fast,
+    while minibatch noise (small cosines of either sign) does not bias it down.
+
+    With ``grad_clip`` :math:`= Q > 0` each tensor's gradient is first clipped to
+    :math:`\sqrt{Q}` times its running RMS norm,
+    :math:`g^P_t \leftarrow g^P_t \min\big(1, \sqrt{Q \sum_P \hat v_{t-1} / \sum_P g_t^2}\big)`
+    (from the second step on, and only where :math:`\sum_P \hat v_{t-1} > 0`), before anything
+    else reads it. After a quiet stretch :math:`\hat v` is small, and one rare large gradient
+    would otherwise move Adam's direction by up to :math:`(1-\beta_1)/\sqrt{1-\beta_2}
+    \approx 3` per coordinate for tens of steps.
+
     The multiplicative correction :math:`e^a` is bounded in :math:`[e^{-A}, e^{A}]` (``a_bound``;
     :math:`\tanh(r/A) A` has slope 1 at 0, so small read-outs act linearly) and the additive one is
     in the units of the normalized Adam step, so neither can make the update explode in a way Adam
@@ -122,6 +144,13 @@ class GeneralLSTMRule(UpdateRule):
             that update). The unroll passes the tensor layout (``init_state(..., numels=...)``);
             the drop-in optimizer applies the rule to each tensor whole.
         lr_adapt_bound: :math:`S`, the bound on the log step size :math:`|s_t|`.
+        lr_adapt_warmup: :math:`B`, the extra adaptation rate at the start (0: none).
+        lr_adapt_warmup_steps: :math:`\tau`, its decay time in steps.
+        lr_adapt_shrink: :math:`D \ge 1`, the weight of cosines below :math:`-\mu` (1: symmetric).
+        lr_adapt_margin: :math:`\mu \ge 0`.
+        grad_clip: :math:`Q`, per-tensor clipping of the gradient's norm at :math:`\sqrt{Q}`
+            times its running RMS (0: off; needs the second moment, so ``scale_invariant`` or
+            ``nominal``). Per tensor, like ``lr_adapt``.
     """
 
     kind = "general-lstm"
@@ -146,6 +175,11 @@ class GeneralLSTMRule(UpdateRule):
         forget_bias: float = 1.0,
         lr_adapt: float = 0.0,
         lr_adapt_bound: float = math.log(1000.0),
+        lr_adapt_warmup: float = 0.0,
+        lr_adapt_warmup_steps: float = 20.0,
+        lr_adapt_shrink: float = 1.0,
+        lr_adapt_margin: float = 0.2,
+        grad_clip: float = 0.0,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or num_layers < 1:
@@ -168,6 +202,18 @@ class GeneralLSTMRule(UpdateRule):
                 f"Invalid lr_adapt/lr_adapt_bound: {lr_adapt}/{lr_adapt_bound} "
                 "(must be >= 0 / > 0)"
             )
+        if lr_adapt_warmup < 0 or lr_adapt_warmup_steps <= 0 or lr_adapt_shrink < 1:
+            raise ValueError(
+                f"Invalid lr_adapt_warmup/lr_adapt_warmup_steps/lr_adapt_shrink: "
+                f"{lr_adapt_warmup}/{lr_adapt_warmup_steps}/{lr_adapt_shrink} "
+                "(must be >= 0 / > 0 / >= 1)"
+            )
+        if lr_adapt_margin < 0 or grad_clip < 0:
+            raise ValueError(
+                f"Invalid lr_adapt_margin/grad_clip: {lr_adapt_margin}/{grad_clip} (must be >= 0)"
+            )
+        if grad_clip > 0 and not (scale_invariant or nominal):
+            raise ValueError("grad_clip needs the second moment (scale_invariant or nominal)")
         self.hidden_size = int(hidden_size)
         self.num_layers = int(num_layers)
         self.scale_invariant = bool(scale_invariant)
@@ -185,6 +231,11 @@ class GeneralLSTMRule(UpdateRule):
         self.forget_bias = float(forget_bias)
         self.lr_adapt = float(lr_adapt)
         self.lr_adapt_bound = float(lr_adapt_bound)
+        self.lr_adapt_warmup = float(lr_adapt_warmup)
+        self.lr_adapt_warmup_steps = float(lr_adapt_warmup_steps)
+        self.lr_adapt_shrink = float(lr_adapt_shrink)
+        self.lr_adapt_margin = float(lr_adapt_margin)
+        self.grad_clip = float(grad_clip)
         # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
         # with a momentum input of the same beta).
         mom: list[float] = list(betas) if self.scale_invariant else []
@@ -245,7 +296,7 @@ class GeneralLSTMRule(UpdateRule):
 
     @property
     def tensor_aware(self) -> bool:
-        return self.lr_adapt > 0
+        return self.lr_adapt > 0 or self.grad_clip > 0
 
     def init_state(
         self, numel: int, *, like: Tensor, numels: Sequence[int] | None = None
@@ -254,21 +305,21 @@ class GeneralLSTMRule(UpdateRule):
         ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
 
         With ``lr_adapt``, also the log step size ``log_step`` and the previous update direction
-        ``prev`` (per coordinate), and, if ``numels`` (the sizes of the parameter tensors the
-        ``numel`` coordinates concatenate) is given, ``tensor`` (each coordinate's tensor index;
-        without it the coordinates are one tensor).
+        ``prev`` (per coordinate). With ``lr_adapt`` or ``grad_clip``, if ``numels`` (the sizes of
+        the parameter tensors the ``numel`` coordinates concatenate) is given, ``tensor`` (each
+        coordinate's tensor index; without it the coordinates are one tensor).
         """
         kw = dict(dtype=like.dtype, device=like.device)
         state: RuleState = {}
         if self.lr_adapt > 0:
             state["log_step"] = torch.zeros(numel, **kw)
             state["prev"] = torch.zeros(numel, **kw)
-            if numels is not None:
-                if sum(numels) != numel or any(n < 0 for n in numels):
-                    raise ValueError(f"numels {list(numels)} do not add up to {numel}")
-                sizes = torch.tensor(list(numels), device=like.device)
-                ids = torch.arange(len(numels), device=like.device)
-                state["tensor"] = ids.repeat_interleave(sizes, output_size=numel)
+        if self.tensor_aware and numels is not None:
+            if sum(numels) != numel or any(n < 0 for n in numels):
+                raise ValueError(f"numels {list(numels)} do not add up to {numel}")
+            sizes = torch.tensor(list(numels), device=like.device)
+            ids = torch.arange(len(numels), device=like.device)
+            state["tensor"] = ids.repeat_interleave(sizes, output_size=numel)
         if self._state_betas:
             for k in range(len(self._state_betas)):
                 state[f"m{k}"] = torch.zeros(numel, **kw)
@@ -336,6 +387,11 @@ class GeneralLSTMRule(UpdateRule):
         step = step_count(state, grad)
         t = float(step)
         new_state: RuleState = {"step": step}
+        ids = state.get("tensor")
+        if ids is not None:
+            new_state["tensor"] = ids
+        if self.grad_clip > 0 and t > 1:
+            grad = self._clipped(grad, state["v"] / (1 - self.beta2 ** (t - 1)), ids)
         moments: list[Tensor] = []  # bias-corrected momenta, by _state_betas
         denom = v_fast_hat = None
         raw_m: dict[float, Tensor] = {}
@@ -362,39 +418,56 @@ class GeneralLSTMRule(UpdateRule):
         if not self.nominal:
             update = out.squeeze(-1)
             if self.lr_adapt > 0:
-                update = self._adapted(grad, update, state, new_state)
+                update = self._adapted(grad, update, state, new_state, t)
             return update, new_state
         assert denom is not None
         direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
         a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
         update = direction * torch.exp(a)
         if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
-            update = self._adapted(grad, update, state, new_state)
+            update = self._adapted(grad, update, state, new_state, t)
         return torch.exp(self.log_lr) * (update + out[:, 1]), new_state
 
+    @staticmethod
+    def _tensor_sums(products: Tensor, ids: Tensor | None) -> Tensor:
+        """Sums of the rows of ``products`` (k, n) over each tensor's coordinates, broadcast back
+        to the coordinates ((k, n); (k, 1) when ``ids`` is None: one tensor)."""
+        if ids is None:
+            return products.sum(dim=1, keepdim=True)
+        n = int(ids[-1]) + 1 if ids.numel() else 0
+        return products.new_zeros(products.shape[0], n).index_add_(1, ids, products)[:, ids]
+
+    def _clipped(self, grad: Tensor, v_hat: Tensor, ids: Tensor | None) -> Tensor:
+        """``grad`` with each tensor's norm clipped at ``sqrt(grad_clip)`` times its running RMS
+        norm ``sqrt(sum v_hat)`` (unchanged where that is zero: no history yet)."""
+        g2, ref = self._tensor_sums(torch.stack((grad * grad, v_hat)), ids)
+        limit = self.grad_clip * ref
+        # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
+        factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
+        return grad * torch.where(ref > 0, factor, torch.ones_like(factor))
+
     def _adapted(
-        self, grad: Tensor, update: Tensor, state: RuleState, new_state: RuleState
+        self, grad: Tensor, update: Tensor, state: RuleState, new_state: RuleState, t: float
     ) -> Tensor:
         """``update`` times the adapted step size ``exp(s)``, with
-        ``s <- clip(s + kappa * cos(-g, u_prev))`` per tensor; records ``s`` and ``update``."""
+        ``s <- clip(s + kappa_t * c)`` per tensor, ``c`` the cosine of ``-g`` and the previous
+        update (shaped by ``lr_adapt_shrink``); records ``s`` and ``update``."""
         prev = state["prev"]
-        ids = state.get("tensor")
-        products = torch.stack((-grad * prev, grad * grad, prev * prev))
-        if ids is None:
-            dot, g2, p2 = products.sum(dim=1, keepdim=True)
-        else:
-            n = int(ids[-1]) + 1 if ids.numel() else 0
-            sums = products.new_zeros(3, n).index_add_(1, ids, products)
-            dot, g2, p2 = sums[:, ids]
+        dot, g2, p2 = self._tensor_sums(
+            torch.stack((-grad * prev, grad * grad, prev * prev)), state.get("tensor")
+        )
         # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
         # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan
         cos = dot / safe_sqrt(g2 * p2).clamp_min(1e-30)
+        if self.lr_adapt_shrink != 1.0:
+            cos = cos + (self.lr_adapt_shrink - 1.0) * (cos + self.lr_adapt_margin).clamp(max=0.0)
+        rate = self.lr_adapt * (
+            1.0 + self.lr_adapt_warmup * math.exp(-t / self.lr_adapt_warmup_steps)
+        )
         bound = self.lr_adapt_bound
-        log_step = (state["log_step"] + self.lr_adapt * cos).clamp(-bound, bound)
+        log_step = (state["log_step"] + rate * cos).clamp(-bound, bound)
         new_state["log_step"] = log_step
         new_state["prev"] = update
-        if ids is not None:
-            new_state["tensor"] = ids
         return update * torch.exp(log_step)
 
     def config(self) -> dict[str, Any]:
@@ -416,4 +489,9 @@ class GeneralLSTMRule(UpdateRule):
             "forget_bias": self.forget_bias,
             "lr_adapt": self.lr_adapt,
             "lr_adapt_bound": self.lr_adapt_bound,
+            "lr_adapt_warmup": self.lr_adapt_warmup,
+            "lr_adapt_warmup_steps": self.lr_adapt_warmup_steps,
+            "lr_adapt_shrink": self.lr_adapt_shrink,
+            "lr_adapt_margin": self.lr_adapt_margin,
+            "grad_clip": self.grad_clip,
         }
