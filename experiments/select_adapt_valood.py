@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kappas", default="0.05,0.1,0.15")
     parser.add_argument("--steps", default="100,1000")
     parser.add_argument("--tasks", type=int, default=8, help="val-ood tasks")
+    parser.add_argument("--rule-kwargs", default="{}", type=json.loads,
+                        help="other GeneralLSTMRule options for every grid point (JSON), e.g. the "
+                             "stabilizers of experiments/stable_adapt.py")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     family = make_family("val-ood")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 for lr in DEFAULT_LR_GRID
             )
             for lr, kappa in grid:
-                rule = GeneralLSTMRule(hidden_size=1, lr=lr, lr_adapt=kappa)
+                rule = GeneralLSTMRule(hidden_size=1, **{**args.rule_kwargs, "lr": lr,
+                                                          "lr_adapt": kappa})
                 r = run_optimizer(family, s, lambda p, _, r=rule: LearnedOptimizer(p, r), 1.0, n)
                 loss = r.final_train_loss if math.isfinite(r.final_train_loss) else math.inf
                 mine[(lr, kappa)].append(loss / best)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "grid.json").write_text(json.dumps(
         {"command": "python experiments/select_adapt_valood.py " + " ".join(sys.argv[1:]),
-         "rows": rows}, indent=2) + "\n")
+         "rule_kwargs": args.rule_kwargs, "rows": rows}, indent=2) + "\n")
     print("\n| lr | kappa | worst ratio | geometric mean |\n| ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['lr']:g} | {r['kappa']:g} | {r['worst']:.3f} | {r['gmean']:.3f} |")

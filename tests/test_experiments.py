@@ -151,3 +151,10 @@ def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
     assert [r["worst"] for r in rows] == sorted(r["worst"] for r in rows)
     assert all(list(r["ratios"]) == ["0:" + next(iter(r["ratios"]))[2:]] for r in rows)
     assert all(r["worst"] > 0 for r in rows)
+    # the same grid with other options of the rule (here: the gradient clipping)
+    out = tmp_path / "clip"
+    assert run_script("experiments/select_adapt_valood.py", *args, "--rule-kwargs",
+                      '{"grad_clip": 2.0}', "--out", str(out)) == 0
+    clipped = json.loads((out / "grid.json").read_text())
+    assert clipped["rule_kwargs"] == {"grad_clip": 2.0}
+    assert {r["lr"]: r["worst"] for r in clipped["rows"]} != {r["lr"]: r["worst"] for r in rows}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 4: the general rule with the stabilized step-size adaptation (experiments/stable_adapt.py:
+# base lr 0.01, kappa 0.1, adaptation warm-up 5 over 20 steps, shrink 3 below a cosine of -0.2,
+# gradient clipping at sqrt(2) x the running RMS), meta-trained from its initialization (a zero
+# read-out: exactly that hand-designed optimizer) with full-horizon backpropagation (K = T in
+# [50, 100]) on the training loss of diverse-rescaled, weights selected on val-ood at 200 steps;
+# then the out-of-distribution benchmark at 100 and 1,000 steps against the untrained rule.
+#
+#   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS]   (default 2400)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+budget=${1:-2400}
+out=runs/general/stable-trained
+mkdir -p "$out"
+kwargs='{"hidden_size": 32, "num_layers": 1, "lr": 0.01, "lr_adapt": 0.1, "lr_adapt_warmup": 5.0,
+ "lr_adapt_warmup_steps": 20.0, "lr_adapt_shrink": 3.0, "lr_adapt_margin": 0.2, "grad_clip": 2.0}'
+
+OMP_NUM_THREADS=1 .venv/bin/learned-opt meta-train --family diverse-rescaled --rule general-lstm \
+  --rule-kwargs "$kwargs" --horizon 100 --min-horizon 50 --truncation 100 \
+  --objective train --log-meta-loss --meta-lr 3e-4 --meta-batch 4 --clip-grad 1.0 \
+  --iterations 100000 --time-budget "$budget" --eval-every 10 --eval-tasks 12 \
+  --eval-family val-ood --eval-horizon 200 --checkpoint-every 5 --log-dir "$out/tb" \
+  --ckpt-dir "$out/ckpt" --export "$out/weights.pt" --resume --quiet > "$out.log" 2>&1
+
+.venv/bin/python experiments/stable_adapt.py --out "$out/untrained"
+weights=trained=$out/weights.pt,untrained=$out/untrained/stable.pt
+OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood.py --weights "$weights" --steps 100 --seeds 5 \
+  --tune-seeds 3 --out "$out/ood-100" &
+OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ood.py --weights "$weights" --steps 1000 --seeds 4 \
+  --tune-seeds 2 --out "$out/ood-1000" &
+wait
