@@ -158,3 +158,41 @@ def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
     clipped = json.loads((out / "grid.json").read_text())
     assert clipped["rule_kwargs"] == {"grad_clip": 2.0}
     assert {r["lr"]: r["worst"] for r in clipped["rows"]} != {r["lr"]: r["worst"] for r in rows}
+
+
+def test_adapt_variants_harness_matches_the_rule_and_runs(run_script, capsys) -> None:
+    """The exploration harness's optimizer computes what the general rule computes at a zero
+    read-out (with the stabilizers on), and both commands run."""
+    import runpy
+
+    from learned_opt import LearnedOptimizer
+    from learned_opt.rules import GeneralLSTMRule
+    from learned_opt.tasks import RandomMLPFamily
+
+    root = Path(__file__).resolve().parents[1]
+    harness = runpy.run_path(str(root / "experiments" / "adapt_variants.py"))
+    options = harness["parse_variant"]("warmup=5,shrink=3,clip=2,window=0")
+    assert options == {"warmup": 5.0, "shrink": 3.0, "clip": 2.0, "window": 0}
+    rule = GeneralLSTMRule(hidden_size=1, lr=0.01, lr_adapt=0.1, lr_adapt_warmup=5.0,
+                           lr_adapt_shrink=3.0, grad_clip=2.0).double()
+    family = RandomMLPFamily("digits", (16,), (1,), ("relu",), (16,))
+    runs = []
+    for factory in (lambda p: harness["AdaptiveAdam"](p, **options),
+                    lambda p: LearnedOptimizer(p, rule)):
+        task = family.sample(torch.Generator().manual_seed(0))
+        leaves = {k: v.double().requires_grad_(True)
+                  for k, v in task.init_params(torch.Generator().manual_seed(1)).items()}
+        opt = factory(list(leaves.values()))
+        for _ in range(30):
+            opt.zero_grad()
+            batch = task.train.sample()
+            batch = tuple(x.double() if x.is_floating_point() else x for x in batch)
+            task.loss(leaves, batch).backward()
+            opt.step()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in leaves.values()]))
+    # (the rule stores its base lr as a float32 log: 1e-7 relative)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-7)
+    assert run_script("experiments/adapt_variants.py", "seeds", "base", "clip=2", "--task",
+                      "breast-cancer-mlp-relu-2x64", "--steps", "3", "--seeds", "2") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("adam (lr 0.03): ") and "clip=2: " in out
