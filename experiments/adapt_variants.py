@@ -47,19 +47,22 @@ class AdaptiveAdam(torch.optim.Optimizer):
     RMS at most ``trust`` x the tensor's RMS; ``ams``: AMSGrad's running max of ``v``;
     ``window``/``window_rate``: also the cosine of the gradients summed over windows of that many
     steps with the previous window's steps; ``surprise``: ``s`` drops by ``log(ratio) / 2`` when
-    the gradient's squared norm exceeds ``surprise`` x its running mean.
+    the gradient's squared norm exceeds ``surprise`` x its running mean (after step
+    ``surprise_after``).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.01, kappa: float = 0.1,
                  bound: float = math.log(1000.0), warmup: float = 0.0, tau: float = 20.0,
                  shrink: float = 1.0, margin: float = 0.2, clip: float = 0.0, trust: float = 0.0,
                  ams: bool = False, window: int = 0, window_rate: float = 0.0,
-                 surprise: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 surprise: float = 0.0, surprise_after: int = 1,
+                 betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         super().__init__(params, dict(lr=lr, kappa=kappa, bound=bound, warmup=warmup, tau=tau,
                                       shrink=shrink, margin=margin, clip=clip, trust=trust,
                                       ams=ams, window=window, window_rate=window_rate,
-                                      surprise=surprise, betas=betas, eps=eps))
+                                      surprise=surprise,
+                                      surprise_after=surprise_after, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: C901 (one branch per option)
@@ -78,7 +81,7 @@ class AdaptiveAdam(torch.optim.Optimizer):
                 if t > 1 and (o["clip"] or o["surprise"]):
                     ref = float(st["v"].sum()) / (1 - b2 ** (t - 1))
                     n2 = float(g.pow(2).sum())
-                    if o["surprise"] and n2 > o["surprise"] * ref > 0:
+                    if o["surprise"] and t > o["surprise_after"] and n2 > o["surprise"] * ref > 0:
                         st["s"] = max(st["s"] - 0.5 * math.log(n2 / (o["surprise"] * ref)), -bound)
                     if o["clip"] and n2 > o["clip"] * ref > 0:
                         g = g * math.sqrt(o["clip"] * ref / n2)
@@ -124,7 +127,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, _, value = item.partition("=")
         low = value.lower()
         out[key] = low == "true" if low in ("true", "false") else (
-            int(value) if key == "window" else float(value))
+            int(value) if key in ("window", "surprise_after") else float(value))
     return out
 
 
