@@ -48,21 +48,24 @@ class AdaptiveAdam(torch.optim.Optimizer):
     ``window``/``window_rate``: also the cosine of the gradients summed over windows of that many
     steps with the previous window's steps; ``surprise``: ``s`` drops by ``log(ratio) / 2`` when
     the gradient's squared norm exceeds ``surprise`` x its running mean (after step
-    ``surprise_after``).
+    ``surprise_after``); ``slowdown``/``slowdown_rate``: positive ``c`` counts ``slowdown_rate``
+    times once the gradient norm (running RMS, beta 0.9) is below ``1/slowdown`` of its peak.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.01, kappa: float = 0.1,
                  bound: float = math.log(1000.0), warmup: float = 0.0, tau: float = 20.0,
                  shrink: float = 1.0, margin: float = 0.2, clip: float = 0.0, trust: float = 0.0,
                  ams: bool = False, window: int = 0, window_rate: float = 0.0,
-                 surprise: float = 0.0, surprise_after: int = 1,
+                 surprise: float = 0.0, surprise_after: int = 1, slowdown: float = 0.0,
+                 slowdown_rate: float = 0.3,
                  betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         super().__init__(params, dict(lr=lr, kappa=kappa, bound=bound, warmup=warmup, tau=tau,
                                       shrink=shrink, margin=margin, clip=clip, trust=trust,
                                       ams=ams, window=window, window_rate=window_rate,
                                       surprise=surprise,
-                                      surprise_after=surprise_after, betas=betas, eps=eps))
+                                      surprise_after=surprise_after, slowdown=slowdown,
+                                      slowdown_rate=slowdown_rate, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: C901 (one branch per option)
@@ -96,6 +99,12 @@ class AdaptiveAdam(torch.optim.Optimizer):
                 c = float(-(g * st["prev"]).sum()) / norm if norm > 0 else 0.0
                 if c < -o["margin"]:
                     c = -o["margin"] + o["shrink"] * (c + o["margin"])
+                if o["slowdown"]:
+                    st["fast"] = 0.9 * st.get("fast", 0.0) + 0.1 * float(g.pow(2).sum())
+                    norm = math.sqrt(st["fast"] / (1 - 0.9**t))
+                    st["peak"] = max(st.get("peak", 0.0), norm)
+                    if c > 0 and norm * o["slowdown"] < st["peak"]:
+                        c *= o["slowdown_rate"]
                 rate = o["kappa"] * (1 + o["warmup"] * math.exp(-t / o["tau"]))
                 st["s"] = min(max(st["s"] + rate * c, -bound), bound)
                 st["prev"] = d

@@ -3,11 +3,12 @@
 The general rule at a zero read-out is Adam with per-tensor hypergradient step sizes
 (``lr_adapt``). Three options make that adaptation fast early and safe late (README, issue 4):
 the adaptation-rate warm-up (``lr_adapt_warmup``), the faster shrink on a clear overshoot
-(``lr_adapt_shrink``) and per-tensor clipping of surprisingly large gradients (``grad_clip``).
+(``lr_adapt_shrink``), per-tensor clipping of surprisingly large gradients (``grad_clip``), and
+slower growth once the gradient norm has fallen far below its peak (``lr_adapt_slowdown``).
 This script writes, into ``--out``:
 
-- ``stable.pt``: all three on (the configuration the README's issue-4 tables measure);
-- ``no-warmup.pt``, ``no-shrink.pt``, ``no-clip.pt``: one of them off;
+- ``stable.pt``: all four on (the configuration the README's issue-4 tables measure);
+- ``no-warmup.pt``, ``no-shrink.pt``, ``no-clip.pt``, ``no-slowdown.pt``: one of them off;
 - ``no-adapt.pt``: the adaptation off (Adam at the base learning rate, with the clipping).
 
 Each is a freshly initialized rule (zero read-out), so its updates do not depend on the LSTM's
@@ -40,6 +41,8 @@ STABLE: dict[str, Any] = {
     "lr_adapt_shrink": 3.0,
     "lr_adapt_margin": 0.2,
     "grad_clip": 2.0,
+    "lr_adapt_slowdown": 30.0,
+    "lr_adapt_slowdown_rate": 0.3,
 }
 
 #: Ablations: name -> the options changed from :data:`STABLE`.
@@ -48,6 +51,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-warmup": {"lr_adapt_warmup": 0.0},
     "no-shrink": {"lr_adapt_shrink": 1.0},
     "no-clip": {"grad_clip": 0.0},
+    "no-slowdown": {"lr_adapt_slowdown": 0.0},
     "no-adapt": {"lr_adapt": 0.0},
 }
 

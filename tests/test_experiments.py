@@ -130,13 +130,14 @@ def test_stable_adapt_writes_the_configuration_and_its_ablations(
     out = tmp_path / "stable"
     assert run_script("experiments/stable_adapt.py", "--out", str(out)) == 0
     rules = {p.stem: load_rule(p) for p in sorted(out.glob("*.pt"))}
-    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-adapt"}
+    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-slowdown", "no-adapt"}
     full, meta = rules["stable"]
     assert meta["command"].startswith("python experiments/stable_adapt.py --out")
     assert full.lr_adapt == 0.1 and full.grad_clip == 2.0 and full.lr_adapt_shrink == 3.0
     assert torch.count_nonzero(full.out_weight) == 0  # untrained: a zero read-out
     for name, key, off in (("no-warmup", "lr_adapt_warmup", 0.0), ("no-shrink", "lr_adapt_shrink",
-                           1.0), ("no-clip", "grad_clip", 0.0), ("no-adapt", "lr_adapt", 0.0)):
+                           1.0), ("no-clip", "grad_clip", 0.0), ("no-adapt", "lr_adapt", 0.0),
+                          ("no-slowdown", "lr_adapt_slowdown", 0.0)):
         config = rules[name][0].config()
         assert config[key] == off
         assert {k: v for k, v in config.items() if k != key} == {
@@ -171,10 +172,10 @@ def test_adapt_variants_harness_matches_the_rule_and_runs(run_script, capsys) ->
 
     root = Path(__file__).resolve().parents[1]
     harness = runpy.run_path(str(root / "experiments" / "adapt_variants.py"))
-    options = harness["parse_variant"]("warmup=5,shrink=3,clip=2,window=0")
-    assert options == {"warmup": 5.0, "shrink": 3.0, "clip": 2.0, "window": 0}
+    options = harness["parse_variant"]("warmup=5,shrink=3,clip=2,slowdown=3,window=0")
+    assert options == {"warmup": 5.0, "shrink": 3.0, "clip": 2.0, "slowdown": 3.0, "window": 0}
     rule = GeneralLSTMRule(hidden_size=1, lr=0.01, lr_adapt=0.1, lr_adapt_warmup=5.0,
-                           lr_adapt_shrink=3.0, grad_clip=2.0).double()
+                           lr_adapt_shrink=3.0, grad_clip=2.0, lr_adapt_slowdown=3.0).double()
     family = RandomMLPFamily("digits", (16,), (1,), ("relu",), (16,))
     runs = []
     for factory in (lambda p: harness["AdaptiveAdam"](p, **options),

@@ -276,18 +276,22 @@ def test_second_order_meta_gradient_is_finite_where_gradients_are_zero(make) -> 
 # --------------------------------------------------------------------- per-tensor step sizes
 def _hd_adam_reference(
     params, grads_fn, steps, lr, kappa, bound, betas=(0.9, 0.999), eps=1e-8,
-    warmup=0.0, warmup_steps=20.0, shrink=1.0, margin=0.2, clip=0.0,
+    warmup=0.0, warmup_steps=20.0, shrink=1.0, margin=0.2, clip=0.0, slowdown=0.0,
+    slowdown_rate=0.3,
 ):
     """Adam whose per-tensor step size follows the multiplicative hypergradient rule
     ``s += kappa_t * c(cos(-g_t, d_{t-1}))`` with ``kappa_t = kappa (1 + warmup e^{-t/tau})``,
     ``c`` counting cosines below ``-margin`` ``shrink`` times, and each tensor's gradient norm
-    clipped at ``sqrt(clip)`` times its running RMS (written out here independently of the
-    library, with Python floats per tensor)."""
+    clipped at ``sqrt(clip)`` times its running RMS, and positive cosines counted
+    ``slowdown_rate`` times once the gradient norm fell below ``1/slowdown`` of its peak (written
+    out here independently of the library, with Python floats per tensor)."""
     b1, b2 = betas
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     prev = [torch.zeros_like(p) for p in params]
     s = [0.0 for _ in params]
+    fast = [0.0 for _ in params]
+    peak = [0.0 for _ in params]
     for t in range(1, steps + 1):
         grads = grads_fn(params)
         new = []
@@ -304,6 +308,12 @@ def _hd_adam_reference(
             cos = float(-(g * prev[i]).sum()) / norm if norm > 0 else 0.0
             if cos < -margin:
                 cos = -margin + shrink * (cos + margin)
+            if slowdown:
+                fast[i] = 0.9 * fast[i] + 0.1 * float((g * g).sum())
+                norm_t = math.sqrt(fast[i] / (1 - 0.9**t))
+                peak[i] = max(peak[i], norm_t)
+                if cos > 0 and norm_t * slowdown < peak[i]:
+                    cos *= slowdown_rate
             rate = kappa * (1 + warmup * math.exp(-t / warmup_steps))
             s[i] = min(max(s[i] + rate * cos, -bound), bound)
             prev[i] = d
@@ -353,14 +363,18 @@ def test_warmup_shrink_and_grad_clip_match_the_reference() -> None:
         return [spike * (2 * (p - y) * (1 + y.abs()) + 0.1 * torch.cos(p))
                 for p, y in zip(params, targets)]
 
-    options = dict(warmup=4.0, warmup_steps=10.0, shrink=3.0, margin=0.1, clip=2.0)
+    options = dict(warmup=4.0, warmup_steps=10.0, shrink=3.0, margin=0.1, clip=2.0,
+                   slowdown=3.0, slowdown_rate=0.25)
     ref, s_ref = _hd_adam_reference(init, grads_fn, 40, lr=0.05, kappa=0.2, bound=2.0, **options)
-    _, s_plain = _hd_adam_reference(init, grads_fn, 40, lr=0.05, kappa=0.2, bound=2.0)
-    assert max(abs(a - b) for a, b in zip(s_ref, s_plain)) > 0.1  # the options change the run
+    for off in ({}, {**options, "slowdown": 0.0}):  # the options (and the slowdown) matter
+        calls[0] = 0
+        _, s_off = _hd_adam_reference(init, grads_fn, 40, lr=0.05, kappa=0.2, bound=2.0, **off)
+        assert max(abs(a - b) for a, b in zip(s_ref, s_off)) > 0.05
     calls[0] = 0
     rule = GeneralLSTMRule(
         hidden_size=4, lr=0.05, lr_adapt=0.2, lr_adapt_bound=2.0, lr_adapt_warmup=4.0,
         lr_adapt_warmup_steps=10.0, lr_adapt_shrink=3.0, lr_adapt_margin=0.1, grad_clip=2.0,
+        lr_adapt_slowdown=3.0, lr_adapt_slowdown_rate=0.25,
     ).double()
     mine = [p.clone().requires_grad_(True) for p in init]
     opt = LearnedOptimizer(mine, rule)
@@ -417,7 +431,8 @@ def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     assert torch.all(flipped["log_step"] == flipped["log_step"][0])  # one value per tensor
 
 
-STABLE = {"lr_adapt_warmup": 5.0, "lr_adapt_shrink": 3.0, "grad_clip": 2.0}
+STABLE = {"lr_adapt_warmup": 5.0, "lr_adapt_shrink": 3.0, "grad_clip": 2.0,
+          "lr_adapt_slowdown": 2.0}
 
 
 @pytest.mark.parametrize("extra", [{}, STABLE], ids=["plain", "stable"])
@@ -494,7 +509,8 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
     with pytest.raises(ValueError, match="lr_adapt"):
         GeneralLSTMRule(lr_adapt=-1.0)
     for bad in ({"lr_adapt_warmup": -1.0}, {"lr_adapt_warmup_steps": 0.0},
-                {"lr_adapt_shrink": 0.5}, {"lr_adapt_margin": -0.1}, {"grad_clip": -1.0}):
+                {"lr_adapt_shrink": 0.5}, {"lr_adapt_margin": -0.1}, {"grad_clip": -1.0},
+                {"lr_adapt_slowdown": -1.0}, {"lr_adapt_slowdown_rate": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GeneralLSTMRule(**bad)
     with pytest.raises(ValueError, match="second moment"):
@@ -508,7 +524,7 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
 def test_lr_adapt_meta_gradient_is_finite_when_a_tensor_gets_no_gradient() -> None:
     """A tensor whose gradient is all zero (a dead layer) has cos = 0; the meta-gradient through
     the norm product must be 0 there, not 0 * inf = nan."""
-    rule = _random_rule(lr_adapt=0.1, lr_adapt_shrink=3.0, grad_clip=2.0)
+    rule = _random_rule(lr_adapt=0.1, lr_adapt_shrink=3.0, grad_clip=2.0, lr_adapt_slowdown=2.0)
     state = rule.init_state(6, like=torch.zeros(1), numels=[3, 3])
     total = torch.zeros(())
     for _ in range(3):

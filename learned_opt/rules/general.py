@@ -102,6 +102,11 @@ class GeneralLSTMRule(UpdateRule):
     :math:`= D` counts a cosine below :math:`-\mu` (``lr_adapt_margin``) :math:`D` times,
     :math:`c \mapsto c + (D - 1)\min(0, c + \mu)`: a clear overshoot shrinks the step fast,
     while minibatch noise (small cosines of either sign) does not bias it down.
+    ``lr_adapt_slowdown`` :math:`= R > 0` counts positive cosines only ``lr_adapt_slowdown_rate``
+    times once the tensor's gradient norm (a fast running RMS, :math:`\beta = 0.9`) has fallen
+    below :math:`1/R` of its peak: near an interpolating minimum the gradient keeps pointing one
+    way while the loss is already tiny, and a step size that keeps growing there eventually
+    kicks the model out (a GRU's gradients explode).
 
     With ``grad_clip`` :math:`= Q > 0` each tensor's gradient is first clipped to
     :math:`\sqrt{Q}` times its running RMS norm,
@@ -148,6 +153,9 @@ class GeneralLSTMRule(UpdateRule):
         lr_adapt_warmup_steps: :math:`\tau`, its decay time in steps.
         lr_adapt_shrink: :math:`D \ge 1`, the weight of cosines below :math:`-\mu` (1: symmetric).
         lr_adapt_margin: :math:`\mu \ge 0`.
+        lr_adapt_slowdown: :math:`R`, the fall of the gradient norm from its peak after which the
+            step size grows more slowly (0: off).
+        lr_adapt_slowdown_rate: the factor on positive cosines after that fall.
         grad_clip: :math:`Q`, per-tensor clipping of the gradient's norm at :math:`\sqrt{Q}`
             times its running RMS (0: off; needs the second moment, so ``scale_invariant`` or
             ``nominal``). Per tensor, like ``lr_adapt``.
@@ -180,6 +188,8 @@ class GeneralLSTMRule(UpdateRule):
         lr_adapt_shrink: float = 1.0,
         lr_adapt_margin: float = 0.2,
         grad_clip: float = 0.0,
+        lr_adapt_slowdown: float = 0.0,
+        lr_adapt_slowdown_rate: float = 0.3,
     ) -> None:
         super().__init__()
         if hidden_size < 1 or num_layers < 1:
@@ -212,6 +222,11 @@ class GeneralLSTMRule(UpdateRule):
             raise ValueError(
                 f"Invalid lr_adapt_margin/grad_clip: {lr_adapt_margin}/{grad_clip} (must be >= 0)"
             )
+        if lr_adapt_slowdown < 0 or not 0 <= lr_adapt_slowdown_rate <= 1:
+            raise ValueError(
+                f"Invalid lr_adapt_slowdown/lr_adapt_slowdown_rate: {lr_adapt_slowdown}/"
+                f"{lr_adapt_slowdown_rate} (must be >= 0 / in [0, 1])"
+            )
         if grad_clip > 0 and not (scale_invariant or nominal):
             raise ValueError("grad_clip needs the second moment (scale_invariant or nominal)")
         self.hidden_size = int(hidden_size)
@@ -236,6 +251,8 @@ class GeneralLSTMRule(UpdateRule):
         self.lr_adapt_shrink = float(lr_adapt_shrink)
         self.lr_adapt_margin = float(lr_adapt_margin)
         self.grad_clip = float(grad_clip)
+        self.lr_adapt_slowdown = float(lr_adapt_slowdown)
+        self.lr_adapt_slowdown_rate = float(lr_adapt_slowdown_rate)
         # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
         # with a momentum input of the same beta).
         mom: list[float] = list(betas) if self.scale_invariant else []
@@ -314,6 +331,9 @@ class GeneralLSTMRule(UpdateRule):
         if self.lr_adapt > 0:
             state["log_step"] = torch.zeros(numel, **kw)
             state["prev"] = torch.zeros(numel, **kw)
+            if self.lr_adapt_slowdown > 0:
+                state["grad_fast"] = torch.zeros(numel, **kw)
+                state["grad_peak"] = torch.zeros(numel, **kw)
         if self.tensor_aware and numels is not None:
             if sum(numels) != numel or any(n < 0 for n in numels):
                 raise ValueError(f"numels {list(numels)} do not add up to {numel}")
@@ -461,6 +481,14 @@ class GeneralLSTMRule(UpdateRule):
         cos = dot / safe_sqrt(g2 * p2).clamp_min(1e-30)
         if self.lr_adapt_shrink != 1.0:
             cos = cos + (self.lr_adapt_shrink - 1.0) * (cos + self.lr_adapt_margin).clamp(max=0.0)
+        if self.lr_adapt_slowdown > 0:
+            fast = state["grad_fast"] * 0.9 + 0.1 * g2
+            norm = safe_sqrt(fast / (1 - 0.9**t))
+            peak = torch.maximum(state["grad_peak"], norm)
+            new_state["grad_fast"] = fast
+            new_state["grad_peak"] = peak
+            slow = (cos > 0) & (norm * self.lr_adapt_slowdown < peak)
+            cos = torch.where(slow, cos * self.lr_adapt_slowdown_rate, cos)
         rate = self.lr_adapt * (
             1.0 + self.lr_adapt_warmup * math.exp(-t / self.lr_adapt_warmup_steps)
         )
@@ -494,4 +522,6 @@ class GeneralLSTMRule(UpdateRule):
             "lr_adapt_shrink": self.lr_adapt_shrink,
             "lr_adapt_margin": self.lr_adapt_margin,
             "grad_clip": self.grad_clip,
+            "lr_adapt_slowdown": self.lr_adapt_slowdown,
+            "lr_adapt_slowdown_rate": self.lr_adapt_slowdown_rate,
         }
