@@ -235,6 +235,7 @@ def run(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     rules = {label: load_learned(path) for label, path in weights.items()}
+    commit = git_commit()  # the code that runs (the tree may change during a long run)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, rows = evaluate_ood(
@@ -263,7 +264,7 @@ def run(argv: list[str] | None = None) -> int:
     header = (
         f"# {', '.join(weights)} out of distribution vs tuned Adam\n\n"
         f"Command: `python benchmarks/ood.py {command}`  \n"
-        f"Commit: {git_commit()}; torch {torch.__version__}; {platform.machine()}, "
+        f"Commit: {commit}; torch {torch.__version__}; {platform.machine()}, "
         f"{torch.get_num_threads()} threads; {args.seeds} evaluation seeds, Adam's lr tuned on "
         f"{args.tune_seeds} other seeds over {lrs}; holdout {args.holdout!r}\n\n"
         "Ratios are mean final losses of the learned optimizer over tuned Adam's; below 1 "

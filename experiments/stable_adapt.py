@@ -1,7 +1,7 @@
 """Write the stabilized step-size adaptation and its ablations as weights files (no training).
 
 The general rule at a zero read-out is Adam with per-tensor hypergradient step sizes
-(``lr_adapt``). Three options make that adaptation fast early and safe late (README, issue 4):
+(``lr_adapt``). Four options make that adaptation fast early and safe late (README, issue 4):
 the adaptation-rate warm-up (``lr_adapt_warmup``), the faster shrink on a clear overshoot
 (``lr_adapt_shrink``), per-tensor clipping of surprisingly large gradients (``grad_clip``), and
 slower growth once the gradient norm has fallen far below its peak (``lr_adapt_slowdown``).

@@ -25,12 +25,14 @@ meta-trained on short unrolls cannot learn to do by itself:
   short unrolls does not learn to keep growing its steps without a state that integrates over
   the run.
 
-Three switches make the adaptation fast early and safe late (measured in the README, issue 4):
+Four switches make the adaptation fast early and safe late (measured in the README, issue 4):
 a warm-up of the adaptation rate (``lr_adapt_warmup``: the step size finds its scale in the first
-tens of steps), a faster shrink on a clear overshoot (``lr_adapt_shrink``), and per-tensor
-clipping of gradients that are much larger than their running RMS (``grad_clip``; a rare large
-gradient after a quiet stretch otherwise moves Adam tens of steps' worth, which a grown step size
-turns into a blow-up).
+tens of steps), a faster shrink on a clear overshoot (``lr_adapt_shrink``), per-tensor clipping
+of gradients that are much larger than their running RMS (``grad_clip``; a rare large gradient
+after a quiet stretch otherwise moves Adam tens of steps' worth, which a grown step size turns
+into a blow-up), and slower growth once a tensor's gradient norm has fallen far below its peak
+(``lr_adapt_slowdown``; near an interpolating minimum the gradient keeps one direction while the
+loss is already tiny).
 
 Both are switches (``scale_invariant``, ``nominal``); with both off the rule is the paper's LSTM
 (log/sign inputs, ``output_scale`` times a linear read-out), in a pure-PyTorch implementation.
