@@ -12,8 +12,11 @@ cd "$(dirname "$0")/.."
 budget=${1:-2400}
 out=runs/general/stable-trained
 mkdir -p "$out"
-kwargs='{"hidden_size": 32, "num_layers": 1, "lr": 0.01, "lr_adapt": 0.1, "lr_adapt_warmup": 5.0,
- "lr_adapt_warmup_steps": 20.0, "lr_adapt_shrink": 3.0, "lr_adapt_margin": 0.2, "grad_clip": 2.0}'
+# experiments/stable_adapt.py's configuration, without the slowdown (the run of 2026-11-30 was made
+# before the slowdown existed; drop the override to meta-train the current configuration)
+kwargs=$(.venv/bin/python -c 'import json, runpy
+stable = runpy.run_path("experiments/stable_adapt.py")["STABLE"]
+print(json.dumps({"hidden_size": 32, "num_layers": 1, **stable, "lr_adapt_slowdown": 0.0}))')
 
 OMP_NUM_THREADS=1 .venv/bin/learned-opt meta-train --family diverse-rescaled --rule general-lstm \
   --rule-kwargs "$kwargs" --horizon 100 --min-horizon 50 --truncation 100 \

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             for lr, kappa in grid:
                 rule = GeneralLSTMRule(hidden_size=1, **{**args.rule_kwargs, "lr": lr,
                                                           "lr_adapt": kappa})
-                r = run_optimizer(family, s, lambda p, _, r=rule: LearnedOptimizer(p, r), 1.0, n)
+                factory = lambda p, _, rule=rule: LearnedOptimizer(p, rule)  # noqa: E731
+                r = run_optimizer(family, s, factory, 1.0, n)
                 loss = r.final_train_loss if math.isfinite(r.final_train_loss) else math.inf
                 mine[(lr, kappa)].append(loss / best)
             names.append(f"{k}:{r.task}@{n}")  # task k of the family (names repeat)

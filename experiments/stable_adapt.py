@@ -58,13 +58,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 def write(out: Path, hidden_size: int = 1, command: str = "") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
     paths = {}
     for name, change in ABLATIONS.items():
         rule = GeneralLSTMRule(hidden_size=hidden_size, **{**STABLE, **change})
         paths[name] = out / f"{name}.pt"
         save_rule(paths[name], rule, {
             "command": command,
-            "commit": git_commit(),
+            "commit": commit,
             "note": f"untrained general rule (zero read-out): the stabilized step-size "
                     f"adaptation, {name}" + (f" ({change})" if change else ""),
         })

@@ -98,7 +98,7 @@ class GeneralLSTMRule(UpdateRule):
     diverge. (Without ``nominal``, :math:`u_t` is the network's update and
     :math:`\Delta_t = e^{s_t} u_t`.)
 
-    Two options shape the adaptation. ``lr_adapt_warmup`` :math:`= B` makes the rate
+    Three options shape the adaptation. ``lr_adapt_warmup`` :math:`= B` makes the rate
     :math:`\kappa_t = \kappa (1 + B e^{-t/\tau})` (:math:`\tau` = ``lr_adapt_warmup_steps``):
     fast while the step size is far from its scale, slow once it is there. ``lr_adapt_shrink``
     :math:`= D` counts a cosine below :math:`-\mu` (``lr_adapt_margin``) :math:`D` times,
