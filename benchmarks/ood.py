@@ -83,6 +83,18 @@ def _mean(records: list[dict[str, Any]], name: str, metric: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def seeds_won(records: list[dict[str, Any]], name: str, metric: str = "final_train_loss") -> int:
+    """On how many task seeds the run named ``name`` ends below Adam's run on the same seed (a
+    non-finite loss never wins). Unlike the ratio of means, one blow-up costs one seed."""
+    adam = {r["seed"]: r[metric] for r in records if r["optimizer"] == "adam"}
+    return sum(
+        1
+        for r in records
+        if r["optimizer"] == name and r["seed"] in adam and math.isfinite(r[metric])
+        and r[metric] < adam[r["seed"]]
+    )
+
+
 def parse_weights(text: str) -> dict[str, str]:
     """``"a.pt,name=b.pt"`` -> ``{"a": "a.pt", "name": "b.pt"}`` (labels default to the stem)."""
     out: dict[str, str] = {}
@@ -159,6 +171,10 @@ def evaluate_ood(
                 row[f"ratio_{key}"] = {
                     label: v / row[f"adam_{key}"] for label, v in row[f"learned_{key}"].items()
                 }
+                row[f"won_{key}"] = {
+                    label: seeds_won(these, f"learned:{label}", metric) for label in rules
+                }
+            row["seeds"] = len(evals)
             rows.append(row)
             ratios = ", ".join(f"{k} {v:.3f}" for k, v in row["ratio_train"].items())
             log(
@@ -194,6 +210,23 @@ def summary_table(rows: list[dict[str, Any]], key: str = "train") -> str:
     lines.append(f"| **geometric mean, all** | | | | {geo(rows)} |")
     worst = " | ".join(f"{max(r[f'ratio_{key}'][k] for r in rows):.3f}" for k in labels)
     lines.append(f"| worst task | | | | {worst} |")
+    return "\n".join(lines)
+
+
+def seeds_won_table(rows: list[dict[str, Any]], key: str = "train") -> str:
+    """Markdown: per task and horizon, on how many evaluation seeds each weights' final loss is
+    below tuned Adam's on the same seed (``won/seeds``), then the totals."""
+    labels = list(rows[0][f"won_{key}"]) if rows else []
+    lines = [
+        "| task | steps | " + " | ".join(labels) + " |",
+        "| --- | ---: |" + " ---: |" * len(labels),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[f'won_{key}'][k]}/{r['seeds']}" for k in labels)
+        lines.append(f"| {r['task']} | {r['steps']} | {cells} |")
+    total = sum(r["seeds"] for r in rows)
+    cells = " | ".join(f"**{sum(r[f'won_{key}'][k] for r in rows)}/{total}**" for k in labels)
+    lines.append(f"| **all** | | {cells} |")
     return "\n".join(lines)
 
 
@@ -276,6 +309,8 @@ def run(argv: list[str] | None = None) -> int:
         header
         + "## Final training loss (whole training set)\n\n"
         + summary
+        + "\n\n## Seeds won (final training loss below tuned Adam's on the same task seed)\n\n"
+        + seeds_won_table(rows, "train")
         + "\n\n## Final held-out loss\n\n"
         + held_out
         + "\n\n## Per task (final train loss over seeds)\n\n"

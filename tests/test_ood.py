@@ -55,3 +55,25 @@ def test_ood_compares_several_weights_against_one_tuned_adam(tmp_path: Path, run
     assert ood["parse_weights"]("a.pt, b=c.pt") == {"a": "a.pt", "b": "c.pt"}
     with pytest.raises(ValueError, match="Duplicate"):
         ood["parse_weights"]("x=a.pt,x=b.pt")
+
+
+def test_seeds_won_pairs_runs_by_task_seed(tmp_path: Path, run_script) -> None:
+    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
+    records = [
+        {"optimizer": "adam", "seed": 1, "final_train_loss": 0.5},
+        {"optimizer": "adam", "seed": 2, "final_train_loss": 0.1},
+        {"optimizer": "adam", "seed": 3, "final_train_loss": 0.2},
+        {"optimizer": "learned:a", "seed": 1, "final_train_loss": 0.4},  # won
+        {"optimizer": "learned:a", "seed": 2, "final_train_loss": 0.2},  # lost (paired, not mean)
+        {"optimizer": "learned:a", "seed": 3, "final_train_loss": float("nan")},  # diverged
+        {"optimizer": "learned:b", "seed": 2, "final_train_loss": 0.05},  # won
+    ]
+    assert ood["seeds_won"](records, "learned:a") == 1
+    assert ood["seeds_won"](records, "learned:b") == 1
+    assert ood["seeds_won"](records, "learned:c") == 0
+    argv = ["--smoke", "--weights", "mine=paper-mnist", "--tasks", "wine-mlp-tanh-32"]
+    assert run_script("benchmarks/ood.py", *argv, "--out", str(tmp_path)) == 0
+    table = (tmp_path / "table.md").read_text()
+    section = table.split("## Seeds won")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| wine")]
+    assert len(rows) == 2 and all(line.endswith("/1 |") for line in rows)  # one seed, 2 horizons
