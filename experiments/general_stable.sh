@@ -7,9 +7,10 @@
 # diverse-rescaled, weights selected on val-ood at 200 steps; then the out-of-distribution
 # benchmark at 100 and 1,000 steps against the untrained rule.
 #
-#   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT]]]
+#   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE]]]]
 #
-# Defaults: 2400 s, meta-lr 3e-3, runs/general/stable-trained. The read-out starts at zero and is
+# Defaults: 2400 s, meta-lr 3e-3, runs/general/stable-trained, objective train (or test: the
+# held-out loss). The read-out starts at zero and is
 # scaled by 0.1, so a meta-lr of 3e-4 cannot move the update by more than a few percent in the
 # first hundred iterations (the first run, 2026-11-30, without the slowdown: flat for 40).
 set -euo pipefail
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 budget=${1:-2400}
 meta_lr=${2:-3e-3}
 out=${3:-runs/general/stable-trained}
+objective=${4:-train}
 mkdir -p "$out"
 # experiments/stable_adapt.py's configuration
 kwargs=$(.venv/bin/python -c 'import json, runpy
@@ -25,7 +27,7 @@ print(json.dumps({"hidden_size": 32, "num_layers": 1, **stable}))')
 
 OMP_NUM_THREADS=1 .venv/bin/learned-opt meta-train --family diverse-rescaled --rule general-lstm \
   --rule-kwargs "$kwargs" --horizon 100 --min-horizon 50 --truncation 100 \
-  --objective train --log-meta-loss --meta-lr "$meta_lr" --meta-batch 4 --clip-grad 1.0 \
+  --objective "$objective" --log-meta-loss --meta-lr "$meta_lr" --meta-batch 4 --clip-grad 1.0 \
   --iterations 100000 --time-budget "$budget" --eval-every 10 --eval-tasks 12 \
   --eval-family val-ood --eval-horizon 200 --checkpoint-every 5 --log-dir "$out/tb" \
   --ckpt-dir "$out/ckpt" --export "$out/weights.pt" --resume --quiet > "$out.log" 2>&1
