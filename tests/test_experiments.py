@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from learned_opt import pretrained
@@ -159,6 +160,31 @@ def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
     clipped = json.loads((out / "grid.json").read_text())
     assert clipped["rule_kwargs"] == {"grad_clip": 2.0}
     assert {r["lr"]: r["worst"] for r in clipped["rows"]} != {r["lr"]: r["worst"] for r in rows}
+
+
+def test_valood_weights_agrees_with_the_grid_check(tmp_path: Path, run_script) -> None:
+    """experiments/valood_weights.py on a weights file gives the ratio that
+    select_adapt_valood.py gives for the same configuration (same tasks, same tuned Adam)."""
+    from learned_opt import save_rule
+    from learned_opt.rules import GeneralLSTMRule
+
+    kwargs = {"lr_adapt_warmup": 5.0, "grad_clip": 2.0}
+    save_rule(tmp_path / "w.pt", GeneralLSTMRule(hidden_size=1, lr=0.02, lr_adapt=0.1, **kwargs))
+    common = ("--steps", "3,5", "--tasks", "2")  # Adam: the default grid in both
+    assert run_script("experiments/select_adapt_valood.py", *common, "--lrs", "0.01,0.02",
+                      "--kappas", "0.1", "--rule-kwargs", json.dumps(kwargs), "--out",
+                      str(tmp_path / "grid")) == 0
+    assert run_script("experiments/valood_weights.py", "--weights",
+                      f"a={tmp_path / 'w.pt'},b={tmp_path / 'w.pt'}", *common, "--out",
+                      str(tmp_path / "w")) == 0
+    grid = json.loads((tmp_path / "grid" / "grid.json").read_text())["rows"]
+    want = next(r for r in grid if r["lr"] == 0.02)["ratios"]
+    got = json.loads((tmp_path / "w" / "results.json").read_text())["rows"]
+    assert [r["steps"] for r in got] == [3, 3, 5, 5]
+    assert [r["ratio"]["a"] for r in got] == pytest.approx(list(want.values()))
+    assert all(r["ratio"]["a"] == r["ratio"]["b"] for r in got)
+    table = (tmp_path / "w" / "table.md").read_text()
+    assert "| **tasks won** | 3 |" in table and "| **geometric mean** | 5 |" in table
 
 
 def test_adapt_variants_harness_matches_the_rule_and_runs(run_script, capsys) -> None:
