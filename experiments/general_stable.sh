@@ -7,10 +7,10 @@
 # diverse-rescaled, weights selected on val-ood at 200 steps; then the out-of-distribution
 # benchmark at 100 and 1,000 steps against the untrained rule.
 #
-#   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE]]]]
+#   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE [KWARGS]]]]]
 #
 # Defaults: 2400 s, meta-lr 3e-3, runs/general/stable-trained, objective train (or test: the
-# held-out loss). The read-out starts at zero and is
+# held-out loss), KWARGS: more rule options as JSON (e.g. '{"additive": false}'). The read-out starts at zero and is
 # scaled by 0.1, so a meta-lr of 3e-4 cannot move the update by more than a few percent in the
 # first hundred iterations (the first run, 2026-11-30, without the slowdown: flat for 40).
 set -euo pipefail
@@ -19,11 +19,12 @@ budget=${1:-2400}
 meta_lr=${2:-3e-3}
 out=${3:-runs/general/stable-trained}
 objective=${4:-train}
+extra=${5:-\{\}}
 mkdir -p "$out"
 # experiments/stable_adapt.py's configuration
-kwargs=$(.venv/bin/python -c 'import json, runpy
+kwargs=$(.venv/bin/python -c 'import json, runpy, sys
 stable = runpy.run_path("experiments/stable_adapt.py")["STABLE"]
-print(json.dumps({"hidden_size": 32, "num_layers": 1, **stable}))')
+print(json.dumps({"hidden_size": 32, "num_layers": 1, **stable, **json.loads(sys.argv[1])}))' "$extra")
 
 OMP_NUM_THREADS=1 .venv/bin/learned-opt meta-train --family diverse-rescaled --rule general-lstm \
   --rule-kwargs "$kwargs" --horizon 100 --min-horizon 50 --truncation 100 \

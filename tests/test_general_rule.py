@@ -24,6 +24,7 @@ OPTIONS = {
     "plain": {"scale_invariant": False, "nominal": False},
     "2-layers-no-log": {"num_layers": 2, "hidden_size": 8, "log_features": False},
     "fixed-lr": {"learn_lr": False, "momentum_betas": [0.9, 0.999]},
+    "no-additive": {"additive": False},
 }
 
 
@@ -534,3 +535,28 @@ def test_lr_adapt_meta_gradient_is_finite_when_a_tensor_gets_no_gradient() -> No
     grads = torch.autograd.grad(total, list(rule.parameters()))
     for (name, _), g in zip(rule.named_parameters(), grads):
         assert torch.isfinite(g).all(), name
+
+
+def test_without_the_additive_term_the_read_out_only_rescales_adam() -> None:
+    """``additive=False``: one read-out column (the log-scale correction), and the update equals
+    that of the two-column rule whose additive column is zero; weights saved before the option
+    existed (no ``additive`` in their config) load as additive."""
+    full = _random_rule(lr_adapt=0.1, lr_adapt_warmup=5.0, grad_clip=2.0)
+    scale_only = GeneralLSTMRule(**{**full.config(), "additive": False})
+    assert scale_only.out_weight.shape == (8, 1) and scale_only.out_bias.shape == (1,)
+    with torch.no_grad():
+        for name, p in scale_only.named_parameters():
+            src = getattr(full, name)
+            p.copy_(src[..., :1] if name.startswith("out_") else src)
+        full.out_weight[:, 1] = 0.0
+        full.out_bias[1] = 0.0
+    g = torch.Generator().manual_seed(3)
+    s_full = full.init_state(6, like=torch.zeros(1), numels=[4, 2])
+    s_one = scale_only.init_state(6, like=torch.zeros(1), numels=[4, 2])
+    for _ in range(5):
+        grad = torch.randn(6, generator=g)
+        u_full, s_full = full(grad, s_full)
+        u_one, s_one = scale_only(grad, s_one)
+        torch.testing.assert_close(u_one, u_full)
+    legacy = {k: v for k, v in full.config().items() if k != "additive"}
+    assert build_rule("general-lstm", legacy).additive

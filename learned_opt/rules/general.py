@@ -140,6 +140,12 @@ class GeneralLSTMRule(UpdateRule):
         beta2: decay of the second moment :math:`v`.
         eps: :math:`\epsilon` of the normalization (Adam's).
         log_features: add the two log-magnitude ratio inputs (with ``scale_invariant``).
+        additive: with ``nominal``, read out the additive correction :math:`r_b` too (else the
+            read-out is :math:`r_a` alone and :math:`r_b = 0`: the learned part only rescales the
+            Adam direction per coordinate, within :math:`[e^{-A}, e^{A}]`). The additive term is
+            a per-coordinate drift of the base rate's size that neither the normalization nor
+            the step-size adaptation controls; meta-trained on 100-step unrolls it made 1,000-step
+            runs diverge (README, issue 4).
         lr: initial base learning rate :math:`\eta` of the nominal step.
         learn_lr: meta-learn :math:`\log\eta` (else it stays at ``log(lr)``).
         a_bound: :math:`A`, the bound on the log-scale correction.
@@ -177,6 +183,7 @@ class GeneralLSTMRule(UpdateRule):
         beta2: float = 0.999,
         eps: float = 1e-8,
         log_features: bool = True,
+        additive: bool = True,
         lr: float = 1e-3,
         learn_lr: bool = True,
         a_bound: float = 3.0,
@@ -240,6 +247,7 @@ class GeneralLSTMRule(UpdateRule):
         self.beta2 = float(beta2)
         self.eps = float(eps)
         self.log_features = bool(log_features)
+        self.additive = bool(additive)
         self.lr = float(lr)
         self.learn_lr = bool(learn_lr)
         self.a_bound = float(a_bound)
@@ -268,7 +276,7 @@ class GeneralLSTMRule(UpdateRule):
             self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(n_in, 4 * h)))
             self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(h, 4 * h)))
             self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(4 * h)))
-        n_out = 2 if self.nominal else 1
+        n_out = 2 if self.nominal and self.additive else 1
         self.out_weight = nn.Parameter(torch.empty(h, n_out))
         self.out_bias = nn.Parameter(torch.empty(n_out))
         if self.nominal:
@@ -448,7 +456,9 @@ class GeneralLSTMRule(UpdateRule):
         update = direction * torch.exp(a)
         if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
             update = self._adapted(grad, update, state, new_state, t)
-        return torch.exp(self.log_lr) * (update + out[:, 1]), new_state
+        if self.additive:
+            update = update + out[:, 1]
+        return torch.exp(self.log_lr) * update, new_state
 
     @staticmethod
     def _tensor_sums(products: Tensor, ids: Tensor | None) -> Tensor:
@@ -511,6 +521,7 @@ class GeneralLSTMRule(UpdateRule):
             "beta2": self.beta2,
             "eps": self.eps,
             "log_features": self.log_features,
+            "additive": self.additive,
             "lr": self.lr,
             "learn_lr": self.learn_lr,
             "a_bound": self.a_bound,
