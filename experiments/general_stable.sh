@@ -10,9 +10,10 @@
 #   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE [KWARGS]]]]]
 #
 # Defaults: 2400 s, meta-lr 3e-3, runs/general/stable-trained, objective train (or test: the
-# held-out loss), KWARGS: more rule options as JSON (e.g. '{"additive": false}'). The read-out starts at zero and is
-# scaled by 0.1, so a meta-lr of 3e-4 cannot move the update by more than a few percent in the
-# first hundred iterations (the first run, 2026-11-30, without the slowdown: flat for 40).
+# held-out loss); KWARGS: more rule options as JSON (e.g. '{"additive": false}'). The read-out
+# starts at zero and is scaled by 0.1, so a meta-lr of 3e-4 cannot move the update by more than a
+# few percent in the first hundred iterations (the first run, 2026-11-30, without the slowdown:
+# flat for 40).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-2400}

@@ -24,13 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ood import geometric_mean, load_learned, parse_weights  # noqa: E402
+from experiments.select_adapt_valood import _STREAM  # noqa: E402  (the same val-ood task seeds)
 from learned_opt.cli import git_commit  # noqa: E402
 from learned_opt.evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed  # noqa: E402
 from learned_opt.optim import LearnedOptimizer  # noqa: E402
 from learned_opt.tasks import make_family  # noqa: E402
-
-#: Task seeds of experiments/select_adapt_valood.py (disjoint from the benchmark's streams).
-_STREAM = 3_000_017
 
 
 def main(argv: list[str] | None = None) -> int:
