@@ -31,8 +31,8 @@ from learned_opt import save_rule
 from learned_opt.cli import git_commit
 from learned_opt.rules import GeneralLSTMRule
 
-#: The stabilized adaptation (chosen as described in the README, issue 4).
-STABLE: dict[str, Any] = {
+#: The stabilized adaptation of session 9 (chosen as described in the README, issue 4).
+STABLE_SESSION9: dict[str, Any] = {
     "lr": 0.01,
     "lr_adapt": 0.1,
     "lr_adapt_bound": math.log(1000.0),
@@ -45,6 +45,14 @@ STABLE: dict[str, Any] = {
     "lr_adapt_slowdown_rate": 0.3,
 }
 
+#: The current configuration (session 11): a base rate of 0.015 instead of 0.01 and the clipping
+#: at 2x the running RMS norm (Q = 4) instead of 1.41x. The tighter clipping slowed the GRU's
+#: first tens of steps, where its gradient norm grows fast (README, issue 4).
+STABLE: dict[str, Any] = {**STABLE_SESSION9, "lr": 0.015, "grad_clip": 4.0}
+
+#: ``--config`` choices.
+CONFIGS: dict[str, dict[str, Any]] = {"stable": STABLE, "session9": STABLE_SESSION9}
+
 #: Ablations: name -> the options changed from :data:`STABLE`.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "stable": {},
@@ -56,18 +64,21 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def write(out: Path, hidden_size: int = 1, command: str = "") -> dict[str, Path]:
+def write(
+    out: Path, hidden_size: int = 1, command: str = "", config: str = "stable"
+) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
+    base = CONFIGS[config]
     paths = {}
     for name, change in ABLATIONS.items():
-        rule = GeneralLSTMRule(hidden_size=hidden_size, **{**STABLE, **change})
+        rule = GeneralLSTMRule(hidden_size=hidden_size, **{**base, **change})
         paths[name] = out / f"{name}.pt"
         save_rule(paths[name], rule, {
             "command": command,
             "commit": commit,
             "note": f"untrained general rule (zero read-out): the stabilized step-size "
-                    f"adaptation, {name}" + (f" ({change})" if change else ""),
+                    f"adaptation ({config}), {name}" + (f" ({change})" if change else ""),
         })
     return paths
 
@@ -76,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--hidden-size", type=int, default=1)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="stable",
+                        help="stable (current) or session9 (the earlier clipping and base rate)")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = "python experiments/stable_adapt.py " + " ".join(given)
-    for path in write(args.out, args.hidden_size, command).values():
+    for path in write(args.out, args.hidden_size, command, args.config).values():
         print(f"wrote {path}")
     return 0
 
