@@ -415,6 +415,29 @@ def test_grad_clip_bounds_a_rare_large_gradient_per_tensor() -> None:
     torch.testing.assert_close(fresh["v"], 0.001 * spike**2)
 
 
+@pytest.mark.parametrize("t", [2, 5, 30])
+def test_grad_clip_warmup_loosens_the_clipping_early(t: int) -> None:
+    """The clip threshold is Q (1 + C exp(-t / tau)) at step t: a spike enters the moments at
+    sqrt(Q_t) times the running RMS norm."""
+    q, c, tau = 2.0, 3.0, 10.0
+    rule = GeneralLSTMRule(hidden_size=2, lr=0.01, grad_clip=q, grad_clip_warmup=c,
+                           lr_adapt_warmup_steps=tau).double().requires_grad_(False)
+    g = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    state = rule.init_state(3, like=g)
+    for _ in range(t - 1):
+        _, state = rule(g, state)
+    spike = 100.0 * g
+    _, after = rule(spike, state)
+    v_prev = state["v"] / (1 - 0.999 ** (t - 1))
+    q_t = q * (1 + c * math.exp(-t / tau))
+    seen = spike * torch.sqrt(q_t * v_prev.sum() / spike.square().sum())
+    torch.testing.assert_close(after["v"], 0.999 * state["v"] + 0.001 * seen**2)
+    # without the warm-up the same spike is clipped harder
+    plain = GeneralLSTMRule(hidden_size=2, lr=0.01, grad_clip=q).double().requires_grad_(False)
+    _, tight = plain(spike, state)
+    assert float(tight["v"].sum()) < float(after["v"].sum())
+
+
 def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1, lr_adapt_bound=0.35)
     rule = rule.double().requires_grad_(False)
@@ -511,14 +534,20 @@ def test_lr_adapt_meta_gradient_and_validation() -> None:
         GeneralLSTMRule(lr_adapt=-1.0)
     for bad in ({"lr_adapt_warmup": -1.0}, {"lr_adapt_warmup_steps": 0.0},
                 {"lr_adapt_shrink": 0.5}, {"lr_adapt_margin": -0.1}, {"grad_clip": -1.0},
-                {"lr_adapt_slowdown": -1.0}, {"lr_adapt_slowdown_rate": 1.5}):
+                {"lr_adapt_slowdown": -1.0}, {"lr_adapt_slowdown_rate": 1.5},
+                {"grad_clip_warmup": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GeneralLSTMRule(**bad)
     with pytest.raises(ValueError, match="second moment"):
         GeneralLSTMRule(grad_clip=2.0, scale_invariant=False, nominal=False)
-    stable = _random_rule(lr_adapt=0.1, lr_adapt_warmup=5.0, lr_adapt_shrink=3.0, grad_clip=2.0)
+    stable = _random_rule(lr_adapt=0.1, lr_adapt_warmup=5.0, lr_adapt_shrink=3.0, grad_clip=2.0,
+                          grad_clip_warmup=3.0)
     clone = rule_from_dict(rule_to_dict(stable), expected_kind="general-lstm")
     assert clone.config() == stable.config() and clone.config()["grad_clip"] == 2.0
+    assert clone.config()["grad_clip_warmup"] == 3.0
+    # configurations written before the option load without it (no warm-up)
+    legacy = {k: v for k, v in stable.config().items() if k != "grad_clip_warmup"}
+    assert build_rule("general-lstm", legacy).grad_clip_warmup == 0.0
     assert GeneralLSTMRule(grad_clip=2.0).tensor_aware
 
 

@@ -197,6 +197,7 @@ class GeneralLSTMRule(UpdateRule):
         lr_adapt_shrink: float = 1.0,
         lr_adapt_margin: float = 0.2,
         grad_clip: float = 0.0,
+        grad_clip_warmup: float = 0.0,
         lr_adapt_slowdown: float = 0.0,
         lr_adapt_slowdown_rate: float = 0.3,
     ) -> None:
@@ -227,9 +228,10 @@ class GeneralLSTMRule(UpdateRule):
                 f"{lr_adapt_warmup}/{lr_adapt_warmup_steps}/{lr_adapt_shrink} "
                 "(must be >= 0 / > 0 / >= 1)"
             )
-        if lr_adapt_margin < 0 or grad_clip < 0:
+        if lr_adapt_margin < 0 or grad_clip < 0 or grad_clip_warmup < 0:
             raise ValueError(
-                f"Invalid lr_adapt_margin/grad_clip: {lr_adapt_margin}/{grad_clip} (must be >= 0)"
+                f"Invalid lr_adapt_margin/grad_clip/grad_clip_warmup: {lr_adapt_margin}/"
+                f"{grad_clip}/{grad_clip_warmup} (must be >= 0)"
             )
         if lr_adapt_slowdown < 0 or not 0 <= lr_adapt_slowdown_rate <= 1:
             raise ValueError(
@@ -261,6 +263,7 @@ class GeneralLSTMRule(UpdateRule):
         self.lr_adapt_shrink = float(lr_adapt_shrink)
         self.lr_adapt_margin = float(lr_adapt_margin)
         self.grad_clip = float(grad_clip)
+        self.grad_clip_warmup = float(grad_clip_warmup)
         self.lr_adapt_slowdown = float(lr_adapt_slowdown)
         self.lr_adapt_slowdown_rate = float(lr_adapt_slowdown_rate)
         # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
@@ -421,7 +424,7 @@ class GeneralLSTMRule(UpdateRule):
         if ids is not None:
             new_state["tensor"] = ids
         if self.grad_clip > 0 and t > 1:
-            grad = self._clipped(grad, state["v"] / (1 - self.beta2 ** (t - 1)), ids)
+            grad = self._clipped(grad, state["v"] / (1 - self.beta2 ** (t - 1)), ids, t)
         moments: list[Tensor] = []  # bias-corrected momenta, by _state_betas
         denom = v_fast_hat = None
         raw_m: dict[float, Tensor] = {}
@@ -469,11 +472,15 @@ class GeneralLSTMRule(UpdateRule):
         n = int(ids[-1]) + 1 if ids.numel() else 0
         return products.new_zeros(products.shape[0], n).index_add_(1, ids, products)[:, ids]
 
-    def _clipped(self, grad: Tensor, v_hat: Tensor, ids: Tensor | None) -> Tensor:
-        """``grad`` with each tensor's norm clipped at ``sqrt(grad_clip)`` times its running RMS
-        norm ``sqrt(sum v_hat)`` (unchanged where that is zero: no history yet)."""
+    def _clipped(self, grad: Tensor, v_hat: Tensor, ids: Tensor | None, t: float) -> Tensor:
+        """``grad`` with each tensor's norm clipped at ``sqrt(Q_t)`` times its running RMS
+        norm ``sqrt(sum v_hat)`` (unchanged where that is zero: no history yet), with
+        ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / lr_adapt_warmup_steps))``."""
         g2, ref = self._tensor_sums(torch.stack((grad * grad, v_hat)), ids)
-        limit = self.grad_clip * ref
+        q = self.grad_clip * (
+            1.0 + self.grad_clip_warmup * math.exp(-t / self.lr_adapt_warmup_steps)
+        )
+        limit = q * ref
         # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
         factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
         return grad * torch.where(ref > 0, factor, torch.ones_like(factor))
@@ -535,6 +542,7 @@ class GeneralLSTMRule(UpdateRule):
             "lr_adapt_shrink": self.lr_adapt_shrink,
             "lr_adapt_margin": self.lr_adapt_margin,
             "grad_clip": self.grad_clip,
+            "grad_clip_warmup": self.grad_clip_warmup,
             "lr_adapt_slowdown": self.lr_adapt_slowdown,
             "lr_adapt_slowdown_rate": self.lr_adapt_slowdown_rate,
         }
