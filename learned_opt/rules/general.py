@@ -167,6 +167,10 @@ class GeneralLSTMRule(UpdateRule):
         grad_clip: :math:`Q`, per-tensor clipping of the gradient's norm at :math:`\sqrt{Q}`
             times its running RMS (0: off; needs the second moment, so ``scale_invariant`` or
             ``nominal``). Per tensor, like ``lr_adapt``.
+        grad_clip_warmup: :math:`C`, a looser clip early: the threshold is
+            :math:`Q_t = Q (1 + C e^{-t/\tau})` (:math:`\tau` = ``lr_adapt_warmup_steps``). While a
+            model's gradient norm is still growing fast (a GRU leaving its initial plateau), the
+            running RMS lags it and a fixed clip slows the first tens of steps.
     """
 
     kind = "general-lstm"
