@@ -131,15 +131,18 @@ def test_stable_adapt_writes_the_configuration_and_its_ablations(
     out = tmp_path / "stable"
     assert run_script("experiments/stable_adapt.py", "--out", str(out)) == 0
     rules = {p.stem: load_rule(p) for p in sorted(out.glob("*.pt"))}
-    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-slowdown", "no-adapt"}
+    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-clip-warmup",
+                          "no-slowdown", "no-adapt"}
     full, meta = rules["stable"]
     assert meta["command"].startswith("python experiments/stable_adapt.py --out")
-    assert full.lr_adapt == 0.1 and full.grad_clip == 4.0 and full.lr_adapt_shrink == 3.0
-    assert abs(float(full.log_lr.detach().exp()) - 0.015) < 1e-6
+    assert full.lr_adapt == 0.1 and full.grad_clip == 2.0 and full.lr_adapt_shrink == 3.0
+    assert full.grad_clip_warmup == 3.0
+    assert abs(float(full.log_lr.detach().exp()) - 0.01) < 1e-6
     assert torch.count_nonzero(full.out_weight) == 0  # untrained: a zero read-out
     for name, key, off in (("no-warmup", "lr_adapt_warmup", 0.0), ("no-shrink", "lr_adapt_shrink",
                            1.0), ("no-clip", "grad_clip", 0.0), ("no-adapt", "lr_adapt", 0.0),
-                          ("no-slowdown", "lr_adapt_slowdown", 0.0)):
+                          ("no-slowdown", "lr_adapt_slowdown", 0.0),
+                          ("no-clip-warmup", "grad_clip_warmup", 0.0)):
         config = rules[name][0].config()
         assert config[key] == off
         assert {k: v for k, v in config.items() if k != key} == {
@@ -148,9 +151,8 @@ def test_stable_adapt_writes_the_configuration_and_its_ablations(
     assert run_script("experiments/stable_adapt.py", "--out", str(tmp_path / "s9"), "--config",
                       "session9") == 0
     old, meta = load_rule(tmp_path / "s9" / "stable.pt")
-    assert old.grad_clip == 2.0 and old.lr == 0.01 and "session9" in meta["note"]
-    assert {k: v for k, v in old.config().items() if k not in ("grad_clip", "lr")} == {
-        k: v for k, v in full.config().items() if k not in ("grad_clip", "lr")}
+    assert old.grad_clip_warmup == 0.0 and "session9" in meta["note"]
+    assert old.config() == rules["no-clip-warmup"][0].config()
 
 
 def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
