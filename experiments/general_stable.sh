@@ -2,9 +2,11 @@
 # Issue 4: the general rule with the stabilized step-size adaptation (experiments/stable_adapt.py:
 # base lr 0.01, kappa 0.1, adaptation warm-up 5 over 20 steps, shrink 3 below a cosine of -0.2,
 # gradient clipping at sqrt(2) x the running RMS, slower growth once the gradient norm has fallen
-# 30x), meta-trained from its initialization (a zero read-out: exactly that hand-designed
-# optimizer) with full-horizon backpropagation (K = T in [50, 100]) on the training loss of
-# diverse-rescaled, weights selected on val-ood at 200 steps; then the out-of-distribution
+# 30x; since session 11 also the clip warm-up, C = 3; the session-10 runs had session 9's
+# configuration, experiments/stable_adapt.py --config session9), meta-trained from its
+# initialization (a zero read-out: exactly that hand-designed optimizer) with full-horizon
+# backpropagation (K = T in [50, 100]) on the training loss of diverse-rescaled, weights
+# selected on val-ood at 200 steps; then the out-of-distribution
 # benchmark at 100 and 1,000 steps against the untrained rule.
 #
 #   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE [KWARGS]]]]]
