@@ -6,8 +6,8 @@
 # configuration, experiments/stable_adapt.py --config session9), meta-trained from its
 # initialization (a zero read-out: exactly that hand-designed optimizer) with full-horizon
 # backpropagation (K = T in [50, 100]) on the training loss of diverse-rescaled, weights
-# selected on val-ood at 200 steps; then the out-of-distribution
-# benchmark at 100 and 1,000 steps against the untrained rule.
+# selected on val-ood at 200 steps; then the out-of-distribution benchmark at 100 and 1,000
+# steps against the untrained rule.
 #
 #   bash experiments/general_stable.sh [TIME_BUDGET_SECONDS [META_LR [OUT [OBJECTIVE [KWARGS]]]]]
 #

@@ -476,15 +476,17 @@ class GeneralLSTMRule(UpdateRule):
         n = int(ids[-1]) + 1 if ids.numel() else 0
         return products.new_zeros(products.shape[0], n).index_add_(1, ids, products)[:, ids]
 
+    def _warmup(self, extra: float, t: float) -> float:
+        """``1 + extra exp(-t / lr_adapt_warmup_steps)``: the factor of both warm-ups (the
+        adaptation rate's and the clip threshold's)."""
+        return 1.0 + extra * math.exp(-t / self.lr_adapt_warmup_steps)
+
     def _clipped(self, grad: Tensor, v_hat: Tensor, ids: Tensor | None, t: float) -> Tensor:
         """``grad`` with each tensor's norm clipped at ``sqrt(Q_t)`` times its running RMS
         norm ``sqrt(sum v_hat)`` (unchanged where that is zero: no history yet), with
         ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / lr_adapt_warmup_steps))``."""
         g2, ref = self._tensor_sums(torch.stack((grad * grad, v_hat)), ids)
-        q = self.grad_clip * (
-            1.0 + self.grad_clip_warmup * math.exp(-t / self.lr_adapt_warmup_steps)
-        )
-        limit = q * ref
+        limit = self.grad_clip * self._warmup(self.grad_clip_warmup, t) * ref
         # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
         factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
         return grad * torch.where(ref > 0, factor, torch.ones_like(factor))
@@ -512,9 +514,7 @@ class GeneralLSTMRule(UpdateRule):
             new_state["grad_peak"] = peak
             slow = (cos > 0) & (norm * self.lr_adapt_slowdown < peak)
             cos = torch.where(slow, cos * self.lr_adapt_slowdown_rate, cos)
-        rate = self.lr_adapt * (
-            1.0 + self.lr_adapt_warmup * math.exp(-t / self.lr_adapt_warmup_steps)
-        )
+        rate = self.lr_adapt * self._warmup(self.lr_adapt_warmup, t)
         bound = self.lr_adapt_bound
         log_step = (state["log_step"] + rate * cos).clamp(-bound, bound)
         new_state["log_step"] = log_step
