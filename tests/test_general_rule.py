@@ -438,6 +438,37 @@ def test_grad_clip_warmup_loosens_the_clipping_early(t: int) -> None:
     assert float(tight["v"].sum()) < float(after["v"].sum())
 
 
+def test_grad_clip_aligned_loosens_the_clipping_along_the_last_step() -> None:
+    """With grad_clip_aligned = G, a spike that points along the tensor's previous update is
+    clipped at sqrt(G Q) times the running RMS norm; one that turns against it at sqrt(Q)."""
+    q, big = 2.0, 4.0
+    kw = dict(hidden_size=2, lr=0.01, lr_adapt=0.1, grad_clip=q)
+    rule = GeneralLSTMRule(**kw, grad_clip_aligned=big).double().requires_grad_(False)
+    plain = GeneralLSTMRule(**kw).double().requires_grad_(False)
+    g = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    state = rule.init_state(4, like=g, numels=[2, 2])
+    for _ in range(3):  # a constant gradient: each update descends along -g
+        _, state = rule(g, state)
+    v_prev = state["v"] / (1 - 0.999**3)
+    spike = 100.0 * torch.cat((g[:2], -g[2:]))  # tensor 0 along the last step, tensor 1 against
+    _, after = rule(spike, state)
+    for k, factor in ((0, big * q), (1, q)):
+        part = slice(2 * k, 2 * k + 2)
+        seen = spike[part] * torch.sqrt(factor * v_prev[part].sum() / spike[part].square().sum())
+        torch.testing.assert_close(after["v"][part], 0.999 * state["v"][part] + 0.001 * seen**2)
+    _, tight = plain(spike, state)  # G = 1 (the default): both at sqrt(Q)
+    torch.testing.assert_close(tight["v"][2:], after["v"][2:])
+    assert float(tight["v"][:2].sum()) < float(after["v"][:2].sum())
+    with pytest.raises(ValueError, match="grad_clip_aligned"):
+        GeneralLSTMRule(grad_clip=q, grad_clip_aligned=0.5, lr_adapt=0.1)
+    with pytest.raises(ValueError, match="lr_adapt"):
+        GeneralLSTMRule(grad_clip=q, grad_clip_aligned=4.0)  # no previous update kept
+    clone = rule_from_dict(rule_to_dict(rule), expected_kind="general-lstm")
+    assert clone.config()["grad_clip_aligned"] == big
+    legacy = {k: v for k, v in rule.config().items() if k != "grad_clip_aligned"}
+    assert build_rule("general-lstm", legacy).grad_clip_aligned == 1.0
+
+
 def test_lr_adapt_grows_along_and_shrinks_against_the_last_step() -> None:
     rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1, lr_adapt_bound=0.35)
     rule = rule.double().requires_grad_(False)

@@ -171,6 +171,12 @@ class GeneralLSTMRule(UpdateRule):
             :math:`Q_t = Q (1 + C e^{-t/\tau})` (:math:`\tau` = ``lr_adapt_warmup_steps``). While a
             model's gradient norm is still growing fast (a GRU leaving its initial plateau), the
             running RMS lags it and a fixed clip slows the first tens of steps.
+        grad_clip_aligned: :math:`G \ge 1`, a looser clip for a gradient that keeps pointing
+            along the tensor's previous update (:math:`\cos(-g^P_t, u^P_{t-1}) > 0`): its threshold
+            is :math:`G Q_t` (1: the same for all; needs ``lr_adapt``, which keeps the previous
+            update). A growing gradient that agrees with the last step (a GRU leaving its
+            plateau) is progress; a large one that turns against it (a ReLU MLP's noisy early
+            steps) is what the clipping is for.
     """
 
     kind = "general-lstm"
@@ -202,6 +208,7 @@ class GeneralLSTMRule(UpdateRule):
         lr_adapt_margin: float = 0.2,
         grad_clip: float = 0.0,
         grad_clip_warmup: float = 0.0,
+        grad_clip_aligned: float = 1.0,
         lr_adapt_slowdown: float = 0.0,
         lr_adapt_slowdown_rate: float = 0.3,
     ) -> None:
@@ -242,6 +249,11 @@ class GeneralLSTMRule(UpdateRule):
                 f"Invalid lr_adapt_slowdown/lr_adapt_slowdown_rate: {lr_adapt_slowdown}/"
                 f"{lr_adapt_slowdown_rate} (must be >= 0 / in [0, 1])"
             )
+        if grad_clip_aligned < 1 or (grad_clip_aligned != 1 and lr_adapt <= 0):
+            raise ValueError(
+                f"Invalid grad_clip_aligned: {grad_clip_aligned} (must be >= 1; other than 1 it "
+                "needs lr_adapt > 0, which keeps the previous update)"
+            )
         if grad_clip > 0 and not (scale_invariant or nominal):
             raise ValueError("grad_clip needs the second moment (scale_invariant or nominal)")
         self.hidden_size = int(hidden_size)
@@ -268,6 +280,7 @@ class GeneralLSTMRule(UpdateRule):
         self.lr_adapt_margin = float(lr_adapt_margin)
         self.grad_clip = float(grad_clip)
         self.grad_clip_warmup = float(grad_clip_warmup)
+        self.grad_clip_aligned = float(grad_clip_aligned)
         self.lr_adapt_slowdown = float(lr_adapt_slowdown)
         self.lr_adapt_slowdown_rate = float(lr_adapt_slowdown_rate)
         # Momentum state: one buffer per distinct beta (the nominal direction shares its buffer
@@ -428,7 +441,8 @@ class GeneralLSTMRule(UpdateRule):
         if ids is not None:
             new_state["tensor"] = ids
         if self.grad_clip > 0 and t > 1:
-            grad = self._clipped(grad, state["v"] / (1 - self.beta2 ** (t - 1)), ids, t)
+            v_hat = state["v"] / (1 - self.beta2 ** (t - 1))
+            grad = self._clipped(grad, v_hat, ids, t, state.get("prev"))
         moments: list[Tensor] = []  # bias-corrected momenta, by _state_betas
         denom = v_fast_hat = None
         raw_m: dict[float, Tensor] = {}
@@ -481,12 +495,20 @@ class GeneralLSTMRule(UpdateRule):
         adaptation rate's and the clip threshold's)."""
         return 1.0 + extra * math.exp(-t / self.lr_adapt_warmup_steps)
 
-    def _clipped(self, grad: Tensor, v_hat: Tensor, ids: Tensor | None, t: float) -> Tensor:
+    def _clipped(
+        self, grad: Tensor, v_hat: Tensor, ids: Tensor | None, t: float, prev: Tensor | None
+    ) -> Tensor:
         """``grad`` with each tensor's norm clipped at ``sqrt(Q_t)`` times its running RMS
         norm ``sqrt(sum v_hat)`` (unchanged where that is zero: no history yet), with
-        ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / lr_adapt_warmup_steps))``."""
-        g2, ref = self._tensor_sums(torch.stack((grad * grad, v_hat)), ids)
-        limit = self.grad_clip * self._warmup(self.grad_clip_warmup, t) * ref
+        ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / lr_adapt_warmup_steps))``, times
+        ``grad_clip_aligned`` where ``-grad`` points along the previous update ``prev``."""
+        if self.grad_clip_aligned != 1.0 and prev is not None:
+            g2, ref, dot = self._tensor_sums(torch.stack((grad * grad, v_hat, -grad * prev)), ids)
+            aligned = torch.where(dot > 0, self.grad_clip_aligned, 1.0)
+        else:
+            g2, ref = self._tensor_sums(torch.stack((grad * grad, v_hat)), ids)
+            aligned = 1.0
+        limit = self.grad_clip * self._warmup(self.grad_clip_warmup, t) * ref * aligned
         # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
         factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
         return grad * torch.where(ref > 0, factor, torch.ones_like(factor))
@@ -547,6 +569,7 @@ class GeneralLSTMRule(UpdateRule):
             "lr_adapt_margin": self.lr_adapt_margin,
             "grad_clip": self.grad_clip,
             "grad_clip_warmup": self.grad_clip_warmup,
+            "grad_clip_aligned": self.grad_clip_aligned,
             "lr_adapt_slowdown": self.lr_adapt_slowdown,
             "lr_adapt_slowdown_rate": self.lr_adapt_slowdown_rate,
         }
