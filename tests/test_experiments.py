@@ -233,3 +233,31 @@ def test_adapt_variants_harness_matches_the_rule_and_runs(run_script, capsys) ->
                       "breast-cancer-mlp-relu-2x64", "--steps", "3", "--seeds", "2") == 0
     out = capsys.readouterr().out
     assert out.startswith("adam (lr 0.03): ") and "clip=2: " in out
+
+
+def test_trained_vs_init_compares_a_checkpoints_rule_with_its_start(
+    tmp_path: Path, run_script
+) -> None:
+    """At a zero read-out the checkpoint's rule is its own initialization (every ratio exactly 1);
+    a moved read-out changes the ratios; a weights file is not a trainer checkpoint."""
+    from learned_opt import save_rule
+    from learned_opt.checkpoint import atomic_save, rule_to_dict
+    from learned_opt.rules import GeneralLSTMRule
+
+    rule = GeneralLSTMRule(hidden_size=2, lr=0.01, lr_adapt=0.1, grad_clip=2.0, additive=False)
+    args = ("--family", "digits", "--steps", "4", "--tasks", "2")
+    results = {}
+    for name, bias in (("same", 0.0), ("moved", 3.0)):
+        with torch.no_grad():
+            rule.out_bias.fill_(bias)
+        atomic_save({"rule": rule_to_dict(rule), "iteration": 7}, tmp_path / f"{name}.pt")
+        out = tmp_path / f"{name}.json"
+        assert run_script("experiments/trained_vs_init.py", "--checkpoint",
+                          str(tmp_path / f"{name}.pt"), *args, "--out", str(out)) == 0
+        results[name] = json.loads(out.read_text())
+    assert [r["ratio"] for r in results["same"]["rows"]] == [1.0, 1.0]
+    assert results["same"]["won"] == 0 and results["same"]["iteration"] == 7
+    assert all(r["ratio"] != 1.0 for r in results["moved"]["rows"])
+    save_rule(tmp_path / "w.pt", rule)
+    assert run_script("experiments/trained_vs_init.py", "--checkpoint", str(tmp_path / "w.pt"),
+                      *args) == 2
