@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
-from learned_opt.checkpoint import rule_from_dict, safe_load
-from learned_opt.evaluate import run_optimizer, task_seed
-from learned_opt.optim import LearnedOptimizer
-from learned_opt.rules import build_rule
-from learned_opt.tasks import make_family
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.ood import geometric_mean  # noqa: E402
+from learned_opt.checkpoint import rule_from_dict, safe_load  # noqa: E402
+from learned_opt.evaluate import run_optimizer, task_seed  # noqa: E402
+from learned_opt.optim import LearnedOptimizer  # noqa: E402
+from learned_opt.rules import build_rule  # noqa: E402
+from learned_opt.tasks import make_family  # noqa: E402
 
 _STREAM = 4_000_037  # task seeds of this comparison
 
@@ -59,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}:{runs[0].task}: untrained {base:.4g}, trained {mine:.4g}, "
               f"ratio {rows[-1]['ratio']:.3f}", flush=True)
     ratios = [r["ratio"] for r in rows]
-    finite = all(math.isfinite(x) and x > 0 for x in ratios)
-    gmean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if finite else math.inf
+    gmean = geometric_mean(ratios)
     won = sum(x < 1 for x in ratios)
     print(f"iteration {ckpt.get('iteration')}: geometric mean {gmean:.3f}, "
           f"worst {max(ratios):.3f}, tasks won {won}/{len(rows)}")
