@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="meta-loss = log of the objective (tasks of any loss scale weigh alike); the "
         "evaluation then reports geometric means",
     )
+    mt.add_argument(
+        "--loss-aversion",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="loss-averse meta-objective: a window's meta-loss is log(L / L_ref) against the "
+        "rule the run starts from (unrolled beside it on the same batches), times 1 + LAMBDA "
+        "where positive; needs --log-meta-loss and tbptt",
+    )
     mt.add_argument("--second-order", action="store_true")
     mt.add_argument(
         "--grad-checkpoint",
@@ -222,6 +231,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         second_order=args.second_order,
         estimator=args.estimator,
         estimator_kwargs=args.estimator_kwargs,
+        loss_aversion=args.loss_aversion,
         grad_checkpoint=args.grad_checkpoint or args.grad_checkpoint_segment is not None,
         grad_checkpoint_segment=args.grad_checkpoint_segment,
         meta_lr=args.meta_lr,

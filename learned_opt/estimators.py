@@ -134,12 +134,16 @@ class Estimator:
         objective: str = "train",
         max_loss_ratio: float | None = None,
         log_meta_loss: bool = False,
+        reference: MetaLearner | None = None,
+        loss_aversion: float = 0.0,
     ) -> Iterator[MetaGradient]:
         """A lazy stream of one :class:`MetaGradient` per truncation window of ``task``.
 
         Arguments as for :func:`~learned_opt.unroll.unroll`; ``generator`` draws the inner
         state (and, for stochastic estimators, their noise). Each window is computed with the
-        meta-parameters as they are when it is requested.
+        meta-parameters as they are when it is requested. ``reference``/``loss_aversion`` (the
+        loss-averse objective relative to a reference learner) are supported by
+        :class:`TBPTTEstimator` only.
         """
         raise NotImplementedError
 
@@ -154,6 +158,8 @@ class Estimator:
         objective: str = "train",
         max_loss_ratio: float | None = None,
         log_meta_loss: bool = False,
+        reference: MetaLearner | None = None,
+        loss_aversion: float = 0.0,
     ) -> MetaGradient:
         """The estimate for the whole unroll at fixed theta: the mean over usable windows of
         the window estimates, i.e. of the gradient of the mean window meta-loss (TBPTT: the
@@ -168,6 +174,8 @@ class Estimator:
                 objective=objective,
                 max_loss_ratio=max_loss_ratio,
                 log_meta_loss=log_meta_loss,
+                reference=reference,
+                loss_aversion=loss_aversion,
             )
         )
         usable = [w for w in windows if w.grads is not None]
@@ -222,6 +230,8 @@ class TBPTTEstimator(Estimator):
         objective: str = "train",
         max_loss_ratio: float | None = None,
         log_meta_loss: bool = False,
+        reference: MetaLearner | None = None,
+        loss_aversion: float = 0.0,
     ) -> Iterator[MetaGradient]:
         _check(horizon, truncation, objective)
         params = meta_parameters(learner)
@@ -235,6 +245,8 @@ class TBPTTEstimator(Estimator):
             max_loss_ratio=max_loss_ratio,
             checkpoint_segment=self.checkpoint_segment,
             log_meta_loss=log_meta_loss,
+            reference=reference,
+            loss_aversion=loss_aversion,
         ):
             grads: list[Tensor | None] | None = None
             loss = math.nan
@@ -493,7 +505,14 @@ class PESEstimator(Estimator):
         objective: str = "train",
         max_loss_ratio: float | None = None,
         log_meta_loss: bool = False,
+        reference: MetaLearner | None = None,
+        loss_aversion: float = 0.0,
     ) -> PESUnroll:
+        if reference is not None:
+            raise ValueError(
+                f"The {self.name!r} estimator does not support a reference learner (the "
+                "loss-averse objective): use 'tbptt'"
+            )
         return PESUnroll(
             self,
             learner,

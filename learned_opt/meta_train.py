@@ -68,6 +68,13 @@ class MetaTrainConfig:
             strategies: unbiased over the whole horizon, memory independent of K and T) or
             ``"es"`` (truncated antithetic ES).
         estimator_kwargs: the estimator's arguments (PES/ES: ``sigma``, ``pairs``).
+        loss_aversion: if set (``lambda >= 0``), a loss-averse meta-objective relative to the
+            rule the run starts from: that rule (frozen, kept in every checkpoint) is unrolled
+            beside the one being trained, from the same initial state on the same batches, and
+            a window's meta-loss is ``log(L / L_ref)``, times ``1 + lambda`` where positive
+            (:func:`~learned_opt.unroll.unroll`'s ``reference``). Large gains on a few tasks
+            then cannot pay for losses on others. Needs ``log_meta_loss`` and the ``"tbptt"``
+            estimator; costs one unroll without meta-gradients per task.
         grad_checkpoint: gradient checkpointing in the unroll: keep only some inner states and
             recompute the inner steps' activations during the meta-backward. By default nested
             segments (:func:`~learned_opt.unroll.checkpoint_schedule`): O(log K) inner states and
@@ -121,6 +128,7 @@ class MetaTrainConfig:
     second_order: bool = False
     estimator: str = "tbptt"
     estimator_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss_aversion: float | None = None
     grad_checkpoint: bool = False
     grad_checkpoint_segment: int | tuple[int, ...] | None = None
     meta_lr: float = 1e-3
@@ -167,6 +175,14 @@ class MetaTrainConfig:
                 f"grad_checkpoint and second_order apply to backpropagation only, not to the "
                 f"{self.estimator!r} estimator (which never builds a graph)"
             )
+        if self.loss_aversion is not None:
+            if not (math.isfinite(self.loss_aversion) and self.loss_aversion >= 0):
+                raise ValueError(f"Invalid loss_aversion: {self.loss_aversion} (must be >= 0)")
+            if self.estimator != "tbptt" or not self.log_meta_loss:
+                raise ValueError(
+                    "loss_aversion needs the 'tbptt' estimator and log_meta_loss (the "
+                    "meta-loss is a log-ratio to the starting rule's)"
+                )
         segment = self.grad_checkpoint_segment
         if segment is not None:
             try:
@@ -298,6 +314,11 @@ class MetaTrainer:
                     rule.reset_parameters(torch.Generator().manual_seed(config.seed))
             learner = OptimizerLearner(rule, second_order=config.second_order)
         self.learner = learner
+        #: The frozen rule the run started from (the loss-averse objective's reference).
+        self.reference: MetaLearner | None = None
+        if config.loss_aversion is not None:
+            self.reference = copy.deepcopy(learner)
+            self.reference.requires_grad_(False)
         self.estimator = config.build_estimator()
         self.meta_opt = torch.optim.Adam(_param_groups(self.learner, config.meta_lr))
         self.log_dir = Path(log_dir) if log_dir is not None else None
@@ -338,6 +359,8 @@ class MetaTrainer:
             "rollbacks": self.rollbacks,
             "notes": self.notes,
         }
+        if self.reference is not None:
+            state["reference_learner"] = self.reference.state_dict()
         rule = getattr(self.learner, "rule", None)
         if rule is not None:
             meta = {"source": "meta_train", "iteration": self.iteration, "config": state["config"]}
@@ -371,6 +394,10 @@ class MetaTrainer:
         if diff:
             raise ValueError(f"Checkpoint configuration differs (saved, current): {diff}")
         self.learner.load_state_dict(state["learner"])
+        if self.reference is not None:
+            if "reference_learner" not in state:
+                raise CheckpointError("The checkpoint has no reference learner (loss_aversion)")
+            self.reference.load_state_dict(state["reference_learner"])
         self.meta_opt.load_state_dict(state["meta_optimizer"])
         self.iteration = int(state["iteration"])
         self.elapsed = float(state["elapsed"])
@@ -669,6 +696,8 @@ class MetaTrainer:
                     objective=cfg.objective,
                     max_loss_ratio=cfg.max_loss_ratio,
                     log_meta_loss=cfg.log_meta_loss,
+                    reference=self.reference,
+                    loss_aversion=cfg.loss_aversion or 0.0,
                 )
             )
         meta_losses, norms, diverged = [], [], 0

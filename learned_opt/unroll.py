@@ -78,6 +78,8 @@ class Window:
         start, end: inner steps covered, ``[start, end)``.
         state: the inner state at the end of the window (before detaching).
         diverged: the inner loss became non-finite or exploded; the unroll stops after this.
+        reference_objective: with a ``reference`` learner, its objective on the window (same
+            batches; ``None`` without one, or once the reference diverged).
     """
 
     meta_loss: Tensor | None
@@ -86,6 +88,7 @@ class Window:
     end: int
     state: Any
     diverged: bool = False
+    reference_objective: float | None = None
 
 
 def sqrt_segment(truncation: int) -> int:
@@ -233,6 +236,7 @@ class _CheckpointedWindow:
         self.running: int | None = None  # the step whose forward pass is running
         self.forward_done = False
         self.recomputed = 0  # steps re-run
+        self.last_batch: Batch | None = None  # the batch of the step run last (forward pass)
 
     def step(self, state: Any) -> tuple[Any, Tensor]:
         """Run the window's next inner step on ``state``: ``(new_state, loss)``."""
@@ -245,6 +249,7 @@ class _CheckpointedWindow:
         else:
             batch = self.task.train.sample()
             self.batches.append(batch)
+        self.last_batch = batch
         self.cpu_rng.append(torch.get_rng_state())
         self.cuda_rng.append(
             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -393,6 +398,8 @@ def unroll(
     max_loss_ratio: float | None = None,
     checkpoint_segment: int | Sequence[int] | None = None,
     log_meta_loss: bool = False,
+    reference: MetaLearner | None = None,
+    loss_aversion: float = 0.0,
 ) -> Iterator[Window]:
     """Run ``horizon`` inner steps, yielding a :class:`Window` every ``truncation`` steps.
 
@@ -420,12 +427,29 @@ def unroll(
         log_meta_loss: the window's meta-loss is the log of the objective. Its gradient does
             not depend on the scale of the task's loss, so tasks of very different loss scales
             (a mixture of families, random loss rescaling) weigh alike in a meta-batch.
+        reference: a second learner (e.g. the rule the meta-training started from, frozen) run
+            beside ``learner`` from the same initial state on the same batches, without
+            meta-gradients. The window's meta-loss becomes the log-ratio of the two objectives,
+            ``log(L / L_ref)`` (requires ``log_meta_loss``), times ``1 + loss_aversion`` when
+            it is positive (``learner`` did worse than the reference on this window): a
+            loss-averse objective, so that large gains on a few tasks cannot pay for losses on
+            others. Once the reference diverges, windows fall back to ``log(L)``.
+        loss_aversion: ``lambda >= 0`` above (only with ``reference``).
     """
     if horizon < 1 or truncation < 1:
         raise ValueError(f"Invalid horizon/truncation: {horizon}/{truncation}")
     if objective not in OBJECTIVES:
         raise ValueError(f"Invalid objective {objective!r}; expected one of {OBJECTIVES}")
+    if reference is not None and not log_meta_loss:
+        raise ValueError("A reference learner needs log_meta_loss (the meta-loss is a log-ratio)")
+    if not (math.isfinite(loss_aversion) and loss_aversion >= 0):
+        raise ValueError(f"Invalid loss_aversion: {loss_aversion} (must be >= 0)")
     sizes = None if checkpoint_segment is None else checkpoint_segments(checkpoint_segment)
+    ref_state = None
+    if reference is not None:  # the same phi_0: a generator in the same state
+        ref_generator = torch.Generator(device=generator.device)
+        ref_generator.set_state(generator.get_state())
+        ref_state = reference.init_state(task, ref_generator)
     state = learner.init_state(task, generator)
     diverges = _DivergenceCheck(max_loss_ratio)
     for start in range(0, horizon, truncation):
@@ -435,13 +459,19 @@ def unroll(
         checkpointed = None
         if sizes is not None and differentiable and torch.is_grad_enabled():
             checkpointed = _CheckpointedWindow(learner, task, sizes, differentiable)
+        ref_losses: list[float] = []
         for _ in range(start, end):
             if checkpointed is not None:
                 new_state, loss = checkpointed.step(state)
+                batch = checkpointed.last_batch
             else:
-                new_state, loss = learner.step(
-                    task, state, task.train.sample(), differentiable=differentiable
+                batch = task.train.sample()
+                new_state, loss = learner.step(task, state, batch, differentiable=differentiable)
+            if ref_state is not None:
+                ref_state, ref_loss = reference.step(  # type: ignore[union-attr]
+                    task, ref_state, batch, differentiable=False
                 )
+                ref_losses.append(float(ref_loss))
             if diverges(loss):
                 diverged = True
                 break  # the diverged step's graph is dropped with new_state
@@ -451,20 +481,37 @@ def unroll(
             checkpointed.finish()
         train_losses = torch.stack([x.detach() for x in losses]) if losses else torch.zeros(0)
         meta_loss: Tensor | None
+        ref_objective: float | None = None
         if not losses:
             meta_loss = None
         elif objective == "train":
             meta_loss = torch.stack(losses).mean()
+            if ref_state is not None:
+                ref_objective = sum(ref_losses[: len(losses)]) / len(losses)
         else:
-            meta_loss = learner.evaluate(task, state, task.test.sample())
+            test_batch = task.test.sample()
+            meta_loss = learner.evaluate(task, state, test_batch)
+            if ref_state is not None:
+                with torch.no_grad():
+                    ref_objective = float(reference.evaluate(task, ref_state, test_batch))  # type: ignore[union-attr]
+        if ref_objective is not None and not (math.isfinite(ref_objective) and ref_objective > 0):
+            ref_objective, ref_state = None, None  # the reference diverged: stop running it
         if meta_loss is not None and log_meta_loss:
             meta_loss = torch.log(meta_loss)
+            if ref_objective is not None:
+                meta_loss = meta_loss - math.log(ref_objective)
+                if float(meta_loss.detach()) > 0:
+                    meta_loss = meta_loss * (1.0 + loss_aversion)
         if meta_loss is not None and not differentiable:
             meta_loss = meta_loss.detach()
-        yield Window(meta_loss, train_losses, start, start + len(losses), state, diverged)
+        yield Window(
+            meta_loss, train_losses, start, start + len(losses), state, diverged, ref_objective
+        )
         if diverged:
             return
         state = learner.detach_state(state)
+        if ref_state is not None:
+            ref_state = reference.detach_state(ref_state)  # type: ignore[union-attr]
 
 
 def run_inner(

@@ -267,3 +267,84 @@ def test_average_gradients_and_registry() -> None:
     assert build_estimator("pes", pairs=3).config()["pairs"] == 3
     with pytest.raises(ValueError):
         build_estimator("reinforce")
+
+
+@pytest.mark.parametrize("objective", ["train", "test"])
+@pytest.mark.parametrize("segment", [None, 2])
+def test_loss_averse_objective_is_the_weighted_log_ratio_to_the_reference(
+    quadratic, objective: str, segment
+) -> None:
+    """Each window's meta-loss is log(L / L_ref), times 1 + lambda where positive, with L and
+    L_ref what plain unrolls of the two rules give on the same batches (copies of the task:
+    the same batch stream); the gradient is that weight times the gradient of log L; and a
+    reference identical to the learner gives exactly zero."""
+    import copy
+
+    learner = OptimizerLearner(MomentumLR(), second_order=True)
+    faster = MomentumLR()
+    with torch.no_grad():
+        faster.log_lr.fill_(math.log(0.05))
+    kw = dict(horizon=6, truncation=3, objective=objective, log_meta_loss=True)
+    signs = set()
+    for ref_rule, lam in ((faster, 2.0), (MomentumLR(), 3.0), (copy.deepcopy(faster), 0.0)):
+        reference = OptimizerLearner(ref_rule)
+        reference.requires_grad_(False)
+        plain = list(
+            unroll(learner, copy.deepcopy(quadratic), torch.Generator().manual_seed(1), **kw)
+        )
+        ref = list(
+            unroll(
+                reference,
+                copy.deepcopy(quadratic),
+                torch.Generator().manual_seed(1),
+                differentiable=False,
+                **kw,
+            )
+        )
+        got = list(
+            TBPTTEstimator(checkpoint_segment=segment).unroll(
+                learner,
+                copy.deepcopy(quadratic),
+                torch.Generator().manual_seed(1),
+                reference=reference,
+                loss_aversion=lam,
+                **kw,
+            )
+        )
+        assert len(got) == len(plain) == 2
+        for g, p, r in zip(got, plain, ref):
+            ratio = float(p.meta_loss.detach()) - float(r.meta_loss)
+            weight = 1.0 + lam if ratio > 0 else 1.0
+            signs.add(ratio > 0)
+            assert g.meta_loss == pytest.approx(weight * ratio, rel=1e-9, abs=1e-12)
+            expected = torch.autograd.grad(p.meta_loss, list(learner.rule.parameters()))
+            torch.testing.assert_close(
+                torch.stack(g.grads), weight * torch.stack(expected), rtol=1e-7, atol=1e-12
+            )
+    assert signs == {True, False}  # windows worse and better than the reference: both weights
+    # identical rules: the log-ratio is exactly zero
+    same = OptimizerLearner(copy.deepcopy(learner.rule))
+    for g in TBPTTEstimator(checkpoint_segment=segment).unroll(
+        learner,
+        quadratic,
+        torch.Generator().manual_seed(1),
+        reference=same,
+        loss_aversion=5.0,
+        **kw,
+    ):
+        assert g.meta_loss == 0.0
+
+
+def test_loss_averse_objective_refuses_what_it_cannot_do(quadratic) -> None:
+    learner = OptimizerLearner(MomentumLR())
+    kw = dict(horizon=4, truncation=2, reference=OptimizerLearner(MomentumLR()))
+    with pytest.raises(ValueError, match="log_meta_loss"):
+        next(TBPTTEstimator().unroll(learner, quadratic, torch.Generator(), **kw))
+    with pytest.raises(ValueError, match="loss_aversion"):
+        next(
+            TBPTTEstimator().unroll(
+                learner, quadratic, torch.Generator(), log_meta_loss=True, loss_aversion=-1, **kw
+            )
+        )
+    with pytest.raises(ValueError, match="reference"):
+        PESEstimator().unroll(learner, quadratic, torch.Generator(), log_meta_loss=True, **kw)

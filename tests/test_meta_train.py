@@ -321,3 +321,47 @@ def test_cosine_meta_lr_schedule_decays_and_resumes(tmp_path: Path) -> None:
         constant.resume()
     with pytest.raises(ValueError, match="meta_lr_schedule"):
         MetaTrainConfig(meta_lr_schedule="linear")
+
+
+def test_loss_averse_meta_training_starts_at_zero_and_resumes_exactly(tmp_path: Path) -> None:
+    """With ``loss_aversion`` the reference is the rule the run starts from: at a zero read-out
+    (the nominal rule) the first meta-loss is exactly 0; the reference stays frozen while the
+    rule moves, travels in checkpoints, and a resumed run ends like an uninterrupted one."""
+    cfg = dict(
+        SMALL,
+        rule="general-lstm",
+        rule_kwargs={"hidden_size": 4, "num_layers": 1},
+        horizon=8,
+        truncation=8,
+        log_meta_loss=True,
+        loss_aversion=2.0,
+        eval_every=0,
+    )
+    full = MetaTrainer(MetaTrainConfig(iterations=4, **cfg), ckpt_dir=tmp_path / "full")
+    start = [p.detach().clone() for p in full.reference.parameters()]
+    assert full.train_iteration()["meta_loss"] == 0.0
+    full.iteration += 1
+    full.train()
+    assert any(not torch.equal(a, b) for a, b in zip(start, _weights(full)))
+    assert all(torch.equal(a, b) for a, b in zip(start, full.reference.parameters()))
+    assert not any(p.requires_grad for p in full.reference.parameters())
+
+    first = MetaTrainer(MetaTrainConfig(iterations=2, **cfg), ckpt_dir=tmp_path / "split")
+    first.train()
+    second = MetaTrainer(MetaTrainConfig(iterations=4, **cfg), ckpt_dir=tmp_path / "split")
+    with torch.no_grad():  # the checkpoint's reference is the one used, not the constructor's
+        for p in second.reference.parameters():
+            p.add_(1.0)
+    assert second.resume()
+    second.train()
+    for a, b in zip(_weights(full), _weights(second)):
+        assert torch.equal(a, b)
+    for a, b in zip(start, second.reference.parameters()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match="log_meta_loss"):
+        MetaTrainConfig(**{**cfg, "log_meta_loss": False})
+    with pytest.raises(ValueError, match="tbptt"):
+        MetaTrainConfig(**cfg, estimator="pes")
+    with pytest.raises(ValueError, match="loss_aversion"):
+        MetaTrainConfig(**{**cfg, "loss_aversion": -0.5})
