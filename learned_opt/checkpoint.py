@@ -184,18 +184,20 @@ def save_rule(
 
 
 def load_rule(
-    path: str | os.PathLike, *, expected_kind: str | None = None
+    path: str | os.PathLike, *, expected_kind: str | None = None, which: str = "best"
 ) -> tuple[UpdateRule, dict[str, Any]]:
     """Load a rule from a weights file or from a meta-trainer checkpoint.
 
-    A trainer checkpoint carries two rules, the latest and the best by held-out evaluation; the
-    best one is returned.
+    A trainer checkpoint carries two rules, the latest and the best by held-out evaluation;
+    ``which`` (``"best"`` or ``"latest"``) says which one is returned (a weights file holds one).
 
     Returns:
         ``(rule, metadata)``.
     """
+    if which not in ("best", "latest"):
+        raise ValueError(f"Invalid which={which!r}; expected 'best' or 'latest'")
     obj = safe_load(path)
     if isinstance(obj, dict) and "best_rule" in obj:  # a meta-trainer checkpoint
-        obj = obj["best_rule"]
+        obj = obj["best_rule" if which == "best" else "rule"]
     rule = rule_from_dict(obj, expected_kind=expected_kind, source=str(path))
     return rule, dict(obj.get("metadata") or {})

@@ -1,4 +1,4 @@
-"""The ``learned-opt`` command: ``meta-train`` and ``eval``."""
+"""The ``learned-opt`` command: ``meta-train``, ``eval`` and ``export``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import distributed, pretrained
-from .checkpoint import load_rule
+from .checkpoint import CheckpointError, load_rule, safe_load, save_rule
 from .estimators import ESTIMATORS
 from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
 from .meta_train import META_LR_SCHEDULES, MetaTrainConfig, MetaTrainer
@@ -178,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a rank waits for the others before failing (under torchrun)",
     )
     mt.add_argument("--note", action="append", default=[], help="provenance note kept with the run")
+
+    ex = sub.add_parser(
+        "export",
+        help="write a meta-trainer checkpoint's best or latest rule as a weights file (with "
+        "the run's provenance as metadata, also beside it as JSON)",
+    )
+    ex.add_argument("checkpoint", help="a meta-trainer checkpoint (ckpt_*.pt)")
+    ex.add_argument("out", help="the weights file to write")
+    ex.add_argument(
+        "--which",
+        default="best",
+        choices=["best", "latest"],
+        help="the rule selected by held-out evaluation, or the one at the checkpoint's iteration",
+    )
 
     ev = sub.add_parser("eval", help="a learned optimizer against tuned hand-designed optimizers")
     ev.add_argument(
@@ -373,7 +387,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "meta-train":
         return _meta_train(args, argv)
+    if args.command == "export":
+        return _export(args)
     return _eval(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``learned-opt export``: a checkpoint's rule as a weights file, with provenance."""
+    state = safe_load(args.checkpoint)
+    if not isinstance(state, dict) or "best_rule" not in state:
+        raise CheckpointError(f"{args.checkpoint} is not a meta-trainer checkpoint")
+    rule, meta = load_rule(args.checkpoint, which=args.which)
+    notes = state.get("notes") or {}
+    meta.update(
+        {
+            "exported": {
+                "checkpoint": str(args.checkpoint),
+                "which": args.which,
+                "checkpoint_iteration": state.get("iteration"),
+                "meta_train_seconds": round(float(state.get("elapsed", 0.0)), 1),
+                "command": shlex.join(["learned-opt", "export", *sys.argv[2:]])
+                if sys.argv[1:2] == ["export"]
+                else None,
+                "commit": git_commit(),
+            },
+            "all_commands": notes.get("commands", []),
+            "eval_history": state.get("history", {}),
+        }
+    )
+    save_rule(args.out, rule, meta)
+    meta_path = Path(args.out).with_suffix(".json")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {args.out} and {meta_path}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

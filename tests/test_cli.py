@@ -79,6 +79,27 @@ def test_meta_train_resume_export_then_eval(tmp_path: Path, capsys: pytest.Captu
     assert all(len(r["losses"]) == 15 for r in rows)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # export: the checkpoint's latest rule (not the best) as a weights file with provenance
+    import torch
+
+    from learned_opt.checkpoint import safe_load
+
+    ckpt = tmp_path / "ckpt" / "ckpt_00000004.pt"
+    latest = tmp_path / "latest.pt"
+    assert main(["export", str(ckpt), str(latest), "--which", "latest"]) == 0
+    rule, meta = load_rule(latest)
+    state = safe_load(ckpt)
+    for name, value in rule.state_dict().items():
+        assert torch.equal(value, state["rule"]["state_dict"][name])
+    assert meta["exported"]["which"] == "latest" and meta["exported"]["checkpoint_iteration"] == 4
+    assert meta["all_commands"] and json.loads(latest.with_suffix(".json").read_text()) == meta
+    best_rule, _ = load_rule(ckpt)
+    assert best_rule.config() == load_rule(ckpt, which="latest")[0].config()
+    with pytest.raises(ValueError, match="which"):
+        load_rule(ckpt, which="newest")
+    with pytest.raises(Exception, match="not a meta-trainer checkpoint"):
+        main(["export", str(latest), str(tmp_path / "x.pt")])
+
 
 def test_module_entry_point_help() -> None:
     out = subprocess.run(
