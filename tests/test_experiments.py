@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from learned_opt import pretrained
-from learned_opt.checkpoint import load_rule
+from learned_opt import LSTMRule, pretrained
+from learned_opt.checkpoint import load_rule, save_rule
 from learned_opt.report import write_jsonl
 
 
@@ -261,3 +261,39 @@ def test_trained_vs_init_compares_a_checkpoints_rule_with_its_start(
     save_rule(tmp_path / "w.pt", rule)
     assert run_script("experiments/trained_vs_init.py", "--checkpoint", str(tmp_path / "w.pt"),
                       *args) == 2
+
+
+def test_ship_general_records_the_benchmark_figures(tmp_path: Path, run_script) -> None:
+    weights, bench, package = tmp_path / "w.pt", tmp_path / "bench", tmp_path / "package"
+    package.mkdir()
+    rule, _ = load_rule(pretrained.path("quadratic"))
+    run = {"command": "learned-opt meta-train --family quadratic", "commit": "abc"}
+    save_rule(weights, rule, {"config": {"rule": "lstm"}, "all_commands": [run]})
+    smoke = ["--smoke", "--weights", f"w={weights}", "--tasks", "wine-mlp-tanh-32"]
+    assert run_script("benchmarks/ood.py", *smoke, "--out", str(bench)) == 0
+    ship = ["--weights", str(weights), "--benchmarks", str(bench), "--ship-to", str(package)]
+    assert run_script("experiments/ship_general.py", *ship, "--name", "g", "--allow-above-one") == 0
+    shipped, meta = load_rule(package / "g.pt")
+    for a, b in zip(shipped.parameters(), rule.parameters()):
+        assert torch.equal(a, b)  # only the metadata changed
+    assert meta["command"] == run["command"] and meta["commit"] == "abc"
+    assert json.loads((package / "g.json").read_text()) == meta
+    (stream,) = meta["figures"]["by_steps"]["6"]["streams"]
+    table = (bench / "table.md").read_text()
+    ratio = stream["ratios"]["wine-mlp-tanh-32"]
+    assert "| wine-mlp-tanh-32 | 6 | " in table and f"| {ratio:.3f} |" in table
+    assert meta["figures"]["worst_ratio"] == max(
+        s["worst"] for e in meta["figures"]["by_steps"].values() for s in e["streams"]
+    )
+    # a ratio above 1 is refused without --allow-above-one; so are other weights
+    lines = table.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("| wine-mlp-tanh-32 | 6 |"))
+    lines[i] = lines[i].rsplit("|", 2)[0] + "| 1.500 |"
+    (bench / "table.md").write_text("\n".join(lines) + "\n")
+    assert run_script("experiments/ship_general.py", *ship, "--name", "h") == 2
+    assert not (package / "h.pt").exists()
+    other = tmp_path / "other.pt"
+    save_rule(other, LSTMRule(), {"config": {}, "all_commands": [run]})
+    ship[1] = str(other)  # a table of w.pt cannot vouch for other weights
+    assert run_script("experiments/ship_general.py", *ship, "--allow-above-one", "--label=w") == 2
+    assert sorted(p.name for p in package.iterdir()) == ["g.json", "g.pt"]
