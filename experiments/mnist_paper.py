@@ -37,6 +37,9 @@ from learned_opt import pretrained
 from learned_opt.checkpoint import load_rule, save_rule
 from learned_opt.cli import main
 
+#: The shipped name of the weights this recipe produces.
+NAME = "paper-mnist"
+
 #: Stage 1, the paper: from a random initialization, meta-loss = training losses along the unroll.
 RECIPE = [
     "--family", "mnist", "--horizon", "100", "--truncation", "20", "--objective", "train",
@@ -108,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
         "--ship",
         action="store_true",
         help="copy the exported weights into "
-        f"learned_opt/pretrained/{pretrained.DEFAULT}.pt and stop",
+        f"learned_opt/pretrained/{NAME}.pt and stop",
     )
     parser.add_argument(
         "--benchmark",
@@ -120,12 +123,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship-to", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     out = Path(args.out)
-    weights = out / f"{pretrained.DEFAULT}.pt"
+    weights = out / f"{NAME}.pt"
     if args.ship:
         dest = Path(args.ship_to or Path(pretrained.__file__).parent)
         if args.benchmark is None:
             shutil.copyfile(weights, dest / weights.name)
-            shutil.copyfile(weights.with_suffix(".json"), dest / f"{pretrained.DEFAULT}.json")
+            shutil.copyfile(weights.with_suffix(".json"), dest / f"{NAME}.json")
         else:
             bench = json.loads((Path(args.benchmark) / "summary.json").read_text())
             digest = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -134,8 +137,8 @@ def run(argv: list[str] | None = None) -> int:
             rule, meta = load_rule(weights)
             meta["benchmark"] = {**bench, "results": str(args.benchmark)}
             save_rule(dest / weights.name, rule, meta)
-            (dest / f"{pretrained.DEFAULT}.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"shipped {weights} as {pretrained.DEFAULT} in {dest}")
+            (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"shipped {weights} as {NAME} in {dest}")
         return 0
     stage = args.stage or (1 if args.finetune_from is None else 2)
     if stage > 1 and args.finetune_from is None:

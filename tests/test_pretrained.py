@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learned_opt import LSTMOptimizer, LSTMRule, load_rule, pretrained
+from learned_opt import GeneralLSTMRule, LSTMOptimizer, LSTMRule, load_rule, pretrained
 
 
 @pytest.mark.parametrize("name", pretrained.available())
 def test_shipped_weights_load_and_carry_provenance(name: str) -> None:
-    rule, meta = load_rule(pretrained.path(name), expected_kind="lstm")
-    assert isinstance(rule, LSTMRule)
+    rule, meta = load_rule(pretrained.path(name))
+    assert isinstance(rule, (LSTMRule, GeneralLSTMRule))
     assert all(torch.isfinite(p).all() for p in rule.parameters())
     for key in ("command", "commit", "config", "budget", "figures"):
         assert key in meta, key
@@ -23,6 +23,23 @@ def test_default_is_shipped() -> None:
     assert pretrained.DEFAULT in pretrained.available()
     opt = LSTMOptimizer([torch.nn.Parameter(torch.ones(3))])
     assert opt.metadata == pretrained.metadata(pretrained.DEFAULT)
+
+
+def test_default_is_the_general_rule_and_the_paper_lstm_stays_by_name() -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    default = LSTMOptimizer(params)
+    assert isinstance(default.rule, GeneralLSTMRule)
+    assert torch.count_nonzero(default.rule.out_weight) > 0  # meta-trained, not a zero read-out
+    paper = LSTMOptimizer(params, weights="paper-mnist")
+    assert isinstance(paper.rule, LSTMRule)
+    assert paper.metadata == pretrained.metadata("paper-mnist")
+    # the default was shipped with its out-of-distribution figures, none above tuned Adam
+    figures = pretrained.metadata(pretrained.DEFAULT)["figures"]
+    assert set(figures["by_steps"]) == {"100", "1000"}
+    ratios = [
+        r for e in figures["by_steps"].values() for s in e["streams"] for r in s["ratios"].values()
+    ]
+    assert ratios and max(ratios) == figures["worst_ratio"] <= 1.0
 
 
 def test_unknown_name() -> None:
