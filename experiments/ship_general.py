@@ -21,7 +21,6 @@ import hashlib
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learned_opt import pretrained  # noqa: E402
 from learned_opt.checkpoint import load_rule, save_rule  # noqa: E402
+from learned_opt.cli import git_commit  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped={
             "from": str(args.weights),
             "command": "python experiments/ship_general.py " + shlex.join(argv or sys.argv[1:]),
-            "commit": _commit(),
+            "commit": git_commit(),
         },
     )
     dest = args.ship_to or Path(pretrained.__file__).parent
@@ -171,23 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             f"geometric means {gms}"
         )
     return 0
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
