@@ -25,6 +25,12 @@ _NONFINITE_POLICIES = ("skip", "raise")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter's step is computed in: its own, except float16 (whose range, up to
+    65504, the squared gradients of a second moment overflow), computed in float32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update computed from it) contains NaN or Inf."""
 
@@ -42,11 +48,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
     in the param groups, so ``torch.optim.lr_scheduler`` schedules work unchanged. The rule itself
     is frozen: the optimizer never changes its weights.
 
-    Non-finite gradients never reach the parameters. With ``nonfinite="skip"`` (default) a
-    parameter whose gradient holds NaN or Inf is left untouched, its state is not advanced, and a
-    ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a :class:`NonFiniteGradientError` is
-    raised before any parameter or state of that step is changed. (With finite gradients and
-    finite rule weights, the rules here always produce finite updates.)
+    Non-finite gradients and updates never reach the parameters. With ``nonfinite="skip"``
+    (default) a parameter whose gradient holds NaN or Inf is left untouched, its state is not
+    advanced, and a ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a
+    :class:`NonFiniteGradientError` is raised before any parameter or state of that step is
+    changed. The same holds for a tensor whose computed update is not finite. (The rules shipped
+    here produce finite updates for every finite gradient: they read gradients clamped to
+    :func:`~learned_opt.rules.base.grad_bound`, so no square or sum of squares overflows.)
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer.
@@ -55,8 +63,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         nonfinite: ``"skip"`` or ``"raise"``.
         state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the parameter's
             dtype), ``torch.float32`` or ``torch.bfloat16`` (half the memory of float32). The
-            update is always computed in the parameter's dtype: the state is upcast for the
-            computation and rounded back when stored.
+            update is always computed in the parameter's dtype (float32 for float16
+            parameters): the state is upcast for the computation and rounded back when stored.
+        weight_decay: decoupled weight decay (as in AdamW): each step first multiplies the
+            parameters by ``1 - lr * weight_decay``, then adds ``lr * update``. Per param group,
+            schedulable. Since ``lr`` is a multiplier (1.0 by default), ``weight_decay`` is the
+            fraction of the weights removed per step: ``AdamW(lr=1e-3, weight_decay=0.1)``
+            decays as ``weight_decay=1e-4`` does here.
+        maximize: maximize the objective (the rule reads the negated gradient).
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
@@ -71,7 +85,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: float = 1.0,
         nonfinite: str = "skip",
         state_dtype: torch.dtype | None = None,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
+        if not isinstance(weight_decay, Tensor) and weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not any(state_dtype is d for d in STATE_DTYPES):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r}; use None (the parameters' dtype), "
@@ -89,21 +107,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
         self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
-        super().__init__(params, {"lr": lr})
+        super().__init__(
+            params, {"lr": lr, "weight_decay": weight_decay, "maximize": bool(maximize)}
+        )
 
     def _rule_for(self, p: Tensor) -> UpdateRule:
-        """The rule on ``p``'s device and dtype (cached copies; the original stays as it is)."""
+        """The rule on ``p``'s device in the dtype ``p`` is computed in (cached copies; the
+        original stays as it is)."""
+        dtype = _compute_dtype(p.dtype)
         ref = next(iter(self.rule.parameters()), None)
-        if ref is None or (ref.device == p.device and ref.dtype == p.dtype):
+        if ref is None or (ref.device == p.device and ref.dtype == dtype):
             return self.rule
-        key = (p.device, p.dtype)
+        key = (p.device, dtype)
         if key not in self._rule_copies:
-            self._rule_copies[key] = copy.deepcopy(self.rule).to(device=p.device, dtype=p.dtype)
+            self._rule_copies[key] = copy.deepcopy(self.rule).to(device=p.device, dtype=dtype)
         return self._rule_copies[key]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Apply one update to every parameter that has a gradient.
+
+        Each parameter tensor's update and new state are computed first and committed only if the
+        update is finite: a tensor whose gradient or update is not finite keeps its values and its
+        state (``nonfinite="skip"``), or the step raises :class:`NonFiniteGradientError` before
+        any parameter or state is changed (``nonfinite="raise"``).
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
@@ -117,7 +144,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 loss = closure()
 
         # Check every gradient first, so that "raise" leaves the model and state untouched.
-        work: list[tuple[Tensor, float]] = []
+        work: list[tuple[Tensor, dict[str, Any]]] = []
         skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -142,30 +169,65 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         )
                     skipped += 1
                     continue
-                work.append((p, group["lr"]))
+                work.append((p, group))
 
-        for p, lr in work:
+        # With "raise", nothing is committed until every update is known to be finite.
+        pending: list[tuple[Tensor, dict[str, Any], Tensor, dict[str, Any]]] = []
+        for p, group in work:
             state = self.state[p]
             rule = self._rule_for(p)
+            flat = p.grad.reshape(-1).to(_compute_dtype(p.dtype))
+            if group["maximize"]:
+                flat = -flat
             if len(state) == 0:
-                state.update(rule.init_state(p.numel(), like=p))
+                state.update(rule.init_state(flat.numel(), like=flat))
                 self._cast_state(rule, state)
-            flat = p.grad.reshape(-1)
-            if hasattr(rule, "step_"):  # in-place fast path, same math as rule.forward
-                update = rule.step_(flat, state)  # handles states stored in another dtype
+            if hasattr(rule, "step_"):
+                # In place; such rules' updates are bounded by construction (a tanh-bounded
+                # hidden state times a linear read-out), so the check below cannot fail.
+                update, new_state = rule.step_(flat, state), None
             elif rule.tensor_aware:  # reads whole-tensor statistics: the tensor in one chunk
-                update = self._chunked_step(rule, flat, state, chunk=max(1, flat.numel()))
+                update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
             else:
-                update = self._chunked_step(rule, flat, state)
-            p.add_(update.view(p.shape), alpha=lr)
+                update, new_state = self._chunked_step(rule, flat, state)
+            if not torch.isfinite(update).all():
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"Non-finite update for a parameter of shape {tuple(p.shape)} from a "
+                        "finite gradient; no parameter was changed in this step"
+                    )
+                skipped += 1
+                continue
+            if self.nonfinite == "raise":
+                pending.append((p, group, update, new_state))
+            else:
+                self._commit(p, group, update, state, new_state)
+        for p, group, update, new_state in pending:
+            self._commit(p, group, update, self.state[p], new_state)
         if skipped:
             warnings.warn(
                 f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "
-                "non-finite gradients (parameters and optimizer state left unchanged)",
+                "non-finite gradients or updates (parameters and optimizer state left unchanged)",
                 RuntimeWarning,
                 stacklevel=2,
             )
         return loss
+
+    @staticmethod
+    def _commit(
+        p: Tensor,
+        group: dict[str, Any],
+        update: Tensor,
+        state: dict[str, Any],
+        new_state: dict[str, Any] | None,
+    ) -> None:
+        """Store the new state and apply decoupled weight decay and the update to ``p``."""
+        if new_state is not None:
+            state.update(new_state)
+        lr = group["lr"]
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.view(p.shape).to(p.dtype), alpha=lr)
 
     #: Coordinates per call of a rule without an in-place ``step_``: its temporaries (e.g. a
     #: (chunk, 4H) gate matrix) stay small enough to be reused by the allocator and to sit in
@@ -174,18 +236,29 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _chunked_step(
         self, rule: UpdateRule, flat: Tensor, state: dict[str, Any], chunk: int | None = None
-    ) -> Tensor:
+    ) -> tuple[Tensor, dict[str, Any]]:
         """``rule(flat, state)`` in chunks of ``chunk`` coordinates (default
         :attr:`chunk_size`; valid because rules are coordinatewise, and a tensor-aware rule gets
-        the whole tensor as one chunk), writing the new per-coordinate state into ``state`` in
-        place (cast to its storage dtype) and returning the update."""
+        the whole tensor as one chunk). Returns the update and the new state (per-coordinate
+        entries in their storage dtype); ``state`` itself is not changed."""
         coord = {
             k for k, v in state.items() if isinstance(v, Tensor) and rule.coord_dim(k) is not None
         }
-        update = torch.empty_like(flat)
-        shared: dict[str, Any] = {}
         n = flat.numel()
         chunk = chunk or self.chunk_size
+        if chunk >= n:  # one call: the rule's new tensors become the state
+            sub = {
+                k: self._compute_value(rule, k, v, flat) if k in coord else v
+                for k, v in state.items()
+            }
+            update, out_state = rule(flat, sub)
+            new_state = {
+                k: v.to(state[k].dtype) if k in coord and self._stored(rule, k, state[k]) else v
+                for k, v in out_state.items()
+            }
+            return update, new_state
+        update = torch.empty_like(flat)
+        new_state: dict[str, Any] = {k: torch.empty_like(state[k]) for k in coord}
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             sub = {}
@@ -195,15 +268,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     sub[k] = self._compute_value(rule, k, v, flat)
                 else:
                     sub[k] = v
-            out, new_state = rule(flat[start:end], sub)
+            out, out_state = rule(flat[start:end], sub)
             update[start:end] = out
-            for k, v in new_state.items():
+            for k, v in out_state.items():
                 if k in coord:
-                    state[k].narrow(rule.coord_dim(k), start, end - start).copy_(v)
+                    new_state[k].narrow(rule.coord_dim(k), start, end - start).copy_(v)
                 else:
-                    shared[k] = v  # e.g. the step counter: the same in every chunk
-        state.update(shared)
-        return update
+                    new_state[k] = v  # e.g. the step counter: the same in every chunk
+        return update, new_state
 
     def _stored(self, rule: UpdateRule, key: str, value: Any) -> bool:
         """Whether ``state[key]`` is per-coordinate state kept in ``state_dtype``."""
@@ -237,6 +309,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.rule.load_state_dict(rule.state_dict())
             self._rule_copies.clear()
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # state dicts saved before these options existed
+            group.setdefault("weight_decay", 0.0)
+            group.setdefault("maximize", False)
         # torch casts loaded state to each parameter's dtype; keep the storage dtype instead.
         for p, state in self.state.items():
             if isinstance(p, Tensor):
@@ -285,6 +360,8 @@ class LSTMOptimizer(LearnedOptimizer):
             path).
         lr: multiplier on the learned update (1.0 = as meta-trained); schedulable.
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
+        weight_decay: decoupled weight decay, see :class:`LearnedOptimizer`.
+        maximize: maximize the objective instead of minimizing it.
         hidden_size, num_layers: if given, the architecture the weights must have.
         state_dtype: ``torch.bfloat16`` stores the LSTM hidden and cell states in bfloat16 (160
             instead of 320 bytes per parameter); each chunk of them is upcast to the parameter's
@@ -306,6 +383,8 @@ class LSTMOptimizer(LearnedOptimizer):
         hidden_size: int | None = None,
         num_layers: int | None = None,
         state_dtype: torch.dtype | None = None,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
     ) -> None:
         params = list(params)
         if len(params) == 0:
@@ -324,4 +403,12 @@ class LSTMOptimizer(LearnedOptimizer):
                     f"weights={weights!r}: expected an LSTM with {name}={want}, found {name}={have}"
                 )
         self.metadata = meta
-        super().__init__(params, rule, lr=lr, nonfinite=nonfinite, state_dtype=state_dtype)
+        super().__init__(
+            params,
+            rule,
+            lr=lr,
+            nonfinite=nonfinite,
+            state_dtype=state_dtype,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )

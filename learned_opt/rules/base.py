@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RuleState", "UpdateRule"]
+__all__ = ["RuleState", "UpdateRule", "bounded_grad", "grad_bound"]
 
 RuleState = dict[str, Tensor]
 
@@ -67,6 +68,26 @@ def step_count(state: RuleState, like: Tensor) -> Tensor:
     if step is None:
         return torch.ones((), dtype=torch.float32, device=like.device)
     return step + 1
+
+
+def grad_bound(dtype: torch.dtype) -> float:
+    """The largest gradient magnitude a rule reads in ``dtype``: a power of two ``G`` with
+    ``G**2`` times 2**40 below the dtype's largest number (2**44, about 1.8e13, in float32 and
+    bfloat16; 2**491 in float64; float16 is computed in float32 by the optimizer).
+
+    Squares of gradients (second moments) and their sums over tensors of up to 2**36 coordinates
+    then stay finite, so a finite gradient can never produce an infinite or NaN feature. Real
+    gradients are many orders of magnitude smaller, so the bound changes nothing in practice.
+    """
+    max_exp = math.frexp(torch.finfo(dtype).max)[1]  # 128 for float32 and bfloat16
+    return math.ldexp(1.0, (max_exp - 40) // 2)
+
+
+def bounded_grad(grad: Tensor) -> Tensor:
+    """``grad`` with each coordinate clamped to ``[-G, G]``, ``G = grad_bound(grad.dtype)``
+    (the same tensor values, bit for bit, wherever ``|grad| <= G``)."""
+    bound = grad_bound(grad.dtype)
+    return grad.clamp(-bound, bound)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..preprocess import log_sign
-from .base import RuleState, UpdateRule, safe_sqrt, step_count
+from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, step_count
 
 __all__ = ["GeneralLSTMRule"]
 
@@ -230,8 +230,7 @@ class GeneralLSTMRule(UpdateRule):
             )
         if lr_adapt < 0 or lr_adapt_bound <= 0:
             raise ValueError(
-                f"Invalid lr_adapt/lr_adapt_bound: {lr_adapt}/{lr_adapt_bound} "
-                "(must be >= 0 / > 0)"
+                f"Invalid lr_adapt/lr_adapt_bound: {lr_adapt}/{lr_adapt_bound} (must be >= 0 / > 0)"
             )
         if lr_adapt_warmup < 0 or lr_adapt_warmup_steps <= 0 or lr_adapt_shrink < 1:
             raise ValueError(
@@ -436,6 +435,7 @@ class GeneralLSTMRule(UpdateRule):
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         step = step_count(state, grad)
         t = float(step)
+        grad = bounded_grad(grad)  # no finite gradient can overflow a square or a sum below
         new_state: RuleState = {"step": step}
         ids = state.get("tensor")
         if ids is not None:
@@ -525,7 +525,11 @@ class GeneralLSTMRule(UpdateRule):
         )
         # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
         # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan
-        cos = dot / safe_sqrt(g2 * p2).clamp_min(1e-30)
+        # |g|^2 |p|^2 can overflow where each factor does not: then |g| |p| (the same value up
+        # to rounding; the product form is kept where it is finite, for identical steps)
+        norms = g2 * p2
+        norms = torch.where(torch.isinf(norms), safe_sqrt(g2) * safe_sqrt(p2), safe_sqrt(norms))
+        cos = dot / norms.clamp_min(1e-30)
         if self.lr_adapt_shrink != 1.0:
             cos = cos + (self.lr_adapt_shrink - 1.0) * (cos + self.lr_adapt_margin).clamp(max=0.0)
         if self.lr_adapt_slowdown > 0:

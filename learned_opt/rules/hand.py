@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import RuleState, UpdateRule, safe_sqrt, step_count
+from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, step_count
 
 __all__ = ["SGDRule", "AdamRule"]
 
@@ -94,6 +94,7 @@ class AdamRule(UpdateRule):
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         beta1, beta2 = self.betas
         step = step_count(state, grad)
+        grad = bounded_grad(grad)  # finite second moments for any finite gradient
         exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
         exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
         # Same operation order as torch.optim.adam._single_tensor_adam, for 1e-6 parity.

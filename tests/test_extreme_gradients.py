@@ -1,0 +1,160 @@
+"""No finite gradient, however large or small, turns a parameter or the optimizer state into NaN
+or Inf, for every shipped weights file; a non-finite update is skipped or raised like a
+non-finite gradient, with parameters and state left as they were."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from learned_opt import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError, pretrained
+from learned_opt.rules import AdamRule, SGDRule, UpdateRule
+from learned_opt.rules.base import bounded_grad, grad_bound
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+WEIGHTS = pretrained.available()
+
+
+def _finite_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def _state_finite(opt: torch.optim.Optimizer) -> bool:
+    return all(
+        torch.isfinite(v).all()
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+
+
+def test_grad_bound_keeps_squares_and_their_sums_finite() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        g = grad_bound(dtype)
+        assert g * g * 2.0**36 * 8 < _finite_max(dtype)
+        assert g > 1e12  # far above any real gradient
+    x = torch.tensor([1.5, -3e38, 3e38, 0.0, -1e-38])
+    y = bounded_grad(x)
+    assert torch.equal(y[[0, 3, 4]], x[[0, 3, 4]])  # unchanged in the normal range
+    assert y[1] == -grad_bound(torch.float32) and y[2] == grad_bound(torch.float32)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exponent", [-38, -20, -5, 0, 5, 15, 19, 20, 30, 38, 300])
+def test_every_magnitude_every_dtype_every_shipped_rule(weights, dtype, exponent) -> None:
+    """Five steps at gradients of magnitude 10**exponent (clipped to the dtype's largest finite
+    number), with mixed signs and some zeros: every parameter and state entry stays finite."""
+    magnitude = min(10.0**exponent, _finite_max(dtype))
+    if magnitude == 0.0 or math.isinf(magnitude):
+        pytest.skip("not representable")
+    gen = torch.Generator().manual_seed(exponent + 100)
+    shapes = [(7, 5), (5,), ()]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    opt = LSTMOptimizer(params, weights=weights)
+    for _ in range(5):
+        for p in params:
+            signs = torch.randint(-1, 2, p.shape, generator=gen).to(torch.float64)
+            p.grad = (signs * magnitude).clamp(-_finite_max(dtype), _finite_max(dtype)).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no skipped step: every update here is finite
+            opt.step()
+        for p in params:
+            assert torch.isfinite(p).all(), f"{weights} {dtype} 1e{exponent}: non-finite parameter"
+    assert _state_finite(opt)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_a_single_spike_after_normal_steps_leaves_the_model_finite(weights) -> None:
+    """A loss spike: normal gradients, one step at 1e30, normal again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = LSTMOptimizer(model.parameters(), weights=weights)
+    x = torch.randn(32, 6)
+    for step in range(12):
+        opt.zero_grad()
+        loss = (model(x) - 1).pow(2).mean()
+        loss.backward()
+        if step == 5:
+            for p in model.parameters():
+                p.grad.mul_(1e30)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert _state_finite(opt)
+    assert torch.isfinite((model(x) - 1).pow(2).mean())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    weights=st.sampled_from(WEIGHTS),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    log_magnitudes=st.lists(st.floats(-38.0, 38.5), min_size=1, max_size=12),
+)
+def test_random_magnitudes_never_produce_non_finite_values(weights, dtype, log_magnitudes):
+    p = torch.nn.Parameter(torch.ones(len(log_magnitudes), dtype=dtype))
+    opt = LSTMOptimizer([p], weights=weights)
+    grad = torch.tensor(
+        [(-1) ** i * 10.0**m for i, m in enumerate(log_magnitudes)], dtype=torch.float64
+    )
+    grad = grad.clamp(-_finite_max(dtype), _finite_max(dtype)).to(dtype)
+    for k in range(3):
+        p.grad = grad.roll(k)
+        opt.step()
+    assert torch.isfinite(p).all() and _state_finite(opt)
+
+
+@pytest.mark.parametrize("rule", [AdamRule(lr=0.01), SGDRule(lr=1e-3)])
+def test_hand_designed_rules_stay_finite_at_the_largest_gradients(rule) -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = LearnedOptimizer([p], rule)
+    for _ in range(3):
+        p.grad = torch.tensor([3e38, -3e38, 1e20, 0.0])
+        opt.step()
+    assert torch.isfinite(p).all() and _state_finite(opt)
+
+
+class _NaNAfter(UpdateRule):
+    """A test double: SGD whose update becomes NaN for coordinates whose gradient is exactly
+    1234 (a finite gradient that a faulty rule turns into NaN)."""
+
+    kind = "test-nan-after"
+
+    def init_state(self, numel, *, like):
+        return {"count": torch.zeros(numel, dtype=like.dtype)}
+
+    def forward(self, grad, state):
+        update = torch.where(grad == 1234.0, torch.full_like(grad, float("nan")), -0.1 * grad)
+        return update, {"count": state["count"] + 1}
+
+    def config(self):
+        return {}
+
+
+def test_non_finite_update_is_skipped_with_parameters_and_state_unchanged() -> None:
+    good, bad = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([good, bad], _NaNAfter())
+    good.grad, bad.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    before = bad.detach().clone(), opt.state[bad]["count"].clone()
+    good.grad, bad.grad = torch.ones(3), torch.tensor([1.0, 1234.0, 1.0])
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(bad, before[0]) and torch.equal(opt.state[bad]["count"], before[1])
+    assert torch.allclose(good, torch.full((3,), 0.8))  # the other tensor still stepped
+    assert int(opt.state[good]["count"][0]) == 2
+
+
+def test_non_finite_update_raise_policy_changes_nothing() -> None:
+    first, bad = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([first, bad], _NaNAfter(), nonfinite="raise")
+    first.grad, bad.grad = torch.ones(3), torch.full((3,), 1234.0)
+    with pytest.raises(NonFiniteGradientError, match="no parameter was changed"):
+        opt.step()
+    # The first tensor's update was finite, but nothing is committed when a later one fails.
+    assert torch.equal(first, torch.ones(3)) and torch.equal(bad, torch.ones(3))
+    assert len(opt.state[first]) == 0 or int(opt.state[first]["count"][0]) == 0
