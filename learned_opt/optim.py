@@ -14,9 +14,18 @@ from torch import Tensor
 from . import pretrained
 from .checkpoint import load_rule, rule_from_dict, rule_to_dict
 from .rules import GeneralLSTMRule, LSTMRule, UpdateRule
+from .rules.scheduled import ScheduledRule
 
-#: The rules LSTMOptimizer runs: the paper's LSTM and the generalizing variant (issue 4).
+#: The rules LSTMOptimizer runs: the paper's LSTM and the LSTM-corrected Adam rule, alone or
+#: under a learned schedule (:class:`~learned_opt.rules.scheduled.ScheduledRule`).
 _LSTM_RULES = (LSTMRule, GeneralLSTMRule)
+
+
+def _lstm(rule: UpdateRule) -> UpdateRule | None:
+    """The coordinatewise LSTM rule inside ``rule`` (itself, or a schedule's base), or None."""
+    inner = rule.base if isinstance(rule, ScheduledRule) else rule
+    return inner if isinstance(inner, _LSTM_RULES) else None
+
 
 __all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
@@ -71,6 +80,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             fraction of the weights removed per step: ``AdamW(lr=1e-3, weight_decay=0.1)``
             decays as ``weight_decay=1e-4`` does here.
         maximize: maximize the objective (the rule reads the negated gradient).
+        total_steps: the run's length in steps, for rules that read how far training has gone
+            (a :class:`~learned_opt.rules.ScheduledRule` learns its own warm-up and decay from
+            it); ``None``: unknown (such a rule then uses a horizon-free schedule). Parameters
+            that join later start their own count.
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
@@ -87,7 +100,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        total_steps: int | None = None,
     ) -> None:
+        if total_steps is not None:
+            if int(total_steps) != total_steps or total_steps < 1:
+                raise ValueError(f"Invalid total_steps: {total_steps} (must be an integer >= 1)")
+            if not getattr(rule, "reads_horizon", False):
+                raise ValueError(
+                    f"total_steps was given, but the {rule.kind!r} rule does not read the run's "
+                    "length; use weights of a horizon-aware rule or leave total_steps out"
+                )
+        self.total_steps = None if total_steps is None else int(total_steps)
         if not isinstance(weight_decay, Tensor) and weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not any(state_dtype is d for d in STATE_DTYPES):
@@ -180,7 +203,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 flat = -flat
             if len(state) == 0:
-                state.update(rule.init_state(flat.numel(), like=flat))
+                if getattr(rule, "reads_horizon", False):
+                    fresh = rule.init_state(flat.numel(), like=flat, total_steps=self.total_steps)
+                else:
+                    fresh = rule.init_state(flat.numel(), like=flat)
+                state.update(fresh)
                 self._cast_state(rule, state)
             if hasattr(rule, "step_"):
                 # In place; such rules' updates are bounded by construction (a tanh-bounded
@@ -326,7 +353,7 @@ def _resolve_weights(
     if isinstance(weights, UpdateRule):
         return weights, {}
     rule, meta = load_rule(pretrained.resolve(weights))
-    if not isinstance(rule, _LSTM_RULES):
+    if _lstm(rule) is None:
         from .checkpoint import WeightsMismatchError
 
         raise WeightsMismatchError(
@@ -362,6 +389,8 @@ class LSTMOptimizer(LearnedOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
         weight_decay: decoupled weight decay, see :class:`LearnedOptimizer`.
         maximize: maximize the objective instead of minimizing it.
+        total_steps: the run's length, for weights of a horizon-aware rule (see
+            :class:`LearnedOptimizer`); a ``ValueError`` for weights that cannot read it.
         hidden_size, num_layers: if given, the architecture the weights must have.
         state_dtype: ``torch.bfloat16`` stores the LSTM hidden and cell states in bfloat16 (160
             instead of 320 bytes per parameter); each chunk of them is upcast to the parameter's
@@ -385,17 +414,20 @@ class LSTMOptimizer(LearnedOptimizer):
         state_dtype: torch.dtype | None = None,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        total_steps: int | None = None,
     ) -> None:
         params = list(params)
         if len(params) == 0:
             raise ValueError("optimizer got an empty parameter list")
         rule, meta = _resolve_weights(weights)
-        if not isinstance(rule, _LSTM_RULES):
+        lstm = _lstm(rule)
+        if lstm is None:
             raise TypeError(
-                f"LSTMOptimizer needs an LSTMRule or GeneralLSTMRule, got {type(rule).__name__}"
+                "LSTMOptimizer needs an LSTMRule or GeneralLSTMRule (or a ScheduledRule around "
+                f"one), got {type(rule).__name__}"
             )
         for name, want in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            have = getattr(rule, name)
+            have = getattr(lstm, name)
             if want is not None and want != have:
                 from .checkpoint import WeightsMismatchError
 
@@ -411,4 +443,5 @@ class LSTMOptimizer(LearnedOptimizer):
             state_dtype=state_dtype,
             weight_decay=weight_decay,
             maximize=maximize,
+            total_steps=total_steps,
         )

@@ -8,6 +8,7 @@ from .base import RuleState, UpdateRule
 from .general import GeneralLSTMRule
 from .hand import AdamRule, SGDRule
 from .lstm import LSTMRule
+from .scheduled import ScheduledRule
 
 __all__ = [
     "RULES",
@@ -16,13 +17,14 @@ __all__ = [
     "LSTMRule",
     "RuleState",
     "SGDRule",
+    "ScheduledRule",
     "UpdateRule",
     "build_rule",
 ]
 
 #: Rule classes by their ``kind`` (the name saved in checkpoints).
 RULES: dict[str, type[UpdateRule]] = {
-    cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, GeneralLSTMRule)
+    cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, GeneralLSTMRule, ScheduledRule)
 }
 
 

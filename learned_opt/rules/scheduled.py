@@ -1,0 +1,157 @@
+"""A learned step-size schedule around any update rule: the rule reads how far training has gone.
+
+Hand-designed training recipes warm the learning rate up and decay it towards the end of a run
+whose length is known; VeLO (Metz et al., 2022) gives its learned optimizer the fraction of
+training done as an input for the same reason. :class:`ScheduledRule` multiplies the update of a
+base rule by ``exp(s_t)``, where ``s_t`` is a small MLP of features of the step ``t`` and, when
+the run's length ``T`` is known, of the progress ``t / T``. With the MLP's last layer at zero (the
+initialization) the rule *is* its base rule, so meta-training starts from it.
+
+The run's length lives in the rule state as ``total_steps`` (0: unknown). The drop-in optimizer
+sets it from ``LSTMOptimizer(params, total_steps=N)``; without it, the progress features are
+zero and a separate flag input is 0, so the schedule depends on ``t`` alone: a horizon-free rule
+(it can still learn a warm-up). The schedule is one number per step, shared by all coordinates,
+so it costs nothing per parameter and composes with ``torch.optim.lr_scheduler`` (which scales
+the optimizer's ``lr`` multiplier on top of it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import RuleState, UpdateRule
+
+__all__ = ["ScheduledRule", "schedule_features"]
+
+#: Inputs of the schedule MLP.
+NUM_FEATURES = 7
+
+
+def schedule_features(step: Tensor, total_steps: Tensor) -> Tensor:
+    """Features of step ``t`` (>= 1) of a run of ``T`` steps (``T = 0``: unknown), shape (7,):
+    ``[known, p, p^2, cos(pi p), exp(-t/10), exp(-t/100), log(t)/log(10^4)]`` with
+    ``p = min(t / T, 1)`` (the first four are 0 when ``T`` is unknown)."""
+    t = step.to(torch.float32)
+    total = total_steps.to(torch.float32)
+    known = (total > 0).to(torch.float32)
+    p = torch.where(total > 0, (t / total.clamp_min(1.0)).clamp(max=1.0), torch.zeros_like(t))
+    return torch.stack(
+        (
+            known,
+            p,
+            p * p,
+            known * torch.cos(math.pi * p),
+            torch.exp(-t / 10.0),
+            torch.exp(-t / 100.0),
+            torch.log(t.clamp_min(1.0)) / math.log(1e4),
+        )
+    )
+
+
+class ScheduledRule(UpdateRule):
+    r"""``update = exp(s_t) * base(grad)``, ``s_t = A tanh(MLP(features(t, T)) / A)``.
+
+    Args:
+        base: the kind of the base rule (``learned_opt.rules.RULES``), e.g. ``"general-lstm"``.
+        base_config: the base rule's configuration (its :meth:`~UpdateRule.config`).
+        hidden: units of the schedule MLP's hidden layer.
+        bound: ``A``: the schedule multiplies the update by at most ``e^A`` and at least
+            ``e^-A``.
+
+    The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
+    the base rule's step counter.
+    """
+
+    kind = "scheduled"
+
+    def __init__(
+        self,
+        base: str = "general-lstm",
+        base_config: dict[str, Any] | None = None,
+        hidden: int = 16,
+        bound: float = 3.0,
+    ) -> None:
+        super().__init__()
+        from . import build_rule  # the registry imports this module
+
+        if base == self.kind:
+            raise ValueError("A ScheduledRule cannot wrap another ScheduledRule")
+        if hidden < 1 or bound <= 0:
+            raise ValueError(f"Invalid schedule: hidden={hidden}, bound={bound}")
+        self.base_kind = base
+        self.base = build_rule(base, base_config)
+        self.hidden = int(hidden)
+        self.bound = float(bound)
+        self.schedule = nn.Sequential(
+            nn.Linear(NUM_FEATURES, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1)
+        )
+        self.reset_schedule()
+
+    def reset_schedule(self, generator: torch.Generator | None = None) -> None:
+        """Hidden layer ~ U(-1/sqrt(7), 1/sqrt(7)); output layer zero: the identity schedule."""
+        bound = 1.0 / math.sqrt(NUM_FEATURES)
+        with torch.no_grad():
+            first, last = self.schedule[0], self.schedule[2]
+            first.weight.uniform_(-bound, bound, generator=generator)
+            first.bias.uniform_(-bound, bound, generator=generator)
+            last.weight.zero_()
+            last.bias.zero_()
+
+    @property
+    def tensor_aware(self) -> bool:
+        return self.base.tensor_aware
+
+    @property
+    def reads_horizon(self) -> bool:
+        return True
+
+    def init_state(
+        self,
+        numel: int,
+        *,
+        like: Tensor,
+        numels: Sequence[int] | None = None,
+        total_steps: int | None = None,
+    ) -> RuleState:
+        """The base rule's fresh state plus ``total_steps`` (``None``: unknown, stored as 0)."""
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"Invalid total_steps: {total_steps} (must be >= 1)")
+        if numels is not None and self.base.tensor_aware:
+            state = self.base.init_state(numel, like=like, numels=numels)  # type: ignore[call-arg]
+        else:
+            state = self.base.init_state(numel, like=like)
+        state["total_steps"] = torch.tensor(float(total_steps or 0), device=like.device)
+        return state
+
+    def coord_dim(self, key: str) -> int | None:
+        return None if key == "total_steps" else self.base.coord_dim(key)
+
+    def log_scale(self, step: Tensor, total_steps: Tensor) -> Tensor:
+        """``s_t`` for step ``step`` (1-based) of ``total_steps`` (0: unknown)."""
+        feats = schedule_features(step, total_steps).to(self.schedule[0].weight)
+        raw = self.schedule(feats).squeeze(-1)
+        return self.bound * torch.tanh(raw / self.bound)
+
+    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+        total = state.get("total_steps")
+        if total is None:
+            total = torch.zeros((), device=grad.device)
+        base_state = {k: v for k, v in state.items() if k != "total_steps"}
+        update, new_state = self.base(grad, base_state)
+        step = new_state["step"]
+        scale = torch.exp(self.log_scale(step, total)).to(update.dtype)
+        new_state["total_steps"] = total
+        return update * scale, new_state
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "base": self.base_kind,
+            "base_config": self.base.config(),
+            "hidden": self.hidden,
+            "bound": self.bound,
+        }

@@ -1,0 +1,96 @@
+"""The learned schedule around a rule: identity at initialization, reads the run's length only
+when given, composes with the drop-in optimizer's options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import learned_opt
+from learned_opt import LearnedOptimizer, LSTMOptimizer
+from learned_opt.checkpoint import load_rule
+from learned_opt.rules import AdamRule
+from learned_opt.rules.scheduled import ScheduledRule, schedule_features
+
+
+def _scheduled_default() -> ScheduledRule:
+    base, _ = load_rule(learned_opt.pretrained.path("general"))
+    rule = ScheduledRule(base.kind, base.config())
+    rule.base.load_state_dict(base.state_dict())
+    return rule
+
+
+def _run(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def _params() -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((6, 4), (4,))]
+
+
+def test_zero_schedule_is_exactly_the_base_rule() -> None:
+    a, b = _params(), _params()
+    _run(LSTMOptimizer(a), a, 12)
+    _run(LSTMOptimizer(b, weights=_scheduled_default(), total_steps=50), b, 12)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_features_depend_on_the_horizon_only_when_it_is_known() -> None:
+    t = torch.tensor(30.0)
+    unknown = schedule_features(t, torch.tensor(0.0))
+    assert torch.equal(unknown[:4], torch.zeros(4))
+    short, long = (
+        schedule_features(t, torch.tensor(60.0)),
+        schedule_features(t, torch.tensor(600.0)),
+    )
+    assert short[0] == 1 and short[1] == pytest.approx(0.5) and long[1] == pytest.approx(0.05)
+    assert torch.equal(short[4:], long[4:])  # the step's own features do not change
+    assert schedule_features(torch.tensor(90.0), torch.tensor(60.0))[1] == 1  # past the end
+
+
+def test_a_trained_schedule_changes_the_step_with_the_horizon_and_stays_bounded() -> None:
+    rule = _scheduled_default()
+    with torch.no_grad():
+        rule.schedule[2].weight.fill_(5.0)
+    s_short = rule.log_scale(torch.tensor(10.0), torch.tensor(20.0))
+    s_long = rule.log_scale(torch.tensor(10.0), torch.tensor(2000.0))
+    s_free = rule.log_scale(torch.tensor(10.0), torch.tensor(0.0))
+    assert len({float(s.detach()) for s in (s_short, s_long, s_free)}) == 3
+    assert max(abs(float(s.detach())) for s in (s_short, s_long, s_free)) <= rule.bound
+    a, b = _params(), _params()
+    _run(LSTMOptimizer(a, weights=rule, total_steps=20), a, 5)
+    _run(LSTMOptimizer(b, weights=rule, total_steps=2000), b, 5)
+    assert not torch.equal(a[0], b[0])
+
+
+def test_total_steps_needs_a_rule_that_reads_it() -> None:
+    p = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match="does not read the run's length"):
+        LSTMOptimizer(p, total_steps=100)  # the default weights have no schedule
+    with pytest.raises(ValueError, match="total_steps"):
+        LearnedOptimizer(p, _scheduled_default(), total_steps=0)
+    with pytest.raises(ValueError, match="cannot wrap"):
+        ScheduledRule("scheduled")
+
+
+def test_schedule_composes_with_lr_scheduler_and_state_dict_round_trip(tmp_path) -> None:
+    a = _params()
+    opt = LearnedOptimizer(a, ScheduledRule("adam", AdamRule(lr=0.01).config()), total_steps=40)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        for p in a:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        sched.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    fresh = LearnedOptimizer(_params(), ScheduledRule("adam", AdamRule(lr=0.01).config()))
+    fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    state = next(iter(fresh.state.values()))
+    assert float(state["total_steps"]) == 40 and float(state["step"]) == 6
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.25)
