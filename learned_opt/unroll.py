@@ -386,6 +386,16 @@ class _DivergenceCheck:
         )
 
 
+def tell_horizon(state: Any, horizon: int) -> Any:
+    """``state`` with the run's length written into its rule state, for rules that read how far
+    training has gone (their state has a ``total_steps`` entry); other states unchanged."""
+    rule_state = getattr(state, "rule_state", None)
+    if isinstance(rule_state, dict) and "total_steps" in rule_state:
+        old = rule_state["total_steps"]
+        rule_state["total_steps"] = torch.full_like(old, float(horizon))
+    return state
+
+
 def unroll(
     learner: MetaLearner,
     task: Task,
@@ -449,8 +459,8 @@ def unroll(
     if reference is not None:  # the same phi_0: a generator in the same state
         ref_generator = torch.Generator(device=generator.device)
         ref_generator.set_state(generator.get_state())
-        ref_state = reference.init_state(task, ref_generator)
-    state = learner.init_state(task, generator)
+        ref_state = tell_horizon(reference.init_state(task, ref_generator), horizon)
+    state = tell_horizon(learner.init_state(task, generator), horizon)
     diverges = _DivergenceCheck(max_loss_ratio)
     for start in range(0, horizon, truncation):
         end = min(start + truncation, horizon)

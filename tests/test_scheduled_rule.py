@@ -94,3 +94,25 @@ def test_schedule_composes_with_lr_scheduler_and_state_dict_round_trip(tmp_path)
     state = next(iter(fresh.state.values()))
     assert float(state["total_steps"]) == 40 and float(state["step"]) == 6
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_the_unroll_tells_the_rule_the_horizon() -> None:
+    from learned_opt.learners import OptimizerLearner
+    from learned_opt.tasks import make_family
+    from learned_opt.unroll import unroll
+
+    rule = ScheduledRule("adam", AdamRule(lr=0.01).config())
+    learner = OptimizerLearner(rule)
+    task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
+    seen = []
+    original = rule.forward
+
+    def spy(grad, state):
+        seen.append(float(state["total_steps"]))
+        return original(grad, state)
+
+    rule.forward = spy  # type: ignore[method-assign]
+    windows = unroll(learner, task, torch.Generator().manual_seed(1), horizon=7, truncation=3)
+    for _ in windows:
+        pass
+    assert seen == [7.0] * 7
