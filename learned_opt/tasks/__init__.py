@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
 from .fewshot import DigitsFewShotFamily, MNISTFewShotFamily, SinusoidFamily
+from .groups import GROUPS, MetaTrainFamily, ValidationFamily
 from .mixture import DiverseFamily, MixtureFamily, ValidationOODFamily, sample_horizon
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
@@ -21,8 +22,10 @@ __all__ = [
     "DigitsFewShotFamily",
     "DiverseFamily",
     "FlatSpec",
+    "GROUPS",
     "MLPFamily",
     "MNISTFewShotFamily",
+    "MetaTrainFamily",
     "MixtureFamily",
     "QuadraticFamily",
     "RandomMLPFamily",
@@ -31,6 +34,7 @@ __all__ = [
     "SinusoidFamily",
     "Task",
     "TaskFamily",
+    "ValidationFamily",
     "ValidationOODFamily",
     "make_family",
     "make_mlp",
@@ -64,6 +68,15 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
     # Validation tasks outside both "diverse" and benchmarks/ood.py, for weight selection
     # (MetaTrainConfig.eval_family).
     "val-ood": (ValidationOODFamily, {}),
+    # Disjoint task groups (tasks/groups.py): meta-training (adds batch-norm conv nets, LSTMs and
+    # attention models with LayerNorm to "diverse"), with random per-task scales, and
+    # validation. The third group, the sealed test, is deliberately not registered here.
+    "meta-train": (MetaTrainFamily, {}),
+    "meta-train-rescaled": (
+        MetaTrainFamily,
+        {"param_scale_range": (0.2, 5.0), "loss_scale_range": (1e-2, 1e2)},
+    ),
+    "validation": (ValidationFamily, {}),
 }
 
 

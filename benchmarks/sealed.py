@@ -1,0 +1,709 @@
+"""Benchmark: an optimizer on the sealed test group against tuned Adam and tuning-free optimizers.
+
+The sealed test (``learned_opt.tasks.groups.GROUPS["sealed-test"]``: eight fixed tasks whose
+architectures and data no meta-training or validation task shares) is run once per candidate,
+and every run is recorded: nothing is ever tuned or chosen on it. For every task and horizon
+(``--steps``), on ``--seeds`` evaluation seeds (each fixes the task's data order and initial
+parameters, the same for every optimizer), side by side in one run:
+
+- ``adam``: Adam with a constant learning rate, tuned on a log grid (``--lrs``) on
+  ``--tune-seeds`` other seeds by final training loss: the reference of every ratio;
+- ``adam-cosine``: Adam with a linear warm-up (5% of the steps) and cosine decay to 0, its
+  learning rate tuned the same way (on the grid within a factor 10 of ``adam``'s, widened while
+  the best is at its edge);
+- ``prodigy`` (``prodigyopt.Prodigy``, lr=1), ``dadapt-adam`` (``dadaptation.DAdaptAdam``, lr=1)
+  and ``schedule-free`` (``schedulefree.AdamWScheduleFree``, its defaults; ``.train()`` for
+  training, ``.eval()`` for the final losses): tuning-free optimizers at their documented
+  defaults;
+- ``learned``: ``learned_opt.LSTMOptimizer`` with ``--weights`` (default: the shipped default),
+  untuned (multiplier 1); ``--total-steps`` passes each run's horizon to it (horizon-aware
+  weights);
+- ``learned-zeroed``: the same rule with its learned read-out set to zero
+  (:func:`zero_readout`): the hand-designed part alone, an ablation.
+
+Reported per task and as geometric means over tasks, per horizon: the final-loss ratio (mean
+final training loss on the task's whole training set over tuned constant Adam's; also the held-out
+ratio), the speedup (:func:`speedup`: the steps tuned Adam needs to reach its own final smoothed
+loss over the steps the optimizer needs to reach it), seeds won (final training loss below Adam's
+on the same seed), and tuned Adam's initial and final losses (they stay well above zero). Writes
+``records.jsonl`` (one line per evaluation run), ``summary.jsonl`` (one line per task, horizon
+and optimizer, with the tuning scores), ``table.md`` and PNG plots into ``--out``.
+
+    python benchmarks/sealed.py --out benchmarks/results/sealed/general-100 --steps 100
+    python benchmarks/sealed.py --weights my.pt --total-steps --out ...
+
+To measure committed code while the working tree changes, run it from an exported tree:
+``git archive HEAD | tar -x -C /tmp/src`` and ``LEARNED_OPT_SOURCE_COMMIT=$(git rev-parse HEAD)
+PYTHONPATH=/tmp/src python /tmp/src/benchmarks/sealed.py ...``.
+
+Needs the tuning-free optimizers: ``pip install prodigyopt dadaptation schedulefree``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learned_opt import LSTMOptimizer, pretrained
+from learned_opt.checkpoint import load_rule
+from learned_opt.cli import git_commit
+from learned_opt.evaluate import DEFAULT_LR_GRID, RunResult, task_seed, tune_lr
+from learned_opt.report import write_jsonl
+from learned_opt.rules import UpdateRule
+from learned_opt.rules.scheduled import ScheduledRule
+from learned_opt.tasks import TaskFamily
+from learned_opt.tasks.groups import GROUPS, sealed_tasks
+
+_TUNE_STREAM = 3_000_017  # the seed streams of this benchmark (disjoint from each other)
+_EVAL_STREAM = 4_000_037
+
+#: Optimizers in the order of the tables; the first is the reference of every ratio.
+OPTIMIZERS = (
+    "adam",
+    "adam-cosine",
+    "prodigy",
+    "dadapt-adam",
+    "schedule-free",
+    "learned",
+    "learned-zeroed",
+)
+
+Factory = Callable[[list[Tensor], float], torch.optim.Optimizer]
+
+_BENCH_PACKAGES = {
+    "prodigyopt": "prodigyopt",
+    "dadaptation": "dadaptation",
+    "schedulefree": "schedulefree",
+}
+
+
+class MissingBenchDependencies(ImportError):
+    """A tuning-free optimizer's package is not installed."""
+
+
+def require_bench_packages() -> dict[str, Any]:
+    """The modules of the tuning-free optimizers.
+
+    Raises:
+        MissingBenchDependencies: naming the missing packages and the command that installs them.
+    """
+    import importlib
+
+    modules, missing = {}, []
+    for module, package in _BENCH_PACKAGES.items():
+        try:
+            modules[module] = importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise MissingBenchDependencies(
+            f"benchmarks/sealed.py compares against tuning-free optimizers whose packages are "
+            f"missing: {', '.join(missing)}. Install them with `pip install "
+            f"{' '.join(_BENCH_PACKAGES.values())}` (or `pip install -e .[bench]`)."
+        )
+    return modules
+
+
+def zero_readout(rule: UpdateRule) -> UpdateRule:
+    """A copy of ``rule`` with its learned read-out at zero: the hand-designed part alone.
+
+    Zeroes every ``out_weight`` and ``out_bias`` of the rule and its submodules (the LSTM's
+    read-out; for :class:`~learned_opt.rules.GeneralLSTMRule` that makes the step its nominal
+    Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
+    kept; for the paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a
+    zero update) and the last layer of a :class:`~learned_opt.rules.ScheduledRule`'s schedule
+    (the identity schedule).
+
+    Raises:
+        ValueError: the rule has no read-out to zero.
+    """
+    out = copy.deepcopy(rule)
+    zeroed: list[str] = []
+    with torch.no_grad():
+        for name, module in out.named_modules():
+            for attr in ("out_weight", "out_bias"):
+                value = getattr(module, attr, None)
+                if isinstance(value, Tensor):
+                    value.zero_()
+                    zeroed.append(f"{name}.{attr}" if name else attr)
+            if isinstance(module, ScheduledRule):
+                last = module.schedule[-1]
+                last.weight.zero_()
+                last.bias.zero_()
+                zeroed.append(f"{name}.schedule" if name else "schedule")
+    if not zeroed:
+        raise ValueError(f"The {type(rule).__name__} has no learned read-out to zero")
+    return out
+
+
+class WarmupCosineAdam(torch.optim.Adam):
+    """Adam whose learning rate at step ``t`` (from 1) is ``lr * t / W`` during a linear warm-up
+    of ``W`` steps, then ``lr * (1 + cos(pi (t - W) / (T - W))) / 2``, reaching 0 at step
+    ``T = total_steps``."""
+
+    def __init__(
+        self, params: list[Tensor], lr: float, total_steps: int, warmup_steps: int
+    ) -> None:
+        super().__init__(params, lr=lr)
+        self.base_lr = float(lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        self.t = 0
+
+    def factor(self, t: int) -> float:
+        w, total = self.warmup_steps, self.total_steps
+        if t <= w:
+            return t / w
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - w) / max(1, total - w))))
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self.t += 1
+        for group in self.param_groups:
+            group["lr"] = self.base_lr * self.factor(self.t)
+        return super().step(closure)
+
+
+def _nan_to_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+def run_once(
+    family: TaskFamily, seed: int, factory: Factory, lr: float, steps: int, name: str
+) -> RunResult:
+    """One run, as :func:`learned_opt.evaluate.run_optimizer` (the same task, initial
+    parameters and batches for a seed), except that an optimizer with ``train()`` and ``eval()``
+    methods (schedule-free) is put in training mode for the steps and in evaluation mode for the
+    final losses."""
+    task = family.sample(torch.Generator().manual_seed(seed))
+    params = task.init_params(torch.Generator().manual_seed(seed + 1))
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    opt = factory(list(leaves.values()), lr)
+    modes = callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
+    if modes:
+        opt.train()  # type: ignore[attr-defined]
+    losses: list[float] = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(leaves, task.train.sample())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            losses += [math.nan] * (steps - len(losses))
+            break
+        losses.append(value)
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - start
+    if modes:
+        opt.eval()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        final_train = float(task.loss(leaves, task.train.full()))
+        final_test = float(task.loss(leaves, task.test.full()))
+    return RunResult(name, lr, seed, losses, final_train, final_test, seconds, task.name)
+
+
+def smooth(curve: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average: entry ``i`` is the mean of ``curve[max(0, i - window + 1):i+1]``
+    (NaN once any value in the window is NaN)."""
+    arr = np.asarray(curve, dtype=float)
+    cums = np.concatenate(([0.0], np.cumsum(arr)))
+    idx = np.arange(len(arr))
+    lo = np.maximum(0, idx - window + 1)
+    return (cums[idx + 1] - cums[lo]) / (idx + 1 - lo)
+
+
+def mean_curve(runs: Sequence[RunResult]) -> np.ndarray:
+    """The mean over seeds of the minibatch training losses per step (NaN where any seed has
+    diverged: a diverged run never counts as having reached a loss)."""
+    return np.mean(np.array([r.losses for r in runs], dtype=float), axis=0)
+
+
+def first_reach(curve: np.ndarray, target: float) -> int | None:
+    """The first step count ``i`` (the loss after ``i`` steps) with ``curve[i] <= target``."""
+    hits = np.flatnonzero(curve <= target)
+    return int(hits[0]) if len(hits) else None
+
+
+def speedup(adam: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """How much sooner ``other`` reaches tuned Adam's final loss than Adam does, on smoothed
+    mean curves.
+
+    The target is Adam's last smoothed value; ``adam_steps`` the first step Adam's curve is at or
+    below it, ``steps`` the first step ``other``'s is. Returns ``{"value", "status",
+    "adam_steps", "steps"}`` with ``status``:
+
+    - ``"ok"``: ``value = adam_steps / steps`` (above 1: faster than Adam);
+    - ``"censored"``: ``other`` never reaches the target within the run (or diverges): it would
+      need more than ``T`` steps, so the speedup is *below* ``value = adam_steps / T`` (an upper
+      bound, used as such in geometric means);
+    - ``"undefined"``: Adam's target is already met at step 0 (no progress to compare);
+      ``value`` is NaN.
+    """
+    target = float(adam[-1])
+    adam_steps = first_reach(adam, target)
+    if adam_steps is None or adam_steps == 0 or not math.isfinite(target):
+        return {"value": math.nan, "status": "undefined", "adam_steps": adam_steps, "steps": None}
+    steps = first_reach(other, target)
+    if steps is None:
+        value = adam_steps / len(adam)
+        return {"value": value, "status": "censored", "adam_steps": adam_steps, "steps": None}
+    steps = max(steps, 1)
+    return {"value": adam_steps / steps, "status": "ok", "adam_steps": adam_steps, "steps": steps}
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """Geometric mean of positive finite values (``inf`` if any is ``inf`` or not positive,
+    NaN for no values)."""
+    if not values:
+        return math.nan
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        return math.inf
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean([_nan_to_inf(v) for v in values])) if values else math.nan
+
+
+def _tune_near(
+    family: TaskFamily,
+    factory: Factory,
+    seeds: Sequence[int],
+    steps: int,
+    grid: Sequence[float],
+    center: float,
+    name: str,
+) -> tuple[float, dict[float, float]]:
+    """Tune on the values of ``grid`` within a factor 10 of ``center``, widened one grid value
+    at a time while the best is at the edge of those tried (the full grid at most)."""
+    grid = sorted(grid)
+    tried = [lr for lr in grid if center / 10.0 * (1 - 1e-9) <= lr <= center * 10.0 * (1 + 1e-9)]
+    tried = tried or list(grid)
+    scores: dict[float, float] = {}
+    while True:
+        todo = [lr for lr in tried if lr not in scores]
+        if todo:
+            scores.update(tune_lr(family, factory, seeds, steps, todo, name=name)[1])
+        best = min(scores, key=lambda k: (scores[k], k))
+        i = grid.index(best)
+        if best == min(tried) and i > 0:
+            tried.insert(0, grid[i - 1])
+        elif best == max(tried) and i < len(grid) - 1:
+            tried.append(grid[i + 1])
+        else:
+            return best, dict(sorted(scores.items()))
+
+
+def make_factories(
+    rule: UpdateRule, steps: int, total_steps: bool, warmup_fraction: float
+) -> dict[str, Factory]:
+    """Every optimizer of :data:`OPTIMIZERS` as ``factory(params, lr)`` for runs of ``steps``."""
+    mods = require_bench_packages()
+    zeroed = zero_readout(rule)
+    horizon = {"total_steps": steps} if total_steps else {}
+    warmup = max(1, math.ceil(warmup_fraction * steps))
+
+    return {
+        "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+        "adam-cosine": lambda p, lr: WarmupCosineAdam(p, lr, steps, warmup),
+        "prodigy": lambda p, lr: mods["prodigyopt"].Prodigy(p, lr=1.0),
+        "dadapt-adam": lambda p, lr: mods["dadaptation"].DAdaptAdam(p, lr=1.0),
+        "schedule-free": lambda p, lr: mods["schedulefree"].AdamWScheduleFree(p),
+        "learned": lambda p, lr: LSTMOptimizer(p, weights=rule, lr=1.0, **horizon),
+        "learned-zeroed": lambda p, lr: LSTMOptimizer(p, weights=zeroed, lr=1.0, **horizon),
+    }
+
+
+#: The learning rate recorded for the untuned optimizers (their own documented defaults).
+_DEFAULT_LR = {
+    "prodigy": 1.0,
+    "dadapt-adam": 1.0,
+    "schedule-free": 0.0025,
+    "learned": 1.0,
+    "learned-zeroed": 1.0,
+}
+
+
+def evaluate_sealed(
+    rule: UpdateRule,
+    *,
+    tasks: Sequence[str],
+    steps: Sequence[int],
+    seeds: int,
+    tune_seeds: int,
+    lrs: Sequence[float] = DEFAULT_LR_GRID,
+    total_steps: bool = False,
+    warmup_fraction: float = 0.05,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the benchmark.
+
+    Returns:
+        ``(records, summary)``: one record per evaluation run (:meth:`RunResult.record` plus
+        ``benchmark_task`` and ``steps``), and one summary row per task, horizon and optimizer
+        (see :func:`summarize_task`).
+    """
+    families = sealed_tasks()
+    unknown = [t for t in tasks if t not in families]
+    if unknown:
+        raise ValueError(f"Unknown sealed tasks {unknown}; expected among {sorted(families)}")
+    tune = [task_seed(seed, _TUNE_STREAM, k) for k in range(tune_seeds)]
+    evals = [task_seed(seed, _EVAL_STREAM, k) for k in range(seeds)]
+    if set(tune) & set(evals):
+        raise ValueError("tuning and evaluation seeds overlap")
+    records: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    for name in tasks:
+        family = families[name]
+        for n_steps in steps:
+            start = time.perf_counter()
+            factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
+            adam_lr, adam_scores = tune_lr(family, factories["adam"], tune, n_steps, lrs)
+            cos_lr, cos_scores = _tune_near(
+                family, factories["adam-cosine"], tune, n_steps, lrs, adam_lr, "adam-cosine"
+            )
+            chosen = {"adam": adam_lr, "adam-cosine": cos_lr, **_DEFAULT_LR}
+            runs: dict[str, list[RunResult]] = {}
+            for opt in OPTIMIZERS:
+                runs[opt] = [
+                    run_once(family, s, factories[opt], chosen[opt], n_steps, opt) for s in evals
+                ]
+            for opt in OPTIMIZERS:
+                for r in runs[opt]:
+                    rec = {**r.record(), "benchmark_task": name, "steps": n_steps}
+                    rec["losses"] = [float(f"{v:.5g}") for v in r.losses]  # 5 digits: smaller
+                    records.append(rec)
+            tuning = {
+                "adam": {"lr": adam_lr, "scores": adam_scores, "grid": list(lrs)},
+                "adam-cosine": {"lr": cos_lr, "scores": cos_scores},
+            }
+            rows = summarize_task(name, n_steps, runs, tuning)
+            summary += rows
+            by = {r["optimizer"]: r for r in rows}
+            log(
+                f"{name} T={n_steps}: Adam lr={adam_lr:g} final {by['adam']['final_train']:.4g} "
+                f"(initial {by['adam']['initial_loss']:.4g}); ratios "
+                + ", ".join(f"{o} {by[o]['ratio_train']:.3f}" for o in OPTIMIZERS[1:])
+                + f"; {time.perf_counter() - start:.0f}s"
+            )
+    return records, summary
+
+
+def summarize_task(
+    task: str, steps: int, runs: dict[str, list[RunResult]], tuning: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per optimizer: mean final train and held-out losses, their ratios to ``adam``'s,
+    seeds won, the speedup (on mean curves smoothed over 5% of the horizon), and for ``adam``
+    its initial loss and the tuning scores."""
+    window = max(1, math.ceil(0.05 * steps))
+    adam_runs = runs["adam"]
+    adam_curve = smooth(mean_curve(adam_runs), window)
+    adam_train = _mean([r.final_train_loss for r in adam_runs])
+    adam_test = _mean([r.final_test_loss for r in adam_runs])
+    by_seed = {r.seed: r.final_train_loss for r in adam_runs}
+    rows = []
+    for opt, these in runs.items():
+        train = _mean([r.final_train_loss for r in these])
+        test = _mean([r.final_test_loss for r in these])
+        won = sum(
+            1
+            for r in these
+            if math.isfinite(r.final_train_loss) and r.final_train_loss < by_seed[r.seed]
+        )
+        curve = smooth(mean_curve(these), window)
+        row: dict[str, Any] = {
+            "kind": "summary",
+            "task": task,
+            "steps": steps,
+            "optimizer": opt,
+            "lr": these[0].lr,
+            "seeds": len(these),
+            "final_train": train,
+            "final_test": test,
+            "ratio_train": train / adam_train,
+            "ratio_test": test / adam_test,
+            "won": won if opt != "adam" else None,
+            "speedup": speedup(adam_curve, curve) if opt != "adam" else None,
+            "initial_loss": float(np.mean([r.losses[0] for r in these])),
+            "seconds": float(np.mean([r.seconds for r in these])),
+        }
+        if opt in tuning:
+            row["tuning"] = tuning[opt]
+            grid = tuning["adam"]["grid"]
+            row["lr_at_edge"] = len(grid) > 1 and tuning[opt]["lr"] in (min(grid), max(grid))
+        rows.append(row)
+    return rows
+
+
+def _fmt_speedup(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "1 (ref)"
+    if s["status"] == "undefined":
+        return "undef."
+    if s["status"] == "censored":
+        return f"<{s['value']:.2f}"
+    return f"{s['value']:.2f}"
+
+
+def _geo_speedup(rows: list[dict[str, Any]]) -> str:
+    values = [r["speedup"] for r in rows if r["speedup"]["status"] != "undefined"]
+    if not values:
+        return "undef."
+    gm = geometric_mean([v["value"] for v in values])
+    censored = any(v["status"] == "censored" for v in values)
+    undefined = len(rows) - len(values)
+    text = ("≤" if censored else "") + f"{gm:.2f}"
+    return text + (f" ({undefined} undef.)" if undefined else "")
+
+
+def tables(summary: list[dict[str, Any]]) -> str:
+    """Markdown tables per horizon: tuned Adam's losses, then per metric one line per task and
+    a column per optimizer, with geometric means (and seed totals) over tasks."""
+    out: list[str] = []
+    opts = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in summary)]
+    others = [o for o in opts if o != "adam"]
+    for n_steps in sorted({r["steps"] for r in summary}):
+        rows = [r for r in summary if r["steps"] == n_steps]
+        task_names = list(dict.fromkeys(r["task"] for r in rows))
+        cell = {(r["task"], r["optimizer"]): r for r in rows}
+        out.append(f"## {n_steps} steps\n")
+        out.append(
+            "### Tuned Adam (the reference): learning rates and losses\n\n"
+            "| task | Adam lr | cosine lr | initial loss | final train | final / initial | "
+            "final held-out |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        )
+        for t in task_names:
+            a, c = cell[(t, "adam")], cell[(t, "adam-cosine")]
+            edge = " (edge)" if a.get("lr_at_edge") else ""
+            out.append(
+                f"| {t} | {a['lr']:g}{edge} | {c['lr']:g} | {a['initial_loss']:.4g} | "
+                f"{a['final_train']:.4g} | {a['final_train'] / a['initial_loss']:.3f} | "
+                f"{a['final_test']:.4g} |"
+            )
+        header = "| task | " + " | ".join(others) + " |"
+        sep = "| --- |" + " ---: |" * len(others)
+        for title, key, fmt in (
+            ("Final training loss / tuned Adam's (below 1: better)", "ratio_train", "{:.3f}"),
+            ("Final held-out loss / tuned Adam's", "ratio_test", "{:.3f}"),
+        ):
+            out.append(f"\n### {title}\n\n{header}\n{sep}")
+            for t in task_names:
+                vals = " | ".join(fmt.format(cell[(t, o)][key]) for o in others)
+                out.append(f"| {t} | {vals} |")
+            geo = " | ".join(
+                f"**{geometric_mean([cell[(t, o)][key] for t in task_names]):.3f}**" for o in others
+            )
+            out.append(f"| **geometric mean** | {geo} |")
+            worst = " | ".join(f"{max(cell[(t, o)][key] for t in task_names):.3f}" for o in others)
+            out.append(f"| worst task | {worst} |")
+        out.append(
+            "\n### Speedup: Adam's steps to its final smoothed loss / the optimizer's "
+            "(above 1: faster; <x: never reached, an upper bound)\n\n" + header + "\n" + sep
+        )
+        for t in task_names:
+            vals = " | ".join(_fmt_speedup(cell[(t, o)]["speedup"]) for o in others)
+            out.append(f"| {t} | {vals} |")
+        geo = " | ".join(f"**{_geo_speedup([cell[(t, o)] for t in task_names])}**" for o in others)
+        out.append(f"| **geometric mean** | {geo} |")
+        out.append(
+            "\n### Seeds won (final training loss below tuned Adam's on the same seed)\n\n"
+            + header
+            + "\n"
+            + sep
+        )
+        for t in task_names:
+            vals = " | ".join(f"{cell[(t, o)]['won']}/{cell[(t, o)]['seeds']}" for o in others)
+            out.append(f"| {t} | {vals} |")
+        totals = " | ".join(
+            f"**{sum(cell[(t, o)]['won'] for t in task_names)}/"
+            f"{sum(cell[(t, o)]['seeds'] for t in task_names)}**"
+            for o in others
+        )
+        out.append(f"| **all** | {totals} |\n")
+    return "\n".join(out)
+
+
+def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``curves-<steps>.png`` (smoothed mean training loss per task and optimizer) and
+    ``ratios.png`` (final-loss ratios per task and optimizer, one panel per horizon)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    horizons = sorted({r["steps"] for r in summary})
+    opts = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in summary)]
+    for n_steps in horizons:
+        task_names = list(dict.fromkeys(r["task"] for r in summary if r["steps"] == n_steps))
+        cols = min(4, len(task_names))
+        nrows = math.ceil(len(task_names) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+        window = max(1, math.ceil(0.05 * n_steps))
+        for ax, t in zip(axes.flat, task_names):
+            for o in opts:
+                curves = [
+                    r["losses"]
+                    for r in records
+                    if r["benchmark_task"] == t and r["steps"] == n_steps and r["optimizer"] == o
+                ]
+                mean = smooth(np.mean(np.array(curves, dtype=float), axis=0), window)
+                ax.plot(np.arange(len(mean)), mean, label=o, lw=1.2)
+            ax.set_yscale("log")
+            ax.set_title(t, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes.flat)[len(task_names) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(f"sealed test, {n_steps} steps: mean training loss (smoothed, {window})")
+        fig.tight_layout()
+        path = out / f"curves-{n_steps}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    others = [o for o in opts if o != "adam"]
+    fig, axes = plt.subplots(1, len(horizons), figsize=(7 * len(horizons), 4), squeeze=False)
+    for ax, n_steps in zip(axes.flat, horizons):
+        rows = [r for r in summary if r["steps"] == n_steps]
+        task_names = list(dict.fromkeys(r["task"] for r in rows))
+        cell = {(r["task"], r["optimizer"]): r for r in rows}
+        width = 0.8 / max(1, len(others))
+        for k, o in enumerate(others):
+            vals = [min(cell[(t, o)]["ratio_train"], 10.0) for t in task_names]
+            ax.bar(np.arange(len(task_names)) + k * width, vals, width, label=o)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(task_names)) + 0.4 - width / 2)
+        ax.set_xticklabels(task_names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"final training loss / tuned Adam's, {n_steps} steps (capped at 10)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "ratios.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--weights",
+        default=pretrained.DEFAULT,
+        help=f"shipped weights name or weights file (default {pretrained.DEFAULT})",
+    )
+    parser.add_argument(
+        "--total-steps",
+        action="store_true",
+        help="pass each run's horizon to the learned optimizer (horizon-aware weights)",
+    )
+    parser.add_argument("--steps", default="100,1000", help="comma list of horizons")
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds")
+    parser.add_argument("--tune-seeds", type=int, default=2, help="seeds that tune Adam's lr")
+    parser.add_argument("--lrs", default=",".join(map(str, DEFAULT_LR_GRID)), help="Adam's grid")
+    sealed = [m.name for m in GROUPS["sealed-test"].members]
+    parser.add_argument("--tasks", default=",".join(sealed), help="comma list of sealed tasks")
+    parser.add_argument("--warmup-fraction", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="the seed streams")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        require_bench_packages()
+    except MissingBenchDependencies as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in sealed]
+    if unknown:
+        print(f"unknown tasks {unknown}; choose from {sealed}", file=sys.stderr)
+        return 2
+    steps = [int(s) for s in args.steps.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    if args.seeds < 1 or args.tune_seeds < 1 or min(steps) < 1:
+        print("--seeds, --tune-seeds and --steps must be positive", file=sys.stderr)
+        return 2
+    try:
+        rule, _ = load_rule(pretrained.resolve(args.weights))
+        if args.total_steps:  # fails now, not after an hour, if the rule cannot read it
+            LSTMOptimizer([torch.zeros(1, requires_grad=True)], weights=rule, total_steps=1)
+    except (ValueError, TypeError) as exc:
+        print(f"--weights {args.weights}: {exc}", file=sys.stderr)
+        return 2
+    # The code that runs (the tree may change during a long run); a tree exported with
+    # `git archive` has no .git: its commit is then given as LEARNED_OPT_SOURCE_COMMIT.
+    commit = git_commit()
+    if commit == "unknown":
+        commit = os.environ.get("LEARNED_OPT_SOURCE_COMMIT", "unknown") + " (exported tree)"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records, summary = evaluate_sealed(
+        rule,
+        tasks=tasks,
+        steps=steps,
+        seeds=args.seeds,
+        tune_seeds=args.tune_seeds,
+        lrs=lrs,
+        total_steps=args.total_steps,
+        warmup_fraction=args.warmup_fraction,
+        seed=args.seed,
+    )
+    elapsed = time.perf_counter() - start
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {
+        "kind": "meta",
+        "command": f"python benchmarks/sealed.py {command}",
+        "commit": commit,
+        "weights": args.weights,
+        "total_steps": args.total_steps,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "seconds": elapsed,
+        "tasks": {m.name: m.build().config() for m in GROUPS["sealed-test"].members},
+    }
+    write_jsonl(out / "records.jsonl", records)
+    write_jsonl(out / "summary.jsonl", [meta, *summary])
+    body = tables(summary)
+    header = (
+        f"# Sealed test: `{args.weights}` vs tuned Adam and tuning-free optimizers\n\n"
+        f"Command: `{meta['command']}`  \n"
+        f"Commit: {commit}; torch {torch.__version__}; {platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s); {elapsed / 60:.1f} min; {args.seeds} evaluation "
+        f"seeds; Adam's lr tuned on {args.tune_seeds} other seeds over {lrs} (cosine: warm-up "
+        f"{args.warmup_fraction:.0%} of the steps); learned optimizer untuned"
+        + (", told the horizon (total_steps)" if args.total_steps else "")
+        + ".\n\nThe sealed test is run once per candidate and never used to choose anything. "
+        "Ratios are mean final losses (whole training set; held-out set) over tuned constant "
+        "Adam's. Speedups compare mean minibatch-loss curves smoothed over 5% of the horizon "
+        "(schedule-free's curve is at its training point, its final losses at its averaged "
+        "point).\n\n"
+    )
+    (out / "table.md").write_text(header + body)
+    print("\n" + body)
+    written = plot(records, summary, out)
+    print(
+        f"wrote {out / 'records.jsonl'}, {out / 'summary.jsonl'}, {out / 'table.md'}, "
+        + ", ".join(str(p) for p in written),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())

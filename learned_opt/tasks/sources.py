@@ -1,0 +1,194 @@
+"""Named data parts for the task groups: which examples a task trains and is evaluated on.
+
+A *part* is a disjoint piece of a data source. The task groups (:mod:`learned_opt.tasks.groups`)
+declare the parts their tasks read, so that a test can check that meta-training, validation and
+the sealed test never read the same examples. :func:`load_part` returns ``(x_train, y_train,
+x_heldout, y_heldout)``: the task trains on the first pair and is evaluated on the second, both
+inside the part.
+
+Sources and parts (:data:`PARTS`):
+
+- ``mnist``: ``"train"`` (the official 60k training images, as :func:`~learned_opt.tasks.zoo.
+  load_dataset` with ``holdout="val"``: 50k / 10k), ``"test"`` (the official 10k test images:
+  8k / 2k);
+- ``digits``, ``diabetes``, ``iris``, ``wine``: ``"train"`` (the four fifths that
+  ``holdout="val"`` reads; the last fifth, ``holdout="test"``, is left unread);
+- ``shapes`` (:func:`make_shapes`, synthetic 16x16 images of six shapes): ``"val"`` and
+  ``"test"``, drawn from different seeds;
+- ``friedman1`` (``"test"``) and ``friedman3`` (``"val"``): scikit-learn's synthetic regression
+  problems (Friedman, 1991) with noise, so the loss has a floor well above zero;
+- ``clusters`` (``"test"``): scikit-learn's ``make_classification`` (6 classes in 20 features,
+  10% of the labels flipped: a floor well above zero).
+
+Tables are standardized with their training half's statistics (regression targets too); images
+are pixels in [0, 1]. Everything is offline and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["PARTS", "SOURCES", "load_part", "make_shapes", "part_key"]
+
+#: source -> (kind, image side or None); kind is "class", "regress" or "image" (autoencoder).
+SOURCES: dict[str, tuple[str, int | None]] = {
+    "mnist": ("class", 28),
+    "digits": ("class", 8),
+    "diabetes": ("regress", None),
+    "iris": ("class", None),
+    "wine": ("class", None),
+    "shapes": ("class", 16),
+    "friedman1": ("regress", None),
+    "friedman3": ("regress", None),
+    "clusters": ("class", None),
+}
+
+#: source -> the parts that exist.
+PARTS: dict[str, tuple[str, ...]] = {
+    "mnist": ("train", "test"),
+    "digits": ("train",),
+    "diabetes": ("train",),
+    "iris": ("train",),
+    "wine": ("train",),
+    "shapes": ("val", "test"),
+    "friedman1": ("test",),
+    "friedman3": ("val",),
+    "clusters": ("test",),
+}
+
+#: Seeds of the synthetic parts (fixed: a part is the same data on every machine).
+_SEEDS: dict[tuple[str, str], int] = {
+    ("shapes", "val"): 11,
+    ("shapes", "test"): 23,
+    ("friedman1", "test"): 37,
+    ("friedman3", "val"): 41,
+    ("clusters", "test"): 53,
+}
+
+_CACHE: dict[tuple[str, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def part_key(source: str, part: str) -> str:
+    """``"source:part"``, the name under which the groups declare a part."""
+    return f"{source}:{part}"
+
+
+def make_shapes(
+    n: int, side: int, generator: torch.Generator, noise: float = 0.35, label_noise: float = 0.05
+) -> tuple[Tensor, Tensor]:
+    """``n`` noisy ``side x side`` grey images of six shapes and their labels.
+
+    Classes: disk, ring, filled square, square outline, plus, diagonal cross; each of random
+    centre, size (radius 2-5 pixels) and intensity (0.4-1), plus Gaussian pixel noise of standard
+    deviation ``noise``, clipped to [0, 1]. A fraction ``label_noise`` of the labels is replaced
+    by a random class, so no classifier reaches zero loss.
+
+    Returns:
+        ``(x, y)``: float32 ``(n, side * side)`` and int64 ``(n,)``.
+    """
+    y = torch.randint(6, (n,), generator=generator)
+    radius = 2.0 + 3.0 * torch.rand(n, generator=generator)
+    lo, hi = radius + 0.5, side - 1.5 - radius
+    cx = lo + (hi - lo) * torch.rand(n, generator=generator)
+    cy = lo + (hi - lo) * torch.rand(n, generator=generator)
+    amp = 0.4 + 0.6 * torch.rand(n, generator=generator)
+    grid = torch.arange(side, dtype=torch.float32)
+    dx = grid.view(1, 1, side) - cx.view(n, 1, 1)
+    dy = grid.view(1, side, 1) - cy.view(n, 1, 1)
+    r = radius.view(n, 1, 1)
+    dist = torch.sqrt(dx * dx + dy * dy)
+    box = torch.maximum(dx.abs(), dy.abs())
+    masks = torch.stack(
+        (
+            dist <= r,
+            (dist - r).abs() <= 0.8,
+            box <= r,
+            (box - r).abs() <= 0.6,
+            ((dx.abs() <= 0.7) & (dy.abs() <= r)) | ((dy.abs() <= 0.7) & (dx.abs() <= r)),
+            ((dx.abs() - dy.abs()).abs() <= 0.8) & (box <= r),
+        ),
+        dim=1,
+    )  # (n, 6, side, side)
+    shape = masks[torch.arange(n), y].to(torch.float32)
+    x = shape * amp.view(n, 1, 1) + noise * torch.randn(n, side, side, generator=generator)
+    flip = torch.rand(n, generator=generator) < label_noise
+    y = torch.where(flip, torch.randint(6, (n,), generator=generator), y)
+    return x.clamp(0.0, 1.0).reshape(n, side * side), y
+
+
+def _standardize(
+    xt: Tensor, yt: Tensor, xh: Tensor, yh: Tensor, regress: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
+    xt, xh = (xt - mean) / std, (xh - mean) / std
+    if regress:
+        y_mean, y_std = yt.mean(0), yt.std(0).clamp_min(1e-6)
+        yt, yh = (yt - y_mean) / y_std, (yh - y_mean) / y_std
+    return xt, yt, xh, yh
+
+
+def _sklearn(source: str, seed: int) -> tuple[Tensor, Tensor]:
+    import numpy as np
+    from sklearn import datasets
+
+    if source == "friedman1":
+        x, y = datasets.make_friedman1(n_samples=3000, noise=2.0, random_state=seed)
+    elif source == "friedman3":
+        x, y = datasets.make_friedman3(n_samples=3000, noise=0.12, random_state=seed)
+    elif source == "clusters":
+        x, y = datasets.make_classification(
+            n_samples=6000,
+            n_features=20,
+            n_informative=8,
+            n_redundant=4,
+            n_classes=6,
+            n_clusters_per_class=2,
+            class_sep=1.0,
+            flip_y=0.1,
+            random_state=seed,
+        )
+    else:  # pragma: no cover - guarded by load_part
+        raise ValueError(source)
+    xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if SOURCES[source][0] == "regress":
+        return xs, torch.as_tensor(np.asarray(y, dtype=np.float32)).unsqueeze(1)
+    return xs, torch.as_tensor(np.asarray(y, dtype=np.int64))
+
+
+def load_part(source: str, part: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_heldout, y_heldout)`` of one part of a source (see the module).
+
+    Raises:
+        ValueError: unknown source or part.
+    """
+    if source not in PARTS:
+        raise ValueError(f"Unknown source {source!r}; expected one of {sorted(PARTS)}")
+    if part not in PARTS[source]:
+        raise ValueError(f"{source!r} has no part {part!r}; parts: {PARTS[source]}")
+    key = (source, part)
+    if key in _CACHE:
+        return _CACHE[key]
+    from ..data import load_mnist, train_val_split
+    from .zoo import load_dataset
+
+    if part == "train":  # the parts the existing families read with holdout="val"
+        out = load_dataset(source, "val")
+    elif source == "mnist":  # the official test set, 8k / 2k
+        x, y = load_mnist("test")  # float32 (10000, 784) in [0, 1]
+        (xt, yt), (xh, yh) = train_val_split(x, y, 2000, seed=0)
+        out = (xt, yt, xh, yh)
+    elif source == "shapes":
+        x, y = make_shapes(10_000, 16, torch.Generator().manual_seed(_SEEDS[key]))
+        n_train = 8000
+        out = (x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    else:
+        x, y = _sklearn(source, _SEEDS[key])
+        n_train = math.floor(0.8 * len(x))
+        out = _standardize(
+            x[:n_train], y[:n_train], x[n_train:], y[n_train:], SOURCES[source][0] == "regress"
+        )
+    _CACHE[key] = out
+    return out
