@@ -12,7 +12,15 @@ from .higher_interop import DifferentiableLearnedOptimizer, register
 from .learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
 from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
-from .rules import AdamRule, GeneralLSTMRule, LSTMRule, SGDRule, UpdateRule
+from .rules import (
+    AdamRule,
+    GeneralLSTMRule,
+    LSTMCorrectedAdamConfig,
+    LSTMCorrectedAdamRule,
+    LSTMRule,
+    SGDRule,
+    UpdateRule,
+)
 from .tasks import MLPFamily, QuadraticFamily, Task, TaskFamily, make_family
 from .unroll import run_inner, unroll
 
@@ -26,6 +34,8 @@ __all__ = [
     "DifferentiableLearnedOptimizer",
     "Estimator",
     "GeneralLSTMRule",
+    "LSTMCorrectedAdamConfig",
+    "LSTMCorrectedAdamRule",
     "LSTMOptimizer",
     "LSTMRule",
     "LearnedOptimizer",

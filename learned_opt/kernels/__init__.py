@@ -357,8 +357,8 @@ def fused_lstm(
     w_hh: list[Tensor],
     bias: list[Tensor],
 ) -> tuple[list[Tensor], list[Tensor]] | None:
-    """A stack of coordinatewise LSTM layers on given inputs ``x`` (n, in) (e.g.
-    :class:`~learned_opt.rules.GeneralLSTMRule`'s features), out of place and differentiable in
+    """A stack of coordinatewise LSTM layers on given inputs ``x`` (n, in) (e.g. the features
+    of :class:`~learned_opt.rules.LSTMCorrectedAdamRule`), out of place and differentiable in
     the states and weights (not in ``x``: first order), with the fused backward of
     :func:`fused_rule`: returns ``(new h per layer, new c per layer)``, or ``None`` when not
     covered (see :func:`fused_rule`; ``x`` must not require grad)."""

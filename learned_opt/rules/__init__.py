@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .base import RuleState, UpdateRule
+from .corrected_adam import LSTMCorrectedAdamRule
+from .corrected_adam_config import LSTMCorrectedAdamConfig
 from .general import GeneralLSTMRule
 from .hand import AdamRule, SGDRule
 from .lstm import LSTMRule
@@ -14,6 +16,8 @@ __all__ = [
     "RULES",
     "AdamRule",
     "GeneralLSTMRule",
+    "LSTMCorrectedAdamConfig",
+    "LSTMCorrectedAdamRule",
     "LSTMRule",
     "RuleState",
     "SGDRule",
@@ -22,9 +26,15 @@ __all__ = [
     "build_rule",
 ]
 
-#: Rule classes by their ``kind`` (the name saved in checkpoints).
+#: Rule classes by their ``kind`` (the name saved in checkpoints). ``"general-lstm"`` is
+#: :class:`LSTMCorrectedAdamRule` with the options a configuration leaves out at the former
+#: defaults (those of every saved configuration and documented command);
+#: ``"lstm-corrected-adam"`` is the same rule with them at the shipped configuration
+#: (:class:`LSTMCorrectedAdamConfig`), e.g. ``--rule lstm-corrected-adam`` with no options.
 RULES: dict[str, type[UpdateRule]] = {
-    cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, GeneralLSTMRule, ScheduledRule)
+    **{cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, LSTMCorrectedAdamRule)},
+    ScheduledRule.kind: ScheduledRule,
+    "lstm-corrected-adam": LSTMCorrectedAdamRule,
 }
 
 
@@ -32,7 +42,8 @@ def build_rule(kind: str, config: dict[str, Any] | None = None) -> UpdateRule:
     """Construct a rule from its ``kind`` and :meth:`UpdateRule.config` dictionary.
 
     Raises:
-        ValueError: unknown kind or configuration keys.
+        ValueError: unknown kind or configuration keys (for ``"general-lstm"``, also an option
+            that was removed, at a value other than its remaining one).
     """
     if kind not in RULES:
         raise ValueError(f"Unknown rule kind {kind!r}; expected one of {sorted(RULES)}")
@@ -40,6 +51,10 @@ def build_rule(kind: str, config: dict[str, Any] | None = None) -> UpdateRule:
     if "betas" in config:
         config["betas"] = tuple(config["betas"])
     try:
+        if RULES[kind] is LSTMCorrectedAdamRule:
+            if kind == "general-lstm":
+                return LSTMCorrectedAdamRule.from_config(config)
+            return LSTMCorrectedAdamRule.from_config(config, LSTMCorrectedAdamConfig())
         return RULES[kind](**config)
     except TypeError as exc:
         raise ValueError(f"Invalid configuration for rule {kind!r}: {config} ({exc})") from exc

@@ -26,7 +26,8 @@ class UpdateRule(nn.Module):
     latter. Per-coordinate state tensors put the coordinate axis at ``coord_dim(key)``.
 
     A rule whose :attr:`tensor_aware` is true also reads statistics of each whole parameter
-    tensor (e.g. :class:`~learned_opt.rules.GeneralLSTMRule`'s per-tensor step-size adaptation):
+    tensor (e.g. the per-tensor step-size adaptation of
+    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`):
     its :meth:`init_state` takes ``numels``, the sizes of the tensors the flat vector
     concatenates (the unroll passes them; the drop-in optimizer calls it once per tensor, whole,
     never in chunks).

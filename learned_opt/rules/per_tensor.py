@@ -1,0 +1,123 @@
+r"""Per-tensor statistics of :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: gradient
+clipping at a multiple of a tensor's running RMS norm, and the step-size adaptation that grows a
+tensor's step while its gradient keeps pointing along its last update.
+
+Both read sums over each parameter tensor's coordinates. The rule sees either one tensor (the
+drop-in optimizer: ``ids`` is ``None``) or the unroll's flat vector of several tensors, where
+``ids`` gives each coordinate's tensor index. The per-tensor state (the log step size ``s``, the
+running mean square ``grad_fast`` of the gradient norm and its peak ``grad_peak``) holds one
+number per tensor, shape ``(T,)``.
+
+Everything here is differentiable (the unroll backpropagates through it) and keeps the operation
+order that the shipped weights were meta-trained and tested with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import RuleState, safe_sqrt
+from .corrected_adam_config import LSTMCorrectedAdamConfig
+
+__all__ = ["PER_TENSOR_KEYS", "adapt_log_step", "clip", "per_tensor_state", "tensor_sums"]
+
+#: State entries with one number per parameter tensor.
+PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak")
+
+
+def tensor_sums(products: Tensor, ids: Tensor | None, count: int) -> Tensor:
+    """Sums of the rows of ``products`` (k, n) over each tensor's coordinates: (k, ``count``)
+    (``ids`` None: the coordinates are one tensor, (k, 1))."""
+    if ids is None:
+        return products.sum(dim=1, keepdim=True)
+    return products.new_zeros(products.shape[0], count).index_add_(1, ids, products)
+
+
+def per_coordinate(values: Tensor, ids: Tensor | None) -> Tensor:
+    """Per-tensor ``values`` (T,) at each coordinate (``ids`` None: (1,), which broadcasts)."""
+    return values if ids is None else values[ids]
+
+
+def warmup(extra: float, t: float, steps: float) -> float:
+    """``1 + extra exp(-t / steps)``: the factor of both warm-ups (the adaptation rate's and
+    the clip threshold's)."""
+    return 1.0 + extra * math.exp(-t / steps)
+
+
+def clip(
+    cfg: LSTMCorrectedAdamConfig,
+    grad: Tensor,
+    v_hat: Tensor,
+    ids: Tensor | None,
+    count: int,
+    t: float,
+) -> Tensor:
+    """``grad`` with each tensor's norm clipped at ``sqrt(Q_t)`` times its running RMS norm
+    ``sqrt(sum v_hat)``, ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / tau))``; unchanged
+    where that norm is zero (no history yet)."""
+    g2, ref = tensor_sums(torch.stack((grad * grad, v_hat)), ids, count)
+    limit = cfg.grad_clip * warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps) * ref
+    # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
+    factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
+    return grad * per_coordinate(torch.where(ref > 0, factor, torch.ones_like(factor)), ids)
+
+
+def adapt_log_step(
+    cfg: LSTMCorrectedAdamConfig,
+    grad: Tensor,
+    state: RuleState,
+    new_state: RuleState,
+    ids: Tensor | None,
+    count: int,
+    t: float,
+) -> Tensor:
+    """The new log step size per tensor, ``s <- clip(s + kappa_t c, +-S)``, with ``c`` the
+    cosine of ``-grad`` and the previous update ``state["prev"]`` (shaped by
+    ``lr_adapt_shrink`` and the slowdown); records ``log_step`` (and ``grad_fast``,
+    ``grad_peak``) in ``new_state`` and returns ``log_step``."""
+    prev = state["prev"]
+    dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
+    # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
+    # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan.
+    # |g|^2 |p|^2 can overflow where each factor does not: then |g| |p| (the same value up
+    # to rounding; the product form is kept where it is finite, for identical steps).
+    norms = g2 * p2
+    norms = torch.where(torch.isinf(norms), safe_sqrt(g2) * safe_sqrt(p2), safe_sqrt(norms))
+    cos = dot / norms.clamp_min(1e-30)
+    if cfg.lr_adapt_shrink != 1.0:
+        cos = cos + (cfg.lr_adapt_shrink - 1.0) * (cos + cfg.lr_adapt_margin).clamp(max=0.0)
+    if cfg.lr_adapt_slowdown > 0:
+        fast = state["grad_fast"] * 0.9 + 0.1 * g2
+        norm = safe_sqrt(fast / (1 - 0.9**t))
+        peak = torch.maximum(state["grad_peak"], norm)
+        new_state["grad_fast"] = fast
+        new_state["grad_peak"] = peak
+        slow = (cos > 0) & (norm * cfg.lr_adapt_slowdown < peak)
+        cos = torch.where(slow, cos * cfg.lr_adapt_slowdown_rate, cos)
+    rate = cfg.lr_adapt * warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
+    bound = cfg.lr_adapt_bound
+    log_step = (state["log_step"] + rate * cos).clamp(-bound, bound)
+    new_state["log_step"] = log_step
+    return log_step
+
+
+def per_tensor_state(state: RuleState, key: str, ids: Tensor | None, count: int) -> Tensor:
+    """``state[key]`` with one entry per tensor (``count`` of them).
+
+    States written before the per-tensor layout kept these numbers once per coordinate (the
+    same value over each tensor's coordinates): such an entry is read at each tensor's first
+    coordinate.
+    """
+    value = state[key]
+    if value.dim() == 1 and value.shape[0] == count:
+        return value
+    flat = value.reshape(-1)
+    if ids is None:
+        return flat[:1] if flat.numel() else flat.new_zeros(1)
+    first = torch.full((count,), -1, dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, ids, torch.arange(ids.numel(), device=ids.device), "amin",
+                          include_self=False)  # fmt: skip
+    return torch.where(first >= 0, flat[first.clamp_min(0)], flat.new_zeros(()))
