@@ -44,20 +44,27 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from learned_opt import LSTMRule, MAMLLearner, OptimizerLearner, RNNLearner
+from learned_opt import (
+    GeneralLSTMRule,
+    LSTMRule,
+    MAMLLearner,
+    MetaLearner,
+    MetaTrainConfig,
+    MetaTrainer,
+    OptimizerLearner,
+    RNNLearner,
+    Task,
+    TaskFamily,
+    unroll,
+)
 from learned_opt.evaluate import task_seed
-from learned_opt.learners import MetaLearner
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
 from learned_opt.report import read_jsonl, write_jsonl
-from learned_opt.rules import GeneralLSTMRule
-from learned_opt.tasks import Task, TaskFamily
 from learned_opt.tasks.fewshot import (
     DigitsFewShotFamily,
     MNISTFewShotFamily,
     SinusoidFamily,
     conv_net,
 )
-from learned_opt.unroll import unroll
 
 LEARNERS = ("maml", "rnn", "lstm-optimizer", "general-optimizer", "scratch-adam")
 SCRATCH_STEPS = 50

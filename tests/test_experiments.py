@@ -1,8 +1,11 @@
-"""Experiment scripts run end to end in a --smoke mode."""
+"""The recipes of the shipped weights and the few-shot comparison: each runs (tiny versions of
+its steps), and each recipe runs the command recorded with the weights it produced."""
 
 from __future__ import annotations
 
 import json
+import runpy
+import shlex
 import shutil
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import torch
 from learned_opt import LSTMRule, pretrained
 from learned_opt.checkpoint import load_rule, save_rule
 from learned_opt.report import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fewshot_compare_smoke(tmp_path: Path, run_script) -> None:
@@ -54,246 +59,146 @@ def test_fewshot_compare_merge_orders_rows(tmp_path: Path, run_script) -> None:
     assert "+2.0 pp (better)" in rows[1]
 
 
+#: Options whose values are where a run writes (or reads its start), not what it does.
+PATH_OPTIONS = {"--log-dir", "--ckpt-dir", "--export", "--init-weights"}
+
+#: The recipe of each shipped weights file.
+RECIPES = {
+    "general": "experiments/general.py",
+    "paper-mnist": "experiments/mnist_paper.py",
+    "quadratic": "experiments/quadratic.py",
+}
+
+
+def _options(command: str, drop: set[str] = PATH_OPTIONS) -> list[str]:
+    """The words of a ``learned-opt`` command without the values of the options in ``drop``."""
+    words, kept = shlex.split(command), []
+    for i, word in enumerate(words):
+        if word in drop or (i > 0 and words[i - 1] in drop):
+            continue
+        kept.append(word)
+    return kept
+
+
+def _option(command: str, name: str) -> str:
+    words = shlex.split(command)
+    return words[words.index(name) + 1]
+
+
+def _recorded(out: str, stage: str) -> str:
+    """What a recipe's dry run says the meta-training command ``stage`` records itself as."""
+    marker = f"# {stage}; it records itself as: "
+    (line,) = [line for line in out.splitlines() if line.startswith(marker)]
+    return line[len(marker) :]
+
+
+def test_every_shipped_weights_file_names_its_recipe() -> None:
+    assert sorted(RECIPES) == pretrained.available()
+    for name, script in RECIPES.items():
+        assert pretrained.metadata(name)["recipe"] == f"python {script}"
+        assert (ROOT / script).is_file()
+
+
+@pytest.mark.parametrize("name", ["general", "quadratic"])
+def test_recipe_runs_the_recorded_meta_training_command(name: str, run_script, capsys) -> None:
+    assert run_script(RECIPES[name], "--dry-run") == 0
+    command = _recorded(capsys.readouterr().out, "meta-train")
+    meta = pretrained.metadata(name)
+    assert command.startswith("learned-opt meta-train ")
+    assert _options(command) == _options(meta["command"])
+    for run in meta.get("all_commands", []):  # every command of the run, where recorded
+        assert _options(command) == _options(run["command"])
+
+
+def test_general_recipe_launches_its_processes_with_the_recorded_options(
+    run_script, capsys
+) -> None:
+    assert run_script("experiments/general.py", "--dry-run", "--out", "runs/x") == 0
+    out = capsys.readouterr().out
+    (launch,) = [line for line in out.splitlines() if " -m learned_opt meta-train " in line]
+    words = shlex.split(launch)
+    meta = pretrained.metadata("general")
+    assert f"--nproc_per_node={meta['budget']['processes']}" in words
+    recorded = "learned-opt " + shlex.join(words[words.index("meta-train") :])
+    assert recorded == _recorded(out, "meta-train")
+    assert _option(recorded, "--ckpt-dir") == "runs/x/ckpt"  # everything goes under --out
+    assert "OMP_NUM_THREADS=1" in launch and meta["budget"]["torch_threads"] == 1
+
+
+def test_mnist_paper_recipe_runs_the_recorded_stages(run_script, capsys) -> None:
+    assert run_script("experiments/mnist_paper.py", "--dry-run") == 0
+    out = capsys.readouterr().out
+    meta = pretrained.metadata("paper-mnist")
+    stage2 = _recorded(out, "stage2")
+    assert _options(stage2) == _options(meta["command"])
+    # stage 2 starts from what stage 1 exports
+    stage1 = _recorded(out, "stage1")
+    assert _option(stage2, "--init-weights") == _option(stage1, "--export")
+    # stage 1 ran until its time budget, at iteration 1620; the recipe stops there
+    first = meta["initialized_from"]
+    budget = {*PATH_OPTIONS, "--iterations", "--time-budget"}
+    assert _options(stage1, budget) == _options(first["all_commands"][0]["command"], budget)
+    assert int(_option(stage1, "--iterations")) == first["iteration"]
+
+
+def test_general_recipe_smoke_ships_weights_with_their_figures(tmp_path: Path, run_script) -> None:
+    run, package, results = tmp_path / "run", tmp_path / "package", tmp_path / "results"
+    args = ["--smoke", "--out", str(run), "--ship-to", str(package), "--results-to", str(results)]
+    assert run_script("experiments/general.py", *args) == 0
+    shipped, meta = load_rule(package / "general.pt")
+    exported, _ = load_rule(run / "general.pt")
+    for a, b in zip(shipped.parameters(), exported.parameters(), strict=True):
+        assert torch.equal(a, b)  # only the metadata changed
+    assert json.loads((package / "general.json").read_text()) == meta
+    assert meta["recipe"] == "python experiments/general.py"
+    assert meta["command"] == meta["all_commands"][0]["command"]
+    assert meta["command"].startswith("learned-opt meta-train --family digits")
+    streams = [s for e in meta["figures"]["by_steps"].values() for s in e["streams"]]
+    assert sorted(meta["figures"]["by_steps"]) == ["3", "6"]
+    table = (results / "3-stream0" / "table.md").read_text()
+    assert (results / "3-stream0" / "records.jsonl").is_file()
+    for stream in streams:
+        (ratio,) = stream["ratios"].values()
+        assert f"| wine-mlp-tanh-32 | {stream['steps']} | " in table and f"| {ratio:.3f} |" in table
+        assert Path(stream["results"]) == results / "3-stream0"
+    assert meta["figures"]["worst_ratio"] == max(s["worst"] for s in streams)
+
+    # a ratio above 1 is refused, and so are tables of other weights; nothing is written
+    recipe = runpy.run_path(str(ROOT / "experiments" / "general.py"))
+    bench = run / "ood" / "3-stream0"
+    lines = (bench / "table.md").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("| wine-mlp-tanh-32 | 6 |"))
+    lines[i] = lines[i].rsplit("|", 2)[0] + "| 1.500 |"
+    (bench / "table.md").write_text("\n".join(lines) + "\n")
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="above 1"):
+        recipe["ship"](run / "general.pt", [bench], dest=refused, results_to=None)
+    other = tmp_path / "general.pt"
+    save_rule(other, LSTMRule(), {"config": {}, "all_commands": meta["all_commands"]})
+    with pytest.raises(ValueError, match="benchmarked"):
+        recipe["ship"](other, [bench], dest=refused, results_to=None, allow_above_one=True)
+    assert not refused.exists()
+
+
 def test_mnist_paper_ships_weights_with_their_benchmark_figures(tmp_path: Path, run_script) -> None:
     run_dir, bench, package = tmp_path / "run", tmp_path / "bench", tmp_path / "package"
-    run_dir.mkdir()
-    package.mkdir()
+    (run_dir / "stage2").mkdir(parents=True)
     # the smoke benchmark evaluates the packaged "quadratic" weights: ship a copy of those
-    shutil.copyfile(pretrained.path("quadratic"), run_dir / "paper-mnist.pt")
-    (run_dir / "paper-mnist.json").write_text("{}")
+    shutil.copyfile(pretrained.path("quadratic"), run_dir / "stage2" / "paper-mnist.pt")
     assert run_script("benchmarks/mnist_paper.py", "--smoke", "--out", str(bench)) == 0
-    ship = ["--out", str(run_dir), "--ship", "--benchmark", str(bench), "--ship-to", str(package)]
-    assert run_script("experiments/mnist_paper.py", *ship) == 0
+    ship = ["--steps", "ship", "--out", str(run_dir), "--results-to", str(bench)]
+    assert run_script("experiments/mnist_paper.py", *ship, "--ship-to", str(package)) == 0
     rule, meta = load_rule(package / "paper-mnist.pt")
     original, _ = load_rule(pretrained.path("quadratic"))
-    for a, b in zip(rule.parameters(), original.parameters()):
+    for a, b in zip(rule.parameters(), original.parameters(), strict=True):
         assert torch.equal(a, b)  # only the metadata changed
     figures = meta["benchmark"]["figures"]["smoke"]
     assert figures["ratio_vs_adam"] == round(figures["lstm"] / figures["adam_tuned"], 3)
     assert "benchmarks/mnist_paper.py" in meta["benchmark"]["command"]
+    assert meta["recipe"] == "python experiments/mnist_paper.py"
     assert json.loads((package / "paper-mnist.json").read_text()) == meta
     # weights other than the benchmarked ones are refused, and nothing is written
-    (package / "paper-mnist.pt").unlink()
-    torch.save({"other": torch.zeros(1)}, run_dir / "paper-mnist.pt")
-    assert run_script("experiments/mnist_paper.py", *ship) == 2
-    assert not (package / "paper-mnist.pt").exists()
-
-
-def test_plot_meta_eval_reads_tensorboard_logs(tmp_path: Path, run_script) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(tmp_path / "tb")) as w:
-        for step, ratio in [(0, 1.5), (20, 0.9), (40, 0.8), (60, 0.95)]:
-            w.add_scalar("eval/ratio_vs_adam", ratio, step)
-    out = tmp_path / "out"
-    args = ["--run", f"a={tmp_path / 'tb'}@40", "--run", f"b={tmp_path / 'tb'}", "--out", str(out)]
-    assert run_script("experiments/plot_meta_eval.py", *args, "--mark", "0.85") == 0
-    rows = (out / "meta_eval.csv").read_text().splitlines()
-    assert rows[0] == "run,meta_iteration,ratio_vs_adam"
-    assert [r for r in rows if r.startswith("a,")] == ["a,0,1.5000", "a,20,0.9000", "a,40,0.8000"]
-    assert len([r for r in rows if r.startswith("b,")]) == 4
-    assert (out / "meta_eval.png").read_bytes()[:4] == b"\x89PNG"
-    assert run_script("experiments/plot_meta_eval.py", "--run", "no-equals", "--out", str(out)) == 2
-
-
-def test_general_variants_switch_off_the_adaptation_and_the_training(
-    tmp_path: Path, run_script
-) -> None:
-    from learned_opt import save_rule
-    from learned_opt.rules import GeneralLSTMRule
-
-    rule = GeneralLSTMRule(hidden_size=4, lr=0.01, lr_adapt=0.1)
-    rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
-    with torch.no_grad():
-        rule.log_lr.add_(0.5)  # "trained": the base learning rate moved
-    save_rule(tmp_path / "w.pt", rule, {"command": "learned-opt meta-train ..."})
-    out = tmp_path / "variants"
-    assert run_script("experiments/general_variants.py", "--weights", str(tmp_path / "w.pt"),
-                      "--out", str(out)) == 0
-    off, meta = load_rule(out / "no-lr-adapt.pt")
-    assert off.lr_adapt == 0.0 and meta["source_command"] == "learned-opt meta-train ..."
-    assert len(meta["source_sha256"]) == 64
-    for (name, a), b in zip(rule.state_dict().items(), off.state_dict().values()):
-        assert torch.equal(a, b), name
-    fresh, _ = load_rule(out / "untrained.pt")
-    assert fresh.config() == rule.config()
-    assert torch.count_nonzero(fresh.out_weight) == 0
-    assert abs(float(fresh.log_lr.detach().exp()) - 0.01) < 1e-6
-    # a rule without the adaptation is refused
-    save_rule(tmp_path / "plain.pt", GeneralLSTMRule(hidden_size=4))
-    assert run_script("experiments/general_variants.py", "--weights", str(tmp_path / "plain.pt"),
-                      "--out", str(out)) == 2
-
-
-def test_stable_adapt_writes_the_configuration_and_its_ablations(
-    tmp_path: Path, run_script
-) -> None:
-    out = tmp_path / "stable"
-    assert run_script("experiments/stable_adapt.py", "--out", str(out)) == 0
-    rules = {p.stem: load_rule(p) for p in sorted(out.glob("*.pt"))}
-    assert set(rules) == {"stable", "no-warmup", "no-shrink", "no-clip", "no-clip-warmup",
-                          "no-slowdown", "no-adapt"}
-    full, meta = rules["stable"]
-    assert meta["command"].startswith("python experiments/stable_adapt.py --out")
-    assert full.lr_adapt == 0.1 and full.grad_clip == 2.0 and full.lr_adapt_shrink == 3.0
-    assert full.grad_clip_warmup == 3.0
-    assert abs(float(full.log_lr.detach().exp()) - 0.01) < 1e-6
-    assert torch.count_nonzero(full.out_weight) == 0  # untrained: a zero read-out
-    for name, key, off in (("no-warmup", "lr_adapt_warmup", 0.0), ("no-shrink", "lr_adapt_shrink",
-                           1.0), ("no-clip", "grad_clip", 0.0), ("no-adapt", "lr_adapt", 0.0),
-                          ("no-slowdown", "lr_adapt_slowdown", 0.0),
-                          ("no-clip-warmup", "grad_clip_warmup", 0.0)):
-        config = rules[name][0].config()
-        assert config[key] == off
-        assert {k: v for k, v in config.items() if k != key} == {
-            k: v for k, v in full.config().items() if k != key}, name
-    # the earlier configuration stays available by name
-    assert run_script("experiments/stable_adapt.py", "--out", str(tmp_path / "s9"), "--config",
-                      "session9") == 0
-    old, meta = load_rule(tmp_path / "s9" / "stable.pt")
-    assert old.grad_clip_warmup == 0.0 and "session9" in meta["note"]
-    assert old.config() == rules["no-clip-warmup"][0].config()
-
-
-def test_select_adapt_valood_ranks_the_grid(tmp_path: Path, run_script) -> None:
-    args = ("--steps", "3", "--tasks", "1", "--lrs", "0.01,0.02", "--kappas", "0.1")
-    assert run_script("experiments/select_adapt_valood.py", *args, "--out", str(tmp_path)) == 0
-    rows = json.loads((tmp_path / "grid.json").read_text())["rows"]
-    assert sorted((r["lr"], r["kappa"]) for r in rows) == [(0.01, 0.1), (0.02, 0.1)]
-    assert [r["worst"] for r in rows] == sorted(r["worst"] for r in rows)
-    assert all(list(r["ratios"]) == ["0:" + next(iter(r["ratios"]))[2:]] for r in rows)
-    assert all(r["worst"] > 0 for r in rows)
-    # the same grid with other options of the rule (here: the gradient clipping)
-    out = tmp_path / "clip"
-    assert run_script("experiments/select_adapt_valood.py", *args, "--rule-kwargs",
-                      '{"grad_clip": 2.0}', "--out", str(out)) == 0
-    clipped = json.loads((out / "grid.json").read_text())
-    assert clipped["rule_kwargs"] == {"grad_clip": 2.0}
-    assert {r["lr"]: r["worst"] for r in clipped["rows"]} != {r["lr"]: r["worst"] for r in rows}
-
-
-def test_valood_weights_agrees_with_the_grid_check(tmp_path: Path, run_script) -> None:
-    """experiments/valood_weights.py on a weights file gives the ratio that
-    select_adapt_valood.py gives for the same configuration (same tasks, same tuned Adam)."""
-    from learned_opt import save_rule
-    from learned_opt.rules import GeneralLSTMRule
-
-    kwargs = {"lr_adapt_warmup": 5.0, "grad_clip": 2.0}
-    save_rule(tmp_path / "w.pt", GeneralLSTMRule(hidden_size=1, lr=0.02, lr_adapt=0.1, **kwargs))
-    common = ("--steps", "3,5", "--tasks", "2")  # Adam: the default grid in both
-    assert run_script("experiments/select_adapt_valood.py", *common, "--lrs", "0.01,0.02",
-                      "--kappas", "0.1", "--rule-kwargs", json.dumps(kwargs), "--out",
-                      str(tmp_path / "grid")) == 0
-    assert run_script("experiments/valood_weights.py", "--weights",
-                      f"a={tmp_path / 'w.pt'},b={tmp_path / 'w.pt'}", *common, "--out",
-                      str(tmp_path / "w")) == 0
-    grid = json.loads((tmp_path / "grid" / "grid.json").read_text())["rows"]
-    want = next(r for r in grid if r["lr"] == 0.02)["ratios"]
-    got = json.loads((tmp_path / "w" / "results.json").read_text())["rows"]
-    assert [r["steps"] for r in got] == [3, 3, 5, 5]
-    assert [r["ratio"]["a"] for r in got] == pytest.approx(list(want.values()))
-    assert all(r["ratio"]["a"] == r["ratio"]["b"] for r in got)
-    table = (tmp_path / "w" / "table.md").read_text()
-    assert "| **tasks won** | 3 |" in table and "| **geometric mean** | 5 |" in table
-
-
-def test_adapt_variants_harness_matches_the_rule_and_runs(run_script, capsys) -> None:
-    """The exploration harness's optimizer computes what the general rule computes at a zero
-    read-out (with the stabilizers on), and both commands run."""
-    import runpy
-
-    from learned_opt import LearnedOptimizer
-    from learned_opt.rules import GeneralLSTMRule
-    from learned_opt.tasks import RandomMLPFamily
-
-    root = Path(__file__).resolve().parents[1]
-    harness = runpy.run_path(str(root / "experiments" / "adapt_variants.py"))
-    options = harness["parse_variant"]("warmup=5,shrink=3,clip=2,slowdown=3,window=0")
-    assert options == {"warmup": 5.0, "shrink": 3.0, "clip": 2.0, "slowdown": 3.0, "window": 0}
-    rule = GeneralLSTMRule(hidden_size=1, lr=0.01, lr_adapt=0.1, lr_adapt_warmup=5.0,
-                           lr_adapt_shrink=3.0, grad_clip=2.0, lr_adapt_slowdown=3.0).double()
-    family = RandomMLPFamily("digits", (16,), (1,), ("relu",), (16,))
-    runs = []
-    for factory in (lambda p: harness["AdaptiveAdam"](p, **options),
-                    lambda p: LearnedOptimizer(p, rule)):
-        task = family.sample(torch.Generator().manual_seed(0))
-        leaves = {k: v.double().requires_grad_(True)
-                  for k, v in task.init_params(torch.Generator().manual_seed(1)).items()}
-        opt = factory(list(leaves.values()))
-        for _ in range(30):
-            opt.zero_grad()
-            batch = task.train.sample()
-            batch = tuple(x.double() if x.is_floating_point() else x for x in batch)
-            task.loss(leaves, batch).backward()
-            opt.step()
-        runs.append(torch.cat([p.detach().reshape(-1) for p in leaves.values()]))
-    # (the rule stores its base lr as a float32 log: 1e-7 relative)
-    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-7)
-    assert run_script("experiments/adapt_variants.py", "seeds", "base", "clip=2", "--task",
-                      "breast-cancer-mlp-relu-2x64", "--steps", "3", "--seeds", "2") == 0
-    out = capsys.readouterr().out
-    assert out.startswith("adam (lr 0.03): ") and "clip=2: " in out
-
-
-def test_trained_vs_init_compares_a_checkpoints_rule_with_its_start(
-    tmp_path: Path, run_script
-) -> None:
-    """At a zero read-out the checkpoint's rule is its own initialization (every ratio exactly 1);
-    a moved read-out changes the ratios; a weights file is not a trainer checkpoint."""
-    from learned_opt import save_rule
-    from learned_opt.checkpoint import atomic_save, rule_to_dict
-    from learned_opt.rules import GeneralLSTMRule
-
-    rule = GeneralLSTMRule(hidden_size=2, lr=0.01, lr_adapt=0.1, grad_clip=2.0, additive=False)
-    args = ("--family", "digits", "--steps", "4", "--tasks", "2")
-    results = {}
-    for name, bias in (("same", 0.0), ("moved", 3.0)):
-        with torch.no_grad():
-            rule.out_bias.fill_(bias)
-        atomic_save({"rule": rule_to_dict(rule), "iteration": 7}, tmp_path / f"{name}.pt")
-        out = tmp_path / f"{name}.json"
-        assert run_script("experiments/trained_vs_init.py", "--checkpoint",
-                          str(tmp_path / f"{name}.pt"), *args, "--out", str(out)) == 0
-        results[name] = json.loads(out.read_text())
-    assert [r["ratio"] for r in results["same"]["rows"]] == [1.0, 1.0]
-    assert results["same"]["won"] == 0 and results["same"]["iteration"] == 7
-    assert all(r["ratio"] != 1.0 for r in results["moved"]["rows"])
-    save_rule(tmp_path / "w.pt", rule)
-    assert run_script("experiments/trained_vs_init.py", "--checkpoint", str(tmp_path / "w.pt"),
-                      *args) == 2
-
-
-def test_ship_general_records_the_benchmark_figures(tmp_path: Path, run_script) -> None:
-    weights, bench, package = tmp_path / "w.pt", tmp_path / "bench", tmp_path / "package"
-    package.mkdir()
-    rule, _ = load_rule(pretrained.path("quadratic"))
-    run = {"command": "learned-opt meta-train --family quadratic", "commit": "abc"}
-    save_rule(weights, rule, {"config": {"rule": "lstm"}, "all_commands": [run]})
-    smoke = ["--smoke", "--weights", f"w={weights}", "--tasks", "wine-mlp-tanh-32"]
-    assert run_script("benchmarks/ood.py", *smoke, "--out", str(bench)) == 0
-    ship = ["--weights", str(weights), "--benchmarks", str(bench), "--ship-to", str(package)]
-    assert run_script("experiments/ship_general.py", *ship, "--name", "g", "--allow-above-one") == 0
-    shipped, meta = load_rule(package / "g.pt")
-    for a, b in zip(shipped.parameters(), rule.parameters()):
-        assert torch.equal(a, b)  # only the metadata changed
-    assert meta["command"] == run["command"] and meta["commit"] == "abc"
-    assert json.loads((package / "g.json").read_text()) == meta
-    (stream,) = meta["figures"]["by_steps"]["6"]["streams"]
-    table = (bench / "table.md").read_text()
-    ratio = stream["ratios"]["wine-mlp-tanh-32"]
-    assert "| wine-mlp-tanh-32 | 6 | " in table and f"| {ratio:.3f} |" in table
-    assert meta["figures"]["worst_ratio"] == max(
-        s["worst"] for e in meta["figures"]["by_steps"].values() for s in e["streams"]
-    )
-    # a ratio above 1 is refused without --allow-above-one; so are other weights
-    lines = table.splitlines()
-    i = next(i for i, line in enumerate(lines) if line.startswith("| wine-mlp-tanh-32 | 6 |"))
-    lines[i] = lines[i].rsplit("|", 2)[0] + "| 1.500 |"
-    (bench / "table.md").write_text("\n".join(lines) + "\n")
-    assert run_script("experiments/ship_general.py", *ship, "--name", "h") == 2
-    assert not (package / "h.pt").exists()
-    other = tmp_path / "other.pt"
-    save_rule(other, LSTMRule(), {"config": {}, "all_commands": [run]})
-    ship[1] = str(other)  # a table of w.pt cannot vouch for other weights
-    assert run_script("experiments/ship_general.py", *ship, "--allow-above-one", "--label=w") == 2
-    assert sorted(p.name for p in package.iterdir()) == ["g.json", "g.pt"]
+    torch.save({"other": torch.zeros(1)}, run_dir / "stage2" / "paper-mnist.pt")
+    refused = tmp_path / "refused"
+    assert run_script("experiments/mnist_paper.py", *ship, "--ship-to", str(refused)) == 2
+    assert not refused.exists()
