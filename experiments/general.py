@@ -21,8 +21,7 @@ The steps, in order:
    held-out ``val-ood`` metric never improved on the starting rule, so "best" would export the
    untrained rule).
 3. ``benchmark``: ``benchmarks/ood.py`` on five seed streams at 100 steps (20 seeds, Adam's
-   learning rate tuned on 3 others) and at 1,000 steps (8 seeds, 2 tuning seeds). About three
-   hours on one core.
+   learning rate tuned on 3 others) and at 1,000 steps (8 seeds, 2 tuning seeds).
 4. ``ship``: copies the weights into ``learned_opt/pretrained/general.pt`` with metadata (the
    meta-training command and commit, the budget, this recipe, and every ratio read from the
    benchmark tables), refuses weights with any ratio above 1 or tables that benchmarked other
