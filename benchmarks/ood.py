@@ -1,7 +1,7 @@
 """Benchmark: a learned optimizer vs tuned Adam on tasks outside its meta-training distribution.
 
-Issue 4 asks for a learned optimizer that beats tuned Adam on models and horizons it never saw.
-The tasks below are outside the ``"diverse"`` meta-training distribution
+Does a learned optimizer beat tuned Adam on models and horizons it never saw? The tasks
+(:data:`learned_opt.ood.OOD_TASKS`) are outside the ``"diverse"`` meta-training distribution
 (:class:`learned_opt.tasks.DiverseFamily`): other widths, depths, batch sizes, architectures
 (conv nets on 8x8 digits, GRUs), datasets (wine, breast cancer) and horizons (100 and 1000 steps,
 where meta-training unrolls are shorter). For every task and horizon, Adam's learning rate is
@@ -23,7 +23,6 @@ general rule's options, each meta-trained with the same budget.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -31,84 +30,26 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from learned_opt import pretrained
-from learned_opt.checkpoint import load_rule
 from learned_opt.cli import git_commit
-from learned_opt.evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
+from learned_opt.evaluate import (
+    COMPARISON_STREAMS,
+    DEFAULT_LR_GRID,
+    HAND_DESIGNED,
+    OptimizerFactory,
+    RunResult,
+    geometric_mean,
+    run_optimizer,
+    seeds_won,
+    tune_lr,
+    versus,
+)
+from learned_opt.ood import OOD_TASKS, load_learned, parse_weights
 from learned_opt.optim import LearnedOptimizer
-from learned_opt.report import HAND_DESIGNED, plot_curves, table, write_jsonl
+from learned_opt.report import plot_curves, table, write_jsonl
 from learned_opt.rules import UpdateRule
-from learned_opt.tasks import ConvFamily, RandomMLPFamily, RowRNNFamily, TaskFamily
-
-_TUNE_STREAM = 1_000_003  # the seed streams of `learned-opt eval`
-_EVAL_STREAM = 2_000_003
-
-#: Out-of-distribution tasks: name -> family factory (given the holdout).
-OOD_TASKS: dict[str, Callable[[str], TaskFamily]] = {
-    # wider and deeper than any MNIST MLP of "diverse" (<= 2 x 64), larger batches
-    "mnist-mlp-relu-3x128-bs256": lambda h: RandomMLPFamily(
-        "mnist", (128,), (3,), ("relu",), (256,), holdout=h
-    ),
-    # conv nets on 8x8 images ("diverse" has conv nets on MNIST only)
-    "digits-conv-16x2": lambda h: ConvFamily("digits", (16,), (2,), (32,), holdout=h),
-    # a GRU ("diverse" has Elman RNNs on MNIST only)
-    "digits-gru-32": lambda h: RowRNNFamily("digits", ("gru",), (32,), (32,), holdout=h),
-    # datasets never seen in meta-training
-    "wine-mlp-tanh-32": lambda h: RandomMLPFamily("wine", (32,), (1,), ("tanh",), (32,), holdout=h),
-    "breast-cancer-mlp-relu-2x64": lambda h: RandomMLPFamily(
-        "breast_cancer", (64,), (2,), ("relu",), (64,), holdout=h
-    ),
-}
-
-
-def load_learned(weights: str) -> UpdateRule:
-    """Any rule (LSTMRule, GeneralLSTMRule, ...) from a shipped name or a weights file."""
-    rule, _ = load_rule(pretrained.resolve(weights))
-    return rule
-
-
-def geometric_mean(values: Sequence[float]) -> float:
-    """Geometric mean (``inf`` if any value is ``inf`` or not positive)."""
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        return math.inf
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def _mean(records: list[dict[str, Any]], name: str, metric: str) -> float:
-    values = [r[metric] for r in records if r["optimizer"] == name]
-    values = [v if math.isfinite(v) else math.inf for v in values]
-    return float(np.mean(values)) if values else math.nan
-
-
-def seeds_won(records: list[dict[str, Any]], name: str, metric: str = "final_train_loss") -> int:
-    """On how many task seeds the run named ``name`` ends below Adam's run on the same seed (a
-    non-finite loss never wins). Unlike the ratio of means, one blow-up costs one seed."""
-    adam = {r["seed"]: r[metric] for r in records if r["optimizer"] == "adam"}
-    return sum(
-        1
-        for r in records
-        if r["optimizer"] == name and r["seed"] in adam and math.isfinite(r[metric])
-        and r[metric] < adam[r["seed"]]
-    )
-
-
-def parse_weights(text: str) -> dict[str, str]:
-    """``"a.pt,name=b.pt"`` -> ``{"a": "a.pt", "name": "b.pt"}`` (labels default to the stem)."""
-    out: dict[str, str] = {}
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
-        label, _, path = item.rpartition("=")
-        label = label or Path(path).stem
-        if label in out:
-            raise ValueError(f"Duplicate weights label {label!r}")
-        out[label] = path
-    if not out:
-        raise ValueError("No weights given")
-    return out
 
 
 def evaluate_ood(
@@ -130,11 +71,10 @@ def evaluate_ood(
         and ``steps``; the learned runs are named ``learned:<label>``), and one summary row per
         task and horizon with ``learned_{train,test}`` and ``ratio_{train,test}`` dicts by label.
     """
-    tune = [task_seed(seed, _TUNE_STREAM, k) for k in range(tune_seeds)]
-    evals = [task_seed(seed, _EVAL_STREAM, k) for k in range(seeds)]
+    tune, evals = COMPARISON_STREAMS.seeds(tune_seeds, seeds, seed)
     adam = HAND_DESIGNED["adam"]
 
-    def learned(rule: UpdateRule) -> Callable[[list[torch.Tensor], float], torch.optim.Optimizer]:
+    def learned(rule: UpdateRule) -> OptimizerFactory:
         return lambda p, lr: LearnedOptimizer(p, rule, lr=lr)
 
     records: list[dict[str, Any]] = []
@@ -143,44 +83,44 @@ def evaluate_ood(
         family = OOD_TASKS[name](holdout)
         for n_steps in steps:
             start = time.perf_counter()
-            best, scores = tune_lr(family, adam, tune, n_steps, lrs, name="adam")
-            edge = len(lrs) > 1 and best in (min(lrs), max(lrs))
-            runs = [run_optimizer(family, s, adam, best, n_steps, name="adam") for s in evals]
+            tuning = tune_lr(family, adam, tune, n_steps, lrs, name="adam")
+            runs: dict[str, list[RunResult]] = {
+                "adam": [
+                    run_optimizer(family, s, adam, tuning.lr, n_steps, name="adam") for s in evals
+                ]
+            }
             for label, rule in rules.items():
-                runs += [
+                runs[f"learned:{label}"] = [
                     run_optimizer(family, s, learned(rule), 1.0, n_steps, name=f"learned:{label}")
                     for s in evals
                 ]
-            these = []
-            for r in runs:
-                rec = r.record()
-                rec.update(benchmark_task=name, steps=n_steps, family=family.config())
-                these.append(rec)
-            records += these
+            for these in runs.values():
+                for r in these:
+                    rec = r.record()
+                    rec.update(benchmark_task=name, steps=n_steps, family=family.config())
+                    records.append(rec)
+            reference = versus(runs["adam"], runs["adam"])
+            by_label = {k: versus(runs[f"learned:{k}"], runs["adam"]) for k in rules}
             row: dict[str, Any] = {
                 "task": name,
                 "steps": n_steps,
-                "adam_lr": best,
-                "adam_lr_at_edge": edge,
+                "adam_lr": tuning.lr,
+                "adam_lr_at_edge": tuning.at_edge,
             }
             for metric, key in (("final_train_loss", "train"), ("final_test_loss", "test")):
-                row[f"adam_{key}"] = _mean(these, "adam", metric)
-                row[f"learned_{key}"] = {
-                    label: _mean(these, f"learned:{label}", metric) for label in rules
-                }
-                row[f"ratio_{key}"] = {
-                    label: v / row[f"adam_{key}"] for label, v in row[f"learned_{key}"].items()
-                }
+                row[f"adam_{key}"] = reference[f"final_{key}"]
+                row[f"learned_{key}"] = {k: v[f"final_{key}"] for k, v in by_label.items()}
+                row[f"ratio_{key}"] = {k: v[f"ratio_{key}"] for k, v in by_label.items()}
                 row[f"won_{key}"] = {
-                    label: seeds_won(these, f"learned:{label}", metric) for label in rules
+                    k: seeds_won(runs[f"learned:{k}"], runs["adam"], metric) for k in rules
                 }
             row["seeds"] = len(evals)
             rows.append(row)
             ratios = ", ".join(f"{k} {v:.3f}" for k, v in row["ratio_train"].items())
             log(
                 f"{name} T={n_steps}: learned/Adam final train loss: {ratios} (Adam "
-                f"{row['adam_train']:.4g} at lr={best:g}"
-                f"{', at the edge of the grid' if edge else ''}); "
+                f"{row['adam_train']:.4g} at lr={tuning.lr:g}"
+                f"{', at the edge of the grid' if tuning.at_edge else ''}); "
                 f"{time.perf_counter() - start:.1f}s"
             )
     return records, rows

@@ -21,11 +21,12 @@ parameters, the same for every optimizer), side by side in one run:
 - ``learned-zeroed``: the same rule with its learned read-out set to zero
   (:func:`zero_readout`): the hand-designed part alone, an ablation.
 
-Reported per task and as geometric means over tasks, per horizon: the final-loss ratio (mean
-final training loss on the task's whole training set over tuned constant Adam's; also the held-out
-ratio), the speedup (:func:`speedup`: the steps tuned Adam needs to reach its own final smoothed
-loss over the steps the optimizer needs to reach it), seeds won (final training loss below Adam's
-on the same seed), and tuned Adam's initial and final losses (they stay well above zero). Writes
+Reported per task and as geometric means over tasks, per horizon
+(:func:`learned_opt.evaluate.versus`): the final-loss ratio (mean final training loss on the
+task's whole training set over tuned constant Adam's; also the held-out ratio), the speedup (the
+steps tuned Adam needs to reach its own final smoothed loss over the steps the optimizer needs to
+reach it), seeds won (final training loss below Adam's on the same seed), and tuned Adam's
+initial and final losses (they stay well above zero). Writes
 ``records.jsonl`` (one line per evaluation run), ``summary.jsonl`` (one line per task, horizon
 and optimizer, with the tuning scores), ``table.md`` and PNG plots into ``--out``.
 
@@ -59,15 +60,22 @@ from torch import Tensor
 from learned_opt import LSTMOptimizer, pretrained
 from learned_opt.checkpoint import load_rule
 from learned_opt.cli import git_commit
-from learned_opt.evaluate import DEFAULT_LR_GRID, RunResult, task_seed, tune_lr
+from learned_opt.evaluate import (
+    DEFAULT_LR_GRID,
+    SEALED_STREAMS,
+    OptimizerFactory,
+    RunResult,
+    geometric_mean,
+    run_optimizer,
+    smooth,
+    tune_lr,
+    tune_lr_near,
+    versus,
+)
 from learned_opt.report import write_jsonl
 from learned_opt.rules import UpdateRule
 from learned_opt.rules.scheduled import ScheduledRule
-from learned_opt.tasks import TaskFamily
 from learned_opt.tasks.groups import GROUPS, sealed_tasks
-
-_TUNE_STREAM = 3_000_017  # the seed streams of this benchmark (disjoint from each other)
-_EVAL_STREAM = 4_000_037
 
 #: Optimizers in the order of the tables; the first is the reference of every ratio.
 OPTIMIZERS = (
@@ -79,8 +87,6 @@ OPTIMIZERS = (
     "learned",
     "learned-zeroed",
 )
-
-Factory = Callable[[list[Tensor], float], torch.optim.Optimizer]
 
 _BENCH_PACKAGES = {
     "prodigyopt": "prodigyopt",
@@ -175,140 +181,9 @@ class WarmupCosineAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-def _nan_to_inf(x: float) -> float:
-    return x if math.isfinite(x) else math.inf
-
-
-def run_once(
-    family: TaskFamily, seed: int, factory: Factory, lr: float, steps: int, name: str
-) -> RunResult:
-    """One run, as :func:`learned_opt.evaluate.run_optimizer` (the same task, initial
-    parameters and batches for a seed), except that an optimizer with ``train()`` and ``eval()``
-    methods (schedule-free) is put in training mode for the steps and in evaluation mode for the
-    final losses."""
-    task = family.sample(torch.Generator().manual_seed(seed))
-    params = task.init_params(torch.Generator().manual_seed(seed + 1))
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    opt = factory(list(leaves.values()), lr)
-    modes = callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
-    if modes:
-        opt.train()  # type: ignore[attr-defined]
-    losses: list[float] = []
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(leaves, task.train.sample())
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            losses += [math.nan] * (steps - len(losses))
-            break
-        losses.append(value)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - start
-    if modes:
-        opt.eval()  # type: ignore[attr-defined]
-    with torch.no_grad():
-        final_train = float(task.loss(leaves, task.train.full()))
-        final_test = float(task.loss(leaves, task.test.full()))
-    return RunResult(name, lr, seed, losses, final_train, final_test, seconds, task.name)
-
-
-def smooth(curve: Sequence[float], window: int) -> np.ndarray:
-    """Trailing moving average: entry ``i`` is the mean of ``curve[max(0, i - window + 1):i+1]``
-    (NaN once any value in the window is NaN)."""
-    arr = np.asarray(curve, dtype=float)
-    cums = np.concatenate(([0.0], np.cumsum(arr)))
-    idx = np.arange(len(arr))
-    lo = np.maximum(0, idx - window + 1)
-    return (cums[idx + 1] - cums[lo]) / (idx + 1 - lo)
-
-
-def mean_curve(runs: Sequence[RunResult]) -> np.ndarray:
-    """The mean over seeds of the minibatch training losses per step (NaN where any seed has
-    diverged: a diverged run never counts as having reached a loss)."""
-    return np.mean(np.array([r.losses for r in runs], dtype=float), axis=0)
-
-
-def first_reach(curve: np.ndarray, target: float) -> int | None:
-    """The first step count ``i`` (the loss after ``i`` steps) with ``curve[i] <= target``."""
-    hits = np.flatnonzero(curve <= target)
-    return int(hits[0]) if len(hits) else None
-
-
-def speedup(adam: np.ndarray, other: np.ndarray) -> dict[str, Any]:
-    """How much sooner ``other`` reaches tuned Adam's final loss than Adam does, on smoothed
-    mean curves.
-
-    The target is Adam's last smoothed value; ``adam_steps`` the first step Adam's curve is at or
-    below it, ``steps`` the first step ``other``'s is. Returns ``{"value", "status",
-    "adam_steps", "steps"}`` with ``status``:
-
-    - ``"ok"``: ``value = adam_steps / steps`` (above 1: faster than Adam);
-    - ``"censored"``: ``other`` never reaches the target within the run (or diverges): it would
-      need more than ``T`` steps, so the speedup is *below* ``value = adam_steps / T`` (an upper
-      bound, used as such in geometric means);
-    - ``"undefined"``: Adam's target is already met at step 0 (no progress to compare);
-      ``value`` is NaN.
-    """
-    target = float(adam[-1])
-    adam_steps = first_reach(adam, target)
-    if adam_steps is None or adam_steps == 0 or not math.isfinite(target):
-        return {"value": math.nan, "status": "undefined", "adam_steps": adam_steps, "steps": None}
-    steps = first_reach(other, target)
-    if steps is None:
-        value = adam_steps / len(adam)
-        return {"value": value, "status": "censored", "adam_steps": adam_steps, "steps": None}
-    steps = max(steps, 1)
-    return {"value": adam_steps / steps, "status": "ok", "adam_steps": adam_steps, "steps": steps}
-
-
-def geometric_mean(values: Sequence[float]) -> float:
-    """Geometric mean of positive finite values (``inf`` if any is ``inf`` or not positive,
-    NaN for no values)."""
-    if not values:
-        return math.nan
-    if any(not (v > 0 and math.isfinite(v)) for v in values):
-        return math.inf
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean([_nan_to_inf(v) for v in values])) if values else math.nan
-
-
-def _tune_near(
-    family: TaskFamily,
-    factory: Factory,
-    seeds: Sequence[int],
-    steps: int,
-    grid: Sequence[float],
-    center: float,
-    name: str,
-) -> tuple[float, dict[float, float]]:
-    """Tune on the values of ``grid`` within a factor 10 of ``center``, widened one grid value
-    at a time while the best is at the edge of those tried (the full grid at most)."""
-    grid = sorted(grid)
-    tried = [lr for lr in grid if center / 10.0 * (1 - 1e-9) <= lr <= center * 10.0 * (1 + 1e-9)]
-    tried = tried or list(grid)
-    scores: dict[float, float] = {}
-    while True:
-        todo = [lr for lr in tried if lr not in scores]
-        if todo:
-            scores.update(tune_lr(family, factory, seeds, steps, todo, name=name)[1])
-        best = min(scores, key=lambda k: (scores[k], k))
-        i = grid.index(best)
-        if best == min(tried) and i > 0:
-            tried.insert(0, grid[i - 1])
-        elif best == max(tried) and i < len(grid) - 1:
-            tried.append(grid[i + 1])
-        else:
-            return best, dict(sorted(scores.items()))
-
-
 def make_factories(
     rule: UpdateRule, steps: int, total_steps: bool, warmup_fraction: float
-) -> dict[str, Factory]:
+) -> dict[str, OptimizerFactory]:
     """Every optimizer of :data:`OPTIMIZERS` as ``factory(params, lr)`` for runs of ``steps``."""
     mods = require_bench_packages()
     zeroed = zero_readout(rule)
@@ -360,10 +235,7 @@ def evaluate_sealed(
     unknown = [t for t in tasks if t not in families]
     if unknown:
         raise ValueError(f"Unknown sealed tasks {unknown}; expected among {sorted(families)}")
-    tune = [task_seed(seed, _TUNE_STREAM, k) for k in range(tune_seeds)]
-    evals = [task_seed(seed, _EVAL_STREAM, k) for k in range(seeds)]
-    if set(tune) & set(evals):
-        raise ValueError("tuning and evaluation seeds overlap")
+    tune, evals = SEALED_STREAMS.seeds(tune_seeds, seeds, seed)
     records: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     for name in tasks:
@@ -371,15 +243,16 @@ def evaluate_sealed(
         for n_steps in steps:
             start = time.perf_counter()
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
-            adam_lr, adam_scores = tune_lr(family, factories["adam"], tune, n_steps, lrs)
-            cos_lr, cos_scores = _tune_near(
-                family, factories["adam-cosine"], tune, n_steps, lrs, adam_lr, "adam-cosine"
+            adam = tune_lr(family, factories["adam"], tune, n_steps, lrs)
+            cosine = tune_lr_near(
+                family, factories["adam-cosine"], tune, n_steps, lrs, adam.lr, name="adam-cosine"
             )
-            chosen = {"adam": adam_lr, "adam-cosine": cos_lr, **_DEFAULT_LR}
+            chosen = {"adam": adam.lr, "adam-cosine": cosine.lr, **_DEFAULT_LR}
             runs: dict[str, list[RunResult]] = {}
             for opt in OPTIMIZERS:
                 runs[opt] = [
-                    run_once(family, s, factories[opt], chosen[opt], n_steps, opt) for s in evals
+                    run_optimizer(family, s, factories[opt], chosen[opt], n_steps, name=opt)
+                    for s in evals
                 ]
             for opt in OPTIMIZERS:
                 for r in runs[opt]:
@@ -387,14 +260,14 @@ def evaluate_sealed(
                     rec["losses"] = [float(f"{v:.5g}") for v in r.losses]  # 5 digits: smaller
                     records.append(rec)
             tuning = {
-                "adam": {"lr": adam_lr, "scores": adam_scores, "grid": list(lrs)},
-                "adam-cosine": {"lr": cos_lr, "scores": cos_scores},
+                "adam": {"lr": adam.lr, "scores": adam.scores, "grid": list(lrs)},
+                "adam-cosine": {"lr": cosine.lr, "scores": cosine.scores},
             }
             rows = summarize_task(name, n_steps, runs, tuning)
             summary += rows
             by = {r["optimizer"]: r for r in rows}
             log(
-                f"{name} T={n_steps}: Adam lr={adam_lr:g} final {by['adam']['final_train']:.4g} "
+                f"{name} T={n_steps}: Adam lr={adam.lr:g} final {by['adam']['final_train']:.4g} "
                 f"(initial {by['adam']['initial_loss']:.4g}); ratios "
                 + ", ".join(f"{o} {by[o]['ratio_train']:.3f}" for o in OPTIMIZERS[1:])
                 + f"; {time.perf_counter() - start:.0f}s"
@@ -405,41 +278,16 @@ def evaluate_sealed(
 def summarize_task(
     task: str, steps: int, runs: dict[str, list[RunResult]], tuning: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """One row per optimizer: mean final train and held-out losses, their ratios to ``adam``'s,
-    seeds won, the speedup (on mean curves smoothed over 5% of the horizon), and for ``adam``
-    its initial loss and the tuning scores."""
-    window = max(1, math.ceil(0.05 * steps))
-    adam_runs = runs["adam"]
-    adam_curve = smooth(mean_curve(adam_runs), window)
-    adam_train = _mean([r.final_train_loss for r in adam_runs])
-    adam_test = _mean([r.final_test_loss for r in adam_runs])
-    by_seed = {r.seed: r.final_train_loss for r in adam_runs}
+    """One row per optimizer: :func:`learned_opt.evaluate.versus` tuned Adam (mean final train
+    and held-out losses, their ratios to ``adam``'s, seeds won, the speedup on mean curves
+    smoothed over 5% of the horizon, the initial loss), and for the tuned ones the tuning
+    scores."""
     rows = []
     for opt, these in runs.items():
-        train = _mean([r.final_train_loss for r in these])
-        test = _mean([r.final_test_loss for r in these])
-        won = sum(
-            1
-            for r in these
-            if math.isfinite(r.final_train_loss) and r.final_train_loss < by_seed[r.seed]
-        )
-        curve = smooth(mean_curve(these), window)
-        row: dict[str, Any] = {
-            "kind": "summary",
-            "task": task,
-            "steps": steps,
-            "optimizer": opt,
-            "lr": these[0].lr,
-            "seeds": len(these),
-            "final_train": train,
-            "final_test": test,
-            "ratio_train": train / adam_train,
-            "ratio_test": test / adam_test,
-            "won": won if opt != "adam" else None,
-            "speedup": speedup(adam_curve, curve) if opt != "adam" else None,
-            "initial_loss": float(np.mean([r.losses[0] for r in these])),
-            "seconds": float(np.mean([r.seconds for r in these])),
-        }
+        row: dict[str, Any] = {"kind": "summary", "task": task, "steps": steps, "optimizer": opt}
+        row.update(versus(these, runs["adam"]))
+        if opt == "adam":
+            row["won"] = row["speedup"] = None
         if opt in tuning:
             row["tuning"] = tuning[opt]
             grid = tuning["adam"]["grid"]

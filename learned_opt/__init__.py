@@ -6,12 +6,24 @@ The public API; everything else is an implementation detail.
 from __future__ import annotations
 
 from . import kernels, pretrained
+
+# The former module path learned_opt.unroll is loaded before the function of that name is
+# bound below, so that importing the module later never replaces the function.
+from . import unroll as _former_unroll_module  # noqa: F401
 from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
-from .estimators import Estimator, PESEstimator, TBPTTEstimator
 from .higher_interop import DifferentiableLearnedOptimizer, register
 from .learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
-from .meta_train import MetaTrainConfig, MetaTrainer
 from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
+from .outer import (
+    Estimator,
+    MetaTrainConfig,
+    MetaTrainer,
+    PESEstimator,
+    TBPTTEstimator,
+    UnrollSpec,
+    run_inner,
+    unroll,
+)
 from .rules import (
     AdamRule,
     GeneralLSTMRule,
@@ -22,7 +34,6 @@ from .rules import (
     UpdateRule,
 )
 from .tasks import MLPFamily, QuadraticFamily, Task, TaskFamily, make_family
-from .unroll import run_inner, unroll
 
 __version__ = "0.1.0"
 
@@ -53,6 +64,7 @@ __all__ = [
     "TBPTTEstimator",
     "Task",
     "TaskFamily",
+    "UnrollSpec",
     "UpdateRule",
     "WeightsMismatchError",
     "load_rule",

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import subprocess
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +18,20 @@ import torch
 
 from . import distributed, pretrained
 from .checkpoint import CheckpointError, load_rule, safe_load, save_rule
-from .estimators import ESTIMATORS
-from .evaluate import DEFAULT_LR_GRID, run_optimizer, task_seed, tune_lr
-from .meta_train import META_LR_SCHEDULES, MetaTrainConfig, MetaTrainer
+from .evaluate import (
+    COMPARISON_STREAMS,
+    DEFAULT_LR_GRID,
+    HAND_DESIGNED,
+    evaluation_family,
+    run_optimizer,
+    tune_lr,
+)
 from .optim import LearnedOptimizer
-from .report import HAND_DESIGNED, plot_curves, table, write_jsonl
-from .tasks import FAMILIES, MLPFamily, make_family
+from .outer import MetaTrainConfig, MetaTrainer
+from .report import plot_curves, table, write_jsonl
+from .tasks import FAMILIES
 
-__all__ = ["main", "build_parser", "git_commit"]
-
-_TUNE_STREAM = 1_000_003
-_EVAL_STREAM = 2_000_003
-
-
-def _segment_arg(text: str) -> int | tuple[int, ...]:
-    """``--grad-checkpoint-segment``: ``S`` or ``S1,S2,...``."""
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an integer or a comma-separated list: {text!r}"
-        ) from None
-    return sizes[0] if len(sizes) == 1 else sizes
+__all__ = ["add_config_options", "build_parser", "config_from_args", "git_commit", "main"]
 
 
 def git_commit() -> str:
@@ -65,107 +60,62 @@ def _json_arg(text: str) -> dict[str, Any]:
     return value
 
 
+def add_config_options(parser: argparse.ArgumentParser, cls: type = MetaTrainConfig) -> None:
+    """One option per field of the dataclass ``cls`` whose metadata has ``cli`` true: field
+    ``foo_bar`` becomes ``--foo-bar`` with the field's default and ``help``; its type says how
+    the text reads (``bool``: a switch; ``dict``: a JSON object; ``X | None``: an ``X``), unless
+    the metadata's ``parse`` does; the metadata may also give ``choices`` (or a function giving
+    them) and a ``metavar``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        missing = f.default is dataclasses.MISSING
+        default = f.default_factory() if missing else f.default  # type: ignore[misc]
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=meta["help"])
+            continue
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        kinds = [t for t in typing.get_args(kind) if t is not type(None)] if union else [kind]
+        options: dict[str, Any] = {"default": default, "help": meta["help"]}
+        if meta.get("parse") is not None:
+            options["type"] = meta["parse"]
+        elif all(typing.get_origin(t) is dict for t in kinds):
+            options["type"], options["metavar"] = _json_arg, "JSON"
+        elif len(kinds) == 1 and kinds[0] in (int, float, str):
+            options["type"] = kinds[0]
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line reading of {kind}")
+        choices = meta.get("choices")
+        if choices is not None:
+            options["choices"] = choices() if callable(choices) else list(choices)
+        if meta.get("metavar") is not None:
+            options["metavar"] = meta["metavar"]
+        parser.add_argument(flag, **options)
+
+
+def config_from_args(args: argparse.Namespace) -> MetaTrainConfig:
+    """The configuration the ``meta-train`` options of :func:`add_config_options` give;
+    ``--grad-checkpoint-segment`` switches gradient checkpointing on."""
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(MetaTrainConfig)
+        if f.metadata.get("cli")
+    }
+    if values["grad_checkpoint_segment"] is not None:
+        values["grad_checkpoint"] = True
+    return MetaTrainConfig(**values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="learned-opt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     mt = sub.add_parser("meta-train", help="meta-train a learned optimizer on a task family")
-    d = MetaTrainConfig()
-    mt.add_argument("--family", default=d.family, choices=sorted(FAMILIES))
-    mt.add_argument("--family-kwargs", type=_json_arg, default={}, metavar="JSON")
-    mt.add_argument("--rule", default=d.rule)
-    mt.add_argument(
-        "--rule-kwargs",
-        type=_json_arg,
-        default={},
-        metavar="JSON",
-        help='e.g. \'{"hidden_size": 20, "num_layers": 2, "preprocess_p": 5}\'',
-    )
-    mt.add_argument("--init-weights", default=None, help="start from these weights (fine-tune)")
-    mt.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per task (T)")
-    mt.add_argument(
-        "--min-horizon",
-        type=int,
-        default=None,
-        help="draw each task's horizon log-uniformly in [min-horizon, horizon] (heavy-tailed)",
-    )
-    mt.add_argument("--truncation", type=int, default=d.truncation, help="steps per window (K)")
-    mt.add_argument(
-        "--estimator",
-        default=d.estimator,
-        choices=sorted(ESTIMATORS),
-        help="meta-gradient estimator: truncated backpropagation, persistent ES (unbiased, "
-        "memory independent of K and T) or truncated antithetic ES",
-    )
-    mt.add_argument(
-        "--estimator-kwargs",
-        type=_json_arg,
-        default={},
-        metavar="JSON",
-        help='e.g. \'{"sigma": 0.01, "pairs": 8}\' for pes/es',
-    )
-    mt.add_argument("--objective", default=d.objective, choices=["train", "test"])
-    mt.add_argument(
-        "--log-meta-loss",
-        action="store_true",
-        help="meta-loss = log of the objective (tasks of any loss scale weigh alike); the "
-        "evaluation then reports geometric means",
-    )
-    mt.add_argument(
-        "--loss-aversion",
-        type=float,
-        default=None,
-        metavar="LAMBDA",
-        help="loss-averse meta-objective: a window's meta-loss is log(L / L_ref) against the "
-        "rule the run starts from (unrolled beside it on the same batches), times 1 + LAMBDA "
-        "where positive; needs --log-meta-loss and tbptt",
-    )
-    mt.add_argument("--second-order", action="store_true")
-    mt.add_argument(
-        "--grad-checkpoint",
-        action="store_true",
-        help="gradient checkpointing: recompute the inner steps during the meta-backward "
-        "instead of keeping them (by default nested segments: O(log K) inner states and one "
-        "step's activations alive instead of K steps', for ~ceil(log8 K) extra forward passes; "
-        "same meta-gradients; with glibc, also set MALLOC_MMAP_THRESHOLD_=131072 in the "
-        "environment, or the freed memory stays in the heap: see the README)",
-    )
-    mt.add_argument(
-        "--grad-checkpoint-segment",
-        type=_segment_arg,
-        default=None,
-        metavar="S[,S2,...]",
-        help="inner steps per checkpointed segment (one level), or nested segment lengths "
-        "S1 > S2 > ... (e.g. 25,5,1); default: checkpoint_schedule(truncation)",
-    )
-    mt.add_argument("--meta-lr", type=float, default=d.meta_lr)
-    mt.add_argument(
-        "--meta-lr-schedule",
-        choices=META_LR_SCHEDULES,
-        default=d.meta_lr_schedule,
-        help="cosine: decay the meta learning rate to 0 over --iterations",
-    )
-    mt.add_argument("--meta-batch", type=int, default=d.meta_batch)
-    mt.add_argument("--clip-grad", type=float, default=d.clip_grad)
-    mt.add_argument("--iterations", type=int, default=d.iterations, help="task batches to unroll")
-    mt.add_argument("--time-budget", type=float, default=None, help="seconds of meta-training")
-    mt.add_argument("--eval-every", type=int, default=d.eval_every)
-    mt.add_argument("--eval-tasks", type=int, default=d.eval_tasks)
-    mt.add_argument(
-        "--eval-horizon",
-        type=int,
-        default=None,
-        help="inner steps of the held-out evaluation (default: --horizon)",
-    )
-    mt.add_argument(
-        "--eval-family",
-        default=None,
-        choices=sorted(FAMILIES),
-        help="family of the held-out tasks that select the best weights (default: --family)",
-    )
-    mt.add_argument("--eval-family-kwargs", type=_json_arg, default={}, metavar="JSON")
-    mt.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    mt.add_argument("--seed", type=int, default=d.seed)
+    add_config_options(mt)
     mt.add_argument("--log-dir", default=None, help="TensorBoard directory")
     mt.add_argument("--ckpt-dir", default=None, help="checkpoint directory")
     mt.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -230,38 +180,7 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
     main_rank = distributed.is_main()
-    family_kwargs = dict(args.family_kwargs)
-    config = MetaTrainConfig(
-        family=args.family,
-        family_kwargs=family_kwargs,
-        rule=args.rule,
-        rule_kwargs=args.rule_kwargs,
-        init_weights=args.init_weights,
-        horizon=args.horizon,
-        min_horizon=args.min_horizon,
-        truncation=args.truncation,
-        objective=args.objective,
-        log_meta_loss=args.log_meta_loss,
-        second_order=args.second_order,
-        estimator=args.estimator,
-        estimator_kwargs=args.estimator_kwargs,
-        loss_aversion=args.loss_aversion,
-        grad_checkpoint=args.grad_checkpoint or args.grad_checkpoint_segment is not None,
-        grad_checkpoint_segment=args.grad_checkpoint_segment,
-        meta_lr=args.meta_lr,
-        meta_lr_schedule=args.meta_lr_schedule,
-        meta_batch=args.meta_batch,
-        clip_grad=args.clip_grad,
-        iterations=args.iterations,
-        time_budget=args.time_budget,
-        eval_every=args.eval_every,
-        eval_tasks=args.eval_tasks,
-        eval_horizon=args.eval_horizon,
-        eval_family=args.eval_family,
-        eval_family_kwargs=args.eval_family_kwargs,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
+    config = config_from_args(args)
     trainer = MetaTrainer(
         config,
         log_dir=args.log_dir,
@@ -308,7 +227,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
                 "budget": {
                     "iterations": trainer.iteration,
                     "seconds": round(trainer.elapsed, 1),
-                    "wall_seconds_this_session": round(time.time() - start, 1),
+                    "wall_seconds_this_run": round(time.time() - start, 1),
                     "torch_threads": torch.get_num_threads(),
                     "processes": distributed.world_size(),
                 },
@@ -323,14 +242,12 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    # Final figures train on the whole training split and report the official held-out split;
-    # meta-training selects weights on a validation split carved from the training data instead.
-    defaults = {"holdout": "test"} if FAMILIES[args.family][0] is MLPFamily else {}
-    family = make_family(args.family, **{**defaults, **args.family_kwargs})
+    # Final figures train on the whole training split and report the official held-out split.
+    family = evaluation_family(args.family, **args.family_kwargs)
     rule, _ = load_rule(pretrained.resolve(args.weights))
     lrs = [float(x) for x in args.lrs.split(",")]
-    tune = [task_seed(args.seed, _TUNE_STREAM, k) for k in range(args.tune_seeds)]
-    evals = [task_seed(args.seed, _EVAL_STREAM, k) for k in range(args.seeds)]
+    tune = COMPARISON_STREAMS.tune_seeds(args.tune_seeds, args.seed)
+    evals = COMPARISON_STREAMS.eval_seeds(args.seeds, args.seed)
     records: list[dict[str, Any]] = []
 
     def learned(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -342,20 +259,20 @@ def _eval(args: argparse.Namespace) -> int:
                 f"unknown baseline {name!r}; choose from {sorted(HAND_DESIGNED)}", file=sys.stderr
             )
             return 2
-        best, scores = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name)
-        grid = ", ".join(f"{lr:g}: {s:.4g}" for lr, s in scores.items())
+        tuning = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name)
+        grid = ", ".join(f"{lr:g}: {s:.4g}" for lr, s in tuning.scores.items())
         print(
-            f"tuned {name}: lr={best:g} (mean final train loss on tuning seeds: {grid})",
+            f"tuned {name}: lr={tuning.lr:g} (mean final train loss on tuning seeds: {grid})",
             file=sys.stderr,
         )
-        if len(lrs) > 1 and best in (min(lrs), max(lrs)):
+        if tuning.at_edge:
             print(
-                f"warning: the best {name} learning rate {best:g} is at the edge of the grid; "
-                "widen --lrs",
+                f"warning: the best {name} learning rate {tuning.lr:g} is at the edge of the "
+                "grid; widen --lrs",
                 file=sys.stderr,
             )
         records += [
-            run_optimizer(family, s, HAND_DESIGNED[name], best, args.steps, name=name).record()
+            run_optimizer(family, s, HAND_DESIGNED[name], tuning.lr, args.steps, name=name).record()
             for s in evals
         ]
     records += [

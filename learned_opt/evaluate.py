@@ -1,8 +1,14 @@
-"""Evaluation: train tasks with any torch optimizer, tune learning rates, summarize.
+"""Evaluation against tuned baselines: runs, seed streams, learning-rate tuning, comparisons.
 
-Every optimizer, learned or hand-designed, is run the same way a user would run it: real leaf
-tensors, ``loss.backward()``, ``opt.step()``. Each seed fixes the task (data stream) and the initial
-parameters, so all optimizers see exactly the same problems.
+Every optimizer, learned or hand-designed, is run the way a user would run it: real leaf tensors,
+``loss.backward()``, ``opt.step()`` (:func:`run_optimizer`). A seed fixes the task (data stream)
+and the initial parameters, so all optimizers see exactly the same problems; the seeds come from
+named, disjoint streams (:class:`SeedStreams`). A baseline's learning rate is tuned on a grid on
+tuning seeds (:func:`tune_lr`); the learned optimizer runs untuned (multiplier 1). A candidate is
+compared with the tuned baseline on the evaluation seeds by :func:`versus`: the ratio of mean
+final losses, the seeds won and the :func:`speedup`; ratios over tasks are summarized by their
+:func:`geometric_mean`. The CLI (``learned-opt eval``), the meta-trainer's held-out evaluation and
+the benchmarks all use these.
 """
 
 from __future__ import annotations
@@ -11,22 +17,34 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .tasks import TaskFamily
+from .tasks import FAMILIES, MLPFamily, TaskFamily, make_family
 
 __all__ = [
+    "DEFAULT_LR_GRID",
+    "HAND_DESIGNED",
     "OptimizerFactory",
     "RunResult",
+    "SeedStreams",
+    "Tuning",
+    "evaluation_family",
+    "first_reach",
+    "geometric_mean",
+    "mean_curve",
+    "mean_loss",
     "run_optimizer",
-    "tune_lr",
-    "summarize",
-    "markdown_table",
+    "seeds_won",
+    "smooth",
+    "speedup",
     "task_seed",
-    "DEFAULT_LR_GRID",
+    "tune_lr",
+    "tune_lr_near",
+    "versus",
 ]
 
 #: ``factory(params, lr) -> optimizer``.
@@ -47,15 +65,71 @@ DEFAULT_LR_GRID: tuple[float, ...] = (
     10.0,
 )
 
+#: Hand-designed baselines by name: ``factory(params, lr)``.
+HAND_DESIGNED: dict[str, OptimizerFactory] = {
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
+    "rmsprop": lambda p, lr: torch.optim.RMSprop(p, lr=lr),
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),
+    "nesterov": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True),
+}
 
+
+# ----------------------------------------------------------------------------- seed streams
 def task_seed(*key: int) -> int:
-    """A well-mixed 63-bit seed from integers (``numpy.random.SeedSequence``)."""
+    """A well-mixed 63-bit seed from integers (``numpy.random.SeedSequence``).
+
+    Meta-training draws task ``j`` of iteration ``i`` from ``task_seed(seed, i, j)`` (the task;
+    ``+ 1``: its inner state; ``+ 2``: its horizon); evaluations draw from :class:`SeedStreams`.
+    """
     return int(
         np.random.SeedSequence(list(key)).generate_state(2, np.uint32).view(np.uint64)[0]
         >> np.uint64(1)
     )
 
 
+@dataclass(frozen=True)
+class SeedStreams:
+    """The tuning and evaluation seeds of a comparison: ``task_seed(seed, stream, k)``.
+
+    Attributes:
+        tune: the stream of the seeds that tune learning rates.
+        eval: the stream of the seeds that are reported (never tuned on).
+    """
+
+    tune: int
+    eval: int
+
+    def tune_seeds(self, n: int, seed: int = 0) -> list[int]:
+        return [task_seed(seed, self.tune, k) for k in range(n)]
+
+    def eval_seeds(self, n: int, seed: int = 0) -> list[int]:
+        return [task_seed(seed, self.eval, k) for k in range(n)]
+
+    def seeds(self, tune: int, evals: int, seed: int = 0) -> tuple[list[int], list[int]]:
+        """``(tuning seeds, evaluation seeds)``, checked disjoint."""
+        a, b = self.tune_seeds(tune, seed), self.eval_seeds(evals, seed)
+        if set(a) & set(b):
+            raise ValueError("tuning and evaluation seeds overlap")
+        return a, b
+
+
+#: ``learned-opt eval`` and the out-of-distribution benchmark.
+COMPARISON_STREAMS = SeedStreams(tune=1_000_003, eval=2_000_003)
+#: The sealed-test benchmark (its evaluation stream also seeds the bf16 benchmark's tasks).
+SEALED_STREAMS = SeedStreams(tune=3_000_017, eval=4_000_037)
+#: The meta-trainer's held-out evaluation (the baseline is tuned on the same tasks).
+TRAINER_EVAL_STREAM = 7_777_777
+
+
+def evaluation_family(name: str, **kwargs: Any) -> TaskFamily:
+    """A named family for final figures: an MLP family trains on its whole training split and
+    reports its official held-out split (``holdout="test"``, unless ``kwargs`` say otherwise);
+    meta-training selects on a validation split carved from the training data instead."""
+    defaults = {"holdout": "test"} if FAMILIES[name][0] is MLPFamily else {}
+    return make_family(name, **{**defaults, **kwargs})
+
+
+# ------------------------------------------------------------------------------------- runs
 @dataclass
 class RunResult:
     """One optimizer run on one task.
@@ -85,10 +159,6 @@ class RunResult:
         return asdict(self)
 
 
-def _nan_to_inf(x: float) -> float:
-    return x if math.isfinite(x) else math.inf
-
-
 def run_optimizer(
     family: TaskFamily,
     seed: int,
@@ -98,11 +168,18 @@ def run_optimizer(
     *,
     name: str = "",
 ) -> RunResult:
-    """Train one task of ``family`` (fixed by ``seed``) for ``steps`` steps with ``factory``."""
+    """Train one task of ``family`` (fixed by ``seed``) for ``steps`` steps with ``factory``.
+
+    An optimizer with ``train()`` and ``eval()`` methods (schedule-free) is put in training mode
+    for the steps and in evaluation mode for the final losses.
+    """
     task = family.sample(torch.Generator().manual_seed(seed))
     params = task.init_params(torch.Generator().manual_seed(seed + 1))
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     opt = factory(list(leaves.values()), lr)
+    modes = callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
+    if modes:
+        opt.train()  # type: ignore[attr-defined]
     losses: list[float] = []
     start = time.perf_counter()
     for _ in range(steps):
@@ -116,12 +193,65 @@ def run_optimizer(
         loss.backward()
         opt.step()
     seconds = time.perf_counter() - start
+    if modes:
+        opt.eval()  # type: ignore[attr-defined]
     with torch.no_grad():
         final_train = float(task.loss(leaves, task.train.full()))
         final_test = float(task.loss(leaves, task.test.full()))
     return RunResult(
         name or type(opt).__name__, lr, seed, losses, final_train, final_test, seconds, task.name
     )
+
+
+# ------------------------------------------------------------------------------- aggregates
+def mean_loss(values: Sequence[float]) -> float:
+    """The mean, ``inf`` if any value is not finite (a diverged run), NaN for no values."""
+    if len(values) == 0:
+        return math.nan
+    if not all(math.isfinite(v) for v in values):
+        return math.inf
+    return float(np.mean(values))
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    """The geometric mean of positive finite values (``inf`` if any is ``inf``, NaN or not
+    positive, NaN for no values): the summary of loss ratios over tasks."""
+    if len(values) == 0:
+        return math.nan
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        return math.inf
+    return float(np.exp(np.mean(np.log(values))))
+
+
+def mean_curve(runs: Sequence[RunResult], skip_diverged: bool = False) -> np.ndarray:
+    """The mean over seeds of the minibatch training losses per step: NaN where any seed has
+    diverged (a diverged run never counts as having reached a loss), or with ``skip_diverged``
+    the mean of the seeds still running."""
+    curves = np.array([r.losses for r in runs], dtype=float)
+    return np.nanmean(curves, axis=0) if skip_diverged else np.mean(curves, axis=0)
+
+
+# ----------------------------------------------------------------------------------- tuning
+@dataclass
+class Tuning:
+    """The outcome of :func:`tune_lr`.
+
+    Attributes:
+        lr: the best learning rate.
+        scores: the aggregated metric of every learning rate tried, by learning rate.
+        runs: the runs at the best learning rate.
+        grid: the learning rates that could be tried.
+    """
+
+    lr: float
+    scores: dict[float, float]
+    runs: list[RunResult]
+    grid: list[float]
+
+    @property
+    def at_edge(self) -> bool:
+        """The best learning rate is the smallest or largest of the grid (widen it)."""
+        return len(self.grid) > 1 and self.lr in (min(self.grid), max(self.grid))
 
 
 def tune_lr(
@@ -133,65 +263,139 @@ def tune_lr(
     *,
     name: str = "",
     metric: str = "final_train_loss",
-) -> tuple[float, dict[float, float]]:
-    """Pick the learning rate with the lowest mean ``metric`` over ``seeds``.
-
-    Diverged runs count as ``inf``. The tuning seeds must differ from the evaluation seeds.
-
-    Returns:
-        ``(best_lr, {lr: mean metric})``.
-    """
+    aggregate: Callable[[Sequence[float]], float] = mean_loss,
+) -> Tuning:
+    """The learning rate of ``lrs`` with the lowest ``aggregate`` (by default :func:`mean_loss`:
+    a diverged run counts as ``inf``) of ``metric`` over ``seeds``; ties go to the smallest.
+    The tuning seeds must differ from the evaluation seeds."""
+    grid = list(lrs)
     scores: dict[float, float] = {}
-    for lr in lrs:
-        values = [
-            _nan_to_inf(getattr(run_optimizer(family, s, factory, lr, steps, name=name), metric))
-            for s in seeds
-        ]
-        scores[lr] = float(np.mean(values))
+    runs: dict[float, list[RunResult]] = {}
+    for lr in grid:
+        runs[lr] = [run_optimizer(family, s, factory, lr, steps, name=name) for s in seeds]
+        scores[lr] = aggregate([getattr(r, metric) for r in runs[lr]])
     best = min(scores, key=lambda k: (scores[k], k))
-    return best, scores
+    return Tuning(best, scores, runs[best], grid)
 
 
-def summarize(
-    results: Iterable[RunResult], metric: str = "final_train_loss"
-) -> list[dict[str, float | str | int]]:
-    """Per optimizer: lr, number of seeds, mean, standard deviation, standard error, median."""
-    groups: dict[str, list[RunResult]] = {}
-    for r in results:
-        groups.setdefault(r.optimizer, []).append(r)
-    rows = []
-    for name, runs in groups.items():
-        values = np.array([getattr(r, metric) for r in runs], dtype=float)
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        rows.append(
-            {
-                "optimizer": name,
-                "lr": runs[0].lr,
-                "seeds": len(runs),
-                "mean": float(values.mean()),
-                "std": std,
-                "sem": std / math.sqrt(len(values)),
-                "median": float(np.median(values)),
-            }
-        )
-    return rows
+def tune_lr_near(
+    family: TaskFamily,
+    factory: OptimizerFactory,
+    seeds: Sequence[int],
+    steps: int,
+    grid: Sequence[float],
+    center: float,
+    *,
+    name: str = "",
+) -> Tuning:
+    """:func:`tune_lr` on the values of ``grid`` within a factor 10 of ``center`` (e.g. a tuned
+    constant learning rate, for a scheduled variant), widened one grid value at a time while the
+    best is at the edge of those tried (the full grid at most)."""
+    grid = sorted(grid)
+    tried = [lr for lr in grid if center / 10.0 * (1 - 1e-9) <= lr <= center * 10.0 * (1 + 1e-9)]
+    tried = tried or list(grid)
+    scores: dict[float, float] = {}
+    runs: dict[float, list[RunResult]] = {}
+    while True:
+        todo = [lr for lr in tried if lr not in scores]
+        if todo:
+            tuning = tune_lr(family, factory, seeds, steps, todo, name=name)
+            scores.update(tuning.scores)
+            runs[tuning.lr] = tuning.runs
+        best = min(scores, key=lambda k: (scores[k], k))
+        i = grid.index(best)
+        if best == min(tried) and i > 0:
+            tried.insert(0, grid[i - 1])
+        elif best == max(tried) and i < len(grid) - 1:
+            tried.append(grid[i + 1])
+        else:
+            return Tuning(best, dict(sorted(scores.items())), runs[best], list(grid))
 
 
-def markdown_table(rows: list[dict], reference: str | None = None) -> str:
-    """A markdown table of :func:`summarize` rows; ``reference`` adds a ratio column."""
-    ref = next((r["mean"] for r in rows if r["optimizer"] == reference), None)
-    header = "| optimizer | lr | seeds | mean | std | sem | median |"
-    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    if ref is not None:
-        header += f" mean / {reference} |"
-        sep += " ---: |"
-    lines = [header, sep]
-    for r in rows:
-        line = (
-            f"| {r['optimizer']} | {r['lr']:.3g} | {r['seeds']} | {r['mean']:.4f} | "
-            f"{r['std']:.4f} | {r['sem']:.4f} | {r['median']:.4f} |"
-        )
-        if ref is not None:
-            line += f" {r['mean'] / ref:.3f} |"
-        lines.append(line)
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------ comparisons
+def seeds_won(
+    runs: Sequence[RunResult], reference: Sequence[RunResult], metric: str = "final_train_loss"
+) -> int:
+    """On how many task seeds a run of ``runs`` ends below the ``reference`` run on the same
+    seed (a non-finite loss never wins). Unlike the ratio of means, one blow-up costs one
+    seed."""
+    theirs = {r.seed: getattr(r, metric) for r in reference}
+    return sum(
+        1
+        for r in runs
+        if r.seed in theirs
+        and math.isfinite(getattr(r, metric))
+        and getattr(r, metric) < theirs[r.seed]
+    )
+
+
+def smooth(curve: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average: entry ``i`` is the mean of ``curve[max(0, i - window + 1):i+1]``
+    (NaN once any value in the window is NaN)."""
+    arr = np.asarray(curve, dtype=float)
+    cums = np.concatenate(([0.0], np.cumsum(arr)))
+    idx = np.arange(len(arr))
+    lo = np.maximum(0, idx - window + 1)
+    return (cums[idx + 1] - cums[lo]) / (idx + 1 - lo)
+
+
+def first_reach(curve: np.ndarray, target: float) -> int | None:
+    """The first step count ``i`` (the loss after ``i`` steps) with ``curve[i] <= target``."""
+    hits = np.flatnonzero(curve <= target)
+    return int(hits[0]) if len(hits) else None
+
+
+def speedup(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """How much sooner ``other`` reaches the final loss of ``reference`` (tuned Adam) than the
+    reference does, on smoothed mean curves.
+
+    The target is the reference's last value; ``adam_steps`` the first step its curve is at or
+    below it, ``steps`` the first step ``other``'s is. Returns ``{"value", "status",
+    "adam_steps", "steps"}`` with ``status``:
+
+    - ``"ok"``: ``value = adam_steps / steps`` (above 1: faster than the reference);
+    - ``"censored"``: ``other`` never reaches the target within the run (or diverges): it would
+      need more than ``T`` steps, so the speedup is *below* ``value = adam_steps / T`` (an upper
+      bound, used as such in geometric means);
+    - ``"undefined"``: the target is already met at step 0 (no progress to compare); ``value``
+      is NaN.
+    """
+    target = float(reference[-1])
+    adam_steps = first_reach(reference, target)
+    if adam_steps is None or adam_steps == 0 or not math.isfinite(target):
+        return {"value": math.nan, "status": "undefined", "adam_steps": adam_steps, "steps": None}
+    steps = first_reach(other, target)
+    if steps is None:
+        value = adam_steps / len(reference)
+        return {"value": value, "status": "censored", "adam_steps": adam_steps, "steps": None}
+    steps = max(steps, 1)
+    return {"value": adam_steps / steps, "status": "ok", "adam_steps": adam_steps, "steps": steps}
+
+
+def versus(
+    runs: Sequence[RunResult], reference: Sequence[RunResult], smooth_fraction: float = 0.05
+) -> dict[str, Any]:
+    """``runs`` against the ``reference`` runs (tuned Adam) on the same seeds.
+
+    Returns ``{"lr", "seeds", "final_train", "final_test"}`` (mean final losses over the seeds,
+    :func:`mean_loss`), ``"ratio_train"`` and ``"ratio_test"`` (those over the reference's;
+    below 1: better), ``"won"`` (:func:`seeds_won` by final training loss), ``"speedup"`` (on
+    mean curves smoothed over ``smooth_fraction`` of the horizon), ``"initial_loss"`` (the mean
+    first minibatch loss) and ``"seconds"`` (mean wall time of a run).
+    """
+    steps = len(reference[0].losses)
+    window = max(1, math.ceil(smooth_fraction * steps))
+    train = mean_loss([r.final_train_loss for r in runs])
+    test = mean_loss([r.final_test_loss for r in runs])
+    return {
+        "lr": runs[0].lr,
+        "seeds": len(runs),
+        "final_train": train,
+        "final_test": test,
+        "ratio_train": train / mean_loss([r.final_train_loss for r in reference]),
+        "ratio_test": test / mean_loss([r.final_test_loss for r in reference]),
+        "won": seeds_won(runs, reference),
+        "speedup": speedup(smooth(mean_curve(reference), window), smooth(mean_curve(runs), window)),
+        "initial_loss": float(np.mean([r.losses[0] for r in runs])),
+        "seconds": float(np.mean([r.seconds for r in runs])),
+    }

@@ -3,44 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .evaluate import RunResult, markdown_table, summarize
+from .evaluate import RunResult
 
 __all__ = [
-    "HAND_DESIGNED",
-    "write_jsonl",
+    "markdown_table",
+    "plot_curves",
     "read_jsonl",
     "results_from_records",
-    "plot_curves",
+    "summarize",
     "table",
+    "write_jsonl",
+    "write_results",
 ]
-
-
-def _sgd(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(p, lr=lr)
-
-
-def _nesterov(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True)
-
-
-def _adam(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(p, lr=lr)
-
-
-def _rmsprop(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.RMSprop(p, lr=lr)
-
-
-#: Hand-designed baselines by name: ``factory(params, lr)``.
-HAND_DESIGNED = {"adam": _adam, "rmsprop": _rmsprop, "sgd": _sgd, "nesterov": _nesterov}
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
@@ -70,6 +52,51 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def results_from_records(records: Iterable[dict[str, Any]]) -> list[RunResult]:
     fields = RunResult.__dataclass_fields__
     return [RunResult(**{k: v for k, v in r.items() if k in fields}) for r in records]
+
+
+def summarize(
+    results: Iterable[RunResult], metric: str = "final_train_loss"
+) -> list[dict[str, float | str | int]]:
+    """Per optimizer: lr, number of seeds, mean, standard deviation, standard error, median."""
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(r.optimizer, []).append(r)
+    rows = []
+    for name, runs in groups.items():
+        values = np.array([getattr(r, metric) for r in runs], dtype=float)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(
+            {
+                "optimizer": name,
+                "lr": runs[0].lr,
+                "seeds": len(runs),
+                "mean": float(values.mean()),
+                "std": std,
+                "sem": std / math.sqrt(len(values)),
+                "median": float(np.median(values)),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict], reference: str | None = None) -> str:
+    """A markdown table of :func:`summarize` rows; ``reference`` adds a ratio column."""
+    ref = next((r["mean"] for r in rows if r["optimizer"] == reference), None)
+    header = "| optimizer | lr | seeds | mean | std | sem | median |"
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if ref is not None:
+        header += f" mean / {reference} |"
+        sep += " ---: |"
+    lines = [header, sep]
+    for r in rows:
+        line = (
+            f"| {r['optimizer']} | {r['lr']:.3g} | {r['seeds']} | {r['mean']:.4f} | "
+            f"{r['std']:.4f} | {r['sem']:.4f} | {r['median']:.4f} |"
+        )
+        if ref is not None:
+            line += f" {r['mean'] / ref:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def table(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from learned_opt import distributed
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
+from learned_opt.outer import MetaTrainConfig, MetaTrainer
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

@@ -174,7 +174,7 @@ def test_meta_train_with_pes_and_random_horizons(tmp_path: Path) -> None:
     ]
     assert main(argv) == 0
     from learned_opt.checkpoint import safe_load
-    from learned_opt.meta_train import find_checkpoints
+    from learned_opt.outer import find_checkpoints
 
     config = safe_load(find_checkpoints(tmp_path / "ckpt")[0])["config"]
     assert config["estimator"] == "pes" and config["min_horizon"] == 4
@@ -192,3 +192,56 @@ def test_meta_train_eval_family_reaches_the_exported_config(tmp_path: Path) -> N
     _, meta = load_rule(export)
     assert meta["config"]["eval_family"] == "quadratic"
     assert meta["config"]["eval_family_kwargs"] == {"dim": 4}
+
+
+def _recorded_meta_train_commands() -> list[str]:
+    """Every ``learned-opt meta-train`` command recorded in the shipped weights' metadata."""
+
+    def commands(obj: object) -> list[str]:
+        if isinstance(obj, dict):
+            return [c for v in obj.values() for c in commands(v)]
+        if isinstance(obj, list):
+            return [c for v in obj for c in commands(v)]
+        if isinstance(obj, str) and obj.startswith("learned-opt meta-train "):
+            return [obj]
+        return []
+
+    shipped = Path(__file__).resolve().parents[1] / "learned_opt" / "pretrained"
+    found = [c for f in sorted(shipped.glob("*.json")) for c in commands(json.loads(f.read_text()))]
+    return list(dict.fromkeys(found))
+
+
+def test_recorded_commands_parse_to_the_same_configuration() -> None:
+    """The meta-train options are derived from MetaTrainConfig's fields: every recorded command
+    (the shipped weights' and the fixture's, which the former hand-written options parsed)
+    still parses, to exactly the configuration it gave then."""
+    import shlex
+
+    from learned_opt.cli import build_parser, config_from_args
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "recorded_commands.json"
+    expected = {r["command"]: r for r in json.loads(fixture.read_text())}
+    shipped = _recorded_meta_train_commands()
+    assert shipped and len(expected) > len(shipped)
+    for command in [*expected, *shipped]:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        config = json.loads(json.dumps(config_from_args(args).to_dict()))
+        if command in expected:
+            assert config == expected[command]["config"], command
+            trainer = expected[command]["trainer"]
+            assert (args.log_dir, args.ckpt_dir) == (trainer["log_dir"], trainer["ckpt_dir"])
+
+
+def test_every_cli_field_has_an_option_and_others_have_none() -> None:
+    import dataclasses
+
+    from learned_opt import MetaTrainConfig
+    from learned_opt.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["meta-train"]  # type: ignore[union-attr]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    for f in dataclasses.fields(MetaTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert (flag in flags) == f.metadata["cli"], f.name
+        assert f.metadata["help"], f.name

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from learned_opt import load_rule
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
+from learned_opt.outer import MetaTrainConfig, MetaTrainer, find_checkpoints
 
 HERE = Path(__file__).resolve().parent
 

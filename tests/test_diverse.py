@@ -77,11 +77,7 @@ def test_one_meta_training_iteration_of_the_general_rule_on_diverse(diverse) -> 
 
 
 def test_val_ood_is_outside_diverse_and_the_ood_benchmark(diverse) -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from ood import OOD_TASKS
+    from learned_opt.ood import OOD_TASKS
 
     val = make_family("val-ood")
     assert val.holdout == "val" and val.config()["name"] == "val-ood"

@@ -11,21 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from learned_opt import MetaTrainConfig, MetaTrainer
-from learned_opt.estimators import (
+from learned_opt.evaluate import task_seed
+from learned_opt.learners import OptimizerLearner
+from learned_opt.outer import UnrollSpec, meta_train_iteration, unroll
+from learned_opt.outer.estimators import (
     ESTIMATORS,
+    MetaGradient,
     PESEstimator,
     TBPTTEstimator,
     average_gradients,
     build_estimator,
     meta_parameters,
-    meta_train_iteration,
 )
-from learned_opt.evaluate import task_seed
-from learned_opt.learners import OptimizerLearner
 from learned_opt.rules import GeneralLSTMRule, build_rule
 from learned_opt.rules.base import RuleState, UpdateRule
 from learned_opt.tasks import QuadraticFamily, make_family
-from learned_opt.unroll import unroll
 
 
 class MomentumLR(UpdateRule):
@@ -73,7 +73,7 @@ def test_pes_agrees_with_backpropagation_over_the_whole_unroll(quadratic) -> Non
     true = _true_gradient(rule, quadratic, horizon=6)
     est = PESEstimator(sigma=0.01, pairs=120)
     g = est.meta_gradient(
-        OptimizerLearner(rule), quadratic, torch.Generator().manual_seed(1), horizon=6, truncation=3
+        OptimizerLearner(rule), quadratic, torch.Generator().manual_seed(1), UnrollSpec(6, 3)
     )
     pes = torch.stack(g.grads)
     assert _cosine(pes, true) > 0.9
@@ -102,8 +102,7 @@ def test_antithetic_es_agrees_with_backpropagation_on_one_window(quadratic) -> N
             OptimizerLearner(rule),
             quadratic,
             torch.Generator().manual_seed(1),
-            horizon=4,
-            truncation=4,
+            UnrollSpec(4, 4),
         )
         assert _cosine(torch.stack(g.grads), true) > 0.9
 
@@ -118,7 +117,7 @@ def test_tbptt_estimator_matches_backpropagation_of_each_window(quadratic) -> No
     for w in windows:
         expected.append(torch.stack(torch.autograd.grad(w.meta_loss, list(rule.parameters()))))
     got = TBPTTEstimator().meta_gradient(
-        learner, quadratic, torch.Generator().manual_seed(1), horizon=6, truncation=3
+        learner, quadratic, torch.Generator().manual_seed(1), UnrollSpec(6, 3)
     )
     torch.testing.assert_close(torch.stack(got.grads), sum(expected) / 2)
 
@@ -128,9 +127,7 @@ def test_tbptt_with_gradient_checkpointing_gives_the_same_estimate(quadratic) ->
     grads = [
         torch.stack(
             TBPTTEstimator(checkpoint_segment=segment)
-            .meta_gradient(
-                learner, quadratic, torch.Generator().manual_seed(1), horizon=8, truncation=4
-            )
+            .meta_gradient(learner, quadratic, torch.Generator().manual_seed(1), UnrollSpec(8, 4))
             .grads
         )
         for segment in (None, 2)
@@ -166,9 +163,7 @@ def test_tbptt_iteration_reproduces_the_meta_trainer() -> None:
                 learner,
                 family.sample(torch.Generator().manual_seed(seed)),
                 torch.Generator().manual_seed(seed + 1),
-                horizon=config.horizon,
-                truncation=config.truncation,
-                max_loss_ratio=config.max_loss_ratio,
+                UnrollSpec(config.horizon, config.truncation, max_loss_ratio=config.max_loss_ratio),
             )
         )
     stats = meta_train_iteration(learner, meta_opt, streams, clip_grad=config.clip_grad)
@@ -185,7 +180,7 @@ def test_pes_accumulates_perturbations_and_resets_at_the_end(quadratic) -> None:
     rule = MomentumLR()
     learner = OptimizerLearner(rule)
     stream = PESEstimator(sigma=0.1, pairs=3).unroll(
-        learner, quadratic, torch.Generator().manual_seed(1), horizon=7, truncation=3
+        learner, quadratic, torch.Generator().manual_seed(1), UnrollSpec(7, 3)
     )
     # reproduce the stream's noise: one draw of the generator after the inner-state draw
     gen = torch.Generator().manual_seed(1)
@@ -206,7 +201,7 @@ def test_pes_accumulates_perturbations_and_resets_at_the_end(quadratic) -> None:
     assert windows == [(0, 3), (3, 6), (6, 7)]
     # truncated ES: no accumulation
     es = PESEstimator(sigma=0.1, pairs=3, persistent=False).unroll(
-        learner, quadratic, torch.Generator().manual_seed(1), horizon=6, truncation=3
+        learner, quadratic, torch.Generator().manual_seed(1), UnrollSpec(6, 3)
     )
     next(es)
     first = es.xi.clone()
@@ -222,7 +217,7 @@ def test_pes_builds_no_graph_and_restores_theta(kwargs: dict) -> None:
     learner = OptimizerLearner(rule)
     theta = [p.detach().clone() for p in meta_parameters(learner)]
     stream = PESEstimator(sigma=0.01, pairs=2).unroll(
-        learner, task, torch.Generator().manual_seed(1), horizon=6, truncation=2, objective="test"
+        learner, task, torch.Generator().manual_seed(1), UnrollSpec(6, 2, objective="test")
     )
     for window in stream:
         for state in (s for s in stream.states if s is not None):
@@ -243,9 +238,7 @@ def test_pes_drops_and_restarts_diverging_pairs(quadratic) -> None:
         OptimizerLearner(rule),
         quadratic,
         torch.Generator().manual_seed(1),
-        horizon=6,
-        truncation=3,
-        max_loss_ratio=10.0,
+        UnrollSpec(6, 3, max_loss_ratio=10.0),
     )
     window = next(stream)
     assert window.grads is None and window.diverged and window.info["pairs_diverged"] == 2
@@ -253,8 +246,6 @@ def test_pes_drops_and_restarts_diverging_pairs(quadratic) -> None:
 
 
 def test_average_gradients_and_registry() -> None:
-    from learned_opt.estimators import MetaGradient
-
     z = torch.zeros(0)
     a = MetaGradient([torch.ones(2), None], 1.0, z, 0, 1)
     b = MetaGradient([3 * torch.ones(2), None], 2.0, z, 0, 1)
@@ -284,21 +275,21 @@ def test_loss_averse_objective_is_the_weighted_log_ratio_to_the_reference(
     faster = MomentumLR()
     with torch.no_grad():
         faster.log_lr.fill_(math.log(0.05))
-    kw = dict(horizon=6, truncation=3, objective=objective, log_meta_loss=True)
+    spec = UnrollSpec(6, 3, objective=objective, log_meta_loss=True)
     signs = set()
     for ref_rule, lam in ((faster, 2.0), (MomentumLR(), 3.0), (copy.deepcopy(faster), 0.0)):
         reference = OptimizerLearner(ref_rule)
         reference.requires_grad_(False)
         plain = list(
-            unroll(learner, copy.deepcopy(quadratic), torch.Generator().manual_seed(1), **kw)
+            unroll(learner, copy.deepcopy(quadratic), torch.Generator().manual_seed(1), spec)
         )
         ref = list(
             unroll(
                 reference,
                 copy.deepcopy(quadratic),
                 torch.Generator().manual_seed(1),
+                spec,
                 differentiable=False,
-                **kw,
             )
         )
         got = list(
@@ -306,9 +297,8 @@ def test_loss_averse_objective_is_the_weighted_log_ratio_to_the_reference(
                 learner,
                 copy.deepcopy(quadratic),
                 torch.Generator().manual_seed(1),
+                spec.replace(loss_aversion=lam),
                 reference=reference,
-                loss_aversion=lam,
-                **kw,
             )
         )
         assert len(got) == len(plain) == 2
@@ -328,23 +318,29 @@ def test_loss_averse_objective_is_the_weighted_log_ratio_to_the_reference(
         learner,
         quadratic,
         torch.Generator().manual_seed(1),
+        spec.replace(loss_aversion=5.0),
         reference=same,
-        loss_aversion=5.0,
-        **kw,
     ):
         assert g.meta_loss == 0.0
 
 
 def test_loss_averse_objective_refuses_what_it_cannot_do(quadratic) -> None:
     learner = OptimizerLearner(MomentumLR())
-    kw = dict(horizon=4, truncation=2, reference=OptimizerLearner(MomentumLR()))
+    reference = OptimizerLearner(MomentumLR())
+    spec = UnrollSpec(4, 2)
     with pytest.raises(ValueError, match="log_meta_loss"):
-        next(TBPTTEstimator().unroll(learner, quadratic, torch.Generator(), **kw))
-    with pytest.raises(ValueError, match="loss_aversion"):
         next(
             TBPTTEstimator().unroll(
-                learner, quadratic, torch.Generator(), log_meta_loss=True, loss_aversion=-1, **kw
+                learner, quadratic, torch.Generator(), spec, reference=reference
             )
         )
+    with pytest.raises(ValueError, match="loss_aversion"):
+        spec.replace(log_meta_loss=True, loss_aversion=-1)
     with pytest.raises(ValueError, match="reference"):
-        PESEstimator().unroll(learner, quadratic, torch.Generator(), log_meta_loss=True, **kw)
+        PESEstimator().unroll(
+            learner,
+            quadratic,
+            torch.Generator(),
+            spec.replace(log_meta_loss=True),
+            reference=reference,
+        )

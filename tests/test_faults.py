@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from learned_opt import LSTMOptimizer, LSTMRule, load_rule
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
+from learned_opt.outer import MetaTrainConfig, MetaTrainer, find_checkpoints
 
 ARGS = [
     "--family",

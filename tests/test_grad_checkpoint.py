@@ -12,16 +12,16 @@ from learned_opt import LSTMRule, OptimizerLearner, kernels
 from learned_opt.checkpoint import safe_load
 from learned_opt.cli import build_parser, main
 from learned_opt.learners import MAMLLearner, MetaLearner, RNNLearner
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
-from learned_opt.tasks import BatchSampler, Task, make_family
-from learned_opt.tasks.fewshot import SinusoidFamily
-from learned_opt.unroll import (
+from learned_opt.outer import MetaTrainConfig, MetaTrainer, find_checkpoints, unroll
+from learned_opt.outer.grad_checkpoint import (
+    CheckpointedWindow,
     checkpoint_schedule,
     checkpoint_segments,
     schedule_cost,
     sqrt_segment,
-    unroll,
 )
+from learned_opt.tasks import BatchSampler, Task, make_family
+from learned_opt.tasks.fewshot import SinusoidFamily
 
 
 def _rule(dtype: torch.dtype) -> LSTMRule:
@@ -299,12 +299,9 @@ def test_states_and_activations_alive(objective: str, segment: int | tuple[int, 
     """After a window's forward pass, no saved tensor of its steps is alive and only the states
     at the level-1 segment starts are kept (no batches: they are redrawn); during its backward,
     at most as many states and steps' activations as :func:`schedule_cost` says."""
-    import sys
-
-    mod = sys.modules["learned_opt.unroll"]
     windows: list = []
     seen: list[tuple[int, int]] = []
-    init, recompute = mod._CheckpointedWindow.__init__, mod._CheckpointedWindow._recompute
+    init, recompute = CheckpointedWindow.__init__, CheckpointedWindow._recompute
 
     def tracking_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -324,8 +321,8 @@ def test_states_and_activations_alive(objective: str, segment: int | tuple[int, 
     task = fam.sample(torch.Generator().manual_seed(0))
     sizes = checkpoint_segments(segment)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mod._CheckpointedWindow, "__init__", tracking_init)
-        mp.setattr(mod._CheckpointedWindow, "_recompute", tracking_recompute)
+        mp.setattr(CheckpointedWindow, "__init__", tracking_init)
+        mp.setattr(CheckpointedWindow, "_recompute", tracking_recompute)
         w = next(
             unroll(
                 learner,

@@ -11,9 +11,8 @@ import torch
 
 from learned_opt import LSTMRule
 from learned_opt.learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer
+from learned_opt.outer import MetaTrainConfig, MetaTrainer, run_inner, unroll
 from learned_opt.tasks import DigitsFewShotFamily, SinusoidFamily, Task, TaskFamily
-from learned_opt.unroll import run_inner, unroll
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from learned_opt import LSTMOptimizer
-from learned_opt.meta_train import MetaTrainConfig, MetaTrainer, find_checkpoints
+from learned_opt.outer import MetaTrainConfig, MetaTrainer, find_checkpoints
 
 SMALL = dict(
     family="quadratic",
@@ -105,7 +105,7 @@ def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:
     )
     before = _weights(trainer)
     grads = [torch.full_like(p, float("nan")) for p in trainer.learner.parameters()]
-    _, _, stepped = trainer._meta_step(grads, float("nan"))
+    _, stepped = trainer._meta_step(grads, float("nan"))
     assert not stepped and trainer.skipped_steps == 1
     for a, b in zip(before, _weights(trainer)):
         assert torch.equal(a, b)
@@ -234,7 +234,7 @@ def test_log_meta_loss_trains_and_evaluates_with_geometric_means() -> None:
     from learned_opt.evaluate import run_optimizer
     from learned_opt.optim import LearnedOptimizer
 
-    for s in trainer._eval_seeds():
+    for s in trainer.held_out.seeds:
         run = run_optimizer(
             trainer.eval_family,
             s,
@@ -246,7 +246,7 @@ def test_log_meta_loss_trains_and_evaluates_with_geometric_means() -> None:
         finals.append(run.final_train_loss)
     geo = float(torch.tensor(finals, dtype=torch.float64).log().mean().exp())
     assert metric == pytest.approx(geo, rel=1e-6)
-    assert trainer._aggregate([1.0, float("nan")]) == float("inf")
+    assert trainer.held_out.aggregate([1.0, float("nan")]) == float("inf")
 
 
 def test_eval_family_selects_on_other_tasks_without_changing_training(tmp_path: Path) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import pytest
 
+from learned_opt.evaluate import RunResult, geometric_mean, seeds_won
+from learned_opt.ood import OOD_TASKS, parse_weights
 from learned_opt.tasks import make_family
 
 
@@ -28,18 +29,17 @@ def test_ood_smoke(tmp_path: Path, run_script, monkeypatch: pytest.MonkeyPatch) 
 def test_ood_tasks_are_outside_the_diverse_distribution() -> None:
     """No OOD task's architecture and batch size are all among the choices of a "diverse" member
     of the same kind on the same dataset."""
-    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
     members = make_family("diverse").config()["members"]
     choices = {"name", "dataset", "holdout", "test_batch_size"}
-    for name, make in ood["OOD_TASKS"].items():
+    for name, make in OOD_TASKS.items():
         config = make("val").config()
         for member in members:
             if (member["name"], member["dataset"]) != (config["name"], config["dataset"]):
                 continue
             keys = [k for k in config if k not in choices]
             assert not all(set(config[k]) <= set(member[k]) for k in keys), name
-    assert ood["geometric_mean"]([0.5, 2.0]) == pytest.approx(1.0)
-    assert ood["geometric_mean"]([1.0, float("inf")]) == float("inf")
+    assert geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
+    assert geometric_mean([1.0, float("inf")]) == float("inf")
 
 
 def test_ood_compares_several_weights_against_one_tuned_adam(tmp_path: Path, run_script) -> None:
@@ -51,26 +51,21 @@ def test_ood_compares_several_weights_against_one_tuned_adam(tmp_path: Path, run
     names = [r["optimizer"] for r in records if r["steps"] == 3]
     assert sorted(set(names)) == ["adam", "learned:mine", "learned:quadratic"]
     assert len(names) == 3  # one seed each: the Adam runs are shared
-    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
-    assert ood["parse_weights"]("a.pt, b=c.pt") == {"a": "a.pt", "b": "c.pt"}
+    assert parse_weights("a.pt, b=c.pt") == {"a": "a.pt", "b": "c.pt"}
     with pytest.raises(ValueError, match="Duplicate"):
-        ood["parse_weights"]("x=a.pt,x=b.pt")
+        parse_weights("x=a.pt,x=b.pt")
 
 
 def test_seeds_won_pairs_runs_by_task_seed(tmp_path: Path, run_script) -> None:
-    ood = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "ood.py"))
-    records = [
-        {"optimizer": "adam", "seed": 1, "final_train_loss": 0.5},
-        {"optimizer": "adam", "seed": 2, "final_train_loss": 0.1},
-        {"optimizer": "adam", "seed": 3, "final_train_loss": 0.2},
-        {"optimizer": "learned:a", "seed": 1, "final_train_loss": 0.4},  # won
-        {"optimizer": "learned:a", "seed": 2, "final_train_loss": 0.2},  # lost (paired, not mean)
-        {"optimizer": "learned:a", "seed": 3, "final_train_loss": float("nan")},  # diverged
-        {"optimizer": "learned:b", "seed": 2, "final_train_loss": 0.05},  # won
-    ]
-    assert ood["seeds_won"](records, "learned:a") == 1
-    assert ood["seeds_won"](records, "learned:b") == 1
-    assert ood["seeds_won"](records, "learned:c") == 0
+
+    def run(seed: int, loss: float) -> RunResult:
+        return RunResult("", 1.0, seed, [], loss, loss, 0.0)
+
+    adam = [run(1, 0.5), run(2, 0.1), run(3, 0.2)]
+    a = [run(1, 0.4), run(2, 0.2), run(3, float("nan"))]  # won, lost (paired), diverged
+    assert seeds_won(a, adam) == 1
+    assert seeds_won([run(2, 0.05)], adam) == 1
+    assert seeds_won([], adam) == 0
     argv = ["--smoke", "--weights", "mine=paper-mnist", "--tasks", "wine-mlp-tanh-32"]
     assert run_script("benchmarks/ood.py", *argv, "--out", str(tmp_path)) == 0
     table = (tmp_path / "table.md").read_text()

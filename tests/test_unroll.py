@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from learned_opt import LSTMRule, OptimizerLearner
+from learned_opt.outer import run_inner, unroll
 from learned_opt.rules import SGDRule
 from learned_opt.tasks import make_family
-from learned_opt.unroll import run_inner, unroll
 
 
 def _meta_grad(rule: LSTMRule, *, second_order: bool, objective: str = "train") -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""The meta-trainer's state as plain data, and its checkpoint files.
+
+A checkpoint holds everything a resumed run needs to repeat exactly what an uninterrupted run
+would have done (the learner, the meta-optimizer, the evaluation history, the best weights, the
+loss-averse objective's reference), and the rules as weights records, so that ``load_rule`` and
+``learned-opt export`` read a checkpoint like a weights file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import rules
+from ..checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
+from .config import MetaTrainConfig
+
+if TYPE_CHECKING:
+    from .trainer import MetaTrainer
+
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "TRAINER_FORMAT",
+    "find_checkpoints",
+    "read_checkpoint",
+    "restore_trainer",
+    "trainer_state",
+    "write_checkpoint",
+]
+
+TRAINER_FORMAT = "learned_opt.trainer/1"
+
+#: Settings that change neither the math nor the randomness of a run (checkpointing recomputes
+#: the same values): a run may be resumed with other values of these.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "iterations",
+        "time_budget",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "grad_checkpoint",
+        "grad_checkpoint_segment",
+    }
+)
+
+
+def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Trainer checkpoints in ``ckpt_dir``, newest first."""
+    return sorted(Path(ckpt_dir).glob("ckpt_*.pt"), reverse=True)
+
+
+def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
+    """The whole trainer state as plain data (loadable with ``weights_only=True``)."""
+    state: dict[str, Any] = {
+        "format": TRAINER_FORMAT,
+        "config": trainer.config.to_dict(),
+        "family": trainer.family.config(),
+        "iteration": trainer.iteration,
+        "elapsed": trainer.elapsed,
+        "learner": trainer.learner.state_dict(),
+        "best_learner": trainer.best_state,
+        "best_metric": trainer.best_metric,
+        "best_iteration": trainer.best_iteration,
+        "meta_optimizer": trainer.meta_opt.state_dict(),
+        "history": trainer.history,
+        "adam_baseline": trainer.adam_baseline,
+        "skipped_steps": trainer.skipped_steps,
+        "rollbacks": trainer.rollbacks,
+        "notes": trainer.notes,
+    }
+    if trainer.reference is not None:
+        state["reference_learner"] = trainer.reference.state_dict()
+    rule = getattr(trainer.learner, "rule", None)
+    if rule is not None:
+        meta = {"source": "meta_train", "iteration": trainer.iteration, "config": state["config"]}
+        state["rule"] = rule_to_dict(rule, meta)
+        best = rules.build_rule(rule.kind, rule.config())
+        best.load_state_dict({k[len("rule.") :]: v for k, v in trainer.best_state.items()})
+        state["best_rule"] = rule_to_dict(
+            best,
+            {
+                **meta,
+                "eval_metric": trainer.best_metric,
+                "best_iteration": trainer.best_iteration,
+            },
+        )
+    return state
+
+
+def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
+    """Restore :func:`trainer_state` into ``trainer``, whose configuration must match the
+    saved one except in :data:`RESUMABLE_CHANGES`."""
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"Not a learned_opt trainer checkpoint (format {TRAINER_FORMAT})")
+    saved = MetaTrainConfig.from_dict(state["config"])
+    mine, theirs = trainer.config.to_dict(), saved.to_dict()
+    diff = {
+        k: (theirs[k], mine[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
+    }
+    if diff:
+        raise ValueError(f"Checkpoint configuration differs (saved, current): {diff}")
+    trainer.learner.load_state_dict(state["learner"])
+    if trainer.reference is not None:
+        if "reference_learner" not in state:
+            raise CheckpointError("The checkpoint has no reference learner (loss_aversion)")
+        trainer.reference.load_state_dict(state["reference_learner"])
+    trainer.meta_opt.load_state_dict(state["meta_optimizer"])
+    trainer.iteration = int(state["iteration"])
+    trainer.elapsed = float(state["elapsed"])
+    trainer.best_state = state["best_learner"]
+    trainer.best_metric = float(state["best_metric"])
+    trainer.history = state["history"]
+    trainer.best_iteration = int(state.get("best_iteration", -1))
+    if trainer.best_iteration < 0:  # checkpoints written before best_iteration was recorded
+        metrics = trainer.history.get("eval_metric", [])
+        its = trainer.history.get("eval_iteration", [])
+        trainer.best_iteration = its[int(np.argmin(metrics))] if metrics else 0
+    trainer.adam_baseline = state["adam_baseline"]
+    trainer.skipped_steps = int(state.get("skipped_steps", 0))
+    trainer.notes = state.get("notes") or {"commands": []}
+    trainer.rollbacks = int(state.get("rollbacks", 0))
+
+
+def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write ``ckpt_<iteration>.pt`` atomically (and the rules as ``best.pt`` and ``last.pt``),
+    keeping the newest ``keep`` checkpoints."""
+    path = ckpt_dir / f"ckpt_{state['iteration']:08d}.pt"
+    atomic_save(state, path)
+    if "best_rule" in state:
+        atomic_save(state["best_rule"], ckpt_dir / "best.pt")
+        atomic_save(state["rule"], ckpt_dir / "last.pt")
+    for old in find_checkpoints(ckpt_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path: str | Path | None, ckpt_dir: Path | None) -> dict[str, Any] | None:
+    """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir`` (a truncated
+    or corrupt newest one is reported with a warning and the one before it is used); ``None``
+    if there is none."""
+    candidates = [Path(path)] if path is not None else []
+    if path is None and ckpt_dir is not None:
+        candidates = find_checkpoints(ckpt_dir)
+    for candidate in candidates:
+        try:
+            return safe_load(candidate)
+        except CheckpointError as exc:
+            if path is not None:
+                raise
+            warnings.warn(f"Skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
+    return None

@@ -1,0 +1,98 @@
+"""What a :class:`~learned_opt.outer.config.MetaTrainConfig` builds: task families, the initial
+rule and learner, the loss-averse objective's reference, the estimator and the meta-optimizer."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .. import pretrained, rules
+from ..checkpoint import load_rule
+from ..learners import MetaLearner, OptimizerLearner
+from ..tasks import TaskFamily, make_family
+from .config import MetaTrainConfig
+from .estimators import Estimator
+from .estimators import build_estimator as estimator_by_name
+
+__all__ = [
+    "build_estimator",
+    "build_eval_family",
+    "build_family",
+    "build_learner",
+    "build_meta_optimizer",
+    "build_reference",
+    "build_rule",
+    "meta_param_groups",
+]
+
+
+def build_family(config: MetaTrainConfig) -> TaskFamily:
+    """The meta-training tasks: ``make_family(config.family, **config.family_kwargs)``."""
+    return make_family(config.family, **config.family_kwargs)
+
+
+def build_eval_family(config: MetaTrainConfig, family: TaskFamily) -> TaskFamily:
+    """The held-out evaluation tasks: ``config.eval_family`` if set, else ``family``."""
+    if config.eval_family is None:
+        return family
+    return make_family(config.eval_family, **config.eval_family_kwargs)
+
+
+def build_rule(config: MetaTrainConfig) -> rules.UpdateRule:
+    """The rule the run starts from: ``config.init_weights`` (its architecture from the file),
+    or a ``config.rule`` initialized from ``config.seed``."""
+    if config.init_weights is not None:
+        rule, _ = load_rule(pretrained.resolve(config.init_weights), expected_kind=config.rule)
+        return rule
+    rule = rules.build_rule(config.rule, config.rule_kwargs)
+    if hasattr(rule, "reset_parameters"):
+        rule.reset_parameters(torch.Generator().manual_seed(config.seed))
+    return rule
+
+
+def build_learner(config: MetaTrainConfig) -> MetaLearner:
+    """An :class:`~learned_opt.learners.OptimizerLearner` around :func:`build_rule`."""
+    return OptimizerLearner(build_rule(config), second_order=config.second_order)
+
+
+def build_reference(config: MetaTrainConfig, learner: MetaLearner) -> MetaLearner | None:
+    """With ``loss_aversion``, a frozen copy of ``learner`` as it starts (the objective's
+    reference); otherwise ``None``."""
+    if config.loss_aversion is None:
+        return None
+    reference = copy.deepcopy(learner)
+    reference.requires_grad_(False)
+    return reference
+
+
+def build_estimator(config: MetaTrainConfig) -> Estimator:
+    """The configured meta-gradient estimator (TBPTT with the configured checkpointing)."""
+    kwargs = dict(config.estimator_kwargs)
+    if config.estimator == "tbptt":
+        kwargs.setdefault("checkpoint_segment", config.checkpoint_segment())
+    return estimator_by_name(config.estimator, **kwargs)
+
+
+def meta_param_groups(learner: MetaLearner, meta_lr: float) -> list[dict[str, Any]]:
+    """The Adam parameter groups of ``learner`` (see ``MetaLearner.meta_param_groups``), each
+    with its ``base_lr`` (the meta learning-rate schedule scales it)."""
+    groups, seen = [], set()
+    for g in learner.meta_param_groups():
+        params = list(g["params"])
+        scale = float(g.get("lr_scale", 1.0))
+        if not scale > 0:
+            raise ValueError(f"Invalid lr_scale {scale} in the learner's meta_param_groups")
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, "lr": meta_lr * scale, "base_lr": meta_lr * scale})
+    if seen != {id(p) for p in learner.parameters()} or sum(
+        len(g["params"]) for g in groups
+    ) != len(seen):
+        raise ValueError("meta_param_groups must hold each of the learner's parameters once")
+    return groups
+
+
+def build_meta_optimizer(config: MetaTrainConfig, learner: MetaLearner) -> torch.optim.Adam:
+    """Adam over :func:`meta_param_groups` at ``config.meta_lr``."""
+    return torch.optim.Adam(meta_param_groups(learner, config.meta_lr))

@@ -1,0 +1,110 @@
+"""The meta-trainer's held-out evaluation, which selects the weights kept as best.
+
+The held-out tasks come from their own seed stream
+(:data:`~learned_opt.evaluate.TRAINER_EVAL_STREAM`), so evaluating never changes what the run
+trains on. A learner with an update rule is evaluated as a user would run it (the drop-in
+optimizer, :func:`~learned_opt.evaluate.run_optimizer`) beside Adam tuned on the same tasks;
+any other learner by its own held-out loss after an unroll without meta-gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluate import (
+    DEFAULT_LR_GRID,
+    HAND_DESIGNED,
+    TRAINER_EVAL_STREAM,
+    geometric_mean,
+    mean_curve,
+    mean_loss,
+    run_optimizer,
+    task_seed,
+    tune_lr,
+)
+from ..learners import MetaLearner
+from ..optim import LearnedOptimizer
+from ..tasks import TaskFamily
+from .config import MetaTrainConfig
+from .unroll import UnrollSpec, unroll
+
+__all__ = ["HeldOut"]
+
+
+class HeldOut:
+    """The held-out evaluation of a run: ``config.eval_tasks`` tasks of ``family`` unrolled for
+    ``config.eval_horizon_steps()`` steps.
+
+    The metric of the per-task final losses (training loss with the ``"train"`` objective,
+    held-out loss with ``"test"``) is their mean, or with ``log_meta_loss`` their geometric mean;
+    ``inf`` if any is not finite.
+    """
+
+    def __init__(self, config: MetaTrainConfig, family: TaskFamily) -> None:
+        self.config = config
+        self.family = family
+        self.horizon = config.eval_horizon_steps()
+        self.seeds = [
+            task_seed(config.seed, TRAINER_EVAL_STREAM, k) for k in range(config.eval_tasks)
+        ]
+        self.metric_name = "final_train_loss" if config.objective == "train" else "final_test_loss"
+
+    def aggregate(self, values: Sequence[float]) -> float:
+        """The evaluation metric of per-task final losses."""
+        return geometric_mean(values) if self.config.log_meta_loss else mean_loss(values)
+
+    def evaluate(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
+        """The metric of ``learner`` on the held-out tasks, and its mean loss curve (per step,
+        over the tasks still running)."""
+        rule = getattr(learner, "rule", None)
+        if rule is None:
+            return self.evaluate_learner(learner)
+
+        def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+            return LearnedOptimizer(params, rule, lr=lr)
+
+        runs = [
+            run_optimizer(self.family, s, factory, 1.0, self.horizon, name="learned")
+            for s in self.seeds
+        ]
+        metric = self.aggregate([getattr(r, self.metric_name) for r in runs])
+        return metric, mean_curve(runs, skip_diverged=True)
+
+    def evaluate_learner(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
+        """Any learner: each task is unrolled without meta-gradients and scored with
+        :meth:`MetaLearner.evaluate` on its whole ``task.test`` (the query set of a few-shot
+        task); the curve is the mean inner training loss per step (NaN after a divergence)."""
+        horizon = self.horizon
+        values, curves = [], []
+        for s in self.seeds:
+            task = self.family.sample(torch.Generator().manual_seed(s))
+            gen = torch.Generator().manual_seed(s + 1)
+            spec = UnrollSpec(horizon=horizon, truncation=horizon)
+            windows = list(unroll(learner, task, gen, spec, differentiable=False))
+            with torch.no_grad():
+                values.append(float(learner.evaluate(task, windows[-1].state, task.test.full())))
+            curve = torch.cat([w.train_losses for w in windows]).tolist()
+            curves.append(curve + [math.nan] * (horizon - len(curve)))
+        metric = self.aggregate(values)
+        return metric, np.nanmean(np.array(curves), axis=0)
+
+    def adam_baseline(self) -> dict[str, Any]:
+        """Adam at the best learning rate of :data:`~learned_opt.evaluate.DEFAULT_LR_GRID` on
+        the same tasks: ``{"metric", "lr", "curve"}``."""
+        tuning = tune_lr(
+            self.family,
+            HAND_DESIGNED["adam"],
+            self.seeds,
+            self.horizon,
+            DEFAULT_LR_GRID,
+            name="adam",
+            metric=self.metric_name,
+            aggregate=self.aggregate,
+        )
+        curve = mean_curve(tuning.runs, skip_diverged=True)
+        return {"metric": tuning.scores[tuning.lr], "lr": tuning.lr, "curve": curve.tolist()}

@@ -1,0 +1,138 @@
+"""One meta-training iteration: round after round of truncation windows of a batch of tasks.
+
+Each task's unroll is a stream of per-window meta-gradient estimates (an estimator's
+``unroll``). A round takes the next window of every stream still running; the mean of their
+estimates (:func:`~learned_opt.outer.estimators.average_gradients`) makes one meta-step::
+
+    streams = [estimator.unroll(learner, task_j, generator_j, spec_j) for each task j]
+    for each round:
+        estimates = [next(s) for s in streams (dropping exhausted ones)]
+        grads = average_gradients(estimates)
+        write_meta_gradient(learner, meta_opt, grads, clip_grad); meta_opt.step()
+
+:class:`~learned_opt.outer.trainer.MetaTrainer` runs :func:`take_rounds` with its own meta-step
+(skip counting, rollback, the learning-rate schedule); :func:`meta_train_iteration` is the same
+loop for research code without the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import distributed
+from ..learners import MetaLearner
+from .estimators import MetaGradient, average_gradients, set_gradients
+
+__all__ = ["MetaStep", "meta_train_iteration", "take_rounds", "write_meta_gradient"]
+
+#: ``step(grads, meta_loss) -> (gradient norm, whether the meta-optimizer stepped)``.
+MetaStep = Callable[[list[Tensor | None] | None, float], tuple[float, bool]]
+
+
+def write_meta_gradient(
+    learner: MetaLearner,
+    meta_opt: torch.optim.Optimizer,
+    grads: Sequence[Tensor | None] | None,
+    clip_grad: float,
+) -> float:
+    """Set the learner's ``.grad`` to ``grads`` (``None``: this process has no usable window),
+    averaged over the processes of a distributed run (the same on all), and clip its norm to
+    ``clip_grad`` (``0``: no clipping). Returns the norm before clipping."""
+    meta_opt.zero_grad(set_to_none=True)
+    if grads is not None:
+        set_gradients(learner, grads)
+    # else (distributed runs only): this rank's tasks all diverged; it contributes zeros
+    if distributed.world_size() > 1:
+        for p in learner.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_mean([p.grad for p in learner.parameters()])
+    params = [p for p in learner.parameters() if p.grad is not None]
+    max_norm = clip_grad if clip_grad > 0 else math.inf
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+
+
+def take_rounds(
+    streams: Sequence[Iterator[MetaGradient]],
+    step: MetaStep,
+    *,
+    rounds: int | None = None,
+    step_without_gradient: bool = False,
+) -> dict[str, float]:
+    """Round after round, the next window of every stream still running, and one ``step``
+    with the mean of their gradients and meta-losses.
+
+    Args:
+        streams: one estimator stream per task.
+        step: the meta-step.
+        rounds: how many rounds (the same on every process of a distributed run, so that all
+            join the same all-reduces); ``None``: until every stream is exhausted.
+        step_without_gradient: call ``step(None, 0.0)`` for a round without a usable window
+            (a distributed run's rank still takes part); otherwise such a round is skipped.
+
+    Returns:
+        ``{"meta_loss", "grad_norm"}`` (means over the steps), ``"diverged"`` (windows after
+        which a task stopped), ``"skipped"`` (steps not taken) and ``"rounds"`` (steps).
+    """
+    active = list(streams)
+    meta_losses: list[float] = []
+    norms: list[float] = []
+    diverged = skipped = done = 0
+    while active if rounds is None else done < rounds:
+        done += 1
+        estimates = []
+        for s in list(active):
+            e = next(s, None)
+            if e is None:
+                active.remove(s)
+                continue
+            estimates.append(e)
+            diverged += e.diverged
+        grads = average_gradients(estimates)
+        if grads is None and not step_without_gradient:
+            continue
+        usable = [e.meta_loss for e in estimates if e.grads is not None]
+        loss = float(np.mean(usable)) if usable else 0.0
+        norm, stepped = step(grads, loss)
+        meta_losses.append(loss)
+        norms.append(norm)
+        skipped += not stepped
+    return {
+        "meta_loss": float(np.mean(meta_losses)) if meta_losses else math.nan,
+        "grad_norm": float(np.mean(norms)) if norms else math.nan,
+        "diverged": float(diverged),
+        "skipped": float(skipped),
+        "rounds": float(len(norms)),
+    }
+
+
+def meta_train_iteration(
+    learner: MetaLearner,
+    meta_opt: torch.optim.Optimizer,
+    streams: Sequence[Iterator[MetaGradient]],
+    *,
+    clip_grad: float = 1.0,
+) -> dict[str, float]:
+    """One meta-training iteration driven by estimator streams (one per task): the loop of
+    ``MetaTrainer.train_iteration`` without the trainer (no rollback, learning-rate schedule,
+    logging or checkpoints). A round whose gradient norm or mean meta-loss is not finite is
+    skipped. With the trainer's streams it takes the same steps (tested).
+
+    Returns:
+        as :func:`take_rounds`.
+    """
+
+    def step(grads: list[Tensor | None] | None, meta_loss: float) -> tuple[float, bool]:
+        norm = write_meta_gradient(learner, meta_opt, grads, clip_grad)
+        if not (math.isfinite(norm) and math.isfinite(meta_loss)):
+            meta_opt.zero_grad(set_to_none=True)
+            return norm, False
+        meta_opt.step()
+        return norm, True
+
+    return take_rounds(streams, step)

@@ -1,0 +1,332 @@
+"""The outer loop: meta-optimizer, clipping, evaluation, logging, checkpoints, resume.
+
+One trainer trains any :class:`~learned_opt.learners.MetaLearner`. Randomness is a pure function
+of ``(seed, iteration, task index)``, so a resumed run repeats exactly what an uninterrupted run
+would have done; under ``torchrun`` every process unrolls its share of the tasks and the
+meta-gradients are averaged over processes (:mod:`learned_opt.distributed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..checkpoint import atomic_save
+from ..evaluate import task_seed
+from ..learners import MetaLearner
+from ..tasks import TaskFamily
+from . import checkpoints, factory
+from .config import MetaTrainConfig
+from .held_out import HeldOut
+from .rounds import take_rounds, write_meta_gradient
+
+__all__ = ["MetaTrainer"]
+
+
+class _Progress:
+    """A one-line progress report on stderr (no dependency on tqdm)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, it: int, text: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 10.0) and it < self.total:
+            return
+        self.last = now
+        end = "" if self.tty and it < self.total else "\n"
+        sys.stderr.write(f"\r[{it}/{self.total}] {text}" + end)
+        sys.stderr.flush()
+
+
+class MetaTrainer:
+    """Meta-trains a learner on a task family.
+
+    Args:
+        config: the run's configuration.
+        log_dir: TensorBoard directory (``None``: no logging).
+        ckpt_dir: checkpoint directory (``None``: no checkpoints).
+        learner: the meta-learner; by default an :class:`OptimizerLearner` around the configured
+            rule (:func:`~learned_opt.outer.factory.build_learner`).
+        family: the task family; by default ``make_family(config.family, **config.family_kwargs)``.
+        eval_family: the family of the held-out evaluation tasks (e.g. a meta-test split with
+            other classes); by default ``config.eval_family`` if set, else ``family``.
+        progress: show a progress line on stderr.
+    """
+
+    def __init__(
+        self,
+        config: MetaTrainConfig,
+        *,
+        log_dir: str | Path | None = None,
+        ckpt_dir: str | Path | None = None,
+        learner: MetaLearner | None = None,
+        family: TaskFamily | None = None,
+        eval_family: TaskFamily | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.family = family or factory.build_family(config)
+        self.eval_family = eval_family or factory.build_eval_family(config, self.family)
+        self.learner = learner if learner is not None else factory.build_learner(config)
+        #: The frozen rule the run started from (the loss-averse objective's reference).
+        self.reference: MetaLearner | None = factory.build_reference(config, self.learner)
+        self.estimator = factory.build_estimator(config)
+        self.meta_opt = factory.build_meta_optimizer(config, self.learner)
+        self.held_out = HeldOut(config, self.eval_family)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+        self.progress = progress
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.best_metric = math.inf
+        self.best_iteration = 0
+        self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
+        self.history: dict[str, list[float]] = {"eval_iteration": [], "eval_metric": []}
+        self.adam_baseline: dict[str, Any] | None = None
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self._good: tuple[dict, dict] = self._snapshot()
+        #: Free-form provenance kept in checkpoints (the CLI records each command line here).
+        self.notes: dict[str, Any] = {"commands": []}
+        self._writer: Any = None
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The whole trainer state as plain data (loadable with ``weights_only=True``)."""
+        return checkpoints.trainer_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the configuration must match this trainer's."""
+        checkpoints.restore_trainer(self, state)
+        self.consecutive_skips = 0
+        self._good = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return (copy.deepcopy(self.learner.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``; the
+        state is also the one a rollback returns to."""
+        self._good = self._snapshot()
+        if self.ckpt_dir is None or not distributed.is_main():
+            return None
+        return checkpoints.write_checkpoint(
+            self.ckpt_dir, self.state_dict(), self.config.keep_checkpoints
+        )
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Resume from ``path`` or from the newest readable checkpoint in ``ckpt_dir`` (a
+        truncated or corrupt newest checkpoint is reported with a warning and the one before it
+        is used). Returns whether a checkpoint was loaded."""
+        state = checkpoints.read_checkpoint(path, self.ckpt_dir)
+        if state is None:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write the best rule (by held-out evaluation) as a weights file with ``metadata``."""
+        record = self.state_dict()["best_rule"]
+        record["metadata"].update(metadata or {})
+        atomic_save(record, path)
+
+    # ------------------------------------------------------------------------------ logging
+    def _log(self, tag: str, value: float, step: int | None = None) -> None:
+        if self.log_dir is None or not distributed.is_main():
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+            self._writer.add_text(
+                "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
+            )
+        self._writer.add_scalar(tag, value, self.iteration if step is None else step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # --------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> tuple[float, np.ndarray]:
+        """The held-out metric of the current learner and its mean loss curve
+        (:class:`~learned_opt.outer.held_out.HeldOut`)."""
+        return self.held_out.evaluate(self.learner)
+
+    def _run_eval(self) -> None:
+        metric, curve = self.evaluate()
+        self.history["eval_iteration"].append(self.iteration)
+        self.history["eval_metric"].append(metric)
+        self._log("eval/metric", metric)
+        if metric < self.best_metric:
+            self.best_metric = metric
+            self.best_iteration = self.iteration
+            self.best_state = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
+        self._log("eval/best_metric", self.best_metric)
+        if not hasattr(self.learner, "rule"):
+            return  # the tuned-Adam baseline compares update rules only
+        if self.adam_baseline is None:  # the same tasks every time: computed once
+            self.adam_baseline = self.held_out.adam_baseline()
+        adam = self.adam_baseline
+        self._log("eval/adam_tuned_metric", adam["metric"])
+        self._log("eval/adam_tuned_lr", adam["lr"])
+        self._log("eval/ratio_vs_adam", metric / adam["metric"])
+        if self._writer is not None:
+            for t, (mine, theirs) in enumerate(zip(curve, adam["curve"])):
+                self._writer.add_scalars(
+                    f"eval_curves/iter_{self.iteration:07d}",
+                    {"learned": float(mine), "adam_tuned": float(theirs)},
+                    t,
+                )
+
+    # ------------------------------------------------------------------------------ training
+    def _meta_step(
+        self, grads: list[torch.Tensor | None] | None, meta_loss: float
+    ) -> tuple[float, bool]:
+        """One meta-step from this process's mean meta-gradient ``grads`` (``None``: no usable
+        window here) and mean meta-loss (``0.0`` when ``grads`` is ``None``). A non-finite one
+        is skipped, and after ``rollback_after`` in a row the run rolls back. Returns the
+        gradient norm and whether the meta-optimizer stepped."""
+        norm = write_meta_gradient(self.learner, self.meta_opt, grads, self.config.clip_grad)
+        # The norm is computed after the all-reduce, so every rank takes the same decision.
+        local_ok = distributed.world_size() > 1 or math.isfinite(meta_loss)
+        if not (math.isfinite(norm) and local_ok):
+            self.meta_opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.config.rollback_after:
+                self._rollback()
+            return norm, False
+        self.consecutive_skips = 0
+        self._schedule_lr()
+        self.meta_opt.step()
+        return norm, True
+
+    def _schedule_lr(self) -> None:
+        """Set each group's learning rate from its base and the schedule at this iteration."""
+        factor = 1.0
+        if self.config.meta_lr_schedule == "cosine":
+            done = min(self.iteration / self.config.iterations, 1.0)
+            factor = 0.5 * (1.0 + math.cos(math.pi * done))
+        for group in self.meta_opt.param_groups:
+            # Checkpoints from before schedules have no base_lr: their lr is the base.
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+
+    def _rollback(self) -> None:
+        """Return to the last good checkpoint with a lower meta learning rate."""
+        factor = self.config.rollback_lr_factor
+        bases = [g.get("base_lr", g["lr"]) * factor for g in self.meta_opt.param_groups]
+        learner_state, opt_state = self._good
+        self.learner.load_state_dict(learner_state)
+        self.meta_opt.load_state_dict(copy.deepcopy(opt_state))
+        for group, base in zip(self.meta_opt.param_groups, bases):
+            group["base_lr"] = base
+        self._schedule_lr()
+        lrs = [g["lr"] for g in self.meta_opt.param_groups]
+        self.rollbacks += 1
+        self.consecutive_skips = 0
+        self._log("meta/rollbacks", self.rollbacks)
+        self._log("meta/lr", lrs[0])
+        warnings.warn(
+            f"{self.config.rollback_after} non-finite meta-steps in a row at iteration "
+            f"{self.iteration}: rolled back to the last good checkpoint, meta lr now {lrs[0]:.3g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def train_iteration(self) -> dict[str, float]:
+        """Unroll one batch of tasks and take one meta-step per round of truncation windows
+        (:func:`~learned_opt.outer.rounds.take_rounds`).
+
+        ``meta_batch`` is global: rank r unrolls tasks r, r + N, r + 2N, ... of the iteration,
+        so any number of processes meta-trains on exactly the same tasks (and can resume the
+        same checkpoint). Every rank takes the same number of rounds, that of the longest task
+        of the iteration; tasks that end early drop out.
+        """
+        cfg = self.config
+        world = distributed.world_size()
+        if cfg.meta_batch % world:
+            raise ValueError(
+                f"meta_batch={cfg.meta_batch} must be a multiple of the number of processes "
+                f"({world}): each process unrolls meta_batch / {world} of the tasks"
+            )
+        horizons = [cfg.task_horizon(self.iteration, j) for j in range(cfg.meta_batch)]
+        streams = []
+        for j in range(distributed.rank(), cfg.meta_batch, world):
+            seed = task_seed(cfg.seed, self.iteration, j)
+            task = self.family.sample(torch.Generator().manual_seed(seed))
+            generator = torch.Generator().manual_seed(seed + 1)
+            spec = cfg.unroll_spec(horizons[j])
+            streams.append(
+                self.estimator.unroll(self.learner, task, generator, spec, reference=self.reference)
+            )
+        stats = take_rounds(
+            streams,
+            self._meta_step,
+            rounds=math.ceil(max(horizons) / cfg.truncation),
+            step_without_gradient=world > 1,
+        )
+        return {
+            "meta_loss": stats["meta_loss"],
+            "grad_norm": stats["grad_norm"],
+            "diverged": stats["diverged"],
+            "inner_steps": float(sum(horizons)),
+        }
+
+    def train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None = None) -> None:
+        """Run until ``config.iterations`` or ``config.time_budget`` is reached.
+
+        Evaluates every ``eval_every`` iterations (on that schedule only, so that a resumed run
+        evaluates exactly where an uninterrupted one would), keeps the best rule by that
+        evaluation, checkpoints every ``checkpoint_every`` iterations and at the end.
+        """
+        cfg = self.config
+        bar = _Progress(cfg.iterations, self.progress)
+        if self.iteration == 0 and cfg.eval_every:
+            self._run_eval()
+        while self.iteration < cfg.iterations:
+            if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
+                break
+            start = time.perf_counter()
+            stats = self.train_iteration()
+            self.iteration += 1
+            seconds = time.perf_counter() - start
+            # Ranks agree on the clock (the slowest one), so they stop at the same iteration.
+            self.elapsed += distributed.all_reduce_max(seconds)
+            self._log("meta/loss", stats["meta_loss"])
+            self._log("meta/grad_norm", stats["grad_norm"])
+            self._log("meta/lr", self.meta_opt.param_groups[0]["lr"])
+            self._log("meta/diverged_tasks", stats["diverged"])
+            self._log("meta/skipped_steps", self.skipped_steps)
+            self._log("time/inner_steps_per_second", stats["inner_steps"] / seconds)
+            if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                self._run_eval()
+            if self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            best = f" best_eval={self.best_metric:.4g}" if math.isfinite(self.best_metric) else ""
+            bar.update(self.iteration, f"meta_loss={stats['meta_loss']:.4g}{best}")
+            if on_iteration is not None:
+                on_iteration(self, stats)
+        self.save_checkpoint()
+        if self._writer is not None:
+            self._writer.flush()
