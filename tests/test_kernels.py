@@ -350,3 +350,44 @@ def test_fused_rule_inference_and_training_forwards_agree_exactly(rule: LSTMRule
     for key in ("h0", "c0", "h1", "c1"):
         assert torch.equal(new[key].detach(), new2[key])
         assert not torch.equal(new2[key], state[key])  # the old states are left as they were
+
+
+# --- the LSTM-corrected Adam rule's fused step (corrected_adam.cpp) -------------------------
+
+
+@pytest.mark.parametrize(
+    "n,n_in,hidden,layers",
+    [
+        (1, 7, 16, 1),
+        (5, 7, 16, 1),
+        (99, 7, 16, 1),
+        (20011, 7, 16, 1),
+        (777, 7, 32, 2),
+        (300, 3, 48, 1),
+    ],
+)
+def test_16_lane_lstm_is_the_8_lane_kernel_bit_for_bit(
+    n: int, n_in: int, hidden: int, layers: int
+) -> None:
+    """corrected_adam.cpp's AVX-512 LSTM layers repeat lstm_cell.cpp's fused layers (as its
+    -ffast-math build computes them) operation for operation: the same bits, on large random
+    states and weights too."""
+    ext = kernels._load_corrected_adam()
+    if ext is None:
+        pytest.skip("fused kernels unavailable")
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, n_in, generator=g) * 3
+    dims = [n_in] + [hidden] * (layers - 1)
+    w_ih = [torch.randn(d, 4 * hidden, generator=g) * 0.5 for d in dims]
+    w_hh = [torch.randn(hidden, 4 * hidden, generator=g) * 0.5 for _ in dims]
+    bias = [torch.randn(4 * hidden, generator=g) for _ in dims]
+    h = [torch.randn(n, hidden, generator=g) for _ in dims]
+    c = [torch.randn(n, hidden, generator=g) * 5 for _ in dims]
+    h16, c16 = [t.clone() for t in h], [t.clone() for t in c]
+    empty = torch.empty(0)
+    kernels._load().step_(x, h, c, w_ih, w_hh, bias, empty, empty, 0.0, 1.0, 128, True)
+    packed, offsets = kernels._load().pack_lstm(w_ih, w_hh, bias)
+    if not ext.lstm16_(x, h16, c16, packed, offsets):
+        pytest.skip("built without AVX-512")
+    for a, b in zip(h + c, h16 + c16):
+        assert torch.equal(a, b)

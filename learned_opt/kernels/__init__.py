@@ -40,6 +40,10 @@ _EXT: Any = None
 _DTYPES = (torch.float32, torch.float64)  # the kernels' types; others take the PyTorch path
 _TRIED = False
 _CFLAGS = ["-O3", "-ffast-math", "-march=native"]
+# corrected_adam.cpp repeats PyTorch's float arithmetic exactly: no fast-math, no fma contraction.
+_EXACT_CFLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off"]
+_CA_EXT: Any = None
+_CA_TRIED = False
 # at::parallel_for is a header template: without OpenMP in the extension's own compile it runs
 # serially. Linked with -fopenmp, the extension resolves to the libgomp that torch already loaded
 # (same soname), so it shares torch's thread pool and follows torch.set_num_threads.
@@ -63,6 +67,25 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:10]
 
 
+def _build(name: str, source: str, cflags: list[str]) -> Any:
+    """Compile (or load from the cache) the extension ``name`` from ``source`` in this folder."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    # A process killed while compiling leaves its lock behind, and torch would wait on it
+    # forever: a lock older than any plausible build is stale.
+    name = f"{name}_{_cpu_fingerprint()}"
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+        lock.unlink(missing_ok=True)
+    return load(
+        name=name,
+        sources=[str(Path(__file__).with_name(source))],
+        extra_cflags=cflags + _OPENMP,
+        extra_ldflags=_OPENMP,
+        verbose=False,
+    )
+
+
 def _load() -> Any:
     global _EXT, _TRIED
     if _TRIED:
@@ -71,21 +94,7 @@ def _load() -> Any:
     if os.environ.get("LEARNED_OPT_NO_EXT"):
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        # A process killed while compiling leaves its lock behind, and torch would wait on it
-        # forever: a lock older than any plausible build is stale.
-        name = f"learned_opt_lstm_cell_{_cpu_fingerprint()}"
-        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
-            lock.unlink(missing_ok=True)
-        _EXT = load(
-            name=name,
-            sources=[str(Path(__file__).with_name("lstm_cell.cpp"))],
-            extra_cflags=_CFLAGS + _OPENMP,
-            extra_ldflags=_OPENMP,
-            verbose=False,
-        )
+        _EXT = _build("learned_opt_lstm_cell", "lstm_cell.cpp", _CFLAGS)
     except Exception as exc:  # no compiler, no ninja, unsupported platform
         warnings.warn(
             f"learned_opt: fused CPU kernels unavailable ({type(exc).__name__}: {exc}); "
@@ -95,6 +104,29 @@ def _load() -> Any:
         )
         _EXT = None
     return _EXT
+
+
+def _load_corrected_adam() -> Any:
+    """The extension of the LSTM-corrected Adam rule's fused step (``corrected_adam.cpp``,
+    compiled without ``-ffast-math``: its arithmetic is PyTorch's, operation for operation), or
+    ``None`` (then the rule's step runs its PyTorch forward, the same results)."""
+    global _CA_EXT, _CA_TRIED
+    if _CA_TRIED:
+        return _CA_EXT
+    _CA_TRIED = True
+    if _load() is None:
+        return None
+    try:
+        _CA_EXT = _build("learned_opt_corrected_adam", "corrected_adam.cpp", _EXACT_CFLAGS)
+    except Exception as exc:
+        warnings.warn(
+            f"learned_opt: the fused step of the LSTM-corrected Adam rule is unavailable "
+            f"({type(exc).__name__}: {exc}); using its PyTorch forward (same results, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _CA_EXT = None
+    return _CA_EXT
 
 
 def available() -> bool:

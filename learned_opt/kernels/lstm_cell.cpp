@@ -493,6 +493,42 @@ void step_block(const StepArgs& A, int64_t start, int64_t m, float* scratch) {
   if (A.readout) readout(A, in, m, A.update + start);
 }
 
+// Packed weights of L layers, quad order: column (gate, unit u) -> 16 (u / 4) + 4 gate + u % 4,
+// with the sigmoid gates (i, f, o: gates 0, 1, 3) scaled by 0.5; per layer, the offsets of wx,
+// wh and b in `packed`.
+void pack_layers(int64_t L, int64_t H, const std::vector<torch::Tensor>& w_ih,
+                 const std::vector<torch::Tensor>& w_hh, const std::vector<torch::Tensor>& bias,
+                 std::vector<float>& packed, std::vector<int64_t>& wx_off,
+                 std::vector<int64_t>& wh_off, std::vector<int64_t>& b_off) {
+  const int64_t N = 4 * H;
+  int64_t total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    wx_off.push_back(total);
+    total += w_ih[l].size(0) * N;
+    wh_off.push_back(total);
+    total += H * N;
+    b_off.push_back(total);
+    total += N;
+  }
+  packed.assign(total, 0.0f);
+  auto pack = [&](const torch::Tensor& w, float* dst) {
+    auto wc = w.detach().to(torch::kFloat32).contiguous();
+    const float* src = wc.data_ptr<float>();
+    const int64_t rows = wc.numel() / N;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t gate = j / H, u = j % H;
+        dst[r * N + 16 * (u / 4) + 4 * gate + u % 4] = src[r * N + j] * (gate == 2 ? 1.0f : 0.5f);
+      }
+    }
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    pack(w_ih[l], packed.data() + wx_off[l]);
+    pack(w_hh[l], packed.data() + wh_off[l]);
+    pack(bias[l].reshape({1, N}), packed.data() + b_off[l]);
+  }
+}
+
 // Shape checks, the packed weights and the read-out of a fused step (inference or training).
 // grad (n,) float32; w_ih[l] (in, 4H), w_hh[l] (H, 4H), bias[l] (4H); out_w (H, 1), out_b (1);
 // H a multiple of 4; p > 0: log/sign preprocessing (w_ih[0] has 2 rows), else the raw gradient.
@@ -536,34 +572,7 @@ void prepare(StepArgs& A, Prepared& P, const char* name, const torch::Tensor& gr
                     w_hh[l].size(1) == N && bias[l].numel() == N,
                 name, ": weight shapes");
   }
-  // Packed weights, quad order: column (gate, unit u) -> 16 (u / 4) + 4 gate + u % 4, with the
-  // sigmoid gates (i, f, o: gates 0, 1, 3) scaled by 0.5.
-  int64_t total = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    A.wx_off.push_back(total);
-    total += w_ih[l].size(0) * N;
-    A.wh_off.push_back(total);
-    total += H * N;
-    A.b_off.push_back(total);
-    total += N;
-  }
-  P.packed.assign(total, 0.0f);
-  auto pack = [&](const torch::Tensor& w, float* dst) {
-    auto wc = w.detach().to(torch::kFloat32).contiguous();
-    const float* src = wc.data_ptr<float>();
-    const int64_t rows = wc.numel() / N;
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < N; ++j) {
-        const int64_t gate = j / H, u = j % H;
-        dst[r * N + 16 * (u / 4) + 4 * gate + u % 4] = src[r * N + j] * (gate == 2 ? 1.0f : 0.5f);
-      }
-    }
-  };
-  for (int64_t l = 0; l < L; ++l) {
-    pack(w_ih[l], P.packed.data() + A.wx_off[l]);
-    pack(w_hh[l], P.packed.data() + A.wh_off[l]);
-    pack(bias[l].reshape({1, N}), P.packed.data() + A.b_off[l]);
-  }
+  pack_layers(L, H, w_ih, w_hh, bias, P.packed, A.wx_off, A.wh_off, A.b_off);
   A.packed = P.packed.data();
   A.readout = !(inputs && out_w.numel() == 0);
   if (A.readout) {
@@ -659,6 +668,59 @@ torch::Tensor lstm_step_(torch::Tensor grad, std::vector<torch::Tensor> hs,
   });
   return update;
 }
+
+// ------------------------------------------------------------------------------------------
+// For another extension (the LSTM-corrected Adam rule's in-place step, whose elementwise part is
+// compiled without -ffast-math): the layer stack of lstm_step_ on given inputs x (m, n_in), for
+// one block of m rows, float32 states h[l], c[l] (m, H) updated in place; bit for bit what
+// lstm_step_ computes for those rows. Called through a plain function pointer
+// (lstm_block_address); `packed`, `offsets` (wx, wh, b per layer) from pack_lstm; `dummy`:
+// 6 H + 16 floats of scratch.
+extern "C" void learned_opt_lstm_block(const float* packed, const int64_t* offsets, int64_t L,
+                                       int64_t H, int64_t n_in, const float* x, int64_t m,
+                                       float* const* h, float* const* c, float* dummy) {
+  const float* in = x;
+  int64_t ld = n_in;
+  for (int64_t l = 0; l < L; ++l) {
+    const Seg segs[2] = {{in, ld, l == 0 ? n_in : H, packed + offsets[3 * l]},
+                         {h[l], H, H, packed + offsets[3 * l + 1]}};
+    lstm_layer(m, H, segs, 2, packed + offsets[3 * l + 2], c[l], h[l], dummy);
+    in = h[l];
+    ld = H;
+  }
+}
+
+// The packed weights of learned_opt_lstm_block (float32) and their offsets (int64: wx, wh, b
+// per layer).
+std::vector<torch::Tensor> pack_lstm(std::vector<torch::Tensor> w_ih,
+                                     std::vector<torch::Tensor> w_hh,
+                                     std::vector<torch::Tensor> bias) {
+  const int64_t L = static_cast<int64_t>(w_ih.size());
+  TORCH_CHECK(L >= 1 && (int64_t)w_hh.size() == L && (int64_t)bias.size() == L,
+              "pack_lstm: one w_ih, w_hh, bias per layer");
+  const int64_t H = w_hh[0].size(0);
+  TORCH_CHECK(H % 4 == 0 && H > 0, "pack_lstm: the hidden size must be a multiple of 4");
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(w_ih[l].dim() == 2 && w_ih[l].size(1) == 4 * H && w_hh[l].dim() == 2 &&
+                    w_hh[l].size(0) == H && w_hh[l].size(1) == 4 * H && bias[l].numel() == 4 * H &&
+                    (l == 0 || w_ih[l].size(0) == H),
+                "pack_lstm: weight shapes");
+  }
+  std::vector<float> packed;
+  std::vector<int64_t> wx, wh, b;
+  pack_layers(L, H, w_ih, w_hh, bias, packed, wx, wh, b);
+  auto out = torch::empty({(int64_t)packed.size()}, torch::kFloat32);
+  std::copy(packed.begin(), packed.end(), out.data_ptr<float>());
+  auto off = torch::empty({3 * L}, torch::kInt64);
+  for (int64_t l = 0; l < L; ++l) {
+    off[3 * l] = wx[l];
+    off[3 * l + 1] = wh[l];
+    off[3 * l + 2] = b[l];
+  }
+  return {out, off};
+}
+
+int64_t lstm_block_address() { return reinterpret_cast<int64_t>(&learned_opt_lstm_block); }
 
 // ------------------------------------------------------------------------------------------
 // Meta-training: the rule's step as a differentiable function, forward and backward fused.
@@ -1139,6 +1201,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_", &lstm_step_, "fused in-place step of the coordinatewise LSTM optimizer");
   m.def("train_forward", &lstm_train_forward, "fused step of the LSTM rule for meta-training");
   m.def("train_backward", &lstm_train_backward, "backward of train_forward");
+  m.def("pack_lstm", &pack_lstm, "packed weights of learned_opt_lstm_block");
+  m.def("lstm_block_address", &lstm_block_address, "address of learned_opt_lstm_block");
   m.def("tanh_approx", &tanh_approx, "the fused step's vector tanh (for tests)");
   m.def("parallel_width", &parallel_width, "tasks at::parallel_for runs at once (for tests)");
 }

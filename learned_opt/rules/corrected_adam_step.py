@@ -1,18 +1,41 @@
-"""The drop-in optimizer's in-place step of :class:`~learned_opt.rules.LSTMCorrectedAdamRule`."""
+"""The drop-in optimizer's in-place step of :class:`~learned_opt.rules.LSTMCorrectedAdamRule`.
+
+On CPU with a float32 gradient (float32 or bfloat16 state) the step is three passes of a fused
+kernel over the tensor's coordinates in cache-sized blocks (:mod:`learned_opt.kernels`,
+``corrected_adam.cpp``): the sums of the gradient clipping, the sums of the step-size adaptation,
+and the step itself (moments, features, the LSTM, read-out, update), with the state updated in
+place. The per-tensor arithmetic between the passes is the forward's own code
+(:mod:`learned_opt.rules.per_tensor`). The kernel repeats the forward's float operations one for
+one, so the result is bit for bit the forward's on tensors of up to one block (4096
+coordinates); on larger ones PyTorch splits its sums and matrix products differently (a
+last-bit difference). Elsewhere (another dtype or device, no compiler) the step is the forward,
+with the new state written into the old one.
+
+Either way the update is finite for every finite gradient: the kernel reads the gradient through
+the same bound as the forward (:func:`~learned_opt.rules.base.grad_bound`), and the step is a
+bounded factor times Adam's normalized direction.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .base import RuleState
+from .. import kernels
+from . import per_tensor
+from .base import RuleState, grad_bound
 
 if TYPE_CHECKING:
     from .corrected_adam import LSTMCorrectedAdamRule
 
-__all__ = ["step_"]
+__all__ = ["BLOCK", "step_"]
+
+#: Coordinates per block of the fused step (the per-thread working set, ~1.5 MB with hidden size
+#: 16, stays in L2).
+BLOCK = 4096
 
 
 def _write_back(rule: LSTMCorrectedAdamRule, state: RuleState, new_state: RuleState) -> None:
@@ -31,14 +54,121 @@ def _write_back(rule: LSTMCorrectedAdamRule, state: RuleState, new_state: RuleSt
             state[key] = value
 
 
-@torch.no_grad()
-def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
-    """``rule.forward``'s step on one whole tensor's flat gradient, with ``state`` updated in
-    place; per-coordinate entries stored in another dtype are computed in ``grad``'s."""
+def _forward_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
     work = {
         k: v.to(grad.dtype) if v.is_floating_point() and rule.coord_dim(k) is not None else v
         for k, v in state.items()
     }
     update, new_state = rule(grad, work)
     _write_back(rule, state, new_state)
+    return update
+
+
+def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bool:
+    cfg = rule.settings
+    if not (
+        grad.device.type == "cpu"
+        and grad.dtype == torch.float32
+        and grad.dim() == 1
+        and grad.is_contiguous()
+        and cfg.scale_invariant
+        and cfg.nominal
+        and cfg.hidden_size % 4 == 0
+        and cfg.num_layers <= 8
+        and rule._state_betas == rule.momentum_betas
+        and "tensor" not in state
+    ):
+        return False
+    coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]
+    dtypes = {state[k].dtype for k in coord}
+    if len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16):
+        return False
+    if any(not state[k].is_contiguous() or state[k].device.type != "cpu" for k in coord):
+        return False
+    weights = [t for ts in rule.layer_weights() for t in ts] + [rule.out_weight, rule.out_bias]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
+        return False
+    return kernels._load_corrected_adam() is not None
+
+
+def _packed(rule: LSTMCorrectedAdamRule) -> tuple[Tensor, Tensor]:
+    """The LSTM weights packed for the fused kernel, cached while they are unchanged."""
+    weights = [t for ts in rule.layer_weights() for t in ts]
+    key = tuple((t.data_ptr(), t._version) for t in weights)
+    cached = getattr(rule, "_packed_lstm", None)
+    if cached is None or cached[0] != key:
+        w_ih, w_hh, bias = rule.layer_weights()
+        cached = (key, *kernels._load().pack_lstm(w_ih, w_hh, bias))
+        rule._packed_lstm = cached
+    return cached[1], cached[2]
+
+
+@torch.no_grad()
+def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
+    """``rule.forward``'s step on one whole tensor's flat gradient ``grad``, with ``state``
+    updated in place (per-coordinate entries may be stored in another dtype, e.g. bfloat16: the
+    step is computed in ``grad``'s and they are rounded back). Returns the update."""
+    count = 1
+    for key in per_tensor.PER_TENSOR_KEYS:  # per tensor, in the compute dtype
+        if key in state:
+            value = per_tensor.per_tensor_state(state, key, state.get("tensor"), count)
+            if "tensor" not in state:
+                state[key] = value.to(grad.dtype)
+    if not _fused_ok(rule, grad, state):
+        return _forward_step_(rule, grad, state)
+    cfg = rule.settings
+    ext = kernels._load_corrected_adam()
+    t = float(state["step"] + 1)
+    bound = grad_bound(grad.dtype)
+    scale = torch.ones(1)
+    if cfg.grad_clip > 0 and t > 1:
+        g2, ref = ext.clip_sums(grad, state["v"], bound, 1 - cfg.beta2 ** (t - 1), BLOCK)
+        scale = per_tensor.clip_scale(cfg, g2[None], ref[None], t)
+    new: dict[str, Any] = {}
+    exp_s = 1.0
+    prev = state.get("prev", grad.new_empty(0))
+    if cfg.lr_adapt > 0:
+        dot, g2, p2 = ext.adapt_sums(grad, prev, bound, float(scale), BLOCK)
+        log_step = per_tensor.adapt_from_sums(cfg, dot[None], g2[None], p2[None], state, new, t)
+        exp_s = float(torch.exp(log_step))
+    layers = range(cfg.num_layers)
+    betas = rule.momentum_betas
+    scalars = [
+        bound,
+        float(scale),
+        cfg.beta2,
+        1 - cfg.beta2,
+        (1 - cfg.beta2**t) ** 0.5,
+        cfg.eps,
+        1 - 0.9**t,
+        math.exp(-rule.preprocess_p),
+        rule.preprocess_p,
+        cfg.a_bound,
+        rule.output_scale,
+        exp_s,
+        float(torch.exp(rule.log_lr)),
+    ]
+    for beta in betas:
+        scalars += [1 - beta, 1 - beta**t]
+    packed, offsets = _packed(rule)
+    update = ext.step_(
+        grad,
+        [state[f"m{k}"] for k in range(len(betas))],
+        state["v"],
+        state["v_fast"],
+        prev,
+        [state[f"h{layer}"] for layer in layers],
+        [state[f"c{layer}"] for layer in layers],
+        packed,
+        offsets,
+        kernels._load().lstm_block_address(),
+        rule.in_size,
+        rule.out_weight,
+        rule.out_bias,
+        scalars,
+        betas.index(cfg.beta1),
+        BLOCK,
+    )
+    state.update(new)
+    state["step"].add_(1)
     return update

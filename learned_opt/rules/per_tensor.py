@@ -22,7 +22,15 @@ from torch import Tensor
 from .base import RuleState, safe_sqrt
 from .corrected_adam_config import LSTMCorrectedAdamConfig
 
-__all__ = ["PER_TENSOR_KEYS", "adapt_log_step", "clip", "per_tensor_state", "tensor_sums"]
+__all__ = [
+    "PER_TENSOR_KEYS",
+    "adapt_from_sums",
+    "adapt_log_step",
+    "clip",
+    "clip_scale",
+    "per_tensor_state",
+    "tensor_sums",
+]
 
 #: State entries with one number per parameter tensor.
 PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak")
@@ -59,10 +67,16 @@ def clip(
     ``sqrt(sum v_hat)``, ``Q_t = grad_clip (1 + grad_clip_warmup exp(-t / tau))``; unchanged
     where that norm is zero (no history yet)."""
     g2, ref = tensor_sums(torch.stack((grad * grad, v_hat)), ids, count)
+    return grad * per_coordinate(clip_scale(cfg, g2, ref, t), ids)
+
+
+def clip_scale(cfg: LSTMCorrectedAdamConfig, g2: Tensor, ref: Tensor, t: float) -> Tensor:
+    """The factor on each tensor's gradient, from the sums of its squares ``g2`` and of the
+    bias-corrected second moment of the last step ``ref`` (per tensor)."""
     limit = cfg.grad_clip * warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps) * ref
     # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
     factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
-    return grad * per_coordinate(torch.where(ref > 0, factor, torch.ones_like(factor)), ids)
+    return torch.where(ref > 0, factor, torch.ones_like(factor))
 
 
 def adapt_log_step(
@@ -80,6 +94,20 @@ def adapt_log_step(
     ``grad_peak``) in ``new_state`` and returns ``log_step``."""
     prev = state["prev"]
     dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
+    return adapt_from_sums(cfg, dot, g2, p2, state, new_state, t)
+
+
+def adapt_from_sums(
+    cfg: LSTMCorrectedAdamConfig,
+    dot: Tensor,
+    g2: Tensor,
+    p2: Tensor,
+    state: RuleState,
+    new_state: RuleState,
+    t: float,
+) -> Tensor:
+    """:func:`adapt_log_step` from the per-tensor sums of ``-grad * prev`` (``dot``),
+    ``grad**2`` (``g2``) and ``prev**2`` (``p2``)."""
     # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
     # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan.
     # |g|^2 |p|^2 can overflow where each factor does not: then |g| |p| (the same value up
