@@ -1,0 +1,320 @@
+"""The three disjoint task groups (meta-train, validation, sealed test), their task families, and
+the sealed-test benchmark (benchmarks/sealed.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learned_opt import pretrained
+from learned_opt.checkpoint import load_rule
+from learned_opt.evaluate import geometric_mean, smooth, speedup
+from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMRule
+from learned_opt.rules.scheduled import ScheduledRule
+from learned_opt.tasks import FAMILIES, BatchSampler, make_family
+from learned_opt.tasks.groups import GROUPS, TaskGroup, check_disjoint, overlaps
+from learned_opt.tasks.sequence import CharLM, PatchSequenceClassifier, WindowSampler
+from learned_opt.tasks.sources import PARTS, load_part, make_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMBERS = [(g, m) for g, group in GROUPS.items() for m in group.members]
+
+
+@pytest.fixture(scope="module")
+def sealed() -> dict:
+    return runpy.run_path(str(ROOT / "benchmarks" / "sealed.py"))
+
+
+# ----------------------------------------------------------------------------- the groups
+def test_groups_share_no_architecture_on_data_and_no_data_part() -> None:
+    assert set(GROUPS) == {"meta-train", "validation", "sealed-test"}
+    assert overlaps() == []
+    check_disjoint()
+    names = [g.pairs() for g in GROUPS.values()]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+
+
+def test_an_overlap_is_reported() -> None:
+    sealed, train = GROUPS["sealed-test"], GROUPS["meta-train"]
+    leak = replace(sealed.members[0], parts=("mnist:train",))
+    groups = {
+        "meta-train": train,
+        "sealed-test": TaskGroup("sealed-test", "", (leak, *sealed.members[1:])),
+    }
+    found = overlaps(groups)
+    assert any("mnist:train" in f for f in found)
+    with pytest.raises(ValueError, match="overlap"):
+        check_disjoint(groups)
+
+
+def _declared(config: dict) -> tuple[str, str]:
+    """(source, "source:part") read from a family's own configuration."""
+    if "split" in config:  # character language models on the corpus
+        return "corpus", f"corpus:{config['split']}"
+    if "source" in config:
+        return config["source"], f"{config['source']}:{config['part']}"
+    # learned_opt.tasks.zoo families: holdout="val" reads the part named "train"
+    assert config["holdout"] == "val"
+    return config["dataset"], f"{config['dataset']}:train"
+
+
+@pytest.mark.parametrize(("group", "member"), MEMBERS, ids=[m.name for _, m in MEMBERS])
+def test_declared_data_is_what_the_family_reads(group: str, member) -> None:
+    source, part = _declared(member.build().config())
+    assert member.source == source
+    assert member.parts == (part,)
+    src, name = part.split(":")
+    assert src == "corpus" or name in PARTS[src]
+
+
+def test_sealed_group_covers_the_required_kinds() -> None:
+    members = GROUPS["sealed-test"].members
+    assert 8 <= len(members) <= 10
+    archs = {m.arch for m in members}
+    assert {"transformer", "bn-conv", "gru", "autoencoder", "mlp"} <= archs
+    families = {m.name: m.build() for m in members}
+    mlps = [families[m.name] for m in members if m.arch == "mlp"]
+    assert {f.regression for f in mlps} == {True, False}  # a regressor and a classifier
+    others = GROUPS["meta-train"].pairs() | GROUPS["validation"].pairs()
+    # architectures absent from both other groups, or present only on other data
+    assert not (GROUPS["sealed-test"].pairs() & others)
+    assert {"gru", "autoencoder", "causal-conv", "resmlp"} <= archs - {a for a, _ in others}
+    # fixed tasks: one choice of every size
+    for f in families.values():
+        for key, value in f.config().items():
+            if isinstance(value, list) and key != "hiddens":
+                assert len(value) == 1, (f.config()["name"], key)
+
+
+def test_sealed_test_is_not_a_registered_family() -> None:
+    assert "sealed-test" not in FAMILIES
+    for name in ("meta-train", "meta-train-rescaled", "validation"):
+        family = make_family(name)
+        gen = torch.Generator().manual_seed(3)
+        tasks = [family.sample(gen) for _ in range(3)]
+        assert all(t.name for t in tasks)
+        json.dumps(family.config())
+
+
+# ---------------------------------------------------------------------- the task contract
+@pytest.mark.parametrize(("group", "member"), MEMBERS, ids=[m.name for _, m in MEMBERS])
+def test_every_task_follows_the_contract(group: str, member) -> None:
+    family = member.build()
+    task = family.sample(torch.Generator().manual_seed(5))
+    again = family.sample(torch.Generator().manual_seed(5))
+    assert task.name == again.name
+    a = task.init_params(torch.Generator().manual_seed(1))
+    b = task.init_params(torch.Generator().manual_seed(1))
+    c = task.init_params(torch.Generator().manual_seed(2))
+    assert list(a) == [n for n, _ in task.model.named_parameters()]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    drawn = [k for k in a if not torch.equal(a[k], c[k])]
+    assert drawn, "initial parameters must come from the generator"
+    own = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    assert not list(task.model.buffers()), "no running statistics: a pure function of params"
+    # a few steps of functional training reduce the loss on a fixed batch
+    leaves = {k: v.clone().requires_grad_(True) for k, v in a.items()}
+    opt = torch.optim.Adam(leaves.values(), lr=1e-2)
+    batch = task.train.sample()
+    first = float(task.loss(leaves, batch).detach())
+    for _ in range(8):
+        opt.zero_grad()
+        task.loss(leaves, batch).backward()
+        opt.step()
+    last = float(task.loss(leaves, batch).detach())
+    assert math.isfinite(first) and last < first, (task.name, first, last)
+    # the model's own tensors were never used or changed; held-out data evaluates
+    assert all(torch.equal(own[k], v) for k, v in task.model.state_dict().items())
+    assert math.isfinite(float(task.loss(leaves, task.test.sample()).detach()))
+    # the meta-trainer can replay the training batches from the generator's state
+    assert isinstance(task.train, BatchSampler)
+    assert type(task.train).sample is BatchSampler.sample
+
+
+def test_rescaled_meta_train_tasks_keep_the_names_and_scale_the_loss() -> None:
+    plain, scaled = make_family("meta-train"), make_family("meta-train-rescaled")
+    t1, t2 = (
+        plain.sample(torch.Generator().manual_seed(9)),
+        scaled.sample(torch.Generator().manual_seed(9)),
+    )
+    assert t2.name.startswith(t1.name) and "[c=" in t2.name
+
+
+# -------------------------------------------------------------------- models and samplers
+def test_window_sampler_tiles_the_text_and_samples_windows() -> None:
+    text = torch.arange(100) % 7
+    s = WindowSampler(text, 9, 4, torch.Generator().manual_seed(0))
+    x, y = s.sample()
+    assert x.shape == y.shape == (4, 9) and torch.equal(x[:, 1:], y[:, :-1])
+    fx, fy = s.full()
+    assert fx.shape[1] == 9 and torch.equal(fx[1], text[9:18]) and torch.equal(fy[0], text[1:10])
+    capped = WindowSampler(text, 9, 4, torch.Generator().manual_seed(0), max_full=3)
+    assert len(capped.full()[0]) == 3
+    with pytest.raises(ValueError):
+        WindowSampler(torch.arange(5), 9, 4, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "gru", "rnn", "causal-conv"])
+def test_char_lm_is_causal(kind: str) -> None:
+    torch.manual_seed(0)
+    model = CharLM(11, kind, 8, layers=2, heads=2, seq_len=12)
+    ids = torch.randint(11, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 11
+    out, out2 = model(ids), model(changed)
+    assert out.shape == (2, 12, 11)
+    assert torch.allclose(out[:, :7], out2[:, :7], atol=1e-6)
+    assert not torch.allclose(out[:, 7:], out2[:, 7:])
+
+
+def test_patch_tokens_are_the_image_patches() -> None:
+    model = PatchSequenceClassifier(4, 3, "transformer", 8, patch=2)
+    img = torch.arange(16.0).view(1, 16)
+    tokens = model.tokens(img)
+    assert tokens.shape == (1, 4, 4)
+    assert tokens[0, 0].tolist() == [0, 1, 4, 5] and tokens[0, 3].tolist() == [10, 11, 14, 15]
+
+
+def test_sources_are_deterministic_and_parts_differ() -> None:
+    x1, y1 = make_shapes(50, 16, torch.Generator().manual_seed(0))
+    x2, y2 = make_shapes(50, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and set(y1.tolist()) <= set(range(6))
+    assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0
+    val, test = load_part("shapes", "val"), load_part("shapes", "test")
+    assert not torch.equal(val[0][:10], test[0][:10])
+    from learned_opt.data import load_mnist
+
+    images = load_mnist("test")[0]
+    xt, _, xh, _ = load_part("mnist", "test")
+    assert len(xt) + len(xh) == len(images) == 10_000
+    rows = {tuple(r.tolist()) for r in images[:50]}
+    assert rows & {tuple(r.tolist()) for r in torch.cat((xt, xh))}  # the official test set
+    for name in ("friedman1", "clusters"):
+        xt, yt, xh, yh = load_part(name, "test")
+        assert abs(float(xt.mean())) < 0.05 and len(xh) > 0
+    with pytest.raises(ValueError):
+        load_part("shapes", "train")
+
+
+# ----------------------------------------------------------------------- the benchmark
+def test_zero_readout(sealed: dict) -> None:
+    zero = sealed["zero_readout"]
+    shipped, _ = load_rule(pretrained.resolve(pretrained.DEFAULT))
+    before = {k: v.clone() for k, v in shipped.state_dict().items()}
+    zeroed = zero(shipped)
+    assert all(torch.equal(before[k], v) for k, v in shipped.state_dict().items())
+    assert float(zeroed.out_weight.detach().abs().sum()) == 0
+    assert float(zeroed.out_bias.detach().abs().sum()) == 0
+    assert float(shipped.out_weight.detach().abs().sum()) > 0
+    # general rule with zero read-out (nominal, multiplicative): exactly its Adam direction
+    rule = GeneralLSTMRule(additive=False)
+    rule.reset_parameters(torch.Generator().manual_seed(0), zero_output=False)
+    grad = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    zg = zero(rule)
+    upd, _ = zg(grad, zg.init_state(20, like=grad))
+    adam = AdamRule(lr=rule.lr)
+    ref, _ = adam(grad, adam.init_state(20, like=grad))
+    assert torch.allclose(upd, ref, atol=1e-6)
+    paper = zero(LSTMRule())
+    assert float(paper.out_weight.detach().abs().sum()) == 0
+    sched = ScheduledRule("general-lstm")
+    with torch.no_grad():
+        sched.schedule[-1].weight.fill_(0.5)
+    zs = zero(sched)
+    assert float(zs.schedule[-1].weight.abs().sum()) == 0
+    assert float(zs.base.out_weight.detach().abs().sum()) == 0
+    with pytest.raises(ValueError, match="read-out"):
+        zero(AdamRule())
+
+
+def test_speedup_statuses() -> None:
+    """The speedup of the benchmark's tables (learned_opt.evaluate.speedup)."""
+    adam = np.array([4.0, 3.0, 2.0, 1.5, 1.0])
+    s = speedup(adam, np.array([4.0, 2.0, 1.0, 1.0, 1.0]))
+    assert s["status"] == "ok" and s["value"] == pytest.approx(4 / 2)
+    s = speedup(adam, np.array([4.0, 3.9, 3.8, 3.7, 3.6]))
+    assert s["status"] == "censored" and s["value"] == pytest.approx(4 / 5)
+    s = speedup(adam, np.array([4.0, np.nan, np.nan, np.nan, np.nan]))
+    assert s["status"] == "censored"
+    s = speedup(np.array([1.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0]))
+    assert s["status"] == "undefined" and math.isnan(s["value"])
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    assert geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
+    assert geometric_mean([1.0, math.inf]) == math.inf
+
+
+def test_geometric_mean_of_speedups_marks_upper_bounds(sealed: dict) -> None:
+    rows = [
+        {"speedup": {"value": 2.0, "status": "ok"}},
+        {"speedup": {"value": 0.5, "status": "censored"}},
+        {"speedup": {"value": math.nan, "status": "undefined"}},
+    ]
+    assert sealed["_geo_speedup"](rows) == "≤1.00 (1 undef.)"
+    assert sealed["_geo_speedup"](rows[:1]) == "2.00"
+
+
+def test_warmup_cosine_schedule(sealed: dict) -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    opt = sealed["WarmupCosineAdam"](p, 0.1, total_steps=100, warmup_steps=5)
+    assert opt.factor(1) == pytest.approx(0.2) and opt.factor(5) == pytest.approx(1.0)
+    assert opt.factor(100) == pytest.approx(0.0, abs=1e-12)
+    assert opt.factor(52) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    lrs = []
+    for _ in range(3):
+        p[0].grad = torch.ones(2)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.02, 0.04, 0.06])
+
+
+def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) -> None:
+    monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")  # no kernel compilation in a timed test
+    args = ["--tasks", "friedman1-mlp,clusters-mlp", "--steps", "5", "--seeds", "2"]
+    args += ["--tune-seeds", "1", "--lrs", "0.001,0.01", "--out", str(tmp_path)]
+    assert run_script("benchmarks/sealed.py", *args) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    opts = {"adam", "adam-cosine", "prodigy", "dadapt-adam", "schedule-free"}
+    opts |= {"learned", "learned-zeroed"}
+    assert {r["optimizer"] for r in records} == opts
+    assert len(records) == 2 * 7 * 2 and {r["steps"] for r in records} == {5}
+    assert {r["benchmark_task"] for r in records} == {"friedman1-mlp", "clusters-mlp"}
+    assert all(len(r["losses"]) == 5 for r in records)
+    summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 7
+    adam_rows = [r for r in summary[1:] if r["optimizer"] == "adam"]
+    assert all(r["ratio_train"] == pytest.approx(1.0) and "tuning" in r for r in adam_rows)
+    table = (tmp_path / "table.md").read_text()
+    assert "**geometric mean**" in table and "| friedman1-mlp |" in table
+    assert "Seeds won" in table and "Speedup" in table and "Tuned Adam" in table
+    for png in ("curves-5.png", "ratios.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    # deterministic: a second run gives the same losses
+    again = tmp_path / "again"
+    assert run_script("benchmarks/sealed.py", *args[:-1], str(again)) == 0
+    second = (again / "records.jsonl").read_text().splitlines()
+    assert [json.loads(x)["losses"] for x in second] == [r["losses"] for r in records]
+
+
+def test_sealed_benchmark_needs_the_tuning_free_packages(
+    tmp_path: Path, run_script, monkeypatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # import fails
+    assert run_script("benchmarks/sealed.py", "--out", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "schedulefree" in err and "pip install" in err
+
+
+def test_sealed_benchmark_rejects_total_steps_for_horizon_free_weights(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    args = ["--weights", "paper-mnist", "--total-steps", "--out", str(tmp_path)]
+    assert run_script("benchmarks/sealed.py", *args) == 2
+    assert "total_steps" in capsys.readouterr().err
