@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from learned_opt import LSTMOptimizer
-from learned_opt.evaluate import run_optimizer, task_seed
+from learned_opt.evaluate import STATE_DTYPE_STREAM, evaluation_family, run_optimizer, task_seed
 from learned_opt.report import write_results
-from learned_opt.tasks import FAMILIES, MLPFamily, make_family
+from learned_opt.tasks import FAMILIES
 
-_STREAM = 3_000_017  # evaluation seeds of this benchmark
 MODES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -41,14 +40,13 @@ def run(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.family, args.steps, args.seeds = "digits", 10, 2
     # As `learned-opt eval`: train on the whole training split, report the official test split.
-    defaults = {"holdout": "test"} if FAMILIES[args.family][0] is MLPFamily else {}
-    family = make_family(args.family, **defaults)
+    family = evaluation_family(args.family)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     records = []
     for k in range(args.seeds):
-        seed = task_seed(args.seed, _STREAM, k)
+        seed = task_seed(args.seed, STATE_DTYPE_STREAM, k)
         for mode, dtype in MODES.items():
 
             def factory(params: list[torch.Tensor], lr: float, dtype=dtype) -> LSTMOptimizer:

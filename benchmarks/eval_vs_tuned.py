@@ -13,16 +13,9 @@ time), ``table.md`` (generated from the records) and ``curves.png`` into ``--out
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import platform
 import sys
-from pathlib import Path
 
-import torch
-
-from learned_opt.cli import git_commit, main
-from learned_opt.report import read_jsonl, table
+from learned_opt.cli import eval_report
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -44,51 +37,12 @@ def run(argv: list[str] | None = None) -> int:
             2,
             1,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cli = [
-        "eval",
-        "--weights",
-        args.weights,
-        "--family",
-        args.family,
-        "--steps",
-        str(args.steps),
-        "--seeds",
-        str(args.seeds),
-        "--tune-seeds",
-        str(args.tune_seeds),
-        "--baselines",
-        args.baselines,
-        "--records",
-        str(out / "records.jsonl"),
-        "--plot",
-        str(out / "curves.png"),
-    ]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(cli)
-    sys.stdout.write(buf.getvalue())
-    if code:
-        return code
-    records = read_jsonl(out / "records.jsonl")
-    reference = args.baselines.split(",")[0]
-    header = (
-        f"# {args.weights} on {args.family}, {args.steps} steps, {args.seeds} evaluation seeds\n\n"
-        f"Command: `python benchmarks/eval_vs_tuned.py {' '.join(argv or sys.argv[1:])}`  \n"
-        f"Commit: {git_commit()}; torch {torch.__version__}; {platform.machine()}"
-        f", {torch.get_num_threads()} threads\n\n"
-    )
-    (out / "table.md").write_text(
-        header
-        + "Final loss on the whole training set:\n\n"
-        + table(records, reference)
-        + "\n\n"
-        + "Final loss on held-out data:\n\n"
-        + table(records, reference, metric="final_test_loss")
-        + "\n"
-    )
-    return 0
+    eval_args = ["--weights", args.weights, "--family", args.family, "--steps", str(args.steps)]
+    eval_args += ["--seeds", str(args.seeds), "--tune-seeds", str(args.tune_seeds)]
+    eval_args += ["--baselines", args.baselines]
+    title = f"{args.weights} on {args.family}, {args.steps} steps, {args.seeds} evaluation seeds"
+    command = f"python benchmarks/eval_vs_tuned.py {' '.join(argv or sys.argv[1:])}"
+    return eval_report(args.out, eval_args, title, command)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Benchmark: meta-training throughput (inner steps per second) and peak memory on the paper's MNIST
 task (784-20-10 sigmoid MLP, batch 128, 2x20 LSTM, first order), for truncation lengths K, with
 gradient checkpointing off, on with one level of segments of ceil(sqrt(K)) steps ("sqrt") and on
-with the default nested segments of :func:`learned_opt.unroll.checkpoint_schedule` ("on", e.g.
-(25, 5, 1) for K = 100; ``--segment 10,1`` overrides them), side by side in one run. Each row also
-gives the exact recomputation of its schedule (:func:`learned_opt.unroll.schedule_cost`): inner
+with the default nested segments of
+:func:`learned_opt.outer.grad_checkpoint.checkpoint_schedule` ("on", e.g. (25, 5, 1) for K = 100;
+``--segment 10,1`` overrides them), side by side in one run. Each row also gives the exact
+recomputation of its schedule (:func:`learned_opt.outer.grad_checkpoint.schedule_cost`): inner
 steps re-run per inner step of the forward pass.
 
 Each configuration runs in a fresh subprocess, so that its peak resident memory is its own. The
@@ -65,7 +66,7 @@ def worker(
     import torch
 
     from learned_opt import LSTMRule, OptimizerLearner, kernels, make_family
-    from learned_opt.unroll import unroll
+    from learned_opt.outer import unroll
 
     torch.set_num_threads(threads)
     fam = make_family(family)
@@ -173,7 +174,7 @@ def run(argv: list[str] | None = None) -> int:
         args.kernels, args.allocators = "fused", "default"
     import torch
 
-    from learned_opt.unroll import checkpoint_schedule, schedule_cost, sqrt_segment
+    from learned_opt.outer.grad_checkpoint import checkpoint_schedule, schedule_cost, sqrt_segment
 
     threads = args.threads or torch.get_num_threads()
     ks = [int(x) for x in args.ks.split(",")]
@@ -260,7 +261,8 @@ def run(argv: list[str] | None = None) -> int:
         "growth = peak RSS minus the RSS just before the first unroll (what meta-training added); "
         f"memory measured as: {records[0]['memory_method']}; vs off = inner steps/s relative to "
         "checkpointing off (same K, kernels and allocator); re-runs per step and states kept "
-        "(at most, per window) count the schedule exactly (learned_opt.unroll.schedule_cost)",
+        "(at most, per window) count the schedule exactly "
+        "(learned_opt.outer.grad_checkpoint.schedule_cost)",
     ]
     if len(ks) > 1:
         lo, hi = min(ks), max(ks)

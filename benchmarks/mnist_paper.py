@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from learned_opt import pretrained
+from learned_opt.cli import eval_report
 from learned_opt.report import read_jsonl
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_vs_tuned import run as eval_vs_tuned  # noqa: E402
 
 SETTINGS = [  # (name, family, steps)
     ("train-task-100", "mnist", 100),
@@ -70,24 +68,11 @@ def run(argv: list[str] | None = None) -> int:
         "figures": {},
     }
     for name, family, steps in settings:
-        code = eval_vs_tuned(
-            [
-                "--weights",
-                args.weights,
-                "--family",
-                family,
-                "--steps",
-                str(steps),
-                "--seeds",
-                str(args.seeds),
-                "--tune-seeds",
-                str(args.tune_seeds),
-                "--baselines",
-                "adam,rmsprop,sgd,nesterov",
-                "--out",
-                str(out / name),
-            ]
-        )
+        eval_args = ["--weights", args.weights, "--family", family, "--steps", str(steps)]
+        eval_args += ["--seeds", str(args.seeds), "--tune-seeds", str(args.tune_seeds)]
+        eval_args += ["--baselines", "adam,rmsprop,sgd,nesterov"]
+        title = f"{args.weights} on {family}, {steps} steps, {args.seeds} evaluation seeds"
+        code = eval_report(out / name, eval_args, title, summary["command"])
         if code:
             return code
         means: dict[str, float] = {}

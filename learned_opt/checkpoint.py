@@ -1,21 +1,22 @@
 """Saving and loading rules and trainer state, safely.
 
-Every file is written atomically (temporary file in the same directory, ``fsync``, ``os.replace``)
-and read with ``torch.load(weights_only=True)``, which refuses pickled code: a file carrying a
-pickle payload raises :class:`CheckpointError` and nothing in it runs.
+Every file is written atomically (:func:`~learned_opt.files.atomic_save`: a temporary file in the
+same directory, ``fsync``, ``os.replace``) and read with ``torch.load(weights_only=True)``, which
+refuses pickled code: a file carrying a pickle payload raises :class:`CheckpointError` and nothing
+in it runs.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_save
 from .rules import RULES, UpdateRule, build_rule
 
 __all__ = [
@@ -40,37 +41,6 @@ class CheckpointError(RuntimeError):
 
 class WeightsMismatchError(CheckpointError, ValueError):
     """A weights file holds a rule of another architecture than the one expected."""
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically: readers see the old file or the new one, never half.
-
-    Args:
-        obj: tensors, containers and plain Python values (loadable with ``weights_only=True``).
-        path: destination; its directory is created if needed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # Make the rename itself durable.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -28,10 +29,17 @@ from .evaluate import (
 )
 from .optim import LearnedOptimizer
 from .outer import MetaTrainConfig, MetaTrainer
-from .report import plot_curves, table, write_jsonl
+from .report import plot_curves, read_jsonl, table, write_jsonl
 from .tasks import FAMILIES
 
-__all__ = ["add_config_options", "build_parser", "config_from_args", "git_commit", "main"]
+__all__ = [
+    "add_config_options",
+    "build_parser",
+    "config_from_args",
+    "eval_report",
+    "git_commit",
+    "main",
+]
 
 
 def git_commit() -> str:
@@ -296,6 +304,33 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot_curves(records, args.plot, title=f"{args.family}, {args.steps} steps")
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def eval_report(out: str | Path, eval_args: list[str], title: str, command: str) -> int:
+    """``learned-opt eval`` with ``eval_args``, its outputs in the directory ``out``:
+    ``records.jsonl``, ``curves.png`` and ``table.md`` (``title``, the ``command`` that ran, the
+    commit and machine, then the mean final training and held-out losses per optimizer with
+    their ratios to the first baseline). Returns the command's exit code."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = ["--records", str(out / "records.jsonl"), "--plot", str(out / "curves.png")]
+    code = main(["eval", *eval_args, *files])
+    if code:
+        return code
+    records = read_jsonl(out / "records.jsonl")
+    reference = records[0]["optimizer"]  # the first baseline runs first
+    (out / "table.md").write_text(
+        f"# {title}\n\n"
+        f"Command: `{command}`  \n"
+        f"Commit: {git_commit()}; torch {torch.__version__}; {platform.machine()}"
+        f", {torch.get_num_threads()} threads\n\n"
+        "Final loss on the whole training set:\n\n"
+        + table(records, reference)
+        + "\n\nFinal loss on held-out data:\n\n"
+        + table(records, reference, metric="final_test_loss")
+        + "\n"
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save
+from .files import atomic_save
 
 __all__ = ["DatasetNotFoundError", "load_digits", "load_mnist", "train_val_split"]
 

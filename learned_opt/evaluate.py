@@ -29,8 +29,12 @@ __all__ = [
     "DEFAULT_LR_GRID",
     "HAND_DESIGNED",
     "OptimizerFactory",
+    "COMPARISON_STREAMS",
     "RunResult",
+    "SEALED_STREAMS",
+    "STATE_DTYPE_STREAM",
     "SeedStreams",
+    "TRAINER_EVAL_STREAM",
     "Tuning",
     "evaluation_family",
     "first_reach",
@@ -115,9 +119,11 @@ class SeedStreams:
 
 #: ``learned-opt eval`` and the out-of-distribution benchmark.
 COMPARISON_STREAMS = SeedStreams(tune=1_000_003, eval=2_000_003)
-#: The sealed-test benchmark (its evaluation stream also seeds the bf16 benchmark's tasks).
+#: The sealed-test benchmark.
 SEALED_STREAMS = SeedStreams(tune=3_000_017, eval=4_000_037)
-#: The meta-trainer's held-out evaluation (the baseline is tuned on the same tasks).
+#: The tasks of the bfloat16-state benchmark (nothing is tuned there).
+STATE_DTYPE_STREAM = 3_000_017
+#: The meta-trainer's held-out tasks (its Adam baseline is tuned on the same tasks).
 TRAINER_EVAL_STREAM = 7_777_777
 
 

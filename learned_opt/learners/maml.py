@@ -44,7 +44,7 @@ class MAMLLearner(MetaLearner):
 
         phi_{t+1} = phi_t - exp(log_lr) * grad L_support(phi_t)
 
-    :meth:`step` takes one such step, so the generic :func:`~learned_opt.unroll.unroll` with
+    :meth:`step` takes one such step, so the generic :func:`~learned_opt.outer.unroll.unroll` with
     ``horizon = truncation = inner_steps`` and ``objective="test"`` computes MAML's
     meta-objective: the query loss after adaptation, differentiable in theta. With
     ``first_order`` the inner gradients are constants (FOMAML): the meta-gradient skips the

@@ -59,7 +59,7 @@ class RNNLearner(MetaLearner):
 
     :meth:`step` reads one whole support batch (continuing from the current hidden state) and
     returns the head's loss on that batch; :meth:`evaluate` scores the head on a query batch.
-    Use ``horizon=1`` in :func:`~learned_opt.unroll.unroll` to read the support set once.
+    Use ``horizon=1`` in :func:`~learned_opt.outer.unroll.unroll` to read the support set once.
 
     Args:
         x_dim: input features (flattened).

@@ -1,0 +1,118 @@
+"""The evaluation module: seed streams, runs, tuning, aggregates and comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from learned_opt.evaluate import (
+    COMPARISON_STREAMS,
+    HAND_DESIGNED,
+    SEALED_STREAMS,
+    RunResult,
+    SeedStreams,
+    evaluation_family,
+    geometric_mean,
+    mean_loss,
+    run_optimizer,
+    seeds_won,
+    smooth,
+    speedup,
+    task_seed,
+    tune_lr,
+    tune_lr_near,
+    versus,
+)
+from learned_opt.tasks import QuadraticFamily
+
+
+def test_seed_streams_are_named_disjoint_and_stable() -> None:
+    tune, evals = COMPARISON_STREAMS.seeds(3, 5, seed=2)
+    assert tune == [task_seed(2, 1_000_003, k) for k in range(3)]
+    assert evals == [task_seed(2, 2_000_003, k) for k in range(5)]
+    assert SEALED_STREAMS.eval_seeds(2) == [task_seed(0, 4_000_037, k) for k in range(2)]
+    with pytest.raises(ValueError, match="overlap"):
+        SeedStreams(tune=5, eval=5).seeds(1, 1)
+
+
+def test_aggregates() -> None:
+    assert mean_loss([1.0, 3.0]) == 2.0 and mean_loss([1.0, math.nan]) == math.inf
+    assert math.isnan(mean_loss([]))
+    assert geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
+    assert geometric_mean([1.0, math.inf]) == math.inf and geometric_mean([1.0, 0.0]) == math.inf
+    assert math.isnan(geometric_mean([]))
+
+
+def test_speedup_statuses_and_smoothing() -> None:
+    adam = np.array([4.0, 3.0, 2.0, 1.5, 1.0])
+    s = speedup(adam, np.array([4.0, 2.0, 1.0, 1.0, 1.0]))
+    assert s["status"] == "ok" and s["value"] == pytest.approx(4 / 2)
+    s = speedup(adam, np.array([4.0, 3.9, 3.8, 3.7, 3.6]))
+    assert s["status"] == "censored" and s["value"] == pytest.approx(4 / 5)
+    assert speedup(adam, np.array([4.0, np.nan, np.nan, np.nan, np.nan]))["status"] == "censored"
+    s = speedup(np.array([1.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0]))
+    assert s["status"] == "undefined" and math.isnan(s["value"])
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+class _Modes(torch.optim.SGD):
+    """An optimizer with training and evaluation modes (like schedule-free): in evaluation mode
+    its parameters sit elsewhere."""
+
+    def train(self) -> None:
+        self.mode = "train"
+
+    def eval(self) -> None:
+        self.mode = "eval"
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.zero_()
+
+
+def test_run_optimizer_uses_training_and_evaluation_modes() -> None:
+    family = QuadraticFamily(dim=3)
+    plain = run_optimizer(family, 7, lambda p, lr: torch.optim.SGD(p, lr=lr), 0.01, 4)
+    moded = run_optimizer(family, 7, lambda p, lr: _Modes(p, lr=lr), 0.01, 4, name="modes")
+    assert moded.losses == plain.losses  # the steps ran in training mode
+    task = family.sample(torch.Generator().manual_seed(7))
+    zeros = {k: torch.zeros_like(v) for k, v in task.init_params(torch.Generator()).items()}
+    assert moded.final_train_loss == pytest.approx(float(task.loss(zeros, task.train.full())))
+    assert moded.optimizer == "modes" and plain.optimizer == "SGD"
+
+
+def test_tuning_picks_the_best_learning_rate_and_widens_near_a_center() -> None:
+    family = QuadraticFamily(dim=3)
+    seeds = [1, 2]
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    tuning = tune_lr(family, HAND_DESIGNED["adam"], seeds, 10, grid, name="adam")
+    assert tuning.scores[tuning.lr] == min(tuning.scores.values())
+    assert [r.seed for r in tuning.runs] == seeds and all(r.lr == tuning.lr for r in tuning.runs)
+    assert tuning.at_edge == (tuning.lr in (1e-4, 1.0))
+    near = tune_lr_near(family, HAND_DESIGNED["adam"], seeds, 10, grid, center=1e-4)
+    assert near.lr == tuning.lr  # widened from [1e-4, 1e-3] until the best is inside
+    assert set(near.scores) <= set(grid) and near.scores == {
+        lr: tuning.scores[lr] for lr in near.scores
+    }
+
+
+def test_versus_and_seeds_won() -> None:
+    def run(seed: int, final: float, losses: list[float]) -> RunResult:
+        return RunResult("x", 1.0, seed, losses, final, 2 * final, 1.0)
+
+    adam = [run(1, 1.0, [4.0, 3.0, 2.0, 1.0]), run(2, 2.0, [4.0, 3.0, 2.0, 1.0])]
+    mine = [run(1, 0.5, [4.0, 1.0, 1.0, 1.0]), run(2, 2.5, [4.0, 1.0, 1.0, 1.0])]
+    row = versus(mine, adam)
+    assert row["ratio_train"] == pytest.approx(1.5 / 1.5) and row["ratio_test"] == 1.0
+    assert row["won"] == 1 == seeds_won(mine, adam)
+    assert row["speedup"]["status"] == "ok" and row["initial_loss"] == 4.0
+    assert versus(adam, adam)["ratio_train"] == 1.0
+
+
+def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> None:
+    assert evaluation_family("digits").holdout == "test"
+    assert evaluation_family("digits", holdout="val").holdout == "val"
+    assert evaluation_family("quadratic").config() == QuadraticFamily(dim=10).config()
