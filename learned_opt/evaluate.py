@@ -82,8 +82,9 @@ HAND_DESIGNED: dict[str, OptimizerFactory] = {
 def task_seed(*key: int) -> int:
     """A well-mixed 63-bit seed from integers (``numpy.random.SeedSequence``).
 
-    Meta-training draws task ``j`` of iteration ``i`` from ``task_seed(seed, i, j)`` (the task;
-    ``+ 1``: its inner state; ``+ 2``: its horizon); evaluations draw from :class:`SeedStreams`.
+    Meta-training draws task ``j`` of iteration ``i`` from ``task_seed(seed, i, j)``
+    (:meth:`~learned_opt.outer.config.MetaTrainConfig.task_generators`); evaluations draw from
+    :class:`SeedStreams`.
     """
     return int(
         np.random.SeedSequence(list(key)).generate_state(2, np.uint32).view(np.uint64)[0]

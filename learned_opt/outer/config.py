@@ -26,7 +26,8 @@ __all__ = ["META_LR_SCHEDULES", "MetaTrainConfig", "parse_segments"]
 
 #: Meta learning-rate schedules (``MetaTrainConfig.meta_lr_schedule``).
 META_LR_SCHEDULES = ("constant", "cosine")
-_HORIZON_STREAM = 2  # offset of the seed of a task's horizon draw (task: +0, inner state: +1)
+#: Task ``j`` of iteration ``i`` draws from ``task_seed(seed, i, j)`` plus these offsets.
+_TASK_OFFSET, _INNER_STATE_OFFSET, _HORIZON_OFFSET = 0, 1, 2
 
 
 def parse_segments(text: str) -> int | tuple[int, ...]:
@@ -239,12 +240,24 @@ class MetaTrainConfig:
             loss_aversion=self.loss_aversion or 0.0,
         )
 
+    def task_generators(
+        self, iteration: int, index: int
+    ) -> tuple[torch.Generator, torch.Generator]:
+        """The generators of task ``index`` of ``iteration``: of the task itself and of its
+        inner state. A pure function of ``(seed, iteration, index)``, so a resumed run, or any
+        number of processes, draws the same tasks."""
+        seed = task_seed(self.seed, iteration, index)
+        return (
+            torch.Generator().manual_seed(seed + _TASK_OFFSET),
+            torch.Generator().manual_seed(seed + _INNER_STATE_OFFSET),
+        )
+
     def task_horizon(self, iteration: int, index: int) -> int:
         """The horizon of task ``index`` of ``iteration``: ``horizon``, or a log-uniform draw
         from its own seed stream when ``min_horizon`` is set."""
         if self.min_horizon is None:
             return self.horizon
-        seed = task_seed(self.seed, iteration, index) + _HORIZON_STREAM
+        seed = task_seed(self.seed, iteration, index) + _HORIZON_OFFSET
         return sample_horizon(torch.Generator().manual_seed(seed), self.min_horizon, self.horizon)
 
     def checkpoint_segment(self) -> int | tuple[int, ...] | None:

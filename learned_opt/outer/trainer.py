@@ -23,7 +23,6 @@ import torch
 
 from .. import distributed
 from ..checkpoint import atomic_save
-from ..evaluate import task_seed
 from ..learners import MetaLearner
 from ..tasks import TaskFamily
 from . import checkpoints, factory
@@ -273,9 +272,8 @@ class MetaTrainer:
         horizons = [cfg.task_horizon(self.iteration, j) for j in range(cfg.meta_batch)]
         streams = []
         for j in range(distributed.rank(), cfg.meta_batch, world):
-            seed = task_seed(cfg.seed, self.iteration, j)
-            task = self.family.sample(torch.Generator().manual_seed(seed))
-            generator = torch.Generator().manual_seed(seed + 1)
+            task_generator, generator = cfg.task_generators(self.iteration, j)
+            task = self.family.sample(task_generator)
             spec = cfg.unroll_spec(horizons[j])
             streams.append(
                 self.estimator.unroll(self.learner, task, generator, spec, reference=self.reference)
