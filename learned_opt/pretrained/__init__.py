@@ -16,7 +16,7 @@ __all__ = ["DEFAULT", "available", "path", "metadata", "resolve"]
 
 _DIR = Path(__file__).resolve().parent
 
-#: The weights that ``LSTMOptimizer`` uses when none are given: the general rule (issue 4),
+#: The weights that ``LSTMOptimizer`` uses when none are given: the LSTM-corrected Adam rule,
 #: meta-trained on a diverse task distribution and benchmarked out of distribution. The paper's
 #: MNIST LSTM stays available by name, ``"paper-mnist"``.
 DEFAULT = "general"

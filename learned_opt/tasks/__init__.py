@@ -58,8 +58,8 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
     "sinusoid": (SinusoidFamily, {"k_shot": 10, "n_query": 50}),
     "digits-fewshot": (DigitsFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
     "mnist-fewshot": (MNISTFewShotFamily, {"n_way": 5, "k_shot": 1, "n_query": 15}),
-    # Issue 4's meta-training distribution (MLPs, conv nets, RNNs, regression; see mixture.py),
-    # and the same with random per-task parameter and loss scales (tasks/rescale.py).
+    # The default weights' meta-training distribution (MLPs, conv nets, RNNs, regression; see
+    # mixture.py), and the same with random per-task parameter and loss scales (tasks/rescale.py).
     "diverse": (DiverseFamily, {}),
     "diverse-rescaled": (
         DiverseFamily,

@@ -3,7 +3,7 @@
 Each task's training sampler (``Task.train``) is its support set D_train and returns the whole
 set on every call; its held-out sampler (``Task.test``) is the query set. A learner adapts on the
 support set and is scored on the query set, which is what the ``"test"`` objective of
-:func:`~learned_opt.unroll.unroll` does with ``horizon`` = the number of adaptation steps.
+:func:`~learned_opt.outer.unroll` does with ``horizon`` = the number of adaptation steps.
 
 Meta-training and meta-testing tasks come from families built with ``split="train"`` and
 ``split="test"``. For digits the two splits use disjoint classes; for sinusoids the distribution

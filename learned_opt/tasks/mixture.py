@@ -1,9 +1,10 @@
 """Mixtures of task families, the diverse meta-training distribution, and random horizons.
 
 A learned optimizer generalizes to what its meta-training distribution covers.
-:class:`DiverseFamily` is the distribution of issue 4: MLPs of drawn width, depth and activation
-on MNIST and on scikit-learn's digits, small conv nets on MNIST, an Elman RNN reading MNIST row by
-row, and least-squares MLPs on scikit-learn's diabetes table. The out-of-distribution benchmark
+:class:`DiverseFamily` is the distribution the default weights were meta-trained on: MLPs of
+drawn width, depth and activation on MNIST and on scikit-learn's digits, small conv nets on
+MNIST, an Elman RNN reading MNIST row by row, and least-squares MLPs on scikit-learn's diabetes
+table. The out-of-distribution benchmark
 (``benchmarks/ood.py``) evaluates on tasks outside it.
 
 Random horizons: meta-training on one fixed horizon T teaches a rule to be good *at step T*
@@ -35,7 +36,7 @@ def sample_horizon(generator: torch.Generator, min_steps: int = 50, max_steps: i
     long unrolls that teach late-training behaviour are not drowned out by short ones, nor do they
     dominate the compute.
 
-    How :class:`~learned_opt.meta_train.MetaTrainer` uses it (``MetaTrainConfig.min_horizon``):
+    How :class:`~learned_opt.outer.MetaTrainer` uses it (``MetaTrainConfig.min_horizon``):
     the horizon of task ``j`` of iteration ``i`` comes from its own stream,
     ``sample_horizon(torch.Generator().manual_seed(task_seed(seed, i, j) + 2), ...)``, and the
     iteration runs ``ceil(max_j T_j / K)`` rounds of windows: tasks that end early drop out of the
@@ -93,7 +94,7 @@ class MixtureFamily(TaskFamily):
 
 
 class DiverseFamily(MixtureFamily):
-    """The diverse meta-training distribution of issue 4 (registered as ``"diverse"``).
+    """The diverse meta-training distribution of the default weights (registered as ``"diverse"``).
 
     Members (relative weight):
 
@@ -147,7 +148,7 @@ class ValidationOODFamily(MixtureFamily):
     for selecting weights that transfer (``MetaTrainConfig.eval_family``).
 
     Weights selected on held-out tasks of the meta-training distribution itself keep improving
-    there while they get worse out of distribution (README, issue 4), so selection needs tasks
+    there while they get worse out of distribution, so selection needs tasks
     that are shifted the way the out-of-distribution benchmark is, yet are not its tasks. Each
     member is outside :class:`DiverseFamily` and differs from every task of ``benchmarks/ood.py``
     (equal weights):
