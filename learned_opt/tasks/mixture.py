@@ -9,7 +9,8 @@ table. The out-of-distribution benchmark
 
 Random horizons: meta-training on one fixed horizon T teaches a rule to be good *at step T*
 (e.g. to anneal just before it); :func:`sample_horizon` draws a heavy-tailed horizon per task
-instead. The meta-trainer does not use it yet; see its docstring for how it would.
+instead; the meta-trainer draws each task's horizon with it when ``MetaTrainConfig.min_horizon``
+is set.
 """
 
 from __future__ import annotations
