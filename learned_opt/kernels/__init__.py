@@ -42,6 +42,8 @@ _TRIED = False
 _CFLAGS = ["-O3", "-ffast-math", "-march=native"]
 # corrected_adam.cpp repeats PyTorch's float arithmetic exactly: no fast-math, no fma contraction.
 _EXACT_CFLAGS = ["-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off"]
+if platform.machine() in ("x86_64", "AMD64"):  # full-width vectors where there is AVX-512
+    _EXACT_CFLAGS += ["-mprefer-vector-width=512"]
 _CA_EXT: Any = None
 _CA_TRIED = False
 # at::parallel_for is a header template: without OpenMP in the extension's own compile it runs

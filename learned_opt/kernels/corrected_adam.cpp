@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -79,13 +80,17 @@ Store store_of(const torch::Tensor& t, int64_t n, const char* what) {
   return s;
 }
 
-// Clamp to [-G, G] (learned_opt.rules.base.bounded_grad): min(max(g, -G), G).
-inline float bounded(float g, float G) { return std::min(std::max(g, -G), G); }
+// Typed access to a per-coordinate state entry stored as S: float (float32) or uint16_t
+// (bfloat16), read and written as float.
+inline float load_s(const float* p, int64_t i) { return p[i]; }
+inline float load_s(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store_s(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_s(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-// torch.lerp(s, e, w) for a scalar weight w (ATen's lerp: an fma either way).
-inline float torch_lerp(float s, float e, float w) {
-  const float d = e - s;
-  return std::fabs(w) < 0.5f ? std::fma(w, d, s) : std::fma(w - 1.0f, d, e);
+// Clamp to [-G, G] (learned_opt.rules.base.bounded_grad): min(max(g, -G), G).
+inline float bounded(float g, float G) {
+  const float lo = g > -G ? g : -G;
+  return lo < G ? lo : G;
 }
 
 // Runs fn(block, scratch) for every block on up to torch's thread count, each thread with its own
@@ -135,6 +140,21 @@ void check_grad(const torch::Tensor& g, const char* name) {
               name, ": grad must be a contiguous 1-D float32 CPU tensor");
 }
 
+// lstm_cell.cpp's packed weights (quad order: per 4 units u the 16 columns
+// 16 (u / 4) + 4 gate + u % 4) in gate-major order (gate * H + u), for rows16.
+std::vector<float> gate_major(const float* packed, int64_t total, int64_t H) {
+  const int64_t N = 4 * H;
+  std::vector<float> out(total);
+  for (int64_t row = 0; row < total / N; ++row) {
+    for (int64_t gate = 0; gate < 4; ++gate) {
+      for (int64_t u = 0; u < H; ++u) {
+        out[row * N + gate * H + u] = packed[row * N + 16 * (u / 4) + 4 * gate + u % 4];
+      }
+    }
+  }
+  return out;
+}
+
 #if defined(__AVX512F__)
 // ------------------------------------------------------------------------------------------
 // The LSTM layers on 16 lanes (hidden sizes that are multiples of 16), bit for bit what the fused
@@ -174,43 +194,47 @@ inline __m512 tanh16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_sub_ps(_mm512_add_ps(r, r), e));
 }
 
-// Gate activations of one quad (4 units): lanes [i, f, g, o] from their pre-activations.
-inline __m512 activate(__m512 z) {
-  const __m512 t = tanh16(z);
-  const __m512 if_ = _mm512_mul_ps(_mm512_add_ps(t, _mm512_set1_ps(1.0f)), _mm512_set1_ps(0.5f));
-  const __m512 scale = _mm512_setr_ps(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0.5f, 0.5f, 0.5f, 0.5f);
-  const __m512 shift = _mm512_setr_ps(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f, 0.5f, 0.5f, 0.5f);
-  return _mm512_mask_blend_ps(0xff00, if_, _mm512_fmadd_ps(t, scale, shift));
-}
-
 struct Seg {
-  const float* a;  // rows of inputs, leading dimension lda
+  const float* a;  // inputs: row r, column k at a[r * lda + k * step]
   int64_t lda;
+  int64_t step;
   int64_t K;
-  const float* w;  // packed (K, 4H)
+  const float* w;  // weights (K, 4H), gate-major: columns [i, f, g, o] x H units
 };
 
-// Rows r0 .. r0 + R - 1 of one layer: gate sums into raw (R, 4H), then per row the cell update
-// of c and the new h (both (m, H), in place; the rows' old h is read by the gate sums only).
+// Rows r0 .. r0 + R - 1 of one layer, per 16 units: the four gates' sums in registers, the
+// activations, the cell update of c (in place) and the new h (into hb (R, H), copied to h once
+// every unit of the rows is done: the rows' old h is an input of every unit).
 template <int R>
-void rows16(const Seg* segs, int nseg, const float* bias, int64_t H, int64_t r0, float* c,
-            float* h, float* raw) {
-  const int64_t N = 4 * H, nq = H / 4;
-  for (int64_t q0 = 0; q0 < nq; q0 += 4) {
+void rows16(const Seg* segs, int nseg, const float* bias, int64_t H, int64_t r0, int64_t m,
+            float* c, float* h, float* hb) {
+  const int64_t N = 4 * H;
+  // The states stream from memory: ask for the rows eight groups ahead now, so that their loads
+  // overlap this group's arithmetic.
+  for (int64_t r = r0 + 8 * R; r < std::min(m, r0 + 9 * R); ++r) {
+    for (int64_t u = 0; u < H; u += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + r * H + u), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(h + r * H + u), _MM_HINT_T0);
+    }
+  }
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps();
+  for (int64_t u0 = 0; u0 < H; u0 += 16) {
     __m512 acc[R][4];
     for (int j = 0; j < 4; ++j) {
-      const __m512 b = _mm512_loadu_ps(bias + 16 * (q0 + j));
+      const __m512 b = _mm512_loadu_ps(bias + j * H + u0);
       for (int r = 0; r < R; ++r) acc[r][j] = b;
     }
     for (int s = 0; s < nseg; ++s) {
       const float* a[R];
       for (int r = 0; r < R; ++r) a[r] = segs[s].a + (r0 + r) * segs[s].lda;
-      const float* w = segs[s].w + 16 * q0;
+      const float* w = segs[s].w + u0;
+      const int64_t step = segs[s].step;
       for (int64_t k = 0; k < segs[s].K; ++k) {
-        const __m512 w0 = _mm512_loadu_ps(w + k * N), w1 = _mm512_loadu_ps(w + k * N + 16),
-                     w2 = _mm512_loadu_ps(w + k * N + 32), w3 = _mm512_loadu_ps(w + k * N + 48);
+        const float* wk = w + k * N;
+        const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + H),
+                     w2 = _mm512_loadu_ps(wk + 2 * H), w3 = _mm512_loadu_ps(wk + 3 * H);
         for (int r = 0; r < R; ++r) {
-          const __m512 x = _mm512_set1_ps(a[r][k]);
+          const __m512 x = _mm512_set1_ps(a[r][k * step]);
           acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
           acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
           acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
@@ -219,60 +243,53 @@ void rows16(const Seg* segs, int nseg, const float* bias, int64_t H, int64_t r0,
       }
     }
     for (int r = 0; r < R; ++r) {
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(raw + r * N + 16 * (q0 + j), acc[r][j]);
+      // lstm_cell.cpp's epilogue lane for lane: i, f = (t + 1) * 0.5; g = fma(t, 1, 0);
+      // o = fma(t, 0.5, 0.5); c = fma(f, c, i * g); h = o * tanh(c)
+      const __m512 i = _mm512_mul_ps(_mm512_add_ps(tanh16(acc[r][0]), one), half);
+      const __m512 f = _mm512_mul_ps(_mm512_add_ps(tanh16(acc[r][1]), one), half);
+      const __m512 g = _mm512_fmadd_ps(tanh16(acc[r][2]), one, zero);
+      const __m512 o = _mm512_fmadd_ps(tanh16(acc[r][3]), half, half);
+      float* cr = c + (r0 + r) * H + u0;
+      const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(cr), _mm512_mul_ps(i, g));
+      _mm512_storeu_ps(cr, cn);
+      _mm512_storeu_ps(hb + r * H + u0, _mm512_mul_ps(tanh16(cn), o));
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float* cr = c + (r0 + r) * H;
-    float* hr = h + (r0 + r) * H;
-    for (int64_t u0 = 0; u0 < H; u0 += 16) {
-      const float* z = raw + r * N + 4 * u0;  // the 4 quads of units u0 .. u0 + 15
-      const __m512 a0 = activate(_mm512_loadu_ps(z)), a1 = activate(_mm512_loadu_ps(z + 16)),
-                   a2 = activate(_mm512_loadu_ps(z + 32)), a3 = activate(_mm512_loadu_ps(z + 48));
-      const __m512 t0 = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(1, 0, 1, 0));  // i0 f0 i1 f1
-      const __m512 t1 = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(1, 0, 1, 0));  // i2 f2 i3 f3
-      const __m512 t2 = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 2, 3, 2));  // g0 o0 g1 o1
-      const __m512 t3 = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 2, 3, 2));  // g2 o2 g3 o3
-      const __m512 i = _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512 f = _mm512_shuffle_f32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512 g = _mm512_shuffle_f32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
-      const __m512 o = _mm512_shuffle_f32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
-      const __m512 cn = _mm512_fmadd_ps(f, _mm512_loadu_ps(cr + u0), _mm512_mul_ps(i, g));
-      _mm512_storeu_ps(cr + u0, cn);
-      _mm512_storeu_ps(hr + u0, _mm512_mul_ps(tanh16(cn), o));
-    }
-  }
+  std::memcpy(h + r0 * H, hb, R * H * sizeof(float));
 }
 
-// The layer stack on inputs x (m, n_in) for one block, states h[l], c[l] (m, H) float32 in place;
-// raw: 6 * 4H floats of scratch.
-void lstm16(const float* packed, const int64_t* off, int64_t L, int64_t H, int64_t n_in,
-            const float* x, int64_t m, float* const* h, float* const* c, float* raw) {
+// The layer stack on inputs x for one block (row r, input k at x[r * x_ld + k * x_step]),
+// states h[l], c[l] (m, H) float32 in place; `gm`: gate_major of the packed weights; hb: 6 H
+// floats of scratch.
+void lstm16(const float* gm, const int64_t* off, int64_t L, int64_t H, int64_t n_in,
+            const float* x, int64_t x_ld, int64_t x_step, int64_t m, float* const* h,
+            float* const* c, float* hb) {
   const float* in = x;
-  int64_t ld = n_in;
+  int64_t ld = x_ld, step = x_step;
   for (int64_t l = 0; l < L; ++l) {
-    const Seg segs[2] = {{in, ld, l == 0 ? n_in : H, packed + off[3 * l]},
-                         {h[l], H, H, packed + off[3 * l + 1]}};
-    const float* bias = packed + off[3 * l + 2];
+    const Seg segs[2] = {{in, ld, step, l == 0 ? n_in : H, gm + off[3 * l]},
+                         {h[l], H, 1, H, gm + off[3 * l + 1]}};
+    const float* bias = gm + off[3 * l + 2];
     int64_t r0 = 0;
-    for (; r0 + 6 <= m; r0 += 6) rows16<6>(segs, 2, bias, H, r0, c[l], h[l], raw);
+    for (; r0 + 6 <= m; r0 += 6) rows16<6>(segs, 2, bias, H, r0, m, c[l], h[l], hb);
     switch (m - r0) {
-      case 5: rows16<5>(segs, 2, bias, H, r0, c[l], h[l], raw); break;
-      case 4: rows16<4>(segs, 2, bias, H, r0, c[l], h[l], raw); break;
-      case 3: rows16<3>(segs, 2, bias, H, r0, c[l], h[l], raw); break;
-      case 2: rows16<2>(segs, 2, bias, H, r0, c[l], h[l], raw); break;
-      case 1: rows16<1>(segs, 2, bias, H, r0, c[l], h[l], raw); break;
+      case 5: rows16<5>(segs, 2, bias, H, r0, m, c[l], h[l], hb); break;
+      case 4: rows16<4>(segs, 2, bias, H, r0, m, c[l], h[l], hb); break;
+      case 3: rows16<3>(segs, 2, bias, H, r0, m, c[l], h[l], hb); break;
+      case 2: rows16<2>(segs, 2, bias, H, r0, m, c[l], h[l], hb); break;
+      case 1: rows16<1>(segs, 2, bias, H, r0, m, c[l], h[l], hb); break;
       default: break;
     }
     in = h[l];
     ld = H;
+    step = 1;
   }
 }
 constexpr bool kHave16 = true;
 #else
 constexpr bool kHave16 = false;
 void lstm16(const float*, const int64_t*, int64_t, int64_t, int64_t, const float*, int64_t,
-            float* const*, float* const*, float*) {}
+            int64_t, int64_t, float* const*, float* const*, float*) {}
 #endif
 
 }  // namespace
@@ -327,12 +344,216 @@ torch::Tensor adapt_sums(torch::Tensor grad, torch::Tensor prev, double bound, d
   return combine(partial, 3, nblocks);
 }
 
-// The step. grad (n,) float32; m (4 momenta, betas 0.5, 0.9, 0.99, 0.999; Adam's is m[adam_k]), v,
-// v_fast, prev (may be empty: no adaptation), h[l], c[l] (n, H): float32 or bfloat16, updated in
-// place. `scalars` (float64): [bound G, clip scale, beta2, 1 - beta2, sqrt(1 - beta2^t), eps,
-// 1 - 0.9^t, log floor, p, a_bound, output_scale, exp(s), exp(log lr), then per momentum
-// (1 - beta_k, 1 - beta_k^t)]. out_w (H, n_out), out_b (n_out) (n_out = 2: the additive term).
-// Returns the update (n,).
+namespace {
+
+// Everything one step reads, for step_block.
+struct StepCtx {
+  int64_t n, H, L, n_in, n_out, adam_k;
+  const float* g;
+  void* m[4];  // the momenta, v, v_fast, prev (may be null), h[l], c[l]: storage S
+  void* v;
+  void* vf;
+  void* prev;
+  void* h[8];
+  void* c[8];
+  float G, clip, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale, exp_s, exp_lr;
+  float w[4], bc[4];
+  const float* packed;  // quad order (lstm_cell.cpp's kernel)
+  const float* gm;      // gate-major (lstm16)
+  const int64_t* off;
+  LstmBlockFn fn;
+  bool use16;
+  torch::Tensor out_w, out_b;
+  float* u;
+};
+
+// The moments of rows [0, m) (pointers at the block's first row): the gradient bounded and
+// clipped (gcs), the momenta, v and v_fast updated in place (storage S) and kept unrounded
+// (mk0..mk3), v and the bias-corrected v_fast (sqv, sqf). torch.lerp with the momenta's weights:
+// 1 - 0.5 (not below 0.5: from the end), 1 - 0.9, 1 - 0.99, 1 - 0.999 (from the start); an fma
+// either way, as in ATen (checked by step_). Parameters, not locals, are __restrict: GCC then
+// vectorizes without run-time alias checks.
+template <typename S>
+void moments(const StepCtx& C, int64_t m, const float* __restrict g, S* __restrict M0,
+             S* __restrict M1, S* __restrict M2, S* __restrict M3, S* __restrict V,
+             S* __restrict VF, float* __restrict gcs, float* __restrict mk0,
+             float* __restrict mk1, float* __restrict mk2, float* __restrict mk3,
+             float* __restrict sqv, float* __restrict sqf) {
+  const float G = C.G, clip = C.clip, b2 = C.b2, omb2 = C.omb2, bcf = C.bcf;
+  const float w0m1 = C.w[0] - 1.0f, w1 = C.w[1], w2 = C.w[2], w3 = C.w[3];
+  for (int64_t i = 0; i < m; ++i) {
+    const float gc = bounded(g[i], G) * clip;
+    gcs[i] = gc;
+    const float m0 = load_s(M0, i), m1 = load_s(M1, i), m2 = load_s(M2, i), m3 = load_s(M3, i);
+    const float n0 = std::fma(w0m1, gc - m0, gc);
+    const float n1 = std::fma(w1, gc - m1, m1);
+    const float n2 = std::fma(w2, gc - m2, m2);
+    const float n3 = std::fma(w3, gc - m3, m3);
+    store_s(M0, i, n0);
+    store_s(M1, i, n1);
+    store_s(M2, i, n2);
+    store_s(M3, i, n3);
+    mk0[i] = n0;
+    mk1[i] = n1;
+    mk2[i] = n2;
+    mk3[i] = n3;
+    const float vn = load_s(V, i) * b2 + (omb2 * gc) * gc;
+    store_s(V, i, vn);
+    sqv[i] = vn;
+    const float vf = load_s(VF, i) * 0.9f + (0.1f * gc) * gc;
+    store_s(VF, i, vf);
+    sqf[i] = vf / bcf;
+  }
+}
+
+// The LSTM's inputs by column (x0..x4; the log arguments lg0, lg1, clamped at the floor) and
+// Adam's direction, from the moments (sqv, sqf: the square roots of v and of v_fast's bias
+// correction; mka: Adam's momentum, one of mk0..mk3).
+void inputs(const StepCtx& C, int64_t m, const float* __restrict gcs,
+            const float* __restrict sqv, const float* __restrict sqf,
+            const float* __restrict mk0, const float* __restrict mk1,
+            const float* __restrict mk2, const float* __restrict mk3,
+            const float* __restrict mka, float* __restrict x0, float* __restrict x1,
+            float* __restrict x2, float* __restrict x3, float* __restrict x4,
+            float* __restrict lg0, float* __restrict lg1, float* __restrict dir) {
+  const float sq2 = C.sq2, eps = C.eps, floor_ = C.floor_;
+  const float bc0 = C.bc[0], bc1 = C.bc[1], bc2 = C.bc[2], bc3 = C.bc[3];
+  const float bca = C.bc[C.adam_k];
+  for (int64_t i = 0; i < m; ++i) {
+    const float gc = gcs[i];
+    const float den = sqv[i] / sq2 + eps;
+    x0[i] = gc / den;
+    x1[i] = (mk0[i] / bc0) / den;
+    x2[i] = (mk1[i] / bc1) / den;
+    x3[i] = (mk2[i] / bc2) / den;
+    x4[i] = (mk3[i] / bc3) / den;
+    const float r0 = std::fabs(gc) / den, r1 = (sqf[i] + eps) / den;
+    lg0[i] = r0 > floor_ ? r0 : floor_;  // clamp_min (finite values)
+    lg1[i] = r1 > floor_ ? r1 : floor_;
+    dir[i] = -(mka[i] / bca) / den;
+  }
+}
+
+// Rows [s, s + mrows) of the step, states stored as S. Scratch: see step_.
+template <typename S>
+void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float* scratch) {
+  const int64_t H = C.H, L = C.L, n_out = C.n_out;
+  // (the scratch arrays and the state entries never overlap)
+  float* __restrict x = scratch;
+  float* __restrict mk = x + 7 * block;   // (4, mrows): the new momenta
+  float* __restrict sq = mk + 4 * block;  // (2, mrows): v, v_fast_hat; then their square roots
+  float* __restrict lg = sq + 2 * block;  // (2, mrows): the log arguments; then their logs
+  float* __restrict gcs = lg + 2 * block;
+  float* __restrict dir = gcs + block;
+  float* __restrict out = dir + block;  // (mrows, n_out)
+  float* __restrict tt = out + 2 * block;
+  float* dummy = tt + block;
+  float* raw = dummy + 6 * H + 16;
+  float* st = raw + 24 * H;
+  moments<S>(C, mrows, C.g + s, static_cast<S*>(C.m[0]) + s, static_cast<S*>(C.m[1]) + s,
+             static_cast<S*>(C.m[2]) + s, static_cast<S*>(C.m[3]) + s, static_cast<S*>(C.v) + s,
+             static_cast<S*>(C.vf) + s, gcs, mk, mk + mrows, mk + 2 * mrows, mk + 3 * mrows, sq,
+             sq + mrows);
+  {  // torch.sqrt (not always the correctly rounded root: the forward's)
+    auto t = torch::from_blob(sq, {2 * mrows}, torch::kFloat32);
+    at::sqrt_(t);
+  }
+  float* __restrict const lg0 = lg;
+  float* __restrict const lg1 = lg + mrows;
+  inputs(C, mrows, gcs, sq, sq + mrows, mk, mk + mrows, mk + 2 * mrows, mk + 3 * mrows,
+         mk + C.adam_k * mrows, x, x + mrows, x + 2 * mrows, x + 3 * mrows, x + 4 * mrows, lg0,
+         lg1, dir);
+  {
+    auto t = torch::from_blob(lg, {2 * mrows}, torch::kFloat32);
+    at::log_(t);
+  }
+  const float p = C.p;
+  float* __restrict const x5 = x + 5 * mrows;
+  float* __restrict const x6 = x + 6 * mrows;
+  for (int64_t i = 0; i < mrows; ++i) {
+    x5[i] = lg0[i] / p;
+    x6[i] = lg1[i] / p;
+  }
+  float* hp[8];
+  float* cp[8];
+  for (int64_t l = 0; l < L; ++l) {
+    S* hs = static_cast<S*>(C.h[l]) + s * H;
+    S* cs = static_cast<S*>(C.c[l]) + s * H;
+    if constexpr (std::is_same_v<S, float>) {
+      hp[l] = hs;
+      cp[l] = cs;
+    } else {
+      hp[l] = st + 2 * l * mrows * H;
+      cp[l] = hp[l] + mrows * H;
+      for (int64_t q = 0; q < mrows * H; ++q) {
+        hp[l][q] = load_s(hs, q);
+        cp[l][q] = load_s(cs, q);
+      }
+    }
+  }
+  if (C.use16) {
+    lstm16(C.gm, C.off, L, H, C.n_in, x, 1, mrows, mrows, hp, cp, raw);
+  } else {  // lstm_cell.cpp's kernel reads the inputs by row: (mrows, 7)
+    float* xr = mk;  // (the momenta's scratch is free again; 7 block floats with sq)
+    for (int64_t i = 0; i < mrows; ++i) {
+      for (int k = 0; k < 7; ++k) xr[7 * i + k] = x[k * mrows + i];
+    }
+    C.fn(C.packed, C.off, L, H, C.n_in, xr, mrows, hp, cp, dummy);
+  }
+  if constexpr (!std::is_same_v<S, float>) {
+    for (int64_t l = 0; l < L; ++l) {
+      S* hs = static_cast<S*>(C.h[l]) + s * H;
+      S* cs = static_cast<S*>(C.c[l]) + s * H;
+      for (int64_t q = 0; q < mrows * H; ++q) {
+        store_s(hs, q, hp[l][q]);
+        store_s(cs, q, cp[l][q]);
+      }
+    }
+  }
+  {
+    auto o = torch::from_blob(out, {mrows, n_out}, torch::kFloat32);
+    auto h = torch::from_blob(hp[L - 1], {mrows, H}, torch::kFloat32);
+    at::addmm_out(o, C.out_b, h, C.out_w);
+  }
+  for (int64_t i = 0; i < mrows * n_out; ++i) out[i] = out[i] * C.oscale;
+  for (int64_t i = 0; i < mrows; ++i) tt[i] = out[i * n_out] / C.abound;
+  {
+    auto t = torch::from_blob(tt, {mrows}, torch::kFloat32);
+    at::tanh_(t);
+    for (int64_t i = 0; i < mrows; ++i) tt[i] = C.abound * tt[i];
+    at::exp_(t);
+  }
+  S* __restrict const P = C.prev ? static_cast<S*>(C.prev) + s : nullptr;
+  float* __restrict u = C.u + s;
+  for (int64_t i = 0; i < mrows; ++i) {
+    const float ui = dir[i] * tt[i];
+    float r = ui;
+    if (P) {
+      store_s(P, i, ui);
+      r = ui * C.exp_s;
+    }
+    if (n_out == 2) r = r + out[2 * i + 1];
+    u[i] = C.exp_lr * r;
+  }
+}
+
+void* state_ptr(const torch::Tensor& t, int64_t n, torch::ScalarType dt, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dt &&
+                  t.dim() >= 1 && t.size(0) == n,
+              "corrected_adam step_: ", what, " must be a contiguous CPU tensor of n rows, ",
+              "of the states' dtype");
+  return t.data_ptr();
+}
+
+}  // namespace
+
+// The step. grad (n,) float32; m (4 momenta, betas 0.5, 0.9, 0.99, 0.999; Adam's is
+// m[adam_k]), v, v_fast, prev (may be empty: no adaptation), h[l], c[l] (n, H): all float32 or all
+// bfloat16, updated in place. `scalars` (float64): [bound G, clip scale, beta2, 1 - beta2,
+// sqrt(1 - beta2^t), eps, 1 - 0.9^t, log floor, p, a_bound, output_scale, exp(s), exp(log lr),
+// then per momentum (1 - beta_k, 1 - beta_k^t)]. out_w (H, n_out), out_b (n_out) (n_out = 2: the
+// additive term). The LSTM: packed weights and offsets (pack_lstm), and the address of
+// learned_opt_lstm_block (used when the hidden size is not a multiple of 16). Returns the update.
 torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Tensor v,
                     torch::Tensor v_fast, torch::Tensor prev, std::vector<torch::Tensor> hs,
                     std::vector<torch::Tensor> cs, torch::Tensor packed, torch::Tensor offsets,
@@ -340,9 +561,14 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
                     std::vector<double> scalars, int64_t adam_k, int64_t block) {
   check_grad(grad, "step_");
   const int64_t n = grad.numel(), L = static_cast<int64_t>(hs.size());
-  TORCH_CHECK(m.size() == 4 && (int64_t)cs.size() == L && L >= 1 && n_in == 7,
-              "step_: four momenta, one h and c per layer, seven inputs");
+  TORCH_CHECK(m.size() == 4 && (int64_t)cs.size() == L && L >= 1 && L <= 8 && n_in == 7,
+              "step_: four momenta, one h and c per layer (at most 8), seven inputs");
   TORCH_CHECK(scalars.size() == 13 + 2 * 4 && adam_k >= 0 && adam_k < 4, "step_: scalars");
+  TORCH_CHECK(std::fabs(static_cast<float>(scalars[13])) >= 0.5f &&
+                  std::fabs(static_cast<float>(scalars[15])) < 0.5f &&
+                  std::fabs(static_cast<float>(scalars[17])) < 0.5f &&
+                  std::fabs(static_cast<float>(scalars[19])) < 0.5f,
+              "step_: momentum weights 1 - beta for betas 0.5, 0.9, 0.99, 0.999 expected");
   const int64_t H = hs[0].size(1);
   const int64_t n_out = out_w.size(1);
   TORCH_CHECK(out_w.dim() == 2 && out_w.size(0) == H && (n_out == 1 || n_out == 2) &&
@@ -352,150 +578,69 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.is_contiguous() &&
                   offsets.scalar_type() == torch::kInt64 && offsets.numel() == 3 * L,
               "step_: packed LSTM weights");
-  Store M[4];
-  for (int k = 0; k < 4; ++k) M[k] = store_of(m[k], n, "a momentum");
-  const Store V = store_of(v, n, "v"), VF = store_of(v_fast, n, "v_fast");
-  const bool adapt = prev.numel() > 0;
-  const Store P = adapt ? store_of(prev, n, "prev") : Store{};
-  std::vector<Store> Hs, Cs;
-  const auto sdt = hs[0].scalar_type();
+  const auto sdt = v.scalar_type();
+  TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
+              "step_: states must be float32 or bfloat16");
+  StepCtx C;
+  C.n = n;
+  C.H = H;
+  C.L = L;
+  C.n_in = n_in;
+  C.n_out = n_out;
+  C.adam_k = adam_k;
+  C.g = grad.data_ptr<float>();
+  for (int k = 0; k < 4; ++k) C.m[k] = state_ptr(m[k], n, sdt, "a momentum");
+  C.v = state_ptr(v, n, sdt, "v");
+  C.vf = state_ptr(v_fast, n, sdt, "v_fast");
+  C.prev = prev.numel() > 0 ? state_ptr(prev, n, sdt, "prev") : nullptr;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(hs[l].dim() == 2 && hs[l].size(0) == n && hs[l].size(1) == H &&
-                    cs[l].sizes() == hs[l].sizes() && hs[l].scalar_type() == sdt &&
-                    cs[l].scalar_type() == sdt,
-                "step_: LSTM states (n, H) of one dtype");
-    Hs.push_back(store_of(hs[l], n, "h"));
-    Cs.push_back(store_of(cs[l], n, "c"));
+    TORCH_CHECK(hs[l].dim() == 2 && hs[l].size(1) == H && cs[l].sizes() == hs[l].sizes(),
+                "step_: LSTM states (n, H)");
+    C.h[l] = state_ptr(hs[l], n, sdt, "h");
+    C.c[l] = state_ptr(cs[l], n, sdt, "c");
   }
-  const bool bf16 = sdt == torch::kBFloat16;
-  const float* g = grad.data_ptr<float>();
-  const float G = scalars[0], clip = scalars[1], b2 = scalars[2], omb2 = scalars[3],
-              sq2 = scalars[4], eps = scalars[5], bcf = scalars[6], floor_ = scalars[7],
-              p = scalars[8], abound = scalars[9], oscale = scalars[10], exp_s = scalars[11],
-              exp_lr = scalars[12];
-  float w[4], bc[4];
+  C.G = scalars[0];
+  C.clip = scalars[1];
+  C.b2 = scalars[2];
+  C.omb2 = scalars[3];
+  C.sq2 = scalars[4];
+  C.eps = scalars[5];
+  C.bcf = scalars[6];
+  C.floor_ = scalars[7];
+  C.p = scalars[8];
+  C.abound = scalars[9];
+  C.oscale = scalars[10];
+  C.exp_s = scalars[11];
+  C.exp_lr = scalars[12];
   for (int k = 0; k < 4; ++k) {
-    w[k] = static_cast<float>(scalars[13 + 2 * k]);
-    bc[k] = static_cast<float>(scalars[14 + 2 * k]);
+    C.w[k] = static_cast<float>(scalars[13 + 2 * k]);
+    C.bc[k] = static_cast<float>(scalars[14 + 2 * k]);
   }
-  const float* pk = packed.data_ptr<float>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const auto fn = reinterpret_cast<LstmBlockFn>(lstm_block);
-  const auto out_wc = out_w.contiguous(), out_bc = out_b.contiguous();
+  C.packed = packed.data_ptr<float>();
+  const std::vector<float> gm = gate_major(C.packed, packed.numel(), H);
+  C.gm = gm.data();
+  C.off = offsets.data_ptr<int64_t>();
+  C.fn = reinterpret_cast<LstmBlockFn>(lstm_block);
+  C.use16 = kHave16 && H % 16 == 0;
+  C.out_w = out_w.contiguous();
+  C.out_b = out_b.contiguous();
   auto update = torch::empty({n}, grad.options());
-  float* u = update.data_ptr<float>();
+  C.u = update.data_ptr<float>();
   if (n == 0) return update;
   block = std::max<int64_t>(8, block);
   const int64_t nblocks = (n + block - 1) / block;
-  // scratch per thread: x (7 block), the new momenta (4 block), square-root and log arguments
-  // (2 block each), gradient, direction, read-out (2 block), tanh/exp argument, LSTM dummy
-  // (6 H + 16), float32 copies of bfloat16 LSTM states (2 L block H)
-  // (and 6 * 4H for the 16-lane LSTM's gate sums)
-  const bool use16 = kHave16 && H % 16 == 0;
-  const int64_t sf = 21 * block + 6 * H + 16 + 24 * H + (bf16 ? 2 * L * block * H : 0);
+  const bool bf16 = sdt == torch::kBFloat16;
+  // Scratch per thread: x (7 block), the new momenta (4 block), square-root and log arguments
+  // (2 block each), gradient, direction, read-out (2 block), tanh/exp argument; the LSTM's
+  // scratch (6 H + 16, and 6 * 4H for the 16-lane kernel's gate sums); float32 copies of
+  // bfloat16 LSTM states (2 L block H).
+  const int64_t sf = 21 * block + 30 * H + 16 + (bf16 ? 2 * L * block * H : 0);
   run_blocks(nblocks, sf, [&](int64_t b, float* scratch) {
-    const int64_t s = b * block, mrows = std::min(block, n - s);
-    float* x = scratch;
-    float* mk = x + 7 * block;   // (4, mrows)
-    float* sq = mk + 4 * block;  // (2, mrows): v, v_fast_hat; then their square roots
-    float* lg = sq + 2 * block;  // (2, mrows): the log arguments; then their logs
-    float* gcs = lg + 2 * block;
-    float* dir = gcs + block;
-    float* out = dir + block;  // (mrows, n_out)
-    float* tt = out + 2 * block;
-    float* dummy = tt + block;
-    float* raw = dummy + 6 * H + 16;
-    float* st = raw + 24 * H;
-    for (int64_t i = 0; i < mrows; ++i) {
-      const int64_t j = s + i;
-      const float gc = bounded(g[j], G) * clip;
-      gcs[i] = gc;
-      for (int k = 0; k < 4; ++k) {
-        const float mnew = torch_lerp(M[k].get(j), gc, w[k]);
-        M[k].set(j, mnew);
-        mk[k * mrows + i] = mnew;
-      }
-      const float vn = V.get(j) * b2 + (omb2 * gc) * gc;
-      V.set(j, vn);
-      sq[i] = vn;
-      const float vf = VF.get(j) * 0.9f + (0.1f * gc) * gc;
-      VF.set(j, vf);
-      sq[mrows + i] = vf / bcf;
-    }
-    {  // torch.sqrt (not always the correctly rounded root: the forward's)
-      auto t = torch::from_blob(sq, {2 * mrows}, torch::kFloat32);
-      at::sqrt_(t);
-    }
-    for (int64_t i = 0; i < mrows; ++i) {
-      const float gc = gcs[i];
-      const float den = sq[i] / sq2 + eps;
-      float* xi = x + 7 * i;
-      xi[0] = gc / den;
-      for (int k = 0; k < 4; ++k) xi[1 + k] = (mk[k * mrows + i] / bc[k]) / den;
-      lg[i] = std::max(std::fabs(gc) / den, floor_);
-      lg[mrows + i] = std::max((sq[mrows + i] + eps) / den, floor_);
-      dir[i] = -(mk[adam_k * mrows + i] / bc[adam_k]) / den;
-    }
-    {
-      auto t = torch::from_blob(lg, {2 * mrows}, torch::kFloat32);
-      at::log_(t);
-    }
-    for (int64_t i = 0; i < mrows; ++i) {
-      x[7 * i + 5] = lg[i] / p;
-      x[7 * i + 6] = lg[mrows + i] / p;
-    }
-    float* hp[8];
-    float* cp[8];
-    TORCH_CHECK(L <= 8, "step_: at most 8 layers");
-    for (int64_t l = 0; l < L; ++l) {
-      if (bf16) {
-        hp[l] = st + 2 * l * mrows * H;
-        cp[l] = hp[l] + mrows * H;
-        for (int64_t q = 0; q < mrows * H; ++q) {
-          hp[l][q] = Hs[l].get(s * H + q);
-          cp[l][q] = Cs[l].get(s * H + q);
-        }
-      } else {
-        hp[l] = Hs[l].f + s * H;
-        cp[l] = Cs[l].f + s * H;
-      }
-    }
-    if (use16) {
-      lstm16(pk, off, L, H, n_in, x, mrows, hp, cp, raw);
-    } else {
-      fn(pk, off, L, H, n_in, x, mrows, hp, cp, dummy);
-    }
+    const int64_t s = b * block, rows = std::min(block, n - s);
     if (bf16) {
-      for (int64_t l = 0; l < L; ++l) {
-        for (int64_t q = 0; q < mrows * H; ++q) {
-          Hs[l].set(s * H + q, hp[l][q]);
-          Cs[l].set(s * H + q, cp[l][q]);
-        }
-      }
-    }
-    {
-      auto o = torch::from_blob(out, {mrows, n_out}, torch::kFloat32);
-      auto h = torch::from_blob(hp[L - 1], {mrows, H}, torch::kFloat32);
-      at::addmm_out(o, out_bc, h, out_wc);
-    }
-    for (int64_t i = 0; i < mrows * n_out; ++i) out[i] = out[i] * oscale;
-    for (int64_t i = 0; i < mrows; ++i) tt[i] = out[i * n_out] / abound;
-    {
-      auto t = torch::from_blob(tt, {mrows}, torch::kFloat32);
-      at::tanh_(t);
-      for (int64_t i = 0; i < mrows; ++i) tt[i] = abound * tt[i];
-      at::exp_(t);
-    }
-    for (int64_t i = 0; i < mrows; ++i) {
-      const int64_t j = s + i;
-      const float ui = dir[i] * tt[i];
-      float r = ui;
-      if (adapt) {
-        P.set(j, ui);
-        r = ui * exp_s;
-      }
-      if (n_out == 2) r = r + out[2 * i + 1];
-      u[j] = exp_lr * r;
+      step_block<uint16_t>(C, s, rows, block, scratch);
+    } else {
+      step_block<float>(C, s, rows, block, scratch);
     }
   });
   return update;
@@ -518,15 +663,16 @@ bool lstm16_(torch::Tensor x, std::vector<torch::Tensor> hs, std::vector<torch::
     cp.push_back(cs[l].data_ptr<float>());
   }
   std::vector<float> raw(24 * H);
+  const std::vector<float> gm = gate_major(packed.data_ptr<float>(), packed.numel(), H);
   for (int64_t s = 0; s < n; s += 128) {
     std::vector<float*> hb(L), cb(L);
     for (int64_t l = 0; l < L; ++l) {
       hb[l] = hp[l] + s * H;
       cb[l] = cp[l] + s * H;
     }
-    lstm16(packed.data_ptr<float>(), offsets.data_ptr<int64_t>(), L, H, n_in,
-           x.data_ptr<float>() + s * n_in, std::min<int64_t>(128, n - s), hb.data(), cb.data(),
-           raw.data());
+    lstm16(gm.data(), offsets.data_ptr<int64_t>(), L, H, n_in,
+           x.data_ptr<float>() + s * n_in, n_in, 1, std::min<int64_t>(128, n - s), hb.data(),
+           cb.data(), raw.data());
   }
   return true;
 }
