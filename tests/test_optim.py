@@ -13,7 +13,7 @@ import learned_opt
 from learned_opt import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError, SGDRule
 from learned_opt.learners import OptimizerLearner
 from learned_opt.tasks import make_family
-from learned_opt.unroll import unroll
+from learned_opt.outer import unroll
 
 
 def _model() -> nn.Module:

@@ -24,7 +24,7 @@ from learned_opt.tasks import (
 )
 from learned_opt.tasks.rescale import ParamScaled, log_uniform, rescale_task
 from learned_opt.tasks.zoo import load_dataset
-from learned_opt.unroll import unroll
+from learned_opt.outer import unroll
 
 FAMILIES = {
     "digits-mlp": lambda: RandomMLPFamily("digits", (8, 16), (0, 1, 2), batch_sizes=(16,)),
