@@ -8,7 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-# torch first and pinned: a looser requirement makes pip pick a multi-GB CUDA build.
+# torch first, pinned to the CPU build the fixtures were recorded with: learned_opt itself accepts
+# torch>=2.4,<3 (pyproject.toml) and keeps a torch that is already installed, but from PyPI pip
+# would pick a multi-GB CUDA build on x86_64 Linux. Elsewhere, point pip at the CPU wheels, e.g.
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu scripts/setup.sh
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" \
   2>/dev/null || "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[dev]"
