@@ -202,3 +202,42 @@ def test_mnist_paper_ships_weights_with_their_benchmark_figures(tmp_path: Path, 
     refused = tmp_path / "refused"
     assert run_script("experiments/mnist_paper.py", *ship, "--ship-to", str(refused)) == 2
     assert not refused.exists()
+
+
+def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_default(
+    tmp_path: Path, run_script, capsys, monkeypatch
+) -> None:
+    """The recipe of the run in progress: its command parses, its starting weights step exactly
+    like the shipped default, and its committed checkpoint (if any) was written by this very
+    command (same configuration), so ``--resume`` continues it."""
+    from learned_opt import LSTMOptimizer
+    from learned_opt.cli import build_parser, config_from_args
+
+    assert run_script("experiments/horizon_aware.py", "--dry-run") == 0
+    recipe = runpy.run_path(str(ROOT / "experiments/horizon_aware.py"))
+    command = [c for c in capsys.readouterr().out.splitlines() if "meta-train" in c][0]
+    argv = shlex.split(command)[3:]  # after "python -m learned_opt"
+    assert argv == recipe["META_TRAIN"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
+    checkpoint = ROOT / recipe["CHECKPOINT"]
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        saved = dict(state["config"])
+        for key in ("init_weights",):  # where the run kept its files
+            saved.pop(key, None)
+        mine = {k: v for k, v in config.to_dict().items() if k != "init_weights"}
+        assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+    init = tmp_path / "init.pt"
+    recipe["write_init"](init)
+    rule, _ = load_rule(init)
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule, total_steps=10)
+    for _ in range(5):
+        g = torch.randn(5, 3, generator=gen)
+        for p, opt in zip((a[0], b[0]), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(a[0], b[0])
