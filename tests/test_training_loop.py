@@ -495,3 +495,48 @@ def test_reduce_lr_on_plateau_lowers_the_multiplier() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, range(1))
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# --- the time-to-target benchmark
+
+
+def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> None:
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run_script("benchmarks/time_to_target.py", "--smoke", "--out", str(tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").open()]
+    tuning = [r for r in records if r["role"] == "tuning"]
+    adamw, lstm = (r for r in records if r["role"] == "compared")
+    assert [r["lr"] for r in tuning] == [1e-3, 1e-2]
+    assert adamw["lr"] == min(tuning, key=lambda r: r["final_val_loss"])["lr"]
+    assert (adamw["optimizer"], lstm["optimizer"]) == ("adamw", "lstm")
+    for r in (adamw, lstm):
+        assert r["steps_done"] == 6 and not r["diverged"]
+        assert r["target_train_loss_smoothed"] == adamw["final_train_loss_smoothed"]
+        assert 0 < r["opt_step_share"] < 1 and r["train_seconds"] > 0
+        assert [e[0] for e in r["evals"]] == [3, 6]
+    assert adamw["steps_to_target"] is not None and adamw["steps_to_target"] <= 6
+    # AdamW: two float32 moments per parameter (and a step count per tensor).
+    assert adamw["opt_state_bytes"] / adamw["params"] == pytest.approx(8, abs=0.01)
+    assert lstm["opt_state_bytes"] > adamw["opt_state_bytes"]
+
+    curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").open()]
+    assert [(c["run"], c["step"]) for c in curves] == [
+        (run, k) for run in ("adamw", "lstm") for k in range(1, 7)
+    ]
+    times = [c["time_s"] for c in curves if c["run"] == "lstm"]
+    assert times == sorted(times)
+    assert [c["step"] for c in curves if "val_loss" in c] == [3, 6, 3, 6]
+
+    assert (tmp_path / "loss_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "Target: tuned AdamW's final smoothed training loss" in (tmp_path / "table.md").read_text()
+    )
+    for run in ("adamw", "lstm"):
+        events = EventAccumulator(str(tmp_path / "tensorboard" / run))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/loss_smoothed", "val/loss", "time/opt_step_ms"} <= tags
+        assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))

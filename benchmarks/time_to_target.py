@@ -1,0 +1,382 @@
+"""Benchmark: wall-clock time to a tuned AdamW's loss, on a character-level transformer.
+
+A GPT-style character language model (pre-LayerNorm transformer encoder layers with a causal
+mask, learned positional embeddings, ``torch.nn`` modules) is trained on the offline corpus
+(``learned_opt.corpus.load_corpus()``: train split for training, val split for the held-out
+loss) with
+
+(a) AdamW (betas 0.9/0.999, weight decay 0.01, constant learning rate) whose learning rate is
+    tuned first: each learning rate of ``--lrs`` trains for ``--tune-steps`` steps and the one
+    with the lowest validation loss is chosen; then it trains for ``--steps`` steps;
+(b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0).
+
+Both see the same initial weights and the same minibatches. The target is tuned AdamW's final
+smoothed training loss (an exponential moving average of the minibatch loss, ``--ema``,
+bias-corrected); reported are the step and the training wall-clock time (forward, backward and
+optimizer step; evaluation excluded) at which each optimizer's smoothed loss first reaches it,
+the final validation losses, and the optimizer's share of each step's time (``opt.step()``
+timed apart from the forward and backward pass). Writes ``records.jsonl`` (one summary record
+per run, tuning runs included), ``curves.jsonl`` (every step and every evaluation),
+``table.md``, ``loss_vs_time.png`` and TensorBoard event files (``tensorboard/<run>/``).
+
+Default sizes (4 layers, d_model 128, 4 heads, context 128, batch 8: 0.84M parameters; 4 x 300
+tuning steps, then 2000 steps each) were chosen to finish within an hour on 2 shared CPU cores:
+measured there under load (load average about 4), the 3.2M-parameter model (d_model 256, batch 16)
+took about 1.3 s per AdamW step and 4-5 s per LSTMOptimizer step (opt.step alone about 2.4 s),
+2000 steps of it would take hours; the optimizer step's cost grows with the parameter count
+(about 0.6 us per parameter there), the forward and backward pass with batch x parameters.
+
+    python benchmarks/time_to_target.py --out benchmarks/results/time_to_target
+    python benchmarks/time_to_target.py --d-model 256 --batch 16 --out /tmp/big  # 3.2M params
+    python benchmarks/time_to_target.py --smoke --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import learned_opt
+from learned_opt.corpus import CharCorpus, load_corpus
+from learned_opt.report import write_jsonl, write_results
+
+_DATA_STREAM = 1  # generator offset of the training minibatches
+_VAL_STREAM = 2  # generator offset of the fixed validation batches
+
+
+class CharTransformer(nn.Module):
+    """Token and learned positional embeddings, ``layers`` pre-LayerNorm transformer layers with
+    a causal mask, a final LayerNorm and a linear read-out to the vocabulary."""
+
+    def __init__(self, vocab: int, context: int, d_model: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            heads,
+            dim_feedforward=4 * d_model,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.shape[1]
+        h = self.tok(ids) + self.pos.weight[:t]
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _val_batches(corpus: CharCorpus, args: argparse.Namespace) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(args.seed * 1000 + _VAL_STREAM)
+    return [corpus.batch("val", args.batch, args.context, g) for _ in range(args.eval_batches)]
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
+    model.eval()
+    loss = sum(_loss(model, x, y).item() for x, y in batches) / len(batches)
+    model.train()
+    return loss if math.isfinite(loss) else float("inf")
+
+
+def _model(corpus: CharCorpus, args: argparse.Namespace) -> CharTransformer:
+    torch.manual_seed(args.seed)
+    return CharTransformer(corpus.vocab_size, args.context, args.d_model, args.heads, args.layers)
+
+
+def train(
+    name: str,
+    make_opt: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    steps: int,
+    corpus: CharCorpus,
+    val: list[tuple[Tensor, Tensor]],
+    args: argparse.Namespace,
+    curves: list[dict[str, Any]] | None = None,
+    writer: Any = None,
+) -> dict[str, Any]:
+    """Train a fresh model for ``steps`` steps; returns the run's summary record (with its
+    smoothed-loss curve against training time under ``"curve"``)."""
+    model = _model(corpus, args)
+    opt = make_opt(list(model.parameters()))
+    data = torch.Generator().manual_seed(args.seed * 1000 + _DATA_STREAM)
+    ema, ema_weight = 0.0, 0.0
+    clock = fwd_bwd_total = step_total = 0.0
+    curve: list[tuple[int, float, float]] = []  # (step, training seconds, smoothed loss)
+    evals: list[tuple[int, float, float]] = []
+    diverged = False
+    for k in range(1, steps + 1):
+        x, y = corpus.batch("train", args.batch, args.context, data)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, x, y)
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        fwd_bwd_total += t1 - t0
+        step_total += t2 - t1
+        clock += t2 - t0
+        value = loss.item()
+        if not math.isfinite(value):
+            diverged = True
+            break
+        ema = args.ema * ema + (1 - args.ema) * value
+        ema_weight = args.ema * ema_weight + (1 - args.ema)
+        smoothed = ema / ema_weight
+        curve.append((k, clock, smoothed))
+        point: dict[str, Any] = {
+            "run": name,
+            "step": k,
+            "time_s": round(clock, 4),
+            "train_loss": round(value, 5),
+            "train_loss_smoothed": round(smoothed, 5),
+            "fwd_bwd_s": round(t1 - t0, 5),
+            "opt_step_s": round(t2 - t1, 5),
+        }
+        if k % args.eval_every == 0 or k == steps:
+            point["val_loss"] = round(_evaluate(model, val), 5)
+            evals.append((k, clock, point["val_loss"]))
+        if curves is not None:
+            curves.append(point)
+        if writer is not None:
+            writer.add_scalar("train/loss", value, k)
+            writer.add_scalar("train/loss_smoothed", smoothed, k)
+            writer.add_scalar("time/train_seconds", clock, k)
+            writer.add_scalar("time/opt_step_ms", 1e3 * (t2 - t1), k)
+            writer.add_scalar("time/fwd_bwd_ms", 1e3 * (t1 - t0), k)
+            if "val_loss" in point:
+                writer.add_scalar("val/loss", point["val_loss"], k)
+        if k % args.log_every == 0:
+            print(
+                f"[{name}] step {k}/{steps} loss {smoothed:.4f} ({clock:.0f} s, "
+                f"opt.step {1e3 * step_total / k:.0f} ms, fwd+bwd {1e3 * fwd_bwd_total / k:.0f} "
+                "ms per step)",
+                flush=True,
+            )
+    done = len(curve)
+    return {
+        "load_average_at_end": os.getloadavg()[0],
+        "what": "time_to_target",
+        "run": name,
+        "steps": steps,
+        "steps_done": done,
+        "diverged": diverged,
+        "final_train_loss_smoothed": curve[-1][2] if curve and not diverged else float("inf"),
+        "final_val_loss": evals[-1][2] if evals and not diverged else float("inf"),
+        "train_seconds": clock,
+        "fwd_bwd_ms_per_step": 1e3 * fwd_bwd_total / max(done, 1),
+        "opt_step_ms_per_step": 1e3 * step_total / max(done, 1),
+        "opt_step_share": step_total / max(step_total + fwd_bwd_total, 1e-12),
+        "params": sum(p.numel() for p in model.parameters()),
+        "opt_state_bytes": _state_bytes(opt),
+        "curve": curve,
+        "evals": evals,
+    }
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.element_size() * v.numel()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor)
+    )
+
+
+def _reach(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """The first (step, seconds) at which the smoothed loss is at or below ``target``."""
+    return next(((k, t) for k, t, loss in curve if loss <= target), None)
+
+
+def _plot(runs: list[dict[str, Any]], target: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r, color in zip(runs, ("tab:blue", "tab:orange")):
+        t = [c[1] / 60 for c in r["curve"]]
+        ax.plot(t, [c[2] for c in r["curve"]], color=color, label=f"{r['label']}: train (EMA)")
+        ax.plot(
+            [e[1] / 60 for e in r["evals"]],
+            [e[2] for e in r["evals"]],
+            "o--",
+            color=color,
+            markersize=3,
+            label=f"{r['label']}: validation",
+        )
+    ax.axhline(target, color="gray", linestyle=":", label="target: tuned AdamW's final train loss")
+    ax.set_xlabel("training wall-clock time (minutes; evaluation excluded)")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    lo = min(min(c[2] for c in r["curve"]) for r in runs if r["curve"])
+    ax.set_ylim(lo * 0.95, max(lo * 2.2, target * 1.6))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=2000, help="steps of the compared runs")
+    parser.add_argument("--tune-steps", type=int, default=300, help="steps of each tuning run")
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2", help="AdamW learning rates")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", default=None, help="LSTMOptimizer weights (default: shipped)")
+    parser.add_argument("--ema", type=float, default=0.98, help="smoothing of the training loss")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.tune_steps, args.lrs = 6, 3, "1e-3,1e-2"
+        args.layers, args.d_model, args.heads, args.context, args.batch = 1, 32, 2, 16, 4
+        args.eval_every, args.eval_batches, args.log_every = 3, 1, 3
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    corpus = load_corpus()
+    val = _val_batches(corpus, args)
+    lrs = [float(v) for v in args.lrs.split(",")]
+    setup = {
+        "model": {
+            "layers": args.layers,
+            "d_model": args.d_model,
+            "heads": args.heads,
+            "context": args.context,
+            "vocab": corpus.vocab_size,
+        },
+        "batch": args.batch,
+        "seed": args.seed,
+        "threads": args.threads,
+        "ema": args.ema,
+        "corpus_sha256": corpus.digest,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+    records: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+
+    def adamw(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    # (a) AdamW: a learning rate per tuning run, chosen by validation loss.
+    for lr in lrs:
+        rec = train(f"tune_adamw_lr{lr:g}", adamw(lr), args.tune_steps, corpus, val, args)
+        rec.update(setup, optimizer="adamw", lr=lr, role="tuning")
+        records.append(rec)
+    tuning = [r for r in records if r["role"] == "tuning"]
+    best_lr = min(tuning, key=lambda r: r["final_val_loss"])["lr"]
+
+    runs = []
+    for name, label, make, lr in (
+        ("adamw", f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
+        (
+            "lstm",
+            "LSTMOptimizer (default weights, untuned)",
+            lambda params: learned_opt.LSTMOptimizer(params, weights=args.weights),
+            1.0,
+        ),
+    ):
+        with SummaryWriter(str(out / "tensorboard" / name)) as writer:
+            rec = train(name, make, args.steps, corpus, val, args, curves, writer)
+        rec.update(setup, optimizer=name, lr=lr, role="compared", label=label)
+        records.append(rec)
+        runs.append(rec)
+    adam_run, lstm_run = runs
+    target = adam_run["final_train_loss_smoothed"]
+    for r in runs:
+        hit = _reach(r["curve"], target)
+        r["target_train_loss_smoothed"] = target
+        r["steps_to_target"] = hit[0] if hit else None
+        r["seconds_to_target"] = hit[1] if hit else None
+    params = adam_run["params"]
+    title = (
+        f"char transformer {args.layers}x{args.d_model} ({params / 1e6:.2f}M params), "
+        f"batch {args.batch}x{args.context}, {args.threads} threads"
+    )
+    _plot(runs, target, out / "loss_vs_time.png", title)
+    write_jsonl(out / "curves.jsonl", curves)
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "not reached" if v is None else format(v, spec)
+
+    lines = [
+        f"{title}; {args.steps} steps each, same initial weights and minibatches.",
+        f"AdamW lr tuned over {lrs} ({args.tune_steps} steps each, lowest validation loss): "
+        + ", ".join(f"{r['lr']:g} -> {r['final_val_loss']:.4f}" for r in tuning)
+        + f"; chosen {best_lr:g}.",
+        f"Tuning took {sum(r['train_seconds'] for r in tuning):.0f} s of training time "
+        "(not counted below).",
+        f"Target: tuned AdamW's final smoothed training loss, {target:.4f} (EMA {args.ema}).",
+        "",
+        "| optimizer | final train loss (EMA) | final val loss | steps to target | "
+        "time to target (s) | total train time (s) | opt.step ms/step | fwd+bwd ms/step | "
+        "opt.step share | state bytes/param |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['label']} | {r['final_train_loss_smoothed']:.4f} | {r['final_val_loss']:.4f} | "
+            f"{fmt(r['steps_to_target'], 'd')} | {fmt(r['seconds_to_target'], '.0f')} | "
+            f"{r['train_seconds']:.0f} | {r['opt_step_ms_per_step']:.1f} | "
+            f"{r['fwd_bwd_ms_per_step']:.1f} | {r['opt_step_share']:.1%} | "
+            f"{r['opt_state_bytes'] / r['params']:.0f} |"
+        )
+    if lstm_run["seconds_to_target"] is not None:
+        lines.append("")
+        lines.append(
+            "LSTMOptimizer reaches the target in "
+            f"{lstm_run['seconds_to_target'] / adam_run['seconds_to_target']:.2f}x tuned "
+            f"AdamW's time ({lstm_run['steps_to_target'] / adam_run['steps_to_target']:.2f}x "
+            "its steps)."
+        )
+    for r in records:  # curves live in curves.jsonl; the summary keeps the evaluations
+        r.pop("curve", None)
+    write_results(out, records, lines)
+    (out / "setup.json").write_text(json.dumps({**setup, "lrs": lrs, "args": vars(args)}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run())
