@@ -5,9 +5,13 @@ their derivatives) runs as one pass per row instead of ~15 separate PyTorch kern
 in-place inference step of the LSTM optimizer (preprocessing, gate products, cells, read-out) runs
 as one call (:func:`fused_step_`); and for meta-training, the rule's whole step is one
 differentiable call (:func:`fused_rule`) whose backward is one fused call too (the cells' backward
-and the gate products' backward per cache-sized block of coordinates). If the compiler or
-``ninja`` is missing, or ``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to the
-pure-PyTorch implementation (same math) with one warning. Build products are cached by PyTorch in
+and the gate products' backward per cache-sized block of coordinates). A second extension,
+``corrected_adam.cpp`` (compiled without ``-ffast-math``, so that its float operations are
+PyTorch's one for one), is the in-place step of the LSTM-corrected Adam rule
+(:mod:`learned_opt.rules.corrected_adam_step`); its AVX-512 LSTM layers give, bit for bit, the
+results of ``lstm_cell.cpp``'s. If the compiler or ``ninja`` is missing, or
+``LEARNED_OPT_NO_EXT=1`` is set, everything falls back to the pure-PyTorch implementation (same
+math) with one warning. Build products are cached by PyTorch in
 ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``), under a name that includes a
 fingerprint of this CPU: the code is compiled with ``-march=native``, so a cache shared with
 another kind of machine is not reused.
