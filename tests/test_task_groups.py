@@ -21,7 +21,8 @@ from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMRule
 from learned_opt.rules.scheduled import ScheduledRule
 from learned_opt.tasks import FAMILIES, BatchSampler, make_family
 from learned_opt.tasks.groups import GROUPS, TaskGroup, check_disjoint, overlaps
-from learned_opt.tasks.sequence import CharLM, PatchSequenceClassifier, WindowSampler
+from learned_opt.tasks.patches import PatchSequenceClassifier
+from learned_opt.tasks.sequence import CharLM, WindowSampler
 from learned_opt.tasks.sources import PARTS, load_part, make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,8 +35,9 @@ from typing import Any
 from .base import TaskFamily
 from .mixture import MixtureFamily
 from .nets import AutoencoderFamily, BNConvFamily, SourceMLPFamily
+from .patches import PatchSequenceFamily
 from .rescale import RescaledFamily
-from .sequence import CharLMFamily, PatchSequenceFamily
+from .sequence import CharLMFamily
 from .zoo import ConvFamily, RandomMLPFamily, RowRNNFamily
 
 __all__ = [
