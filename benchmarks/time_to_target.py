@@ -10,7 +10,9 @@ loss) with
     with the lowest validation loss is chosen; then it trains for ``--steps`` steps;
 (b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0).
 
-Both see the same initial weights and the same minibatches. The target is tuned AdamW's final
+Both see the same initial weights and the same minibatches, and they train in lock-step (a step
+of one, then a step of the other), so that other work on a shared machine slows both alike; each
+run's clock counts its own steps only. The target is tuned AdamW's final
 smoothed training loss (an exponential moving average of the minibatch loss, ``--ema``,
 bias-corrected); reported are the step and the training wall-clock time (forward, backward and
 optimizer step; evaluation excluded) at which each optimizer's smoothed loss first reaches it,
@@ -19,15 +21,14 @@ timed apart from the forward and backward pass). Writes ``records.jsonl`` (one s
 per run, tuning runs included), ``curves.jsonl`` (every step and every evaluation),
 ``table.md``, ``loss_vs_time.png`` and TensorBoard event files (``tensorboard/<run>/``).
 
-Default sizes (4 layers, d_model 128, 4 heads, context 128, batch 8: 0.84M parameters; 4 x 300
-tuning steps, then 2000 steps each) were chosen to finish within an hour on 2 shared CPU cores:
-measured there under load (load average about 4), the 3.2M-parameter model (d_model 256, batch 16)
-took about 1.3 s per AdamW step and 4-5 s per LSTMOptimizer step (opt.step alone about 2.4 s),
-2000 steps of it would take hours; the optimizer step's cost grows with the parameter count
-(about 0.6 us per parameter there), the forward and backward pass with batch x parameters.
+Default sizes: 4 layers, d_model 256, 4 heads, context 128 (3.25M parameters), batch 16; 4 x 300
+tuning steps, then 2000 steps each. Measured on 2 otherwise idle CPU cores (torch 2.13.0): about
+210 ms per AdamW step and 330 ms per LSTMOptimizer step (opt.step about 120 ms), so about 22
+minutes in all. On a shared machine these times vary up to tenfold (two threads on two busy
+cores): the lock-step keeps the comparison fair, not the total short; ``--d-model 128 --batch 8``
+(0.84M parameters) is three to four times faster.
 
     python benchmarks/time_to_target.py --out benchmarks/results/time_to_target
-    python benchmarks/time_to_target.py --d-model 256 --batch 16 --out /tmp/big  # 3.2M params
     python benchmarks/time_to_target.py --smoke --out /tmp/smoke
 """
 
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,94 +110,124 @@ def _model(corpus: CharCorpus, args: argparse.Namespace) -> CharTransformer:
     return CharTransformer(corpus.vocab_size, args.context, args.d_model, args.heads, args.layers)
 
 
-def train(
-    name: str,
-    make_opt: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-    steps: int,
-    corpus: CharCorpus,
-    val: list[tuple[Tensor, Tensor]],
-    args: argparse.Namespace,
-    curves: list[dict[str, Any]] | None = None,
-    writer: Any = None,
-) -> dict[str, Any]:
-    """Train a fresh model for ``steps`` steps; returns the run's summary record (with its
-    smoothed-loss curve against training time under ``"curve"``)."""
-    model = _model(corpus, args)
-    opt = make_opt(list(model.parameters()))
-    data = torch.Generator().manual_seed(args.seed * 1000 + _DATA_STREAM)
-    ema, ema_weight = 0.0, 0.0
-    clock = fwd_bwd_total = step_total = 0.0
-    curve: list[tuple[int, float, float]] = []  # (step, training seconds, smoothed loss)
-    evals: list[tuple[int, float, float]] = []
-    diverged = False
-    for k in range(1, steps + 1):
-        x, y = corpus.batch("train", args.batch, args.context, data)
+class Run:
+    """One training run: a fresh model (the same initial weights for every run), its optimizer,
+    the minibatch stream (the same for every run), and what it has measured so far."""
+
+    def __init__(
+        self,
+        name: str,
+        make_opt: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        steps: int,
+        corpus: CharCorpus,
+        val: list[tuple[Tensor, Tensor]],
+        args: argparse.Namespace,
+        curves: list[dict[str, Any]] | None = None,
+        writer: Any = None,
+    ) -> None:
+        self.name, self.steps, self.corpus, self.val, self.args = name, steps, corpus, val, args
+        self.curves, self.writer = curves, writer
+        self.model = _model(corpus, args)
+        self.opt = make_opt(list(self.model.parameters()))
+        self.data = torch.Generator().manual_seed(args.seed * 1000 + _DATA_STREAM)
+        self.ema = self.ema_weight = 0.0
+        self.clock = 0.0
+        self.fwd_bwd: list[float] = []
+        self.opt_step: list[float] = []
+        self.curve: list[tuple[int, float, float]] = []  # (step, training seconds, smoothed loss)
+        self.evals: list[tuple[int, float, float]] = []
+        self.diverged = False
+
+    def step(self, k: int) -> None:
+        """Step ``k`` (1-based): one minibatch, timed as forward+backward and ``opt.step()``."""
+        if self.diverged:
+            return
+        args = self.args
+        x, y = self.corpus.batch("train", args.batch, args.context, self.data)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(model, x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss = _loss(self.model, x, y)
         loss.backward()
         t1 = time.perf_counter()
-        opt.step()
+        self.opt.step()
         t2 = time.perf_counter()
-        fwd_bwd_total += t1 - t0
-        step_total += t2 - t1
-        clock += t2 - t0
+        self.fwd_bwd.append(t1 - t0)
+        self.opt_step.append(t2 - t1)
+        self.clock += t2 - t0
         value = loss.item()
         if not math.isfinite(value):
-            diverged = True
-            break
-        ema = args.ema * ema + (1 - args.ema) * value
-        ema_weight = args.ema * ema_weight + (1 - args.ema)
-        smoothed = ema / ema_weight
-        curve.append((k, clock, smoothed))
+            self.diverged = True
+            return
+        self.ema = args.ema * self.ema + (1 - args.ema) * value
+        self.ema_weight = args.ema * self.ema_weight + (1 - args.ema)
+        smoothed = self.ema / self.ema_weight
+        self.curve.append((k, self.clock, smoothed))
         point: dict[str, Any] = {
-            "run": name,
+            "run": self.name,
             "step": k,
-            "time_s": round(clock, 4),
+            "time_s": round(self.clock, 4),
             "train_loss": round(value, 5),
             "train_loss_smoothed": round(smoothed, 5),
             "fwd_bwd_s": round(t1 - t0, 5),
             "opt_step_s": round(t2 - t1, 5),
         }
-        if k % args.eval_every == 0 or k == steps:
-            point["val_loss"] = round(_evaluate(model, val), 5)
-            evals.append((k, clock, point["val_loss"]))
-        if curves is not None:
-            curves.append(point)
-        if writer is not None:
-            writer.add_scalar("train/loss", value, k)
-            writer.add_scalar("train/loss_smoothed", smoothed, k)
-            writer.add_scalar("time/train_seconds", clock, k)
-            writer.add_scalar("time/opt_step_ms", 1e3 * (t2 - t1), k)
-            writer.add_scalar("time/fwd_bwd_ms", 1e3 * (t1 - t0), k)
+        if k % args.eval_every == 0 or k == self.steps:
+            point["val_loss"] = round(_evaluate(self.model, self.val), 5)
+            self.evals.append((k, self.clock, point["val_loss"]))
+        if self.curves is not None:
+            self.curves.append(point)
+        if self.writer is not None:
+            w = self.writer
+            w.add_scalar("train/loss", value, k)
+            w.add_scalar("train/loss_smoothed", smoothed, k)
+            w.add_scalar("time/train_seconds", self.clock, k)
+            w.add_scalar("time/opt_step_ms", 1e3 * (t2 - t1), k)
+            w.add_scalar("time/fwd_bwd_ms", 1e3 * (t1 - t0), k)
             if "val_loss" in point:
-                writer.add_scalar("val/loss", point["val_loss"], k)
+                w.add_scalar("val/loss", point["val_loss"], k)
         if k % args.log_every == 0:
             print(
-                f"[{name}] step {k}/{steps} loss {smoothed:.4f} ({clock:.0f} s, "
-                f"opt.step {1e3 * step_total / k:.0f} ms, fwd+bwd {1e3 * fwd_bwd_total / k:.0f} "
-                "ms per step)",
+                f"[{self.name}] step {k}/{self.steps} loss {smoothed:.4f} ({self.clock:.0f} s; "
+                f"per step: opt.step {1e3 * statistics.median(self.opt_step):.0f} ms, "
+                f"fwd+bwd {1e3 * statistics.median(self.fwd_bwd):.0f} ms, medians)",
                 flush=True,
             )
-    done = len(curve)
-    return {
-        "load_average_at_end": os.getloadavg()[0],
-        "what": "time_to_target",
-        "run": name,
-        "steps": steps,
-        "steps_done": done,
-        "diverged": diverged,
-        "final_train_loss_smoothed": curve[-1][2] if curve and not diverged else float("inf"),
-        "final_val_loss": evals[-1][2] if evals and not diverged else float("inf"),
-        "train_seconds": clock,
-        "fwd_bwd_ms_per_step": 1e3 * fwd_bwd_total / max(done, 1),
-        "opt_step_ms_per_step": 1e3 * step_total / max(done, 1),
-        "opt_step_share": step_total / max(step_total + fwd_bwd_total, 1e-12),
-        "params": sum(p.numel() for p in model.parameters()),
-        "opt_state_bytes": _state_bytes(opt),
-        "curve": curve,
-        "evals": evals,
-    }
+
+    def record(self) -> dict[str, Any]:
+        """The run's summary (with its smoothed-loss curve against training time, ``curve``)."""
+        done = len(self.curve)
+        fwd_bwd, opt_step = sum(self.fwd_bwd), sum(self.opt_step)
+        ok = done > 0 and not self.diverged
+        return {
+            "what": "time_to_target",
+            "run": self.name,
+            "steps": self.steps,
+            "steps_done": done,
+            "diverged": self.diverged,
+            "final_train_loss_smoothed": self.curve[-1][2] if ok else float("inf"),
+            "final_val_loss": self.evals[-1][2] if ok and self.evals else float("inf"),
+            "train_seconds": self.clock,
+            "fwd_bwd_ms_per_step": 1e3 * fwd_bwd / max(len(self.fwd_bwd), 1),
+            "opt_step_ms_per_step": 1e3 * opt_step / max(len(self.opt_step), 1),
+            "fwd_bwd_ms_median": 1e3 * statistics.median(self.fwd_bwd or [0.0]),
+            "opt_step_ms_median": 1e3 * statistics.median(self.opt_step or [0.0]),
+            "opt_step_share": opt_step / max(opt_step + fwd_bwd, 1e-12),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "opt_state_bytes": _state_bytes(self.opt),
+            "load_average_at_end": os.getloadavg()[0],
+            "curve": self.curve,
+            "evals": self.evals,
+        }
+
+
+def train_together(runs: list[Run], steps: int) -> list[dict[str, Any]]:
+    """Train ``runs`` in lock-step (step k of each, in turn), so that whatever else loads the
+    machine slows them alike; each run's clock counts only its own steps. Returns their
+    records."""
+    for k in range(1, steps + 1):
+        for r in runs:
+            r.step(k)
+    return [r.record() for r in runs]
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -251,10 +283,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-steps", type=int, default=300, help="steps of each tuning run")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2", help="AdamW learning rates")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", default=None, help="LSTMOptimizer weights (default: shipped)")
@@ -301,28 +333,36 @@ def run(argv: list[str] | None = None) -> int:
         return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
     # (a) AdamW: a learning rate per tuning run, chosen by validation loss.
-    for lr in lrs:
-        rec = train(f"tune_adamw_lr{lr:g}", adamw(lr), args.tune_steps, corpus, val, args)
+    tune = [
+        Run(f"tune_adamw_lr{lr:g}", adamw(lr), args.tune_steps, corpus, val, args) for lr in lrs
+    ]
+    for lr, rec in zip(lrs, train_together(tune, args.tune_steps)):
         rec.update(setup, optimizer="adamw", lr=lr, role="tuning")
         records.append(rec)
+    del tune
     tuning = [r for r in records if r["role"] == "tuning"]
     best_lr = min(tuning, key=lambda r: r["final_val_loss"])["lr"]
 
-    runs = []
-    for name, label, make, lr in (
-        ("adamw", f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
-        (
-            "lstm",
+    # (a) tuned AdamW and (b) the learned optimizer, trained in lock-step.
+    compared = {
+        "adamw": (f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
+        "lstm": (
             "LSTMOptimizer (default weights, untuned)",
             lambda params: learned_opt.LSTMOptimizer(params, weights=args.weights),
             1.0,
         ),
-    ):
-        with SummaryWriter(str(out / "tensorboard" / name)) as writer:
-            rec = train(name, make, args.steps, corpus, val, args, curves, writer)
-        rec.update(setup, optimizer=name, lr=lr, role="compared", label=label)
+    }
+    writers = {name: SummaryWriter(str(out / "tensorboard" / name)) for name in compared}
+    both = [
+        Run(name, make, args.steps, corpus, val, args, curves, writers[name])
+        for name, (_, make, _) in compared.items()
+    ]
+    runs = train_together(both, args.steps)
+    for w in writers.values():
+        w.close()
+    for rec, (label, _, lr) in zip(runs, compared.values()):
+        rec.update(setup, optimizer=rec["run"], lr=lr, role="compared", label=label)
         records.append(rec)
-        runs.append(rec)
     adam_run, lstm_run = runs
     target = adam_run["final_train_loss_smoothed"]
     for r in runs:
@@ -336,6 +376,8 @@ def run(argv: list[str] | None = None) -> int:
         f"batch {args.batch}x{args.context}, {args.threads} threads"
     )
     _plot(runs, target, out / "loss_vs_time.png", title)
+    order = list(compared)
+    curves.sort(key=lambda c: (order.index(c["run"]), c["step"]))  # stable: steps in order
     write_jsonl(out / "curves.jsonl", curves)
 
     def fmt(v: float | None, spec: str) -> str:
@@ -351,16 +393,17 @@ def run(argv: list[str] | None = None) -> int:
         f"Target: tuned AdamW's final smoothed training loss, {target:.4f} (EMA {args.ema}).",
         "",
         "| optimizer | final train loss (EMA) | final val loss | steps to target | "
-        "time to target (s) | total train time (s) | opt.step ms/step | fwd+bwd ms/step | "
-        "opt.step share | state bytes/param |",
+        "time to target (s) | total train time (s) | opt.step ms/step (median) | "
+        "fwd+bwd ms/step (median) | opt.step share of time | state bytes/param |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         lines.append(
             f"| {r['label']} | {r['final_train_loss_smoothed']:.4f} | {r['final_val_loss']:.4f} | "
             f"{fmt(r['steps_to_target'], 'd')} | {fmt(r['seconds_to_target'], '.0f')} | "
-            f"{r['train_seconds']:.0f} | {r['opt_step_ms_per_step']:.1f} | "
-            f"{r['fwd_bwd_ms_per_step']:.1f} | {r['opt_step_share']:.1%} | "
+            f"{r['train_seconds']:.0f} | {r['opt_step_ms_per_step']:.1f} "
+            f"({r['opt_step_ms_median']:.1f}) | {r['fwd_bwd_ms_per_step']:.1f} "
+            f"({r['fwd_bwd_ms_median']:.1f}) | {r['opt_step_share']:.1%} | "
             f"{r['opt_state_bytes'] / r['params']:.0f} |"
         )
     if lstm_run["seconds_to_target"] is not None:
