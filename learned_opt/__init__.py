@@ -6,14 +6,11 @@ The public API; everything else is an implementation detail.
 from __future__ import annotations
 
 from . import kernels, pretrained
-
-# The former module path learned_opt.unroll is loaded before the function of that name is
-# bound below, so that importing the module later never replaces the function.
-from . import unroll as _former_unroll_module  # noqa: F401
 from .checkpoint import CheckpointError, WeightsMismatchError, load_rule, save_rule
 from .higher_interop import DifferentiableLearnedOptimizer, register
 from .learners import MAMLLearner, MetaLearner, OptimizerLearner, RNNLearner
-from .optim import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError
+from .lstm_optimizer import LSTMOptimizer
+from .optim import LearnedOptimizer, NonFiniteGradientError
 from .outer import (
     Estimator,
     MetaTrainConfig,

@@ -1,7 +1,7 @@
 """Use learned rules inside ``higher.innerloop_ctx`` (Grefenstette et al., 2019).
 
 Importing :mod:`learned_opt` registers :class:`DifferentiableLearnedOptimizer` with ``higher`` for
-:class:`~learned_opt.optim.LearnedOptimizer` and :class:`~learned_opt.optim.LSTMOptimizer`, so
+:class:`~learned_opt.optim.LearnedOptimizer` and :class:`~learned_opt.LSTMOptimizer`, so
 existing higher-based code works unchanged::
 
     opt = learned_opt.LSTMOptimizer(model.parameters())
@@ -22,7 +22,8 @@ from typing import Any
 import higher
 import torch
 
-from .optim import LearnedOptimizer, LSTMOptimizer
+from .lstm_optimizer import LSTMOptimizer
+from .optim import LearnedOptimizer
 from .rules import UpdateRule
 
 __all__ = ["DifferentiableLearnedOptimizer", "register"]

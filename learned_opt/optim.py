@@ -1,9 +1,8 @@
-"""Drop-in ``torch.optim.Optimizer`` wrappers around update rules."""
+"""The drop-in ``torch.optim.Optimizer`` around any update rule."""
 
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,23 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import pretrained
-from .checkpoint import load_rule, rule_from_dict, rule_to_dict
-from .rules import GeneralLSTMRule, LSTMRule, UpdateRule
-from .rules.scheduled import ScheduledRule
+from .checkpoint import rule_from_dict, rule_to_dict
+from .rules import UpdateRule
 
-#: The rules LSTMOptimizer runs: the paper's LSTM and the LSTM-corrected Adam rule, alone or
-#: under a learned schedule (:class:`~learned_opt.rules.scheduled.ScheduledRule`).
-_LSTM_RULES = (LSTMRule, GeneralLSTMRule)
-
-
-def _lstm(rule: UpdateRule) -> UpdateRule | None:
-    """The coordinatewise LSTM rule inside ``rule`` (itself, or a schedule's base), or None."""
-    inner = rule.base if isinstance(rule, ScheduledRule) else rule
-    return inner if isinstance(inner, _LSTM_RULES) else None
-
-
-__all__ = ["LearnedOptimizer", "LSTMOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
+__all__ = ["LearnedOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
 _NONFINITE_POLICIES = ("skip", "raise")
 #: Storage dtypes of the per-coordinate optimizer state (``None``: the parameter's dtype).
@@ -38,6 +24,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a parameter's step is computed in: its own, except float16 (whose range, up to
     65504, the squared gradients of a second moment overflow), computed in float32."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite. A NaN or Inf makes the sum non-finite, so a
+    finite sum (one fast reduction) settles it; only a non-finite sum (which finite elements
+    can also give, by overflow) needs the elementwise check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -184,7 +177,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"Gradient of shape {tuple(grad.shape)} does not match its parameter of "
                         f"shape {tuple(p.shape)}"
                     )
-                if not torch.isfinite(grad).all():
+                if not _all_finite(grad):
                     if self.nonfinite == "raise":
                         raise NonFiniteGradientError(
                             f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
@@ -217,7 +210,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
             else:
                 update, new_state = self._chunked_step(rule, flat, state)
-            if not torch.isfinite(update).all():
+            if not _all_finite(update):
                 if self.nonfinite == "raise":
                     raise NonFiniteGradientError(
                         f"Non-finite update for a parameter of shape {tuple(p.shape)} from a "
@@ -343,105 +336,3 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for p, state in self.state.items():
             if isinstance(p, Tensor):
                 self._cast_state(self._rule_for(p), state)
-
-
-def _resolve_weights(
-    weights: str | os.PathLike | UpdateRule | None,
-) -> tuple[UpdateRule | None, dict[str, Any]]:
-    if weights is None:
-        weights = pretrained.DEFAULT
-    if isinstance(weights, UpdateRule):
-        return weights, {}
-    rule, meta = load_rule(pretrained.resolve(weights))
-    if _lstm(rule) is None:
-        from .checkpoint import WeightsMismatchError
-
-        raise WeightsMismatchError(
-            f"weights={weights!r} hold a {rule.kind!r} rule, not a coordinatewise LSTM "
-            f"({', '.join(repr(c.kind) for c in _LSTM_RULES)}); use LearnedOptimizer(params, rule)"
-        )
-    return rule, meta
-
-
-class LSTMOptimizer(LearnedOptimizer):
-    r"""The coordinatewise LSTM optimizer (Andrychowicz et al., 2016) as a drop-in optimizer.
-
-    Usage::
-
-        opt = learned_opt.LSTMOptimizer(model.parameters())
-        for x, y in loader:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-
-    Each coordinate of each parameter gets its own LSTM state (``self.state[p]["h0"]``,
-    ``["c0"]``, ... one pair per layer, each ``(p.numel(), hidden_size)``), updated by one small
-    LSTM whose weights all coordinates share; see :class:`~learned_opt.rules.LSTMRule`.
-
-    Args:
-        params: parameters or param-group dicts.
-        weights: ``None`` for the shipped default (``learned_opt.pretrained.DEFAULT``), the name of
-            shipped weights (``learned_opt.pretrained.available()``), the path of a weights file or
-            meta-trainer checkpoint, or an :class:`~learned_opt.rules.LSTMRule` (the paper's) or
-            :class:`~learned_opt.rules.GeneralLSTMRule` (weights of either kind load by name or
-            path).
-        lr: multiplier on the learned update (1.0 = as meta-trained); schedulable.
-        nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
-        weight_decay: decoupled weight decay, see :class:`LearnedOptimizer`.
-        maximize: maximize the objective instead of minimizing it.
-        total_steps: the run's length, for weights of a horizon-aware rule (see
-            :class:`LearnedOptimizer`); a ``ValueError`` for weights that cannot read it.
-        hidden_size, num_layers: if given, the architecture the weights must have.
-        state_dtype: ``torch.bfloat16`` stores the LSTM hidden and cell states in bfloat16 (160
-            instead of 320 bytes per parameter); each chunk of them is upcast to the parameter's
-            dtype for the step and rounded back. ``None`` (default): the parameter's dtype.
-
-    Raises:
-        ValueError: empty parameters, bad ``lr``, unknown weights name or missing file.
-        learned_opt.checkpoint.WeightsMismatchError: weights of another architecture.
-        learned_opt.checkpoint.CheckpointError: a corrupt or unsafe weights file.
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        *,
-        weights: str | os.PathLike | LSTMRule | GeneralLSTMRule | None = None,
-        lr: float = 1.0,
-        nonfinite: str = "skip",
-        hidden_size: int | None = None,
-        num_layers: int | None = None,
-        state_dtype: torch.dtype | None = None,
-        weight_decay: float = 0.0,
-        maximize: bool = False,
-        total_steps: int | None = None,
-    ) -> None:
-        params = list(params)
-        if len(params) == 0:
-            raise ValueError("optimizer got an empty parameter list")
-        rule, meta = _resolve_weights(weights)
-        lstm = _lstm(rule)
-        if lstm is None:
-            raise TypeError(
-                "LSTMOptimizer needs an LSTMRule or GeneralLSTMRule (or a ScheduledRule around "
-                f"one), got {type(rule).__name__}"
-            )
-        for name, want in (("hidden_size", hidden_size), ("num_layers", num_layers)):
-            have = getattr(lstm, name)
-            if want is not None and want != have:
-                from .checkpoint import WeightsMismatchError
-
-                raise WeightsMismatchError(
-                    f"weights={weights!r}: expected an LSTM with {name}={want}, found {name}={have}"
-                )
-        self.metadata = meta
-        super().__init__(
-            params,
-            rule,
-            lr=lr,
-            nonfinite=nonfinite,
-            state_dtype=state_dtype,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            total_steps=total_steps,
-        )

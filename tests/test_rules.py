@@ -7,9 +7,9 @@ import torch
 
 from learned_opt import AdamRule, LearnedOptimizer, LSTMRule, SGDRule
 from learned_opt.learners import OptimizerLearner
+from learned_opt.outer import unroll
 from learned_opt.rules import RULES, build_rule
 from learned_opt.tasks import QuadraticFamily
-from learned_opt.unroll import unroll
 
 RULE_FACTORIES = {
     "lstm": lambda: LSTMRule(),

@@ -98,8 +98,8 @@ def test_schedule_composes_with_lr_scheduler_and_state_dict_round_trip(tmp_path)
 
 def test_the_unroll_tells_the_rule_the_horizon() -> None:
     from learned_opt.learners import OptimizerLearner
-    from learned_opt.tasks import make_family
     from learned_opt.outer import unroll
+    from learned_opt.tasks import make_family
 
     rule = ScheduledRule("adam", AdamRule(lr=0.01).config())
     learner = OptimizerLearner(rule)

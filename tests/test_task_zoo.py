@@ -12,6 +12,7 @@ import torch
 from torch.func import functional_call
 
 from learned_opt.learners import OptimizerLearner
+from learned_opt.outer import unroll
 from learned_opt.rules import GeneralLSTMRule
 from learned_opt.tasks import (
     ConvFamily,
@@ -24,7 +25,6 @@ from learned_opt.tasks import (
 )
 from learned_opt.tasks.rescale import ParamScaled, log_uniform, rescale_task
 from learned_opt.tasks.zoo import load_dataset
-from learned_opt.outer import unroll
 
 FAMILIES = {
     "digits-mlp": lambda: RandomMLPFamily("digits", (8, 16), (0, 1, 2), batch_sizes=(16,)),
