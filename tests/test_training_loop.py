@@ -540,3 +540,24 @@ def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> No
         tags = set(events.Tags()["scalars"])
         assert {"train/loss", "train/loss_smoothed", "val/loss", "time/opt_step_ms"} <= tags
         assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+
+
+def test_compact_state_benchmark_measures_bytes_and_ratios(tmp_path, run_script) -> None:
+    import json
+
+    assert run_script("benchmarks/compact_state.py", "--smoke", "--out", str(tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").open()]
+    assert [r["mode"] for r in records] == ["fp32", "bf16", "fp32-nudged"] * 2
+    by_mode = {m: [r for r in records if r["mode"] == m] for m in ("fp32", "bf16", "fp32-nudged")}
+    for fp32, bf16 in zip(by_mode["fp32"], by_mode["bf16"]):
+        assert fp32["seed"] == bf16["seed"] and fp32["params"] == bf16["params"]
+        # bfloat16 halves every per-coordinate entry; a few per-tensor scalars stay float32.
+        assert bf16["state_bytes_per_param"] < 0.51 * fp32["state_bytes_per_param"]
+        assert bf16["state_bytes_per_param"] <= 84
+    for fp32, nudged in zip(by_mode["fp32"], by_mode["fp32-nudged"]):
+        assert nudged["final_train_loss"] != fp32["final_train_loss"]  # the nudge takes effect
+    table = (tmp_path / "table.md").read_text()
+    assert "| geometric mean |" in table
+    (h0,) = [line for line in table.splitlines() if line.startswith("| h0 |")]
+    fp32_h0, bf16_h0 = (float(cell.split()[0]) for cell in h0.strip("| ").split(" | ")[1:])
+    assert "(bfloat16)" in h0 and bf16_h0 == fp32_h0 / 2
