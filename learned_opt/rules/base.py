@@ -74,7 +74,7 @@ def step_count(state: RuleState, like: Tensor) -> Tensor:
 def grad_bound(dtype: torch.dtype) -> float:
     """The largest gradient magnitude a rule reads in ``dtype``: a power of two ``G`` with
     ``G**2`` times 2**40 below the dtype's largest number (2**44, about 1.8e13, in float32 and
-    bfloat16; 2**491 in float64; float16 is computed in float32 by the optimizer).
+    bfloat16; 2**492 in float64; float16 is computed in float32 by the optimizer).
 
     Squares of gradients (second moments) and their sums over tensors of up to 2**36 coordinates
     then stay finite, so a finite gradient can never produce an infinite or NaN feature. Real
