@@ -212,6 +212,7 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     command (same configuration), so ``--resume`` continues it."""
     from learned_opt import LSTMOptimizer
     from learned_opt.cli import build_parser, config_from_args
+    from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
 
     assert run_script("experiments/horizon_aware.py", "--dry-run") == 0
     recipe = runpy.run_path(str(ROOT / "experiments/horizon_aware.py"))
@@ -223,10 +224,10 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     checkpoint = ROOT / recipe["CHECKPOINT"]
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
-        saved = dict(state["config"])
-        for key in ("init_weights",):  # where the run kept its files
-            saved.pop(key, None)
-        mine = {k: v for k, v in config.to_dict().items() if k != "init_weights"}
+        # where the run kept its files, and the settings a resumed run may change
+        free = {"init_weights", *RESUMABLE_CHANGES}
+        saved = {k: v for k, v in state["config"].items() if k not in free}
+        mine = {k: v for k, v in config.to_dict().items() if k not in free}
         assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
