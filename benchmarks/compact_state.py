@@ -1,7 +1,8 @@
 """Benchmark: the memory and the quality cost of ``LSTMOptimizer(state_dtype=torch.bfloat16)``.
 
-For each of ``--tasks`` validation tasks (``--family``, default ``val-ood``; the tasks of
-``benchmarks/bf16_quality.py``, drawn from ``learned_opt.evaluate.STATE_DTYPE_STREAM``),
+For each of ``--tasks`` tasks of ``--family`` (default ``validation``, the validation task group;
+drawn as ``benchmarks/bf16_quality.py`` draws them, from
+``learned_opt.evaluate.STATE_DTYPE_STREAM``),
 ``LSTMOptimizer`` (``--weights``, default the shipped default) trains the same initial weights on
 the same minibatches three times:
 
@@ -12,7 +13,10 @@ the same minibatches three times:
   spread of the ``fp32-nudged / fp32`` ratios shows how far apart two runs are that differ by
   nothing that matters; the bf16 ratios are read against it.
 
-Reported per task and as the geometric mean over tasks: the ratio to ``fp32`` of the final loss
+A ratio of two near-zero losses says nothing, so only the tasks on which the ``fp32`` run's final
+training loss stays at least ``--min-loss-fraction`` (default 5%) of its first minibatch loss are
+*rated*; the others are listed and left out of the summaries. Reported per task and, over the
+rated tasks, as the geometric mean, min, median and max: the ratio to ``fp32`` of the final loss
 on the whole training set, of the final held-out loss (the family's holdout split), and of the
 mean minibatch loss over the run. Also the optimizer state's bytes per parameter of each (the
 sum of ``element_size() * numel()`` of every tensor in ``opt.state``, divided by the number of
@@ -75,10 +79,16 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights", default=None, help="default: the shipped default weights")
-    parser.add_argument("--family", default="val-ood", choices=sorted(FAMILIES))
+    parser.add_argument("--family", default="validation", choices=sorted(FAMILIES))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-loss-fraction",
+        type=float,
+        default=0.05,
+        help="rate a task when fp32's final training loss is at least this fraction of its first",
+    )
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -121,6 +131,7 @@ def run(argv: list[str] | None = None) -> int:
                 state_bytes=total,
                 state_bytes_per_param=total / params,
                 mean_train_loss=float(np.mean(losses)) if losses else math.nan,
+                initial_train_loss=losses[0] if losses else math.nan,
             )
             records.append(rec)
 
@@ -128,8 +139,18 @@ def run(argv: list[str] | None = None) -> int:
     for r in records:
         by_task.setdefault(r["seed"], {})[r["mode"]] = r
 
+    def rated(t: dict[str, dict[str, Any]]) -> bool:
+        ref = t["fp32"]
+        return ref["final_train_loss"] >= args.min_loss_fraction * ref["initial_train_loss"]
+
+    def ratio(t: dict[str, dict[str, Any]], mode: str, metric: str) -> float:
+        a, b = t[mode][metric], t["fp32"][metric]
+        return 1.0 if a == b else (a / b if b > 0 else math.inf)
+
     def ratios(mode: str, metric: str) -> list[float]:
-        return [t[mode][metric] / t["fp32"][metric] for t in by_task.values()]
+        return [ratio(t, mode, metric) for t in by_task.values() if rated(t)]
+
+    n_rated = sum(rated(t) for t in by_task.values())
 
     bpp = {
         mode: np.mean([r["state_bytes_per_param"] for r in records if r["mode"] == mode])
@@ -143,19 +164,27 @@ def run(argv: list[str] | None = None) -> int:
         f"State bytes per parameter: fp32 {bpp['fp32']:.2f}, bf16 {bpp['bf16']:.2f} "
         "(mean over the tasks; Adam keeps 8).",
         "",
-        "| task | params | "
+        f"Rated: {n_rated} of {len(by_task)} tasks (fp32's final training loss at least "
+        f"{args.min_loss_fraction:g} of its first minibatch loss); the summaries are over them.",
+        "",
+        "| task | params | rated | "
         + " | ".join(f"{label}: fp32 | bf16 / fp32 | nudged / fp32" for label in METRICS.values())
         + " |",
-        "| --- | ---: |" + " ---: | ---: | ---: |" * len(METRICS),
+        "| --- | ---: | --- |" + " ---: | ---: | ---: |" * len(METRICS),
     ]
     for t in by_task.values():
         cells = [
-            f"{t['fp32'][m]:.4g} | {t['bf16'][m] / t['fp32'][m]:.4f} | "
-            f"{t['fp32-nudged'][m] / t['fp32'][m]:.4f}"
+            f"{t['fp32'][m]:.4g} | {ratio(t, 'bf16', m):.4f} | {ratio(t, 'fp32-nudged', m):.4f}"
             for m in METRICS
         ]
-        lines.append(f"| {t['fp32']['task']} | {t['fp32']['params']} | " + " | ".join(cells) + " |")
-    cells = ["geometric mean", ""]
+        head = f"| {t['fp32']['task']} | {t['fp32']['params']} | {'yes' if rated(t) else 'no'} | "
+        lines.append(head + " | ".join(cells) + " |")
+    if not n_rated:
+        lines.append("")
+        lines.append("No task is rated: nothing to summarize.")
+        write_results(out, records, lines)
+        return 0
+    cells = ["geometric mean (rated)", "", ""]
     for m in METRICS:
         cells += ["", f"{geometric_mean(ratios('bf16', m)):.4f}"]
         cells += [f"{geometric_mean(ratios('fp32-nudged', m)):.4f}"]

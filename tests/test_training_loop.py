@@ -557,7 +557,12 @@ def test_compact_state_benchmark_measures_bytes_and_ratios(tmp_path, run_script)
     for fp32, nudged in zip(by_mode["fp32"], by_mode["fp32-nudged"]):
         assert nudged["final_train_loss"] != fp32["final_train_loss"]  # the nudge takes effect
     table = (tmp_path / "table.md").read_text()
-    assert "| geometric mean |" in table
+    assert "| geometric mean (rated) |" in table and "Rated: 2 of 2 tasks" in table
     (h0,) = [line for line in table.splitlines() if line.startswith("| h0 |")]
     fp32_h0, bf16_h0 = (float(cell.split()[0]) for cell in h0.strip("| ").split(" | ")[1:])
     assert "(bfloat16)" in h0 and bf16_h0 == fp32_h0 / 2
+    # a task whose loss falls near zero is not rated (no final loss falls below twice the first)
+    strict = tmp_path / "strict"
+    argv = ["--smoke", "--min-loss-fraction", "2", "--out", str(strict)]
+    assert run_script("benchmarks/compact_state.py", *argv) == 0
+    assert "Rated: 0 of 2 tasks" in (strict / "table.md").read_text()
