@@ -253,11 +253,11 @@ def measure(size: str, threads: int, args: argparse.Namespace, rate: float, rate
     med = {k: statistics.median(v) for k, v in times.items() if v}
     best = {k: min(v) for k, v in times.items() if v}
     moved = rule_bytes(opt, p_lstm)
-    compute = sum(flops.values()) * n / rate
+    compute = flops_total / rate
     memory = sum(moved.values()) * n / bandwidth
     floor = max(compute, memory)
     # the floor at the rate measured with this thread count (no better than ideal scaling)
-    measured_floor = max(sum(flops.values()) * n / measured_rate, memory)
+    measured_floor = max(flops_total / measured_rate, memory)
     step = med["lstm_optimizer"]
     step_cpu = statistics.median(cpu)
     rec = {
