@@ -184,7 +184,8 @@ class WarmupCosineAdam(torch.optim.Adam):
 def make_factories(
     rule: UpdateRule, steps: int, total_steps: bool, warmup_fraction: float
 ) -> dict[str, OptimizerFactory]:
-    """Every optimizer of :data:`OPTIMIZERS` as ``factory(params, lr)`` for runs of ``steps``."""
+    """Every optimizer of :data:`OPTIMIZERS` as ``factory(params, lr)`` for runs of ``steps``
+    (for the learned optimizers ``lr`` is ``LSTMOptimizer``'s multiplier)."""
     mods = require_bench_packages()
     zeroed = zero_readout(rule)
     horizon = {"total_steps": steps} if total_steps else {}
@@ -196,8 +197,8 @@ def make_factories(
         "prodigy": lambda p, lr: mods["prodigyopt"].Prodigy(p, lr=1.0),
         "dadapt-adam": lambda p, lr: mods["dadaptation"].DAdaptAdam(p, lr=1.0),
         "schedule-free": lambda p, lr: mods["schedulefree"].AdamWScheduleFree(p),
-        "learned": lambda p, lr: LSTMOptimizer(p, weights=rule, lr=1.0, **horizon),
-        "learned-zeroed": lambda p, lr: LSTMOptimizer(p, weights=zeroed, lr=1.0, **horizon),
+        "learned": lambda p, lr: LSTMOptimizer(p, weights=rule, lr=lr, **horizon),
+        "learned-zeroed": lambda p, lr: LSTMOptimizer(p, weights=zeroed, lr=lr, **horizon),
     }
 
 
@@ -222,19 +223,29 @@ def evaluate_sealed(
     total_steps: bool = False,
     warmup_fraction: float = 0.05,
     seed: int = 0,
+    group: str = "sealed-test",
+    optimizers: Sequence[str] = OPTIMIZERS,
+    learned_lr: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run the benchmark.
+    """Run the benchmark on ``tasks`` of ``group`` (``"sealed-test"``, or ``"validation"`` to
+    choose with the same protocol: each seed then also draws the member's architecture) with
+    ``optimizers`` (``adam``, the reference, always runs), the learned ones at multiplier
+    ``learned_lr``.
 
     Returns:
         ``(records, summary)``: one record per evaluation run (:meth:`RunResult.record` plus
         ``benchmark_task`` and ``steps``), and one summary row per task, horizon and optimizer
         (see :func:`summarize_task`).
     """
-    families = sealed_tasks()
+    families = sealed_tasks() if group == "sealed-test" else GROUPS[group].families()
     unknown = [t for t in tasks if t not in families]
     if unknown:
-        raise ValueError(f"Unknown sealed tasks {unknown}; expected among {sorted(families)}")
+        raise ValueError(f"Unknown {group} tasks {unknown}; expected among {sorted(families)}")
+    unknown = sorted(set(optimizers) - set(OPTIMIZERS))
+    if unknown:
+        raise ValueError(f"Unknown optimizers {unknown}; expected among {OPTIMIZERS}")
+    optimizers = [o for o in OPTIMIZERS if o == "adam" or o in optimizers]
     tune, evals = SEALED_STREAMS.seeds(tune_seeds, seeds, seed)
     records: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
@@ -244,32 +255,39 @@ def evaluate_sealed(
             start = time.perf_counter()
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
             adam = tune_lr(family, factories["adam"], tune, n_steps, lrs)
-            cosine = tune_lr_near(
-                family, factories["adam-cosine"], tune, n_steps, lrs, adam.lr, name="adam-cosine"
-            )
-            chosen = {"adam": adam.lr, "adam-cosine": cosine.lr, **_DEFAULT_LR}
+            tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": list(lrs)}}
+            chosen = {**_DEFAULT_LR, "adam": adam.lr, "learned": learned_lr}
+            chosen["learned-zeroed"] = learned_lr
+            if "adam-cosine" in optimizers:
+                cosine = tune_lr_near(
+                    family,
+                    factories["adam-cosine"],
+                    tune,
+                    n_steps,
+                    lrs,
+                    adam.lr,
+                    name="adam-cosine",
+                )
+                chosen["adam-cosine"] = cosine.lr
+                tuning["adam-cosine"] = {"lr": cosine.lr, "scores": cosine.scores}
             runs: dict[str, list[RunResult]] = {}
-            for opt in OPTIMIZERS:
+            for opt in optimizers:
                 runs[opt] = [
                     run_optimizer(family, s, factories[opt], chosen[opt], n_steps, name=opt)
                     for s in evals
                 ]
-            for opt in OPTIMIZERS:
+            for opt in optimizers:
                 for r in runs[opt]:
                     rec = {**r.record(), "benchmark_task": name, "steps": n_steps}
                     rec["losses"] = [float(f"{v:.5g}") for v in r.losses]  # 5 digits: smaller
                     records.append(rec)
-            tuning = {
-                "adam": {"lr": adam.lr, "scores": adam.scores, "grid": list(lrs)},
-                "adam-cosine": {"lr": cosine.lr, "scores": cosine.scores},
-            }
             rows = summarize_task(name, n_steps, runs, tuning)
             summary += rows
             by = {r["optimizer"]: r for r in rows}
             log(
                 f"{name} T={n_steps}: Adam lr={adam.lr:g} final {by['adam']['final_train']:.4g} "
                 f"(initial {by['adam']['initial_loss']:.4g}); ratios "
-                + ", ".join(f"{o} {by[o]['ratio_train']:.3f}" for o in OPTIMIZERS[1:])
+                + ", ".join(f"{o} {by[o]['ratio_train']:.3f}" for o in optimizers[1:])
                 + f"; {time.perf_counter() - start:.0f}s"
             )
     return records, summary
@@ -334,10 +352,11 @@ def tables(summary: list[dict[str, Any]]) -> str:
             "final held-out |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         )
         for t in task_names:
-            a, c = cell[(t, "adam")], cell[(t, "adam-cosine")]
+            a, c = cell[(t, "adam")], cell.get((t, "adam-cosine"))
             edge = " (edge)" if a.get("lr_at_edge") else ""
+            cosine_lr = f"{c['lr']:g}" if c else "-"
             out.append(
-                f"| {t} | {a['lr']:g}{edge} | {c['lr']:g} | {a['initial_loss']:.4g} | "
+                f"| {t} | {a['lr']:g}{edge} | {cosine_lr} | {a['initial_loss']:.4g} | "
                 f"{a['final_train']:.4g} | {a['final_train'] / a['initial_loss']:.3f} | "
                 f"{a['final_test']:.4g} |"
             )
@@ -462,8 +481,19 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds")
     parser.add_argument("--tune-seeds", type=int, default=2, help="seeds that tune Adam's lr")
     parser.add_argument("--lrs", default=",".join(map(str, DEFAULT_LR_GRID)), help="Adam's grid")
-    sealed = [m.name for m in GROUPS["sealed-test"].members]
-    parser.add_argument("--tasks", default=",".join(sealed), help="comma list of sealed tasks")
+    parser.add_argument(
+        "--group",
+        default="sealed-test",
+        choices=("sealed-test", "validation"),
+        help="the task group: the sealed test, or the validation group (for choosing)",
+    )
+    parser.add_argument("--tasks", default=None, help="comma list of the group's tasks (all)")
+    parser.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help="comma list (adam always runs)"
+    )
+    parser.add_argument(
+        "--learned-lr", type=float, default=1.0, help="LSTMOptimizer's lr multiplier (untuned: 1)"
+    )
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="the seed streams")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -475,10 +505,15 @@ def run(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in sealed]
+    members = [m.name for m in GROUPS[args.group].members]
+    tasks = members if args.tasks is None else [t.strip() for t in args.tasks.split(",")]
+    unknown = [t for t in tasks if t not in members]
     if unknown:
-        print(f"unknown tasks {unknown}; choose from {sealed}", file=sys.stderr)
+        print(f"unknown tasks {unknown}; choose from {members}", file=sys.stderr)
+        return 2
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if unknown := sorted(set(optimizers) - set(OPTIMIZERS)):
+        print(f"unknown optimizers {unknown}; choose from {list(OPTIMIZERS)}", file=sys.stderr)
         return 2
     steps = [int(s) for s in args.steps.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
@@ -510,6 +545,9 @@ def run(argv: list[str] | None = None) -> int:
         total_steps=args.total_steps,
         warmup_fraction=args.warmup_fraction,
         seed=args.seed,
+        group=args.group,
+        optimizers=optimizers,
+        learned_lr=args.learned_lr,
     )
     elapsed = time.perf_counter() - start
     command = " ".join(argv if argv is not None else sys.argv[1:])
@@ -519,25 +557,37 @@ def run(argv: list[str] | None = None) -> int:
         "commit": commit,
         "weights": args.weights,
         "total_steps": args.total_steps,
+        "group": args.group,
+        "learned_lr": args.learned_lr,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "seconds": elapsed,
-        "tasks": {m.name: m.build().config() for m in GROUPS["sealed-test"].members},
+        "tasks": {m.name: m.build().config() for m in GROUPS[args.group].members},
     }
     write_jsonl(out / "records.jsonl", records)
     write_jsonl(out / "summary.jsonl", [meta, *summary])
     body = tables(summary)
+    sealed_run = args.group == "sealed-test"
+    untuned = args.learned_lr == 1.0
     header = (
-        f"# Sealed test: `{args.weights}` vs tuned Adam and tuning-free optimizers\n\n"
+        f"# {'Sealed test' if sealed_run else 'Validation group'}: `{args.weights}` vs tuned "
+        "Adam and tuning-free optimizers\n\n"
         f"Command: `{meta['command']}`  \n"
         f"Commit: {commit}; torch {torch.__version__}; {platform.machine()}, "
         f"{torch.get_num_threads()} thread(s); {elapsed / 60:.1f} min; {args.seeds} evaluation "
         f"seeds; Adam's lr tuned on {args.tune_seeds} other seeds over {lrs} (cosine: warm-up "
-        f"{args.warmup_fraction:.0%} of the steps); learned optimizer untuned"
+        f"{args.warmup_fraction:.0%} of the steps); learned optimizer "
+        + ("untuned" if untuned else f"at lr multiplier {args.learned_lr:g}")
         + (", told the horizon (total_steps)" if args.total_steps else "")
-        + ".\n\nThe sealed test is run once per candidate and never used to choose anything. "
-        "Ratios are mean final losses (whole training set; held-out set) over tuned constant "
+        + ".\n\n"
+        + (
+            "The sealed test is run once per candidate and never used to choose anything. "
+            if sealed_run
+            else "The validation group is for choosing; each seed draws the member's "
+            "architecture as well as its data order and initialization. "
+        )
+        + "Ratios are mean final losses (whole training set; held-out set) over tuned constant "
         "Adam's. Speedups compare mean minibatch-loss curves smoothed over 5% of the horizon "
         "(schedule-free's curve is at its training point, its final losses at its averaged "
         "point).\n\n"

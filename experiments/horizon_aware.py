@@ -54,7 +54,7 @@ META_TRAIN = [
     "--rule-kwargs", json.dumps(RULE_KWARGS), "--init-weights", str(RUN / "init.pt"),
     "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000", "--grad-checkpoint",
     "--objective", "test", "--log-meta-loss", "--loss-aversion", "1", "--meta-lr", "3e-3",
-    "--meta-batch", "4", "--clip-grad", "1", "--iterations", "100000", "--time-budget", "11000",
+    "--meta-batch", "4", "--clip-grad", "1", "--iterations", "100000", "--time-budget", "20000",
     "--eval-every", "10", "--eval-tasks", "8", "--eval-family", "validation",
     "--eval-horizon", "500", "--checkpoint-every", "2", "--log-dir", str(RUN / "tb"),
     "--ckpt-dir", str(RUN / "ckpt"), "--export", str(RUN / "weights.pt"), "--resume",

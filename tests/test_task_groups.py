@@ -304,6 +304,26 @@ def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) ->
     assert [json.loads(x)["losses"] for x in second] == [r["losses"] for r in records]
 
 
+def test_the_protocol_runs_on_the_validation_group_with_chosen_optimizers(
+    tmp_path: Path, run_script, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")
+    args = ["--group", "validation", "--tasks", "iris-mlp", "--steps", "4", "--seeds", "2"]
+    args += ["--tune-seeds", "1", "--lrs", "0.01", "--optimizers", "learned"]
+    args += ["--learned-lr", "0.5", "--out", str(tmp_path)]
+    assert run_script("benchmarks/sealed.py", *args) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {r["optimizer"] for r in records} == {"adam", "learned"}  # adam: the reference
+    assert {r["lr"] for r in records if r["optimizer"] == "learned"} == {0.5}
+    meta = json.loads((tmp_path / "summary.jsonl").read_text().splitlines()[0])
+    assert meta["group"] == "validation" and meta["learned_lr"] == 0.5
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("# Validation group") and "lr multiplier 0.5" in table
+    for flag, bad in (("--tasks", "clusters-mlp"), ("--optimizers", "sgd")):  # not in the choice
+        assert run_script("benchmarks/sealed.py", *args, flag, bad) == 2
+        assert bad in capsys.readouterr().err
+
+
 def test_sealed_benchmark_needs_the_tuning_free_packages(
     tmp_path: Path, run_script, monkeypatch, capsys
 ) -> None:
