@@ -335,9 +335,21 @@ def _geo_speedup(rows: list[dict[str, Any]]) -> str:
     return text + (f" ({undefined} undef.)" if undefined else "")
 
 
+#: A task is *rated* at a horizon when tuned Adam's final training loss is at least this
+#: fraction of its initial loss: below it, a ratio compares two near-zero losses and says nothing.
+MIN_LOSS_FRACTION = 0.05
+
+
+def rated(row: dict[str, Any]) -> bool:
+    """Whether tuned Adam's summary ``row`` ends at least :data:`MIN_LOSS_FRACTION` of its
+    initial loss."""
+    return row["final_train"] >= MIN_LOSS_FRACTION * row["initial_loss"]
+
+
 def tables(summary: list[dict[str, Any]]) -> str:
     """Markdown tables per horizon: tuned Adam's losses, then per metric one line per task and
-    a column per optimizer, with geometric means (and seed totals) over tasks."""
+    a column per optimizer, with geometric means (and seed totals) over tasks; where some task
+    is not :func:`rated`, also the geometric means over the rated ones."""
     out: list[str] = []
     opts = [o for o in OPTIMIZERS if any(r["optimizer"] == o for r in summary)]
     others = [o for o in opts if o != "adam"]
@@ -345,15 +357,19 @@ def tables(summary: list[dict[str, Any]]) -> str:
         rows = [r for r in summary if r["steps"] == n_steps]
         task_names = list(dict.fromkeys(r["task"] for r in rows))
         cell = {(r["task"], r["optimizer"]): r for r in rows}
+        good = [t for t in task_names if rated(cell[(t, "adam")])]
         out.append(f"## {n_steps} steps\n")
         out.append(
             "### Tuned Adam (the reference): learning rates and losses\n\n"
+            f"A task is not rated where tuned Adam ends below {MIN_LOSS_FRACTION:.0%} of its "
+            "initial loss (a ratio of near-zero losses says nothing).\n\n"
             "| task | Adam lr | cosine lr | initial loss | final train | final / initial | "
             "final held-out |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
         )
         for t in task_names:
             a, c = cell[(t, "adam")], cell.get((t, "adam-cosine"))
             edge = " (edge)" if a.get("lr_at_edge") else ""
+            t = t if t in good else f"{t} (not rated)"
             cosine_lr = f"{c['lr']:g}" if c else "-"
             out.append(
                 f"| {t} | {a['lr']:g}{edge} | {cosine_lr} | {a['initial_loss']:.4g} | "
@@ -374,6 +390,11 @@ def tables(summary: list[dict[str, Any]]) -> str:
                 f"**{geometric_mean([cell[(t, o)][key] for t in task_names]):.3f}**" for o in others
             )
             out.append(f"| **geometric mean** | {geo} |")
+            if good and len(good) < len(task_names):
+                geo = " | ".join(
+                    f"**{geometric_mean([cell[(t, o)][key] for t in good]):.3f}**" for o in others
+                )
+                out.append(f"| **geometric mean, {len(good)} rated tasks** | {geo} |")
             worst = " | ".join(f"{max(cell[(t, o)][key] for t in task_names):.3f}" for o in others)
             out.append(f"| worst task | {worst} |")
         out.append(

@@ -262,6 +262,23 @@ def test_geometric_mean_of_speedups_marks_upper_bounds(sealed: dict) -> None:
     assert sealed["_geo_speedup"](rows[:1]) == "2.00"
 
 
+def test_tables_rate_only_tasks_that_stay_above_zero(sealed: dict) -> None:
+    def row(task: str, opt: str, final: float, ratio: float) -> dict:
+        speedup = {"status": "ok", "value": 1.0}
+        return {"task": task, "steps": 10, "optimizer": opt, "final_train": final,
+                "final_test": final, "initial_loss": 1.0, "ratio_train": ratio,
+                "ratio_test": ratio, "lr": 0.1, "won": 1, "seeds": 2,
+                "speedup": None if opt == "adam" else speedup}  # fmt: skip
+
+    summary = [row("a", "adam", 0.5, 1.0), row("a", "learned", 0.4, 0.8)]
+    summary += [row("b", "adam", 0.01, 1.0), row("b", "learned", 1e-4, 0.01)]  # near zero
+    table = sealed["tables"](summary)
+    assert "| b (not rated) |" in table and "| a |" in table
+    assert "| **geometric mean** | **0.089** |" in table  # sqrt(0.8 * 0.01)
+    assert "| **geometric mean, 1 rated tasks** | **0.800** |" in table
+    assert "rated tasks" not in sealed["tables"](summary[:2])  # every task rated: one mean
+
+
 def test_warmup_cosine_schedule(sealed: dict) -> None:
     p = [torch.zeros(2, requires_grad=True)]
     opt = sealed["WarmupCosineAdam"](p, 0.1, total_steps=100, warmup_steps=5)
