@@ -1,8 +1,9 @@
-"""Recipe of the horizon-aware candidate for the default weights (a run in progress).
+"""Recipe of the horizon-aware candidates for the default weights (runs in progress).
 
     python experiments/horizon_aware.py               # init, meta-train (resumes), sealed test
     python experiments/horizon_aware.py --dry-run     # print its commands, run nothing
     python experiments/horizon_aware.py --steps sealed
+    python experiments/horizon_aware.py --objective final-train --procs 2   # the second run
 
 Run it from the repository root. The rule is a :class:`~learned_opt.rules.ScheduledRule` (a
 learned step-size schedule that reads the step and, when ``total_steps`` is given, the run's
@@ -18,6 +19,11 @@ progress) around the shipped default, the LSTM-corrected Adam rule. The steps:
    (``--loss-aversion 1``); weights selected on the ``validation`` group. It resumes from
    ``runs/horizon-aware/ckpt``; on a fresh machine it first copies the committed checkpoint
    of the run so far (``experiments/checkpoints/horizon-aware.pt``) there.
+   ``--objective final-train`` is a second run (``runs/horizon-aware-final-train``, checkpoint
+   ``experiments/checkpoints/horizon-aware-final-train.pt``) whose meta-loss and selection use
+   the *training* loss at the end of the run, the loss the sealed test reports: the first run's
+   schedule learned mostly a smaller step, which the held-out loss rewards on small tasks.
+   ``--procs N`` runs the meta-training under ``torchrun`` with N processes of one thread.
 3. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps with
    ``total_steps`` given, once per candidate.
 """
@@ -49,22 +55,41 @@ BASE_CONFIG = {
 }  # fmt: skip
 RULE_KWARGS = {"base": "general-lstm", "base_config": BASE_CONFIG, "hidden": 16, "bound": 3.0}
 
-META_TRAIN = [
-    "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
-    "--rule-kwargs", json.dumps(RULE_KWARGS), "--init-weights", str(RUN / "init.pt"),
-    "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000", "--grad-checkpoint",
-    "--objective", "test", "--log-meta-loss", "--loss-aversion", "1", "--meta-lr", "3e-3",
-    "--meta-batch", "4", "--clip-grad", "1", "--iterations", "100000", "--time-budget", "20000",
-    "--eval-every", "10", "--eval-tasks", "8", "--eval-family", "validation",
-    "--eval-horizon", "500", "--checkpoint-every", "2", "--log-dir", str(RUN / "tb"),
-    "--ckpt-dir", str(RUN / "ckpt"), "--export", str(RUN / "weights.pt"), "--resume",
-]  # fmt: skip
+#: Per meta-objective: the run's folder and its committed checkpoint.
+RUNS = {
+    "test": (RUN, CHECKPOINT),
+    "final-train": (
+        Path("runs/horizon-aware-final-train"),
+        Path("experiments/checkpoints/horizon-aware-final-train.pt"),
+    ),
+}
 
 
-def sealed(steps: int) -> list[str]:
+def meta_train(objective: str = "test") -> list[str]:
+    """The meta-training command (after ``python -m learned_opt``) of the run of ``objective``."""
+    run = RUNS[objective][0]
     return [
-        "benchmarks/sealed.py", "--weights", str(RUN / "weights.pt"), "--steps", str(steps),
-        "--total-steps", "--out", f"benchmarks/results/sealed/horizon-aware-{steps}",
+        "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
+        "--rule-kwargs", json.dumps(RULE_KWARGS), "--init-weights", str(run / "init.pt"),
+        "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000", "--grad-checkpoint",
+        "--objective", objective, "--log-meta-loss", "--loss-aversion", "1", "--meta-lr", "3e-3",
+        "--meta-batch", "4", "--clip-grad", "1", "--iterations", "100000",
+        "--time-budget", "20000", "--eval-every", "10", "--eval-tasks", "8",
+        "--eval-family", "validation", "--eval-horizon", "500", "--checkpoint-every", "2",
+        "--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
+        "--export", str(run / "weights.pt"), "--resume",
+    ]  # fmt: skip
+
+
+META_TRAIN = meta_train("test")
+
+
+def sealed(steps: int, objective: str = "test") -> list[str]:
+    run = RUNS[objective][0]
+    name = "horizon-aware" if objective == "test" else f"horizon-aware-{objective}"
+    return [
+        "benchmarks/sealed.py", "--weights", str(run / "weights.pt"), "--steps", str(steps),
+        "--total-steps", "--out", f"benchmarks/results/sealed/{name}-{steps}",
     ]  # fmt: skip
 
 
@@ -84,42 +109,53 @@ def write_init(path: Path) -> None:
     save_rule(path, rule, {"source": "the shipped 'general' under the identity schedule"})
 
 
-def restore_checkpoint() -> None:
+def restore_checkpoint(objective: str = "test") -> None:
     """Put the committed checkpoint where ``--resume`` looks, unless the run has newer ones."""
-    ckpt_dir = RUN / "ckpt"
-    if CHECKPOINT.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
+    run, checkpoint = RUNS[objective]
+    ckpt_dir = run / "ckpt"
+    if checkpoint.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
         import torch
 
-        iteration = int(torch.load(CHECKPOINT, weights_only=True)["iteration"])
+        iteration = int(torch.load(checkpoint, weights_only=True)["iteration"])
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(CHECKPOINT, ckpt_dir / f"ckpt_{iteration:08d}.pt")
+        shutil.copyfile(checkpoint, ckpt_dir / f"ckpt_{iteration:08d}.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
+    parser.add_argument("--objective", default="test", choices=sorted(RUNS), help="which run")
+    parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if unknown := sorted(set(steps) - set(STEPS)):
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if args.procs < 1 or 4 % args.procs:
+        parser.error("--procs must divide the meta-batch, 4")
     if Path.cwd().resolve() != ROOT and not args.dry_run:
         parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
+    run = RUNS[args.objective][0]
     if "init" in steps:
-        print(f"# init: {RUN / 'init.pt'}", flush=True)
+        print(f"# init: {run / 'init.pt'}", flush=True)
         if not args.dry_run:
-            write_init(RUN / "init.pt")
+            write_init(run / "init.pt")
     if "meta-train" in steps:
-        print(shlex.join(["python", "-m", "learned_opt", *META_TRAIN]), flush=True)
+        launch = ["-m", "learned_opt"]
+        if args.procs > 1:
+            launch = ["-m", "torch.distributed.run", "--standalone"]
+            launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
+        command = [*launch, *meta_train(args.objective)]
+        print(shlex.join(["python", *command]), flush=True)
         if not args.dry_run:
-            restore_checkpoint()
+            restore_checkpoint(args.objective)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-            subprocess.run([sys.executable, "-m", "learned_opt", *META_TRAIN], check=True, env=env)
+            subprocess.run([sys.executable, *command], check=True, env=env)
     if "sealed" in steps:
         for horizon in (100, 1000):
-            print(shlex.join(["python", *sealed(horizon)]), flush=True)
+            print(shlex.join(["python", *sealed(horizon, args.objective)]), flush=True)
             if not args.dry_run:
-                subprocess.run([sys.executable, *sealed(horizon)], check=True)
+                subprocess.run([sys.executable, *sealed(horizon, args.objective)], check=True)
     return 0
 
 

@@ -219,16 +219,20 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     command = [c for c in capsys.readouterr().out.splitlines() if "meta-train" in c][0]
     argv = shlex.split(command)[3:]  # after "python -m learned_opt"
     assert argv == recipe["META_TRAIN"]
-    config = config_from_args(build_parser().parse_args(argv))
-    assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
-    checkpoint = ROOT / recipe["CHECKPOINT"]
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        # where the run kept its files, and the settings a resumed run may change
-        free = {"init_weights", *RESUMABLE_CHANGES}
-        saved = {k: v for k, v in state["config"].items() if k not in free}
-        mine = {k: v for k, v in config.to_dict().items() if k not in free}
-        assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+    assert set(recipe["RUNS"]) == {"test", "final-train"}
+    for objective, (_, committed) in recipe["RUNS"].items():
+        argv = recipe["meta_train"](objective)
+        config = config_from_args(build_parser().parse_args(argv))
+        assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
+        assert config.objective == objective
+        checkpoint = ROOT / committed
+        if checkpoint.is_file():
+            state = torch.load(checkpoint, weights_only=True)
+            # where the run kept its files, and the settings a resumed run may change
+            free = {"init_weights", *RESUMABLE_CHANGES}
+            saved = {k: v for k, v in state["config"].items() if k not in free}
+            mine = {k: v for k, v in config.to_dict().items() if k not in free}
+            assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
     rule, _ = load_rule(init)

@@ -52,6 +52,17 @@ def test_test_objective_reaches_theta(rule: LSTMRule) -> None:
     assert grad.abs().sum() > 0
 
 
+def test_final_train_objective_is_the_training_loss_after_the_window() -> None:
+    task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
+    learner = OptimizerLearner(SGDRule(lr=1e-3))
+    kw = dict(horizon=3, truncation=3, objective="final-train")
+    (window,) = unroll(learner, task, torch.Generator().manual_seed(1), **kw)
+    # the quadratic's training set is one fixed batch: the loss at the final parameters on it
+    expected = learner.evaluate(task, window.state, task.train.sample())
+    torch.testing.assert_close(window.meta_loss, expected)
+    assert window.meta_loss.requires_grad and window.meta_loss < window.train_losses[0]
+
+
 def test_sgd_unroll_matches_hand_computation() -> None:
     task = make_family("quadratic").sample(torch.Generator().manual_seed(0))
     losses, state = run_inner(
@@ -91,7 +102,7 @@ def test_invalid_arguments() -> None:
         next(unroll(learner, task, torch.Generator(), horizon=0))
 
 
-@pytest.mark.parametrize("objective", ["train", "test"])
+@pytest.mark.parametrize("objective", ["train", "test", "final-train"])
 def test_log_meta_loss_divides_the_meta_gradient_by_the_loss(
     rule: LSTMRule, objective: str
 ) -> None:

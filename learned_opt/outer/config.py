@@ -93,7 +93,8 @@ class MetaTrainConfig:
     objective: str = _opt(
         "train",
         "train: mean training loss over the window (the paper); test: held-out loss at the "
-        "end of the window",
+        "end of the window; final-train: training loss at the end of the window (a fresh "
+        "minibatch)",
         choices=OBJECTIVES,
     )
     log_meta_loss: bool = _opt(

@@ -40,9 +40,9 @@ class HeldOut:
     """The held-out evaluation of a run: ``config.eval_tasks`` tasks of ``family`` unrolled for
     ``config.eval_horizon_steps()`` steps.
 
-    The metric of the per-task final losses (training loss with the ``"train"`` objective,
-    held-out loss with ``"test"``) is their mean, or with ``log_meta_loss`` their geometric mean;
-    ``inf`` if any is not finite.
+    The metric of the per-task final losses (training loss with the ``"train"`` and
+    ``"final-train"`` objectives, held-out loss with ``"test"``) is their mean, or with
+    ``log_meta_loss`` their geometric mean; ``inf`` if any is not finite.
     """
 
     def __init__(self, config: MetaTrainConfig, family: TaskFamily) -> None:
@@ -52,7 +52,8 @@ class HeldOut:
         self.seeds = [
             task_seed(config.seed, TRAINER_EVAL_STREAM, k) for k in range(config.eval_tasks)
         ]
-        self.metric_name = "final_train_loss" if config.objective == "train" else "final_test_loss"
+        train = config.objective in ("train", "final-train")
+        self.metric_name = "final_train_loss" if train else "final_test_loss"
 
     def aggregate(self, values: Sequence[float]) -> float:
         """The evaluation metric of per-task final losses."""

@@ -24,8 +24,10 @@ from .grad_checkpoint import CheckpointedWindow, checkpoint_segments
 __all__ = ["OBJECTIVES", "UnrollSpec", "Window", "run_inner", "tell_horizon", "unroll"]
 
 #: Meta-objectives: "train" = mean training loss over the window (the paper's sum of losses,
-#: scaled by 1/K); "test" = held-out loss at the end of the window.
-OBJECTIVES = ("train", "test")
+#: scaled by 1/K); "test" = held-out loss at the end of the window; "final-train" = training loss
+#: at the end of the window, on a fresh training minibatch (what a run's final training loss
+#: measures, without the held-out loss's reward for regularizing).
+OBJECTIVES = ("train", "test", "final-train")
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def unroll(
             if ref_state is not None:
                 ref_objective = sum(ref_losses[: len(losses)]) / len(losses)
         else:
-            test_batch = task.test.sample()
+            test_batch = task.test.sample() if objective == "test" else task.train.sample()
             meta_loss = learner.evaluate(task, state, test_batch)
             if ref_state is not None:
                 with torch.no_grad():
