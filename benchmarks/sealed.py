@@ -75,7 +75,7 @@ from learned_opt.evaluate import (
 from learned_opt.report import write_jsonl
 from learned_opt.rules import UpdateRule
 from learned_opt.rules.scheduled import ScheduledRule
-from learned_opt.tasks.groups import GROUPS, sealed_tasks
+from learned_opt.tasks.groups import GROUPS
 
 #: Optimizers in the order of the tables; the first is the reference of every ratio.
 OPTIMIZERS = (
@@ -202,14 +202,8 @@ def make_factories(
     }
 
 
-#: The learning rate recorded for the untuned optimizers (their own documented defaults).
-_DEFAULT_LR = {
-    "prodigy": 1.0,
-    "dadapt-adam": 1.0,
-    "schedule-free": 0.0025,
-    "learned": 1.0,
-    "learned-zeroed": 1.0,
-}
+#: The learning rate recorded for the tuning-free optimizers (their own documented defaults).
+_DEFAULT_LR = {"prodigy": 1.0, "dadapt-adam": 1.0, "schedule-free": 0.0025}
 
 
 def evaluate_sealed(
@@ -238,7 +232,7 @@ def evaluate_sealed(
         ``benchmark_task`` and ``steps``), and one summary row per task, horizon and optimizer
         (see :func:`summarize_task`).
     """
-    families = sealed_tasks() if group == "sealed-test" else GROUPS[group].families()
+    families = GROUPS[group].families()
     unknown = [t for t in tasks if t not in families]
     if unknown:
         raise ValueError(f"Unknown {group} tasks {unknown}; expected among {sorted(families)}")
@@ -256,8 +250,8 @@ def evaluate_sealed(
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
             adam = tune_lr(family, factories["adam"], tune, n_steps, lrs)
             tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": list(lrs)}}
-            chosen = {**_DEFAULT_LR, "adam": adam.lr, "learned": learned_lr}
-            chosen["learned-zeroed"] = learned_lr
+            chosen = {**_DEFAULT_LR, "adam": adam.lr}
+            chosen |= {"learned": learned_lr, "learned-zeroed": learned_lr}
             if "adam-cosine" in optimizers:
                 cosine = tune_lr_near(
                     family,

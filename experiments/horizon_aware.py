@@ -86,10 +86,9 @@ META_TRAIN = meta_train("test")
 
 def sealed(steps: int, objective: str = "test") -> list[str]:
     run = RUNS[objective][0]
-    name = "horizon-aware" if objective == "test" else f"horizon-aware-{objective}"
     return [
         "benchmarks/sealed.py", "--weights", str(run / "weights.pt"), "--steps", str(steps),
-        "--total-steps", "--out", f"benchmarks/results/sealed/{name}-{steps}",
+        "--total-steps", "--out", f"benchmarks/results/sealed/{run.name}-{steps}",
     ]  # fmt: skip
 
 

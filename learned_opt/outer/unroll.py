@@ -208,11 +208,11 @@ def unroll(
             if ref_state is not None:
                 ref_objective = sum(ref_losses[: len(losses)]) / len(losses)
         else:
-            test_batch = task.test.sample() if objective == "test" else task.train.sample()
-            meta_loss = learner.evaluate(task, state, test_batch)
+            end_batch = task.test.sample() if objective == "test" else task.train.sample()
+            meta_loss = learner.evaluate(task, state, end_batch)
             if ref_state is not None:
                 with torch.no_grad():
-                    ref_objective = float(reference.evaluate(task, ref_state, test_batch))  # type: ignore[union-attr]
+                    ref_objective = float(reference.evaluate(task, ref_state, end_batch))  # type: ignore[union-attr]
         if ref_objective is not None and not (math.isfinite(ref_objective) and ref_objective > 0):
             ref_objective, ref_state = None, None  # the reference diverged: stop running it
         if meta_loss is not None and spec.log_meta_loss:
