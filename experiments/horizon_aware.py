@@ -65,9 +65,21 @@ RUNS = {
 }
 
 
-def meta_train(objective: str = "test") -> list[str]:
-    """The meta-training command (after ``python -m learned_opt``) of the run of ``objective``."""
-    run = RUNS[objective][0]
+def run_paths(objective: str = "test", second_order: bool = False) -> tuple[Path, Path]:
+    """The run folder and committed checkpoint of the run of ``objective``, first or second
+    order."""
+    run, checkpoint = RUNS[objective]
+    if second_order:
+        return run.with_name(f"{run.name}-second-order"), checkpoint.with_name(
+            f"{checkpoint.stem}-second-order.pt"
+        )
+    return run, checkpoint
+
+
+def meta_train(objective: str = "test", second_order: bool = False) -> list[str]:
+    """The meta-training command (after ``python -m learned_opt``) of the run of ``objective``
+    (``second_order``: meta-gradients through the optimizee's gradients too)."""
+    run = run_paths(objective, second_order)[0]
     return [
         "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
         "--rule-kwargs", json.dumps(RULE_KWARGS), "--init-weights", str(run / "init.pt"),
@@ -78,14 +90,15 @@ def meta_train(objective: str = "test") -> list[str]:
         "--eval-family", "validation", "--eval-horizon", "500", "--checkpoint-every", "2",
         "--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
         "--export", str(run / "weights.pt"), "--resume",
+        *(["--second-order"] if second_order else []),
     ]  # fmt: skip
 
 
 META_TRAIN = meta_train("test")
 
 
-def sealed(steps: int, objective: str = "test") -> list[str]:
-    run = RUNS[objective][0]
+def sealed(steps: int, objective: str = "test", second_order: bool = False) -> list[str]:
+    run = run_paths(objective, second_order)[0]
     return [
         "benchmarks/sealed.py", "--weights", str(run / "weights.pt"), "--steps", str(steps),
         "--total-steps", "--out", f"benchmarks/results/sealed/{run.name}-{steps}",
@@ -108,9 +121,9 @@ def write_init(path: Path) -> None:
     save_rule(path, rule, {"source": "the shipped 'general' under the identity schedule"})
 
 
-def restore_checkpoint(objective: str = "test") -> None:
+def restore_checkpoint(objective: str = "test", second_order: bool = False) -> None:
     """Put the committed checkpoint where ``--resume`` looks, unless the run has newer ones."""
-    run, checkpoint = RUNS[objective]
+    run, checkpoint = run_paths(objective, second_order)
     ckpt_dir = run / "ckpt"
     if checkpoint.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
         import torch
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
     parser.add_argument("--objective", default="test", choices=sorted(RUNS), help="which run")
     parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
+    parser.add_argument(
+        "--second-order", action="store_true", help="second-order meta-gradients (its own run)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -134,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--procs must divide the meta-batch, 4")
     if Path.cwd().resolve() != ROOT and not args.dry_run:
         parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
-    run = RUNS[args.objective][0]
+    order = args.second_order
+    run = run_paths(args.objective, order)[0]
     if "init" in steps:
         print(f"# init: {run / 'init.pt'}", flush=True)
         if not args.dry_run:
@@ -144,17 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.procs > 1:
             launch = ["-m", "torch.distributed.run", "--standalone"]
             launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
-        command = [*launch, *meta_train(args.objective)]
+        command = [*launch, *meta_train(args.objective, order)]
         print(shlex.join(["python", *command]), flush=True)
         if not args.dry_run:
-            restore_checkpoint(args.objective)
+            restore_checkpoint(args.objective, order)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
             subprocess.run([sys.executable, *command], check=True, env=env)
     if "sealed" in steps:
         for horizon in (100, 1000):
-            print(shlex.join(["python", *sealed(horizon, args.objective)]), flush=True)
+            command = sealed(horizon, args.objective, order)
+            print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
-                subprocess.run([sys.executable, *sealed(horizon, args.objective)], check=True)
+                subprocess.run([sys.executable, *command], check=True)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 
 def test_eval_vs_tuned_smoke(tmp_path: Path, run_script) -> None:
@@ -47,3 +50,12 @@ def test_bf16_quality_smoke(tmp_path: Path, run_script) -> None:
     table = (tmp_path / "table.md").read_text()
     assert "| final_train_loss |" in table and "bf16 / fp32" in table
     assert (tmp_path / "records.jsonl").stat().st_size > 0
+
+
+def test_meta_gradient_bias_smoke(tmp_path: Path, run_script) -> None:
+    """The exact (second-order) gradient's finite-difference slope is minus its norm: the
+    benchmark's check of its own measurement."""
+    assert run_script("benchmarks/meta_gradient_bias.py", "--smoke", "--out", str(tmp_path)) == 0
+    record = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
+    assert record["so_slope"] == pytest.approx(-record["so_norm"], rel=0.1)
+    assert -1.0 <= record["cosine"] <= 1.0

@@ -220,12 +220,16 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     argv = shlex.split(command)[3:]  # after "python -m learned_opt"
     assert argv == recipe["META_TRAIN"]
     assert set(recipe["RUNS"]) == {"test", "final-train"}
-    for objective, (_, committed) in recipe["RUNS"].items():
-        argv = recipe["meta_train"](objective)
+    runs = [(objective, order) for objective in recipe["RUNS"] for order in (False, True)]
+    folders = {recipe["run_paths"](*run) for run in runs}
+    assert len(folders) == len(runs)  # each run its own folder and checkpoint
+    for objective, order in runs:
+        argv = recipe["meta_train"](objective, order)
         config = config_from_args(build_parser().parse_args(argv))
         assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
-        assert config.objective == objective
-        checkpoint = ROOT / committed
+        assert config.objective == objective and config.second_order == order
+        assert str(recipe["run_paths"](objective, order)[0] / "ckpt") in argv
+        checkpoint = ROOT / recipe["run_paths"](objective, order)[1]
         if checkpoint.is_file():
             state = torch.load(checkpoint, weights_only=True)
             # where the run kept its files, and the settings a resumed run may change
