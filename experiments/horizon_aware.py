@@ -25,10 +25,11 @@ progress) around the shipped default, the LSTM-corrected Adam rule. The steps:
    the *training* loss at the end of the run, the loss the sealed test reports: the first run's
    schedule learned mostly a smaller step, which the held-out loss rewards on small tasks.
    ``--second-order`` is a run of its own (folder and checkpoint suffixed ``-second-order``)
-   with exact meta-gradients of 50-step truncation windows (meta-lr 1e-3) instead of
-   first-order ones of whole unrolls: ``benchmarks/meta_gradient_bias.py`` finds the first-order
-   gradient pointing uphill on 3 of 4 smooth tasks at 20 steps, and whole unrolls of 100 steps
-   or more chaotic.
+   with exact meta-gradients of 50-step truncation windows (meta-lr 1e-3), each task's clipped
+   before the mean, instead of first-order ones of whole unrolls: ``benchmarks/
+   meta_gradient_bias.py`` finds the first-order gradient pointing uphill on 3 of 4 smooth tasks
+   at 20 steps, and whole unrolls of 100 steps or more chaotic (single windows' gradient norms
+   reach thousands, which would steer a plain mean alone).
    ``--procs N`` runs the meta-training under ``torchrun`` with N processes of one thread.
 3. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps with
    ``total_steps`` given, once per candidate.
@@ -100,7 +101,7 @@ def meta_train(objective: str = "test", second_order: bool = False) -> list[str]
         "--eval-family", "validation", "--eval-horizon", "500", "--checkpoint-every", "2",
         "--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
         "--export", str(run / "weights.pt"), "--resume",
-        *(["--second-order"] if second_order else []),
+        *(["--second-order", "--clip-grad-per-task"] if second_order else []),
     ]  # fmt: skip
 
 

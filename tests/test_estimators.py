@@ -21,8 +21,10 @@ from learned_opt.outer.estimators import (
     TBPTTEstimator,
     average_gradients,
     build_estimator,
+    clip_estimate,
     meta_parameters,
 )
+from learned_opt.outer.rounds import take_rounds
 from learned_opt.rules import GeneralLSTMRule, build_rule
 from learned_opt.rules.base import RuleState, UpdateRule
 from learned_opt.tasks import QuadraticFamily, make_family
@@ -135,8 +137,10 @@ def test_tbptt_with_gradient_checkpointing_gives_the_same_estimate(quadratic) ->
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_tbptt_iteration_reproduces_the_meta_trainer() -> None:
-    """meta_train_iteration with TBPTT streams takes exactly the trainer's meta-steps."""
+@pytest.mark.parametrize("per_task", [False, True])
+def test_tbptt_iteration_reproduces_the_meta_trainer(per_task: bool) -> None:
+    """meta_train_iteration with TBPTT streams takes exactly the trainer's meta-steps, with and
+    without per-task clipping (a clipping norm small enough to bind)."""
     config = MetaTrainConfig(
         family="quadratic",
         rule="general-lstm",
@@ -147,6 +151,8 @@ def test_tbptt_iteration_reproduces_the_meta_trainer() -> None:
         iterations=1,
         eval_every=0,
         meta_lr=1e-2,
+        clip_grad=1e-3 if per_task else 1.0,
+        clip_grad_per_task=per_task,
     )
     trainer = MetaTrainer(config)
     trainer.train_iteration()
@@ -166,7 +172,13 @@ def test_tbptt_iteration_reproduces_the_meta_trainer() -> None:
                 UnrollSpec(config.horizon, config.truncation, max_loss_ratio=config.max_loss_ratio),
             )
         )
-    stats = meta_train_iteration(learner, meta_opt, streams, clip_grad=config.clip_grad)
+    stats = meta_train_iteration(
+        learner,
+        meta_opt,
+        streams,
+        clip_grad=config.clip_grad,
+        clip_each=config.clip_grad if per_task else 0.0,
+    )
     assert stats["rounds"] == 3 and stats["skipped"] == 0
     mine, theirs = learner.state_dict(), trainer.learner.state_dict()
     for k in theirs:
@@ -258,6 +270,46 @@ def test_average_gradients_and_registry() -> None:
     assert build_estimator("pes", pairs=3).config()["pairs"] == 3
     with pytest.raises(ValueError):
         build_estimator("reinforce")
+
+
+def test_clip_estimate_scales_only_gradients_above_the_norm() -> None:
+    z = torch.zeros(0)
+    big = MetaGradient([torch.tensor([3.0, 0.0]), None, torch.tensor([4.0])], 1.0, z, 0, 1)
+    clipped = clip_estimate(big, 1.0)
+    norm = torch.cat([clipped.grads[0], clipped.grads[2]]).norm()
+    assert norm == pytest.approx(1.0, rel=1e-5) and clipped.grads[1] is None
+    torch.testing.assert_close(clipped.grads[0] * 5, torch.tensor([3.0, 0.0]), rtol=1e-5, atol=0)
+    assert clipped.meta_loss == 1.0 and big.grads[0][0] == 3.0  # a copy; the input is kept
+    small = MetaGradient([torch.tensor([0.3])], 1.0, z, 0, 1)
+    nonfinite = MetaGradient([torch.tensor([math.inf])], 1.0, z, 0, 1)
+    unusable = MetaGradient(None, math.nan, z, 0, 1)
+    for e in (small, nonfinite, unusable):
+        assert clip_estimate(e, 1.0) is e
+
+
+def test_per_task_clipping_keeps_one_task_from_steering_the_step() -> None:
+    """A chaotic task's gradient (norm 1e4) dominates the plain mean; clipped per task first,
+    the two tasks weigh alike."""
+    z = torch.zeros(0)
+
+    def streams():
+        chaotic = MetaGradient([torch.tensor([1e4, 0.0])], 0.0, z, 0, 1)
+        calm = MetaGradient([torch.tensor([0.0, 1.0])], 0.0, z, 0, 1)
+        return [iter([chaotic]), iter([calm])]
+
+    taken: list[Tensor] = []
+
+    def step(grads, loss):
+        taken.append(grads[0])
+        return float(grads[0].norm()), True
+
+    take_rounds(streams(), step)
+    take_rounds(streams(), step, clip_each=1.0)
+    plain, clipped = taken
+    assert plain[1] / plain[0] < 1e-3
+    torch.testing.assert_close(clipped, torch.tensor([0.5, 0.5]), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="clip_grad_per_task"):
+        MetaTrainConfig(clip_grad=0.0, clip_grad_per_task=True)
 
 
 @pytest.mark.parametrize("objective", ["train", "test"])

@@ -210,7 +210,7 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     """The recipe of the run in progress: its command parses, its starting weights step exactly
     like the shipped default, and its committed checkpoint (if any) was written by this very
     command (same configuration), so ``--resume`` continues it."""
-    from learned_opt import LSTMOptimizer
+    from learned_opt import LSTMOptimizer, MetaTrainConfig
     from learned_opt.cli import build_parser, config_from_args
     from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
 
@@ -228,13 +228,15 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
         config = config_from_args(build_parser().parse_args(argv))
         assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
         assert config.objective == objective and config.second_order == order
+        assert config.clip_grad_per_task == order
         assert str(recipe["run_paths"](objective, order)[0] / "ckpt") in argv
         checkpoint = ROOT / recipe["run_paths"](objective, order)[1]
         if checkpoint.is_file():
             state = torch.load(checkpoint, weights_only=True)
             # where the run kept its files, and the settings a resumed run may change
             free = {"init_weights", *RESUMABLE_CHANGES}
-            saved = {k: v for k, v in state["config"].items() if k not in free}
+            saved = MetaTrainConfig.from_dict(state["config"]).to_dict()  # as resume reads it
+            saved = {k: v for k, v in saved.items() if k not in free}
             mine = {k: v for k, v in config.to_dict().items() if k not in free}
             assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
     init = tmp_path / "init.pt"

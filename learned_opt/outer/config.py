@@ -152,6 +152,12 @@ class MetaTrainConfig:
         1, "tasks unrolled side by side per meta-step (over all processes), losses averaged"
     )
     clip_grad: float = _opt(1.0, "maximum meta-gradient norm (0: no clipping)")
+    clip_grad_per_task: bool = _opt(
+        False,
+        "also clip each task's meta-gradient at --clip-grad before the mean, so that one task "
+        "whose meta-loss is chaotic (a gradient norm thousands of times the others') cannot "
+        "steer the meta-step alone",
+    )
     iterations: int = _opt(500, "task batches to unroll (each gives ceil(T / K) meta-steps)")
     time_budget: float | None = _opt(None, "stop after this many seconds of meta-training")
     eval_every: int = _opt(50, "iterations between held-out evaluations (0: none)")
@@ -207,6 +213,10 @@ class MetaTrainConfig:
             raise ValueError(
                 f"grad_checkpoint and second_order apply to backpropagation only, not to the "
                 f"{self.estimator!r} estimator (which never builds a graph)"
+            )
+        if self.clip_grad_per_task and not self.clip_grad > 0:
+            raise ValueError(
+                "clip_grad_per_task needs clip_grad > 0 (the norm each task is clipped at)"
             )
         if self.loss_aversion is not None:
             if not (math.isfinite(self.loss_aversion) and self.loss_aversion >= 0):

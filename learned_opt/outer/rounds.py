@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..learners import MetaLearner
-from .estimators import MetaGradient, average_gradients, set_gradients
+from .estimators import MetaGradient, average_gradients, clip_estimate, set_gradients
 
 __all__ = ["MetaStep", "meta_train_iteration", "take_rounds", "write_meta_gradient"]
 
@@ -63,6 +63,7 @@ def take_rounds(
     *,
     rounds: int | None = None,
     step_without_gradient: bool = False,
+    clip_each: float = 0.0,
 ) -> dict[str, float]:
     """Round after round, the next window of every stream still running, and one ``step``
     with the mean of their gradients and meta-losses.
@@ -74,6 +75,9 @@ def take_rounds(
             join the same all-reduces); ``None``: until every stream is exhausted.
         step_without_gradient: call ``step(None, 0.0)`` for a round without a usable window
             (a distributed run's rank still takes part); otherwise such a round is skipped.
+        clip_each: if positive, each window's gradient is first clipped to this norm
+            (:func:`~learned_opt.outer.estimators.clip_estimate`), so that no one task's
+            gradient dominates the mean.
 
     Returns:
         ``{"meta_loss", "grad_norm"}`` (means over the steps), ``"diverged"`` (windows after
@@ -91,7 +95,7 @@ def take_rounds(
             if e is None:
                 active.remove(s)
                 continue
-            estimates.append(e)
+            estimates.append(clip_estimate(e, clip_each) if clip_each > 0 else e)
             diverged += e.diverged
         grads = average_gradients(estimates)
         if grads is None and not step_without_gradient:
@@ -117,11 +121,16 @@ def meta_train_iteration(
     streams: Sequence[Iterator[MetaGradient]],
     *,
     clip_grad: float = 1.0,
+    clip_each: float = 0.0,
 ) -> dict[str, float]:
     """One meta-training iteration driven by estimator streams (one per task): the loop of
     ``MetaTrainer.train_iteration`` without the trainer (no rollback, learning-rate schedule,
     logging or checkpoints). A round whose gradient norm or mean meta-loss is not finite is
     skipped. With the trainer's streams it takes the same steps (tested).
+
+    Args:
+        clip_grad: the norm the mean gradient is clipped to (``0``: none).
+        clip_each: as in :func:`take_rounds` (the trainer's ``clip_grad_per_task``).
 
     Returns:
         as :func:`take_rounds`.
@@ -135,4 +144,4 @@ def meta_train_iteration(
         meta_opt.step()
         return norm, True
 
-    return take_rounds(streams, step)
+    return take_rounds(streams, step, clip_each=clip_each)

@@ -283,6 +283,7 @@ class MetaTrainer:
             self._meta_step,
             rounds=math.ceil(max(horizons) / cfg.truncation),
             step_without_gradient=world > 1,
+            clip_each=cfg.clip_grad if cfg.clip_grad_per_task else 0.0,
         )
         return {
             "meta_loss": stats["meta_loss"],

@@ -23,7 +23,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Estimator, MetaGradient, average_gradients, meta_parameters, set_gradients
+from .base import (
+    Estimator,
+    MetaGradient,
+    average_gradients,
+    clip_estimate,
+    meta_parameters,
+    set_gradients,
+)
 from .pes import PESEstimator, PESUnroll
 from .tbptt import TBPTTEstimator
 
@@ -35,6 +42,7 @@ __all__ = [
     "PESUnroll",
     "TBPTTEstimator",
     "average_gradients",
+    "clip_estimate",
     "build_estimator",
     "meta_parameters",
     "set_gradients",

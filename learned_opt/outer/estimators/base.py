@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,14 @@ from ...learners import MetaLearner
 from ...tasks import Task
 from ..unroll import UnrollSpec
 
-__all__ = ["Estimator", "MetaGradient", "average_gradients", "meta_parameters", "set_gradients"]
+__all__ = [
+    "Estimator",
+    "MetaGradient",
+    "average_gradients",
+    "clip_estimate",
+    "meta_parameters",
+    "set_gradients",
+]
 
 
 @dataclass
@@ -46,6 +54,25 @@ class MetaGradient:
 def meta_parameters(learner: nn.Module) -> list[nn.Parameter]:
     """The meta-parameters theta: the learner's parameters that require grad, in order."""
     return [p for p in learner.parameters() if p.requires_grad]
+
+
+def clip_estimate(estimate: MetaGradient, max_norm: float) -> MetaGradient:
+    """``estimate`` with its gradients scaled to a total norm of at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_`` scales); unchanged if unusable or its norm is not
+    finite (the meta-step then skips the round as it would have)."""
+    if estimate.grads is None:
+        return estimate
+    present = [g for g in estimate.grads if g is not None]
+    if not present:
+        return estimate
+    norm = float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+    )
+    if not math.isfinite(norm) or norm <= max_norm:
+        return estimate
+    scale = max_norm / (norm + 1e-6)
+    grads = [None if g is None else g * scale for g in estimate.grads]
+    return dataclasses.replace(estimate, grads=grads)
 
 
 def average_gradients(estimates: Sequence[MetaGradient]) -> list[Tensor | None] | None:
