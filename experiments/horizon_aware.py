@@ -4,7 +4,7 @@
     python experiments/horizon_aware.py --dry-run     # print its commands, run nothing
     python experiments/horizon_aware.py --steps sealed
     python experiments/horizon_aware.py --objective final-train --procs 2   # the second run
-    python experiments/horizon_aware.py --objective final-train --second-order --procs 2
+    python experiments/horizon_aware.py --objective final-train --procs 2 --meta-gradient pes
 
 Run it from the repository root. The rule is a :class:`~learned_opt.rules.ScheduledRule` (a
 learned step-size schedule that reads the step and, when ``total_steps`` is given, the run's
@@ -24,12 +24,17 @@ progress) around the shipped default, the LSTM-corrected Adam rule. The steps:
    ``experiments/checkpoints/horizon-aware-final-train.pt``) whose meta-loss and selection use
    the *training* loss at the end of the run, the loss the sealed test reports: the first run's
    schedule learned mostly a smaller step, which the held-out loss rewards on small tasks.
-   ``--second-order`` is a run of its own (folder and checkpoint suffixed ``-second-order``)
-   with exact meta-gradients of 50-step truncation windows (meta-lr 1e-3), each task's clipped
-   before the mean, instead of first-order ones of whole unrolls: ``benchmarks/
-   meta_gradient_bias.py`` finds the first-order gradient pointing uphill on 3 of 4 smooth tasks
-   at 20 steps, and whole unrolls of 100 steps or more chaotic (single windows' gradient norms
-   reach thousands, which would steer a plain mean alone).
+   ``--meta-gradient`` chooses how the meta-gradient is estimated; each choice is a run of its
+   own (folder and checkpoint suffixed with it). ``first-order`` (the two runs above):
+   backpropagation of whole unrolls, the optimizee's gradients treated as constants.
+   ``second-order``: exact gradients of 50-step truncation windows (meta-lr 1e-3), each task's
+   clipped before the mean: ``benchmarks/meta_gradient_bias.py`` finds the first-order gradient
+   pointing uphill on 3 of 4 smooth tasks at 20 steps, and whole unrolls of 100 steps or more
+   chaotic (single windows' gradient norms reach thousands, which would steer a plain mean
+   alone). ``pes``: persistent evolution strategies over 50-step windows (8 antithetic pairs,
+   sigma 0.01), unbiased for the smoothed objective of the whole unroll, which neither chaos nor
+   the discontinuities of the rule's step-size adaptation stop; no loss aversion (PES does not
+   support it).
    ``--procs N`` runs the meta-training under ``torchrun`` with N processes of one thread.
 3. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps with
    ``total_steps`` given, once per candidate.
@@ -72,44 +77,55 @@ RUNS = {
 }
 
 
-def run_paths(objective: str = "test", second_order: bool = False) -> tuple[Path, Path]:
-    """The run folder and committed checkpoint of the run of ``objective``, first or second
-    order."""
+#: How the meta-gradient is estimated (``--meta-gradient``).
+META_GRADIENTS = ("first-order", "second-order", "pes")
+
+
+def run_paths(objective: str = "test", method: str = "first-order") -> tuple[Path, Path]:
+    """The run folder and committed checkpoint of the run of ``objective`` and ``method``."""
     run, checkpoint = RUNS[objective]
-    if second_order:
-        return run.with_name(f"{run.name}-second-order"), checkpoint.with_name(
-            f"{checkpoint.stem}-second-order.pt"
-        )
-    return run, checkpoint
+    if method == "first-order":
+        return run, checkpoint
+    if method not in META_GRADIENTS:
+        raise ValueError(f"unknown meta-gradient {method!r}; choose from {META_GRADIENTS}")
+    return run.with_name(f"{run.name}-{method}"), checkpoint.with_name(
+        f"{checkpoint.stem}-{method}.pt"
+    )
 
 
-def meta_train(objective: str = "test", second_order: bool = False) -> list[str]:
+def meta_train(objective: str = "test", method: str = "first-order") -> list[str]:
     """The meta-training command (after ``python -m learned_opt``) of the run of ``objective``
-    (``second_order``: meta-gradients through the optimizee's gradients too)."""
-    run = run_paths(objective, second_order)[0]
-    # second order: exact gradients of 50-step windows (smooth at that length; whole unrolls of
-    # 100+ steps are chaotic, see docs/results.md), one meta-step per window round
-    truncation, meta_lr = ("50", "1e-3") if second_order else ("1000", "3e-3")
+    whose meta-gradients ``method`` estimates (:data:`META_GRADIENTS`)."""
+    run = run_paths(objective, method)[0]
+    # second order and PES: 50-step windows (a gradient is smooth at that length; whole unrolls
+    # of 100+ steps are chaotic, see docs/results.md), one meta-step per window round
+    first = method == "first-order"
+    truncation, meta_lr = ("1000", "3e-3") if first else ("50", "1e-3")
+    estimator = {
+        "first-order": ["--loss-aversion", "1"],
+        "second-order": ["--loss-aversion", "1", "--second-order", "--clip-grad-per-task"],
+        "pes": ["--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": 0.01, "pairs": 8}),
+                "--clip-grad-per-task"],
+    }[method]  # fmt: skip
     return [
         "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
         "--rule-kwargs", json.dumps(RULE_KWARGS), "--init-weights", str(run / "init.pt"),
         "--horizon", "1000", "--min-horizon", "100", "--truncation", truncation,
-        "--grad-checkpoint", "--objective", objective, "--log-meta-loss", "--loss-aversion", "1",
-        "--meta-lr", meta_lr,
+        *(["--grad-checkpoint"] if method != "pes" else []),
+        "--objective", objective, "--log-meta-loss", *estimator, "--meta-lr", meta_lr,
         "--meta-batch", "4", "--clip-grad", "1", "--iterations", "100000",
         "--time-budget", "20000", "--eval-every", "10", "--eval-tasks", "8",
         "--eval-family", "validation", "--eval-horizon", "500", "--checkpoint-every", "2",
         "--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
         "--export", str(run / "weights.pt"), "--resume",
-        *(["--second-order", "--clip-grad-per-task"] if second_order else []),
     ]  # fmt: skip
 
 
 META_TRAIN = meta_train("test")
 
 
-def sealed(steps: int, objective: str = "test", second_order: bool = False) -> list[str]:
-    run = run_paths(objective, second_order)[0]
+def sealed(steps: int, objective: str = "test", method: str = "first-order") -> list[str]:
+    run = run_paths(objective, method)[0]
     return [
         "benchmarks/sealed.py", "--weights", str(run / "weights.pt"), "--steps", str(steps),
         "--total-steps", "--out", f"benchmarks/results/sealed/{run.name}-{steps}",
@@ -132,9 +148,9 @@ def write_init(path: Path) -> None:
     save_rule(path, rule, {"source": "the shipped 'general' under the identity schedule"})
 
 
-def restore_checkpoint(objective: str = "test", second_order: bool = False) -> None:
+def restore_checkpoint(objective: str = "test", method: str = "first-order") -> None:
     """Put the committed checkpoint where ``--resume`` looks, unless the run has newer ones."""
-    run, checkpoint = run_paths(objective, second_order)
+    run, checkpoint = run_paths(objective, method)
     ckpt_dir = run / "ckpt"
     if checkpoint.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
         import torch
@@ -150,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", default="test", choices=sorted(RUNS), help="which run")
     parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
     parser.add_argument(
-        "--second-order", action="store_true", help="second-order meta-gradients (its own run)"
-    )
+        "--meta-gradient", default="first-order", choices=META_GRADIENTS,
+        help="how meta-gradients are estimated (each its own run)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--procs must divide the meta-batch, 4")
     if Path.cwd().resolve() != ROOT and not args.dry_run:
         parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
-    order = args.second_order
+    order = args.meta_gradient
     run = run_paths(args.objective, order)[0]
     if "init" in steps:
         print(f"# init: {run / 'init.pt'}", flush=True)

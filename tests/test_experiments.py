@@ -220,17 +220,19 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     argv = shlex.split(command)[3:]  # after "python -m learned_opt"
     assert argv == recipe["META_TRAIN"]
     assert set(recipe["RUNS"]) == {"test", "final-train"}
-    runs = [(objective, order) for objective in recipe["RUNS"] for order in (False, True)]
+    runs = [(objective, m) for objective in recipe["RUNS"] for m in recipe["META_GRADIENTS"]]
     folders = {recipe["run_paths"](*run) for run in runs}
     assert len(folders) == len(runs)  # each run its own folder and checkpoint
-    for objective, order in runs:
-        argv = recipe["meta_train"](objective, order)
+    for objective, method in runs:
+        argv = recipe["meta_train"](objective, method)
         config = config_from_args(build_parser().parse_args(argv))
         assert config.rule == "scheduled" and config.family == "meta-train-rescaled"
-        assert config.objective == objective and config.second_order == order
-        assert config.clip_grad_per_task == order
-        assert str(recipe["run_paths"](objective, order)[0] / "ckpt") in argv
-        checkpoint = ROOT / recipe["run_paths"](objective, order)[1]
+        assert config.objective == objective
+        assert config.second_order == (method == "second-order")
+        assert config.estimator == ("pes" if method == "pes" else "tbptt")
+        assert config.clip_grad_per_task == (method != "first-order")
+        assert str(recipe["run_paths"](objective, method)[0] / "ckpt") in argv
+        checkpoint = ROOT / recipe["run_paths"](objective, method)[1]
         if checkpoint.is_file():
             state = torch.load(checkpoint, weights_only=True)
             # where the run kept its files, and the settings a resumed run may change
