@@ -56,11 +56,13 @@ def quadratic():
     return QuadraticFamily(dim=3, dtype=torch.float64).sample(torch.Generator().manual_seed(0))
 
 
-def _true_gradient(rule: UpdateRule, task, horizon: int) -> Tensor:
-    """Full backpropagation (second order, no truncation) of the mean training loss."""
+def _true_gradient(rule: UpdateRule, task, horizon: int, objective: str = "train") -> Tensor:
+    """Full backpropagation (second order, no truncation) of the meta-loss (default: the mean
+    training loss)."""
     learner = OptimizerLearner(rule, second_order=True)
     gen = torch.Generator().manual_seed(1)
-    (window,) = list(unroll(learner, task, gen, horizon=horizon, truncation=horizon))
+    spec = UnrollSpec(horizon, horizon, objective=objective)
+    (window,) = list(unroll(learner, task, gen, spec))
     return torch.stack(torch.autograd.grad(window.meta_loss, list(rule.parameters())))
 
 
@@ -107,6 +109,21 @@ def test_antithetic_es_agrees_with_backpropagation_on_one_window(quadratic) -> N
             UnrollSpec(4, 4),
         )
         assert _cosine(torch.stack(g.grads), true) > 0.9
+
+
+@pytest.mark.parametrize("objective", ["test", "final-train"])
+def test_pes_scores_the_end_of_each_window_like_unroll(quadratic, objective: str) -> None:
+    """The objectives that score a window's end on one batch (held-out, or a fresh training
+    batch) run under PES too, and agree with backpropagation."""
+    rule = MomentumLR()
+    true = _true_gradient(rule, quadratic, horizon=4, objective=objective)
+    g = PESEstimator(0.01, 120).meta_gradient(
+        OptimizerLearner(rule),
+        quadratic,
+        torch.Generator().manual_seed(1),
+        UnrollSpec(4, 4, objective=objective),
+    )
+    assert _cosine(torch.stack(g.grads), true) > 0.9
 
 
 def test_tbptt_estimator_matches_backpropagation_of_each_window(quadratic) -> None:

@@ -152,7 +152,11 @@ class PESUnroll:
         est = self.estimator
         start, end = self.position, min(self.position + self.truncation, self.horizon)
         batches = [self.task.train.sample() for _ in range(end - start)]
-        test_batch = self.task.test.sample() if self.objective == "test" else None
+        # the batch the window's end is scored on ("test": held-out; "final-train": a fresh
+        # training batch, drawn after the window's, as unroll draws it)
+        test_batch = {"test": self.task.test.sample, "final-train": self.task.train.sample}.get(
+            self.objective, lambda: None
+        )()
         theta = _flat(self.params)
         eps = est.sigma * torch.randn(self.xi.shape, generator=self.noise, dtype=torch.float64).to(
             self.xi
