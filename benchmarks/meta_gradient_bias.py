@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import learned_opt
 from learned_opt import load_rule
@@ -58,29 +59,22 @@ def meta_loss(learner: OptimizerLearner, family, seed: int, horizon: int, grad: 
     if not grad:
         return float(loss), None
     params = meta_parameters(learner)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)])  # fmt: skip
-    return float(loss.detach()), flat
+    grads = torch.autograd.grad(loss, params, materialize_grads=True)
+    return float(loss.detach()), parameters_to_vector(grads)
 
 
 def slope(learner: OptimizerLearner, family, seed: int, horizon: int, direction: torch.Tensor,
           eps: float) -> float:  # fmt: skip
     """Central difference of the meta-loss along the unit vector ``direction``."""
     params = meta_parameters(learner)
-    base = [p.detach().clone() for p in params]
+    base = parameters_to_vector(params).detach()
     values = []
     for sign in (1.0, -1.0):
-        offset = 0
         with torch.no_grad():
-            for p, b in zip(params, base):
-                n = p.numel()
-                p.copy_(b + sign * eps * direction[offset : offset + n].view_as(p))
-                offset += n
+            vector_to_parameters(base + sign * eps * direction, params)
         values.append(meta_loss(learner, family, seed, horizon, grad=False)[0])
     with torch.no_grad():
-        for p, b in zip(params, base):
-            p.copy_(b)
+        vector_to_parameters(base, params)
     if any(v is None for v in values):
         return float("nan")
     return (values[0] - values[1]) / (2 * eps)

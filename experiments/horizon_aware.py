@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--procs must divide the meta-batch, 4")
     if Path.cwd().resolve() != ROOT and not args.dry_run:
         parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
-    order = args.meta_gradient
-    run = run_paths(args.objective, order)[0]
+    method = args.meta_gradient
+    run = run_paths(args.objective, method)[0]
     if "init" in steps:
         print(f"# init: {run / 'init.pt'}", flush=True)
         if not args.dry_run:
@@ -189,15 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.procs > 1:
             launch = ["-m", "torch.distributed.run", "--standalone"]
             launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
-        command = [*launch, *meta_train(args.objective, order)]
+        command = [*launch, *meta_train(args.objective, method)]
         print(shlex.join(["python", *command]), flush=True)
         if not args.dry_run:
-            restore_checkpoint(args.objective, order)
+            restore_checkpoint(args.objective, method)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
             subprocess.run([sys.executable, *command], check=True, env=env)
     if "sealed" in steps:
         for horizon in (100, 1000):
-            command = sealed(horizon, args.objective, order)
+            command = sealed(horizon, args.objective, method)
             print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)

@@ -21,13 +21,29 @@ from ..learners import MetaLearner
 from ..tasks import Task
 from .grad_checkpoint import CheckpointedWindow, checkpoint_segments
 
-__all__ = ["OBJECTIVES", "UnrollSpec", "Window", "run_inner", "tell_horizon", "unroll"]
+__all__ = [
+    "OBJECTIVES",
+    "UnrollSpec",
+    "Window",
+    "end_batch",
+    "run_inner",
+    "tell_horizon",
+    "unroll",
+]
 
 #: Meta-objectives: "train" = mean training loss over the window (the paper's sum of losses,
 #: scaled by 1/K); "test" = held-out loss at the end of the window; "final-train" = training loss
 #: at the end of the window, on a fresh training minibatch (what a run's final training loss
 #: measures, without the held-out loss's reward for regularizing).
 OBJECTIVES = ("train", "test", "final-train")
+
+
+def end_batch(task: Task, objective: str):
+    """The batch a window's end is scored on: held-out with ``"test"``, a fresh training batch
+    with ``"final-train"`` (``"train"`` scores the window's own losses: none)."""
+    if objective == "train":
+        return None
+    return task.test.sample() if objective == "test" else task.train.sample()
 
 
 @dataclass(frozen=True)
@@ -208,11 +224,11 @@ def unroll(
             if ref_state is not None:
                 ref_objective = sum(ref_losses[: len(losses)]) / len(losses)
         else:
-            end_batch = task.test.sample() if objective == "test" else task.train.sample()
-            meta_loss = learner.evaluate(task, state, end_batch)
+            batch = end_batch(task, objective)
+            meta_loss = learner.evaluate(task, state, batch)
             if ref_state is not None:
                 with torch.no_grad():
-                    ref_objective = float(reference.evaluate(task, ref_state, end_batch))  # type: ignore[union-attr]
+                    ref_objective = float(reference.evaluate(task, ref_state, batch))  # type: ignore[union-attr]
         if ref_objective is not None and not (math.isfinite(ref_objective) and ref_objective > 0):
             ref_objective, ref_state = None, None  # the reference diverged: stop running it
         if meta_loss is not None and spec.log_meta_loss:

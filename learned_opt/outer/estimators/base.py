@@ -65,9 +65,7 @@ def clip_estimate(estimate: MetaGradient, max_norm: float) -> MetaGradient:
     present = [g for g in estimate.grads if g is not None]
     if not present:
         return estimate
-    norm = float(
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
-    )
+    norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in present])))
     if not math.isfinite(norm) or norm <= max_norm:
         return estimate
     scale = max_norm / (norm + 1e-6)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...learners import MetaLearner
 from ...tasks import Batch, Task
-from ..unroll import UnrollSpec
+from ..unroll import UnrollSpec, end_batch
 from .base import Estimator, MetaGradient, meta_parameters
 
 __all__ = ["PESEstimator", "PESUnroll"]
@@ -152,11 +152,7 @@ class PESUnroll:
         est = self.estimator
         start, end = self.position, min(self.position + self.truncation, self.horizon)
         batches = [self.task.train.sample() for _ in range(end - start)]
-        # the batch the window's end is scored on ("test": held-out; "final-train": a fresh
-        # training batch, drawn after the window's, as unroll draws it)
-        test_batch = {"test": self.task.test.sample, "final-train": self.task.train.sample}.get(
-            self.objective, lambda: None
-        )()
+        test_batch = end_batch(self.task, self.objective)  # after the window's, as unroll does
         theta = _flat(self.params)
         eps = est.sigma * torch.randn(self.xi.shape, generator=self.noise, dtype=torch.float64).to(
             self.xi
