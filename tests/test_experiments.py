@@ -254,3 +254,46 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
             p.grad = g.clone()
             opt.step()
     assert torch.equal(a[0], b[0])
+
+
+def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned-gain recipe: its command parses (PES over whole unrolls, only the controller
+    meta-trained), its starting weights step exactly like the shipped default, and its
+    committed checkpoint (if any) was written by this very command."""
+    from learned_opt import LSTMOptimizer, MetaTrainConfig
+    from learned_opt.cli import build_parser, config_from_args
+    from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
+
+    assert run_script("experiments/adaptation_gain.py", "--dry-run") == 0
+    recipe = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
+    command = [c for c in capsys.readouterr().out.splitlines() if "meta-train" in c][0]
+    argv = shlex.split(command)[3:]  # after "python -m learned_opt"
+    assert argv == recipe["META_TRAIN"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.estimator == "pes" and config.truncation >= config.horizon
+    assert config.family == "meta-train-rescaled" and config.eval_family == "validation"
+    checkpoint = ROOT / recipe["CHECKPOINT"]
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        free = {"init_weights", *RESUMABLE_CHANGES}
+        saved = MetaTrainConfig.from_dict(state["config"]).to_dict()
+        saved = {k: v for k, v in saved.items() if k not in free}
+        mine = {k: v for k, v in config.to_dict().items() if k not in free}
+        assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+    init = tmp_path / "init.pt"
+    recipe["write_init"](init)
+    rule, _ = load_rule(init)
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("controller_") for n in trained)
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule)
+    for _ in range(5):
+        g = torch.randn(5, 3, generator=gen)
+        for p, opt in zip((a[0], b[0]), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(a[0], b[0])

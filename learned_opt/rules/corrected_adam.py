@@ -33,7 +33,7 @@ drop-in optimizer's in-place step is in :mod:`learned_opt.rules.corrected_adam_s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -158,6 +158,18 @@ class LSTMCorrectedAdamRule(UpdateRule):
                 self.log_lr = nn.Parameter(log_lr)
             else:
                 self.register_buffer("log_lr", log_lr)
+        k = cfg.controller_hidden
+        if k > 0:
+            n_feat = per_tensor.CONTROLLER_FEATURES
+            self.controller_w1 = nn.Parameter(torch.empty(n_feat, k))
+            self.controller_b1 = nn.Parameter(torch.empty(k))
+            self.controller_w2 = nn.Parameter(torch.empty(k, 1))
+            self.controller_b2 = nn.Parameter(torch.empty(1))
+        if not cfg.learn_lstm:
+            for t in [w for ws in self.layer_weights() for w in ws]:
+                t.requires_grad_(False)
+            self.out_weight.requires_grad_(False)
+            self.out_bias.requires_grad_(False)
         self.reset_parameters()
 
     @classmethod
@@ -185,7 +197,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
         self, generator: torch.Generator | None = None, *, zero_output: bool | None = None
     ) -> None:
         """LSTM weights ~ U(-1/sqrt(H), 1/sqrt(H)) (``nn.LSTM``), forget gates at 1, base
-        learning rate at ``lr``.
+        learning rate at ``lr``; the controller's first layer likewise (fan-in 6), its last
+        layer at zero.
 
         The read-out starts at zero when ``zero_output`` (default: with ``nominal``), which makes
         the rule Adam with the adapted step size; otherwise it is drawn like the LSTM weights
@@ -207,6 +220,13 @@ class LSTMCorrectedAdamRule(UpdateRule):
             self.out_bias.zero_()
             if self.nominal:
                 self.log_lr.fill_(math.log(self.lr))
+            if self.controller_hidden > 0:  # its last layer at zero: the hand-designed gain 1
+                n_feat = per_tensor.CONTROLLER_FEATURES
+                b = 1.0 / math.sqrt(n_feat)
+                self.controller_w1.uniform_(-b, b, generator=generator)
+                self.controller_b1.uniform_(-b, b, generator=generator)
+                self.controller_w2.zero_()
+                self.controller_b2.zero_()
 
     @property
     def tensor_aware(self) -> bool:
@@ -219,10 +239,11 @@ class LSTMCorrectedAdamRule(UpdateRule):
         ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
 
         With ``lr_adapt``, also the previous direction ``prev`` (per coordinate) and the log step
-        size ``log_step`` (with ``lr_adapt_slowdown``, ``grad_fast`` and ``grad_peak``), one per
-        tensor. With ``lr_adapt`` or ``grad_clip``, if ``numels`` (the sizes of the parameter
-        tensors the ``numel`` coordinates concatenate) is given, ``tensor`` (each coordinate's
-        tensor index; without it the coordinates are one tensor).
+        size ``log_step`` (with ``lr_adapt_slowdown``, ``grad_fast`` and ``grad_peak``; with the
+        controller, ``cos_avg``), one per tensor. With ``lr_adapt`` or ``grad_clip``, if
+        ``numels`` (the sizes of the parameter tensors the ``numel`` coordinates concatenate) is
+        given, ``tensor`` (each coordinate's tensor index; without it the coordinates are one
+        tensor).
         """
         kw = dict(dtype=like.dtype, device=like.device)
         tensors = 1
@@ -237,6 +258,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
             if self.lr_adapt_slowdown > 0:
                 state["grad_fast"] = torch.zeros(tensors, **kw)
                 state["grad_peak"] = torch.zeros(tensors, **kw)
+            if self.controller_hidden > 0:
+                state["cos_avg"] = torch.zeros(tensors, **kw)
         if self.tensor_aware and numels is not None:
             sizes = torch.tensor(list(numels), device=like.device)
             ids = torch.arange(len(numels), device=like.device)
@@ -363,7 +386,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
             update = out.squeeze(-1)
         if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
             log_step = per_tensor.adapt_log_step(
-                self.settings, grad, state, new_state, ids, count, t
+                self.settings, grad, state, new_state, ids, count, t, self.controller()
             )
             new_state["prev"] = update
             update = update * per_tensor.per_coordinate(torch.exp(log_step), ids)
@@ -372,6 +395,17 @@ class LSTMCorrectedAdamRule(UpdateRule):
         if self.additive:
             update = update + out[:, 1]
         return torch.exp(self.log_lr) * update, new_state
+
+    def controller(self) -> Callable[[Tensor], Tensor] | None:
+        """The learned gain's log, features (T, 6) -> (T,), or ``None`` without one."""
+        if self.controller_hidden <= 0:
+            return None
+        return self._gain
+
+    def _gain(self, features: Tensor) -> Tensor:
+        hidden = torch.tanh(torch.addmm(self.controller_b1, features, self.controller_w1))
+        out = torch.addmm(self.controller_b2, hidden, self.controller_w2)[:, 0]
+        return self.controller_bound * torch.tanh(out / self.controller_bound)
 
     @torch.no_grad()
     def step_(self, grad: Tensor, state: RuleState) -> Tensor:

@@ -69,6 +69,15 @@ class LSTMCorrectedAdamConfig:
         grad_clip: :math:`Q`: each tensor's gradient norm is clipped at :math:`\sqrt{Q_t}` times
             its running RMS norm (0: off).
         grad_clip_warmup: :math:`C`: :math:`Q_t = Q (1 + C e^{-t/\tau})`, looser early.
+        controller_hidden: units of a learned per-tensor gain on the step-size adaptation (0:
+            none, the shipped configuration): a small MLP of each tensor's scale-free
+            statistics (the cosine, its running mean, the gradient norm against its peak, the
+            log step size, the step) whose output :math:`\delta` multiplies the adaptation rate
+            by :math:`e^{\delta}`. Its last layer starts at zero (the hand-designed rule).
+            Needs ``lr_adapt > 0`` and ``lr_adapt_slowdown > 0``.
+        controller_bound: :math:`|\delta|` is at most this (:math:`B \tanh(o / B)`).
+        learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
+            meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
             paper's log/sign preprocessing of the raw gradient instead of the normalized
             momenta and gradient.
@@ -96,6 +105,9 @@ class LSTMCorrectedAdamConfig:
     lr_adapt_slowdown_rate: float = 0.3
     grad_clip: float = 2.0
     grad_clip_warmup: float = 3.0
+    controller_hidden: int = 0
+    controller_bound: float = 2.0
+    learn_lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
 
@@ -122,6 +134,16 @@ class LSTMCorrectedAdamConfig:
         for name in ("grad_clip", "grad_clip_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 0)")
+        if self.controller_hidden < 0 or self.controller_bound <= 0:
+            raise ValueError(
+                f"Invalid controller: hidden {self.controller_hidden}, bound "
+                f"{self.controller_bound} (need hidden >= 0, bound > 0)"
+            )
+        if self.controller_hidden > 0 and not (self.lr_adapt > 0 and self.lr_adapt_slowdown > 0):
+            raise ValueError(
+                "controller_hidden > 0 gates the step-size adaptation: it needs lr_adapt > 0 "
+                "and lr_adapt_slowdown > 0"
+            )
         if self.lr_adapt_shrink < 1:
             raise ValueError(f"Invalid lr_adapt_shrink: {self.lr_adapt_shrink} (must be >= 1)")
         if not 0 <= self.lr_adapt_slowdown_rate <= 1:

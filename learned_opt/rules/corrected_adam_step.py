@@ -129,7 +129,9 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
     prev = state.get("prev", grad.new_empty(0))
     if cfg.lr_adapt > 0:
         dot, g2, p2 = ext.adapt_sums(grad, prev, bound, float(scale), BLOCK)
-        log_step = per_tensor.adapt_from_sums(cfg, dot[None], g2[None], p2[None], state, new, t)
+        log_step = per_tensor.adapt_from_sums(
+            cfg, dot[None], g2[None], p2[None], state, new, t, rule.controller()
+        )
         exp_s = float(torch.exp(log_step))
     layers = range(cfg.num_layers)
     betas = rule.momentum_betas

@@ -15,6 +15,7 @@ order that the shipped weights were meta-trained and tested with.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from .base import RuleState, safe_sqrt
 from .corrected_adam_config import LSTMCorrectedAdamConfig
 
 __all__ = [
+    "CONTROLLER_FEATURES",
     "PER_TENSOR_KEYS",
     "adapt_from_sums",
     "adapt_log_step",
@@ -33,7 +35,12 @@ __all__ = [
 ]
 
 #: State entries with one number per parameter tensor.
-PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak")
+PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak", "cos_avg")
+
+#: Inputs of the learned gain on the adaptation rate (``controller_hidden``), per tensor: the
+#: cosine, its bias-corrected running mean (beta 0.9), ``log(norm / peak) / 10`` of the gradient
+#: norm (floored at -1), ``s / S``, ``exp(-t / tau)`` and ``log(t) / log(10^4)``.
+CONTROLLER_FEATURES = 6
 
 
 def tensor_sums(products: Tensor, ids: Tensor | None, count: int) -> Tensor:
@@ -87,14 +94,16 @@ def adapt_log_step(
     ids: Tensor | None,
     count: int,
     t: float,
+    controller: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The new log step size per tensor, ``s <- clip(s + kappa_t c, +-S)``, with ``c`` the
     cosine of ``-grad`` and the previous update ``state["prev"]`` (shaped by
-    ``lr_adapt_shrink`` and the slowdown); records ``log_step`` (and ``grad_fast``,
-    ``grad_peak``) in ``new_state`` and returns ``log_step``."""
+    ``lr_adapt_shrink`` and the slowdown; with a ``controller``, the rate times
+    ``exp(controller(features))``, see :data:`CONTROLLER_FEATURES`); records ``log_step`` (and
+    ``grad_fast``, ``grad_peak``, ``cos_avg``) in ``new_state`` and returns ``log_step``."""
     prev = state["prev"]
     dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
-    return adapt_from_sums(cfg, dot, g2, p2, state, new_state, t)
+    return adapt_from_sums(cfg, dot, g2, p2, state, new_state, t, controller)
 
 
 def adapt_from_sums(
@@ -105,6 +114,7 @@ def adapt_from_sums(
     state: RuleState,
     new_state: RuleState,
     t: float,
+    controller: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """:func:`adapt_log_step` from the per-tensor sums of ``-grad * prev`` (``dot``),
     ``grad**2`` (``g2``) and ``prev**2`` (``p2``)."""
@@ -115,6 +125,7 @@ def adapt_from_sums(
     norms = g2 * p2
     norms = torch.where(torch.isinf(norms), safe_sqrt(g2) * safe_sqrt(p2), safe_sqrt(norms))
     cos = dot / norms.clamp_min(1e-30)
+    raw_cos = cos
     if cfg.lr_adapt_shrink != 1.0:
         cos = cos + (cfg.lr_adapt_shrink - 1.0) * (cos + cfg.lr_adapt_margin).clamp(max=0.0)
     if cfg.lr_adapt_slowdown > 0:
@@ -127,7 +138,21 @@ def adapt_from_sums(
         cos = torch.where(slow, cos * cfg.lr_adapt_slowdown_rate, cos)
     rate = cfg.lr_adapt * warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
     bound = cfg.lr_adapt_bound
-    log_step = (state["log_step"] + rate * cos).clamp(-bound, bound)
+    change = rate * cos
+    if controller is not None:  # (the config guarantees the slowdown's norm and peak)
+        avg = state["cos_avg"] * 0.9 + 0.1 * raw_cos
+        new_state["cos_avg"] = avg
+        ratio = (norm / peak.clamp_min(1e-30)).clamp_min(math.exp(-10.0))
+        const = torch.tensor(
+            [math.exp(-t / cfg.lr_adapt_warmup_steps), math.log(t) / math.log(1e4)],
+            dtype=cos.dtype,
+            device=cos.device,
+        ).expand(cos.shape[0], 2)
+        feats = torch.stack(
+            (raw_cos, avg / (1 - 0.9**t), torch.log(ratio) / 10, state["log_step"] / bound), -1
+        )
+        change = change * torch.exp(controller(torch.cat((feats, const), -1)))
+    log_step = (state["log_step"] + change).clamp(-bound, bound)
     new_state["log_step"] = log_step
     return log_step
 

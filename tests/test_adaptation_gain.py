@@ -1,0 +1,160 @@
+"""The learned gain on LSTMCorrectedAdamRule's step-size adaptation (``controller_hidden``):
+zero at initialization (the hand-designed rule, step for step, in the unroll and the drop-in
+optimizer), its effect on the log step size, the fixed-LSTM option, checkpoints and PES."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_opt import LearnedOptimizer, load_rule, pretrained, save_rule
+from learned_opt.learners import OptimizerLearner
+from learned_opt.outer.estimators import build_estimator
+from learned_opt.outer.estimators.base import meta_parameters
+from learned_opt.outer.unroll import UnrollSpec
+from learned_opt.rules import LSTMCorrectedAdamConfig, LSTMCorrectedAdamRule, build_rule
+from learned_opt.tasks import RandomMLPFamily
+
+GAIN = {"controller_hidden": 4}
+
+
+def _shipped(**options) -> LSTMCorrectedAdamRule:
+    base, _ = load_rule(pretrained.path("general"))
+    rule = build_rule(base.kind, {**base.config(), **options})
+    missing = rule.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert all(k.startswith("controller_") for k in missing)
+    return rule
+
+
+def _train(rule, steps: int = 30) -> tuple[list[torch.Tensor], dict]:
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(40, 30, generator=gen).requires_grad_(),
+        torch.zeros(40, requires_grad=True),
+    ]
+    x, y = torch.randn(64, 30, generator=gen), torch.randn(64, 40, generator=gen)
+    opt = LearnedOptimizer(params, rule)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((torch.tanh(x @ params[0].T + params[1]) - y) ** 2).mean().backward()
+        opt.step()
+    return [p.detach().clone() for p in params], opt.state[params[0]]
+
+
+def test_zero_gain_is_the_shipped_rule_step_for_step() -> None:
+    shipped, _ = _train(_shipped())
+    gained, state = _train(_shipped(**GAIN))
+    assert all(torch.equal(a, b) for a, b in zip(shipped, gained))
+    assert state["cos_avg"].shape == (1,)
+
+
+@pytest.mark.parametrize("gain", [-1.0, 1.0])
+def test_the_gain_scales_each_change_of_the_log_step(gain: float) -> None:
+    """The cosines do not depend on the step size (the previous direction is stored before it
+    scales the step), so on the same gradients a constant output delta makes the log step size
+    e^delta times the hand-designed one (within the bound), at every step."""
+    plain, rule = _shipped(), _shipped(**GAIN)
+    with torch.no_grad():
+        rule.controller_b2.fill_(gain)
+    delta = 2.0 * math.tanh(gain / 2.0)  # B tanh(o / B), B = 2
+    gen = torch.Generator().manual_seed(1)
+    s_plain = plain.init_state(50, like=torch.zeros(1))
+    s_gain = rule.init_state(50, like=torch.zeros(1))
+    for step in range(8):
+        g = torch.randn(50, generator=gen) + (0.5 if step < 5 else -2.0)
+        _, s_plain = plain(g, s_plain)
+        _, s_gain = rule(g, s_gain)
+        assert s_gain["log_step"].shape == (1,)
+        torch.testing.assert_close(s_gain["log_step"], math.exp(delta) * s_plain["log_step"])
+    assert float(s_plain["log_step"].detach()) != 0.0
+
+
+def _nonzero_gain(**options) -> LSTMCorrectedAdamRule:
+    rule = _shipped(**GAIN, **options)
+    with torch.no_grad():
+        rule.controller_w2.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+        rule.controller_b2.fill_(0.3)
+    return rule
+
+
+def test_unroll_and_drop_in_optimizer_agree_with_a_gain() -> None:
+    """The unroll's flat vector (several tensors) and the drop-in optimizer (one tensor per
+    call, the fused kernel) give the same run with a non-zero controller."""
+    rule = _nonzero_gain()
+    family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
+    task = family.sample(torch.Generator().manual_seed(3))
+    learner = OptimizerLearner(rule)
+    state = learner.init_state(task, torch.Generator().manual_seed(4))
+    for _ in range(15):
+        state, _ = learner.step(task, state, task.train.sample(), differentiable=False)
+    flat = _drop_in_run(family, rule, 15)
+    torch.testing.assert_close(flat, state.params, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(flat, _drop_in_run(family, _shipped(), 15))  # the gain acts
+
+
+def _drop_in_run(family, rule, steps: int) -> torch.Tensor:
+    task = family.sample(torch.Generator().manual_seed(3))
+    leaves = [
+        v.clone().requires_grad_(True)
+        for v in task.init_params(torch.Generator().manual_seed(4)).values()
+    ]
+    names = list(task.init_params(torch.Generator().manual_seed(4)))
+    opt = LearnedOptimizer(leaves, rule)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(dict(zip(names, leaves)), task.train.sample()).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in leaves])
+
+
+def test_fixed_lstm_leaves_only_the_controller_to_meta_train(tmp_path: Path) -> None:
+    rule = _shipped(**GAIN, learn_lstm=False)
+    learner = OptimizerLearner(rule)
+    names = [n for n, p in learner.named_parameters() if p.requires_grad]
+    assert names and all("controller_" in n for n in names)
+    path = tmp_path / "gain.pt"
+    save_rule(path, _nonzero_gain(learn_lstm=False))
+    loaded, _ = load_rule(path)
+    assert loaded.settings.controller_hidden == 4 and not loaded.settings.learn_lstm
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        "controller_w1", "controller_b1", "controller_w2", "controller_b2"
+    ]  # fmt: skip
+    assert float(loaded.controller_b2) == pytest.approx(0.3)
+
+
+def test_pes_estimates_a_gradient_for_the_controller_only() -> None:
+    rule = _shipped(**GAIN, learn_lstm=False)
+    learner = OptimizerLearner(rule)
+    params = meta_parameters(learner)
+    assert sum(p.numel() for p in params) == 6 * 4 + 4 + 4 + 1
+    family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
+    task = family.sample(torch.Generator().manual_seed(3))
+    estimator = build_estimator("pes", sigma=0.1, pairs=2)
+    spec = UnrollSpec(horizon=30, truncation=30, objective="final-train", log_meta_loss=True)
+    (estimate,) = list(estimator.unroll(learner, task, torch.Generator().manual_seed(5), spec))
+    assert estimate.grads is not None and len(estimate.grads) == len(params)
+    assert all(g is not None and torch.isfinite(g).all() for g in estimate.grads)
+    assert any(float(g.abs().sum()) > 0 for g in estimate.grads)
+
+
+def test_saved_configurations_without_a_controller_load_without_one() -> None:
+    rule, _ = load_rule(pretrained.path("general"))
+    assert rule.settings.controller_hidden == 0 and rule.controller() is None
+    assert "cos_avg" not in rule.init_state(3, like=torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"controller_hidden": -1},
+        {"controller_hidden": 2, "controller_bound": 0.0},
+        {"controller_hidden": 2, "lr_adapt": 0.0},
+        {"controller_hidden": 2, "lr_adapt_slowdown": 0.0},
+    ],
+)
+def test_invalid_controllers_are_refused(options: dict) -> None:
+    with pytest.raises(ValueError, match="controller"):
+        LSTMCorrectedAdamConfig(**options)
