@@ -129,8 +129,9 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     read-out; for :class:`~learned_opt.rules.GeneralLSTMRule` that makes the step its nominal
     Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
     kept; for the paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a
-    zero update) and the last layer of a :class:`~learned_opt.rules.ScheduledRule`'s schedule
-    (the identity schedule).
+    zero update), the last layer of a learned gain on the step-size adaptation
+    (``controller_hidden``: the gain 1) and the last layer of a
+    :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
 
     Raises:
         ValueError: the rule has no read-out to zero.
@@ -144,6 +145,10 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
                 if isinstance(value, Tensor):
                     value.zero_()
                     zeroed.append(f"{name}.{attr}" if name else attr)
+            if getattr(module, "controller_w2", None) is not None:  # the adaptation's gain
+                module.controller_w2.zero_()
+                module.controller_b2.zero_()
+                zeroed.append(f"{name}.controller" if name else "controller")
             if isinstance(module, ScheduledRule):
                 last = module.schedule[-1]
                 last.weight.zero_()

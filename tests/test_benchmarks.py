@@ -59,3 +59,23 @@ def test_meta_gradient_bias_smoke(tmp_path: Path, run_script) -> None:
     record = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
     assert record["so_slope"] == pytest.approx(-record["so_norm"], rel=0.1)
     assert -1.0 <= record["cosine"] <= 1.0
+
+
+def test_ablations_smoke(tmp_path: Path, run_script) -> None:
+    """A rule whose learned output is already zero (a fresh rule with a zero adaptation gain)
+    equals its zeroed variant exactly; the other variants change the runs."""
+    from learned_opt import save_rule
+    from learned_opt.rules import LSTMCorrectedAdamRule
+
+    weights = tmp_path / "fresh.pt"
+    save_rule(weights, LSTMCorrectedAdamRule(controller_hidden=4))
+    out = tmp_path / "out"
+    argv = ["--weights", str(weights), "--steps", "8", "--tasks", "2", "--out", str(out)]
+    assert run_script("benchmarks/ablations.py", *argv) == 0
+    lines = (out / "records.jsonl").read_text().splitlines()
+    rows = {r["variant"]: r for r in map(json.loads, lines[1:])}
+    assert rows["learned output zeroed"]["final_losses"] == rows["as given"]["final_losses"]
+    assert rows["rate x2"]["final_losses"] != rows["as given"]["final_losses"]
+    assert rows["adaptation off"]["final_losses"] != rows["as given"]["final_losses"]
+    assert any(name.startswith("Adam, lr") for name in rows)
+    assert "| as given |" in (out / "table.md").read_text()

@@ -17,7 +17,7 @@ import torch
 from learned_opt import pretrained
 from learned_opt.checkpoint import load_rule
 from learned_opt.evaluate import geometric_mean, smooth, speedup
-from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMRule
+from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMCorrectedAdamRule, LSTMRule
 from learned_opt.rules.scheduled import ScheduledRule
 from learned_opt.tasks import FAMILIES, BatchSampler, make_family
 from learned_opt.tasks.groups import GROUPS, TaskGroup, check_disjoint, overlaps
@@ -232,6 +232,13 @@ def test_zero_readout(sealed: dict) -> None:
     zs = zero(sched)
     assert float(zs.schedule[-1].weight.abs().sum()) == 0
     assert float(zs.base.out_weight.detach().abs().sum()) == 0
+    gain = LSTMCorrectedAdamRule(controller_hidden=4)
+    with torch.no_grad():
+        gain.controller_w2.fill_(0.5)
+        gain.controller_b2.fill_(0.5)
+    zgain = zero(gain)  # the learned gain on the adaptation is learned output too
+    assert float(zgain.controller_w2.abs().sum()) == float(zgain.controller_b2.abs().sum()) == 0
+    assert float(gain.controller_b2) == 0.5
     with pytest.raises(ValueError, match="read-out"):
         zero(AdamRule())
 

@@ -1,0 +1,159 @@
+"""Benchmark: what each part of a learned optimizer's rule is worth, on the tasks that choose.
+
+Runs a rule (``--weights``, default: the shipped default) and variants of it on the meta-
+trainer's held-out tasks (the ``validation`` group, the trainer's evaluation seeds: the same
+tasks and metric as a meta-training run's ``eval/metric``, so the figures compare with its
+logs) beside Adam with its learning rate tuned on them, all in one run:
+
+- ``as given``: the rule untuned;
+- ``learned output zeroed``: its learned read-out (and a learned gain on its step-size
+  adaptation, and a learned schedule) at zero, the hand-designed part alone
+  (``benchmarks/sealed.py``'s ``zero_readout``);
+- ``adaptation off``: the per-tensor step-size adaptation off (``lr_adapt=0``);
+- ``adaptation off, output zeroed``: both, i.e. Adam at the rule's base learning rate with the
+  rule's gradient clipping;
+- ``rate x0.5``, ``rate x2``: the optimizer's ``lr`` multiplier, constant;
+- ``cosine decay``: the multiplier decayed from 1 to 0 over the run (``LambdaLR``).
+
+Variants that do not apply to the rule (no adaptation to switch off) are left out. Per variant:
+each task's final loss and the metric (geometric mean over tasks), and the ratio to the rule as
+given and to tuned Adam. Writes ``records.jsonl`` and ``table.md`` into ``--out``.
+
+    python benchmarks/ablations.py --out DIR
+    python benchmarks/ablations.py --weights runs/adaptation-gain/weights.pt --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learned_opt import LearnedOptimizer, load_rule, pretrained
+from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, run_optimizer, tune_lr
+from learned_opt.outer.config import MetaTrainConfig
+from learned_opt.outer.held_out import HeldOut
+from learned_opt.rules import UpdateRule, build_rule
+from learned_opt.tasks import make_family
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sealed import zero_readout  # noqa: E402
+
+#: ``lr`` multiplier at step t (0-based) of a run of T steps, per schedule variant.
+SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "rate x0.5": lambda t, total: 0.5,
+    "rate x2": lambda t, total: 2.0,
+    "cosine decay": lambda t, total: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)),
+}
+
+
+def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
+    """Name -> (rule, schedule name or None) of every variant that applies to ``rule``."""
+    out: dict[str, tuple[UpdateRule, str | None]] = {"as given": (rule, None)}
+    with contextlib.suppress(ValueError):  # (no learned output to zero)
+        out["learned output zeroed"] = (zero_readout(rule), None)
+    config = rule.config()
+    if config.get("lr_adapt", 0) > 0:
+        off = {**config, "lr_adapt": 0.0, "controller_hidden": 0}
+        plain = build_rule(rule.kind, off)
+        plain.load_state_dict(rule.state_dict(), strict=False)
+        out["adaptation off"] = (plain, None)
+        out["adaptation off, output zeroed"] = (zero_readout(plain), None)
+    for name in SCHEDULES:
+        out[name] = (rule, name)
+    return out
+
+
+def run_variant(held: HeldOut, rule: UpdateRule, schedule: str | None) -> list[float]:
+    horizon = held.horizon
+
+    def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        opt = LearnedOptimizer(params, rule, lr=lr)
+        if schedule is None:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: SCHEDULES[schedule](t, horizon))
+        step = opt.step
+
+        def scheduled_step(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            sched.step()
+            return out
+
+        opt.step = scheduled_step  # type: ignore[method-assign]
+        return opt
+
+    runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
+    return [getattr(r, held.metric_name) for r in runs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=pretrained.DEFAULT, help="name or .pt file")
+    parser.add_argument("--steps", type=int, default=500, help="steps per task")
+    parser.add_argument("--tasks", type=int, default=8, help="held-out tasks")
+    parser.add_argument("--only", default=None, help="comma list of variants (all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rule, _ = load_rule(pretrained.resolve(args.weights))
+    config = MetaTrainConfig(
+        objective="final-train",
+        log_meta_loss=True,
+        eval_family="validation",
+        eval_tasks=args.tasks,
+        eval_horizon=args.steps,
+    )
+    held = HeldOut(config, make_family("validation"))
+    chosen = variants(rule)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",")]
+        if unknown := sorted(set(names) - set(chosen)):
+            parser.error(f"unknown variants {unknown}; choose from {sorted(chosen)}")
+        chosen = {n: chosen[n] for n in ["as given", *names] if n in chosen}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tuning = tune_lr(
+        held.family, HAND_DESIGNED["adam"], held.seeds, held.horizon, DEFAULT_LR_GRID,
+        name="adam", metric=held.metric_name, aggregate=held.aggregate,
+    )  # fmt: skip
+    adam = [getattr(r, held.metric_name) for r in tuning.runs]
+    results = {f"Adam, lr {tuning.lr:g} (tuned)": adam}
+    for name, (variant, schedule) in chosen.items():
+        results[name] = run_variant(held, variant, schedule)
+        print(f"{name}: {held.aggregate(results[name]):.4f}", flush=True)
+    tasks = [held.family.sample(torch.Generator().manual_seed(s)).name for s in held.seeds]
+    given = held.aggregate(results["as given"])
+    reference = held.aggregate(adam)
+    lines = [
+        f"Weights `{args.weights}`; {len(tasks)} validation tasks (the meta-trainer's held-out "
+        f"seeds), {args.steps} steps; metric: geometric mean of the final training loss.",
+        "",
+        "| variant | metric | / as given | / tuned Adam |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    with open(out / "records.jsonl", "w") as f:
+        f.write(json.dumps({"weights": args.weights, "steps": args.steps, "tasks": tasks}) + "\n")
+        for name, values in results.items():
+            metric = held.aggregate(values)
+            lines.append(
+                f"| {name} | {metric:.4f} | {metric / given:.3f} | {metric / reference:.3f} |"
+            )
+            f.write(json.dumps({"variant": name, "metric": metric, "final_losses": values}) + "\n")
+    lines += ["", f"Wall time {time.perf_counter() - start:.0f} s."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
