@@ -79,15 +79,17 @@ def run_variant(held: HeldOut, rule: UpdateRule, schedule: str | None) -> list[f
         opt = LearnedOptimizer(params, rule, lr=lr)
         if schedule is None:
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: SCHEDULES[schedule](t, horizon))
-        step = opt.step
+        step, scheduler = opt.step, []
 
         def scheduled_step(*args: Any, **kwargs: Any) -> Any:
             out = step(*args, **kwargs)
-            sched.step()
+            scheduler[0].step()
             return out
 
         opt.step = scheduled_step  # type: ignore[method-assign]
+        # (created after the override, so that the scheduler's own wrapper stays outermost)
+        multiplier = SCHEDULES[schedule]
+        scheduler.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: multiplier(t, horizon)))
         return opt
 
     runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
