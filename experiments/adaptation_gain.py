@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import candidates  # noqa: E402
+
 RUN = Path("runs/adaptation-gain")
 CHECKPOINT = Path("experiments/checkpoints/adaptation-gain.pt")
 
@@ -72,9 +70,6 @@ def sealed(steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-STEPS = ("init", "meta-train", "sealed")
-
-
 def write_init(path: Path) -> None:
     """The shipped default with the zero controller."""
     import learned_opt
@@ -89,52 +84,14 @@ def write_init(path: Path) -> None:
     save_rule(path, rule, {"source": "the shipped 'general' with a zero adaptation gain"})
 
 
-def restore_checkpoint() -> None:
-    """Put the committed checkpoint where ``--resume`` looks, unless the run has newer ones."""
-    ckpt_dir = RUN / "ckpt"
-    if CHECKPOINT.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
-        import torch
-
-        iteration = int(torch.load(CHECKPOINT, weights_only=True)["iteration"])
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(CHECKPOINT, ckpt_dir / f"ckpt_{iteration:08d}.pt")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
-    parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    candidates.add_arguments(parser)
     args = parser.parse_args(argv)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if unknown := sorted(set(steps) - set(STEPS)):
-        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    if args.procs < 1 or 4 % args.procs:
-        parser.error("--procs must divide the meta-batch, 4")
-    if Path.cwd().resolve() != ROOT and not args.dry_run:
-        parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
-    if "init" in steps:
-        print(f"# init: {RUN / 'init.pt'}", flush=True)
-        if not args.dry_run:
-            write_init(RUN / "init.pt")
-    if "meta-train" in steps:
-        launch = ["-m", "learned_opt"]
-        if args.procs > 1:
-            launch = ["-m", "torch.distributed.run", "--standalone"]
-            launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
-        command = [*launch, *META_TRAIN]
-        print(shlex.join(["python", *command]), flush=True)
-        if not args.dry_run:
-            restore_checkpoint()
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-            subprocess.run([sys.executable, *command], check=True, env=env)
-    if "sealed" in steps:
-        for horizon in (100, 1000):
-            command = sealed(horizon)
-            print(shlex.join(["python", *command]), flush=True)
-            if not args.dry_run:
-                subprocess.run([sys.executable, *command], check=True)
-    return 0
+    return candidates.run_steps(
+        args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+        meta_train=META_TRAIN, sealed=sealed,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

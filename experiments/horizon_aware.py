@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import candidates  # noqa: E402
+
 RUN = Path("runs/horizon-aware")
 CHECKPOINT = Path("experiments/checkpoints/horizon-aware.pt")
 
@@ -132,9 +130,6 @@ def sealed(steps: int, objective: str = "test", method: str = "first-order") -> 
     ]  # fmt: skip
 
 
-STEPS = ("init", "meta-train", "sealed")
-
-
 def write_init(path: Path) -> None:
     """The shipped default under the identity schedule."""
     import learned_opt
@@ -148,60 +143,22 @@ def write_init(path: Path) -> None:
     save_rule(path, rule, {"source": "the shipped 'general' under the identity schedule"})
 
 
-def restore_checkpoint(objective: str = "test", method: str = "first-order") -> None:
-    """Put the committed checkpoint where ``--resume`` looks, unless the run has newer ones."""
-    run, checkpoint = run_paths(objective, method)
-    ckpt_dir = run / "ckpt"
-    if checkpoint.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
-        import torch
-
-        iteration = int(torch.load(checkpoint, weights_only=True)["iteration"])
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(checkpoint, ckpt_dir / f"ckpt_{iteration:08d}.pt")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
+    candidates.add_arguments(parser)
     parser.add_argument("--objective", default="test", choices=sorted(RUNS), help="which run")
-    parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
     parser.add_argument(
         "--meta-gradient", default="first-order", choices=META_GRADIENTS,
         help="how meta-gradients are estimated (each its own run)",
     )  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if unknown := sorted(set(steps) - set(STEPS)):
-        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    if args.procs < 1 or 4 % args.procs:
-        parser.error("--procs must divide the meta-batch, 4")
-    if Path.cwd().resolve() != ROOT and not args.dry_run:
-        parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
-    method = args.meta_gradient
-    run = run_paths(args.objective, method)[0]
-    if "init" in steps:
-        print(f"# init: {run / 'init.pt'}", flush=True)
-        if not args.dry_run:
-            write_init(run / "init.pt")
-    if "meta-train" in steps:
-        launch = ["-m", "learned_opt"]
-        if args.procs > 1:
-            launch = ["-m", "torch.distributed.run", "--standalone"]
-            launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
-        command = [*launch, *meta_train(args.objective, method)]
-        print(shlex.join(["python", *command]), flush=True)
-        if not args.dry_run:
-            restore_checkpoint(args.objective, method)
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-            subprocess.run([sys.executable, *command], check=True, env=env)
-    if "sealed" in steps:
-        for horizon in (100, 1000):
-            command = sealed(horizon, args.objective, method)
-            print(shlex.join(["python", *command]), flush=True)
-            if not args.dry_run:
-                subprocess.run([sys.executable, *command], check=True)
-    return 0
+    objective, method = args.objective, args.meta_gradient
+    run, checkpoint = run_paths(objective, method)
+    return candidates.run_steps(
+        args, parser, run=run, checkpoint=checkpoint, write_init=write_init,
+        meta_train=meta_train(objective, method),
+        sealed=lambda steps: sealed(steps, objective, method),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

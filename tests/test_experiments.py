@@ -204,15 +204,46 @@ def test_mnist_paper_ships_weights_with_their_benchmark_figures(tmp_path: Path, 
     assert not refused.exists()
 
 
+def _assert_written_by(checkpoint: Path, config) -> None:
+    """The committed ``checkpoint`` (if any) was written by a run of ``config``: the same
+    configuration up to where the run kept its files and the settings a resumed run may change,
+    so ``--resume`` continues it."""
+    from learned_opt import MetaTrainConfig
+    from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
+
+    if not checkpoint.is_file():
+        return
+    state = torch.load(checkpoint, weights_only=True)
+    free = {"init_weights", *RESUMABLE_CHANGES}
+    saved = MetaTrainConfig.from_dict(state["config"]).to_dict()  # as resume reads it
+    saved = {k: v for k, v in saved.items() if k not in free}
+    mine = {k: v for k, v in config.to_dict().items() if k not in free}
+    assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+
+
+def _assert_steps_like_the_default(rule, **options) -> None:
+    """``LSTMOptimizer(weights=rule, **options)`` steps exactly like ``LSTMOptimizer()``."""
+    from learned_opt import LSTMOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule, **options)
+    for _ in range(5):
+        g = torch.randn(5, 3, generator=gen)
+        for p, opt in zip((a[0], b[0]), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(a[0], b[0])
+
+
 def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_default(
     tmp_path: Path, run_script, capsys, monkeypatch
 ) -> None:
     """The recipe of the run in progress: its command parses, its starting weights step exactly
     like the shipped default, and its committed checkpoint (if any) was written by this very
     command (same configuration), so ``--resume`` continues it."""
-    from learned_opt import LSTMOptimizer, MetaTrainConfig
     from learned_opt.cli import build_parser, config_from_args
-    from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
 
     assert run_script("experiments/horizon_aware.py", "--dry-run") == 0
     recipe = runpy.run_path(str(ROOT / "experiments/horizon_aware.py"))
@@ -232,28 +263,10 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
         assert config.estimator == ("pes" if method == "pes" else "tbptt")
         assert config.clip_grad_per_task == (method != "first-order")
         assert str(recipe["run_paths"](objective, method)[0] / "ckpt") in argv
-        checkpoint = ROOT / recipe["run_paths"](objective, method)[1]
-        if checkpoint.is_file():
-            state = torch.load(checkpoint, weights_only=True)
-            # where the run kept its files, and the settings a resumed run may change
-            free = {"init_weights", *RESUMABLE_CHANGES}
-            saved = MetaTrainConfig.from_dict(state["config"]).to_dict()  # as resume reads it
-            saved = {k: v for k, v in saved.items() if k not in free}
-            mine = {k: v for k, v in config.to_dict().items() if k not in free}
-            assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+        _assert_written_by(ROOT / recipe["run_paths"](objective, method)[1], config)
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
-    rule, _ = load_rule(init)
-    gen = torch.Generator().manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
-    b = [torch.nn.Parameter(a[0].detach().clone())]
-    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule, total_steps=10)
-    for _ in range(5):
-        g = torch.randn(5, 3, generator=gen)
-        for p, opt in zip((a[0], b[0]), opts):
-            p.grad = g.clone()
-            opt.step()
-    assert torch.equal(a[0], b[0])
+    _assert_steps_like_the_default(load_rule(init)[0], total_steps=10)
 
 
 def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_default(
@@ -262,9 +275,7 @@ def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_de
     """The learned-gain recipe: its command parses (PES over whole unrolls, only the controller
     meta-trained), its starting weights step exactly like the shipped default, and its
     committed checkpoint (if any) was written by this very command."""
-    from learned_opt import LSTMOptimizer, MetaTrainConfig
     from learned_opt.cli import build_parser, config_from_args
-    from learned_opt.outer.checkpoints import RESUMABLE_CHANGES
 
     assert run_script("experiments/adaptation_gain.py", "--dry-run") == 0
     recipe = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
@@ -274,26 +285,10 @@ def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_de
     config = config_from_args(build_parser().parse_args(argv))
     assert config.estimator == "pes" and config.truncation >= config.horizon
     assert config.family == "meta-train-rescaled" and config.eval_family == "validation"
-    checkpoint = ROOT / recipe["CHECKPOINT"]
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        free = {"init_weights", *RESUMABLE_CHANGES}
-        saved = MetaTrainConfig.from_dict(state["config"]).to_dict()
-        saved = {k: v for k, v in saved.items() if k not in free}
-        mine = {k: v for k, v in config.to_dict().items() if k not in free}
-        assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
+    _assert_written_by(ROOT / recipe["CHECKPOINT"], config)
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
     rule, _ = load_rule(init)
     trained = [n for n, p in rule.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith("controller_") for n in trained)
-    gen = torch.Generator().manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
-    b = [torch.nn.Parameter(a[0].detach().clone())]
-    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule)
-    for _ in range(5):
-        g = torch.randn(5, 3, generator=gen)
-        for p, opt in zip((a[0], b[0]), opts):
-            p.grad = g.clone()
-            opt.step()
-    assert torch.equal(a[0], b[0])
+    _assert_steps_like_the_default(rule)

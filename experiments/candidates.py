@@ -1,0 +1,81 @@
+"""The steps shared by the recipes of candidates for the default weights: write the starting
+weights, meta-train (resuming, from the committed checkpoint on a fresh machine), run the sealed
+test once. ``experiments/horizon_aware.py`` and ``experiments/adaptation_gain.py`` use it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("init", "meta-train", "sealed")
+#: One thread per process; glibc's mmap threshold fixed (a large unroll's memory is returned).
+ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
+    parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def restore_checkpoint(run: Path, checkpoint: Path) -> None:
+    """Put the committed ``checkpoint`` where ``--resume`` looks (``run/ckpt``), unless the run
+    has newer ones."""
+    ckpt_dir = run / "ckpt"
+    if checkpoint.is_file() and not any(ckpt_dir.glob("ckpt_*.pt")):
+        import torch
+
+        iteration = int(torch.load(checkpoint, weights_only=True)["iteration"])
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint, ckpt_dir / f"ckpt_{iteration:08d}.pt")
+
+
+def run_steps(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    *,
+    run: Path,
+    checkpoint: Path,
+    write_init: Callable[[Path], None],
+    meta_train: Sequence[str],
+    sealed: Callable[[int], Sequence[str]],
+) -> int:
+    """Run the ``--steps`` of a candidate whose run folder is ``run``: ``write_init`` writes
+    ``run/init.pt``; ``meta_train`` is the command after ``python -m learned_opt``; ``sealed``
+    gives the sealed test's command (after ``python``) per horizon."""
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if unknown := sorted(set(steps) - set(STEPS)):
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if args.procs < 1 or 4 % args.procs:
+        parser.error("--procs must divide the meta-batch, 4")
+    if Path.cwd().resolve() != ROOT and not args.dry_run:
+        parser.error(f"run it from the repository root ({ROOT}): its paths are relative to it")
+    if "init" in steps:
+        print(f"# init: {run / 'init.pt'}", flush=True)
+        if not args.dry_run:
+            write_init(run / "init.pt")
+    if "meta-train" in steps:
+        launch = ["-m", "learned_opt"]
+        if args.procs > 1:
+            launch = ["-m", "torch.distributed.run", "--standalone"]
+            launch += [f"--nproc_per_node={args.procs}", "-m", "learned_opt"]
+        command = [*launch, *meta_train]
+        print(shlex.join(["python", *command]), flush=True)
+        if not args.dry_run:
+            restore_checkpoint(run, checkpoint)
+            env = {**os.environ, **ENV}
+            subprocess.run([sys.executable, *command], check=True, env=env)
+    if "sealed" in steps:
+        for horizon in (100, 1000):
+            command = list(sealed(horizon))
+            print(shlex.join(["python", *command]), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+    return 0
