@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -79,17 +78,9 @@ def run_variant(held: HeldOut, rule: UpdateRule, schedule: str | None) -> list[f
         opt = LearnedOptimizer(params, rule, lr=lr)
         if schedule is None:
             return opt
-        step, scheduler = opt.step, []
-
-        def scheduled_step(*args: Any, **kwargs: Any) -> Any:
-            out = step(*args, **kwargs)
-            scheduler[0].step()
-            return out
-
-        opt.step = scheduled_step  # type: ignore[method-assign]
-        # (created after the override, so that the scheduler's own wrapper stays outermost)
         multiplier = SCHEDULES[schedule]
-        scheduler.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda t: multiplier(t, horizon)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: multiplier(t, horizon))
+        opt.register_step_post_hook(lambda *_: scheduler.step())
         return opt
 
     runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
