@@ -76,6 +76,7 @@ def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     rows = {r["variant"]: r for r in map(json.loads, lines[1:])}
     assert rows["learned output zeroed"]["final_losses"] == rows["as given"]["final_losses"]
     assert rows["rate x2"]["final_losses"] != rows["as given"]["final_losses"]
+    assert rows["cosine decay"]["final_losses"] != rows["as given"]["final_losses"]
     assert rows["adaptation off"]["final_losses"] != rows["as given"]["final_losses"]
     assert any(name.startswith("Adam, lr") for name in rows)
     assert "| as given |" in (out / "table.md").read_text()
