@@ -122,7 +122,7 @@ def test_fixed_lstm_leaves_only_the_controller_to_meta_train(tmp_path: Path) -> 
     assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
         "controller_w1", "controller_b1", "controller_w2", "controller_b2"
     ]  # fmt: skip
-    assert float(loaded.controller_b2) == pytest.approx(0.3)
+    assert float(loaded.controller_b2.detach()) == pytest.approx(0.3)
 
 
 def test_pes_estimates_a_gradient_for_the_controller_only() -> None:
