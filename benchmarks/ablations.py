@@ -40,7 +40,7 @@ from learned_opt import LearnedOptimizer, load_rule, pretrained
 from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, run_optimizer, tune_lr
 from learned_opt.outer.config import MetaTrainConfig
 from learned_opt.outer.held_out import HeldOut
-from learned_opt.rules import UpdateRule, build_rule
+from learned_opt.rules import UpdateRule
 from learned_opt.tasks import make_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,11 +59,8 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
     out: dict[str, tuple[UpdateRule, str | None]] = {"as given": (rule, None)}
     with contextlib.suppress(ValueError):  # (no learned output to zero)
         out["learned output zeroed"] = (zero_readout(rule), None)
-    config = rule.config()
-    if config.get("lr_adapt", 0) > 0:
-        off = {**config, "lr_adapt": 0.0, "controller_hidden": 0}
-        plain = build_rule(rule.kind, off)
-        plain.load_state_dict(rule.state_dict(), strict=False)
+    if getattr(rule, "lr_adapt", 0) > 0:
+        plain = rule.variant(lr_adapt=0.0, controller_hidden=0)
         out["adaptation off"] = (plain, None)
         out["adaptation off, output zeroed"] = (zero_readout(plain), None)
     for name in SCHEDULES:

@@ -74,12 +74,9 @@ def write_init(path: Path) -> None:
     """The shipped default with the zero controller."""
     import learned_opt
     from learned_opt import load_rule, save_rule
-    from learned_opt.rules import build_rule
 
     base, _ = load_rule(learned_opt.pretrained.path("general"))
-    rule = build_rule(base.kind, {**base.config(), **CONTROLLER})
-    missing = rule.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("controller_") for k in missing), missing
+    rule = base.variant(**CONTROLLER)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_rule(path, rule, {"source": "the shipped 'general' with a zero adaptation gain"})
 

@@ -15,7 +15,7 @@ from learned_opt.learners import OptimizerLearner
 from learned_opt.outer.estimators import build_estimator
 from learned_opt.outer.estimators.base import meta_parameters
 from learned_opt.outer.unroll import UnrollSpec
-from learned_opt.rules import LSTMCorrectedAdamConfig, LSTMCorrectedAdamRule, build_rule
+from learned_opt.rules import LSTMCorrectedAdamConfig, LSTMCorrectedAdamRule
 from learned_opt.tasks import RandomMLPFamily
 
 GAIN = {"controller_hidden": 4}
@@ -23,10 +23,7 @@ GAIN = {"controller_hidden": 4}
 
 def _shipped(**options) -> LSTMCorrectedAdamRule:
     base, _ = load_rule(pretrained.path("general"))
-    rule = build_rule(base.kind, {**base.config(), **options})
-    missing = rule.load_state_dict(base.state_dict(), strict=False).missing_keys
-    assert all(k.startswith("controller_") for k in missing)
-    return rule
+    return base.variant(**options)
 
 
 def _train(rule, steps: int = 30) -> tuple[list[torch.Tensor], dict]:

@@ -396,6 +396,14 @@ class LSTMCorrectedAdamRule(UpdateRule):
             update = update + out[:, 1]
         return torch.exp(self.log_lr) * update, new_state
 
+    def variant(self, **changes: Any) -> LSTMCorrectedAdamRule:
+        """This rule's configuration with ``changes``, holding this rule's weights (weights the
+        new configuration adds, e.g. a controller's, keep their initialization)."""
+        rule = type(self)(self.settings, **changes)
+        missing = rule.load_state_dict(self.state_dict(), strict=False).missing_keys
+        assert all(k.startswith("controller_") for k in missing), missing
+        return rule
+
     def controller(self) -> Callable[[Tensor], Tensor] | None:
         """The learned gain's log, features (T, 6) -> (T,), or ``None`` without one."""
         if self.controller_hidden <= 0:
