@@ -130,7 +130,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
     kept; for the paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a
     zero update), the last layer of a learned gain on the step-size adaptation
-    (``controller_hidden``: the gain 1) and the last layer of a
+    (``controller_hidden``: the gain 1) and of its drift (``controller_drift``: none), and the
+    last layer of a
     :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
 
     Raises:
@@ -148,6 +149,9 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
             if getattr(module, "controller_w2", None) is not None:  # the adaptation's gain
                 module.controller_w2.zero_()
                 module.controller_b2.zero_()
+                if getattr(module, "controller_drift_w", None) is not None:
+                    module.controller_drift_w.zero_()
+                    module.controller_drift_b.zero_()
                 zeroed.append(f"{name}.controller" if name else "controller")
             if isinstance(module, ScheduledRule):
                 last = module.schedule[-1]

@@ -1,6 +1,7 @@
-"""The learned gain on LSTMCorrectedAdamRule's step-size adaptation (``controller_hidden``):
-zero at initialization (the hand-designed rule, step for step, in the unroll and the drop-in
-optimizer), its effect on the log step size, the fixed-LSTM option, checkpoints and PES."""
+"""The learned gain on LSTMCorrectedAdamRule's step-size adaptation (``controller_hidden``) and
+its drift (``controller_drift``): zero at initialization (the hand-designed rule, step for step,
+in the unroll and the drop-in optimizer), their effect on the log step size, the fixed-LSTM
+option, checkpoints and PES."""
 
 from __future__ import annotations
 
@@ -69,18 +70,51 @@ def test_the_gain_scales_each_change_of_the_log_step(gain: float) -> None:
     assert float(s_plain["log_step"].detach()) != 0.0
 
 
+@pytest.mark.parametrize("drift", [-0.4, 0.4])
+def test_the_drift_adds_to_each_change_of_the_log_step(drift: float) -> None:
+    """With the gain at 1 and a constant drift output d, each change of the log step size is
+    the hand-designed one plus kappa_t d (kappa_t: the warmed-up adaptation rate)."""
+    plain, rule = _shipped(), _shipped(**GAIN, controller_drift=0.5)
+    with torch.no_grad():
+        rule.controller_drift_b.fill_(math.atanh(drift / 0.5))
+    cfg = plain.settings
+    gen = torch.Generator().manual_seed(1)
+    s_plain = plain.init_state(50, like=torch.zeros(1))
+    s_drift = rule.init_state(50, like=torch.zeros(1))
+    for t in range(1, 9):
+        g = torch.randn(50, generator=gen) + (0.5 if t < 6 else -2.0)
+        before = s_drift["log_step"] - s_plain["log_step"]
+        _, s_plain = plain(g, s_plain)
+        _, s_drift = rule(g, s_drift)
+        kappa = cfg.lr_adapt * (1 + cfg.lr_adapt_warmup * math.exp(-t / cfg.lr_adapt_warmup_steps))
+        after = s_drift["log_step"] - s_plain["log_step"]
+        torch.testing.assert_close(after - before, torch.tensor([kappa * drift]))
+
+
+def test_zero_drift_is_the_gain_rule_step_for_step() -> None:
+    rule = _nonzero_gain()  # (its first layer is drawn anew on each call)
+    gained, _ = _train(rule)
+    drifted, state = _train(rule.variant(controller_drift=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(gained, drifted))
+    assert state["log_step"].shape == (1,)
+
+
 def _nonzero_gain(**options) -> LSTMCorrectedAdamRule:
     rule = _shipped(**GAIN, **options)
     with torch.no_grad():
         rule.controller_w2.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
         rule.controller_b2.fill_(0.3)
+        if rule.settings.controller_drift > 0:
+            rule.controller_drift_w.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+            rule.controller_drift_b.fill_(-0.2)
     return rule
 
 
-def test_unroll_and_drop_in_optimizer_agree_with_a_gain() -> None:
+@pytest.mark.parametrize("options", [{}, {"controller_drift": 0.5}], ids=["gain", "drift"])
+def test_unroll_and_drop_in_optimizer_agree_with_a_controller(options: dict) -> None:
     """The unroll's flat vector (several tensors) and the drop-in optimizer (one tensor per
     call, the fused kernel) give the same run with a non-zero controller."""
-    rule = _nonzero_gain()
+    rule = _nonzero_gain(**options)
     family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
     task = family.sample(torch.Generator().manual_seed(3))
     learner = OptimizerLearner(rule)
@@ -150,6 +184,8 @@ def test_saved_configurations_without_a_controller_load_without_one() -> None:
         {"controller_hidden": 2, "controller_bound": 0.0},
         {"controller_hidden": 2, "lr_adapt": 0.0},
         {"controller_hidden": 2, "lr_adapt_slowdown": 0.0},
+        {"controller_hidden": 2, "controller_drift": -0.1},
+        {"controller_drift": 0.5},
     ],
 )
 def test_invalid_controllers_are_refused(options: dict) -> None:

@@ -221,14 +221,16 @@ def _assert_written_by(checkpoint: Path, config) -> None:
     assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
 
 
-def _assert_steps_like_the_default(rule, **options) -> None:
-    """``LSTMOptimizer(weights=rule, **options)`` steps exactly like ``LSTMOptimizer()``."""
+def _assert_steps_like_the_default(rule, reference=None, **options) -> None:
+    """``LSTMOptimizer(weights=rule, **options)`` steps exactly like ``LSTMOptimizer()`` (or like
+    ``LSTMOptimizer(weights=reference)``)."""
     from learned_opt import LSTMOptimizer
 
     gen = torch.Generator().manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
     b = [torch.nn.Parameter(a[0].detach().clone())]
-    opts = LSTMOptimizer(a), LSTMOptimizer(b, weights=rule, **options)
+    first = LSTMOptimizer(a) if reference is None else LSTMOptimizer(a, weights=reference)
+    opts = first, LSTMOptimizer(b, weights=rule, **options)
     for _ in range(5):
         g = torch.randn(5, 3, generator=gen)
         for p, opt in zip((a[0], b[0]), opts):
@@ -269,16 +271,14 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     _assert_steps_like_the_default(load_rule(init)[0], total_steps=10)
 
 
-def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_default(
-    tmp_path: Path, run_script, capsys
-) -> None:
-    """The learned-gain recipe: its command parses (PES over whole unrolls, only the controller
-    meta-trained), its starting weights step exactly like the shipped default, and its
-    committed checkpoint (if any) was written by this very command."""
+def _controller_recipe(script: str, run_script, capsys, tmp_path: Path):
+    """A controller recipe's module, its meta-training configuration (checked: PES over whole
+    unrolls, selection on the validation group, the committed checkpoint written by it) and its
+    starting rule (only the controller meta-trained)."""
     from learned_opt.cli import build_parser, config_from_args
 
-    assert run_script("experiments/adaptation_gain.py", "--dry-run") == 0
-    recipe = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
+    assert run_script(script, "--dry-run") == 0
+    recipe = runpy.run_path(str(ROOT / script))
     command = [c for c in capsys.readouterr().out.splitlines() if "meta-train" in c][0]
     argv = shlex.split(command)[3:]  # after "python -m learned_opt"
     assert argv == recipe["META_TRAIN"]
@@ -291,4 +291,35 @@ def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_de
     rule, _ = load_rule(init)
     trained = [n for n, p in rule.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith("controller_") for n in trained)
+    return recipe, config, rule
+
+
+def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned-gain recipe: its command parses (PES over whole unrolls, only the controller
+    meta-trained), its starting weights step exactly like the shipped default, and its
+    committed checkpoint (if any) was written by this very command."""
+    _, _, rule = _controller_recipe("experiments/adaptation_gain.py", run_script, capsys, tmp_path)
     _assert_steps_like_the_default(rule)
+
+
+def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned-drift recipe: the gain recipe's meta-training in its own run folder, from
+    the committed gain run's best weights with a zero drift (which step exactly like them)."""
+    from learned_opt.rules import LSTMCorrectedAdamRule
+
+    script = "experiments/adaptation_drift.py"
+    recipe, _, rule = _controller_recipe(script, run_script, capsys, tmp_path)
+    gain = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
+    assert "runs/adaptation-drift/ckpt" in recipe["META_TRAIN"]
+    assert [a.replace("adaptation-drift", "adaptation-gain") for a in recipe["META_TRAIN"]] == (
+        gain["META_TRAIN"]
+    )
+    assert rule.settings.controller_drift > 0
+    saved = torch.load(ROOT / gain["CHECKPOINT"], weights_only=True)["best_rule"]
+    best = LSTMCorrectedAdamRule.from_config(saved["config"])
+    best.load_state_dict(saved["state_dict"])
+    _assert_steps_like_the_default(rule, reference=best)

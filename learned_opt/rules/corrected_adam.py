@@ -165,6 +165,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             self.controller_b1 = nn.Parameter(torch.empty(k))
             self.controller_w2 = nn.Parameter(torch.empty(k, 1))
             self.controller_b2 = nn.Parameter(torch.empty(1))
+            if cfg.controller_drift > 0:
+                self.controller_drift_w = nn.Parameter(torch.empty(k, 1))
+                self.controller_drift_b = nn.Parameter(torch.empty(1))
         if not cfg.learn_lstm:
             for t in [w for ws in self.layer_weights() for w in ws]:
                 t.requires_grad_(False)
@@ -227,6 +230,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
                 self.controller_b1.uniform_(-b, b, generator=generator)
                 self.controller_w2.zero_()
                 self.controller_b2.zero_()
+                if self.controller_drift > 0:  # and no drift
+                    self.controller_drift_w.zero_()
+                    self.controller_drift_b.zero_()
 
     @property
     def tensor_aware(self) -> bool:
@@ -404,16 +410,22 @@ class LSTMCorrectedAdamRule(UpdateRule):
         assert all(k.startswith("controller_") for k in missing), missing
         return rule
 
-    def controller(self) -> Callable[[Tensor], Tensor] | None:
-        """The learned gain's log, features (T, 6) -> (T,), or ``None`` without one."""
+    def controller(self) -> Callable[[Tensor], tuple[Tensor, Tensor | None]] | None:
+        """The learned controller of the step-size adaptation, features (T, 6) -> (the log
+        gain (T,), the drift (T,) or ``None`` without ``controller_drift``), or ``None``
+        without one."""
         if self.controller_hidden <= 0:
             return None
-        return self._gain
+        return self._control
 
-    def _gain(self, features: Tensor) -> Tensor:
+    def _control(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
         hidden = torch.tanh(torch.addmm(self.controller_b1, features, self.controller_w1))
         out = torch.addmm(self.controller_b2, hidden, self.controller_w2)[:, 0]
-        return self.controller_bound * torch.tanh(out / self.controller_bound)
+        gain = self.controller_bound * torch.tanh(out / self.controller_bound)
+        if self.controller_drift <= 0:
+            return gain, None
+        drift = torch.addmm(self.controller_drift_b, hidden, self.controller_drift_w)[:, 0]
+        return gain, self.controller_drift * torch.tanh(drift)
 
     @torch.no_grad()
     def step_(self, grad: Tensor, state: RuleState) -> Tensor:

@@ -76,6 +76,11 @@ class LSTMCorrectedAdamConfig:
             by :math:`e^{\delta}`. Its last layer starts at zero (the hand-designed rule).
             Needs ``lr_adapt > 0`` and ``lr_adapt_slowdown > 0``.
         controller_bound: :math:`|\delta|` is at most this (:math:`B \tanh(o / B)`).
+        controller_drift: :math:`D`: a second output of the controller, a learned term
+            :math:`d = D \tanh(o_2) \in [-D, D]` added to the (gained) cosine, so that each
+            change of the log step size is :math:`\kappa_t (c\,e^{\delta} + d)`: a drift that
+            can decay or grow a tensor's step where the cosine alone would not (0: none; its
+            layer starts at zero). Needs ``controller_hidden > 0``.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
@@ -107,6 +112,7 @@ class LSTMCorrectedAdamConfig:
     grad_clip_warmup: float = 3.0
     controller_hidden: int = 0
     controller_bound: float = 2.0
+    controller_drift: float = 0.0
     learn_lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
@@ -138,6 +144,11 @@ class LSTMCorrectedAdamConfig:
             raise ValueError(
                 f"Invalid controller: hidden {self.controller_hidden}, bound "
                 f"{self.controller_bound} (need hidden >= 0, bound > 0)"
+            )
+        if self.controller_drift < 0 or (self.controller_drift > 0 and self.controller_hidden < 1):
+            raise ValueError(
+                f"Invalid controller_drift: {self.controller_drift} (must be >= 0, and > 0 only "
+                "with controller_hidden > 0)"
             )
         if self.controller_hidden > 0 and not (self.lr_adapt > 0 and self.lr_adapt_slowdown > 0):
             raise ValueError(

@@ -94,12 +94,12 @@ def adapt_log_step(
     ids: Tensor | None,
     count: int,
     t: float,
-    controller: Callable[[Tensor], Tensor] | None = None,
+    controller: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None,
 ) -> Tensor:
     """The new log step size per tensor, ``s <- clip(s + kappa_t c, +-S)``, with ``c`` the
     cosine of ``-grad`` and the previous update ``state["prev"]`` (shaped by
-    ``lr_adapt_shrink`` and the slowdown; with a ``controller``, the rate times
-    ``exp(controller(features))``, see :data:`CONTROLLER_FEATURES`); records ``log_step`` (and
+    ``lr_adapt_shrink`` and the slowdown; with a ``controller`` of outputs ``(delta, d)``,
+    ``kappa_t (c exp(delta) + d)``, see :data:`CONTROLLER_FEATURES`); records ``log_step`` (and
     ``grad_fast``, ``grad_peak``, ``cos_avg``) in ``new_state`` and returns ``log_step``."""
     prev = state["prev"]
     dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
@@ -114,7 +114,7 @@ def adapt_from_sums(
     state: RuleState,
     new_state: RuleState,
     t: float,
-    controller: Callable[[Tensor], Tensor] | None = None,
+    controller: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None,
 ) -> Tensor:
     """:func:`adapt_log_step` from the per-tensor sums of ``-grad * prev`` (``dot``),
     ``grad**2`` (``g2``) and ``prev**2`` (``p2``)."""
@@ -151,7 +151,10 @@ def adapt_from_sums(
         feats = torch.stack(
             (raw_cos, avg / (1 - 0.9**t), torch.log(ratio) / 10, state["log_step"] / bound), -1
         )
-        change = change * torch.exp(controller(torch.cat((feats, const), -1)))
+        delta, drift = controller(torch.cat((feats, const), -1))
+        change = change * torch.exp(delta)
+        if drift is not None:
+            change = change + rate * drift
     log_step = (state["log_step"] + change).clamp(-bound, bound)
     new_state["log_step"] = log_step
     return log_step
