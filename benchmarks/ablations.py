@@ -59,8 +59,10 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
     out: dict[str, tuple[UpdateRule, str | None]] = {"as given": (rule, None)}
     with contextlib.suppress(ValueError):  # (no learned output to zero)
         out["learned output zeroed"] = (zero_readout(rule), None)
+    if getattr(rule, "controller_drift", 0) > 0:  # the learned gain alone
+        out["learned drift off"] = (rule.variant(controller_drift=0.0), None)
     if getattr(rule, "lr_adapt", 0) > 0:
-        plain = rule.variant(lr_adapt=0.0, controller_hidden=0)
+        plain = rule.variant(lr_adapt=0.0, controller_hidden=0, controller_drift=0.0)
         out["adaptation off"] = (plain, None)
         out["adaptation off, output zeroed"] = (zero_readout(plain), None)
     for name in SCHEDULES:

@@ -62,19 +62,20 @@ def test_meta_gradient_bias_smoke(tmp_path: Path, run_script) -> None:
 
 
 def test_ablations_smoke(tmp_path: Path, run_script) -> None:
-    """A rule whose learned output is already zero (a fresh rule with a zero adaptation gain)
-    equals its zeroed variant exactly; the other variants change the runs."""
+    """A rule whose learned output is already zero (a fresh rule with a zero adaptation gain
+    and drift) equals its zeroed variants exactly; the other variants change the runs."""
     from learned_opt import save_rule
     from learned_opt.rules import LSTMCorrectedAdamRule
 
     weights = tmp_path / "fresh.pt"
-    save_rule(weights, LSTMCorrectedAdamRule(controller_hidden=4))
+    save_rule(weights, LSTMCorrectedAdamRule(controller_hidden=4, controller_drift=0.5))
     out = tmp_path / "out"
     argv = ["--weights", str(weights), "--steps", "8", "--tasks", "2", "--out", str(out)]
     assert run_script("benchmarks/ablations.py", *argv) == 0
     lines = (out / "records.jsonl").read_text().splitlines()
     rows = {r["variant"]: r for r in map(json.loads, lines[1:])}
     assert rows["learned output zeroed"]["final_losses"] == rows["as given"]["final_losses"]
+    assert rows["learned drift off"]["final_losses"] == rows["as given"]["final_losses"]
     assert rows["rate x2"]["final_losses"] != rows["as given"]["final_losses"]
     assert rows["cosine decay"]["final_losses"] != rows["as given"]["final_losses"]
     assert rows["adaptation off"]["final_losses"] != rows["as given"]["final_losses"]
