@@ -29,7 +29,6 @@ The steps:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -44,13 +43,6 @@ CHECKPOINT = Path("experiments/checkpoints/adaptation-drift.pt")
 DRIFT = {"controller_drift": 0.5}
 
 META_TRAIN = [arg.replace(str(adaptation_gain.RUN), str(RUN)) for arg in adaptation_gain.META_TRAIN]
-
-
-def sealed(steps: int) -> list[str]:
-    return [
-        "benchmarks/sealed.py", "--weights", str(RUN / "weights.pt"), "--steps", str(steps),
-        "--out", f"benchmarks/results/sealed/adaptation-drift-{steps}",
-    ]  # fmt: skip
 
 
 def write_init(path: Path) -> None:
@@ -73,12 +65,9 @@ def write_init(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    candidates.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return candidates.run_steps(
-        args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
-        meta_train=META_TRAIN, sealed=sealed,
+    return candidates.main(
+        __doc__.splitlines()[0], argv, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+        meta_train=META_TRAIN, sealed=candidates.sealed_command(RUN, "adaptation-drift"),
     )  # fmt: skip
 
 

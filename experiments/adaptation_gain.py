@@ -35,7 +35,6 @@ The steps:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -63,13 +62,6 @@ META_TRAIN = [
 ]  # fmt: skip
 
 
-def sealed(steps: int) -> list[str]:
-    return [
-        "benchmarks/sealed.py", "--weights", str(RUN / "weights.pt"), "--steps", str(steps),
-        "--out", f"benchmarks/results/sealed/adaptation-gain-{steps}",
-    ]  # fmt: skip
-
-
 def write_init(path: Path) -> None:
     """The shipped default with the zero controller."""
     import learned_opt
@@ -82,12 +74,9 @@ def write_init(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    candidates.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return candidates.run_steps(
-        args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
-        meta_train=META_TRAIN, sealed=sealed,
+    return candidates.main(
+        __doc__.splitlines()[0], argv, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+        meta_train=META_TRAIN, sealed=candidates.sealed_command(RUN, "adaptation-gain"),
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("init", "meta-train", "sealed")
@@ -23,6 +24,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
     parser.add_argument("--procs", type=int, default=1, help="meta-training processes (torchrun)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def main(description: str, argv: Sequence[str] | None, **steps: Any) -> int:
+    """A recipe's command line with only the shared options: :func:`run_steps` with ``steps``
+    (its keyword arguments)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    return run_steps(parser.parse_args(argv), parser, **steps)
+
+
+def sealed_command(run: Path, name: str) -> Callable[[int], list[str]]:
+    """The sealed test of ``run``'s exported weights per horizon, into
+    ``benchmarks/results/sealed/{name}-{steps}``."""
+
+    def command(steps: int) -> list[str]:
+        return [
+            "benchmarks/sealed.py", "--weights", str(run / "weights.pt"), "--steps", str(steps),
+            "--out", f"benchmarks/results/sealed/{name}-{steps}",
+        ]  # fmt: skip
+
+    return command
 
 
 def restore_checkpoint(run: Path, checkpoint: Path) -> None:
