@@ -1,5 +1,9 @@
 """Meta-training is reproducible across refactors: a few iterations of several configurations give
-bit for bit the meta-parameters (and held-out figures) recorded in ``tests/fixtures``.
+the meta-parameters (and held-out figures) recorded in ``tests/fixtures``, up to rounding: bit for
+bit on the machine that recorded them, within 1e-3 of each tensor's largest entry on another CPU
+(PyTorch's matrix products and sums round differently by instruction set, and evolution
+strategies amplify the difference: 2e-4 measured between two x86-64 machines), far below what a
+change of the computation moves.
 
 Regenerate the fixture only for a deliberate change of the numbers:
 ``python tests/test_outer_fixture.py``.
@@ -89,9 +93,14 @@ def test_meta_training_reproduces_the_recorded_run(
     got = run(CONFIGS[name])
     assert expected["learner"].keys() == got["learner"].keys()
     for key, value in expected["learner"].items():
-        assert torch.equal(value, got["learner"][key]), key
-    assert got["eval_metric"] == expected["eval_metric"]
-    assert got["adam_metric"] == expected["adam_metric"]
+        scale = float(value.abs().max().clamp_min(1e-6))
+        torch.testing.assert_close(got["learner"][key], value, rtol=0, atol=1e-3 * scale)
+    assert got["eval_metric"] == pytest.approx(expected["eval_metric"], rel=1e-5)
+    assert got["adam_metric"] == (
+        None
+        if expected["adam_metric"] is None
+        else pytest.approx(expected["adam_metric"], rel=1e-5)
+    )
     assert got["adam_lr"] == expected["adam_lr"]
 
 
