@@ -554,8 +554,14 @@ def test_compact_state_benchmark_measures_bytes_and_ratios(tmp_path, run_script)
         # bfloat16 halves every per-coordinate entry; a few per-tensor scalars stay float32.
         assert bf16["state_bytes_per_param"] < 0.51 * fp32["state_bytes_per_param"]
         assert bf16["state_bytes_per_param"] <= 84
-    for fp32, nudged in zip(by_mode["fp32"], by_mode["fp32-nudged"]):
-        assert nudged["final_train_loss"] != fp32["final_train_loss"]  # the nudge takes effect
+    # the nudge takes effect (a last-bit change of the losses: on some CPUs one of them rounds
+    # back to the same float32)
+    metrics = ("final_train_loss", "final_test_loss")
+    assert any(
+        nudged[m] != fp32[m]
+        for fp32, nudged in zip(by_mode["fp32"], by_mode["fp32-nudged"])
+        for m in metrics
+    )
     table = (tmp_path / "table.md").read_text()
     assert "| geometric mean (rated) |" in table and "Rated: 2 of 2 tasks" in table
     (h0,) = [line for line in table.splitlines() if line.startswith("| h0 |")]
