@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument(
         "--dist-timeout",
         type=float,
-        default=300.0,
-        help="seconds a rank waits for the others before failing (under torchrun)",
+        default=1800.0,
+        help="seconds a rank waits for the others before failing (under torchrun; ranks whose "
+        "tasks differ in length wait for each other at every meta-iteration)",
     )
     mt.add_argument("--note", action="append", default=[], help="provenance note kept with the run")
 

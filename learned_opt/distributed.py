@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-def init_from_env(timeout_s: float = 300.0) -> bool:
+def init_from_env(timeout_s: float = 1800.0) -> bool:
     """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1).
 
     A rank that dies makes the collectives of the others fail after ``timeout_s`` seconds with an
