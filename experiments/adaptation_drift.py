@@ -47,21 +47,15 @@ META_TRAIN = [arg.replace(str(adaptation_gain.RUN), str(RUN)) for arg in adaptat
 
 def write_init(path: Path) -> None:
     """The gain run's best weights with a zero drift."""
-    import torch
+    from learned_opt import load_rule, save_rule
 
-    from learned_opt import save_rule
-    from learned_opt.rules import LSTMCorrectedAdamRule
-
-    saved = torch.load(adaptation_gain.CHECKPOINT, weights_only=True)
-    gain = LSTMCorrectedAdamRule.from_config(saved["best_rule"]["config"])
-    gain.load_state_dict(saved["best_rule"]["state_dict"])
-    rule = gain.variant(**DRIFT)
+    gain, meta = load_rule(adaptation_gain.CHECKPOINT)  # a checkpoint gives its best rule
     path.parent.mkdir(parents=True, exist_ok=True)
     source = (
-        f"the best weights (meta-iteration {saved['best_iteration']}) of "
+        f"the best weights (meta-iteration {meta['best_iteration']}) of "
         f"{adaptation_gain.CHECKPOINT} with a zero drift"
     )
-    save_rule(path, rule, {"source": source})
+    save_rule(path, gain.variant(**DRIFT), {"source": source})
 
 
 def main(argv: list[str] | None = None) -> int:

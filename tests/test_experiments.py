@@ -309,8 +309,6 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
 ) -> None:
     """The learned-drift recipe: the gain recipe's meta-training in its own run folder, from
     the committed gain run's best weights with a zero drift (which step exactly like them)."""
-    from learned_opt.rules import LSTMCorrectedAdamRule
-
     script = "experiments/adaptation_drift.py"
     recipe, _, rule = _controller_recipe(script, run_script, capsys, tmp_path)
     gain = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
@@ -319,7 +317,5 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
         gain["META_TRAIN"]
     )
     assert rule.settings.controller_drift > 0
-    saved = torch.load(ROOT / gain["CHECKPOINT"], weights_only=True)["best_rule"]
-    best = LSTMCorrectedAdamRule.from_config(saved["config"])
-    best.load_state_dict(saved["state_dict"])
+    best, _ = load_rule(ROOT / gain["CHECKPOINT"])  # the checkpoint's best rule
     _assert_steps_like_the_default(rule, reference=best)

@@ -33,7 +33,7 @@ drop-in optimizer's in-place step is in :mod:`learned_opt.rules.corrected_adam_s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -410,7 +410,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         assert all(k.startswith("controller_") for k in missing), missing
         return rule
 
-    def controller(self) -> Callable[[Tensor], tuple[Tensor, Tensor | None]] | None:
+    def controller(self) -> per_tensor.Controller | None:
         """The learned controller of the step-size adaptation, features (T, 6) -> (the log
         gain (T,), the drift (T,) or ``None`` without ``controller_drift``), or ``None``
         without one."""

@@ -25,6 +25,7 @@ from .corrected_adam_config import LSTMCorrectedAdamConfig
 
 __all__ = [
     "CONTROLLER_FEATURES",
+    "Controller",
     "PER_TENSOR_KEYS",
     "adapt_from_sums",
     "adapt_log_step",
@@ -41,6 +42,9 @@ PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak", "cos_avg")
 #: cosine, its bias-corrected running mean (beta 0.9), ``log(norm / peak) / 10`` of the gradient
 #: norm (floored at -1), ``s / S``, ``exp(-t / tau)`` and ``log(t) / log(10^4)``.
 CONTROLLER_FEATURES = 6
+
+#: The learned controller: features (T, 6) -> (log gain (T,), drift (T,) or ``None``).
+Controller = Callable[[Tensor], tuple[Tensor, Tensor | None]]
 
 
 def tensor_sums(products: Tensor, ids: Tensor | None, count: int) -> Tensor:
@@ -94,7 +98,7 @@ def adapt_log_step(
     ids: Tensor | None,
     count: int,
     t: float,
-    controller: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None,
+    controller: Controller | None = None,
 ) -> Tensor:
     """The new log step size per tensor, ``s <- clip(s + kappa_t c, +-S)``, with ``c`` the
     cosine of ``-grad`` and the previous update ``state["prev"]`` (shaped by
@@ -114,7 +118,7 @@ def adapt_from_sums(
     state: RuleState,
     new_state: RuleState,
     t: float,
-    controller: Callable[[Tensor], tuple[Tensor, Tensor | None]] | None = None,
+    controller: Controller | None = None,
 ) -> Tensor:
     """:func:`adapt_log_step` from the per-tensor sums of ``-grad * prev`` (``dot``),
     ``grad**2`` (``g2``) and ``prev**2`` (``p2``)."""
