@@ -15,6 +15,9 @@ math) with one warning. Build products are cached by PyTorch in
 ``~/.cache/torch_extensions`` (or ``TORCH_EXTENSIONS_DIR``), under a name that includes a
 fingerprint of this CPU: the code is compiled with ``-march=native``, so a cache shared with
 another kind of machine is not reused.
+
+On CUDA GPUs, :mod:`learned_opt.kernels.corrected_adam_triton` is that rule's step as one Triton
+kernel (imported only when a GPU tensor is stepped).
 """
 
 from __future__ import annotations

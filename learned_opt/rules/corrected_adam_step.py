@@ -8,8 +8,11 @@ place. The per-tensor arithmetic between the passes is the forward's own code
 (:mod:`learned_opt.rules.per_tensor`). The kernel repeats the forward's float operations one for
 one, so the result is bit for bit the forward's on tensors of up to one block (4096
 coordinates); on larger ones PyTorch splits its sums and matrix products differently (a
-last-bit difference). Elsewhere (another dtype or device, no compiler) the step is the forward,
-with the new state written into the old one.
+last-bit difference). On a CUDA GPU with Triton (PyTorch's CUDA builds ship it) the step is the
+same three parts: the sums as PyTorch reductions and one Triton kernel for the rest
+(:mod:`learned_opt.kernels.corrected_adam_triton`), without waiting for the device. Elsewhere
+(another dtype, no compiler or Triton) the step is the forward, with the new state written into
+the old one.
 
 Either way the update is finite for every finite gradient: the kernel reads the gradient through
 the same bound as the forward (:func:`~learned_opt.rules.base.grad_bound`), and the step is a
@@ -19,6 +22,7 @@ bounded factor times Adam's normalized direction.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +107,39 @@ def _packed(rule: LSTMCorrectedAdamRule) -> tuple[Tensor, Tensor]:
     return cached[1], cached[2]
 
 
+def _device_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
+    """The step on a GPU tensor: the per-tensor sums as PyTorch reductions, the per-tensor
+    arithmetic as in the forward (on the device), the rest one Triton kernel. Nothing waits for
+    the device: the step counter is kept on the host (as ``torch.optim`` keeps its own)."""
+    cfg = rule.settings
+    if state["step"].device.type != "cpu":
+        state["step"] = state["step"].cpu()
+    t = float(state["step"]) + 1
+    bound = grad_bound(grad.dtype)
+    clip = grad.new_ones(1)
+    if cfg.grad_clip > 0 or cfg.lr_adapt > 0:
+        g = grad.clamp(-bound, bound)
+    if cfg.grad_clip > 0 and t > 1:
+        ref = state["v"].sum(dtype=torch.float32) / (1 - cfg.beta2 ** (t - 1))
+        clip = per_tensor.clip_scale(cfg, torch.dot(g, g)[None], ref[None], t)
+    new: dict[str, Any] = {}
+    exp_s = None
+    if cfg.lr_adapt > 0:
+        g = g * clip
+        prev = state["prev"].float()
+        sums = [-torch.dot(g, prev)[None], torch.dot(g, g)[None], torch.dot(prev, prev)[None]]
+        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, rule.controller())
+        exp_s = torch.exp(log_step)
+    from ..kernels import corrected_adam_triton
+
+    update = corrected_adam_triton.step_(rule, grad, state, t, bound, clip, exp_s)
+    if update is None:  # the kernel failed to compile or launch here (it warned)
+        return _forward_step_(rule, grad, state)
+    state.update(new)
+    state["step"].add_(1)
+    return update
+
+
 @torch.no_grad()
 def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
     """``rule.forward``'s step on one whole tensor's flat gradient ``grad``, with ``state``
@@ -114,6 +151,11 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
             value = per_tensor.per_tensor_state(state, key, state.get("tensor"), count)
             if "tensor" not in state:
                 state[key] = value.to(grad.dtype)
+    if grad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from ..kernels import corrected_adam_triton  # imports Triton: only for GPU tensors
+
+        if corrected_adam_triton.supported(rule, grad, state):
+            return _device_step_(rule, grad, state)
     if not _fused_ok(rule, grad, state):
         return _forward_step_(rule, grad, state)
     cfg = rule.settings

@@ -1,0 +1,229 @@
+"""The in-place step of the LSTM-corrected Adam rule on GPU tensors: one Triton kernel.
+
+The counterpart of ``corrected_adam.cpp`` for CUDA: per block of coordinates, the moments, the
+LSTM's inputs, its layer (gate products, cell), the read-out and the update, with the state
+(float32 or bfloat16) read once and written once; no per-coordinate temporaries reach memory.
+The per-tensor sums of the gradient clipping and of the step-size adaptation are PyTorch
+reductions before it, and the per-tensor arithmetic between them is the forward's own code
+(:mod:`learned_opt.rules.per_tensor`) on one-element tensors that stay on the device: the step
+makes no host synchronization. The arithmetic is the forward's up to rounding (GPU
+transcendentals, the gate products' summation order): results agree with the CPU step to float32
+tolerance, not bit for bit.
+
+Used by :func:`learned_opt.rules.corrected_adam_step.step_` for CUDA tensors when Triton is
+installed (it ships with PyTorch's CUDA builds) and ``LEARNED_OPT_NO_TRITON`` is unset; a rule of
+more than one LSTM layer, or a hidden size that is not a power of two, takes the forward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "step_"]
+
+try:  # optional: absent from CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+#: Why the kernel failed to compile or launch, once it has (then it is not tried again).
+_FAILED: str | None = None
+
+
+def available() -> bool:
+    """Whether the Triton step can run (Triton importable, not disabled, not failed)."""
+    return triton is not None and _FAILED is None and not os.environ.get("LEARNED_OPT_NO_TRITON")
+
+
+def _on_device(t: Tensor) -> bool:
+    """Whether ``t`` is where the kernel runs: a CUDA tensor, or, under Triton's interpreter
+    (``TRITON_INTERPRET=1``, which runs kernels on CPU tensors: how the tests check this one
+    without a GPU), a CPU tensor."""
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # tanh from the sigmoid (exact identity; Triton's core language has no tanh)
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, q: tl.constexpr,
+              H: tl.constexpr):  # fmt: skip
+        # gate q's pre-activation (BLOCK, H): b + x W_ih + h W_hh (x: 7 inputs, by column)
+        units = tl.arange(0, H)
+        cols = q * H + units
+        w_hh = tl.load(whh_ptr + units[:, None] * (4 * H) + cols[None, :])
+        z = tl.dot(h, w_hh, input_precision="ieee") + tl.load(b_ptr + cols)[None, :]
+        z += x0[:, None] * tl.load(wih_ptr + cols)[None, :]
+        z += x1[:, None] * tl.load(wih_ptr + 4 * H + cols)[None, :]
+        z += x2[:, None] * tl.load(wih_ptr + 8 * H + cols)[None, :]
+        z += x3[:, None] * tl.load(wih_ptr + 12 * H + cols)[None, :]
+        z += x4[:, None] * tl.load(wih_ptr + 16 * H + cols)[None, :]
+        z += x5[:, None] * tl.load(wih_ptr + 20 * H + cols)[None, :]
+        z += x6[:, None] * tl.load(wih_ptr + 24 * H + cols)[None, :]
+        return z
+
+    @triton.jit
+    def _step_kernel(
+        g_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, v_ptr, vf_ptr, prev_ptr, h_ptr, c_ptr,
+        wih_ptr, whh_ptr, b_ptr, ow_ptr, ob_ptr, log_lr_ptr, u_ptr, clip_ptr, exp_s_ptr,
+        n, G, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale,
+        w0, w1, w2, w3, bc0, bc1, bc2, bc3,
+        ADAM_K: tl.constexpr, H: tl.constexpr, NOUT: tl.constexpr, HAS_PREV: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n
+        gc = tl.load(g_ptr + rows, mask=mask, other=0.0)
+        gc = tl.minimum(tl.maximum(gc, -G), G) * tl.load(clip_ptr)
+        # the momenta: torch.lerp(m, g, w) (from the end for w >= 0.5, as ATen)
+        m0 = tl.load(m0_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        m1 = tl.load(m1_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        m2 = tl.load(m2_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        m3 = tl.load(m3_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        m0 = gc + (w0 - 1.0) * (gc - m0)
+        m1 = m1 + w1 * (gc - m1)
+        m2 = m2 + w2 * (gc - m2)
+        m3 = m3 + w3 * (gc - m3)
+        tl.store(m0_ptr + rows, m0.to(m0_ptr.dtype.element_ty), mask=mask)
+        tl.store(m1_ptr + rows, m1.to(m1_ptr.dtype.element_ty), mask=mask)
+        tl.store(m2_ptr + rows, m2.to(m2_ptr.dtype.element_ty), mask=mask)
+        tl.store(m3_ptr + rows, m3.to(m3_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + rows, mask=mask, other=0.0).to(tl.float32) * b2 + (omb2 * gc) * gc
+        tl.store(v_ptr + rows, v.to(v_ptr.dtype.element_ty), mask=mask)
+        vf = tl.load(vf_ptr + rows, mask=mask, other=0.0).to(tl.float32) * 0.9 + (0.1 * gc) * gc
+        tl.store(vf_ptr + rows, vf.to(vf_ptr.dtype.element_ty), mask=mask)
+        # the LSTM's inputs and Adam's direction
+        den = tl.sqrt_rn(v) / sq2 + eps
+        x0 = gc / den
+        x1 = (m0 / bc0) / den
+        x2 = (m1 / bc1) / den
+        x3 = (m2 / bc2) / den
+        x4 = (m3 / bc3) / den
+        x5 = tl.log(tl.maximum(tl.abs(gc) / den, floor_)) / p
+        x6 = tl.log(tl.maximum((tl.sqrt_rn(vf / bcf) + eps) / den, floor_)) / p
+        if ADAM_K == 0:
+            dir = -x1
+        elif ADAM_K == 1:
+            dir = -x2
+        elif ADAM_K == 2:
+            dir = -x3
+        else:
+            dir = -x4
+        # the layer: gates [i, f, g, o] = b + x W_ih + h W_hh, each (BLOCK, H)
+        units = tl.arange(0, H)
+        hc = rows[:, None] * H + units[None, :]
+        hmask = mask[:, None]
+        h = tl.load(h_ptr + hc, mask=hmask, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + hc, mask=hmask, other=0.0).to(tl.float32)
+        zi = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 0, H)
+        zf = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 1, H)
+        zg = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 2, H)
+        zo = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 3, H)
+        c = tl.sigmoid(zf) * c + tl.sigmoid(zi) * _tanh(zg)
+        h = tl.sigmoid(zo) * _tanh(c)
+        tl.store(h_ptr + hc, h.to(h_ptr.dtype.element_ty), mask=hmask)
+        tl.store(c_ptr + hc, c.to(c_ptr.dtype.element_ty), mask=hmask)
+        # the read-out and the update
+        out0 = tl.sum(h * tl.load(ow_ptr + units * NOUT)[None, :], axis=1) + tl.load(ob_ptr)
+        a = abound * _tanh(out0 * oscale / abound)
+        u = dir * tl.exp(a)
+        if HAS_PREV:
+            tl.store(prev_ptr + rows, u.to(prev_ptr.dtype.element_ty), mask=mask)
+            u = u * tl.load(exp_s_ptr)
+        if NOUT == 2:
+            out1 = tl.sum(h * tl.load(ow_ptr + units * NOUT + 1)[None, :], axis=1)
+            u = u + (out1 + tl.load(ob_ptr + 1)) * oscale
+        tl.store(u_ptr + rows, tl.exp(tl.load(log_lr_ptr)) * u, mask=mask)
+
+
+#: Coordinates per Triton program.
+BLOCK = 128
+
+
+def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
+    """Whether :func:`step_` handles this rule, gradient and state (else: the forward)."""
+    cfg = rule.settings
+    hidden = cfg.hidden_size
+    if not (
+        available()
+        and _on_device(grad)
+        and grad.dtype == torch.float32
+        and grad.dim() == 1
+        and grad.is_contiguous()
+        and cfg.scale_invariant
+        and cfg.nominal
+        and cfg.num_layers == 1
+        and hidden >= 16
+        and hidden & (hidden - 1) == 0
+        and len(rule.momentum_betas) == 4
+        and rule.in_size == 7
+        and rule._state_betas == rule.momentum_betas
+        and "tensor" not in state
+    ):
+        return False
+    coord = [state[k] for k in state if rule.coord_dim(k) is not None]
+    dtypes = {t.dtype for t in coord}
+    return (
+        len(dtypes) == 1
+        and dtypes.pop() in (torch.float32, torch.bfloat16)
+        and all(t.device == grad.device and t.is_contiguous() for t in coord)
+    )
+
+
+def step_(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
+          exp_s: Tensor | None) -> Tensor | None:  # fmt: skip
+    """The main pass of the step at step ``t`` (``grad`` read clamped to ``[-bound, bound]``;
+    the gradient clipping's factor ``clip`` and the adapted step size ``exp_s`` as one-element
+    device tensors): the state updated in place; returns the update. If the kernel cannot be
+    compiled or launched here, warns once and returns ``None`` with the state unchanged (the
+    caller then takes the forward)."""
+    global _FAILED
+    update = torch.empty_like(grad)
+    try:
+        _launch(rule, grad, state, t, bound, clip, exp_s, update)
+    except Exception as exc:  # e.g. a GPU or Triton version the kernel does not compile for
+        _FAILED = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"learned_opt: the Triton step of the LSTM-corrected Adam rule is unavailable "
+            f"({_FAILED}); using its PyTorch forward (same math, slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return update
+
+
+def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
+            exp_s: Tensor | None, update: Tensor) -> None:  # fmt: skip
+    cfg = rule.settings
+    betas = rule.momentum_betas
+    n = grad.numel()
+    w_ih, w_hh, bias = (ts[0] for ts in rule.layer_weights())
+    prev = state.get("prev")
+    scalars = [
+        cfg.beta2, 1 - cfg.beta2, (1 - cfg.beta2**t) ** 0.5, cfg.eps, 1 - 0.9**t,
+        math.exp(-rule.preprocess_p), rule.preprocess_p, cfg.a_bound, rule.output_scale,
+    ]  # fmt: skip
+    _step_kernel[(triton.cdiv(n, BLOCK),)](
+        grad, *(state[f"m{k}"] for k in range(4)), state["v"], state["v_fast"],
+        prev if prev is not None else grad, state["h0"], state["c0"],
+        w_ih.contiguous(), w_hh.contiguous(), bias.contiguous(),
+        rule.out_weight.contiguous(), rule.out_bias.contiguous(), rule.log_lr.reshape(1), update,
+        clip, exp_s if exp_s is not None else clip,
+        n, bound, *scalars,
+        *(1 - b for b in betas), *(1 - b**t for b in betas),
+        ADAM_K=betas.index(cfg.beta1), H=cfg.hidden_size, NOUT=rule.out_weight.shape[1],
+        HAS_PREV=prev is not None, BLOCK=BLOCK,
+    )  # fmt: skip

@@ -1,0 +1,201 @@
+"""The drop-in optimizer on CUDA tensors: the default rule's Triton step
+(:mod:`learned_opt.kernels.corrected_adam_triton`) against the rule's forward, and the optimizer's
+contract on the GPU (same steps as on the CPU, finite for every finite gradient, non-finite
+gradients skipped with nothing changed, exact resume). The kernel's arithmetic is also checked
+without a GPU, in Triton's interpreter, where Triton is installed."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from learned_opt import LSTMOptimizer, pretrained
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+#: Compares the kernel's step (run by Triton's interpreter on CPU tensors) with the forward's,
+#: for the shipped default, a rule with the learned gain and drift, and an additive rule of
+#: another hidden size; float32 state (the interpreter rounds to bfloat16 by truncation).
+_INTERPRETED = textwrap.dedent(
+    """
+    import copy, torch
+    from learned_opt import LSTMCorrectedAdamRule, load_rule, pretrained
+    from learned_opt.kernels import corrected_adam_triton
+    from learned_opt.rules import corrected_adam_step
+
+    general, _ = load_rule(pretrained.path("general"))
+    control = general.variant(controller_hidden=8, controller_drift=0.5)
+    additive = LSTMCorrectedAdamRule(hidden_size=32, additive=True)
+    gen = torch.Generator().manual_seed(0)
+    additive.reset_parameters(gen, zero_output=False)
+    with torch.no_grad():
+        for name, p in control.named_parameters():
+            if name.startswith("controller_"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    for rule in (general, control, additive):
+        rule.requires_grad_(False)
+        for n in (1, 300, 1000):
+            ref = rule.init_state(n, like=torch.zeros(n))
+            fused = copy.deepcopy(ref)
+            for k in range(8):
+                g = torch.randn(n, generator=gen) * 10.0 ** (k - 4)
+                g[: n // 7] *= -3.0
+                assert corrected_adam_triton.supported(rule, g, fused)
+                expected = corrected_adam_step._forward_step_(rule, g, ref)
+                got = corrected_adam_step.step_(rule, g, fused)
+                scale = expected.abs().max()
+                assert (got - expected).abs().max() <= 1e-5 * scale, (n, k)
+            for key, value in ref.items():
+                if value.is_floating_point() and value.numel():
+                    err = (fused[key].float() - value).abs().max()
+                    assert err <= 1e-5 * value.abs().max() + 1e-30, key
+            assert fused["step"].item() == ref["step"].item() == 8
+    print("ok")
+    """
+)
+
+
+def test_triton_kernel_in_the_interpreter_matches_the_forward() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("LEARNED_OPT_NO_TRITON", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _params(device: str, shapes, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+
+
+SHAPES = [(), (5,), (7, 3), (300, 257), (70_000,)]
+
+
+def _run(device: str, weights: str, state_dtype, steps: int = 12, **kw) -> list[torch.Tensor]:
+    params = _params(device, SHAPES)
+    opt = LSTMOptimizer(params, weights=weights, state_dtype=state_dtype, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(steps):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 10.0 ** (k % 5 - 3)).to(device)
+        opt.step()
+    return [p.detach().cpu() for p in params]
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", pretrained.available())
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_cuda_steps_match_cpu_steps(weights, state_dtype) -> None:
+    kw = {"weight_decay": 1e-3, "maximize": True}
+    cpu = _run("cpu", weights, state_dtype, **kw)
+    gpu = _run("cuda", weights, state_dtype, **kw)
+    init = _params("cpu", SHAPES)
+    tol = 1e-4 if state_dtype is None else 2e-2  # bfloat16 state: a rounding apart can grow
+    for a, b, p0 in zip(cpu, gpu, init):
+        moved = float((a - p0.detach()).abs().max())  # relative to how far the steps went
+        assert (a - b).abs().max() <= tol * moved + 1e-7
+
+
+@needs_cuda
+def test_cuda_step_takes_the_kernel_and_agrees_with_the_forward(monkeypatch) -> None:
+    from learned_opt.kernels import corrected_adam_triton
+
+    pytest.importorskip("triton")
+    kernel = _run("cuda", "general", None)
+    monkeypatch.setenv("LEARNED_OPT_NO_TRITON", "1")
+    assert not corrected_adam_triton.available()
+    forward = _run("cuda", "general", None)
+    for a, b in zip(kernel, forward):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.delenv("LEARNED_OPT_NO_TRITON")
+    params = _params("cuda", [(1000,)])
+    opt = LSTMOptimizer(params)
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert opt.state[params[0]]["step"].device.type == "cpu"  # the kernel's path keeps it there
+
+
+@needs_cuda
+@pytest.mark.parametrize("magnitude", [1e-38, 1e20, 1e30, 3e38])
+def test_cuda_finite_for_every_finite_gradient(magnitude) -> None:
+    params = _params("cuda", SHAPES)
+    for state_dtype in (None, torch.bfloat16):
+        opt = LSTMOptimizer(params, state_dtype=state_dtype)
+        for k in range(5):
+            for p in params:
+                p.grad = torch.full_like(p, magnitude * (-1) ** k)
+            opt.step()
+        assert all(torch.isfinite(p).all() for p in params)
+        for state in opt.state.values():
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@needs_cuda
+def test_cuda_nonfinite_gradient_changes_nothing() -> None:
+    params = _params("cuda", [(100,)])
+    opt = LSTMOptimizer(params)
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    before = params[0].detach().clone()
+    state = copy.deepcopy(opt.state[params[0]])
+    params[0].grad[3] = float("nan")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        opt.step()
+    assert torch.equal(params[0], before)
+    for key, value in state.items():
+        assert torch.equal(opt.state[params[0]][key], value)
+
+
+@needs_cuda
+def test_cuda_resume_from_state_dict_is_exact() -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=gen).cuda() for s in SHAPES] for _ in range(6)]
+
+    def steps(opt, params, gs):
+        for g in gs:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+
+    params = _params("cuda", SHAPES)
+    opt = LSTMOptimizer(params)
+    steps(opt, params, grads)
+    params2 = _params("cuda", SHAPES)
+    opt2 = LSTMOptimizer(params2)
+    steps(opt2, params2, grads[:3])
+    saved = copy.deepcopy(opt2.state_dict())
+    opt3 = LSTMOptimizer(params2)
+    opt3.load_state_dict(saved)
+    steps(opt3, params2, grads[3:])
+    for a, b in zip(params, params2):
+        assert torch.equal(a, b)
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_forward(monkeypatch) -> None:
+    """A Triton kernel that fails to compile or launch (an unsupported GPU, another Triton
+    version) warns once and leaves the step to the forward, with the same results."""
+    ct = pytest.importorskip("learned_opt.kernels.corrected_adam_triton")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler for this GPU")
+
+    expected = _run("cpu", "general", None, steps=3)
+    monkeypatch.setattr(ct, "_FAILED", None)
+    monkeypatch.setattr(ct, "_launch", broken)
+    monkeypatch.setattr(ct, "_on_device", lambda t: True)  # as if the CPU tensors were a GPU's
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.warns(RuntimeWarning, match="Triton step .* unavailable"):
+        got = _run("cpu", "general", None, steps=3)
+    assert not ct.available()
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
