@@ -33,8 +33,32 @@ def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
+def _finite_flags(tensors: list[Tensor]) -> list[bool]:
+    """:func:`_all_finite` of each tensor, with one wait for each GPU (its tensors' sums read
+    together) instead of one per tensor."""
+    flags = [True] * len(tensors)
+    on_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu":
+            flags[i] = _all_finite(t)
+        else:
+            on_device.setdefault(t.device, []).append(i)
+    for idx in on_device.values():
+        sums = torch.stack([tensors[i].sum().double() for i in idx]).isfinite().tolist()
+        for i, ok in zip(idx, sums):
+            flags[i] = ok or bool(torch.isfinite(tensors[i]).all())
+    return flags
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update computed from it) contains NaN or Inf."""
+
+
+def _nonfinite_update(p: Tensor) -> NonFiniteGradientError:
+    return NonFiniteGradientError(
+        f"Non-finite update for a parameter of shape {tuple(p.shape)} from a finite gradient; "
+        "no parameter was changed in this step"
+    )
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -161,7 +185,6 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         # Check every gradient first, so that "raise" leaves the model and state untouched.
         work: list[tuple[Tensor, dict[str, Any]]] = []
-        skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -177,15 +200,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         f"Gradient of shape {tuple(grad.shape)} does not match its parameter of "
                         f"shape {tuple(p.shape)}"
                     )
-                if not _all_finite(grad):
-                    if self.nonfinite == "raise":
-                        raise NonFiniteGradientError(
-                            f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
-                            "no parameter was changed in this step"
-                        )
-                    skipped += 1
-                    continue
                 work.append((p, group))
+        finite = _finite_flags([p.grad for p, _ in work])
+        if self.nonfinite == "raise" and not all(finite):
+            p = work[finite.index(False)][0]
+            raise NonFiniteGradientError(
+                f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
+                "no parameter was changed in this step"
+            )
+        skipped = finite.count(False)
+        work = [item for item, ok in zip(work, finite) if ok]
 
         # With "raise", nothing is committed until every update is known to be finite.
         pending: list[tuple[Tensor, dict[str, Any], Tensor, dict[str, Any]]] = []
@@ -210,20 +234,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
             else:
                 update, new_state = self._chunked_step(rule, flat, state)
-            if not _all_finite(update):
-                if self.nonfinite == "raise":
-                    raise NonFiniteGradientError(
-                        f"Non-finite update for a parameter of shape {tuple(p.shape)} from a "
-                        "finite gradient; no parameter was changed in this step"
-                    )
-                skipped += 1
-                continue
-            if self.nonfinite == "raise":
-                pending.append((p, group, update, new_state))
-            else:
-                self._commit(p, group, update, state, new_state)
-        for p, group, update, new_state in pending:
-            self._commit(p, group, update, self.state[p], new_state)
+            if p.device.type == "cpu":  # checked at once (a GPU tensor's below, together)
+                if not _all_finite(update):
+                    if self.nonfinite == "raise":
+                        raise _nonfinite_update(p)
+                    skipped += 1
+                    continue
+                if self.nonfinite == "skip":  # committed at once: the update's memory is reused
+                    self._commit(p, group, update, state, new_state)
+                    continue
+            pending.append((p, group, update, new_state))
+        # The rest (GPU tensors'; with "raise", every tensor's): GPU tensors checked together.
+        finite = _finite_flags([update for _, _, update, _ in pending])
+        if self.nonfinite == "raise" and not all(finite):
+            raise _nonfinite_update(pending[finite.index(False)][0])
+        skipped += finite.count(False)
+        for (p, group, update, new_state), ok in zip(pending, finite):
+            if ok:
+                self._commit(p, group, update, self.state[p], new_state)
         if skipped:
             warnings.warn(
                 f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "

@@ -199,3 +199,24 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_forward(monkeypatch) -
     assert not ct.available()
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@needs_cuda
+def test_cuda_step_waits_for_the_device_twice_however_many_tensors() -> None:
+    """A step of the default rule synchronizes with the GPU twice (the gradients' and the
+    updates' finiteness, each read for all tensors at once), not once or more per tensor."""
+    params = _params("cuda", SHAPES * 4)
+    opt = LSTMOptimizer(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the first step creates the state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [str(w.message) for w in syncs]
