@@ -82,11 +82,11 @@ def validate(out: Path) -> dict[str, float]:
         for changes in GRID:
             rule = base.variant(**changes) if changes else base
             start = time.perf_counter()
-            runs = [
-                run_optimizer(held.family, seed, lambda p, lr: LearnedOptimizer(p, rule, lr=lr),
-                              1.0, horizon)
-                for seed in held.seeds
-            ]  # fmt: skip
+
+            def factory(params, lr, rule=rule):
+                return LearnedOptimizer(params, rule, lr=lr)
+
+            runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
             losses = [getattr(r, held.metric_name) for r in runs]
             records.append({"setting": changes, "steps": horizon, "losses": losses,
                             "metric": held.aggregate(losses),
@@ -122,7 +122,7 @@ def write_weights(path: Path) -> None:
 
     base, _ = load_rule(pretrained.path("general"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    source = f"the shipped 'general' weights with {json.dumps(CHOSEN)}, chosen on the validation group"
+    source = f"the shipped 'general' weights with {json.dumps(CHOSEN)}, chosen on validation"
     save_rule(path, base.variant(**CHOSEN), {"source": source})
 
 
