@@ -319,3 +319,35 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     assert rule.settings.controller_drift > 0
     best, _ = load_rule(ROOT / gain["CHECKPOINT"])  # the checkpoint's best rule
     _assert_steps_like_the_default(rule, reference=best)
+
+
+def test_adaptation_rate_recipe_writes_the_default_with_the_chosen_settings(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The retuned-adaptation recipe: its weights are the shipped default's tensors with the
+    chosen settings, and the committed validation record (if any) chooses those settings."""
+    import math
+
+    from learned_opt.report import read_jsonl
+
+    assert run_script("experiments/adaptation_rate.py", "--dry-run") == 0
+    assert "runs/adaptation-rate/weights.pt" in capsys.readouterr().out
+    recipe = runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))
+    chosen = recipe["CHOSEN"]
+    assert chosen in recipe["GRID"] and {} in recipe["GRID"]
+    path = tmp_path / "weights.pt"
+    recipe["write_weights"](path)
+    rule, _ = load_rule(path)
+    default, _ = load_rule(pretrained.path("general"))
+    assert all(getattr(rule.settings, k) == v for k, v in chosen.items())
+    for key, value in default.state_dict().items():
+        assert torch.equal(rule.state_dict()[key], value)
+    records = ROOT / recipe["RESULTS"] / "records.jsonl"
+    if records.is_file():
+        metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in read_jsonl(records)}
+
+        def score(setting):
+            key = json.dumps(setting)
+            return sum(math.log(metric[key, h] / metric["{}", h]) for h in recipe["HORIZONS"])
+
+        assert min(recipe["GRID"], key=score) == chosen
