@@ -351,3 +351,19 @@ def test_adaptation_rate_recipe_writes_the_default_with_the_chosen_settings(
             return sum(math.log(metric[key, h] / metric["{}", h]) for h in recipe["HORIZONS"])
 
         assert min(recipe["GRID"], key=score) == chosen
+
+
+def test_adaptation_rate_gain_recipe_starts_from_the_retuned_candidate(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The gain on the retuned adaptation: the gain recipe's meta-training in its own folder,
+    from the retuned candidate with a zero controller (which steps exactly like it)."""
+    script = "experiments/adaptation_rate_gain.py"
+    recipe, _, rule = _controller_recipe(script, run_script, capsys, tmp_path)
+    gain = runpy.run_path(str(ROOT / "experiments/adaptation_gain.py"))
+    assert "runs/adaptation-rate-gain/ckpt" in recipe["META_TRAIN"]
+    renamed = [a.replace("adaptation-rate-gain", "adaptation-gain") for a in recipe["META_TRAIN"]]
+    assert renamed == gain["META_TRAIN"]
+    retuned = tmp_path / "retuned.pt"
+    runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))["write_weights"](retuned)
+    _assert_steps_like_the_default(rule, reference=load_rule(retuned)[0])
