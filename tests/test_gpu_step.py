@@ -202,11 +202,18 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_forward(monkeypatch) -
 
 
 @needs_cuda
-def test_cuda_step_waits_for_the_device_twice_however_many_tensors() -> None:
-    """A step of the default rule synchronizes with the GPU twice (the gradients' and the
-    updates' finiteness, each read for all tensors at once), not once or more per tensor."""
+@pytest.mark.parametrize("controller", [False, True])
+def test_cuda_step_waits_for_the_device_twice_however_many_tensors(controller) -> None:
+    """A step of the default rule (and of one with the learned gain and drift) synchronizes
+    with the GPU twice (the gradients' and the updates' finiteness, each read for all tensors at
+    once), not once or more per tensor."""
+    from learned_opt import load_rule
+
+    rule, _ = load_rule(pretrained.path("general"))
+    if controller:
+        rule = rule.variant(controller_hidden=8, controller_drift=0.5)
     params = _params("cuda", SHAPES * 4)
-    opt = LSTMOptimizer(params)
+    opt = LSTMOptimizer(params, weights=rule)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the first step creates the state

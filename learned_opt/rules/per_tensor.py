@@ -147,11 +147,13 @@ def adapt_from_sums(
         avg = state["cos_avg"] * 0.9 + 0.1 * raw_cos
         new_state["cos_avg"] = avg
         ratio = (norm / peak.clamp_min(1e-30)).clamp_min(math.exp(-10.0))
-        const = torch.tensor(
-            [math.exp(-t / cfg.lr_adapt_warmup_steps), math.log(t) / math.log(1e4)],
-            dtype=cos.dtype,
-            device=cos.device,
-        ).expand(cos.shape[0], 2)
+        const = torch.stack(  # filled on the device: no copy from the host to wait for
+            (
+                torch.full_like(cos, math.exp(-t / cfg.lr_adapt_warmup_steps)),
+                torch.full_like(cos, math.log(t) / math.log(1e4)),
+            ),
+            -1,
+        )
         feats = torch.stack(
             (raw_cos, avg / (1 - 0.9**t), torch.log(ratio) / 10, state["log_step"] / bound), -1
         )
