@@ -349,7 +349,7 @@ def run(argv: list[str] | None = None) -> int:
     compared = {
         "adamw": (f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
         "lstm": (
-            "LSTMOptimizer (default weights, untuned)",
+            f"LSTMOptimizer ({args.weights or 'default'} weights, untuned)",
             lambda params: learned_opt.LSTMOptimizer(params, weights=args.weights),
             1.0,
         ),
