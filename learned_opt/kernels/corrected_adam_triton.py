@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "step_"]
+__all__ = ["BLOCK", "available", "step_", "supported"]
 
 try:  # optional: absent from CPU-only installs
     import triton

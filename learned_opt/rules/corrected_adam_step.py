@@ -107,10 +107,14 @@ def _packed(rule: LSTMCorrectedAdamRule) -> tuple[Tensor, Tensor]:
     return cached[1], cached[2]
 
 
-def _device_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
+def _device_step_(
+    rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, kernel: Any
+) -> Tensor:
     """The step on a GPU tensor: the per-tensor sums as PyTorch reductions, the per-tensor
     arithmetic as in the forward (on the device), the rest one Triton kernel. Nothing waits for
-    the device: the step counter is kept on the host (as ``torch.optim`` keeps its own)."""
+    the device: the step counter is kept on the host (as ``torch.optim`` keeps its own).
+    ``kernel``: the module :mod:`learned_opt.kernels.corrected_adam_triton` (imported by the
+    caller only for GPU tensors)."""
     cfg = rule.settings
     if state["step"].device.type != "cpu":
         state["step"] = state["step"].cpu()
@@ -130,9 +134,7 @@ def _device_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -
         sums = [-torch.dot(g, prev)[None], torch.dot(g, g)[None], torch.dot(prev, prev)[None]]
         log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, rule.controller())
         exp_s = torch.exp(log_step)
-    from ..kernels import corrected_adam_triton
-
-    update = corrected_adam_triton.step_(rule, grad, state, t, bound, clip, exp_s)
+    update = kernel.step_(rule, grad, state, t, bound, clip, exp_s)
     if update is None:  # the kernel failed to compile or launch here (it warned)
         return _forward_step_(rule, grad, state)
     state.update(new)
@@ -155,7 +157,7 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
         from ..kernels import corrected_adam_triton  # imports Triton: only for GPU tensors
 
         if corrected_adam_triton.supported(rule, grad, state):
-            return _device_step_(rule, grad, state)
+            return _device_step_(rule, grad, state, corrected_adam_triton)
     if not _fused_ok(rule, grad, state):
         return _forward_step_(rule, grad, state)
     cfg = rule.settings
