@@ -353,6 +353,47 @@ def test_adaptation_rate_recipe_writes_the_default_with_the_chosen_settings(
         assert min(recipe["GRID"], key=score) == chosen
 
 
+def test_adaptation_rate_recipe_ships_its_weights_with_their_sealed_figures(
+    tmp_path: Path, run_script
+) -> None:
+    """The ship step writes the retuned weights with the LSTM's meta-training record, the
+    validation figures that chose the settings and the sealed figures of these weights and of
+    the weights they replace; it refuses weights whose sealed figures are worse."""
+    package = tmp_path / "package"
+    args = ["--steps", "ship", "--ship-to", str(package)]
+    assert run_script("experiments/adaptation_rate.py", *args) == 0
+    recipe = runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))
+    name, replaced = recipe["NAME"], recipe["REPLACES"]
+    rule, meta = load_rule(package / f"{name}.pt")
+    assert json.loads((package / f"{name}.json").read_text()) == meta
+    written = tmp_path / "weights.pt"
+    recipe["write_weights"](written)
+    for a, b in zip(rule.parameters(), load_rule(written)[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert rule.settings == load_rule(written)[0].settings
+    before = pretrained.metadata(replaced)
+    assert meta["command"] == before["command"] and meta["config"] == before["config"]
+    assert meta["recipe"] == "python experiments/adaptation_rate.py"
+    assert meta["derived_from"]["settings"] == recipe["CHOSEN"]
+    for horizon, entry in meta["figures"]["by_steps"].items():
+        table = (ROOT / entry["results"] / "table.md").read_text()
+        assert f"**{entry['geometric_mean']:.3f}**" in table
+        assert f"--steps {horizon} " in entry["command"]
+        assert entry["geometric_mean"] <= entry[f"replaced_{replaced}"]["geometric_mean"]
+        assert entry["ratios"] and max(entry["ratios"].values()) == entry["worst"]
+
+    # swapped results (the replaced weights' as the candidate's): refused, nothing written
+    sealed = tmp_path / "sealed"
+    for horizon in recipe["HORIZONS"]:
+        results = ROOT / recipe["SEALED"]
+        shutil.copytree(results / f"adaptation-rate-{horizon}", sealed / f"{replaced}-{horizon}")
+        shutil.copytree(results / f"{replaced}-{horizon}", sealed / f"adaptation-rate-{horizon}")
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="not shipping"):
+        recipe["ship"](refused, sealed=sealed)
+    assert not refused.exists()
+
+
 def test_adaptation_rate_gain_recipe_starts_from_the_retuned_candidate(
     tmp_path: Path, run_script, capsys
 ) -> None:

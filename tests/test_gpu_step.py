@@ -55,7 +55,9 @@ _INTERPRETED = textwrap.dedent(
             for key, value in ref.items():
                 if value.is_floating_point() and value.numel():
                     err = (fused[key].float() - value).abs().max()
-                    assert err <= 1e-5 * value.abs().max() + 1e-30, key
+                    # log_step's error is the step size's relative error; cos_avg is a cosine
+                    floor = 1e-6 if key in ("log_step", "cos_avg") else 1e-30
+                    assert err <= 1e-5 * value.abs().max() + floor, (key, float(err))
             assert fused["step"].item() == ref["step"].item() == 8
     print("ok")
     """
