@@ -65,6 +65,7 @@ PATH_OPTIONS = {"--log-dir", "--ckpt-dir", "--export", "--init-weights"}
 #: The recipe of each shipped weights file.
 RECIPES = {
     "general": "experiments/general.py",
+    "general-v2": "experiments/adaptation_rate.py",
     "paper-mnist": "experiments/mnist_paper.py",
     "quadratic": "experiments/quadratic.py",
 }
@@ -221,15 +222,15 @@ def _assert_written_by(checkpoint: Path, config) -> None:
     assert json.loads(json.dumps(saved)) == json.loads(json.dumps(mine))
 
 
-def _assert_steps_like_the_default(rule, reference=None, **options) -> None:
-    """``LSTMOptimizer(weights=rule, **options)`` steps exactly like ``LSTMOptimizer()`` (or like
-    ``LSTMOptimizer(weights=reference)``)."""
+def _assert_steps_like_the_default(rule, reference="general", **options) -> None:
+    """``LSTMOptimizer(weights=rule, **options)`` steps exactly like
+    ``LSTMOptimizer(weights=reference)`` (the weights the candidates start from)."""
     from learned_opt import LSTMOptimizer
 
     gen = torch.Generator().manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(5, 3, generator=gen))]
     b = [torch.nn.Parameter(a[0].detach().clone())]
-    first = LSTMOptimizer(a) if reference is None else LSTMOptimizer(a, weights=reference)
+    first = LSTMOptimizer(a, weights=reference)
     opts = first, LSTMOptimizer(b, weights=rule, **options)
     for _ in range(5):
         g = torch.randn(5, 3, generator=gen)
