@@ -66,12 +66,71 @@ _INTERPRETED = textwrap.dedent(
 
 def test_triton_kernel_in_the_interpreter_matches_the_forward() -> None:
     pytest.importorskip("triton")
+    _interpret(_INTERPRETED)
+
+
+#: The per-tensor kernels (the sums over more than one pass of partial sums, then the clipping's
+#: and the adaptation's arithmetic) against the forward's per-tensor code, for the default.
+_INTERPRETED_PER_TENSOR = textwrap.dedent(
+    """
+    import torch
+    from learned_opt import load_rule, pretrained
+    from learned_opt.kernels import corrected_adam_triton
+    from learned_opt.rules import per_tensor
+    from learned_opt.rules.base import grad_bound
+
+    rule, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    cfg = rule.settings
+    assert rule.controller() is None and cfg.lr_adapt > 0 and cfg.lr_adapt_slowdown > 0
+    gen = torch.Generator().manual_seed(0)
+    n = 1_200_000  # more partial sums than the arithmetic kernel reads in one pass
+    bound = grad_bound(torch.float32)
+    clipped = 0
+    # v_scale < 1: a gradient larger than its second moment expects, which the clipping scales
+    cases = ((1.0, 1.0, 1.0), (2.0, 1e3, 1e-6), (7.0, 1e-3, 1.0), (50.0, 1e2, 1e-3))
+    for t, scale, v_scale in cases:
+        g = torch.randn(n, generator=gen) * scale
+        state = {
+            "v": torch.rand(n, generator=gen) * scale**2 * v_scale * (t > 1),
+            "prev": torch.randn(n, generator=gen) * 1e-3 * (t > 1),
+            "log_step": torch.randn(1, generator=gen),
+            "grad_fast": torch.rand(1, generator=gen) * n * scale**2,
+            "grad_peak": torch.rand(1, generator=gen) * scale * 1e3,
+        }
+        clip, exp_s, new = corrected_adam_triton.per_tensor_(rule, g, state, t, bound)
+        want_clip = torch.ones(1)
+        if t > 1:
+            ref = state["v"].sum() / (1 - cfg.beta2 ** (t - 1))
+            want_clip = per_tensor.clip_scale(cfg, torch.dot(g, g)[None], ref[None], t)
+        gc = g * want_clip
+        sums = (-torch.dot(gc, state["prev"])[None], torch.dot(gc, gc)[None],
+                torch.dot(state["prev"], state["prev"])[None])
+        want = {}
+        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, want, t)
+        assert torch.allclose(clip, want_clip, rtol=1e-5, atol=0), (t, clip, want_clip)
+        clipped += bool(want_clip < 0.99)
+        assert torch.allclose(exp_s, torch.exp(log_step), rtol=1e-5, atol=0), t
+        assert set(new) == set(want), (set(new), set(want))
+        for key, value in want.items():
+            assert torch.allclose(new[key], value, rtol=1e-5, atol=1e-6), (t, key)
+    assert clipped == 2, clipped
+    print("ok")
+    """
+)
+
+
+def _interpret(script: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("LEARNED_OPT_NO_TRITON", None)
     done = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_per_tensor_kernels_in_the_interpreter_match_the_forward() -> None:
+    pytest.importorskip("triton")
+    _interpret(_INTERPRETED_PER_TENSOR)
 
 
 def _params(device: str, shapes, seed: int = 0) -> list[torch.nn.Parameter]:

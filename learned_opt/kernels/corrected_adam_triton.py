@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "available", "step_", "supported"]
+from ..rules import per_tensor
+
+__all__ = ["BLOCK", "SUM_BLOCK", "available", "per_tensor_", "step_", "supported"]
 
 try:  # optional: absent from CPU-only installs
     import triton
@@ -147,9 +149,75 @@ if triton is not None:
             u = u + (out1 + tl.load(ob_ptr + 1)) * oscale
         tl.store(u_ptr + rows, tl.exp(tl.load(log_lr_ptr)) * u, mask=mask)
 
+    @triton.jit
+    def _sums_kernel(g_ptr, v_ptr, prev_ptr, part_ptr, n, G, HAS_PREV: tl.constexpr,
+                     SBLOCK: tl.constexpr):  # fmt: skip
+        # one block's partial sums: v, g^2 (g clamped to [-G, G]), g . prev, prev^2
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
+        mask = rows < n
+        g = tl.load(g_ptr + rows, mask=mask, other=0.0)
+        g = tl.minimum(tl.maximum(g, -G), G)
+        v = tl.load(v_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(part_ptr + pid * 4, tl.sum(v, axis=0))
+        tl.store(part_ptr + pid * 4 + 1, tl.sum(g * g, axis=0))
+        if HAS_PREV:
+            prev = tl.load(prev_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            tl.store(part_ptr + pid * 4 + 2, tl.sum(g * prev, axis=0))
+            tl.store(part_ptr + pid * 4 + 3, tl.sum(prev * prev, axis=0))
 
-#: Coordinates per Triton program.
+    @triton.jit
+    def _per_tensor_kernel(
+        part_ptr, nparts, log_step_ptr, fast_ptr, peak_ptr, out_ptr, new_log_step_ptr,
+        new_fast_ptr, new_peak_ptr, do_clip, ref_div, clip_limit, rate, shrink1, margin,
+        fast_bc, slowdown, slow_rate, bound,
+        ADAPT: tl.constexpr, SLOW: tl.constexpr, PBLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # the per-tensor arithmetic of per_tensor.clip_scale and adapt_from_sums (without a
+        # controller), one program: writes [clip, exp(log_step)] and the new per-tensor state
+        acc_v = tl.zeros([PBLOCK], tl.float32)
+        acc_g2 = tl.zeros([PBLOCK], tl.float32)
+        acc_gp = tl.zeros([PBLOCK], tl.float32)
+        acc_p2 = tl.zeros([PBLOCK], tl.float32)
+        start = 0
+        while start < nparts:  # (a while loop: Triton's interpreter cannot range() to it)
+            idx = start + tl.arange(0, PBLOCK)
+            m = idx < nparts
+            acc_v += tl.load(part_ptr + idx * 4, mask=m, other=0.0)
+            acc_g2 += tl.load(part_ptr + idx * 4 + 1, mask=m, other=0.0)
+            if ADAPT:
+                acc_gp += tl.load(part_ptr + idx * 4 + 2, mask=m, other=0.0)
+                acc_p2 += tl.load(part_ptr + idx * 4 + 3, mask=m, other=0.0)
+            start += PBLOCK
+        g2 = tl.sum(acc_g2, axis=0)
+        ref = tl.sum(acc_v, axis=0) / ref_div
+        factor = tl.minimum(tl.sqrt_rn(clip_limit * ref / tl.maximum(g2, 1e-30)), 1.0)
+        clip = tl.where((ref > 0) & (do_clip != 0), factor, 1.0)
+        tl.store(out_ptr, clip)
+        if ADAPT:
+            dot = -(tl.sum(acc_gp, axis=0) * clip)
+            g2 = g2 * (clip * clip)
+            p2 = tl.sum(acc_p2, axis=0)
+            norms = g2 * p2
+            norms = tl.where(norms == float("inf"), tl.sqrt_rn(g2) * tl.sqrt_rn(p2),
+                             tl.sqrt_rn(norms))  # fmt: skip
+            cos = dot / tl.maximum(norms, 1e-30)
+            cos = cos + shrink1 * tl.minimum(cos + margin, 0.0)
+            if SLOW:
+                fast = tl.load(fast_ptr) * 0.9 + 0.1 * g2
+                norm = tl.sqrt_rn(fast / fast_bc)
+                peak = tl.maximum(tl.load(peak_ptr), norm)
+                tl.store(new_fast_ptr, fast)
+                tl.store(new_peak_ptr, peak)
+                cos = tl.where((cos > 0) & (norm * slowdown < peak), cos * slow_rate, cos)
+            log_step = tl.minimum(tl.maximum(tl.load(log_step_ptr) + rate * cos, -bound), bound)
+            tl.store(new_log_step_ptr, log_step)
+            tl.store(out_ptr + 1, tl.exp(log_step))
+
+
+#: Coordinates per Triton program (of the step; of the per-tensor sums).
 BLOCK = 128
+SUM_BLOCK = 4096
 
 
 def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
@@ -182,6 +250,45 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
     )
 
 
+def per_tensor_(
+    rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]] | None:
+    """The per-tensor part of the step at step ``t`` for a rule without a controller, in two
+    launches: the sums, then the arithmetic of :func:`~learned_opt.rules.per_tensor.clip_scale`
+    and :func:`~learned_opt.rules.per_tensor.adapt_from_sums`. Returns the gradient clipping's
+    factor and the adapted step size (one-element device tensors; ``None`` without adaptation)
+    and the new per-tensor state, with ``state`` unchanged; ``None`` (after a warning, once) if
+    the kernels cannot be compiled or launched here."""
+    cfg = rule.settings
+    adapt, slow = cfg.lr_adapt > 0, cfg.lr_adapt > 0 and cfg.lr_adapt_slowdown > 0
+    n = grad.numel()
+    nparts = triton.cdiv(n, SUM_BLOCK)
+    parts, out = grad.new_empty(nparts, 4), grad.new_empty(2)
+    new = {key: grad.new_empty(1) for key in ("log_step", "grad_fast", "grad_peak")
+           if adapt and (key == "log_step" or slow)}  # fmt: skip
+    prev = state["prev"] if adapt else grad
+    do_clip = cfg.grad_clip > 0 and t > 1
+    try:
+        _sums_kernel[(nparts,)](
+            grad, state["v"], prev, parts, n, bound, HAS_PREV=adapt, SBLOCK=SUM_BLOCK
+        )
+        _per_tensor_kernel[(1,)](
+            parts, nparts, state.get("log_step", out), state.get("grad_fast", out),
+            state.get("grad_peak", out), out, new.get("log_step", out),
+            new.get("grad_fast", out), new.get("grad_peak", out),
+            int(do_clip), 1 - cfg.beta2 ** (t - 1) if do_clip else 1.0,
+            cfg.grad_clip * per_tensor.warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps),
+            cfg.lr_adapt * per_tensor.warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps),
+            cfg.lr_adapt_shrink - 1.0, cfg.lr_adapt_margin, 1 - 0.9**t,
+            cfg.lr_adapt_slowdown, cfg.lr_adapt_slowdown_rate, cfg.lr_adapt_bound,
+            ADAPT=adapt, SLOW=slow, PBLOCK=256,
+        )  # fmt: skip
+    except Exception as exc:  # e.g. a GPU or Triton version the kernels do not compile for
+        _fail(exc)
+        return None
+    return out[:1], (out[1:] if adapt else None), new
+
+
 def step_(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
           exp_s: Tensor | None) -> Tensor | None:  # fmt: skip
     """The main pass of the step at step ``t`` (``grad`` read clamped to ``[-bound, bound]``;
@@ -189,20 +296,25 @@ def step_(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float
     device tensors): the state updated in place; returns the update. If the kernel cannot be
     compiled or launched here, warns once and returns ``None`` with the state unchanged (the
     caller then takes the forward)."""
-    global _FAILED
     update = torch.empty_like(grad)
     try:
         _launch(rule, grad, state, t, bound, clip, exp_s, update)
     except Exception as exc:  # e.g. a GPU or Triton version the kernel does not compile for
-        _FAILED = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"learned_opt: the Triton step of the LSTM-corrected Adam rule is unavailable "
-            f"({_FAILED}); using its PyTorch forward (same math, slower)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        _fail(exc)
         return None
     return update
+
+
+def _fail(exc: Exception) -> None:
+    """Record why a kernel failed (none is tried again) and warn."""
+    global _FAILED
+    _FAILED = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"learned_opt: the Triton step of the LSTM-corrected Adam rule is unavailable "
+        f"({_FAILED}); using its PyTorch forward (same math, slower)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
 
 
 def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,

@@ -110,16 +110,24 @@ def _packed(rule: LSTMCorrectedAdamRule) -> tuple[Tensor, Tensor]:
 def _device_step_(
     rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, kernel: Any
 ) -> Tensor:
-    """The step on a GPU tensor: the per-tensor sums as PyTorch reductions, the per-tensor
-    arithmetic as in the forward (on the device), the rest one Triton kernel. Nothing waits for
-    the device: the step counter is kept on the host (as ``torch.optim`` keeps its own).
-    ``kernel``: the module :mod:`learned_opt.kernels.corrected_adam_triton` (imported by the
-    caller only for GPU tensors)."""
+    """The step on a GPU tensor: the per-tensor part in two Triton kernels (the sums, then the
+    arithmetic), the rest one more; with a learned controller, the sums as PyTorch reductions and
+    the arithmetic as in the forward (on the device). Nothing waits for the device: the step
+    counter is kept on the host (as ``torch.optim`` keeps its own). ``kernel``: the module
+    :mod:`learned_opt.kernels.corrected_adam_triton` (imported by the caller only for GPU
+    tensors)."""
     cfg = rule.settings
     if state["step"].device.type != "cpu":
         state["step"] = state["step"].cpu()
     t = float(state["step"]) + 1
     bound = grad_bound(grad.dtype)
+    controller = rule.controller()
+    if controller is None:
+        fused = kernel.per_tensor_(rule, grad, state, t, bound)
+        if fused is None:  # the kernels failed to compile or launch here (they warned)
+            return _forward_step_(rule, grad, state)
+        clip, exp_s, new = fused
+        return _commit(rule, grad, state, kernel, t, bound, clip, exp_s, new)
     clip = grad.new_ones(1)
     if cfg.grad_clip > 0 or cfg.lr_adapt > 0:
         g = grad.clamp(-bound, bound)
@@ -132,8 +140,16 @@ def _device_step_(
         g = g * clip
         prev = state["prev"].float()
         sums = [-torch.dot(g, prev)[None], torch.dot(g, g)[None], torch.dot(prev, prev)[None]]
-        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, rule.controller())
+        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, controller)
         exp_s = torch.exp(log_step)
+    return _commit(rule, grad, state, kernel, t, bound, clip, exp_s, new)
+
+
+def _commit(
+    rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, kernel: Any, t: float,
+    bound: float, clip: Tensor, exp_s: Tensor | None, new: RuleState,
+) -> Tensor:  # fmt: skip
+    """The main pass on the device, then the new per-tensor state and the step counter."""
     update = kernel.step_(rule, grad, state, t, bound, clip, exp_s)
     if update is None:  # the kernel failed to compile or launch here (it warned)
         return _forward_step_(rule, grad, state)
