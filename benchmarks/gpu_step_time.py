@@ -18,6 +18,10 @@ to the optimizer's own memory floor.
 
     python benchmarks/gpu_step_time.py --out benchmarks/results/gpu_step_time
     python benchmarks/gpu_step_time.py --smoke --out /tmp/smoke   # small sizes, few steps
+    python benchmarks/gpu_step_time.py --sweep --out DIR          # the kernel's block and warps
+
+``--sweep`` times the default rule's step at 10M and 100M parameters for each block size and
+number of warps of the step kernel (``BLOCK``, ``NUM_WARPS`` of the kernel's module), instead.
 """
 
 from __future__ import annotations
@@ -114,14 +118,58 @@ def time_steps(name: str, shapes, device, warmup: int, steps: int) -> dict:
             "peak_memory_gib": peak / 2**30}  # fmt: skip
 
 
+def sweep(device: torch.device, warmup: int, steps: int, out: str) -> None:
+    """Time the step kernel's configurations (see the module's docstring); writes ``out``."""
+    from learned_opt.kernels import corrected_adam_triton as kernel
+
+    default = kernel.BLOCK, kernel.NUM_WARPS
+    cases = {"10M": [(10 * (1 << 20),)], "100M": [(100 * (1 << 20),)]}
+    records = []
+    try:
+        for block in (32, 64, 128, 256):
+            for warps in (1, 2, 4, 8):
+                kernel.BLOCK, kernel.NUM_WARPS = block, warps
+                time_steps("lstm-optimizer", [(10_000,)], device, 1, 1)  # compiles it
+                if kernel._FAILED is not None:  # does not compile or launch: recorded, skipped
+                    records.append({"block": block, "num_warps": warps, "failed": kernel._FAILED})
+                    kernel._FAILED = None
+                    continue
+                for case, shapes in cases.items():
+                    r = time_steps("lstm-optimizer", shapes, device, warmup, steps)
+                    records.append({"block": block, "num_warps": warps, "case": case, **r})
+    finally:
+        kernel.BLOCK, kernel.NUM_WARPS = default
+    lines = [
+        f"Step kernel configurations ({torch.cuda.get_device_name(device)}; torch "
+        f"{torch.__version__}; default rule; median of {steps} steps; ms per step)",
+        "",
+        "| block | warps | 10M | 100M |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for block in (32, 64, 128, 256):
+        for warps in (1, 2, 4, 8):
+            mine = [r for r in records if r["block"] == block and r["num_warps"] == warps]
+            cells = {r.get("case"): r for r in mine}
+            if "failed" in mine[0]:
+                lines.append(f"| {block} | {warps} | failed | failed |")
+            else:
+                lines.append(
+                    f"| {block} | {warps} | {cells['10M']['ms']:.3f} | {cells['100M']['ms']:.3f} |"
+                )
+    write_results(out, records, lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu_step_time")
     parser.add_argument("--smoke", action="store_true", help="small sizes, few steps")
+    parser.add_argument("--sweep", action="store_true", help="the step kernel's configurations")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
+    if args.sweep:
+        return sweep(device, 3, 10, args.out)
     if args.smoke:
         cases = {"100k": [(100_000,)], "mlp 1M": [(1000, 1000), (1000,)]}
         warmup, steps = 2, 3

@@ -215,8 +215,10 @@ if triton is not None:
             tl.store(out_ptr + 1, tl.exp(log_step))
 
 
-#: Coordinates per Triton program (of the step; of the per-tensor sums).
+#: Coordinates per Triton program (of the step; of the per-tensor sums), and the step's warps
+#: per program (``python benchmarks/gpu_step_time.py --sweep`` times the alternatives).
 BLOCK = 128
+NUM_WARPS = 4
 SUM_BLOCK = 4096
 
 
@@ -337,5 +339,5 @@ def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: flo
         n, bound, *scalars,
         *(1 - b for b in betas), *(1 - b**t for b in betas),
         ADAM_K=betas.index(cfg.beta1), H=cfg.hidden_size, NOUT=rule.out_weight.shape[1],
-        HAS_PREV=prev is not None, BLOCK=BLOCK,
+        HAS_PREV=prev is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
