@@ -1,13 +1,13 @@
-"""Recipe of the shipped default with its step-size adaptation retuned on the validation group (a
-default candidate).
+"""Recipe of the default weights, ``general-v2``: ``general`` with its step-size adaptation
+retuned on the validation group.
 
     python experiments/adaptation_rate.py                    # validate, weights, sealed, ship
     python experiments/adaptation_rate.py --steps validate   # the choice alone
     python experiments/adaptation_rate.py --dry-run          # print its commands, run nothing
 
-Run it from the repository root. The rule is the shipped default (the LSTM-corrected Adam rule,
-its LSTM and read-out as shipped) with other settings of its hand-designed per-tensor step-size
-adaptation, chosen on the validation group. The shipped settings adapt at a rate of 0.1 per step
+Run it from the repository root. The rule is the shipped ``general`` (the LSTM-corrected Adam
+rule, its LSTM and read-out as shipped) with other settings of its hand-designed per-tensor
+step-size adaptation, chosen on the validation group. ``general`` adapts at a rate of 0.1 per step
 (``lr_adapt``) and count a clear reversal (a cosine below ``-lr_adapt_margin``) three times
 (``lr_adapt_shrink``); on the validation tasks the adapted step size then keeps moving long after
 it has found its scale, and a run of 1,000 steps ends higher than with a slower adaptation.
