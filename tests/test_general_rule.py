@@ -493,13 +493,17 @@ def test_grad_clip_warmup_loosens_the_clipping_early(t: int) -> None:
 
 
 def test_the_preset_is_the_shipped_configuration() -> None:
-    """LSTMCorrectedAdamConfig's defaults are the configuration of the default weights (their
-    record and their metadata), and the kind "lstm-corrected-adam" builds it from no options."""
-    rule, meta = load_rule(pretrained.path(pretrained.DEFAULT))
+    """LSTMCorrectedAdamConfig's defaults are the configuration of the shipped "general" weights
+    (their record and their metadata), the default weights are those with the adaptation's
+    settings their metadata names, and the kind "lstm-corrected-adam" builds it from no options."""
+    rule, meta = load_rule(pretrained.path("general"))
     assert type(rule) is LSTMCorrectedAdamRule and rule.settings == LSTMCorrectedAdamConfig()
     assert LSTMCorrectedAdamRule().config() == rule.config()
-    shipped = pretrained.metadata(pretrained.DEFAULT)["config"]["rule_kwargs"]
+    shipped = pretrained.metadata("general")["config"]["rule_kwargs"]
     assert LSTMCorrectedAdamConfig().replace(**shipped) == LSTMCorrectedAdamConfig()
+    default, meta = load_rule(pretrained.path(pretrained.DEFAULT))
+    changed = meta["derived_from"]["settings"]
+    assert changed and default.settings == LSTMCorrectedAdamConfig().replace(**changed)
     assert build_rule("lstm-corrected-adam", {}).settings == LSTMCorrectedAdamConfig()
     assert build_rule("lstm-corrected-adam", {"hidden_size": 8}).settings == (
         LSTMCorrectedAdamConfig(hidden_size=8)

@@ -97,7 +97,13 @@ _INTERPRETED_PER_TENSOR = textwrap.dedent(
             "grad_fast": torch.rand(1, generator=gen) * n * scale**2,
             "grad_peak": torch.rand(1, generator=gen) * scale * 1e3,
         }
-        clip, exp_s, new = corrected_adam_triton.per_tensor_(rule, g, state, t, bound)
+        clip_limit = cfg.grad_clip * per_tensor.warmup(
+            cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps
+        )
+        rate = cfg.lr_adapt * per_tensor.warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
+        clip, exp_s, new = corrected_adam_triton.per_tensor_(
+            rule, g, state, t, bound, clip_limit, rate
+        )
         want_clip = torch.ones(1)
         if t > 1:
             ref = state["v"].sum() / (1 - cfg.beta2 ** (t - 1))

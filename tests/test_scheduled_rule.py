@@ -35,7 +35,7 @@ def _params() -> list[torch.nn.Parameter]:
 
 def test_zero_schedule_is_exactly_the_base_rule() -> None:
     a, b = _params(), _params()
-    _run(LSTMOptimizer(a), a, 12)
+    _run(LSTMOptimizer(a, weights="general"), a, 12)
     _run(LSTMOptimizer(b, weights=_scheduled_default(), total_steps=50), b, 12)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 

@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..rules import per_tensor
-
 __all__ = ["BLOCK", "SUM_BLOCK", "available", "per_tensor_", "step_", "supported"]
 
 try:  # optional: absent from CPU-only installs
@@ -253,14 +251,17 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
 
 
 def per_tensor_(
-    rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float
-) -> tuple[Tensor, Tensor | None, dict[str, Tensor]] | None:
+    rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip_limit: float,
+    rate: float,
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]] | None:  # fmt: skip
     """The per-tensor part of the step at step ``t`` for a rule without a controller, in two
     launches: the sums, then the arithmetic of :func:`~learned_opt.rules.per_tensor.clip_scale`
-    and :func:`~learned_opt.rules.per_tensor.adapt_from_sums`. Returns the gradient clipping's
-    factor and the adapted step size (one-element device tensors; ``None`` without adaptation)
-    and the new per-tensor state, with ``state`` unchanged; ``None`` (after a warning, once) if
-    the kernels cannot be compiled or launched here."""
+    and :func:`~learned_opt.rules.per_tensor.adapt_from_sums` (``clip_limit`` and ``rate``: the
+    clipping's threshold factor and the adaptation's rate at step ``t``, warm-ups included).
+    Returns the gradient clipping's factor and the adapted step size (one-element device
+    tensors; ``None`` without adaptation) and the new per-tensor state, with ``state``
+    unchanged; ``None`` (after a warning, once) if the kernels cannot be compiled or launched
+    here."""
     cfg = rule.settings
     adapt, slow = cfg.lr_adapt > 0, cfg.lr_adapt > 0 and cfg.lr_adapt_slowdown > 0
     n = grad.numel()
@@ -279,8 +280,7 @@ def per_tensor_(
             state.get("grad_peak", out), out, new.get("log_step", out),
             new.get("grad_fast", out), new.get("grad_peak", out),
             int(do_clip), 1 - cfg.beta2 ** (t - 1) if do_clip else 1.0,
-            cfg.grad_clip * per_tensor.warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps),
-            cfg.lr_adapt * per_tensor.warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps),
+            clip_limit, rate,
             cfg.lr_adapt_shrink - 1.0, cfg.lr_adapt_margin, 1 - 0.9**t,
             cfg.lr_adapt_slowdown, cfg.lr_adapt_slowdown_rate, cfg.lr_adapt_bound,
             ADAPT=adapt, SLOW=slow, PBLOCK=256,
