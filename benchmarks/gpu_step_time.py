@@ -20,8 +20,9 @@ to the optimizer's own memory floor.
     python benchmarks/gpu_step_time.py --smoke --out /tmp/smoke   # small sizes, few steps
     python benchmarks/gpu_step_time.py --sweep --out DIR          # the kernel's block and warps
 
-``--sweep`` times the default rule's step at 10M and 100M parameters for each block size and
-number of warps of the step kernel (``BLOCK``, ``NUM_WARPS`` of the kernel's module), instead.
+``--sweep`` times the default rule's step at 10M and 100M parameters for each block size, number
+of warps and precision of the gate products of the step kernel (``BLOCK``, ``NUM_WARPS``,
+``DOT_PRECISION`` of the kernel's module), instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import torch
 
 from learned_opt import LSTMOptimizer
 from learned_opt.report import write_results
+
+#: The gate products' precisions ``--sweep`` compares (``tl.dot``'s ``input_precision``).
+PRECISIONS = ("ieee", "tf32x3")
 
 
 def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024):
@@ -122,40 +126,40 @@ def sweep(device: torch.device, warmup: int, steps: int, out: str) -> None:
     """Time the step kernel's configurations (see the module's docstring); writes ``out``."""
     from learned_opt.kernels import corrected_adam_triton as kernel
 
-    default = kernel.BLOCK, kernel.NUM_WARPS
+    default = kernel.BLOCK, kernel.NUM_WARPS, kernel.DOT_PRECISION
     cases = {"10M": [(10 * (1 << 20),)], "100M": [(100 * (1 << 20),)]}
+    configs = [(p, b, w) for p in PRECISIONS for b in (32, 64, 128, 256) for w in (1, 2, 4, 8)]
     records = []
     try:
-        for block in (32, 64, 128, 256):
-            for warps in (1, 2, 4, 8):
-                kernel.BLOCK, kernel.NUM_WARPS = block, warps
-                time_steps("lstm-optimizer", [(10_000,)], device, 1, 1)  # compiles it
-                if kernel._FAILED is not None:  # does not compile or launch: recorded, skipped
-                    records.append({"block": block, "num_warps": warps, "failed": kernel._FAILED})
-                    kernel._FAILED = None
-                    continue
-                for case, shapes in cases.items():
-                    r = time_steps("lstm-optimizer", shapes, device, warmup, steps)
-                    records.append({"block": block, "num_warps": warps, "case": case, **r})
+        for precision, block, warps in configs:
+            kernel.BLOCK, kernel.NUM_WARPS, kernel.DOT_PRECISION = block, warps, precision
+            config = {"precision": precision, "block": block, "num_warps": warps}
+            time_steps("lstm-optimizer", [(10_000,)], device, 1, 1)  # compiles it
+            if kernel._FAILED is not None:  # does not compile or launch: recorded, skipped
+                records.append({**config, "failed": kernel._FAILED})
+                kernel._FAILED = None
+                continue
+            for case, shapes in cases.items():
+                timed = time_steps("lstm-optimizer", shapes, device, warmup, steps)
+                records.append({**config, "case": case, **timed})
     finally:
-        kernel.BLOCK, kernel.NUM_WARPS = default
+        kernel.BLOCK, kernel.NUM_WARPS, kernel.DOT_PRECISION = default
     lines = [
         f"Step kernel configurations ({torch.cuda.get_device_name(device)}; torch "
         f"{torch.__version__}; default rule; median of {steps} steps; ms per step)",
         "",
-        "| block | warps | 10M | 100M |",
-        "| ---: | ---: | ---: | ---: |",
+        "| gate products | block | warps | 10M | 100M |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for block in (32, 64, 128, 256):
-        for warps in (1, 2, 4, 8):
-            mine = [r for r in records if r["block"] == block and r["num_warps"] == warps]
-            cells = {r.get("case"): r for r in mine}
-            if "failed" in mine[0]:
-                lines.append(f"| {block} | {warps} | failed | failed |")
-            else:
-                lines.append(
-                    f"| {block} | {warps} | {cells['10M']['ms']:.3f} | {cells['100M']['ms']:.3f} |"
-                )
+    for precision, block, warps in configs:
+        key = precision, block, warps
+        mine = [r for r in records if (r["precision"], r["block"], r["num_warps"]) == key]
+        cells = {r.get("case"): r for r in mine}
+        times = (
+            "failed | failed" if "failed" in mine[0]
+            else f"{cells['10M']['ms']:.3f} | {cells['100M']['ms']:.3f}"
+        )  # fmt: skip
+        lines.append(f"| {precision} | {block} | {warps} | {times} |")
     write_results(out, records, lines)
 
 

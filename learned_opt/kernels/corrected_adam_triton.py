@@ -59,12 +59,12 @@ if triton is not None:
 
     @triton.jit
     def _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, q: tl.constexpr,
-              H: tl.constexpr):  # fmt: skip
+              H: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
         # gate q's pre-activation (BLOCK, H): b + x W_ih + h W_hh (x: 7 inputs, by column)
         units = tl.arange(0, H)
         cols = q * H + units
         w_hh = tl.load(whh_ptr + units[:, None] * (4 * H) + cols[None, :])
-        z = tl.dot(h, w_hh, input_precision="ieee") + tl.load(b_ptr + cols)[None, :]
+        z = tl.dot(h, w_hh, input_precision=PREC) + tl.load(b_ptr + cols)[None, :]
         z += x0[:, None] * tl.load(wih_ptr + cols)[None, :]
         z += x1[:, None] * tl.load(wih_ptr + 4 * H + cols)[None, :]
         z += x2[:, None] * tl.load(wih_ptr + 8 * H + cols)[None, :]
@@ -81,7 +81,7 @@ if triton is not None:
         n, G, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale,
         w0, w1, w2, w3, bc0, bc1, bc2, bc3,
         ADAM_K: tl.constexpr, H: tl.constexpr, NOUT: tl.constexpr, HAS_PREV: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = rows < n
@@ -127,10 +127,10 @@ if triton is not None:
         hmask = mask[:, None]
         h = tl.load(h_ptr + hc, mask=hmask, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + hc, mask=hmask, other=0.0).to(tl.float32)
-        zi = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 0, H)
-        zf = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 1, H)
-        zg = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 2, H)
-        zo = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 3, H)
+        zi = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 0, H, PREC)
+        zf = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 1, H, PREC)
+        zg = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 2, H, PREC)
+        zo = _gate(h, x0, x1, x2, x3, x4, x5, x6, wih_ptr, whh_ptr, b_ptr, 3, H, PREC)
         c = tl.sigmoid(zf) * c + tl.sigmoid(zi) * _tanh(zg)
         h = tl.sigmoid(zo) * _tanh(c)
         tl.store(h_ptr + hc, h.to(h_ptr.dtype.element_ty), mask=hmask)
@@ -218,6 +218,10 @@ if triton is not None:
 BLOCK = 128
 NUM_WARPS = 4
 SUM_BLOCK = 4096
+#: Precision of the gate products (``tl.dot``'s ``input_precision``): "ieee", float32 arithmetic.
+#: (Triton's "tf32x3", on tensor cores, is 24% faster at 100M parameters on an H200, but its steps
+#: then differ from the CPU's by up to 8% of the parameters' change: the GPU tests fail.)
+DOT_PRECISION = "ieee"
 
 
 def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
@@ -339,5 +343,5 @@ def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: flo
         n, bound, *scalars,
         *(1 - b for b in betas), *(1 - b**t for b in betas),
         ADAM_K=betas.index(cfg.beta1), H=cfg.hidden_size, NOUT=rule.out_weight.shape[1],
-        HAS_PREV=prev is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        HAS_PREV=prev is not None, BLOCK=BLOCK, PREC=DOT_PRECISION, num_warps=NUM_WARPS,
     )  # fmt: skip
