@@ -1,14 +1,16 @@
-"""The in-place step of the LSTM-corrected Adam rule on GPU tensors: one Triton kernel.
+"""The in-place step of the LSTM-corrected Adam rule on GPU tensors: three Triton kernels.
 
-The counterpart of ``corrected_adam.cpp`` for CUDA: per block of coordinates, the moments, the
-LSTM's inputs, its layer (gate products, cell), the read-out and the update, with the state
-(float32 or bfloat16) read once and written once; no per-coordinate temporaries reach memory.
-The per-tensor sums of the gradient clipping and of the step-size adaptation are PyTorch
-reductions before it, and the per-tensor arithmetic between them is the forward's own code
-(:mod:`learned_opt.rules.per_tensor`) on one-element tensors that stay on the device: the step
-makes no host synchronization. The arithmetic is the forward's up to rounding (GPU
-transcendentals, the gate products' summation order): results agree with the CPU step to float32
-tolerance, not bit for bit.
+The counterpart of ``corrected_adam.cpp`` for CUDA. Per tensor: the partial sums of the gradient
+clipping and of the step-size adaptation, per block of coordinates (:func:`per_tensor_`); one
+program that adds them up and does the per-tensor arithmetic of
+:mod:`learned_opt.rules.per_tensor` (the clipping factor, the new log step size and its
+statistics); then, per block of coordinates, the moments, the LSTM's inputs, its layer (gate
+products, cell), the read-out and the update (:func:`step_`), with the state (float32 or
+bfloat16) read once and written once; no per-coordinate temporaries reach memory. Everything
+stays on the device: the step makes no host synchronization. The arithmetic is the forward's up
+to rounding (GPU transcendentals, the sums' and gate products' summation order): results agree
+with the CPU step to float32 tolerance, not bit for bit. (A rule with a learned controller of
+the adaptation does the per-tensor part with PyTorch operations on the device instead.)
 
 Used by :func:`learned_opt.rules.corrected_adam_step.step_` for CUDA tensors when Triton is
 installed (it ships with PyTorch's CUDA builds) and ``LEARNED_OPT_NO_TRITON`` is unset; a rule of

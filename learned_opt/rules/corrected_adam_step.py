@@ -9,8 +9,8 @@ place. The per-tensor arithmetic between the passes is the forward's own code
 one, so the result is bit for bit the forward's on tensors of up to one block (4096
 coordinates); on larger ones PyTorch splits its sums and matrix products differently (a
 last-bit difference). On a CUDA GPU with Triton (PyTorch's CUDA builds ship it) the step is the
-same three parts: the sums as PyTorch reductions and one Triton kernel for the rest
-(:mod:`learned_opt.kernels.corrected_adam_triton`), without waiting for the device. Elsewhere
+same parts as three Triton kernels (:mod:`learned_opt.kernels.corrected_adam_triton`), without
+waiting for the device. Elsewhere
 (another dtype, no compiler or Triton) the step is the forward, with the new state written into
 the old one.
 
