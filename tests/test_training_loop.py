@@ -500,6 +500,23 @@ def test_reduce_lr_on_plateau_lowers_the_multiplier() -> None:
 # --- the time-to-target benchmark
 
 
+def test_transformer_step_sizes_reads_every_matrix_multiplier(tmp_path, run_script) -> None:
+    import json
+
+    script = "benchmarks/transformer_step_sizes.py"
+    assert run_script(script, "--smoke", "--out", str(tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").open()]
+    assert [(r["weights"], r["step"]) for r in records] == [
+        ("general-v2", 2), ("general-v2", 4), ("general", 2), ("general", 4)
+    ]  # fmt: skip
+    for r in records:
+        values = sorted(r["multipliers"].values())
+        assert r["min"] == values[0] and r["max"] == values[-1] and len(r["largest"]) == 3
+        assert r["multipliers"][r["largest"][0]] == r["max"] and 0 < r["min"] <= r["max"]
+    # general adapts four times faster: after 4 steps its multipliers have moved further
+    assert records[3]["max"] > records[1]["max"] > 1.0
+
+
 def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> None:
     import json
 
