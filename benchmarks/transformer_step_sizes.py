@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_target import _loss, _model  # noqa: E402  (this folder's modules)
+from time_to_target import _DATA_STREAM, _loss, _model  # noqa: E402  (this folder's modules)
 
 from learned_opt import LSTMOptimizer  # noqa: E402
 from learned_opt.corpus import load_corpus  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for weights in args.weights.split(","):
         model = _model(corpus, model_args)
         opt = LSTMOptimizer(model.parameters(), weights=weights)
-        data = torch.Generator().manual_seed(model_args.seed * 1000 + 1)  # time_to_target's
+        data = torch.Generator().manual_seed(model_args.seed * 1000 + _DATA_STREAM)
         for step in range(1, args.steps + 1):
             x, y = corpus.batch("train", model_args.batch, model_args.context, data)
             loss = _loss(model, x, y)

@@ -142,9 +142,9 @@ def sealed_figures(directory: Path) -> dict[str, Any]:
     loss / tuned constant Adam's, the worst task and the seeds won; the learned optimizer's ratio
     per task."""
     from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import read_jsonl
 
-    lines = (directory / "summary.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = read_jsonl(directory / "summary.jsonl")
     (meta,) = [r for r in rows if r["kind"] == "meta"]
     rows = [r for r in rows if r["kind"] == "summary" and r["optimizer"] != "adam"]
     optimizers: dict[str, dict[str, Any]] = {}
@@ -171,7 +171,9 @@ def sealed_figures(directory: Path) -> dict[str, Any]:
 
 def validation_figures(records: Path) -> dict[str, Any]:
     """The validation step's metric of :data:`CHOSEN` and of the shipped settings, per horizon."""
-    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    from learned_opt.report import read_jsonl
+
+    rows = read_jsonl(records)
     metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
     return {
         "command": "python experiments/adaptation_rate.py --steps validate",

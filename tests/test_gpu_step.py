@@ -97,13 +97,8 @@ _INTERPRETED_PER_TENSOR = textwrap.dedent(
             "grad_fast": torch.rand(1, generator=gen) * n * scale**2,
             "grad_peak": torch.rand(1, generator=gen) * scale * 1e3,
         }
-        clip_limit = cfg.grad_clip * per_tensor.warmup(
-            cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps
-        )
-        rate = cfg.lr_adapt * per_tensor.warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
-        clip, exp_s, new = corrected_adam_triton.per_tensor_(
-            rule, g, state, t, bound, clip_limit, rate
-        )
+        limit, rate = per_tensor.clip_limit(cfg, t), per_tensor.adapt_rate(cfg, t)
+        clip, exp_s, new = corrected_adam_triton.per_tensor_(rule, g, state, t, bound, limit, rate)
         want_clip = torch.ones(1)
         if t > 1:
             ref = state["v"].sum() / (1 - cfg.beta2 ** (t - 1))

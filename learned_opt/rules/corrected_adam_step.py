@@ -123,11 +123,8 @@ def _device_step_(
     bound = grad_bound(grad.dtype)
     controller = rule.controller()
     if controller is None:
-        clip_limit = cfg.grad_clip * per_tensor.warmup(
-            cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps
-        )
-        rate = cfg.lr_adapt * per_tensor.warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
-        fused = kernel.per_tensor_(rule, grad, state, t, bound, clip_limit, rate)
+        limit, rate = per_tensor.clip_limit(cfg, t), per_tensor.adapt_rate(cfg, t)
+        fused = kernel.per_tensor_(rule, grad, state, t, bound, limit, rate)
         if fused is None:  # the kernels failed to compile or launch here (they warned)
             return _forward_step_(rule, grad, state)
         clip, exp_s, new = fused

@@ -29,7 +29,9 @@ __all__ = [
     "PER_TENSOR_KEYS",
     "adapt_from_sums",
     "adapt_log_step",
+    "adapt_rate",
     "clip",
+    "clip_limit",
     "clip_scale",
     "per_tensor_state",
     "tensor_sums",
@@ -66,6 +68,17 @@ def warmup(extra: float, t: float, steps: float) -> float:
     return 1.0 + extra * math.exp(-t / steps)
 
 
+def clip_limit(cfg: LSTMCorrectedAdamConfig, t: float) -> float:
+    """``Q_t``: the gradient clipping's threshold on the squared norm, in units of the running
+    second moment, at step ``t`` (its warm-up included)."""
+    return cfg.grad_clip * warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps)
+
+
+def adapt_rate(cfg: LSTMCorrectedAdamConfig, t: float) -> float:
+    """``kappa_t``: the step-size adaptation's rate at step ``t`` (its warm-up included)."""
+    return cfg.lr_adapt * warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
+
+
 def clip(
     cfg: LSTMCorrectedAdamConfig,
     grad: Tensor,
@@ -84,7 +97,7 @@ def clip(
 def clip_scale(cfg: LSTMCorrectedAdamConfig, g2: Tensor, ref: Tensor, t: float) -> Tensor:
     """The factor on each tensor's gradient, from the sums of its squares ``g2`` and of the
     bias-corrected second moment of the last step ``ref`` (per tensor)."""
-    limit = cfg.grad_clip * warmup(cfg.grad_clip_warmup, t, cfg.lr_adapt_warmup_steps) * ref
+    limit = clip_limit(cfg, t) * ref
     # safe_sqrt: a zero meta-gradient where the ratio is 0, not 0 * inf = nan
     factor = safe_sqrt(limit / g2.clamp_min(1e-30)).clamp(max=1.0)
     return torch.where(ref > 0, factor, torch.ones_like(factor))
@@ -140,7 +153,7 @@ def adapt_from_sums(
         new_state["grad_peak"] = peak
         slow = (cos > 0) & (norm * cfg.lr_adapt_slowdown < peak)
         cos = torch.where(slow, cos * cfg.lr_adapt_slowdown_rate, cos)
-    rate = cfg.lr_adapt * warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
+    rate = adapt_rate(cfg, t)
     bound = cfg.lr_adapt_bound
     change = rate * cos
     if controller is not None:  # (the config guarantees the slowdown's norm and peak)
