@@ -2,7 +2,8 @@
 
 The model, data and initial weights of ``benchmarks/time_to_target.py`` (4 layers, width 256,
 3.25M parameters, batch 16 x 128 characters), trained by ``LSTMOptimizer`` with each of
-``--weights`` for ``--steps`` steps; at each of ``--at`` it reads every weight matrix's adapted
+``--weights`` at each update multiplier of ``--lrs`` (the optimizer's ``lr``; 1.0 is the rule as
+meta-trained) for ``--steps`` steps; at each of ``--at`` it reads every weight matrix's adapted
 step-size multiplier (``exp(log_step)`` in ``opt.state``: the factor on the rule's nominal rate,
 0.01) and reports their minimum, median and maximum, the three largest, and the minibatch loss.
 Writes
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--weights", default="general-v2,general", help="comma list")
+    parser.add_argument("--lrs", default="1.0", help="comma list of update multipliers (lr)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--at", default="50,100,200", help="steps at which to read the state")
     parser.add_argument("--threads", type=int, default=1)
@@ -45,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     at = {int(s) for s in args.at.split(",")}
     corpus = load_corpus()
     records = []
-    for weights in args.weights.split(","):
+    runs = [(w, float(lr)) for w in args.weights.split(",") for lr in args.lrs.split(",")]
+    for weights, lr in runs:
         model = _model(corpus, model_args)
-        opt = LSTMOptimizer(model.parameters(), weights=weights)
+        opt = LSTMOptimizer(model.parameters(), weights=weights, lr=lr)
         data = torch.Generator().manual_seed(model_args.seed * 1000 + _DATA_STREAM)
         for step in range(1, args.steps + 1):
             x, y = corpus.batch("train", model_args.batch, model_args.context, data)
@@ -63,22 +66,22 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 values = list(mult.values())
                 largest = sorted(mult, key=mult.get, reverse=True)[:3]
-                records.append({"weights": weights, "step": step, "loss": loss.item(),
+                records.append({"weights": weights, "lr": lr, "step": step, "loss": loss.item(),
                                 "min": min(values), "median": statistics.median(values),
                                 "max": max(values), "largest": largest,
                                 "multipliers": mult})  # fmt: skip
     lines = [
         "Step-size multipliers of the weight matrices (exp(log_step), on the nominal 0.01) on "
         "the time-to-target character transformer; "
-        f"`python benchmarks/transformer_step_sizes.py --weights {args.weights} --steps "
-        f"{args.steps} --at {args.at}`",
+        f"`python benchmarks/transformer_step_sizes.py --weights {args.weights} --lrs {args.lrs} "
+        f"--steps {args.steps} --at {args.at}`",
         "",
-        "| weights | step | minibatch loss | min | median | max | largest three |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| weights | lr | step | minibatch loss | min | median | max | largest three |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in records:
         lines.append(
-            f"| {r['weights']} | {r['step']} | {r['loss']:.3f} | {r['min']:.2f} | "
+            f"| {r['weights']} | {r['lr']:g} | {r['step']} | {r['loss']:.3f} | {r['min']:.2f} | "
             f"{r['median']:.2f} | {r['max']:.2f} | {', '.join(r['largest'])} |"
         )
     write_results(args.out, records, lines)

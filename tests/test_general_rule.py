@@ -638,7 +638,9 @@ def test_lr_adapt_flat_layout_matches_per_tensor(nominal: bool, extra: dict) -> 
         rule.init_state(13, like=g, numels=[5, 7])
 
 
-@pytest.mark.parametrize("extra", [{}, STABLE], ids=["plain", "stable"])
+@pytest.mark.parametrize(
+    "extra", [{}, STABLE, {"lr_size_ref": 64.0}], ids=["plain", "stable", "size-scaled"]
+)
 def test_lr_adapt_unroll_passes_the_layout_and_matches_the_drop_in_optimizer(extra: dict) -> None:
     from learned_opt.tasks import RandomMLPFamily
 

@@ -245,8 +245,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
         ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
 
         With ``lr_adapt``, also the previous direction ``prev`` (per coordinate) and the log step
-        size ``log_step`` (with ``lr_adapt_slowdown``, ``grad_fast`` and ``grad_peak``; with the
-        controller, ``cos_avg``), one per tensor. With ``lr_adapt`` or ``grad_clip``, if
+        size ``log_step`` (0; less for tensors larger than ``lr_size_ref``; with
+        ``lr_adapt_slowdown``, ``grad_fast`` and ``grad_peak``; with the controller,
+        ``cos_avg``), one per tensor. With ``lr_adapt`` or ``grad_clip``, if
         ``numels`` (the sizes of the parameter tensors the ``numel`` coordinates concatenate) is
         given, ``tensor`` (each coordinate's tensor index; without it the coordinates are one
         tensor).
@@ -259,7 +260,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             tensors = len(numels)
         state: RuleState = {}
         if self.lr_adapt > 0:
-            state["log_step"] = torch.zeros(tensors, **kw)
+            sizes = list(numels) if self.tensor_aware and numels is not None else [numel]
+            start = per_tensor.initial_log_step(self.settings, sizes)
+            state["log_step"] = torch.tensor(start, **kw)
             state["prev"] = torch.zeros(numel, **kw)
             if self.lr_adapt_slowdown > 0:
                 state["grad_fast"] = torch.zeros(tensors, **kw)

@@ -68,6 +68,11 @@ class LSTMCorrectedAdamConfig:
             :math:`1/R` of its peak, positive cosines count ``lr_adapt_slowdown_rate`` times
             (0: off).
         lr_adapt_slowdown_rate: that factor, in [0, 1].
+        lr_size_ref: :math:`N_0`: a tensor of :math:`n > N_0` coordinates starts at
+            :math:`s = \tfrac12 \log(N_0 / n)`, a step :math:`\sqrt{N_0 / n}` times the nominal
+            one (for a square matrix, one over its width: how muP scales Adam's rate for hidden
+            layers), which the adaptation then moves as any other; 0: every tensor starts at
+            :math:`s = 0`.
         grad_clip: :math:`Q`: each tensor's gradient norm is clipped at :math:`\sqrt{Q_t}` times
             its running RMS norm (0: off).
         grad_clip_warmup: :math:`C`: :math:`Q_t = Q (1 + C e^{-t/\tau})`, looser early.
@@ -110,6 +115,7 @@ class LSTMCorrectedAdamConfig:
     lr_adapt_margin: float = 0.2
     lr_adapt_slowdown: float = 30.0
     lr_adapt_slowdown_rate: float = 0.3
+    lr_size_ref: float = 0.0
     grad_clip: float = 2.0
     grad_clip_warmup: float = 3.0
     controller_hidden: int = 0
@@ -136,7 +142,8 @@ class LSTMCorrectedAdamConfig:
         for name in ("eps", "lr", "a_bound", "lr_adapt_bound", "lr_adapt_warmup_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be > 0)")
-        for name in ("lr_adapt", "lr_adapt_warmup", "lr_adapt_margin", "lr_adapt_slowdown"):
+        for name in ("lr_adapt", "lr_adapt_warmup", "lr_adapt_margin", "lr_adapt_slowdown",
+                     "lr_size_ref"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 0)")
         for name in ("grad_clip", "grad_clip_warmup"):

@@ -15,7 +15,7 @@ order that the shipped weights were meta-trained and tested with.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ __all__ = [
     "clip",
     "clip_limit",
     "clip_scale",
+    "initial_log_step",
     "per_tensor_state",
     "tensor_sums",
 ]
@@ -77,6 +78,13 @@ def clip_limit(cfg: LSTMCorrectedAdamConfig, t: float) -> float:
 def adapt_rate(cfg: LSTMCorrectedAdamConfig, t: float) -> float:
     """``kappa_t``: the step-size adaptation's rate at step ``t`` (its warm-up included)."""
     return cfg.lr_adapt * warmup(cfg.lr_adapt_warmup, t, cfg.lr_adapt_warmup_steps)
+
+
+def initial_log_step(cfg: LSTMCorrectedAdamConfig, numels: Sequence[int]) -> list[float]:
+    """Each tensor's log step size before its first step: ``0.5 log(lr_size_ref / n)`` for a
+    tensor of ``n > lr_size_ref`` coordinates (at least ``-lr_adapt_bound``), else 0."""
+    ref, bound = cfg.lr_size_ref, cfg.lr_adapt_bound
+    return [max(-bound, 0.5 * math.log(ref / n)) if 0 < ref < n else 0.0 for n in numels]
 
 
 def clip(

@@ -1,0 +1,336 @@
+"""Recipe of ``general-v3``: the default with large tensors starting at a smaller step size.
+
+    python experiments/size_scaled_step.py                    # validate, weights, sealed, ship
+    python experiments/size_scaled_step.py --steps validate   # the choice alone
+    python experiments/size_scaled_step.py --dry-run          # print its commands, run nothing
+
+Run it from the repository root. ``general-v2`` starts every tensor at the nominal step size
+0.01 (ten times a tuned Adam's rate on a transformer of width 256); its step-size adaptation
+then shrinks it, but too late: on wide models the first hundred steps of large steps leave the
+training at a plateau that later, smaller steps do not leave. The candidate starts a tensor of
+``n`` coordinates above ``lr_size_ref`` at ``sqrt(lr_size_ref / n)`` of the nominal step size
+(``LSTMCorrectedAdamConfig.lr_size_ref``; for a square matrix one over its width, as muP scales
+Adam's rate for hidden layers) and adapts from there as before.
+
+The steps:
+
+1. ``validate``: every :data:`GRID` value of ``lr_size_ref`` on :data:`WIDE`, wide versions of
+   the validation group's architectures on its data parts (tensors of 70k-260k coordinates;
+   the validation group's own tasks have none above 7k), 2 seeds, 1,000 steps; metric: the mean
+   minibatch loss over the 10 steps before step 100 and before step 1,000 (the rule is
+   horizon-free: the first 100 steps of a 1,000-step run are the 100-step run), geometric mean
+   over tasks and seeds. Settings with a reference below the validation group's largest tensor
+   are also run on its 8 held-out tasks (final training loss, 100 and 1,000 steps); the others
+   take the same steps there. Writes ``benchmarks/results/validation/size-scaled-step/``.
+   :data:`CHOSEN` is the setting with the lowest mean log metric / ``general-v2``'s over the
+   cells measured.
+2. ``weights``: ``runs/size-scaled-step/weights.pt`` (``general-v2`` with :data:`CHOSEN`).
+3. ``sealed``: the sealed test group at 100 and 1,000 steps, once.
+4. ``ship``: ``learned_opt/pretrained/general-v3.{pt,json}`` with the meta-training record of
+   the LSTM, the setting and the validation figures that chose it, and the sealed figures of
+   these weights and of ``general-v2``; it refuses to ship unless their sealed geometric mean is
+   at most ``general-v2``'s at both horizons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adaptation_rate  # noqa: E402
+import candidates  # noqa: E402
+
+RUN = Path("runs/size-scaled-step")
+RESULTS = Path("benchmarks/results/validation/size-scaled-step")
+SEALED = Path("benchmarks/results/sealed")
+STEPS = ("validate", "weights", "sealed", "ship")
+NAME, REPLACES = "general-v3", "general-v2"
+HORIZONS = (100, 1000)
+SEEDS = (0, 1)
+RECIPE = "python experiments/size_scaled_step.py"
+#: The values of ``lr_size_ref`` compared (0: ``general-v2`` as shipped).
+GRID = (0.0, 4096.0, 16384.0, 65536.0)
+#: The value the validation step chose.
+CHOSEN = 16384.0
+
+
+def _wide() -> dict[str, Any]:
+    from learned_opt.tasks.nets import SourceMLPFamily
+    from learned_opt.tasks.patches import PatchSequenceFamily
+    from learned_opt.tasks.sequence import CharLMFamily
+
+    return {
+        "shapes-transformer-192": PatchSequenceFamily(
+            "shapes", "val", ("transformer",), (192,), (2,), (4,), (64,), patch=4
+        ),
+        "corpus-rnn-lm-384": CharLMFamily("val", ("rnn",), (384,), (1,), (1,), (32,), (32,)),
+        "friedman3-mlp-512": SourceMLPFamily("friedman3", "val", (512,), (2,), ("relu",), (64,)),
+    }
+
+
+#: The wide validation tasks: name -> family (built on use).
+WIDE: Callable[[], dict[str, Any]] = _wide
+
+
+def _rule(ref: float) -> Any:
+    from learned_opt import load_rule, pretrained
+
+    base, _ = load_rule(pretrained.path(REPLACES))
+    return base.variant(lr_size_ref=ref) if ref else base
+
+
+def _wide_run(job: tuple[str, float, int]) -> dict[str, Any]:
+    """One 1,000-step run of a wide task (in a worker process, one thread)."""
+    import torch
+
+    from learned_opt import LearnedOptimizer
+    from learned_opt.evaluate import run_optimizer
+
+    torch.set_num_threads(1)
+    task, ref, seed = job
+    rule = _rule(ref)
+    start = time.perf_counter()
+    run = run_optimizer(WIDE()[task], seed, lambda p, lr: LearnedOptimizer(p, rule, lr=lr), 1.0,
+                        max(HORIZONS))  # fmt: skip
+    metric = {str(h): sum(run.losses[h - 10 : h]) / 10 for h in HORIZONS}
+    return {"group": "wide", "task": task, "lr_size_ref": ref, "seed": seed, "metric": metric,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def _validation_runs(ref: float) -> list[dict[str, Any]]:
+    """The validation group's 8 held-out tasks at each horizon (final training loss)."""
+    from learned_opt import LearnedOptimizer
+    from learned_opt.evaluate import run_optimizer
+    from learned_opt.outer.config import MetaTrainConfig
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.tasks import make_family
+
+    rule, records = _rule(ref), []
+    for horizon in HORIZONS:
+        config = MetaTrainConfig(
+            objective="final-train", log_meta_loss=True, eval_family="validation",
+            eval_tasks=8, eval_horizon=horizon,
+        )  # fmt: skip
+        held = HeldOut(config, make_family("validation"))
+        start = time.perf_counter()
+        runs = [run_optimizer(held.family, s, lambda p, lr: LearnedOptimizer(p, rule, lr=lr),
+                              1.0, horizon) for s in held.seeds]  # fmt: skip
+        records.append({"group": "validation", "lr_size_ref": ref, "steps": horizon,
+                        "metric": held.aggregate([r.final_train_loss for r in runs]),
+                        "seconds": time.perf_counter() - start})  # fmt: skip
+    return records
+
+
+def _largest_validation_tensor() -> int:
+    import torch
+
+    from learned_opt.outer.config import MetaTrainConfig
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.tasks import make_family
+
+    held = HeldOut(
+        MetaTrainConfig(eval_family="validation", eval_tasks=8), make_family("validation")
+    )
+    largest = 0
+    for seed in held.seeds:
+        task = held.family.sample(torch.Generator().manual_seed(seed))
+        params = task.init_params(torch.Generator().manual_seed(seed + 1))
+        largest = max(largest, *(p.numel() for p in params.values()))
+    return largest
+
+
+def validate(out: Path, procs: int = 2) -> float:
+    """Every :data:`GRID` value on the wide tasks (and the validation group where it changes
+    anything); writes ``out``; returns the chosen value."""
+    import multiprocessing
+
+    from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import write_results
+
+    jobs = [(task, ref, seed) for ref in GRID for task in WIDE() for seed in SEEDS]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        records = pool.map(_wide_run, jobs, chunksize=1)
+    largest = _largest_validation_tensor()
+    for ref in GRID:
+        if ref == 0 or ref < largest:
+            records += _validation_runs(ref)
+    cells: dict[float, dict[str, float]] = {}
+    for ref in GRID:
+        row = cells.setdefault(ref, {})
+        for h in HORIZONS:
+            wide = [r["metric"][str(h)] for r in records if r["group"] == "wide"
+                    and r["lr_size_ref"] == ref]  # fmt: skip
+            row[f"wide {h}"] = geometric_mean(wide)
+            (base,) = [r["metric"] for r in records if r["group"] == "validation"
+                       and r["lr_size_ref"] == 0 and r["steps"] == h]  # fmt: skip
+            same = [r["metric"] for r in records if r["group"] == "validation"
+                    and r["lr_size_ref"] == ref and r["steps"] == h]  # fmt: skip
+            row[f"validation {h}"] = same[0] if same else base
+
+    def score(ref: float) -> float:
+        return sum(math.log(v / cells[0.0][k]) for k, v in cells[ref].items()) / len(cells[ref])
+
+    chosen = min(GRID, key=score)
+    keys = list(cells[0.0])
+    lines = [
+        f"`general-v2` with large tensors starting at a smaller step size (`lr_size_ref`), on "
+        f"wide versions of the validation group's architectures ({', '.join(WIDE())}; seeds "
+        f"{list(SEEDS)}; geometric mean of the mean minibatch loss over the 10 steps before the "
+        f"horizon) and on the validation group's 8 held-out tasks (final training loss; run "
+        f"where the reference is below its largest tensor, {largest} coordinates, else the "
+        f"same steps as `general-v2`); `{RECIPE} --steps validate`.",
+        "",
+        "| lr_size_ref | " + " | ".join(keys) + " | mean / general-v2 |",
+        "| ---: | " + " | ".join("---:" for _ in keys) + " | ---: |",
+    ]
+    for ref in GRID:
+        mark = " (chosen)" if ref == chosen else ""
+        cols = " | ".join(f"{cells[ref][k]:.4f}" for k in keys)
+        lines.append(f"| {ref:g}{mark} | {cols} | {math.exp(score(ref)):.3f} |")
+    lines += ["", "Per wide task (mean over seeds):", "",
+              "| task | lr_size_ref | " + " | ".join(f"{h} steps" for h in HORIZONS) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in HORIZONS) + " |"]  # fmt: skip
+    for task in WIDE():
+        for ref in GRID:
+            mine = [r for r in records if r["group"] == "wide" and r["task"] == task
+                    and r["lr_size_ref"] == ref]  # fmt: skip
+            cols = " | ".join(f"{sum(r['metric'][str(h)] for r in mine) / len(mine):.4f}"
+                              for h in HORIZONS)  # fmt: skip
+            lines.append(f"| {task} | {ref:g} | {cols} |")
+    write_results(out, records, lines)
+    return chosen
+
+
+def write_weights(path: Path) -> None:
+    """``general-v2`` with ``lr_size_ref`` = :data:`CHOSEN`."""
+    from learned_opt import save_rule
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = f"the shipped {REPLACES!r} weights with lr_size_ref={CHOSEN:g}, chosen on validation"
+    save_rule(path, _rule(CHOSEN), {"source": source})
+
+
+def validation_figures(records: Path) -> dict[str, Any]:
+    """The validation step's metrics of :data:`CHOSEN` and of ``general-v2``."""
+    from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import read_jsonl
+
+    rows = read_jsonl(records)
+
+    def wide(ref: float, h: int) -> float:
+        values = [
+            r["metric"][str(h)] for r in rows if r["group"] == "wide" and r["lr_size_ref"] == ref
+        ]
+        return round(geometric_mean(values), 4)
+
+    return {
+        "command": f"{RECIPE} --steps validate",
+        "results": str(records.parent),
+        "metric": "geometric mean over the wide validation tasks and seeds of the mean minibatch "
+        "loss over the 10 steps before the horizon",
+        "by_steps": {str(h): {"chosen": wide(CHOSEN, h), REPLACES: wide(0.0, h)} for h in HORIZONS},
+        "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
+    }
+
+
+def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dict[str, Any]:
+    """Write the weights as ``dest/general-v3.pt`` (and ``.json``) with their provenance and
+    figures. Returns the metadata.
+
+    Raises:
+        ValueError: (unless ``allow_worse``) their sealed geometric mean is above
+            ``general-v2``'s at some horizon. Nothing is written then.
+    """
+    from learned_opt import load_rule, pretrained, save_rule
+    from learned_opt.cli import git_commit
+
+    _, meta = load_rule(pretrained.path(REPLACES))
+    by_steps = {}
+    for horizon in HORIZONS:
+        mine = adaptation_rate.sealed_figures(sealed / f"size-scaled-step-{horizon}")
+        before = adaptation_rate.sealed_figures(sealed / f"adaptation-rate-{horizon}")
+        if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
+            raise ValueError(
+                f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
+                f"{REPLACES!r}'s {before['geometric_mean']}; not shipping"
+            )
+        by_steps[str(horizon)] = {**mine, f"replaced_{REPLACES}": before}
+    validation = validation_figures(RESULTS / "records.jsonl")
+    previous = meta.pop("derived_from", None)
+    meta = {key: value for key, value in meta.items() if key not in ("shipped", "figures")}
+    meta.update(
+        source=f"the shipped {REPLACES!r} weights with large tensors starting at a smaller step",
+        derived_from={
+            "weights": REPLACES,
+            "settings": {"lr_size_ref": CHOSEN},
+            "chosen_on_validation": validation,
+            "derived_from": previous,
+        },
+        recipe=RECIPE,
+        budget={
+            **meta.get("budget", {}),
+            "size_selection_seconds": validation["selection_seconds"],
+        },
+        figures={
+            "benchmark": "benchmarks/sealed.py: mean final training loss / tuned constant "
+            "Adam's per task; geometric mean over the sealed test group's tasks",
+            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
+            "by_steps": by_steps,
+        },
+        shipped={"command": f"{RECIPE} --steps ship", "commit": git_commit()},
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    save_rule(dest / f"{NAME}.pt", _rule(CHOSEN), meta)
+    (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
+    parser.add_argument("--procs", type=int, default=2, help="processes of the validate step")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
+    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if unknown := sorted(set(steps) - set(STEPS)):
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
+    if Path.cwd().resolve() != candidates.ROOT and not args.dry_run:
+        parser.error(f"run it from the repository root ({candidates.ROOT})")
+    if "validate" in steps:
+        print(f"# validate: {RESULTS}", flush=True)
+        if not args.dry_run and (chosen := validate(RESULTS, args.procs)) != CHOSEN:
+            print(f"# the validation now chooses {chosen:g}, not CHOSEN {CHOSEN:g}", flush=True)
+    if "weights" in steps:
+        print(f"# weights: {RUN / 'weights.pt'}", flush=True)
+        if not args.dry_run:
+            write_weights(RUN / "weights.pt")
+    if "sealed" in steps:
+        sealed = candidates.sealed_command(RUN, "size-scaled-step")
+        for horizon in HORIZONS:
+            command = sealed(horizon)
+            print(shlex.join(["python", *command]), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+    if "ship" in steps:
+        from learned_opt import pretrained
+
+        dest = args.ship_to or Path(pretrained.__file__).parent
+        print(f"# ship as {NAME!r} into {dest}", flush=True)
+        if not args.dry_run:
+            ship(dest, allow_worse=args.allow_worse)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
