@@ -25,7 +25,9 @@ The steps:
    :data:`CHOSEN` is the setting with the lowest mean log metric / ``general-v2``'s over the
    cells measured.
 2. ``weights``: ``runs/size-scaled-step/weights.pt`` (``general-v2`` with :data:`CHOSEN`).
-3. ``sealed``: the sealed test group at 100 and 1,000 steps, once.
+3. ``sealed``: the sealed test group at 100 and 1,000 steps, once; unless no sealed task has
+   a tensor above :data:`CHOSEN` (the largest has 9,408 coordinates): then the candidate takes
+   ``general-v2``'s steps there bit for bit (tested), and ``general-v2``'s sealed runs are its.
 4. ``ship``: ``learned_opt/pretrained/general-v3.{pt,json}`` with the meta-training record of
    the LSTM, the setting and the validation figures that chose it, and the sealed figures of
    these weights and of ``general-v2``; it refuses to ship unless their sealed geometric mean is
@@ -130,22 +132,34 @@ def _validation_runs(ref: float) -> list[dict[str, Any]]:
     return records
 
 
-def _largest_validation_tensor() -> int:
+def _largest_tensor(tasks: list[tuple[Any, int]]) -> int:
+    """The most coordinates of any parameter tensor of these (family, seed) tasks."""
     import torch
 
+    largest = 0
+    for family, seed in tasks:
+        task = family.sample(torch.Generator().manual_seed(seed))
+        params = task.init_params(torch.Generator().manual_seed(seed + 1))
+        largest = max(largest, *(p.numel() for p in params.values()))
+    return largest
+
+
+def _largest_validation_tensor() -> int:
     from learned_opt.outer.config import MetaTrainConfig
     from learned_opt.outer.held_out import HeldOut
     from learned_opt.tasks import make_family
 
-    held = HeldOut(
-        MetaTrainConfig(eval_family="validation", eval_tasks=8), make_family("validation")
-    )
-    largest = 0
-    for seed in held.seeds:
-        task = held.family.sample(torch.Generator().manual_seed(seed))
-        params = task.init_params(torch.Generator().manual_seed(seed + 1))
-        largest = max(largest, *(p.numel() for p in params.values()))
-    return largest
+    config = MetaTrainConfig(eval_family="validation", eval_tasks=8)
+    held = HeldOut(config, make_family("validation"))
+    return _largest_tensor([(held.family, seed) for seed in held.seeds])
+
+
+def largest_sealed_tensor() -> int:
+    """The most coordinates of any parameter tensor of the sealed test group's tasks (each
+    fixed task's architecture does not depend on the seed)."""
+    from learned_opt.tasks.groups import sealed_tasks
+
+    return _largest_tensor([(family, 0) for family in sealed_tasks().values()])
 
 
 def validate(out: Path, procs: int = 2) -> float:
@@ -157,8 +171,11 @@ def validate(out: Path, procs: int = 2) -> float:
     from learned_opt.report import write_results
 
     jobs = [(task, ref, seed) for ref in GRID for task in WIDE() for seed in SEEDS]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        records = pool.map(_wide_run, jobs, chunksize=1)
+    if procs == 1:
+        records = [_wide_run(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            records = pool.map(_wide_run, jobs, chunksize=1)
     largest = _largest_validation_tensor()
     for ref in GRID:
         if ref == 0 or ref < largest:
@@ -255,9 +272,13 @@ def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dic
 
     _, meta = load_rule(pretrained.path(REPLACES))
     by_steps = {}
+    largest = largest_sealed_tensor()
     for horizon in HORIZONS:
-        mine = adaptation_rate.sealed_figures(sealed / f"size-scaled-step-{horizon}")
         before = adaptation_rate.sealed_figures(sealed / f"adaptation-rate-{horizon}")
+        if largest <= CHOSEN:  # the same steps on every sealed task: the same figures
+            mine = {**before, "same_steps_as": REPLACES, "largest_sealed_tensor": largest}
+        else:
+            mine = adaptation_rate.sealed_figures(sealed / f"size-scaled-step-{horizon}")
         if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
             raise ValueError(
                 f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
@@ -315,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# weights: {RUN / 'weights.pt'}", flush=True)
         if not args.dry_run:
             write_weights(RUN / "weights.pt")
-    if "sealed" in steps:
+    if "sealed" in steps and not args.dry_run and (largest := largest_sealed_tensor()) <= CHOSEN:
+        print(f"# sealed: no sealed tensor has more than {largest} coordinates (<= lr_size_ref "
+              f"{CHOSEN:g}): the same steps as {REPLACES}, whose sealed runs stand")  # fmt: skip
+    elif "sealed" in steps:
         sealed = candidates.sealed_command(RUN, "size-scaled-step")
         for horizon in HORIZONS:
             command = sealed(horizon)

@@ -409,3 +409,91 @@ def test_adaptation_rate_gain_recipe_starts_from_the_retuned_candidate(
     retuned = tmp_path / "retuned.pt"
     runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))["write_weights"](retuned)
     _assert_steps_like_the_default(rule, reference=load_rule(retuned)[0])
+
+
+def _size_recipe() -> dict:
+    return runpy.run_path(str(ROOT / "experiments/size_scaled_step.py"))
+
+
+def test_size_scaled_step_recipe_writes_the_default_with_the_chosen_reference(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """Its weights are ``general-v2``'s tensors with ``lr_size_ref`` = CHOSEN, and the committed
+    validation record (if any) chooses CHOSEN."""
+    import math
+
+    from learned_opt.report import read_jsonl
+
+    assert run_script("experiments/size_scaled_step.py", "--dry-run") == 0
+    assert "runs/size-scaled-step/weights.pt" in capsys.readouterr().out
+    recipe = _size_recipe()
+    chosen = recipe["CHOSEN"]
+    assert chosen in recipe["GRID"] and 0.0 in recipe["GRID"]
+    recipe["write_weights"](tmp_path / "weights.pt")
+    rule, _ = load_rule(tmp_path / "weights.pt")
+    replaced, _ = load_rule(pretrained.path(recipe["REPLACES"]))
+    assert rule.settings == replaced.settings.replace(lr_size_ref=chosen)
+    for key, value in replaced.state_dict().items():
+        assert torch.equal(rule.state_dict()[key], value)
+    records = ROOT / recipe["RESULTS"] / "records.jsonl"
+    if records.is_file():
+        rows = read_jsonl(records)
+
+        def score(ref: float) -> float:
+            total = 0.0
+            for h in recipe["HORIZONS"]:
+                mine = [r["metric"][str(h)] for r in rows if r["group"] == "wide"
+                        and r["lr_size_ref"] == ref]  # fmt: skip
+                base = [r["metric"][str(h)] for r in rows if r["group"] == "wide"
+                        and r["lr_size_ref"] == 0.0]  # fmt: skip
+                total += sum(map(math.log, mine)) - sum(map(math.log, base))
+            return total
+
+        assert min(recipe["GRID"], key=score) == chosen
+
+
+def test_size_scaled_step_validation_chooses_the_lowest_metric(tmp_path: Path) -> None:
+    """The validate step on tiny stand-ins: every (setting, task, seed) is run, the table lists
+    every setting, and the choice is the setting with the lowest mean log metric."""
+    from learned_opt.report import read_jsonl
+    from learned_opt.tasks.nets import SourceMLPFamily
+
+    recipe = _size_recipe()
+    validate = recipe["validate"]
+    validate.__globals__.update(
+        WIDE=lambda: {"tiny": SourceMLPFamily("friedman3", "val", (32,), (1,), ("relu",), (16,))},
+        GRID=(0.0, 64.0), SEEDS=(0,), HORIZONS=(10, 20),
+        _validation_runs=lambda ref: [{"group": "validation", "lr_size_ref": ref, "steps": h,
+                                       "metric": 1.0, "seconds": 0.0} for h in (10, 20)],
+    )  # fmt: skip
+    chosen = validate(tmp_path, 1)
+    rows = [r for r in read_jsonl(tmp_path / "records.jsonl") if r["group"] == "wide"]
+    assert sorted(r["lr_size_ref"] for r in rows) == [0.0, 64.0]
+    metric = {r["lr_size_ref"]: r["metric"]["10"] * r["metric"]["20"] for r in rows}
+    assert metric[0.0] != metric[64.0] and chosen == min(metric, key=metric.get)
+    assert "| 64 " in (tmp_path / "table.md").read_text()
+
+
+def test_size_scaled_step_ships_general_v2s_sealed_figures_where_the_steps_are_the_same(
+    tmp_path: Path,
+) -> None:
+    """No sealed task has a tensor above CHOSEN: the ship step records ``general-v2``'s sealed
+    figures as the candidate's (its steps there are the same, tested above); with a smaller
+    reference it needs the candidate's own sealed runs."""
+    recipe = _size_recipe()
+    if not (ROOT / recipe["RESULTS"] / "records.jsonl").is_file():
+        pytest.skip("no validation record committed")
+    ship = recipe["ship"]
+    assert recipe["largest_sealed_tensor"]() <= recipe["CHOSEN"]
+    meta = ship(tmp_path / "package", sealed=ROOT / recipe["SEALED"])
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
+    assert saved == meta and rule.settings.lr_size_ref == recipe["CHOSEN"]
+    assert meta["derived_from"]["weights"] == "general-v2"
+    for entry in meta["figures"]["by_steps"].values():
+        replaced = entry["replaced_general-v2"]
+        assert entry["same_steps_as"] == "general-v2"
+        assert entry["geometric_mean"] == replaced["geometric_mean"]
+    ship.__globals__["CHOSEN"] = 4096.0
+    with pytest.raises(FileNotFoundError):
+        ship(tmp_path / "refused", sealed=ROOT / recipe["SEALED"])
+    assert not (tmp_path / "refused").exists()
