@@ -474,26 +474,39 @@ def test_size_scaled_step_validation_chooses_the_lowest_metric(tmp_path: Path) -
     assert "| 64 " in (tmp_path / "table.md").read_text()
 
 
-def test_size_scaled_step_ships_general_v2s_sealed_figures_where_the_steps_are_the_same(
-    tmp_path: Path,
-) -> None:
-    """No sealed task has a tensor above CHOSEN: the ship step records ``general-v2``'s sealed
-    figures as the candidate's (its steps there are the same, tested above); with a smaller
-    reference it needs the candidate's own sealed runs."""
+def test_size_scaled_step_ships_its_weights_with_their_sealed_figures(tmp_path: Path) -> None:
+    """The ship step writes ``general-v2``'s tensors with the chosen reference, the validation
+    figures that chose it and the sealed figures of both; it refuses worse sealed figures, and
+    takes ``general-v2``'s sealed figures only where no sealed tensor is above the reference."""
     recipe = _size_recipe()
-    if not (ROOT / recipe["RESULTS"] / "records.jsonl").is_file():
-        pytest.skip("no validation record committed")
+    sealed = ROOT / recipe["SEALED"]
+    if not (sealed / "size-scaled-step-1000" / "summary.jsonl").is_file():
+        pytest.skip("no sealed run of the candidate committed")
     ship = recipe["ship"]
-    assert recipe["largest_sealed_tensor"]() <= recipe["CHOSEN"]
-    meta = ship(tmp_path / "package", sealed=ROOT / recipe["SEALED"])
+    meta = ship(tmp_path / "package", sealed=sealed)
     rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
     assert saved == meta and rule.settings.lr_size_ref == recipe["CHOSEN"]
     assert meta["derived_from"]["weights"] == "general-v2"
-    for entry in meta["figures"]["by_steps"].values():
+    assert meta["derived_from"]["settings"] == {"lr_size_ref": recipe["CHOSEN"]}
+    largest = recipe["largest_sealed_tensor"]()
+    for horizon, entry in meta["figures"]["by_steps"].items():
         replaced = entry["replaced_general-v2"]
+        assert entry["geometric_mean"] <= replaced["geometric_mean"]
+        if largest > recipe["CHOSEN"]:
+            assert f"size-scaled-step-{horizon}" in entry["results"]
+            assert "same_steps_as" not in entry
+    # swapped results: refused, nothing written
+    swapped = tmp_path / "sealed"
+    for h in recipe["HORIZONS"]:
+        shutil.copytree(sealed / f"size-scaled-step-{h}", swapped / f"adaptation-rate-{h}")
+        shutil.copytree(sealed / f"adaptation-rate-{h}", swapped / f"size-scaled-step-{h}")
+    if largest > recipe["CHOSEN"]:
+        with pytest.raises(ValueError, match="not shipping"):
+            ship(tmp_path / "refused", sealed=swapped)
+        assert not (tmp_path / "refused").exists()
+    # a reference above every sealed tensor: the same steps there, so general-v2's figures
+    ship.__globals__["CHOSEN"] = float(largest)
+    meta = ship(tmp_path / "same", sealed=sealed)
+    for entry in meta["figures"]["by_steps"].values():
         assert entry["same_steps_as"] == "general-v2"
-        assert entry["geometric_mean"] == replaced["geometric_mean"]
-    ship.__globals__["CHOSEN"] = 4096.0
-    with pytest.raises(FileNotFoundError):
-        ship(tmp_path / "refused", sealed=ROOT / recipe["SEALED"])
-    assert not (tmp_path / "refused").exists()
+        assert entry["geometric_mean"] == entry["replaced_general-v2"]["geometric_mean"]
