@@ -32,7 +32,7 @@ from learned_opt.report import write_results  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--weights", default="general-v2,general", help="comma list")
+    parser.add_argument("--weights", default="general-wide,general-v2", help="comma list")
     parser.add_argument("--lrs", default="1.0", help="comma list of update multipliers (lr)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--at", default="50,100,200", help="steps at which to read the state")

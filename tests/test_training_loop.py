@@ -507,14 +507,15 @@ def test_transformer_step_sizes_reads_every_matrix_multiplier(tmp_path, run_scri
     assert run_script(script, "--smoke", "--out", str(tmp_path)) == 0
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").open()]
     assert [(r["weights"], r["step"]) for r in records] == [
-        ("general-v2", 2), ("general-v2", 4), ("general", 2), ("general", 4)
+        ("general-wide", 2), ("general-wide", 4), ("general-v2", 2), ("general-v2", 4)
     ]  # fmt: skip
     for r in records:
         values = sorted(r["multipliers"].values())
         assert r["min"] == values[0] and r["max"] == values[-1] and len(r["largest"]) == 3
         assert r["multipliers"][r["largest"][0]] == r["max"] and 0 < r["min"] <= r["max"]
-    # general adapts four times faster: after 4 steps its multipliers have moved further
-    assert records[3]["max"] > records[1]["max"] > 1.0
+    # the smoke model's tensors are all below general-wide's reference size: the same steps
+    assert records[0]["multipliers"] == records[2]["multipliers"]
+    assert records[1]["multipliers"] == records[3]["multipliers"]
 
 
 def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> None:
