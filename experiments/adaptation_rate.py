@@ -30,11 +30,8 @@ The steps:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +43,6 @@ import candidates  # noqa: E402
 RUN = Path("runs/adaptation-rate")
 RESULTS = Path("benchmarks/results/validation/adaptation-rate")
 SEALED = Path("benchmarks/results/sealed")
-STEPS = ("validate", "weights", "sealed", "ship")
 #: The shipped name of these weights, and the weights they replace as the default.
 NAME, REPLACES = "general-v2", "general"
 HORIZONS = (100, 1000)
@@ -237,41 +233,14 @@ def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser = candidates.settings_parser(__doc__.splitlines()[0])
     parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
-    # where ship writes: the package by default; tests ship into a temporary directory
-    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if unknown := sorted(set(steps) - set(STEPS)):
-        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    if Path.cwd().resolve() != candidates.ROOT and not args.dry_run:
-        parser.error(f"run it from the repository root ({candidates.ROOT})")
-    if "validate" in steps:
-        print(f"# validate: {RESULTS}", flush=True)
-        if not args.dry_run and (chosen := validate(RESULTS)) != CHOSEN:
-            print(f"# the validation now chooses {chosen}, not CHOSEN {CHOSEN}", flush=True)
-    if "weights" in steps:
-        print(f"# weights: {RUN / 'weights.pt'}", flush=True)
-        if not args.dry_run:
-            write_weights(RUN / "weights.pt")
-    if "sealed" in steps:
-        sealed = candidates.sealed_command(RUN, "adaptation-rate")
-        for horizon in HORIZONS:
-            command = sealed(horizon)
-            print(shlex.join(["python", *command]), flush=True)
-            if not args.dry_run:
-                subprocess.run([sys.executable, *command], check=True)
-    if "ship" in steps:
-        from learned_opt import pretrained
-
-        dest = args.ship_to or Path(pretrained.__file__).parent
-        print(f"# ship as {NAME!r} into {dest}", flush=True)
-        if not args.dry_run:
-            ship(dest, allow_worse=args.allow_worse)
-    return 0
+    return candidates.run_settings_steps(
+        args, parser, results=RESULTS, run=RUN, sealed_name="adaptation-rate", name=NAME,
+        chosen=CHOSEN, validate=lambda: validate(RESULTS), write_weights=write_weights,
+        ship=lambda dest: ship(dest, allow_worse=args.allow_worse),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The steps shared by the recipes of candidates for the default weights: write the starting
 weights, meta-train (resuming, from the committed checkpoint on a fresh machine), run the sealed
-test once. ``experiments/horizon_aware.py`` and ``experiments/adaptation_gain.py`` use it."""
+test once (:func:`run_steps`); and the steps of recipes that choose settings of shipped weights on
+validation tasks (:func:`run_settings_steps`)."""
 
 from __future__ import annotations
 
@@ -100,4 +101,70 @@ def run_steps(
             print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
+    return 0
+
+
+#: The steps of a recipe that chooses settings of shipped weights on validation tasks.
+SETTINGS_STEPS = ("validate", "weights", "sealed", "ship")
+
+
+def settings_parser(description: str) -> argparse.ArgumentParser:
+    """The command line shared by settings recipes (``--steps`` of :data:`SETTINGS_STEPS`)."""
+    parser = argparse.ArgumentParser(description=description)
+    steps = ",".join(SETTINGS_STEPS)
+    parser.add_argument("--steps", default=steps, help="comma list of " + steps)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    # where ship writes: the package by default; tests ship into a temporary directory
+    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def run_settings_steps(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    *,
+    results: Path,
+    run: Path,
+    sealed_name: str,
+    name: str,
+    chosen: Any,
+    validate: Callable[[], Any],
+    write_weights: Callable[[Path], None],
+    ship: Callable[[Path], Any],
+    sealed_skip: Callable[[], str | None] | None = None,
+) -> int:
+    """Run the ``--steps`` of a settings recipe: ``validate()`` writes ``results`` and returns
+    the setting it chooses (a note if it is not ``chosen``); ``write_weights`` writes
+    ``run/weights.pt``; the sealed test of those weights into ``sealed_name``-{100,1000}
+    (unless ``sealed_skip()`` returns why it is not needed); ``ship(dest)`` writes ``name``."""
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if unknown := sorted(set(steps) - set(SETTINGS_STEPS)):
+        parser.error(f"unknown steps {unknown}; choose from {', '.join(SETTINGS_STEPS)}")
+    if Path.cwd().resolve() != ROOT and not args.dry_run:
+        parser.error(f"run it from the repository root ({ROOT})")
+    if "validate" in steps:
+        print(f"# validate: {results}", flush=True)
+        if not args.dry_run and (now := validate()) != chosen:
+            print(f"# the validation now chooses {now}, not CHOSEN {chosen}", flush=True)
+    if "weights" in steps:
+        print(f"# weights: {run / 'weights.pt'}", flush=True)
+        if not args.dry_run:
+            write_weights(run / "weights.pt")
+    skip = sealed_skip() if "sealed" in steps and sealed_skip and not args.dry_run else None
+    if skip:
+        print(f"# sealed: {skip}", flush=True)
+    elif "sealed" in steps:
+        sealed = sealed_command(run, sealed_name)
+        for horizon in (100, 1000):
+            command = sealed(horizon)
+            print(shlex.join(["python", *command]), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+    if "ship" in steps:
+        from learned_opt import pretrained
+
+        dest = args.ship_to or Path(pretrained.__file__).parent
+        print(f"# ship as {name!r} into {dest}", flush=True)
+        if not args.dry_run:
+            ship(dest)
     return 0

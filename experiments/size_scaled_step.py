@@ -36,11 +36,8 @@ The steps:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +51,6 @@ import candidates  # noqa: E402
 RUN = Path("runs/size-scaled-step")
 RESULTS = Path("benchmarks/results/validation/size-scaled-step")
 SEALED = Path("benchmarks/results/sealed")
-STEPS = ("validate", "weights", "sealed", "ship")
 NAME, REPLACES = "general-wide", "general-v2"
 HORIZONS = (100, 1000)
 SEEDS = (0, 1)
@@ -309,43 +305,21 @@ def ship(dest: Path, *, sealed: Path = SEALED) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of " + ",".join(STEPS))
+    parser = candidates.settings_parser(__doc__.splitlines()[0])
     parser.add_argument("--procs", type=int, default=2, help="processes of the validate step")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if unknown := sorted(set(steps) - set(STEPS)):
-        parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-    if Path.cwd().resolve() != candidates.ROOT and not args.dry_run:
-        parser.error(f"run it from the repository root ({candidates.ROOT})")
-    if "validate" in steps:
-        print(f"# validate: {RESULTS}", flush=True)
-        if not args.dry_run and (chosen := validate(RESULTS, args.procs)) != CHOSEN:
-            print(f"# the validation now chooses {chosen:g}, not CHOSEN {CHOSEN:g}", flush=True)
-    if "weights" in steps:
-        print(f"# weights: {RUN / 'weights.pt'}", flush=True)
-        if not args.dry_run:
-            write_weights(RUN / "weights.pt")
-    if "sealed" in steps and not args.dry_run and (largest := largest_sealed_tensor()) <= CHOSEN:
-        print(f"# sealed: no sealed tensor has more than {largest} coordinates (<= lr_size_ref "
-              f"{CHOSEN:g}): the same steps as {REPLACES}, whose sealed runs stand")  # fmt: skip
-    elif "sealed" in steps:
-        sealed = candidates.sealed_command(RUN, "size-scaled-step")
-        for horizon in HORIZONS:
-            command = sealed(horizon)
-            print(shlex.join(["python", *command]), flush=True)
-            if not args.dry_run:
-                subprocess.run([sys.executable, *command], check=True)
-    if "ship" in steps:
-        from learned_opt import pretrained
 
-        dest = args.ship_to or Path(pretrained.__file__).parent
-        print(f"# ship as {NAME!r} into {dest}", flush=True)
-        if not args.dry_run:
-            ship(dest)
-    return 0
+    def sealed_skip() -> str | None:
+        if (largest := largest_sealed_tensor()) > CHOSEN:
+            return None
+        return (f"no sealed tensor has more than {largest} coordinates (<= lr_size_ref "
+                f"{CHOSEN:g}): the same steps as {REPLACES}, whose sealed runs stand")  # fmt: skip
+
+    return candidates.run_settings_steps(
+        args, parser, results=RESULTS, run=RUN, sealed_name="size-scaled-step", name=NAME,
+        chosen=CHOSEN, validate=lambda: validate(RESULTS, args.procs),
+        write_weights=write_weights, ship=ship, sealed_skip=sealed_skip,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
