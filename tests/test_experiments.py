@@ -273,10 +273,10 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     _assert_steps_like_the_default(load_rule(init)[0], total_steps=10)
 
 
-def _controller_recipe(script: str, run_script, capsys, tmp_path: Path):
-    """A controller recipe's module, its meta-training configuration (checked: PES over whole
-    unrolls, selection on the validation group, the committed checkpoint written by it) and its
-    starting rule (only the controller meta-trained)."""
+def _pes_recipe(script: str, run_script, capsys, tmp_path: Path):
+    """A PES recipe's module, its meta-training configuration (checked: PES over whole unrolls,
+    selection on the validation group, the committed checkpoint written by it) and its starting
+    rule."""
     from learned_opt.cli import build_parser, config_from_args
 
     assert run_script(script, "--dry-run") == 0
@@ -290,10 +290,24 @@ def _controller_recipe(script: str, run_script, capsys, tmp_path: Path):
     _assert_written_by(ROOT / recipe["CHECKPOINT"], config)
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
-    rule, _ = load_rule(init)
+    return recipe, config, load_rule(init)[0]
+
+
+def _controller_recipe(script: str, run_script, capsys, tmp_path: Path):
+    """:func:`_pes_recipe` of a recipe that meta-trains only a controller."""
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
     trained = [n for n, p in rule.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith("controller_") for n in trained)
     return recipe, config, rule
+
+
+def test_lstm_pes_recipe_starts_from_the_default(tmp_path: Path, run_script, capsys) -> None:
+    """The LSTM recipe: PES over whole unrolls of ``general-v2``'s LSTM and read-out (nothing
+    else meta-trained), starting from ``general-v2`` step for step."""
+    _, _, rule = _pes_recipe("experiments/lstm_pes.py", run_script, capsys, tmp_path)
+    trained = {n for n, p in rule.named_parameters() if p.requires_grad}
+    assert trained == {"weight_ih_l0", "weight_hh_l0", "bias_l0", "out_weight", "out_bias"}
+    _assert_steps_like_the_default(rule, reference="general-v2")
 
 
 def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_default(
