@@ -349,18 +349,46 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` (also one read back with ``torch.load(weights_only=True)``)."""
+        """Load a :meth:`state_dict` (also one read back with ``torch.load(weights_only=True)``):
+        the parameter groups' settings, each parameter's state, and the rule as saved (its
+        weights and settings: the run continues exactly). Nothing changes if it does not fit."""
         state_dict = dict(state_dict)
         record = state_dict.pop("rule", None)
+        rule = None
         if record is not None:
             rule = rule_from_dict(record, expected_kind=self.rule.kind, source="state_dict")
-            self.rule.load_state_dict(rule.state_dict())
+        super().load_state_dict(state_dict)  # checks the groups before changing anything
+        if rule is not None:
+            self.rule = rule.requires_grad_(False)
             self._rule_copies.clear()
-        super().load_state_dict(state_dict)
         for group in self.param_groups:  # state dicts saved before these options existed
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
-        # torch casts loaded state to each parameter's dtype; keep the storage dtype instead.
-        for p, state in self.state.items():
-            if isinstance(p, Tensor):
-                self._cast_state(self._rule_for(p), state)
+        # torch casts the loaded state to each parameter's dtype (float16 zeroes small second
+        # moments, and a step count above 2048 loses its last bits); restore it from the saved
+        # tensors instead: per-coordinate entries in the storage dtype, the others as saved.
+        saved = state_dict.get("state", {})
+        ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for i, p in zip(ids, params):
+            if i not in saved:
+                continue
+            state, rule_p = self.state[p], self._rule_for(p)
+            for key, value in saved[i].items():
+                if not isinstance(value, Tensor):
+                    continue
+                dtype = value.dtype
+                if value.is_floating_point() and rule_p.coord_dim(key) is not None:
+                    dtype = self.state_dtype or _compute_dtype(p.dtype)
+                state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state plus this optimizer's own settings (for ``copy.deepcopy``
+        and ``pickle``)."""
+        state = super().__getstate__()
+        own = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k not in state}
+        return {**state, **own}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._rule_copies = {}

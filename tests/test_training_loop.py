@@ -447,6 +447,88 @@ def test_mid_run_resume_from_state_dict_is_exact(tmp_path, state_dtype) -> None:
     assert not all(torch.equal(a, b) for a, b in zip(model2.parameters(), full_model.parameters()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_resume_in_the_same_process_is_exact_and_independent(dtype) -> None:
+    """``load_state_dict`` of a live optimizer's ``state_dict`` (no file in between): the
+    resumed run equals the uninterrupted one, while the original keeps training beside it
+    (their states share no tensor), for half-precision parameters too (whose float32 state
+    torch's loader would cast to the parameters' dtype, zeroing small second moments)."""
+    n, m = 5, 4
+    full = _model().to(dtype)
+    _train(full, LSTMOptimizer(full.parameters()), range(n + m), loss_fn=_typed_loss)
+    original = _model().to(dtype)
+    opt = LSTMOptimizer(original.parameters())
+    _train(original, opt, range(n), loss_fn=_typed_loss)
+    resumed = copy.deepcopy(original)
+    opt2 = LSTMOptimizer(resumed.parameters())
+    opt2.load_state_dict(opt.state_dict())
+    dtypes = [[v.dtype for v in s.values()] for s in opt.state.values()]
+    assert [[v.dtype for v in s.values()] for s in opt2.state.values()] == dtypes
+    for k in range(n, n + m):  # both continue, step by step
+        _train(original, opt, range(k, k + 1), loss_fn=_typed_loss)
+        _train(resumed, opt2, range(k, k + 1), loss_fn=_typed_loss)
+    _assert_params_equal(resumed, full)
+    _assert_params_equal(original, full)
+
+
+def _typed_loss(model: nn.Module, step: int) -> Tensor:
+    x, y = _batch(step)
+    dtype = next(model.parameters()).dtype
+    return nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+
+
+def test_load_state_dict_takes_the_saved_rule_or_changes_nothing() -> None:
+    """The saved rule's settings come with its state (``general-v2`` into an optimizer built
+    with ``general``: the same tensors, another adaptation), and a state dict that does not fit
+    the parameter groups changes neither the rule nor the state."""
+    model = _model()
+    saved = LSTMOptimizer(model.parameters(), weights="general-v2")
+    _train(model, saved, range(2))
+    opt = LSTMOptimizer(model.parameters(), weights="general")
+    assert opt.rule.config() != saved.rule.config()
+    opt.load_state_dict(saved.state_dict())
+    assert opt.rule.config() == saved.rule.config()
+
+    other = LSTMOptimizer(_model().parameters(), weights="general")
+    before = other.rule.config()
+    wrong = saved.state_dict()
+    wrong["param_groups"] = [{**wrong["param_groups"][0], "params": [0]}]
+    with pytest.raises(ValueError):
+        other.load_state_dict(wrong)
+    assert other.rule.config() == before and len(other.state) == 0
+
+
+def test_scalar_state_keeps_its_dtype_through_a_round_trip() -> None:
+    """A horizon-aware rule's ``total_steps`` (a float32 scalar) loaded for float16 parameters:
+    not rounded to float16 (100,000 would become inf)."""
+    from learned_opt.rules import AdamRule, ScheduledRule
+
+    p = nn.Parameter(torch.ones(3, dtype=torch.float16))
+    rule = ScheduledRule("adam", AdamRule(lr=0.01).config())
+    opt = LearnedOptimizer([p], rule, total_steps=100_000)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    q = nn.Parameter(p.detach().clone())
+    opt2 = LearnedOptimizer([q], rule)
+    opt2.load_state_dict(opt.state_dict())
+    assert float(opt2.state[q]["total_steps"]) == 100_000
+
+
+def test_deepcopy_and_pickle_keep_the_optimizer_settings() -> None:
+    import pickle
+
+    model = _model()
+    opt = LSTMOptimizer(model.parameters(), nonfinite="raise", state_dtype=torch.bfloat16)
+    _train(model, opt, range(2))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.nonfinite == "raise" and clone.state_dtype is torch.bfloat16
+        assert clone.rule.config() == opt.rule.config() and clone.metadata == opt.metadata
+        params = [p for g in clone.param_groups for p in g["params"]]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        clone.step()  # runs
+
+
 # --- lr_scheduler
 
 
