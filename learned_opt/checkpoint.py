@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,15 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
             f"Cannot read {path}: not a torch.save archive; the file is truncated or corrupt, or "
             "a raw pickle (which is never loaded, since unpickling can execute code)"
         )
+    try:  # torch.load does not check the archive's CRCs: bytes changed inside a tensor load
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(
+            f"Cannot read {path}: the file is truncated or corrupt ({exc})"
+        ) from exc
+    if damaged is not None:
+        raise CheckpointError(f"Cannot read {path}: {damaged} in it is corrupt (CRC mismatch)")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
@@ -117,7 +127,14 @@ def rule_from_dict(
             f"{source}: expected weights of a {expected_kind!r} rule, found a {kind!r} rule"
         )
     config = record.get("config") or {}
-    rule = build_rule(kind, config)
+    if not isinstance(config, dict) or not isinstance(record.get("metadata") or {}, dict):
+        raise CheckpointError(f"{source}: the rule record's config and metadata must be dicts")
+    try:
+        rule = build_rule(kind, config)
+    except (TypeError, ValueError, RuntimeError) as exc:  # not a config of this kind of rule
+        raise WeightsMismatchError(
+            f"{source}: not a valid configuration of a {kind!r} rule: {config} ({exc})"
+        ) from exc
     expected = rule.state_dict()
     found = record.get("state_dict")
     if not isinstance(found, dict):
@@ -142,6 +159,11 @@ def rule_from_dict(
         raise WeightsMismatchError(
             f"{source}: the weights do not fit a {kind!r} rule with config {config}: {details}"
         )
+    nonfinite = sorted(
+        k for k, v in found.items() if v.is_floating_point() and not v.isfinite().all()
+    )
+    if nonfinite:  # a rule's in-place step relies on finite weights for finite updates
+        raise CheckpointError(f"{source}: non-finite values in the weights {nonfinite}")
     rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()})
     return rule
 
@@ -168,6 +190,9 @@ def load_rule(
         raise ValueError(f"Invalid which={which!r}; expected 'best' or 'latest'")
     obj = safe_load(path)
     if isinstance(obj, dict) and "best_rule" in obj:  # a meta-trainer checkpoint
-        obj = obj["best_rule" if which == "best" else "rule"]
+        key = "best_rule" if which == "best" else "rule"
+        if key not in obj:
+            raise CheckpointError(f"{path}: a trainer checkpoint without its {key!r} record")
+        obj = obj[key]
     rule = rule_from_dict(obj, expected_kind=expected_kind, source=str(path))
     return rule, dict(obj.get("metadata") or {})

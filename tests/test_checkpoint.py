@@ -92,3 +92,39 @@ def test_atomic_save_leaves_no_temporary_files(tmp_path: Path) -> None:
     atomic_save({"x": torch.zeros(2)}, tmp_path / "sub" / "a.pt")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.pt"]
     assert torch.equal(safe_load(tmp_path / "sub" / "a.pt")["x"], torch.zeros(2))
+
+
+def test_bytes_changed_inside_a_tensor_are_caught(tmp_path: Path, rule: LSTMRule) -> None:
+    """torch.load does not check the archive's CRCs: without the check, changed tensor bytes
+    would load silently (and a resume would not fall back to the previous checkpoint)."""
+    save_rule(tmp_path / "w.pt", rule)
+    data = bytearray((tmp_path / "w.pt").read_bytes())
+    raw = rule.weight_ih_l0.detach().contiguous().numpy().tobytes()
+    at = bytes(data).find(raw[:16])
+    assert at > 0
+    data[at : at + 8] = b"\x7f" * 8
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC"):
+        load_rule(tmp_path / "bad.pt")
+
+
+def test_malformed_records_raise_checkpoint_errors(tmp_path: Path, rule: LSTMRule) -> None:
+    """Loadable files whose record is wrong: a CheckpointError naming the problem, never a raw
+    TypeError or KeyError from inside; non-finite weights are refused (an in-place step relies
+    on finite weights for finite updates)."""
+    good = rule_to_dict(rule)
+    nan = rule_to_dict(rule)
+    nan["state_dict"]["out_weight"][0] = float("nan")
+    cases = {
+        "config": {**good, "config": [1, 2]},
+        "config value": {**good, "config": {"hidden_size": "many"}},
+        "metadata": {**good, "metadata": [1]},
+        "checkpoint": {"best_rule": good},  # no latest rule
+        "nan": nan,
+    }
+    for name, record in cases.items():
+        atomic_save(record, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError):
+            load_rule(tmp_path / f"{name}.pt", which="latest")
+    with pytest.raises(CheckpointError, match="non-finite values in the weights"):
+        load_rule(tmp_path / "nan.pt")
