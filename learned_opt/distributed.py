@@ -21,7 +21,7 @@ __all__ = [
     "rank",
     "world_size",
     "is_main",
-    "all_reduce_mean",
+    "all_reduce_sum",
     "all_reduce_max",
     "barrier",
     "shutdown",
@@ -76,13 +76,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
-    """Average tensors across ranks, in place, as one flat buffer (one collective)."""
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors across ranks, in place, as one flat buffer (one collective)."""
     if not _active() or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))

@@ -17,12 +17,14 @@ if __name__ == "__main__":
     group, rank = weakref.ref(torch.distributed.group.WORLD), distributed.rank()
     cfg = MetaTrainConfig(
         family="quadratic",
-        horizon=10,
+        horizon=20,
+        min_horizon=5,  # tasks of different lengths: ranks with different window counts
         truncation=5,
         meta_batch=4,
         iterations=3,
         eval_every=0,
         meta_lr=3e-3,
+        clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
         seed=5,
     )
     trainer = MetaTrainer(cfg)

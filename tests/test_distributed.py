@@ -42,12 +42,14 @@ def test_two_ranks_hold_identical_weights_equal_to_one_process(tmp_path: Path) -
     single = MetaTrainer(
         MetaTrainConfig(
             family="quadratic",
-            horizon=10,
+            horizon=20,
+            min_horizon=5,  # tasks of different lengths: ranks with different window counts
             truncation=5,
             meta_batch=4,
             iterations=3,
             eval_every=0,
             meta_lr=3e-3,
+            clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
             seed=5,
         )
     )

@@ -316,7 +316,7 @@ def test_per_task_clipping_keeps_one_task_from_steering_the_step() -> None:
 
     taken: list[Tensor] = []
 
-    def step(grads, loss):
+    def step(grads, loss, count):
         taken.append(grads[0])
         return float(grads[0].norm()), True
 

@@ -140,6 +140,10 @@ def test_config_validation() -> None:
         MetaTrainConfig(estimator="pes", grad_checkpoint=True)
     with pytest.raises(ValueError, match="min_horizon"):
         MetaTrainConfig(horizon=10, min_horizon=11)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        MetaTrainConfig(checkpoint_every=0)
+    with pytest.raises(ValueError, match="without eval_family"):
+        MetaTrainConfig(eval_family_kwargs={"dim": 50})
 
 
 def test_pes_estimator_meta_trains_and_resumes_exactly(tmp_path: Path) -> None:
@@ -365,3 +369,78 @@ def test_loss_averse_meta_training_starts_at_zero_and_resumes_exactly(tmp_path: 
         MetaTrainConfig(**cfg, estimator="pes")
     with pytest.raises(ValueError, match="loss_aversion"):
         MetaTrainConfig(**{**cfg, "loss_aversion": -0.5})
+
+
+def test_without_evaluations_the_exported_weights_are_the_latest(tmp_path: Path) -> None:
+    """``eval_every=0``: nothing selects, so ``--export`` and ``best.pt`` hold the trained
+    weights (not the untrained ones the run started from), marked as the latest."""
+    from learned_opt import load_rule
+
+    small = {k: v for k, v in SMALL.items() if k != "eval_every"}
+    trainer = MetaTrainer(MetaTrainConfig(iterations=2, eval_every=0, **small), ckpt_dir=tmp_path)
+    start = _weights(trainer)
+    trainer.train()
+    trainer.export_best(tmp_path / "w.pt")
+    for path in (tmp_path / "w.pt", tmp_path / "best.pt"):
+        rule, meta = load_rule(path)
+        assert meta["selected"].startswith("latest") and meta["best_iteration"] == 2
+        for a, b, c in zip(rule.parameters(), trainer.learner.rule.parameters(), start):
+            assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_run_of_skipped_steps_across_a_checkpoint_rolls_back_after_resume(tmp_path) -> None:
+    """The count of non-finite meta-steps in a row is part of the checkpoint: a resumed run
+    rolls back where the uninterrupted one does."""
+    small = {k: v for k, v in SMALL.items() if k not in ("eval_every", "checkpoint_every")}
+    cfg = MetaTrainConfig(iterations=2, eval_every=0, checkpoint_every=1, **small)
+    trainer = MetaTrainer(cfg, ckpt_dir=tmp_path)
+    trainer.train()
+    trainer.consecutive_skips = 2  # two skipped steps just before the checkpoint
+    trainer.save_checkpoint()
+    resumed = MetaTrainer(cfg, ckpt_dir=tmp_path)
+    assert resumed.resume() and resumed.consecutive_skips == 2
+
+
+def test_horizon_aware_rules_are_told_the_horizon_by_pes_and_by_the_evaluation() -> None:
+    """A rule that reads the run's length sees it in PES's particles (as in backpropagated
+    unrolls) and in the held-out evaluation that selects it."""
+    from learned_opt.outer import factory
+    from learned_opt.outer.held_out import HeldOut
+
+    cfg = MetaTrainConfig(
+        family="quadratic", rule="scheduled", rule_kwargs={"base": "lstm"}, horizon=10,
+        truncation=5, estimator="pes", estimator_kwargs={"pairs": 1}, eval_tasks=1,
+    )  # fmt: skip
+    learner, family = factory.build_learner(cfg), factory.build_family(cfg)
+    task_generator, generator = cfg.task_generators(0, 0)
+    stream = factory.build_estimator(cfg).unroll(
+        learner, family.sample(task_generator), generator, cfg.unroll_spec()
+    )
+    next(stream)
+    assert float(stream.states[0].rule_state["total_steps"]) == 10
+    seen = []
+    init_state = learner.rule.init_state
+    learner.rule.init_state = lambda *a, **k: (
+        seen.append(k.get("total_steps")),
+        init_state(*a, **k),
+    )[1]
+    HeldOut(cfg, family).evaluate(learner)
+    assert set(seen) == {10}
+
+
+def test_a_learner_with_a_learned_initialization_checkpoints(tmp_path: Path) -> None:
+    """The rule record of a checkpoint takes the rule's own weights out of a learner that also
+    meta-trains an initialization."""
+    from learned_opt import LSTMRule, load_rule
+    from learned_opt.learners import OptimizerLearner
+    from learned_opt.tasks.fewshot import SinusoidFamily
+
+    family = SinusoidFamily(k_shot=5, n_query=10)
+    rule = LSTMRule(hidden_size=8)
+    learner = OptimizerLearner(rule, init_model=family.model)
+    cfg = MetaTrainConfig(horizon=4, truncation=4, objective="test", meta_batch=1, iterations=1,
+                          eval_every=0)  # fmt: skip
+    MetaTrainer(cfg, learner=learner, family=family, ckpt_dir=tmp_path).train()
+    loaded, _ = load_rule(tmp_path / "best.pt")
+    for a, b in zip(loaded.parameters(), learner.rule.parameters()):
+        assert torch.equal(a, b)

@@ -54,7 +54,11 @@ def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
-    """The whole trainer state as plain data (loadable with ``weights_only=True``)."""
+    """The whole trainer state as plain data (loadable with ``weights_only=True``). Before any
+    held-out evaluation (or in a run without them) the best weights are the latest."""
+    evaluated = bool(trainer.history["eval_iteration"])
+    best_state = trainer.best_state if evaluated else trainer.learner.state_dict()
+    best_iteration = trainer.best_iteration if evaluated else trainer.iteration
     state: dict[str, Any] = {
         "format": TRAINER_FORMAT,
         "config": trainer.config.to_dict(),
@@ -62,13 +66,14 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         "iteration": trainer.iteration,
         "elapsed": trainer.elapsed,
         "learner": trainer.learner.state_dict(),
-        "best_learner": trainer.best_state,
+        "best_learner": best_state,
         "best_metric": trainer.best_metric,
-        "best_iteration": trainer.best_iteration,
+        "best_iteration": best_iteration,
         "meta_optimizer": trainer.meta_opt.state_dict(),
         "history": trainer.history,
         "adam_baseline": trainer.adam_baseline,
         "skipped_steps": trainer.skipped_steps,
+        "consecutive_skips": trainer.consecutive_skips,
         "rollbacks": trainer.rollbacks,
         "notes": trainer.notes,
     }
@@ -79,15 +84,14 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         meta = {"source": "meta_train", "iteration": trainer.iteration, "config": state["config"]}
         state["rule"] = rule_to_dict(rule, meta)
         best = rules.build_rule(rule.kind, rule.config())
-        best.load_state_dict({k[len("rule.") :]: v for k, v in trainer.best_state.items()})
-        state["best_rule"] = rule_to_dict(
-            best,
-            {
-                **meta,
-                "eval_metric": trainer.best_metric,
-                "best_iteration": trainer.best_iteration,
-            },
+        prefix = "rule."  # the learner's other meta-parameters (a learned initialization) aside
+        best.load_state_dict(
+            {k[len(prefix) :]: v for k, v in best_state.items() if k.startswith(prefix)}
         )
+        selection = {"eval_metric": trainer.best_metric, "best_iteration": best_iteration}
+        if not evaluated:
+            selection["selected"] = "latest: no held-out evaluation"
+        state["best_rule"] = rule_to_dict(best, {**meta, **selection})
     return state
 
 
@@ -121,6 +125,7 @@ def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
         trainer.best_iteration = its[int(np.argmin(metrics))] if metrics else 0
     trainer.adam_baseline = state["adam_baseline"]
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
+    trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
     trainer.notes = state.get("notes") or {"commands": []}
     trainer.rollbacks = int(state.get("rollbacks", 0))
 

@@ -191,9 +191,24 @@ class MetaTrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"Invalid objective {self.objective!r}; expected one of {OBJECTIVES}")
-        for name in ("horizon", "truncation", "meta_batch", "iterations", "eval_tasks"):
+        names = (
+            "horizon",
+            "truncation",
+            "meta_batch",
+            "iterations",
+            "eval_tasks",
+            "checkpoint_every",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
+        if self.eval_every < 0:
+            raise ValueError(f"Invalid eval_every: {self.eval_every} (must be >= 0; 0: none)")
+        if self.eval_family_kwargs and self.eval_family is None:
+            raise ValueError(
+                "eval_family_kwargs given without eval_family (they configure --eval-family; "
+                "the held-out tasks otherwise come from --family with its own arguments)"
+            )
         if self.meta_lr <= 0:
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
         if self.meta_lr_schedule not in META_LR_SCHEDULES:

@@ -66,8 +66,11 @@ class HeldOut:
         if rule is None:
             return self.evaluate_learner(learner)
 
+        # A rule that reads the run's length is told it, as meta-training's unrolls tell it.
+        horizon = {"total_steps": self.horizon} if getattr(rule, "reads_horizon", False) else {}
+
         def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-            return LearnedOptimizer(params, rule, lr=lr)
+            return LearnedOptimizer(params, rule, lr=lr, **horizon)
 
         runs = [
             run_optimizer(self.family, s, factory, 1.0, self.horizon, name="learned")

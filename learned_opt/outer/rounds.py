@@ -30,8 +30,9 @@ from .estimators import MetaGradient, average_gradients, clip_estimate, set_grad
 
 __all__ = ["MetaStep", "meta_train_iteration", "take_rounds", "write_meta_gradient"]
 
-#: ``step(grads, meta_loss) -> (gradient norm, whether the meta-optimizer stepped)``.
-MetaStep = Callable[[list[Tensor | None] | None, float], tuple[float, bool]]
+#: ``step(grads, meta_loss, count) -> (gradient norm, whether the meta-optimizer stepped)``:
+#: ``grads`` and ``meta_loss`` are the means over this process's ``count`` usable windows.
+MetaStep = Callable[[list[Tensor | None] | None, float, int], tuple[float, bool]]
 
 
 def write_meta_gradient(
@@ -39,19 +40,33 @@ def write_meta_gradient(
     meta_opt: torch.optim.Optimizer,
     grads: Sequence[Tensor | None] | None,
     clip_grad: float,
-) -> float:
-    """Set the learner's ``.grad`` to ``grads`` (``None``: this process has no usable window),
-    averaged over the processes of a distributed run (the same on all), and clip its norm to
-    ``clip_grad`` (``0``: no clipping). Returns the norm before clipping."""
+    count: int = 1,
+) -> float | None:
+    """Set the learner's ``.grad`` to ``grads``, the mean over this process's ``count`` usable
+    windows (``None``: none), combined over the processes of a distributed run into the mean
+    over all their windows (what one process holding them all computes; the same on all), and
+    clip its norm to ``clip_grad`` (``0``: no clipping). Returns the norm before clipping, or
+    ``None`` when no process has a usable window (no step)."""
     meta_opt.zero_grad(set_to_none=True)
     if grads is not None:
         set_gradients(learner, grads)
-    # else (distributed runs only): this rank's tasks all diverged; it contributes zeros
     if distributed.world_size() > 1:
-        for p in learner.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        distributed.all_reduce_mean([p.grad for p in learner.parameters()])
+        params = list(learner.parameters())
+        weight = float(count) if grads is not None else 0.0
+        # per parameter, whether any process has a gradient (none: it stays None, as in one
+        # process, where the meta-optimizer then leaves it alone); and the processes' windows
+        present = torch.tensor([float(p.grad is not None) for p in params] + [weight])
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad * weight
+        distributed.all_reduce_sum([*(p.grad for p in params), present])
+        total = float(present[-1])
+        if total == 0:
+            meta_opt.zero_grad(set_to_none=True)
+            return None
+        for p, has in zip(params, present.tolist()):
+            p.grad = p.grad / total if has else None
+    elif grads is None:
+        return None
     params = [p for p in learner.parameters() if p.grad is not None]
     max_norm = clip_grad if clip_grad > 0 else math.inf
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -102,7 +117,7 @@ def take_rounds(
             continue
         usable = [e.meta_loss for e in estimates if e.grads is not None]
         loss = float(np.mean(usable)) if usable else 0.0
-        norm, stepped = step(grads, loss)
+        norm, stepped = step(grads, loss, len(usable))
         meta_losses.append(loss)
         norms.append(norm)
         skipped += not stepped
@@ -136,9 +151,9 @@ def meta_train_iteration(
         as :func:`take_rounds`.
     """
 
-    def step(grads: list[Tensor | None] | None, meta_loss: float) -> tuple[float, bool]:
-        norm = write_meta_gradient(learner, meta_opt, grads, clip_grad)
-        if not (math.isfinite(norm) and math.isfinite(meta_loss)):
+    def step(grads: list[Tensor | None] | None, meta_loss: float, count: int) -> tuple[float, bool]:
+        norm = write_meta_gradient(learner, meta_opt, grads, clip_grad, count)
+        if norm is None or not (math.isfinite(norm) and math.isfinite(meta_loss)):
             meta_opt.zero_grad(set_to_none=True)
             return norm, False
         meta_opt.step()

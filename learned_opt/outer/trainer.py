@@ -115,7 +115,6 @@ class MetaTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the configuration must match this trainer's."""
         checkpoints.restore_trainer(self, state)
-        self.consecutive_skips = 0
         self._good = self._snapshot()
 
     def _snapshot(self) -> tuple[dict, dict]:
@@ -134,12 +133,26 @@ class MetaTrainer:
     def resume(self, path: str | Path | None = None) -> bool:
         """Resume from ``path`` or from the newest readable checkpoint in ``ckpt_dir`` (a
         truncated or corrupt newest checkpoint is reported with a warning and the one before it
-        is used). Returns whether a checkpoint was loaded."""
+        is used). Returns whether a checkpoint was loaded.
+
+        Raises:
+            RuntimeError: under ``torchrun``, the processes did not resume the same state (each
+                reads its own ``ckpt_dir``: on machines without a shared filesystem, copy the
+                checkpoint to each machine first).
+        """
         state = checkpoints.read_checkpoint(path, self.ckpt_dir)
-        if state is None:
-            return False
-        self.load_state_dict(state)
-        return True
+        if state is not None:
+            self.load_state_dict(state)
+        if distributed.world_size() > 1:
+            weights = self.learner.state_dict().values()
+            fingerprint = sum(float(v.double().sum()) for v in weights if v.is_floating_point())
+            for what, value in (("iteration", float(self.iteration)), ("weights", fingerprint)):
+                if distributed.all_reduce_max(value) != -distributed.all_reduce_max(-value):
+                    raise RuntimeError(
+                        f"The processes resumed different states (their {what} differs): each "
+                        "reads its own --ckpt-dir; give every machine the same checkpoint"
+                    )
+        return state is not None
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the best rule (by held-out evaluation) as a weights file with ``metadata``."""
@@ -200,13 +213,16 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------ training
     def _meta_step(
-        self, grads: list[torch.Tensor | None] | None, meta_loss: float
+        self, grads: list[torch.Tensor | None] | None, meta_loss: float, count: int
     ) -> tuple[float, bool]:
-        """One meta-step from this process's mean meta-gradient ``grads`` (``None``: no usable
-        window here) and mean meta-loss (``0.0`` when ``grads`` is ``None``). A non-finite one
-        is skipped, and after ``rollback_after`` in a row the run rolls back. Returns the
-        gradient norm and whether the meta-optimizer stepped."""
-        norm = write_meta_gradient(self.learner, self.meta_opt, grads, self.config.clip_grad)
+        """One meta-step from this process's mean meta-gradient ``grads`` over ``count`` usable
+        windows (``None``: none here) and mean meta-loss (``0.0`` when ``grads`` is ``None``).
+        A non-finite one is skipped, and after ``rollback_after`` in a row the run rolls back;
+        with no usable window in any process there is no step. Returns the gradient norm and
+        whether the meta-optimizer stepped."""
+        norm = write_meta_gradient(self.learner, self.meta_opt, grads, self.config.clip_grad, count)
+        if norm is None:
+            return math.nan, False
         # The norm is computed after the all-reduce, so every rank takes the same decision.
         local_ok = distributed.world_size() > 1 or math.isfinite(meta_loss)
         if not (math.isfinite(norm) and local_ok):

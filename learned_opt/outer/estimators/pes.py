@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...learners import MetaLearner
 from ...tasks import Batch, Task
-from ..unroll import UnrollSpec, end_batch
+from ..unroll import UnrollSpec, end_batch, tell_horizon
 from .base import Estimator, MetaGradient, meta_parameters
 
 __all__ = ["PESEstimator", "PESUnroll"]
@@ -112,7 +112,7 @@ class PESUnroll:
         gen = torch.Generator()
         gen.set_state(self.init_rng)
         with torch.no_grad():
-            return self.learner.init_state(self.task, gen)
+            return tell_horizon(self.learner.init_state(self.task, gen), self.horizon)
 
     def _run(
         self, theta: Tensor, state: Any, batches: list[Batch], test_batch: Batch | None, pair: int
