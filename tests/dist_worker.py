@@ -27,6 +27,15 @@ if __name__ == "__main__":
         clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
         seed=5,
     )
+    if len(sys.argv) > 2 and sys.argv[2] == "resume-split":  # each rank its own --ckpt-dir
+        try:
+            MetaTrainer(cfg, ckpt_dir=out / f"ckpt{rank}").resume()
+            message = "resumed"
+        except RuntimeError as exc:
+            message = str(exc)
+        (out / f"rank{rank}_resume.txt").write_text(message)
+        distributed.shutdown()
+        sys.exit(0)
     trainer = MetaTrainer(cfg)
 
     def maybe_die(tr: MetaTrainer, stats: dict) -> None:

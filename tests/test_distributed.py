@@ -152,3 +152,27 @@ def test_meta_batch_must_be_divisible_by_world_size(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         trainer.train_iteration()
+
+
+def test_processes_that_resume_different_checkpoints_stop_with_an_error(tmp_path: Path) -> None:
+    """Each process reads its own --ckpt-dir (two machines without a shared filesystem): one
+    that finds the checkpoint and one that does not must not train on, diverging silently."""
+    trainer = MetaTrainer(
+        MetaTrainConfig(
+            family="quadratic",
+            horizon=20,
+            min_horizon=5,
+            truncation=5,
+            meta_batch=4,
+            iterations=1,
+            eval_every=0,
+            meta_lr=3e-3,
+            clip_grad=0.0,
+            seed=5,
+        ),  # fmt: skip
+        ckpt_dir=tmp_path / "ckpt0",
+    )
+    trainer.train()
+    _torchrun(str(HERE / "dist_worker.py"), str(tmp_path), "resume-split")
+    for rank in (0, 1):
+        assert "resumed different states" in (tmp_path / f"rank{rank}_resume.txt").read_text()
