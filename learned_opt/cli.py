@@ -27,6 +27,7 @@ from .evaluate import (
     run_optimizer,
     tune_lr,
 )
+from .files import atomic_write_text
 from .optim import LearnedOptimizer
 from .outer import MetaTrainConfig, MetaTrainer
 from .report import plot_curves, read_jsonl, table, write_jsonl
@@ -245,7 +246,7 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
             },
         )
         meta_path = Path(args.export).with_suffix(".json")
-        meta_path.write_text(json.dumps(load_rule(args.export)[1], indent=2) + "\n")
+        atomic_write_text(meta_path, json.dumps(load_rule(args.export)[1], indent=2) + "\n")
         print(f"wrote {args.export} and {meta_path}", file=sys.stderr)
     return 0
 
@@ -370,7 +371,7 @@ def _export(args: argparse.Namespace) -> int:
     )
     save_rule(args.out, rule, meta)
     meta_path = Path(args.out).with_suffix(".json")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.out} and {meta_path}", file=sys.stderr)
     return 0
 

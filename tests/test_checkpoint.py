@@ -128,3 +128,16 @@ def test_malformed_records_raise_checkpoint_errors(tmp_path: Path, rule: LSTMRul
             load_rule(tmp_path / f"{name}.pt", which="latest")
     with pytest.raises(CheckpointError, match="non-finite values in the weights"):
         load_rule(tmp_path / "nan.pt")
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    """Not mkstemp's owner-only 0600: the mode a plain open() gives under the umask."""
+    from learned_opt.files import atomic_write_text
+
+    (tmp_path / "plain").write_text("x")
+    atomic_save({"x": torch.ones(1)}, tmp_path / "a.pt")
+    atomic_write_text(tmp_path / "a.json", "{}\n")
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "a.json").read_text() == "{}\n"
