@@ -20,12 +20,21 @@ _SPLITS = ("train", "val", "test")
 
 
 class CharCorpus:
-    """A character-level corpus: ``vocab`` (sorted characters) and one int64 tensor of character
-    ids per split (``splits["train"]``, ``["val"]``, ``["test"]``)."""
+    """A character-level corpus: ``vocab`` (sorted characters), one int64 tensor of character
+    ids per split (``splits["train"]``, ``["val"]``, ``["test"]``), and per split the offsets
+    where its groups of topics start (``boundaries``: cutting a split there leaves no text on
+    both sides; ``[0]`` if unknown)."""
 
-    def __init__(self, vocab: str, splits: dict[str, Tensor], digest: str) -> None:
+    def __init__(
+        self,
+        vocab: str,
+        splits: dict[str, Tensor],
+        digest: str,
+        boundaries: dict[str, list[int]] | None = None,
+    ) -> None:
         self.vocab = vocab
         self.splits = splits
+        self.boundaries = boundaries or {s: [0] for s in splits}
         #: SHA-256 of the whole text: records which text a result was measured on.
         self.digest = digest
 
@@ -58,12 +67,46 @@ class CharCorpus:
 _CACHE: dict[tuple[float, float], CharCorpus] = {}
 
 
+def _shared_text_groups(topics: dict[str, str], length: int = 200) -> list[list[str]]:
+    """The topics in groups that share no text: topics with a common passage of ``length``
+    characters are in one group (transitively). Many reference-manual topics repeat parts of
+    others verbatim (``while`` is a section of ``compound``), so a split by topic alone would
+    put the same text in two parts."""
+    half = length // 2  # a common passage of `length` holds an aligned `half` piece of each
+    owner: dict[str, str] = {}
+    parent = {n: n for n in topics}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for name in sorted(topics):
+        body = topics[name]
+        for i in range(0, len(body) - half + 1, half):
+            owner.setdefault(body[i : i + half], name)
+    for name in sorted(topics):
+        body = topics[name]
+        for i in range(len(body) - half + 1):
+            other = owner.get(body[i : i + half])
+            if other is not None and other != name:
+                parent[root(name)] = root(other)
+    groups: dict[str, list[str]] = {}
+    for name in sorted(topics):
+        groups.setdefault(root(name), []).append(name)
+    return list(groups.values())
+
+
 def load_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1) -> CharCorpus:
     """The Python reference manual's topics as a character corpus.
 
-    Topics are assigned to parts by a hash of their name (a fixed assignment, independent of
-    the order of the dictionary), about ``val_fraction`` and ``test_fraction`` of the characters
-    to validation and test.
+    Topics that share text are kept together (:func:`_shared_text_groups`), and the groups are
+    assigned to parts in the order of a hash of their names (a fixed assignment, independent of
+    the order of the dictionary): test, then validation, until each holds about
+    ``test_fraction`` / ``val_fraction`` of the characters (a group that would overfill a part
+    by more than half goes on to the next), the rest to train; in each part the largest groups
+    come first. No passage of 200 characters is in two parts (tested).
 
     Raises:
         ValueError: fractions outside (0, 1) or adding up to 1 or more.
@@ -75,27 +118,37 @@ def load_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1) -> CharCo
         return _CACHE[key]
     from pydoc_data.topics import topics
 
-    names = sorted(topics, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
     text = "\n".join(topics[n] for n in sorted(topics))
     total = len(text)
-    parts: dict[str, list[str]] = {s: [] for s in _SPLITS}
+    digest = lambda names: hashlib.sha256(" ".join(names).encode()).hexdigest()  # noqa: E731
+    groups = sorted(_shared_text_groups(topics), key=digest)
+    targets = {"test": test_fraction * total, "val": val_fraction * total}
+    chosen: dict[str, list[list[str]]] = {s: [] for s in _SPLITS}
     filled = {"val": 0, "test": 0}
-    for name in names:
-        body = topics[name] + "\n"
-        if filled["test"] < test_fraction * total:
-            part = "test"
-        elif filled["val"] < val_fraction * total:
-            part = "val"
-        else:
-            part = "train"
+    size = lambda names: sum(len(topics[n]) + 1 for n in names)  # noqa: E731
+    for names in groups:
+        part = next(
+            (p for p in ("test", "val")
+             if filled[p] < targets[p] and filled[p] + size(names) <= 1.5 * targets[p]),
+            "train",
+        )  # fmt: skip
         if part in filled:
-            filled[part] += len(body)
-        parts[part].append(body)
+            filled[part] += size(names)
+        chosen[part].append(names)
+    # In each part the largest groups first: the small ones at its end give held-out cuts
+    # (CharLMFamily) close to any fraction.
+    parts: dict[str, str] = {}
+    boundaries: dict[str, list[int]] = {}
+    for part, part_groups in chosen.items():
+        bodies, boundaries[part], at = [], [], 0
+        for names in sorted(part_groups, key=lambda g: -size(g)):
+            boundaries[part].append(at)
+            bodies += [topics[n] + "\n" for n in names]
+            at += size(names)
+        parts[part] = "".join(bodies)
     vocab = "".join(sorted(set(text) | {"\n"}))
     index = {c: i for i, c in enumerate(vocab)}
-    splits = {
-        s: torch.tensor([index[c] for c in "".join(parts[s])], dtype=torch.int64) for s in _SPLITS
-    }
-    corpus = CharCorpus(vocab, splits, hashlib.sha256(text.encode()).hexdigest())
+    splits = {s: torch.tensor([index[c] for c in parts[s]], dtype=torch.int64) for s in _SPLITS}
+    corpus = CharCorpus(vocab, splits, hashlib.sha256(text.encode()).hexdigest(), boundaries)
     _CACHE[key] = corpus
     return corpus

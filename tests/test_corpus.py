@@ -30,3 +30,24 @@ def test_batches_are_windows_with_shifted_targets() -> None:
         corpus.batch("holdout", 1, 4, torch.Generator())
     with pytest.raises(ValueError, match="Invalid fractions"):
         load_corpus(0.6, 0.5)
+
+
+def _passages(text: str, length: int = 200) -> set[str]:
+    return {text[i : i + length] for i in range(len(text) - length + 1)}
+
+
+def test_no_passage_is_in_two_parts_or_on_both_sides_of_a_held_out_cut() -> None:
+    """Many topics repeat others verbatim (``while`` is a section of ``compound``): they stay in
+    one part, and a language model's held-out text shares no passage with its training text."""
+    from learned_opt.tasks.sequence import CharLMFamily
+
+    corpus = load_corpus()
+    parts = {k: corpus.decode(v) for k, v in corpus.splits.items()}
+    seen = {k: _passages(t) for k, t in parts.items()}
+    assert not seen["train"] & seen["val"]
+    assert not seen["train"] & seen["test"]
+    assert not seen["val"] & seen["test"]
+    for split in ("train", "val", "test"):
+        train, held, _ = CharLMFamily(split).texts()
+        assert held.numel() > 2_000
+        assert not _passages(corpus.decode(train)) & _passages(corpus.decode(held))

@@ -10,7 +10,8 @@ initial parameters come entirely from the generator given to ``init_params``.
   a GRU, an Elman RNN or a causal dilated 1-D conv net (``kind``).
 - :class:`CharLMFamily`: a task family drawing its sizes per task. :class:`WindowSampler`
   draws random windows of a text; its ``full()`` is every non-overlapping window (at most
-  ``max_full``, evenly spaced): the "whole training set" of a language model.
+  ``max_full``, evenly spaced; all of them on the corpus's validation and test parts): the
+  "whole training set" of a language model.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class WindowSampler(BatchSampler):
         seq_len: int,
         batch_size: int | None,
         generator: torch.Generator,
-        max_full: int | None = 512,
+        max_full: int | None = 4096,
     ) -> None:
         if text.dim() != 1 or text.numel() < seq_len + 2:
             raise ValueError(f"A text of {text.numel()} ids is too short for windows of {seq_len}")
@@ -229,8 +230,9 @@ class WindowSampler(BatchSampler):
 class CharLMFamily(TaskFamily):
     """Character language models on one part of :func:`learned_opt.corpus.load_corpus`.
 
-    The part's text (whole topics) is cut at ``1 - heldout_fraction`` of its length: the model
-    trains on the first piece and is evaluated on the second.
+    The part's text (whole topics) is cut at the boundary between groups of topics nearest to
+    ``1 - heldout_fraction`` of its length (no text on both sides): the model trains on the
+    first piece and is evaluated on the second.
 
     Args:
         split: ``"train"``, ``"val"`` or ``"test"`` (the corpus's parts).
@@ -275,7 +277,8 @@ class CharLMFamily(TaskFamily):
 
         corpus = load_corpus()
         text = corpus.splits[self.split]
-        cut = int(len(text) * (1 - self.heldout_fraction))
+        target = len(text) * (1 - self.heldout_fraction)
+        cut = min(corpus.boundaries[self.split][1:] or [int(target)], key=lambda b: abs(b - target))
         return text[:cut], text[cut:], corpus.vocab_size
 
     def sample(self, generator: torch.Generator) -> Task:
