@@ -6,11 +6,12 @@ and every run is recorded: nothing is ever tuned or chosen on it. For every task
 (``--steps``), on ``--seeds`` evaluation seeds (each fixes the task's data order and initial
 parameters, the same for every optimizer), side by side in one run:
 
-- ``adam``: Adam with a constant learning rate, tuned on a log grid (``--lrs``) on
-  ``--tune-seeds`` other seeds by final training loss: the reference of every ratio;
-- ``adam-cosine``: Adam with a linear warm-up (5% of the steps) and cosine decay to 0, its
-  learning rate tuned the same way (on the grid within a factor 10 of ``adam``'s, widened while
-  the best is at its edge);
+- ``adam``: Adam with a constant learning rate, tuned on a log grid (``--lrs``, widened by up
+  to three values while the best is at an edge) on ``--tune-seeds`` other seeds by final
+  training loss: the reference of every ratio;
+- ``adam-cosine``: Adam with a linear warm-up (5% of the steps) and cosine decay towards 0, its
+  learning rate tuned the same way (on that grid within a factor 10 of ``adam``'s, widened
+  while the best is at its edge);
 - ``prodigy`` (``prodigyopt.Prodigy``, lr=1), ``dadapt-adam`` (``dadaptation.DAdaptAdam``, lr=1)
   and ``schedule-free`` (``schedulefree.AdamWScheduleFree``, its defaults; ``.train()`` for
   training, ``.eval()`` for the final losses): tuning-free optimizers at their documented
@@ -158,8 +159,9 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
 
 class WarmupCosineAdam(torch.optim.Adam):
     """Adam whose learning rate at step ``t`` (from 1) is ``lr * t / W`` during a linear warm-up
-    of ``W`` steps, then ``lr * (1 + cos(pi (t - W) / (T - W))) / 2``, reaching 0 at step
-    ``T = total_steps``."""
+    of ``W`` steps, then ``lr * (1 + cos(pi (t - 1 - W) / (T - W))) / 2`` (the full rate at the
+    first step after the warm-up, approaching 0 at the last step ``T = total_steps``: every
+    step moves)."""
 
     def __init__(
         self, params: list[Tensor], lr: float, total_steps: int, warmup_steps: int
@@ -174,7 +176,7 @@ class WarmupCosineAdam(torch.optim.Adam):
         w, total = self.warmup_steps, self.total_steps
         if t <= w:
             return t / w
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - w) / max(1, total - w))))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - 1 - w) / max(1, total - w))))
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         self.t += 1
@@ -250,8 +252,8 @@ def evaluate_sealed(
         for n_steps in steps:
             start = time.perf_counter()
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
-            adam = tune_lr(family, factories["adam"], tune, n_steps, lrs)
-            tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": list(lrs)}}
+            adam = tune_lr(family, factories["adam"], tune, n_steps, lrs, widen=3)
+            tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": adam.grid}}
             chosen = {**_DEFAULT_LR, "adam": adam.lr}
             chosen |= {"learned": learned_lr, "learned-zeroed": learned_lr}
             if "adam-cosine" in optimizers:
@@ -260,7 +262,7 @@ def evaluate_sealed(
                     factories["adam-cosine"],
                     tune,
                     n_steps,
-                    lrs,
+                    adam.grid,
                     adam.lr,
                     name="adam-cosine",
                 )

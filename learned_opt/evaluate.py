@@ -221,9 +221,10 @@ def mean_loss(values: Sequence[float]) -> float:
 
 
 def geometric_mean(values: Sequence[float]) -> float:
-    """The geometric mean of positive finite values (``inf`` if any is ``inf``, NaN or not
-    positive, NaN for no values): the summary of loss ratios over tasks."""
-    if len(values) == 0:
+    """The geometric mean of positive finite values (NaN for no values or if any is NaN, an
+    undefined ratio; ``inf`` if any is ``inf`` or not positive): the summary of loss ratios
+    over tasks."""
+    if len(values) == 0 or any(math.isnan(v) for v in values):
         return math.nan
     if any(not (v > 0 and math.isfinite(v)) for v in values):
         return math.inf
@@ -271,17 +272,34 @@ def tune_lr(
     name: str = "",
     metric: str = "final_train_loss",
     aggregate: Callable[[Sequence[float]], float] = mean_loss,
+    widen: int = 0,
 ) -> Tuning:
     """The learning rate of ``lrs`` with the lowest ``aggregate`` (by default :func:`mean_loss`:
     a diverged run counts as ``inf``) of ``metric`` over ``seeds``; ties go to the smallest.
-    The tuning seeds must differ from the evaluation seeds."""
-    grid = list(lrs)
+    While the best is at an edge of the grid, up to ``widen`` more values are tried past it (at
+    the ratio of the grid's two values nearest that edge). The tuning seeds must differ from
+    the evaluation seeds."""
+    grid = sorted(lrs)
     scores: dict[float, float] = {}
     runs: dict[float, list[RunResult]] = {}
-    for lr in grid:
+
+    def score(lr: float) -> None:
         runs[lr] = [run_optimizer(family, s, factory, lr, steps, name=name) for s in seeds]
         scores[lr] = aggregate([getattr(r, metric) for r in runs[lr]])
+
+    for lr in grid:
+        score(lr)
     best = min(scores, key=lambda k: (scores[k], k))
+    for _ in range(widen if len(grid) > 1 else 0):
+        if best == grid[0]:
+            grid.insert(0, grid[0] * grid[0] / grid[1])
+            score(grid[0])
+        elif best == grid[-1]:
+            grid.append(grid[-1] * grid[-1] / grid[-2])
+            score(grid[-1])
+        else:
+            break
+        best = min(scores, key=lambda k: (scores[k], k))
     return Tuning(best, scores, runs[best], grid)
 
 
@@ -324,26 +342,26 @@ def seeds_won(
     runs: Sequence[RunResult], reference: Sequence[RunResult], metric: str = "final_train_loss"
 ) -> int:
     """On how many task seeds a run of ``runs`` ends below the ``reference`` run on the same
-    seed (a non-finite loss never wins). Unlike the ratio of means, one blow-up costs one
-    seed."""
+    seed (a non-finite loss never wins; a finite one wins against a non-finite reference).
+    Unlike the ratio of means, one blow-up costs one seed."""
     theirs = {r.seed: getattr(r, metric) for r in reference}
     return sum(
         1
         for r in runs
         if r.seed in theirs
         and math.isfinite(getattr(r, metric))
-        and getattr(r, metric) < theirs[r.seed]
+        and not getattr(r, metric) >= theirs[r.seed]  # (NaN compares false)
     )
 
 
 def smooth(curve: Sequence[float], window: int) -> np.ndarray:
     """Trailing moving average: entry ``i`` is the mean of ``curve[max(0, i - window + 1):i+1]``
-    (NaN once any value in the window is NaN)."""
+    (NaN once any value in the window is NaN). Each window is summed afresh (a running sum
+    would lose every later value to one large spike)."""
     arr = np.asarray(curve, dtype=float)
-    cums = np.concatenate(([0.0], np.cumsum(arr)))
-    idx = np.arange(len(arr))
-    lo = np.maximum(0, idx - window + 1)
-    return (cums[idx + 1] - cums[lo]) / (idx + 1 - lo)
+    sums = np.convolve(arr, np.ones(window))[: len(arr)]
+    counts = np.minimum(np.arange(1, len(arr) + 1), window)
+    return sums / counts
 
 
 def first_reach(curve: np.ndarray, target: float) -> int | None:
@@ -361,9 +379,9 @@ def speedup(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     "adam_steps", "steps"}`` with ``status``:
 
     - ``"ok"``: ``value = adam_steps / steps`` (above 1: faster than the reference);
-    - ``"censored"``: ``other`` never reaches the target within the run (or diverges): it would
-      need more than ``T`` steps, so the speedup is *below* ``value = adam_steps / T`` (an upper
-      bound, used as such in geometric means);
+    - ``"censored"``: ``other`` never reaches the target within the run, or diverges (also
+      after reaching it): it would need more than ``T`` steps, so the speedup is *below*
+      ``value = adam_steps / T`` (an upper bound, used as such in geometric means);
     - ``"undefined"``: the target is already met at step 0 (no progress to compare); ``value``
       is NaN.
     """
@@ -372,7 +390,7 @@ def speedup(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
     if adam_steps is None or adam_steps == 0 or not math.isfinite(target):
         return {"value": math.nan, "status": "undefined", "adam_steps": adam_steps, "steps": None}
     steps = first_reach(other, target)
-    if steps is None:
+    if steps is None or not math.isfinite(float(other[-1])):
         value = adam_steps / len(reference)
         return {"value": value, "status": "censored", "adam_steps": adam_steps, "steps": None}
     steps = max(steps, 1)
@@ -394,13 +412,18 @@ def versus(
     window = max(1, math.ceil(smooth_fraction * steps))
     train = mean_loss([r.final_train_loss for r in runs])
     test = mean_loss([r.final_test_loss for r in runs])
+
+    def ratio(mine: float, key: str) -> float:  # undefined (NaN) when the reference diverged
+        theirs = mean_loss([getattr(r, key) for r in reference])
+        return mine / theirs if math.isfinite(theirs) else math.nan
+
     return {
         "lr": runs[0].lr,
         "seeds": len(runs),
         "final_train": train,
         "final_test": test,
-        "ratio_train": train / mean_loss([r.final_train_loss for r in reference]),
-        "ratio_test": test / mean_loss([r.final_test_loss for r in reference]),
+        "ratio_train": ratio(train, "final_train_loss"),
+        "ratio_test": ratio(test, "final_test_loss"),
         "won": seeds_won(runs, reference),
         "speedup": speedup(smooth(mean_curve(reference), window), smooth(mean_curve(runs), window)),
         "initial_loss": float(np.mean([r.losses[0] for r in runs])),

@@ -112,6 +112,36 @@ def test_versus_and_seeds_won() -> None:
     assert versus(adam, adam)["ratio_train"] == 1.0
 
 
+def test_a_diverged_reference_leaves_ratios_undefined_not_zero() -> None:
+    """Tuned Adam diverging on a seed makes its mean ``inf``: the ratios are undefined (NaN,
+    and so is a geometric mean over them), not 0; a finite loss beats the diverged seed."""
+
+    def run(seed: int, final: float) -> RunResult:
+        return RunResult("x", 1.0, seed, [4.0, 3.0, final], final, final, 1.0)
+
+    adam = [run(1, 1.0), run(2, math.nan)]
+    mine = [run(1, 2.0), run(2, 2.0)]
+    row = versus(mine, adam)
+    assert math.isnan(row["ratio_train"]) and math.isnan(row["ratio_test"])
+    assert row["won"] == 1
+    assert math.isnan(geometric_mean([0.9, row["ratio_train"]]))
+
+
+def test_speedup_after_a_later_blow_up_is_censored_and_spikes_do_not_erase_smoothing() -> None:
+    adam = np.array([4.0, 3.0, 2.0, 1.5, 1.0])
+    blown = np.array([4.0, 1.0, 1.0, np.inf, np.nan])
+    assert speedup(adam, blown)["status"] == "censored"
+    spiked = smooth([2.0] * 5 + [1e17] + [1.5] * 10, 3)
+    assert spiked[-1] == 1.5 and spiked[0] == 2.0
+
+
+def test_tuning_widens_past_an_edge_of_the_grid() -> None:
+    family = QuadraticFamily(dim=3)
+    narrow = tune_lr(family, HAND_DESIGNED["adam"], [1, 2], 10, [1e-4, 3e-4], widen=3)
+    assert narrow.grid[0] == 1e-4 and narrow.grid[-1] > 3e-4 and len(narrow.grid) == 5
+    assert narrow.lr == min(narrow.scores, key=narrow.scores.get)
+
+
 def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> None:
     assert evaluation_family("digits").holdout == "test"
     assert evaluation_family("digits", holdout="val").holdout == "val"

@@ -296,8 +296,9 @@ def test_warmup_cosine_schedule(sealed: dict) -> None:
     p = [torch.zeros(2, requires_grad=True)]
     opt = sealed["WarmupCosineAdam"](p, 0.1, total_steps=100, warmup_steps=5)
     assert opt.factor(1) == pytest.approx(0.2) and opt.factor(5) == pytest.approx(1.0)
-    assert opt.factor(100) == pytest.approx(0.0, abs=1e-12)
-    assert opt.factor(52) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert opt.factor(6) == pytest.approx(1.0)  # the first step after the warm-up: full rate
+    assert 0 < opt.factor(100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 94 / 95)))
+    assert opt.factor(52) == pytest.approx(0.5 * (1 + math.cos(math.pi * 46 / 95)))
     lrs = []
     for _ in range(3):
         p[0].grad = torch.ones(2)
