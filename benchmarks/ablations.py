@@ -62,7 +62,9 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
     if getattr(rule, "controller_drift", 0) > 0:  # the learned gain alone
         out["learned drift off"] = (rule.variant(controller_drift=0.0), None)
     if getattr(rule, "lr_adapt", 0) > 0:
-        plain = rule.variant(lr_adapt=0.0, controller_hidden=0, controller_drift=0.0)
+        plain = rule.variant(
+            lr_adapt=0.0, lr_size_ref=0.0, controller_hidden=0, controller_drift=0.0
+        )
         out["adaptation off"] = (plain, None)
         out["adaptation off, output zeroed"] = (zero_readout(plain), None)
     for name in SCHEDULES:

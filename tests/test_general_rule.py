@@ -756,3 +756,31 @@ def test_without_the_additive_term_the_read_out_only_rescales_adam() -> None:
         torch.testing.assert_close(u_one, u_full)
     legacy = {k: v for k, v in full.config().items() if k != "additive"}
     assert build_rule("general-lstm", legacy).additive
+
+
+def test_options_that_would_do_nothing_are_refused() -> None:
+    """The size-scaled start is a start of the adapted step size: without the adaptation it
+    would do nothing, so the configuration is an error, not a silent no-op."""
+    with pytest.raises(ValueError, match="lr_size_ref"):
+        GeneralLSTMRule(hidden_size=4, lr_adapt=0.0, lr_size_ref=64.0)
+
+
+def test_variant_with_another_base_rate_steps_at_it() -> None:
+    rule = _random_rule(lr_adapt=0.0, grad_clip=0.0, learn_lr=False)
+    faster = rule.variant(lr=10 * rule.lr)
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    slow, _ = rule(g, rule.init_state(50, like=g))
+    fast, _ = faster(g, faster.init_state(50, like=g))
+    torch.testing.assert_close(fast, 10 * slow)
+
+
+def test_trailing_empty_tensors_keep_each_tensor_its_own_step_size() -> None:
+    """A flat state of tensors [2, 3, 0, 0, 0] (as many tensors as coordinates): every tensor
+    keeps its own log step size."""
+    rule = _random_rule(lr_adapt=0.1, lr_size_ref=1.0)
+    sizes = [2, 3, 0, 0, 0]
+    state = rule.init_state(5, like=torch.zeros(1), numels=sizes)
+    start = state["log_step"].clone()
+    _, new = rule(torch.ones(5), state)
+    assert new["log_step"].shape == (5,)
+    assert new["log_step"][1] != 0 and new["log_step"][1] == pytest.approx(float(start[1]), abs=0.2)

@@ -116,3 +116,8 @@ def test_the_unroll_tells_the_rule_the_horizon() -> None:
     for _ in windows:
         pass
     assert seen == [7.0] * 7
+
+
+def test_a_base_rule_without_a_step_counter_is_refused() -> None:
+    with pytest.raises(ValueError, match="counts steps"):
+        ScheduledRule("sgd", {"lr": 0.1})

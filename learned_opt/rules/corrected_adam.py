@@ -292,7 +292,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         ids = state.get("tensor")
         if ids is None:
             return 1
-        if "log_step" in state and state["log_step"].shape[0] != ids.shape[0]:
+        if "log_step" in state:  # one per tensor, empty tensors at the end included
             return state["log_step"].shape[0]
         return int(ids[-1]) + 1 if ids.numel() else 0
 
@@ -409,8 +409,11 @@ class LSTMCorrectedAdamRule(UpdateRule):
         """This rule's configuration with ``changes``, holding this rule's weights (weights the
         new configuration adds, e.g. a controller's, keep their initialization)."""
         rule = type(self)(self.settings, **changes)
-        missing = rule.load_state_dict(self.state_dict(), strict=False).missing_keys
-        assert all(k.startswith("controller_") for k in missing), missing
+        weights = self.state_dict()
+        if "lr" in changes and not rule.learn_lr:  # a fixed base rate is the new one
+            weights.pop("log_lr", None)
+        missing = rule.load_state_dict(weights, strict=False).missing_keys
+        assert all(k.startswith("controller_") or k == "log_lr" for k in missing), missing
         return rule
 
     def controller(self) -> per_tensor.Controller | None:

@@ -175,6 +175,10 @@ class LSTMCorrectedAdamConfig:
                 "scale_invariant=False with nominal=False is the paper's LSTM: use "
                 "learned_opt.rules.LSTMRule"
             )
+        if self.lr_size_ref > 0 and not self.lr_adapt > 0:
+            raise ValueError(
+                "lr_size_ref sets the adapted step size's start: it needs lr_adapt > 0"
+            )
 
     @property
     def tensor_aware(self) -> bool:

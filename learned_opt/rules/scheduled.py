@@ -85,6 +85,8 @@ class ScheduledRule(UpdateRule):
             raise ValueError(f"Invalid schedule: hidden={hidden}, bound={bound}")
         self.base_kind = base
         self.base = build_rule(base, base_config)
+        if "step" not in self.base.init_state(1, like=torch.zeros(1)):
+            raise ValueError(f"A ScheduledRule needs a base rule that counts steps, not {base!r}")
         self.hidden = int(hidden)
         self.bound = float(bound)
         self.schedule = nn.Sequential(
