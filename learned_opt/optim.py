@@ -88,9 +88,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: multiplier on the rule's update.
         nonfinite: ``"skip"`` or ``"raise"``.
         state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the parameter's
-            dtype), ``torch.float32`` or ``torch.bfloat16`` (half the memory of float32). The
-            update is always computed in the parameter's dtype (float32 for float16
-            parameters): the state is upcast for the computation and rounded back when stored.
+            dtype), ``torch.float32`` or ``torch.bfloat16`` (about half the memory of float32:
+            slow moving averages such as Adam's second moment stay in float32, see
+            :meth:`~learned_opt.rules.UpdateRule.precise_keys`). The update is always computed
+            in the parameter's dtype (float32 for float16 parameters): the state is upcast for
+            the computation and rounded back when stored.
         weight_decay: decoupled weight decay (as in AdamW): each step first multiplies the
             parameters by ``1 - lr * weight_decay``, then adds ``lr * update``. Per param group,
             schedulable. Since ``lr`` is a multiplier (1.0 by default), ``weight_decay`` is the
@@ -326,7 +328,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return update, new_state
 
     def _stored(self, rule: UpdateRule, key: str, value: Any) -> bool:
-        """Whether ``state[key]`` is per-coordinate state kept in ``state_dtype``."""
+        """Whether ``state[key]`` is per-coordinate state kept in ``state_dtype`` (or, for the
+        rule's :meth:`~learned_opt.rules.UpdateRule.precise_keys`, in float32)."""
         return (
             self.state_dtype is not None
             and isinstance(value, Tensor)
@@ -334,10 +337,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             and rule.coord_dim(key) is not None
         )
 
+    def _storage_dtype(self, rule: UpdateRule, key: str) -> torch.dtype | None:
+        if self.state_dtype is None:
+            return None
+        return torch.float32 if key in rule.precise_keys() else self.state_dtype
+
     def _cast_state(self, rule: UpdateRule, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            if self._stored(rule, key, value) and value.dtype != self.state_dtype:
-                state[key] = value.to(self.state_dtype)
+            dtype = self._storage_dtype(rule, key)
+            if self._stored(rule, key, value) and value.dtype != dtype:
+                state[key] = value.to(dtype)
 
     def _compute_value(self, rule: UpdateRule, key: str, value: Any, like: Tensor) -> Any:
         return value.to(like.dtype) if self._stored(rule, key, value) else value
@@ -379,7 +388,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 dtype = value.dtype
                 if value.is_floating_point() and rule_p.coord_dim(key) is not None:
-                    dtype = self.state_dtype or _compute_dtype(p.dtype)
+                    dtype = self._storage_dtype(rule_p, key) or _compute_dtype(p.dtype)
                 state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:

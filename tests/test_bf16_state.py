@@ -161,3 +161,26 @@ def test_higher_with_a_bf16_state_optimizer(rule: LSTMRule) -> None:
         for _ in range(2):
             diffopt.step(_loss(fmodel))
         assert torch.isfinite(_loss(fmodel))
+
+
+@pytest.mark.parametrize("kind", ["default", "adam"])
+def test_bf16_state_keeps_slow_averages_that_follow_a_shrinking_gradient(kind: str) -> None:
+    """1 - 0.999 is below bfloat16's resolution: a second moment rounded to bfloat16 after each
+    update would stay near its peak once the gradient shrinks (0.098 instead of 0.0053 here,
+    a step 4 times too small). Such averages stay float32; the run follows the float32 one."""
+    from learned_opt import AdamRule, LearnedOptimizer
+
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        p = torch.nn.Parameter(torch.zeros(64))
+        if kind == "adam":
+            opt = LearnedOptimizer([p], AdamRule(lr=1e-3), state_dtype=dtype)
+        else:
+            opt = LSTMOptimizer([p], state_dtype=dtype)
+        for t in range(1500):
+            p.grad = torch.full_like(p, 1.0 if t < 100 else 0.01)
+            opt.step()
+        runs[dtype] = opt.state[p]
+    key = "exp_avg_sq" if kind == "adam" else "v"
+    assert runs[torch.bfloat16][key].dtype == torch.float32
+    torch.testing.assert_close(runs[torch.bfloat16][key], runs[None][key], rtol=1e-3, atol=0)

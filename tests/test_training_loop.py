@@ -651,8 +651,9 @@ def test_compact_state_benchmark_measures_bytes_and_ratios(tmp_path, run_script)
     by_mode = {m: [r for r in records if r["mode"] == m] for m in ("fp32", "bf16", "fp32-nudged")}
     for fp32, bf16 in zip(by_mode["fp32"], by_mode["bf16"]):
         assert fp32["seed"] == bf16["seed"] and fp32["params"] == bf16["params"]
-        # bfloat16 halves every per-coordinate entry; a few per-tensor scalars stay float32.
-        assert bf16["state_bytes_per_param"] < 0.51 * fp32["state_bytes_per_param"]
+        # bfloat16 halves every per-coordinate entry but the two slow averages (v and the
+        # 0.999 momentum, float32: 8 bytes); a few per-tensor scalars stay float32.
+        assert bf16["state_bytes_per_param"] < 0.51 * fp32["state_bytes_per_param"] + 4
         assert bf16["state_bytes_per_param"] <= 84
     # the nudge takes effect (a last-bit change of the losses: on some CPUs one of them rounds
     # back to the same float32)

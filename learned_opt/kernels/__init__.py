@@ -41,6 +41,7 @@ __all__ = [
     "fused_lstm",
     "fused_rule",
     "fused_step_",
+    "state_layout_ok",
 ]
 
 _EXT: Any = None
@@ -136,6 +137,17 @@ def _load_corrected_adam() -> Any:
         )
         _CA_EXT = None
     return _CA_EXT
+
+
+def state_layout_ok(rule: Any, state: dict[str, Any], coord: list[str]) -> bool:
+    """Whether the LSTM-corrected Adam rule's per-coordinate entries ``coord`` of ``state``
+    have a storage the fused steps (CPU and Triton) take: all float32 or all bfloat16, except
+    that the slow averages (``rule.precise_keys()``) may be float32 beside bfloat16."""
+    precise = rule.precise_keys()
+    dtypes = {state[k].dtype for k in coord if k not in precise}
+    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in (torch.float32, torch.bfloat16):
+        return False
+    return all(state[k].dtype in (dtype, torch.float32) for k in coord if k in precise)
 
 
 def available() -> bool:

@@ -368,14 +368,15 @@ struct StepCtx {
 };
 
 // The moments of rows [0, m) (pointers at the block's first row): the gradient bounded and
-// clipped (gcs), the momenta, v and v_fast updated in place (storage S) and kept unrounded
+// clipped (gcs), the momenta, v and v_fast updated in place (storage S; the slow averages m3
+// and v storage W: float32 beside bfloat16 S, whose 8 bits 1 - 0.999 is below) and kept unrounded
 // (mk0..mk3), v and the bias-corrected v_fast (sqv, sqf). torch.lerp with the momenta's weights:
 // 1 - 0.5 (not below 0.5: from the end), 1 - 0.9, 1 - 0.99, 1 - 0.999 (from the start); an fma
 // either way, as in ATen (checked by step_). Parameters, not locals, are __restrict: GCC then
 // vectorizes without run-time alias checks.
-template <typename S>
+template <typename S, typename W>
 void moments(const StepCtx& C, int64_t m, const float* __restrict g, S* __restrict M0,
-             S* __restrict M1, S* __restrict M2, S* __restrict M3, S* __restrict V,
+             S* __restrict M1, S* __restrict M2, W* __restrict M3, W* __restrict V,
              S* __restrict VF, float* __restrict gcs, float* __restrict mk0,
              float* __restrict mk1, float* __restrict mk2, float* __restrict mk3,
              float* __restrict sqv, float* __restrict sqf) {
@@ -434,8 +435,8 @@ void inputs(const StepCtx& C, int64_t m, const float* __restrict gcs,
   }
 }
 
-// Rows [s, s + mrows) of the step, states stored as S. Scratch: see step_.
-template <typename S>
+// Rows [s, s + mrows) of the step, states stored as S (m3 and v as W). Scratch: see step_.
+template <typename S, typename W>
 void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float* scratch) {
   const int64_t H = C.H, L = C.L, n_out = C.n_out;
   // (the scratch arrays and the state entries never overlap)
@@ -450,9 +451,9 @@ void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float
   float* dummy = tt + block;
   float* raw = dummy + 6 * H + 16;
   float* st = raw + 24 * H;
-  moments<S>(C, mrows, C.g + s, static_cast<S*>(C.m[0]) + s, static_cast<S*>(C.m[1]) + s,
-             static_cast<S*>(C.m[2]) + s, static_cast<S*>(C.m[3]) + s, static_cast<S*>(C.v) + s,
-             static_cast<S*>(C.vf) + s, gcs, mk, mk + mrows, mk + 2 * mrows, mk + 3 * mrows, sq,
+  moments<S, W>(C, mrows, C.g + s, static_cast<S*>(C.m[0]) + s, static_cast<S*>(C.m[1]) + s,
+                static_cast<S*>(C.m[2]) + s, static_cast<W*>(C.m[3]) + s,
+                static_cast<W*>(C.v) + s, static_cast<S*>(C.vf) + s, gcs, mk, mk + mrows, mk + 2 * mrows, mk + 3 * mrows, sq,
              sq + mrows);
   {  // torch.sqrt (not always the correctly rounded root: the forward's)
     auto t = torch::from_blob(sq, {2 * mrows}, torch::kFloat32);
@@ -548,8 +549,9 @@ void* state_ptr(const torch::Tensor& t, int64_t n, torch::ScalarType dt, const c
 }  // namespace
 
 // The step. grad (n,) float32; m (4 momenta, betas 0.5, 0.9, 0.99, 0.999; Adam's is
-// m[adam_k]), v, v_fast, prev (may be empty: no adaptation), h[l], c[l] (n, H): all float32 or all
-// bfloat16, updated in place. `scalars` (float64): [bound G, clip scale, beta2, 1 - beta2,
+// m[adam_k]), v, v_fast, prev (may be empty: no adaptation), h[l], c[l] (n, H): all float32 or
+// all bfloat16 (m[3] and v: also float32 beside bfloat16), updated in place. `scalars`
+// (float64): [bound G, clip scale, beta2, 1 - beta2,
 // sqrt(1 - beta2^t), eps, 1 - 0.9^t, log floor, p, a_bound, output_scale, exp(s), exp(log lr),
 // then per momentum (1 - beta_k, 1 - beta_k^t)]. out_w (H, n_out), out_b (n_out) (n_out = 2: the
 // additive term). The LSTM: packed weights and offsets (pack_lstm), and the address of
@@ -578,9 +580,10 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.is_contiguous() &&
                   offsets.scalar_type() == torch::kInt64 && offsets.numel() == 3 * L,
               "step_: packed LSTM weights");
-  const auto sdt = v.scalar_type();
-  TORCH_CHECK(sdt == torch::kFloat32 || sdt == torch::kBFloat16,
-              "step_: states must be float32 or bfloat16");
+  const auto sdt = m[0].scalar_type(), pdt = v.scalar_type();
+  TORCH_CHECK((sdt == torch::kFloat32 || sdt == torch::kBFloat16) &&
+                  (pdt == sdt || pdt == torch::kFloat32),
+              "step_: states must be float32 or bfloat16 (m3 and v: also float32)");
   StepCtx C;
   C.n = n;
   C.H = H;
@@ -589,8 +592,8 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   C.n_out = n_out;
   C.adam_k = adam_k;
   C.g = grad.data_ptr<float>();
-  for (int k = 0; k < 4; ++k) C.m[k] = state_ptr(m[k], n, sdt, "a momentum");
-  C.v = state_ptr(v, n, sdt, "v");
+  for (int k = 0; k < 4; ++k) C.m[k] = state_ptr(m[k], n, k == 3 ? pdt : sdt, "a momentum");
+  C.v = state_ptr(v, n, pdt, "v");
   C.vf = state_ptr(v_fast, n, sdt, "v_fast");
   C.prev = prev.numel() > 0 ? state_ptr(prev, n, sdt, "prev") : nullptr;
   for (int64_t l = 0; l < L; ++l) {
@@ -637,10 +640,12 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   const int64_t sf = 21 * block + 30 * H + 16 + (bf16 ? 2 * L * block * H : 0);
   run_blocks(nblocks, sf, [&](int64_t b, float* scratch) {
     const int64_t s = b * block, rows = std::min(block, n - s);
-    if (bf16) {
-      step_block<uint16_t>(C, s, rows, block, scratch);
+    if (!bf16) {
+      step_block<float, float>(C, s, rows, block, scratch);
+    } else if (pdt == torch::kFloat32) {
+      step_block<uint16_t, float>(C, s, rows, block, scratch);
     } else {
-      step_block<float>(C, s, rows, block, scratch);
+      step_block<uint16_t, uint16_t>(C, s, rows, block, scratch);
     }
   });
   return update;

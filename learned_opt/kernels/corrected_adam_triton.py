@@ -247,12 +247,11 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and "tensor" not in state
     ):
         return False
-    coord = [state[k] for k in state if rule.coord_dim(k) is not None]
-    dtypes = {t.dtype for t in coord}
-    return (
-        len(dtypes) == 1
-        and dtypes.pop() in (torch.float32, torch.bfloat16)
-        and all(t.device == grad.device and t.is_contiguous() for t in coord)
+    from . import state_layout_ok
+
+    coord = [k for k in state if rule.coord_dim(k) is not None]
+    return state_layout_ok(rule, state, coord) and all(
+        state[k].device == grad.device and state[k].is_contiguous() for k in coord
     )
 
 

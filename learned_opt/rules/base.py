@@ -59,8 +59,21 @@ class UpdateRule(nn.Module):
         """Axis of state entry ``key`` that indexes coordinates (``None``: shared scalar)."""
         return 0
 
+    def precise_keys(self) -> frozenset[str]:
+        """Per-coordinate state entries kept in float32 when the optimizer stores the others in
+        bfloat16 (``state_dtype``): moving averages whose weight of the new value, ``1 - beta``,
+        is below bfloat16's resolution (8 bits): rounded to bfloat16 after each update they
+        would stop following a gradient that shrinks."""
+        return frozenset()
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+
+def slow_average(beta: float) -> bool:
+    """Whether a moving average of weight ``1 - beta`` needs float32 storage (see
+    :meth:`UpdateRule.precise_keys`)."""
+    return 1 - beta < 2.0**-8
 
 
 def step_count(state: RuleState, like: Tensor) -> Tensor:

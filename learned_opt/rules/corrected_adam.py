@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..preprocess import log_sign
 from . import corrected_adam_step, per_tensor
-from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, step_count
+from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, slow_average, step_count
 from .corrected_adam_config import (
     GENERAL_LSTM_DEFAULTS,
     LSTMCorrectedAdamConfig,
@@ -286,6 +286,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
 
     def coord_dim(self, key: str) -> int | None:
         return None if key == "step" or key in per_tensor.PER_TENSOR_KEYS else 0
+
+    def precise_keys(self) -> frozenset[str]:
+        slow = [f"m{k}" for k, beta in enumerate(self._state_betas) if slow_average(beta)]
+        return frozenset(slow + (["v"] if slow_average(self.beta2) else []))
 
     def tensor_count(self, state: RuleState) -> int:
         """Parameter tensors the state covers (1 without a ``tensor`` layout)."""

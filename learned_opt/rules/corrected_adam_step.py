@@ -84,8 +84,7 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
     ):
         return False
     coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]
-    dtypes = {state[k].dtype for k in coord}
-    if len(dtypes) != 1 or dtypes.pop() not in (torch.float32, torch.bfloat16):
+    if not kernels.state_layout_ok(rule, state, coord):
         return False
     if any(not state[k].is_contiguous() or state[k].device.type != "cpu" for k in coord):
         return False

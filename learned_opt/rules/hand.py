@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, step_count
+from .base import RuleState, UpdateRule, bounded_grad, safe_sqrt, slow_average, step_count
 
 __all__ = ["SGDRule", "AdamRule"]
 
@@ -90,6 +90,10 @@ class AdamRule(UpdateRule):
 
     def coord_dim(self, key: str) -> int | None:
         return None if key == "step" else 0
+
+    def precise_keys(self) -> frozenset[str]:
+        keys = zip(("exp_avg", "exp_avg_sq"), self.betas)
+        return frozenset(k for k, beta in keys if slow_average(beta))
 
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         beta1, beta2 = self.betas

@@ -133,6 +133,9 @@ class ScheduledRule(UpdateRule):
     def coord_dim(self, key: str) -> int | None:
         return None if key == "total_steps" else self.base.coord_dim(key)
 
+    def precise_keys(self) -> frozenset[str]:
+        return self.base.precise_keys()
+
     def log_scale(self, step: Tensor, total_steps: Tensor) -> Tensor:
         """``s_t`` for step ``step`` (1-based) of ``total_steps`` (0: unknown)."""
         feats = schedule_features(step, total_steps).to(self.schedule[0].weight)
