@@ -444,3 +444,20 @@ def test_a_learner_with_a_learned_initialization_checkpoints(tmp_path: Path) -> 
     loaded, _ = load_rule(tmp_path / "best.pt")
     for a, b in zip(loaded.parameters(), learner.rule.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_time_budget_counts_the_evaluations(monkeypatch) -> None:
+    """The elapsed time (what ``--time-budget`` bounds and the exported budget reports)
+    includes the held-out evaluations, not only the unrolls."""
+    import time
+
+    trainer = MetaTrainer(MetaTrainConfig(iterations=2, **{**SMALL, "eval_every": 1}))
+    evaluate = trainer.held_out.evaluate
+
+    def slow(learner):
+        time.sleep(1.5)
+        return evaluate(learner)
+
+    monkeypatch.setattr(trainer.held_out, "evaluate", slow)
+    trainer.train()
+    assert trainer.elapsed >= 3.0  # two timed evaluations (the one at iteration 0 is not)

@@ -159,7 +159,9 @@ class MetaTrainConfig:
         "steer the meta-step alone",
     )
     iterations: int = _opt(500, "task batches to unroll (each gives ceil(T / K) meta-steps)")
-    time_budget: float | None = _opt(None, "stop after this many seconds of meta-training")
+    time_budget: float | None = _opt(
+        None, "stop after this many seconds of meta-training (held-out evaluations included)"
+    )
     eval_every: int = _opt(50, "iterations between held-out evaluations (0: none)")
     eval_tasks: int = _opt(8, "held-out tasks per evaluation")
     eval_horizon: int | None = _opt(

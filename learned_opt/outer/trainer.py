@@ -326,8 +326,6 @@ class MetaTrainer:
             stats = self.train_iteration()
             self.iteration += 1
             seconds = time.perf_counter() - start
-            # Ranks agree on the clock (the slowest one), so they stop at the same iteration.
-            self.elapsed += distributed.all_reduce_max(seconds)
             self._log("meta/loss", stats["meta_loss"])
             self._log("meta/grad_norm", stats["grad_norm"])
             self._log("meta/lr", self.meta_opt.param_groups[0]["lr"])
@@ -336,6 +334,9 @@ class MetaTrainer:
             self._log("time/inner_steps_per_second", stats["inner_steps"] / seconds)
             if cfg.eval_every and self.iteration % cfg.eval_every == 0:
                 self._run_eval()
+            # The budget counts the evaluations too (what the run costs). Ranks agree on the
+            # clock (the slowest one), so they stop at the same iteration.
+            self.elapsed += distributed.all_reduce_max(time.perf_counter() - start)
             if self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             best = f" best_eval={self.best_metric:.4g}" if math.isfinite(self.best_metric) else ""
