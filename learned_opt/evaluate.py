@@ -221,10 +221,10 @@ def mean_loss(values: Sequence[float]) -> float:
 
 
 def geometric_mean(values: Sequence[float]) -> float:
-    """The geometric mean of positive finite values (NaN for no values or if any is NaN, an
-    undefined ratio; ``inf`` if any is ``inf`` or not positive): the summary of loss ratios
-    over tasks."""
-    if len(values) == 0 or any(math.isnan(v) for v in values):
+    """The geometric mean of positive finite values (``inf`` if any is ``inf``, NaN or not
+    positive: a diverged run, or a ratio left undefined, counts as the worst; NaN for no
+    values): the summary of losses and loss ratios over tasks."""
+    if len(values) == 0:
         return math.nan
     if any(not (v > 0 and math.isfinite(v)) for v in values):
         return math.inf

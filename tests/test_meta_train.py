@@ -105,7 +105,7 @@ def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:
     )
     before = _weights(trainer)
     grads = [torch.full_like(p, float("nan")) for p in trainer.learner.parameters()]
-    _, stepped = trainer._meta_step(grads, float("nan"))
+    _, stepped = trainer._meta_step(grads, float("nan"), 1)
     assert not stepped and trainer.skipped_steps == 1
     for a, b in zip(before, _weights(trainer)):
         assert torch.equal(a, b)
