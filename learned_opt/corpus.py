@@ -120,12 +120,17 @@ def load_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1) -> CharCo
 
     text = "\n".join(topics[n] for n in sorted(topics))
     total = len(text)
-    digest = lambda names: hashlib.sha256(" ".join(names).encode()).hexdigest()  # noqa: E731
+
+    def digest(names: list[str]) -> str:
+        return hashlib.sha256(" ".join(names).encode()).hexdigest()
+
+    def size(names: list[str]) -> int:
+        return sum(len(topics[n]) + 1 for n in names)
+
     groups = sorted(_shared_text_groups(topics), key=digest)
     targets = {"test": test_fraction * total, "val": val_fraction * total}
     chosen: dict[str, list[list[str]]] = {s: [] for s in _SPLITS}
     filled = {"val": 0, "test": 0}
-    size = lambda names: sum(len(topics[n]) + 1 for n in names)  # noqa: E731
     for names in groups:
         part = next(
             (p for p in ("test", "val")
