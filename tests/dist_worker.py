@@ -11,22 +11,25 @@ import torch
 from learned_opt import distributed
 from learned_opt.outer import MetaTrainConfig, MetaTrainer
 
+#: The meta-training of the worker (tests/test_distributed.py runs the same in one process).
+CONFIG = dict(
+    family="quadratic",
+    horizon=20,
+    min_horizon=5,  # tasks of different lengths: ranks with different window counts
+    truncation=5,
+    meta_batch=4,
+    iterations=3,
+    eval_every=0,
+    meta_lr=3e-3,
+    clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
+    seed=5,
+)
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     assert distributed.init_from_env(timeout_s=60)
     group, rank = weakref.ref(torch.distributed.group.WORLD), distributed.rank()
-    cfg = MetaTrainConfig(
-        family="quadratic",
-        horizon=20,
-        min_horizon=5,  # tasks of different lengths: ranks with different window counts
-        truncation=5,
-        meta_batch=4,
-        iterations=3,
-        eval_every=0,
-        meta_lr=3e-3,
-        clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
-        seed=5,
-    )
+    cfg = MetaTrainConfig(**CONFIG)
     if len(sys.argv) > 2 and sys.argv[2] == "resume-split":  # each rank its own --ckpt-dir
         try:
             MetaTrainer(cfg, ckpt_dir=out / f"ckpt{rank}").resume()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,11 @@ def _torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-12000:]
 
 
+def _worker_config() -> dict:
+    """The configuration ``dist_worker.py`` meta-trains with (its launch code does not run)."""
+    return runpy.run_path(str(HERE / "dist_worker.py"))["CONFIG"]
+
+
 def test_two_ranks_hold_identical_weights_equal_to_one_process(tmp_path: Path) -> None:
     _torchrun(str(HERE / "dist_worker.py"), str(tmp_path))
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -39,20 +45,7 @@ def test_two_ranks_hold_identical_weights_equal_to_one_process(tmp_path: Path) -
         assert torch.equal(a, b)  # identical on every rank
     for r in (0, 1):  # shutdown() freed the process group (no teardown at interpreter exit)
         assert (tmp_path / f"rank{r}_group_freed.txt").read_text() == "True"
-    single = MetaTrainer(
-        MetaTrainConfig(
-            family="quadratic",
-            horizon=20,
-            min_horizon=5,  # tasks of different lengths: ranks with different window counts
-            truncation=5,
-            meta_batch=4,
-            iterations=3,
-            eval_every=0,
-            meta_lr=3e-3,
-            clip_grad=0.0,  # unclipped, so that a wrong weighting of the ranks shows
-            seed=5,
-        )
-    )
+    single = MetaTrainer(MetaTrainConfig(**_worker_config()))
     single.train()
     for a, b in zip(rank0, single.learner.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
@@ -158,18 +151,7 @@ def test_processes_that_resume_different_checkpoints_stop_with_an_error(tmp_path
     """Each process reads its own --ckpt-dir (two machines without a shared filesystem): one
     that finds the checkpoint and one that does not must not train on, diverging silently."""
     trainer = MetaTrainer(
-        MetaTrainConfig(
-            family="quadratic",
-            horizon=20,
-            min_horizon=5,
-            truncation=5,
-            meta_batch=4,
-            iterations=1,
-            eval_every=0,
-            meta_lr=3e-3,
-            clip_grad=0.0,
-            seed=5,
-        ),  # fmt: skip
+        MetaTrainConfig(**{**_worker_config(), "iterations": 1}),
         ckpt_dir=tmp_path / "ckpt0",
     )
     trainer.train()
