@@ -281,6 +281,7 @@ __attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg
   // acc[r][0] = [i, f], acc[r][1] = [g, o] (pre-scaled); gates of rows r, r + 1 side by side.
   const v8 g_scale = {1.0f, 1.0f, 1.0f, 1.0f, 0.5f, 0.5f, 0.5f, 0.5f};
   const v8 g_shift = {0.0f, 0.0f, 0.0f, 0.0f, 0.5f, 0.5f, 0.5f, 0.5f};
+  v8 cn[kRows / 2], og[kRows / 2];
   for (int r = 0; r < kRows; r += 2) {
     const v8 if0 = tanh8(acc[r][0]) * 0.5f + 0.5f, if1 = tanh8(acc[r + 1][0]) * 0.5f + 0.5f;
     const v8 go0 = tanh8(acc[r][1]) * g_scale + g_shift;
@@ -297,9 +298,13 @@ __attribute__((always_inline)) inline void quad_kernel(const Seg* segs, int nseg
     }
     float* c0 = c[r] + 4 * q;
     float* c1 = c[r + 1] + 4 * q;
-    const v8 cn = f * load4x2(c0, c1) + i * g;
-    store4x2(c0, c1, cn);
-    store4x2(h_out[r] + 4 * q, h_out[r + 1] + 4 * q, o * tanh8(cn));
+    cn[r / 2] = f * load4x2(c0, c1) + i * g;
+    store4x2(c0, c1, cn[r / 2]);
+    og[r / 2] = o;
+  }
+  // h = o tanh(c) last, for all rows at once: the three tanh chains are independent
+  for (int r = 0; r < kRows; r += 2) {
+    store4x2(h_out[r] + 4 * q, h_out[r + 1] + 4 * q, og[r / 2] * tanh8(cn[r / 2]));
   }
 }
 
