@@ -129,13 +129,13 @@ def rule_from_dict(
     config = record.get("config") or {}
     if not isinstance(config, dict) or not isinstance(record.get("metadata") or {}, dict):
         raise CheckpointError(f"{source}: the rule record's config and metadata must be dicts")
-    try:
-        rule = build_rule(kind, config)
+    try:  # on the meta device first: a config with huge sizes allocates nothing before the check
+        with torch.device("meta"):
+            expected = build_rule(kind, config).state_dict()
     except (TypeError, ValueError, RuntimeError) as exc:  # not a config of this kind of rule
         raise WeightsMismatchError(
             f"{source}: not a valid configuration of a {kind!r} rule: {config} ({exc})"
         ) from exc
-    expected = rule.state_dict()
     found = record.get("state_dict")
     if not isinstance(found, dict):
         raise CheckpointError(f"{source}: the rule record has no state_dict")
@@ -164,6 +164,7 @@ def rule_from_dict(
     )
     if nonfinite:  # a rule's in-place step relies on finite weights for finite updates
         raise CheckpointError(f"{source}: non-finite values in the weights {nonfinite}")
+    rule = build_rule(kind, config)
     rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()})
     return rule
 

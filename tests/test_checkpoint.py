@@ -72,6 +72,16 @@ def test_wrong_architecture_names_expected_and_found(tmp_path: Path) -> None:
         )
 
 
+def test_a_huge_size_in_the_config_is_refused_before_anything_is_allocated(
+    tmp_path: Path,
+) -> None:
+    record = rule_to_dict(LSTMRule(hidden_size=20))
+    record["config"]["hidden_size"] = 2**20  # the LSTM's weights would need 16 TB
+    atomic_save(record, tmp_path / "huge.pt")
+    with pytest.raises(WeightsMismatchError, match=r"wrong shapes: .*expected \(1048576, "):
+        load_rule(tmp_path / "huge.pt")
+
+
 def test_truncated_and_garbage_files(tmp_path: Path, rule: LSTMRule) -> None:
     save_rule(tmp_path / "w.pt", rule)
     data = (tmp_path / "w.pt").read_bytes()
