@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from learned_opt import LearnedOptimizer, LSTMOptimizer, NonFiniteGradientError, pretrained
+from learned_opt.checkpoint import load_rule
 from learned_opt.rules import AdamRule, SGDRule, UpdateRule
 from learned_opt.rules.base import bounded_grad, grad_bound
 
@@ -158,3 +159,12 @@ def test_non_finite_update_raise_policy_changes_nothing() -> None:
     # The first tensor's update was finite, but nothing is committed when a later one fails.
     assert torch.equal(first, torch.ones(3)) and torch.equal(bad, torch.ones(3))
     assert len(opt.state[first]) == 0 or int(opt.state[first]["count"][0]) == 0
+
+
+def test_a_rule_object_with_non_finite_weights_is_refused_before_any_step() -> None:
+    rule, _ = load_rule(pretrained.path("general-v2"))
+    with torch.no_grad():
+        next(rule.parameters())[0] = float("nan")
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="weights are not finite"):
+        LSTMOptimizer([p], weights=rule)

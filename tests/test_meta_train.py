@@ -251,6 +251,9 @@ def test_log_meta_loss_trains_and_evaluates_with_geometric_means() -> None:
     geo = float(torch.tensor(finals, dtype=torch.float64).log().mean().exp())
     assert metric == pytest.approx(geo, rel=1e-6)
     assert trainer.held_out.aggregate([1.0, float("nan")]) == float("inf")
+    with torch.no_grad():  # weights a diverged meta-step would leave: an infinite metric
+        next(trainer.learner.parameters())[0] = float("nan")
+    assert trainer.evaluate()[0] == float("inf")
 
 
 def test_eval_family_selects_on_other_tasks_without_changing_training(tmp_path: Path) -> None:
