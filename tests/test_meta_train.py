@@ -86,6 +86,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
     with pytest.warns(RuntimeWarning, match="unreadable checkpoint"):
         assert again.resume()
     assert again.iteration == 2
+    # kept aside, its bytes as they were, and out of the kept checkpoints' count
+    assert (tmp_path / (newest.name + ".unreadable")).stat().st_size == 100
+    assert newest not in find_checkpoints(tmp_path)
 
 
 def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:

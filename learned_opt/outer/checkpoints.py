@@ -8,13 +8,14 @@ loss-averse objective's reference), and the rules as weights records, so that ``
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import rules
+from .. import distributed, rules
 from ..checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
 from .config import MetaTrainConfig
 
@@ -145,8 +146,9 @@ def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
 
 def read_checkpoint(path: str | Path | None, ckpt_dir: Path | None) -> dict[str, Any] | None:
     """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir`` (a truncated
-    or corrupt newest one is reported with a warning and the one before it is used); ``None``
-    if there is none."""
+    or corrupt newest one is reported with a warning, renamed ``*.pt.unreadable`` so that it
+    takes none of the kept checkpoints' places, and the one before it is used); ``None`` if
+    there is none."""
     candidates = [Path(path)] if path is not None else []
     if path is None and ckpt_dir is not None:
         candidates = find_checkpoints(ckpt_dir)
@@ -156,5 +158,13 @@ def read_checkpoint(path: str | Path | None, ckpt_dir: Path | None) -> dict[str,
         except CheckpointError as exc:
             if path is not None:
                 raise
-            warnings.warn(f"Skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=3)
+            aside = candidate.with_name(candidate.name + ".unreadable")
+            if distributed.is_main():  # (gone already, or a read-only directory: left there)
+                with contextlib.suppress(OSError):
+                    candidate.rename(aside)
+            warnings.warn(
+                f"Skipping unreadable checkpoint (kept as {aside.name}): {exc}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return None
