@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import weakref
 from pathlib import Path
@@ -40,14 +41,25 @@ if __name__ == "__main__":
         distributed.shutdown()
         sys.exit(0)
     trainer = MetaTrainer(cfg)
+    own, logged = [], []  # each iteration's statistics: this rank's tasks; as logged
+    unroll_own_tasks = trainer.train_iteration
+
+    def spy() -> dict:
+        stats = unroll_own_tasks()
+        own.append(dict(stats))
+        return stats
+
+    trainer.train_iteration = spy
 
     def maybe_die(tr: MetaTrainer, stats: dict) -> None:
+        logged.append(dict(stats))
         if len(sys.argv) > 2 and sys.argv[2] == "die" and distributed.rank() == 1:
             import os
 
             os._exit(3)  # a crashed rank: no clean shutdown, no more collectives
 
     trainer.train(on_iteration=maybe_die)
+    (out / f"rank{rank}_stats.json").write_text(json.dumps({"own": own, "logged": logged}))
     weights = [p.detach().clone() for p in trainer.learner.parameters()]
     torch.save(weights, out / f"rank{distributed.rank()}.pt")
     distributed.shutdown()

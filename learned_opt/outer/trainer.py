@@ -54,6 +54,18 @@ class _Progress:
         sys.stderr.flush()
 
 
+def _over_processes(stats: dict[str, float]) -> dict[str, float]:
+    """An iteration's statistics over every process's tasks (each process unrolls its share):
+    the mean of the processes' meta-losses, the sum of their diverged tasks. The gradient norm
+    and the inner steps are the same on every process already."""
+    world = distributed.world_size()
+    if world == 1:
+        return stats
+    both = torch.tensor([stats["meta_loss"], stats["diverged"]], dtype=torch.float64)
+    distributed.all_reduce_sum([both])
+    return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
+
+
 class MetaTrainer:
     """Meta-trains a learner on a task family.
 
@@ -323,7 +335,7 @@ class MetaTrainer:
             if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                 break
             start = time.perf_counter()
-            stats = self.train_iteration()
+            stats = _over_processes(self.train_iteration())
             self.iteration += 1
             seconds = time.perf_counter() - start
             self._log("meta/loss", stats["meta_loss"])
