@@ -11,7 +11,9 @@ with ``torchrun``; its rendezvous flags give multi-node runs.
 from __future__ import annotations
 
 import datetime
+import io
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ __all__ = [
     "is_main",
     "all_reduce_sum",
     "all_reduce_max",
+    "broadcast_state",
     "barrier",
     "shutdown",
 ]
@@ -95,6 +98,28 @@ def all_reduce_max(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def broadcast_state(state: Any) -> Any:
+    """Rank 0's ``state`` (tensors and plain containers, or ``None``) on every process. It
+    travels as ``torch.save`` bytes and is read back with ``weights_only=True``."""
+    if not _active():
+        return state
+    payload = torch.empty(0, dtype=torch.uint8)
+    if rank() == 0 and state is not None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    size = torch.tensor([payload.numel() if rank() == 0 and state is not None else -1])
+    dist.broadcast(size, src=0)
+    if int(size) < 0:
+        return None
+    if rank() != 0:
+        payload = torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(payload, src=0)
+    if rank() == 0:
+        return state
+    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)
 
 
 def barrier() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..checkpoint import atomic_save
+from ..checkpoint import CheckpointError, atomic_save
 from ..learners import MetaLearner
 from ..tasks import TaskFamily
 from . import checkpoints, factory
@@ -147,23 +147,23 @@ class MetaTrainer:
         truncated or corrupt newest checkpoint is reported with a warning and the one before it
         is used). Returns whether a checkpoint was loaded.
 
+        Under ``torchrun`` rank 0 reads the checkpoint (only rank 0 writes them) and sends it to
+        the other processes: machines without a shared filesystem resume the same state.
+
         Raises:
-            RuntimeError: under ``torchrun``, the processes did not resume the same state (each
-                reads its own ``ckpt_dir``: on machines without a shared filesystem, copy the
-                checkpoint to each machine first).
+            CheckpointError: ``path`` is unreadable (on every process).
         """
-        state = checkpoints.read_checkpoint(path, self.ckpt_dir)
+        state = None
+        if distributed.is_main():
+            try:
+                state = checkpoints.read_checkpoint(path, self.ckpt_dir)
+            except CheckpointError as exc:  # raised on every process, not on rank 0 alone
+                state = {"unreadable": str(exc)}
+        state = distributed.broadcast_state(state)
+        if isinstance(state, dict) and set(state) == {"unreadable"}:
+            raise CheckpointError(state["unreadable"])
         if state is not None:
             self.load_state_dict(state)
-        if distributed.world_size() > 1:
-            weights = self.learner.state_dict().values()
-            fingerprint = sum(float(v.double().sum()) for v in weights if v.is_floating_point())
-            for what, value in (("iteration", float(self.iteration)), ("weights", fingerprint)):
-                if distributed.all_reduce_max(value) != -distributed.all_reduce_max(-value):
-                    raise RuntimeError(
-                        f"The processes resumed different states (their {what} differs): each "
-                        "reads its own --ckpt-dir; give every machine the same checkpoint"
-                    )
         return state is not None
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
