@@ -146,10 +146,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not isinstance(rule, UpdateRule):
             raise TypeError(f"rule must be an UpdateRule, got {type(rule).__name__}")
         self.rule = copy.deepcopy(rule).requires_grad_(False)
-        nonfinite_weights = [  # an in-place step relies on finite weights for finite updates
-            k for k, v in self.rule.state_dict().items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]  # fmt: skip
+        nonfinite_weights = self.rule.nonfinite_weights()
         if nonfinite_weights:
             raise ValueError(f"The rule's weights are not finite: {nonfinite_weights}")
         self.nonfinite = nonfinite

@@ -65,8 +65,7 @@ class HeldOut:
         rule = getattr(learner, "rule", None)
         if rule is None:
             return self.evaluate_learner(learner)
-        weights = [v for v in rule.state_dict().values() if v.is_floating_point()]
-        if not all(bool(torch.isfinite(v).all()) for v in weights):  # the optimizer refuses it
+        if rule.nonfinite_weights():  # (the optimizer refuses such weights)
             return math.inf, np.full(self.horizon, math.nan)
 
         # A rule that reads the run's length is told it, as meta-training's unrolls tell it.

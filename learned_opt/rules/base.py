@@ -66,6 +66,15 @@ class UpdateRule(nn.Module):
         would stop following a gradient that shrinks."""
         return frozenset()
 
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the weights holding NaN or Inf (an in-place step relies on finite weights
+        for finite updates)."""
+        return [
+            k
+            for k, v in self.state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
 
