@@ -1,4 +1,4 @@
-"""Data-parallel meta-training over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+"""Data-parallel meta-training over ``torch.distributed`` (gloo: meta-training runs on CPU).
 
 Meta-training is embarrassingly parallel over tasks: of the ``meta_batch`` tasks of an iteration,
 rank r unrolls tasks r, r + N, r + 2N, ... (so N processes meta-train on exactly the tasks of one
@@ -52,8 +52,9 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
     # shutdown() frees the group.
     import torch._dynamo  # noqa: F401
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # gloo, also where CUDA is available: the meta-gradients and statistics reduced here are CPU
+    # tensors, which NCCL cannot reduce.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 

@@ -171,3 +171,21 @@ def test_processes_without_a_shared_filesystem_resume_rank_0s_checkpoint(tmp_pat
         assert got["resumed"] and got["iteration"] == 1
         for a, b in zip(got["weights"], trainer.learner.parameters()):
             assert torch.equal(a, b.detach())
+
+
+def test_the_process_group_is_gloo_also_where_cuda_is_available(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reduced meta-gradients are CPU tensors: NCCL, which only reduces CUDA tensors, would
+    fail at the first all-reduce on a machine with a GPU."""
+    from learned_opt import distributed
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, **kw: backends.append(backend)
+    )
+    assert distributed.init_from_env()
+    assert backends == ["gloo"]
