@@ -159,13 +159,11 @@ def rule_from_dict(
         raise WeightsMismatchError(
             f"{source}: the weights do not fit a {kind!r} rule with config {config}: {details}"
         )
-    nonfinite = sorted(
-        k for k, v in found.items() if v.is_floating_point() and not v.isfinite().all()
-    )
-    if nonfinite:  # a rule's in-place step relies on finite weights for finite updates
-        raise CheckpointError(f"{source}: non-finite values in the weights {nonfinite}")
     rule = build_rule(kind, config)
     rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()})
+    nonfinite = sorted(rule.nonfinite_weights())
+    if nonfinite:  # a rule's in-place step relies on finite weights for finite updates
+        raise CheckpointError(f"{source}: non-finite values in the weights {nonfinite}")
     return rule
 
 

@@ -106,12 +106,12 @@ def broadcast_state(state: Any) -> Any:
     travels as ``torch.save`` bytes and is read back with ``weights_only=True``."""
     if not _active():
         return state
-    payload = torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([-1])  # -1: None
     if rank() == 0 and state is not None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    size = torch.tensor([payload.numel() if rank() == 0 and state is not None else -1])
+        size[0] = payload.numel()
     dist.broadcast(size, src=0)
     if int(size) < 0:
         return None
