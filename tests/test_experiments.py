@@ -273,10 +273,10 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     _assert_steps_like_the_default(load_rule(init)[0], total_steps=10)
 
 
-def _pes_recipe(script: str, run_script, capsys, tmp_path: Path):
+def _pes_recipe(script: str, run_script, capsys, tmp_path: Path, *, whole_unrolls: bool = True):
     """A PES recipe's module, its meta-training configuration (checked: PES over whole unrolls,
-    selection on the validation group, the committed checkpoint written by it) and its starting
-    rule."""
+    or over windows shorter than the shortest run if not ``whole_unrolls``, selection on the
+    validation group, the committed checkpoint written by it) and its starting rule."""
     from learned_opt.cli import build_parser, config_from_args
 
     assert run_script(script, "--dry-run") == 0
@@ -285,7 +285,11 @@ def _pes_recipe(script: str, run_script, capsys, tmp_path: Path):
     argv = shlex.split(command)[3:]  # after "python -m learned_opt"
     assert argv == recipe["META_TRAIN"]
     config = config_from_args(build_parser().parse_args(argv))
-    assert config.estimator == "pes" and config.truncation >= config.horizon
+    assert config.estimator == "pes"
+    if whole_unrolls:
+        assert config.truncation >= config.horizon
+    else:
+        assert config.truncation < (config.min_horizon or config.horizon)
     assert config.family == "meta-train-rescaled" and config.eval_family == "validation"
     _assert_written_by(ROOT / recipe["CHECKPOINT"], config)
     init = tmp_path / "init.pt"
@@ -307,6 +311,20 @@ def test_lstm_pes_recipe_starts_from_the_default(tmp_path: Path, run_script, cap
     _, _, rule = _pes_recipe("experiments/lstm_pes.py", run_script, capsys, tmp_path)
     trained = {n for n, p in rule.named_parameters() if p.requires_grad}
     assert trained == {"weight_ih_l0", "weight_hh_l0", "bias_l0", "out_weight", "out_bias"}
+    _assert_steps_like_the_default(rule, reference="general-v2")
+
+
+def test_truncated_pes_recipe_trains_the_lstm_and_a_gain_from_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The truncated-PES recipe: PES over windows shorter than every run, of ``general-v2``'s
+    LSTM and read-out and a zero adaptation gain (both meta-trained), starting from
+    ``general-v2`` step for step."""
+    script = "experiments/truncated_pes.py"
+    _, _, rule = _pes_recipe(script, run_script, capsys, tmp_path, whole_unrolls=False)
+    trained = {n for n, p in rule.named_parameters() if p.requires_grad}
+    assert {"weight_ih_l0", "out_weight"} <= trained
+    assert any(n.startswith("controller_") for n in trained)
     _assert_steps_like_the_default(rule, reference="general-v2")
 
 
