@@ -31,9 +31,7 @@ The steps:
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,59 +65,12 @@ CHOSEN = {"lr_adapt": 0.025, "lr_adapt_shrink": 2.0}
 def validate(out: Path) -> dict[str, float]:
     """The metric of every :data:`GRID` setting at each horizon; writes ``out``; returns the
     chosen setting."""
-    import torch
-
-    from learned_opt import LearnedOptimizer, load_rule, pretrained
-    from learned_opt.evaluate import run_optimizer
-    from learned_opt.outer.config import MetaTrainConfig
-    from learned_opt.outer.held_out import HeldOut
-    from learned_opt.report import write_results
-    from learned_opt.tasks import make_family
-
-    torch.set_num_threads(1)
-    base, _ = load_rule(pretrained.path("general"))
-    records = []
-    for horizon in HORIZONS:
-        config = MetaTrainConfig(
-            objective="final-train", log_meta_loss=True, eval_family="validation",
-            eval_tasks=8, eval_horizon=horizon,
-        )  # fmt: skip
-        held = HeldOut(config, make_family("validation"))
-        for changes in GRID:
-            rule = base.variant(**changes) if changes else base
-            start = time.perf_counter()
-
-            def factory(params, lr, rule=rule):
-                return LearnedOptimizer(params, rule, lr=lr)
-
-            runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
-            losses = [getattr(r, held.metric_name) for r in runs]
-            records.append({"setting": changes, "steps": horizon, "losses": losses,
-                            "metric": held.aggregate(losses),
-                            "seconds": time.perf_counter() - start})  # fmt: skip
-            print(f"{horizon} steps {json.dumps(changes)}: {records[-1]['metric']:.4f}", flush=True)
-    metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in records}
-
-    def score(changes: dict[str, float]) -> float:
-        key = json.dumps(changes)
-        return sum(math.log(metric[key, h] / metric["{}", h]) for h in HORIZONS) / len(HORIZONS)
-
-    chosen = min(GRID, key=score)
-    lines = [
+    caption = (
         "The shipped default with other settings of its step-size adaptation, on the validation "
         "group's 8 held-out tasks (the meta-trainer's evaluation seeds); metric: geometric mean "
-        "of the final training loss; `python experiments/adaptation_rate.py --steps validate`.",
-        "",
-        "| setting | " + " | ".join(f"{h} steps" for h in HORIZONS) + " | mean / shipped |",
-        "| --- | " + " | ".join("---:" for _ in HORIZONS) + " | ---: |",
-    ]
-    for changes in GRID:
-        key = json.dumps(changes)
-        cells = " | ".join(f"{metric[key, h]:.4f}" for h in HORIZONS)
-        mark = " (chosen)" if changes == chosen else ""
-        lines.append(f"| `{key}`{mark} | {cells} | {math.exp(score(changes)):.3f} |")
-    write_results(out, records, lines)
-    return chosen
+        "of the final training loss; `python experiments/adaptation_rate.py --steps validate`."
+    )
+    return candidates.validate_settings(REPLACES, GRID, HORIZONS, out, caption)
 
 
 def write_weights(path: Path) -> None:

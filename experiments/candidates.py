@@ -6,11 +6,14 @@ validation tasks (:func:`run_settings_steps`)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,71 @@ def run_steps(
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
     return 0
+
+
+def validate_settings(
+    base: str,
+    grid: Sequence[dict[str, Any]],
+    horizons: Sequence[int],
+    out: Path,
+    caption: str,
+) -> dict[str, Any]:
+    """The shipped weights ``base`` with each setting of ``grid`` (``{}``, the first: as
+    shipped) on the validation group's 8 held-out tasks (the meta-trainer's evaluation seeds;
+    final training loss, geometric mean over the tasks) at each of ``horizons``; writes ``out``
+    (``table.md`` under ``caption``, ``records.jsonl``); returns the setting with the lowest
+    mean log metric over the horizons."""
+    import torch
+
+    from learned_opt import LearnedOptimizer, load_rule, pretrained
+    from learned_opt.evaluate import run_optimizer
+    from learned_opt.outer.config import MetaTrainConfig
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.report import write_results
+    from learned_opt.tasks import make_family
+
+    torch.set_num_threads(1)
+    rule, _ = load_rule(pretrained.path(base))
+    records = []
+    for horizon in horizons:
+        config = MetaTrainConfig(
+            objective="final-train", log_meta_loss=True, eval_family="validation",
+            eval_tasks=8, eval_horizon=horizon,
+        )  # fmt: skip
+        held = HeldOut(config, make_family("validation"))
+        for changes in grid:
+            variant = rule.variant(**changes) if changes else rule
+            start = time.perf_counter()
+
+            def factory(params, lr, rule=variant):
+                return LearnedOptimizer(params, rule, lr=lr)
+
+            runs = [run_optimizer(held.family, s, factory, 1.0, horizon) for s in held.seeds]
+            losses = [getattr(r, held.metric_name) for r in runs]
+            records.append({"setting": changes, "steps": horizon, "losses": losses,
+                            "metric": held.aggregate(losses),
+                            "seconds": time.perf_counter() - start})  # fmt: skip
+            print(f"{horizon} steps {json.dumps(changes)}: {records[-1]['metric']:.4f}", flush=True)
+    metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in records}
+
+    def score(changes: dict[str, Any]) -> float:
+        key = json.dumps(changes)
+        return sum(math.log(metric[key, h] / metric["{}", h]) for h in horizons) / len(horizons)
+
+    chosen = min(grid, key=score)
+    lines = [
+        caption,
+        "",
+        "| setting | " + " | ".join(f"{h} steps" for h in horizons) + " | mean / shipped |",
+        "| --- | " + " | ".join("---:" for _ in horizons) + " | ---: |",
+    ]
+    for changes in grid:
+        key = json.dumps(changes)
+        cells = " | ".join(f"{metric[key, h]:.4f}" for h in horizons)
+        mark = " (chosen)" if changes == chosen else ""
+        lines.append(f"| `{key}`{mark} | {cells} | {math.exp(score(changes)):.3f} |")
+    write_results(out, records, lines)
+    return chosen
 
 
 #: The steps of a recipe that chooses settings of shipped weights on validation tasks.

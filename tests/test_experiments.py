@@ -355,24 +355,32 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     _assert_steps_like_the_default(rule, reference=best)
 
 
-def test_adaptation_rate_recipe_writes_the_default_with_the_chosen_settings(
-    tmp_path: Path, run_script, capsys
+@pytest.mark.parametrize(
+    ("script", "base", "run"),
+    [
+        ("experiments/adaptation_rate.py", "general", "runs/adaptation-rate"),
+        ("experiments/adam_betas.py", "general-v2", "runs/adam-betas"),
+    ],
+)
+def test_settings_recipe_writes_its_base_with_the_chosen_settings(
+    script: str, base: str, run: str, tmp_path: Path, run_script, capsys
 ) -> None:
-    """The retuned-adaptation recipe: its weights are the shipped default's tensors with the
-    chosen settings, and the committed validation record (if any) chooses those settings."""
+    """A settings recipe (the retuned adaptation; the retuned momenta): its weights are the
+    shipped base's tensors with the chosen settings, and the committed validation record (if
+    any) chooses those settings."""
     import math
 
     from learned_opt.report import read_jsonl
 
-    assert run_script("experiments/adaptation_rate.py", "--dry-run") == 0
-    assert "runs/adaptation-rate/weights.pt" in capsys.readouterr().out
-    recipe = runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))
+    assert run_script(script, "--dry-run") == 0
+    assert f"{run}/weights.pt" in capsys.readouterr().out
+    recipe = runpy.run_path(str(ROOT / script))
     chosen = recipe["CHOSEN"]
     assert chosen in recipe["GRID"] and {} in recipe["GRID"]
     path = tmp_path / "weights.pt"
     recipe["write_weights"](path)
     rule, _ = load_rule(path)
-    default, _ = load_rule(pretrained.path("general"))
+    default, _ = load_rule(pretrained.path(base))
     assert all(getattr(rule.settings, k) == v for k, v in chosen.items())
     for key, value in default.state_dict().items():
         assert torch.equal(rule.state_dict()[key], value)
@@ -385,6 +393,29 @@ def test_adaptation_rate_recipe_writes_the_default_with_the_chosen_settings(
             return sum(math.log(metric[key, h] / metric["{}", h]) for h in recipe["HORIZONS"])
 
         assert min(recipe["GRID"], key=score) == chosen
+
+
+def test_validate_settings_scores_every_setting_and_chooses_the_lowest(tmp_path: Path) -> None:
+    """The settings recipes' validation: one record per setting and horizon, a table row per
+    setting, and the chosen setting the one of lowest mean log metric."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import candidates
+
+    from learned_opt.report import read_jsonl
+
+    grid = [{}, {"beta2": 0.5}]
+    chosen = candidates.validate_settings("general-v2", grid, (2, 3), tmp_path, "caption")
+    records = read_jsonl(tmp_path / "records.jsonl")
+    assert [(r["setting"], r["steps"]) for r in records] == [(g, h) for h in (2, 3) for g in grid]
+    assert all(len(r["losses"]) == 8 and math.isfinite(r["metric"]) for r in records)
+    score = {json.dumps(g): sum(math.log(r["metric"]) for r in records if r["setting"] == g)
+             for g in grid}  # fmt: skip
+    assert json.dumps(chosen) == min(score, key=score.get)
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("caption") and '`{"beta2": 0.5}`' in table
 
 
 def test_adaptation_rate_recipe_ships_its_weights_with_their_sealed_figures(
