@@ -40,7 +40,7 @@ import candidates  # noqa: E402
 
 RUN = Path("runs/adaptation-rate")
 RESULTS = Path("benchmarks/results/validation/adaptation-rate")
-SEALED = Path("benchmarks/results/sealed")
+SEALED = candidates.SEALED
 #: The shipped name of these weights, and the weights they replace as the default.
 NAME, REPLACES = "general-v2", "general"
 HORIZONS = (100, 1000)
@@ -83,104 +83,19 @@ def write_weights(path: Path) -> None:
     save_rule(path, base.variant(**CHOSEN), {"source": source})
 
 
-def sealed_figures(directory: Path) -> dict[str, Any]:
-    """The figures of one ``benchmarks/sealed.py`` run (its ``summary.jsonl``): for the learned
-    optimizer and each other optimizer, the geometric mean over the tasks of the final training
-    loss / tuned constant Adam's, the worst task and the seeds won; the learned optimizer's ratio
-    per task."""
-    from learned_opt.evaluate import geometric_mean
-    from learned_opt.report import read_jsonl
-
-    rows = read_jsonl(directory / "summary.jsonl")
-    (meta,) = [r for r in rows if r["kind"] == "meta"]
-    rows = [r for r in rows if r["kind"] == "summary" and r["optimizer"] != "adam"]
-    optimizers: dict[str, dict[str, Any]] = {}
-    for name in sorted({r["optimizer"] for r in rows}):
-        mine = [r for r in rows if r["optimizer"] == name]
-        ratios = [r["ratio_train"] for r in mine]
-        optimizers[name] = {
-            "geometric_mean": round(geometric_mean(ratios), 4),
-            "worst": round(max(ratios), 4),
-            "seeds_won": f"{sum(r['won'] for r in mine)}/{sum(r['seeds'] for r in mine)}",
-        }
-    (steps,) = {r["steps"] for r in rows}
-    learned = {r["task"]: round(r["ratio_train"], 4) for r in rows if r["optimizer"] == "learned"}
-    return {
-        "results": str(directory),
-        "command": meta["command"],
-        "commit": meta["commit"],
-        "steps": steps,
-        **optimizers["learned"],
-        "ratios": learned,
-        "optimizers": optimizers,
-    }
-
-
-def validation_figures(records: Path) -> dict[str, Any]:
-    """The validation step's metric of :data:`CHOSEN` and of the shipped settings, per horizon."""
-    from learned_opt.report import read_jsonl
-
-    rows = read_jsonl(records)
-    metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
-    return {
-        "command": "python experiments/adaptation_rate.py --steps validate",
-        "results": str(records.parent),
-        "metric": "geometric mean of the final training loss over the validation group's 8 tasks",
-        "by_steps": {
-            str(h): {"chosen": round(metric[json.dumps(CHOSEN), h], 4),
-                     REPLACES: round(metric["{}", h], 4)}
-            for h in HORIZONS
-        },
-        "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
-    }  # fmt: skip
-
-
 def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dict[str, Any]:
     """Write the weights as ``dest/general-v2.pt`` (and ``.json``) with their provenance and
-    figures. Returns the metadata.
+    figures (:func:`candidates.ship_settings`). Returns the metadata.
 
     Raises:
         ValueError: (unless ``allow_worse``) their sealed geometric mean is above that of the
             weights they replace at some horizon. Nothing is written then.
     """
-    from learned_opt import load_rule, pretrained, save_rule
-    from learned_opt.cli import git_commit
-
-    base, meta = load_rule(pretrained.path(REPLACES))
-    by_steps = {}
-    for horizon in HORIZONS:
-        mine = sealed_figures(sealed / f"adaptation-rate-{horizon}")
-        before = sealed_figures(sealed / f"{REPLACES}-{horizon}")
-        if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
-            raise ValueError(
-                f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
-                f"{REPLACES!r}'s {before['geometric_mean']}; not shipping"
-            )
-        by_steps[str(horizon)] = {**mine, f"replaced_{REPLACES}": before}
-    validation = validation_figures(RESULTS / "records.jsonl")
-    meta = {key: value for key, value in meta.items() if key not in ("shipped", "figures")}
-    meta.update(
+    return candidates.ship_settings(
+        dest, name=NAME, replaces=REPLACES, chosen=CHOSEN, recipe=RECIPE, results=RESULTS,
+        sealed_name="adaptation-rate", horizons=HORIZONS, sealed=sealed, allow_worse=allow_worse,
         source=f"the shipped {REPLACES!r} weights with their step-size adaptation retuned",
-        derived_from={
-            "weights": REPLACES,
-            "weights_sha256": meta.pop("weights_sha256", None),
-            "settings": CHOSEN,
-            "chosen_on_validation": validation,
-        },
-        recipe=RECIPE,
-        budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
-        figures={
-            "benchmark": "benchmarks/sealed.py: mean final training loss / tuned constant "
-            "Adam's per task; geometric mean over the sealed test group's tasks",
-            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
-            "by_steps": by_steps,
-        },
-        shipped={"command": f"{RECIPE} --steps ship", "commit": git_commit()},
-    )
-    dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{NAME}.pt", base.variant(**CHOSEN), meta)
-    (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

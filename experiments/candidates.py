@@ -20,6 +20,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("init", "meta-train", "sealed")
+#: Where the sealed test's runs are committed.
+SEALED = Path("benchmarks/results/sealed")
 #: One thread per process; glibc's mmap threshold fixed (a large unroll's memory is returned).
 ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -170,6 +172,117 @@ def validate_settings(
         lines.append(f"| `{key}`{mark} | {cells} | {math.exp(score(changes)):.3f} |")
     write_results(out, records, lines)
     return chosen
+
+
+def sealed_figures(directory: Path) -> dict[str, Any]:
+    """The figures of one ``benchmarks/sealed.py`` run (its ``summary.jsonl``): for the learned
+    optimizer and each other optimizer, the geometric mean over the tasks of the final training
+    loss / tuned constant Adam's, the worst task and the seeds won; the learned optimizer's ratio
+    per task."""
+    from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import read_jsonl
+
+    rows = read_jsonl(directory / "summary.jsonl")
+    (meta,) = [r for r in rows if r["kind"] == "meta"]
+    rows = [r for r in rows if r["kind"] == "summary" and r["optimizer"] != "adam"]
+    optimizers: dict[str, dict[str, Any]] = {}
+    for name in sorted({r["optimizer"] for r in rows}):
+        mine = [r for r in rows if r["optimizer"] == name]
+        ratios = [r["ratio_train"] for r in mine]
+        optimizers[name] = {
+            "geometric_mean": round(geometric_mean(ratios), 4),
+            "worst": round(max(ratios), 4),
+            "seeds_won": f"{sum(r['won'] for r in mine)}/{sum(r['seeds'] for r in mine)}",
+        }
+    (steps,) = {r["steps"] for r in rows}
+    learned = {r["task"]: round(r["ratio_train"], 4) for r in rows if r["optimizer"] == "learned"}
+    return {
+        "results": str(directory),
+        "command": meta["command"],
+        "commit": meta["commit"],
+        "steps": steps,
+        **optimizers["learned"],
+        "ratios": learned,
+        "optimizers": optimizers,
+    }
+
+
+def ship_settings(
+    dest: Path,
+    *,
+    name: str,
+    replaces: str,
+    chosen: dict[str, Any],
+    recipe: str,
+    results: Path,
+    sealed_name: str,
+    horizons: Sequence[int],
+    source: str,
+    sealed: Path = SEALED,
+    allow_worse: bool = False,
+) -> dict[str, Any]:
+    """Write the shipped weights ``replaces`` with the settings ``chosen`` as ``dest/{name}.pt``
+    (and ``.json``), with metadata: the meta-training record of the weights they derive from,
+    the settings and the validation figures that chose them (``results/records.jsonl``, written
+    by :func:`validate_settings` through the command ``{recipe} --steps validate``), and the
+    sealed figures (``sealed/{sealed_name}-{steps}``) of these weights and of ``replaces``
+    (``sealed/{replaces}-{steps}``). Returns the metadata.
+
+    Raises:
+        ValueError: (unless ``allow_worse``) their sealed geometric mean is above that of
+            ``replaces`` at some horizon. Nothing is written then.
+    """
+    from learned_opt import load_rule, pretrained, save_rule
+    from learned_opt.cli import git_commit
+    from learned_opt.report import read_jsonl
+
+    base, meta = load_rule(pretrained.path(replaces))
+    by_steps = {}
+    for horizon in horizons:
+        mine = sealed_figures(sealed / f"{sealed_name}-{horizon}")
+        before = sealed_figures(sealed / f"{replaces}-{horizon}")
+        if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
+            raise ValueError(
+                f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
+                f"{replaces!r}'s {before['geometric_mean']}; not shipping"
+            )
+        by_steps[str(horizon)] = {**mine, f"replaced_{replaces}": before}
+    rows = read_jsonl(results / "records.jsonl")
+    metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
+    validation = {
+        "command": f"{recipe} --steps validate",
+        "results": str(results),
+        "metric": "geometric mean of the final training loss over the validation group's 8 tasks",
+        "by_steps": {
+            str(h): {"chosen": round(metric[json.dumps(chosen), h], 4),
+                     replaces: round(metric["{}", h], 4)}
+            for h in horizons
+        },
+        "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
+    }  # fmt: skip
+    meta = {key: value for key, value in meta.items() if key not in ("shipped", "figures")}
+    meta.update(
+        source=source,
+        derived_from={
+            "weights": replaces,
+            "weights_sha256": meta.pop("weights_sha256", None),
+            "settings": chosen,
+            "chosen_on_validation": validation,
+        },
+        recipe=recipe,
+        budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
+        figures={
+            "benchmark": "benchmarks/sealed.py: mean final training loss / tuned constant "
+            "Adam's per task; geometric mean over the sealed test group's tasks",
+            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
+            "by_steps": by_steps,
+        },
+        shipped={"command": f"{recipe} --steps ship", "commit": git_commit()},
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    save_rule(dest / f"{name}.pt", base.variant(**chosen), meta)
+    (dest / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 #: The steps of a recipe that chooses settings of shipped weights on validation tasks.

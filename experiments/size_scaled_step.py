@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adaptation_rate  # noqa: E402
 import candidates  # noqa: E402
 
 RUN = Path("runs/size-scaled-step")
 RESULTS = Path("benchmarks/results/validation/size-scaled-step")
-SEALED = Path("benchmarks/results/sealed")
+SEALED = candidates.SEALED
 NAME, REPLACES = "general-wide", "general-v2"
 HORIZONS = (100, 1000)
 SEEDS = (0, 1)
@@ -266,11 +265,11 @@ def ship(dest: Path, *, sealed: Path = SEALED) -> dict[str, Any]:
     by_steps = {}
     largest = largest_sealed_tensor()
     for horizon in HORIZONS:
-        before = adaptation_rate.sealed_figures(sealed / f"adaptation-rate-{horizon}")
+        before = candidates.sealed_figures(sealed / f"adaptation-rate-{horizon}")
         if largest <= CHOSEN:  # the same steps on every sealed task: the same figures
             mine = {**before, "same_steps_as": REPLACES, "largest_sealed_tensor": largest}
         else:
-            mine = adaptation_rate.sealed_figures(sealed / f"size-scaled-step-{horizon}")
+            mine = candidates.sealed_figures(sealed / f"size-scaled-step-{horizon}")
         at_most = mine["geometric_mean"] <= before["geometric_mean"]
         by_steps[str(horizon)] = {**mine, f"{REPLACES}": before, f"at_most_{REPLACES}": at_most}
     validation = validation_figures(RESULTS / "records.jsonl")
