@@ -1,7 +1,7 @@
 """Recipe of a default candidate: ``general-v2`` with the momenta of its Adam direction retuned on
 the validation group.
 
-    python experiments/adam_betas.py                    # validate, weights, sealed
+    python experiments/adam_betas.py                    # validate, weights, sealed, ship
     python experiments/adam_betas.py --steps validate   # the choice alone
     python experiments/adam_betas.py --dry-run          # print its commands, run nothing
 
@@ -20,7 +20,9 @@ The steps:
    mean log metric over the two horizons.
 2. ``weights``: writes ``runs/adam-betas/weights.pt`` (``general-v2`` with :data:`CHOSEN`).
 3. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps, once.
-4. ``ship``: not implemented until the sealed test says the candidate beats ``general-v2``.
+4. ``ship``: writes the weights into ``learned_opt/pretrained/general-v3.pt`` (and ``.json``)
+   with their provenance and figures (:func:`candidates.ship_settings`). It refuses to ship
+   unless their sealed geometric mean is at most ``general-v2``'s at both horizons.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import candidates  # noqa: E402
 
 RUN = Path("runs/adam-betas")
 RESULTS = Path("benchmarks/results/validation/adam-betas")
-BASE = "general-v2"
+#: The shipped name of these weights, and the weights they derive from and replace as default.
+NAME, BASE = "general-v3", "general-v2"
+RECIPE = "python experiments/adam_betas.py"
 HORIZONS = (100, 1000)
 
 #: The settings compared on the validation group ({}: ``general-v2`` as shipped).
@@ -74,17 +78,32 @@ def write_weights(path: Path) -> None:
     save_rule(path, base.variant(**CHOSEN), {"source": source})
 
 
-def ship(dest: Path) -> None:
-    raise SystemExit("adam_betas.py: no ship step; see the recipe's docstring")
+def ship(
+    dest: Path, *, sealed: Path = candidates.SEALED, allow_worse: bool = False
+) -> dict[str, Any]:
+    """Write the weights as ``dest/general-v3.pt`` (and ``.json``) with their provenance and
+    figures. Returns the metadata.
+
+    Raises:
+        ValueError: (unless ``allow_worse``) their sealed geometric mean is above
+            ``general-v2``'s at some horizon. Nothing is written then.
+    """
+    return candidates.ship_settings(
+        dest, name=NAME, replaces=BASE, chosen=CHOSEN, recipe=RECIPE, results=RESULTS,
+        sealed_name="adam-betas", horizons=HORIZONS, sealed=sealed, allow_worse=allow_worse,
+        replaced_name=f"{BASE}-regrouped",
+        source=f"the shipped {BASE!r} weights with the momenta of their Adam direction retuned",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = candidates.settings_parser(__doc__.splitlines()[0])
+    parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
     args = parser.parse_args(argv)
     return candidates.run_settings_steps(
-        args, parser, results=RESULTS, run=RUN, sealed_name="adam-betas", name=BASE,
+        args, parser, results=RESULTS, run=RUN, sealed_name="adam-betas", name=NAME,
         chosen=CHOSEN, validate=lambda: validate(RESULTS), write_weights=write_weights,
-        ship=ship,
+        ship=lambda dest: ship(dest, allow_worse=args.allow_worse),
     )  # fmt: skip
 
 

@@ -219,6 +219,7 @@ def ship_settings(
     horizons: Sequence[int],
     source: str,
     sealed: Path = SEALED,
+    replaced_name: str | None = None,
     allow_worse: bool = False,
 ) -> dict[str, Any]:
     """Write the shipped weights ``replaces`` with the settings ``chosen`` as ``dest/{name}.pt``
@@ -226,7 +227,7 @@ def ship_settings(
     the settings and the validation figures that chose them (``results/records.jsonl``, written
     by :func:`validate_settings` through the command ``{recipe} --steps validate``), and the
     sealed figures (``sealed/{sealed_name}-{steps}``) of these weights and of ``replaces``
-    (``sealed/{replaces}-{steps}``). Returns the metadata.
+    (``sealed/{replaced_name}-{steps}``, by default ``replaces``'s name). Returns the metadata.
 
     Raises:
         ValueError: (unless ``allow_worse``) their sealed geometric mean is above that of
@@ -240,7 +241,7 @@ def ship_settings(
     by_steps = {}
     for horizon in horizons:
         mine = sealed_figures(sealed / f"{sealed_name}-{horizon}")
-        before = sealed_figures(sealed / f"{replaces}-{horizon}")
+        before = sealed_figures(sealed / f"{replaced_name or replaces}-{horizon}")
         if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
             raise ValueError(
                 f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
