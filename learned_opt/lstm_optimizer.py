@@ -55,8 +55,8 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    By default (``weights=None``) the optimizer runs the shipped ``"general-v2"`` weights of
-    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step, scaled per coordinate by a
+    By default (``weights=None``) the optimizer runs the shipped ``"general-v3"`` weights of
+    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step (momenta 0.8 and 0.95), scaled per coordinate by a
     small LSTM (16 units, shared by all coordinates, reading scale-invariant features of each
     coordinate's gradient history; its correction is bounded to a factor in [1/e, e]), times a
     per-tensor step size that grows while a tensor's gradient keeps pointing along its last

@@ -181,6 +181,11 @@ def test_bf16_state_keeps_slow_averages_that_follow_a_shrinking_gradient(kind: s
             p.grad = torch.full_like(p, 1.0 if t < 100 else 0.01)
             opt.step()
         runs[dtype] = opt.state[p]
-    key = "exp_avg_sq" if kind == "adam" else "v"
-    assert runs[torch.bfloat16][key].dtype == torch.float32
-    torch.testing.assert_close(runs[torch.bfloat16][key], runs[None][key], rtol=1e-3, atol=0)
+    # Adam's second moment; the default's 0.999 momentum (its Adam moments, 0.8 and 0.95, are
+    # fast enough for bfloat16)
+    keys = {"exp_avg_sq"} if kind == "adam" else {"m3"}
+    if kind == "default":
+        assert opt.rule.precise_keys() == keys
+    for key in keys:
+        assert runs[torch.bfloat16][key].dtype == torch.float32
+        torch.testing.assert_close(runs[torch.bfloat16][key], runs[None][key], rtol=1e-3, atol=0)

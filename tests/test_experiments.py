@@ -66,6 +66,7 @@ PATH_OPTIONS = {"--log-dir", "--ckpt-dir", "--export", "--init-weights"}
 RECIPES = {
     "general": "experiments/general.py",
     "general-v2": "experiments/adaptation_rate.py",
+    "general-v3": "experiments/adam_betas.py",
     "general-wide": "experiments/size_scaled_step.py",
     "paper-mnist": "experiments/mnist_paper.py",
     "quadratic": "experiments/quadratic.py",

@@ -494,15 +494,21 @@ def test_grad_clip_warmup_loosens_the_clipping_early(t: int) -> None:
 
 def test_the_preset_is_the_shipped_configuration() -> None:
     """LSTMCorrectedAdamConfig's defaults are the configuration of the shipped "general" weights
-    (their record and their metadata), the default weights are those with the adaptation's
-    settings their metadata names, and the kind "lstm-corrected-adam" builds it from no options."""
+    (their record and their metadata), the default weights are those with the settings that
+    their metadata and those of the weights they derive from name, and the kind
+    "lstm-corrected-adam" builds it from no options."""
     rule, meta = load_rule(pretrained.path("general"))
     assert type(rule) is LSTMCorrectedAdamRule and rule.settings == LSTMCorrectedAdamConfig()
     assert LSTMCorrectedAdamRule().config() == rule.config()
     shipped = pretrained.metadata("general")["config"]["rule_kwargs"]
     assert LSTMCorrectedAdamConfig().replace(**shipped) == LSTMCorrectedAdamConfig()
     default, meta = load_rule(pretrained.path(pretrained.DEFAULT))
-    changed = meta["derived_from"]["settings"]
+    changed: dict = {}
+    while "derived_from" in meta:  # the default, then each weights it derives from
+        assert meta["derived_from"]["settings"]
+        changed = {**meta["derived_from"]["settings"], **changed}
+        meta = pretrained.metadata(meta["derived_from"]["weights"])
+    assert meta == pretrained.metadata("general")
     assert changed and default.settings == LSTMCorrectedAdamConfig().replace(**changed)
     assert build_rule("lstm-corrected-adam", {}).settings == LSTMCorrectedAdamConfig()
     assert build_rule("lstm-corrected-adam", {"hidden_size": 8}).settings == (
