@@ -56,15 +56,16 @@ class LSTMOptimizer(LearnedOptimizer):
             opt.step()
 
     By default (``weights=None``) the optimizer runs the shipped ``"general-v3"`` weights of
-    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step (momenta 0.8 and 0.95), scaled per coordinate by a
-    small LSTM (16 units, shared by all coordinates, reading scale-invariant features of each
-    coordinate's gradient history; its correction is bounded to a factor in [1/e, e]), times a
-    per-tensor step size that grows while a tensor's gradient keeps pointing along its last
-    update and shrinks when it turns against it, with per-tensor clipping of unusually large
-    gradients. Its configuration is :class:`~learned_opt.rules.LSTMCorrectedAdamConfig`. Each
-    parameter keeps Adam's moments, a second fast moment, three more momenta, its last direction
-    and the LSTM's hidden and cell states (156 bytes per float32 parameter; 78 with
-    ``state_dtype=torch.bfloat16``), plus three numbers per tensor. The paper's coordinatewise
+    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step (momenta 0.8 and 0.95),
+    scaled per coordinate by a small LSTM (16 units, shared by all coordinates, reading
+    scale-invariant features of each coordinate's gradient history; its correction is bounded to
+    a factor in [1/e, e]), times a per-tensor step size that grows while a tensor's gradient
+    keeps pointing along its last update and shrinks when it turns against it, with per-tensor
+    clipping of unusually large gradients. Its configuration is
+    :class:`~learned_opt.rules.LSTMCorrectedAdamConfig`. Each parameter keeps Adam's moments, a
+    second fast moment, four more momenta, its last direction and the LSTM's hidden and cell
+    states (160 bytes per float32 parameter; 82 with ``state_dtype=torch.bfloat16``), plus three
+    numbers per tensor. The paper's coordinatewise
     LSTM (Andrychowicz et al., 2016; :class:`~learned_opt.rules.LSTMRule`: log/sign inputs, the
     LSTM writes the whole update) is available as ``weights="paper-mnist"``.
 

@@ -149,7 +149,9 @@ def test_installed_wheel_loads_the_shipped_weights_outside_the_source_tree(
 ) -> None:
     # Without compiling the fused kernels (a minute or two; the slow test below compiles them).
     got = _use(installed, tmp_path, LEARNED_OPT_NO_EXT="1")
-    shipped_names = {"general", "general-v2", "general-v3", "general-wide", "paper-mnist", "quadratic"}
+    shipped_names = {
+        "general", "general-v2", "general-v3", "general-wide", "paper-mnist", "quadratic"
+    }  # fmt: skip
     assert shipped_names <= set(got["weights"])
     assert all(Path(p).is_relative_to(installed) for p in got["weights"].values())
     shipped = sorted(p.name for p in (PACKAGE / "kernels").glob("*.cpp"))
