@@ -8,7 +8,7 @@ logs) beside Adam with its learning rate tuned on them, all in one run:
 - ``as given``: the rule untuned;
 - ``learned output zeroed``: its learned read-out (and a learned gain on its step-size
   adaptation, and a learned schedule) at zero, the hand-designed part alone
-  (``benchmarks/sealed.py``'s ``zero_readout``);
+  (``benchmarks/sealed_optimizers.py``'s ``zero_readout``);
 - ``adaptation off``: the per-tensor step-size adaptation off (``lr_adapt=0``);
 - ``adaptation off, output zeroed``: both, i.e. Adam at the rule's base learning rate with the
   rule's gradient clipping;
@@ -44,7 +44,7 @@ from learned_opt.rules import UpdateRule
 from learned_opt.tasks import make_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sealed import zero_readout  # noqa: E402
+from sealed_optimizers import zero_readout  # noqa: E402
 
 #: ``lr`` multiplier at step t (0-based) of a run of T steps, per schedule variant.
 SCHEDULES: dict[str, Callable[[int, int], float]] = {

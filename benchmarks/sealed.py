@@ -20,7 +20,10 @@ parameters, the same for every optimizer), side by side in one run:
   untuned (multiplier 1); ``--total-steps`` passes each run's horizon to it (horizon-aware
   weights);
 - ``learned-zeroed``: the same rule with its learned read-out set to zero
-  (:func:`zero_readout`): the hand-designed part alone, an ablation.
+  (:func:`zero_readout`): the hand-designed part alone, an ablation;
+- ``learned-cosine``: ``learned`` with ``adam-cosine``'s warm-up and cosine decay on its
+  multiplier: the learned optimizer told the horizon through a schedule, as a user can do with
+  ``torch.optim.lr_scheduler``.
 
 Reported per task and as geometric means over tasks, per horizon
 (:func:`learned_opt.evaluate.versus`): the final-loss ratio (mean final training loss on the
@@ -44,8 +47,6 @@ Needs the tuning-free optimizers: ``pip install prodigyopt dadaptation schedulef
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import os
 import platform
 import sys
@@ -55,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from learned_opt import LSTMOptimizer, pretrained
 from learned_opt.checkpoint import load_rule
@@ -63,7 +63,6 @@ from learned_opt.cli import git_commit
 from learned_opt.evaluate import (
     DEFAULT_LR_GRID,
     SEALED_STREAMS,
-    OptimizerFactory,
     RunResult,
     run_optimizer,
     tune_lr,
@@ -72,142 +71,20 @@ from learned_opt.evaluate import (
 )
 from learned_opt.report import write_jsonl
 from learned_opt.rules import UpdateRule
-from learned_opt.rules.scheduled import ScheduledRule
 from learned_opt.tasks.groups import GROUPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sealed_report import (  # noqa: E402  (this folder's modules)
+from sealed_optimizers import (  # noqa: E402  (this folder's modules)
+    TUNING_FREE_LR,
+    MissingBenchDependencies,
+    make_factories,
+    require_bench_packages,
+)
+from sealed_report import (  # noqa: E402
     OPTIMIZERS,
     plot,
     tables,
 )
-
-_BENCH_PACKAGES = {
-    "prodigyopt": "prodigyopt",
-    "dadaptation": "dadaptation",
-    "schedulefree": "schedulefree",
-}
-
-
-class MissingBenchDependencies(ImportError):
-    """A tuning-free optimizer's package is not installed."""
-
-
-def require_bench_packages() -> dict[str, Any]:
-    """The modules of the tuning-free optimizers.
-
-    Raises:
-        MissingBenchDependencies: naming the missing packages and the command that installs them.
-    """
-    import importlib
-
-    modules, missing = {}, []
-    for module, package in _BENCH_PACKAGES.items():
-        try:
-            modules[module] = importlib.import_module(module)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise MissingBenchDependencies(
-            f"benchmarks/sealed.py compares against tuning-free optimizers whose packages are "
-            f"missing: {', '.join(missing)}. Install them with `pip install "
-            f"{' '.join(_BENCH_PACKAGES.values())}` (or `pip install -e .[bench]`)."
-        )
-    return modules
-
-
-def zero_readout(rule: UpdateRule) -> UpdateRule:
-    """A copy of ``rule`` with its learned read-out at zero: the hand-designed part alone.
-
-    Zeroes every ``out_weight`` and ``out_bias`` of the rule and its submodules (the LSTM's
-    read-out; for :class:`~learned_opt.rules.GeneralLSTMRule` that makes the step its nominal
-    Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
-    kept; for the paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a
-    zero update), the last layer of a learned gain on the step-size adaptation
-    (``controller_hidden``: the gain 1) and of its drift (``controller_drift``: none), and the
-    last layer of a
-    :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
-
-    Raises:
-        ValueError: the rule has no read-out to zero.
-    """
-    out = copy.deepcopy(rule)
-    zeroed: list[str] = []
-    with torch.no_grad():
-        for name, module in out.named_modules():
-            for attr in ("out_weight", "out_bias"):
-                value = getattr(module, attr, None)
-                if isinstance(value, Tensor):
-                    value.zero_()
-                    zeroed.append(f"{name}.{attr}" if name else attr)
-            if getattr(module, "controller_w2", None) is not None:  # the adaptation's gain
-                module.controller_w2.zero_()
-                module.controller_b2.zero_()
-                if getattr(module, "controller_drift_w", None) is not None:
-                    module.controller_drift_w.zero_()
-                    module.controller_drift_b.zero_()
-                zeroed.append(f"{name}.controller" if name else "controller")
-            if isinstance(module, ScheduledRule):
-                last = module.schedule[-1]
-                last.weight.zero_()
-                last.bias.zero_()
-                zeroed.append(f"{name}.schedule" if name else "schedule")
-    if not zeroed:
-        raise ValueError(f"The {type(rule).__name__} has no learned read-out to zero")
-    return out
-
-
-class WarmupCosineAdam(torch.optim.Adam):
-    """Adam whose learning rate at step ``t`` (from 1) is ``lr * t / W`` during a linear warm-up
-    of ``W`` steps, then ``lr * (1 + cos(pi (t - 1 - W) / (T - W))) / 2`` (the full rate at the
-    first step after the warm-up, approaching 0 at the last step ``T = total_steps``: every
-    step moves)."""
-
-    def __init__(
-        self, params: list[Tensor], lr: float, total_steps: int, warmup_steps: int
-    ) -> None:
-        super().__init__(params, lr=lr)
-        self.base_lr = float(lr)
-        self.total_steps = int(total_steps)
-        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
-        self.t = 0
-
-    def factor(self, t: int) -> float:
-        w, total = self.warmup_steps, self.total_steps
-        if t <= w:
-            return t / w
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - 1 - w) / max(1, total - w))))
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        self.t += 1
-        for group in self.param_groups:
-            group["lr"] = self.base_lr * self.factor(self.t)
-        return super().step(closure)
-
-
-def make_factories(
-    rule: UpdateRule, steps: int, total_steps: bool, warmup_fraction: float
-) -> dict[str, OptimizerFactory]:
-    """Every optimizer of :data:`OPTIMIZERS` as ``factory(params, lr)`` for runs of ``steps``
-    (for the learned optimizers ``lr`` is ``LSTMOptimizer``'s multiplier)."""
-    mods = require_bench_packages()
-    zeroed = zero_readout(rule)
-    horizon = {"total_steps": steps} if total_steps else {}
-    warmup = max(1, math.ceil(warmup_fraction * steps))
-
-    return {
-        "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
-        "adam-cosine": lambda p, lr: WarmupCosineAdam(p, lr, steps, warmup),
-        "prodigy": lambda p, lr: mods["prodigyopt"].Prodigy(p, lr=1.0),
-        "dadapt-adam": lambda p, lr: mods["dadaptation"].DAdaptAdam(p, lr=1.0),
-        "schedule-free": lambda p, lr: mods["schedulefree"].AdamWScheduleFree(p),
-        "learned": lambda p, lr: LSTMOptimizer(p, weights=rule, lr=lr, **horizon),
-        "learned-zeroed": lambda p, lr: LSTMOptimizer(p, weights=zeroed, lr=lr, **horizon),
-    }
-
-
-#: The learning rate recorded for the tuning-free optimizers (their own documented defaults).
-_DEFAULT_LR = {"prodigy": 1.0, "dadapt-adam": 1.0, "schedule-free": 0.0025}
 
 
 def evaluate_sealed(
@@ -254,8 +131,8 @@ def evaluate_sealed(
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
             adam = tune_lr(family, factories["adam"], tune, n_steps, lrs, widen=3)
             tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": adam.grid}}
-            chosen = {**_DEFAULT_LR, "adam": adam.lr}
-            chosen |= {"learned": learned_lr, "learned-zeroed": learned_lr}
+            chosen = {**TUNING_FREE_LR, "adam": adam.lr}
+            chosen |= dict.fromkeys(("learned", "learned-zeroed", "learned-cosine"), learned_lr)
             if "adam-cosine" in optimizers:
                 cosine = tune_lr_near(
                     family,

@@ -20,6 +20,7 @@ OPTIMIZERS = (
     "schedule-free",
     "learned",
     "learned-zeroed",
+    "learned-cosine",
 )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from learned_opt import pretrained
+from learned_opt import LSTMOptimizer, pretrained
 from learned_opt.checkpoint import load_rule
 from learned_opt.evaluate import geometric_mean, smooth, speedup
 from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMCorrectedAdamRule, LSTMRule
@@ -32,6 +32,11 @@ MEMBERS = [(g, m) for g, group in GROUPS.items() for m in group.members]
 @pytest.fixture(scope="module")
 def sealed() -> dict:
     return runpy.run_path(str(ROOT / "benchmarks" / "sealed.py"))
+
+
+@pytest.fixture(scope="module")
+def optimizers() -> dict:
+    return runpy.run_path(str(ROOT / "benchmarks" / "sealed_optimizers.py"))
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +216,8 @@ def test_sources_are_deterministic_and_parts_differ() -> None:
 
 
 # ----------------------------------------------------------------------- the benchmark
-def test_zero_readout(sealed: dict) -> None:
-    zero = sealed["zero_readout"]
+def test_zero_readout(optimizers: dict) -> None:
+    zero = optimizers["zero_readout"]
     shipped, _ = load_rule(pretrained.resolve(pretrained.DEFAULT))
     before = {k: v.clone() for k, v in shipped.state_dict().items()}
     zeroed = zero(shipped)
@@ -292,9 +297,9 @@ def test_tables_rate_only_tasks_that_stay_above_zero(report: dict) -> None:
     assert "rated tasks" not in report["tables"](summary[:2])  # every task rated: one mean
 
 
-def test_warmup_cosine_schedule(sealed: dict) -> None:
+def test_warmup_cosine_schedule(optimizers: dict) -> None:
     p = [torch.zeros(2, requires_grad=True)]
-    opt = sealed["WarmupCosineAdam"](p, 0.1, total_steps=100, warmup_steps=5)
+    opt = optimizers["WarmupCosineAdam"](p, 0.1, total_steps=100, warmup_steps=5)
     assert opt.factor(1) == pytest.approx(0.2) and opt.factor(5) == pytest.approx(1.0)
     assert opt.factor(6) == pytest.approx(1.0)  # the first step after the warm-up: full rate
     assert 0 < opt.factor(100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 94 / 95)))
@@ -307,6 +312,31 @@ def test_warmup_cosine_schedule(sealed: dict) -> None:
     assert lrs == pytest.approx([0.02, 0.04, 0.06])
 
 
+def test_warmup_cosine_scales_the_learned_optimizers_multiplier(optimizers: dict) -> None:
+    """The learned optimizer told its horizon through the schedule: its multiplier follows the
+    warm-up and decay, and a step at half the multiplier moves the parameters half as far."""
+    grad = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    moves = []
+    for make in (
+        lambda p: optimizers["WarmupCosineLSTMOptimizer"](p, total_steps=10, warmup_steps=2),
+        lambda p: LSTMOptimizer(p),
+    ):
+        p = torch.nn.Parameter(torch.zeros(50))
+        opt = make([p])
+        p.grad = grad.clone()
+        opt.step()
+        moves.append(p.detach().clone())
+    torch.testing.assert_close(moves[0], 0.5 * moves[1])
+    scheduled = optimizers["WarmupCosineLSTMOptimizer"]([p], total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        p.grad = grad.clone()
+        scheduled.step()
+        lrs.append(scheduled.param_groups[0]["lr"])
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and 0 < lrs[-1] < lrs[-2] < lrs[2]
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
 def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) -> None:
     monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")  # no kernel compilation in a timed test
     args = ["--tasks", "friedman1-mlp,clusters-mlp", "--steps", "5", "--seeds", "2"]
@@ -314,13 +344,13 @@ def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) ->
     assert run_script("benchmarks/sealed.py", *args) == 0
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     opts = {"adam", "adam-cosine", "prodigy", "dadapt-adam", "schedule-free"}
-    opts |= {"learned", "learned-zeroed"}
+    opts |= {"learned", "learned-zeroed", "learned-cosine"}
     assert {r["optimizer"] for r in records} == opts
-    assert len(records) == 2 * 7 * 2 and {r["steps"] for r in records} == {5}
+    assert len(records) == 2 * 8 * 2 and {r["steps"] for r in records} == {5}
     assert {r["benchmark_task"] for r in records} == {"friedman1-mlp", "clusters-mlp"}
     assert all(len(r["losses"]) == 5 for r in records)
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 7
+    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 8
     adam_rows = [r for r in summary[1:] if r["optimizer"] == "adam"]
     assert all(r["ratio_train"] == pytest.approx(1.0) and "tuning" in r for r in adam_rows)
     table = (tmp_path / "table.md").read_text()
