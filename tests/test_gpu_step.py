@@ -21,8 +21,9 @@ from learned_opt import LSTMOptimizer, pretrained
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 #: Compares the kernel's step (run by Triton's interpreter on CPU tensors) with the forward's,
-#: for the shipped default, a rule with the learned gain and drift, and an additive rule of
-#: another hidden size; float32 state (the interpreter rounds to bfloat16 by truncation).
+#: for the shipped default (a fifth momentum, Adam's), the first general rule, a rule with the
+#: learned gain and drift, and an additive rule of another hidden size; float32 state (the
+#: interpreter rounds to bfloat16 by truncation).
 _INTERPRETED = textwrap.dedent(
     """
     import copy, torch
@@ -31,6 +32,8 @@ _INTERPRETED = textwrap.dedent(
     from learned_opt.rules import corrected_adam_step
 
     general, _ = load_rule(pretrained.path("general"))
+    default, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    assert len(default._state_betas) == 5
     control = general.variant(controller_hidden=8, controller_drift=0.5)
     additive = LSTMCorrectedAdamRule(hidden_size=32, additive=True)
     gen = torch.Generator().manual_seed(0)
@@ -39,7 +42,7 @@ _INTERPRETED = textwrap.dedent(
         for name, p in control.named_parameters():
             if name.startswith("controller_"):
                 p.copy_(torch.randn(p.shape, generator=gen))
-    for rule in (general, control, additive):
+    for rule in (default, general, control, additive):
         rule.requires_grad_(False)
         for n in (1, 300, 1000):
             ref = rule.init_state(n, like=torch.zeros(n))

@@ -44,13 +44,19 @@ def _grads(n: int, steps: int, dtype: torch.dtype = torch.float32) -> list[torch
     return out
 
 
-def _run(rule, grads, fused: bool, state_dtype: torch.dtype | None = None):
+def _run(rule, grads, fused: bool, state_dtype: torch.dtype | None = None, precise=()):
+    """The steps from a fresh state stored as ``state_dtype`` (the entries ``precise``: float32),
+    by the in-place step (``fused``: the kernel where it takes them) or by the forward."""
     state = rule.init_state(grads[0].numel(), like=grads[0])
     if state_dtype is not None:
         state = {
-            k: v.to(state_dtype) if v.is_floating_point() and rule.coord_dim(k) is not None else v
+            k: v.to(torch.float32 if k in precise else state_dtype)
+            if v.is_floating_point() and rule.coord_dim(k) is not None
+            else v
             for k, v in state.items()
         }
+    if fused and kernels._load_corrected_adam() is not None and state_dtype is not None:
+        assert cas._fused_ok(rule, grads[0], state)  # (float32 state: the tests below check)
     updates = []
     for g in grads:
         if fused:
@@ -76,6 +82,8 @@ CONFIGS = {
     "no-adaptation": {"lr_adapt": 0.0, "grad_clip": 0.0},
     "hidden-32-two-layers": {"hidden_size": 32, "num_layers": 2},
     "hidden-8": {"hidden_size": 8},  # not a multiple of 16: the 8-lane LSTM kernel
+    # Adam's momentum none of the LSTM's (a fifth), v no slow average (the default weights')
+    "adam-momenta": {"beta1": 0.8, "beta2": 0.95},
 }
 
 
@@ -85,16 +93,40 @@ CONFIGS = {
 def test_fused_step_is_the_forward_bit_for_bit_up_to_a_block(config: str, n: int) -> None:
     rule = _rule(**CONFIGS[config])
     grads = _grads(n, 12)
+    assert cas._fused_ok(rule, grads[0], rule.init_state(n, like=grads[0]))
     _assert_equal_runs(_run(rule, grads, True), _run(rule, grads, False))
 
 
 @needs_kernels
-def test_fused_step_with_bfloat16_state_is_the_forward_of_the_rounded_state() -> None:
-    rule = _rule()
+@pytest.mark.parametrize("config", ["shipped", "adam-momenta"])
+def test_fused_step_with_bfloat16_state_is_the_forward_of_the_rounded_state(config: str) -> None:
+    """bfloat16 state, the slow averages float32 (m3 and v with Adam's beta2; m3 alone with
+    0.95)."""
+    rule = _rule(**CONFIGS[config])
     grads = _grads(300, 10)
-    fused = _run(rule, grads, True, torch.bfloat16)
-    assert fused[1]["h0"].dtype == torch.bfloat16 and fused[1]["log_step"].dtype == torch.float32
-    _assert_equal_runs(fused, _run(rule, grads, False, torch.bfloat16))
+    for precise in ((), rule.precise_keys()):  # all bfloat16; the optimizer's layout
+        fused = _run(rule, grads, True, torch.bfloat16, precise)
+        assert fused[1]["h0"].dtype == torch.bfloat16
+        assert fused[1]["log_step"].dtype == torch.float32
+        assert {k for k, v in fused[1].items() if v.dtype == torch.float32} >= set(precise)
+        _assert_equal_runs(fused, _run(rule, grads, False, torch.bfloat16, precise))
+
+
+@needs_kernels
+def test_the_fused_step_takes_every_shipped_corrected_adam_rule() -> None:
+    """The shipped weights' step runs in the fused kernel (the forward is several times
+    slower), with float32 state and with the optimizer's bfloat16 layout."""
+    from learned_opt import LSTMOptimizer, pretrained
+
+    for name in pretrained.available():
+        for dtype in (None, torch.bfloat16):
+            p = torch.nn.Parameter(torch.zeros(300))
+            opt = LSTMOptimizer([p], weights=name, state_dtype=dtype)
+            if not isinstance(opt.rule, LSTMCorrectedAdamRule):
+                continue
+            p.grad = torch.randn(300)
+            opt.step()
+            assert cas._fused_ok(opt.rule, p.grad, opt.state[p]), (name, dtype)
 
 
 @needs_kernels
@@ -148,7 +180,8 @@ def test_without_the_kernels_the_step_is_the_forward(monkeypatch: pytest.MonkeyP
 def test_the_optimizer_steps_in_place_with_one_number_per_tensor_for_the_step_size() -> None:
     """LearnedOptimizer takes the in-place path (the state tensors are updated, not replaced);
     the state costs 156 bytes per float32 parameter (39 numbers: four momenta, two second
-    moments, the last direction and 16 + 16 LSTM states) plus three numbers per tensor."""
+    moments, the last direction and 16 + 16 LSTM states) plus three numbers per tensor (160 with
+    a fifth momentum, Adam's, when it is none of the LSTM's)."""
     rule = LSTMCorrectedAdamRule()
     p = torch.nn.Parameter(torch.zeros(1000))
     opt = LearnedOptimizer([p], rule)
@@ -162,6 +195,10 @@ def test_the_optimizer_steps_in_place_with_one_number_per_tensor_for_the_step_si
         v.numel() * v.element_size() for k, v in opt.state[p].items() if v.numel() >= 1000
     )
     assert per_coordinate == 156 * 1000
+    opt = LearnedOptimizer([p], LSTMCorrectedAdamRule(beta1=0.8))
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert sum(v.numel() * v.element_size() for v in opt.state[p].values()) == 160 * 1000 + 16
     assert {k for k, v in opt.state[p].items() if v.numel() == 1} == {
         "log_step",
         "grad_fast",

@@ -139,6 +139,20 @@ def _load_corrected_adam() -> Any:
     return _CA_EXT
 
 
+def momenta_ok(rule: Any) -> bool:
+    """Whether the fused steps (CPU and Triton) take the LSTM-corrected Adam rule's momenta: the
+    LSTM's four, Adam's ``beta1`` among them or a fifth whose weight ``1 - beta1`` is below 0.5
+    and which is no slow average (stored like the others)."""
+    from ..rules.base import slow_average
+
+    betas, lstm = rule._state_betas, tuple(rule.momentum_betas)
+    if len(lstm) != 4 or betas[:4] != lstm:
+        return False
+    return len(betas) == 4 or (
+        len(betas) == 5 and 1 - betas[4] < 0.5 and not slow_average(betas[4])
+    )
+
+
 def state_layout_ok(rule: Any, state: dict[str, Any], coord: list[str]) -> bool:
     """Whether the LSTM-corrected Adam rule's per-coordinate entries ``coord`` of ``state``
     have a storage the fused steps (CPU and Triton) take: all float32 or all bfloat16, except

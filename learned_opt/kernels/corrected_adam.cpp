@@ -350,14 +350,15 @@ namespace {
 struct StepCtx {
   int64_t n, H, L, n_in, n_out, adam_k;
   const float* g;
-  void* m[4];  // the momenta, v, v_fast, prev (may be null), h[l], c[l]: storage S
+  void* m[5];  // the momenta, v, v_fast, prev (may be null), h[l], c[l]: storage S
   void* v;
   void* vf;
   void* prev;
   void* h[8];
   void* c[8];
   float G, clip, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale, exp_s, exp_lr;
-  float w[4], bc[4];
+  int64_t n_m;  // momenta: the LSTM's four, and a fifth when Adam's is none of them
+  float w[5], bc[5];
   const float* packed;  // quad order (lstm_cell.cpp's kernel)
   const float* gm;      // gate-major (lstm16)
   const int64_t* off;
@@ -368,15 +369,16 @@ struct StepCtx {
 };
 
 // The moments of rows [0, m) (pointers at the block's first row): the gradient bounded and
-// clipped (gcs), the momenta, v and v_fast updated in place (storage S; the slow averages m3
-// and v storage W: float32 beside bfloat16 S, whose 8 bits 1 - 0.999 is below) and kept unrounded
+// clipped (gcs), the momenta, v and v_fast updated in place (storage S; the slow average m3
+// storage W and v storage Q: float32 beside bfloat16 S where they are slow averages, whose weight
+// 1 - beta is below bfloat16's 8 bits; v is slow for beta2 = 0.999, not 0.95) and kept unrounded
 // (mk0..mk3), v and the bias-corrected v_fast (sqv, sqf). torch.lerp with the momenta's weights:
 // 1 - 0.5 (not below 0.5: from the end), 1 - 0.9, 1 - 0.99, 1 - 0.999 (from the start); an fma
 // either way, as in ATen (checked by step_). Parameters, not locals, are __restrict: GCC then
 // vectorizes without run-time alias checks.
-template <typename S, typename W>
+template <typename S, typename W, typename Q>
 void moments(const StepCtx& C, int64_t m, const float* __restrict g, S* __restrict M0,
-             S* __restrict M1, S* __restrict M2, W* __restrict M3, W* __restrict V,
+             S* __restrict M1, S* __restrict M2, W* __restrict M3, Q* __restrict V,
              S* __restrict VF, float* __restrict gcs, float* __restrict mk0,
              float* __restrict mk1, float* __restrict mk2, float* __restrict mk3,
              float* __restrict sqv, float* __restrict sqf) {
@@ -435,14 +437,14 @@ void inputs(const StepCtx& C, int64_t m, const float* __restrict gcs,
   }
 }
 
-// Rows [s, s + mrows) of the step, states stored as S (m3 and v as W). Scratch: see step_.
-template <typename S, typename W>
+// Rows [s, s + mrows) of the step, states stored as S (m3 as W, v as Q). Scratch: see step_.
+template <typename S, typename W, typename Q>
 void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float* scratch) {
   const int64_t H = C.H, L = C.L, n_out = C.n_out;
   // (the scratch arrays and the state entries never overlap)
   float* __restrict x = scratch;
-  float* __restrict mk = x + 7 * block;   // (4, mrows): the new momenta
-  float* __restrict sq = mk + 4 * block;  // (2, mrows): v, v_fast_hat; then their square roots
+  float* __restrict mk = x + 7 * block;   // (5, mrows): the new momenta
+  float* __restrict sq = mk + 5 * block;  // (2, mrows): v, v_fast_hat; then their square roots
   float* __restrict lg = sq + 2 * block;  // (2, mrows): the log arguments; then their logs
   float* __restrict gcs = lg + 2 * block;
   float* __restrict dir = gcs + block;
@@ -451,10 +453,22 @@ void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float
   float* dummy = tt + block;
   float* raw = dummy + 6 * H + 16;
   float* st = raw + 24 * H;
-  moments<S, W>(C, mrows, C.g + s, static_cast<S*>(C.m[0]) + s, static_cast<S*>(C.m[1]) + s,
-                static_cast<S*>(C.m[2]) + s, static_cast<W*>(C.m[3]) + s,
-                static_cast<W*>(C.v) + s, static_cast<S*>(C.vf) + s, gcs, mk, mk + mrows, mk + 2 * mrows, mk + 3 * mrows, sq,
-             sq + mrows);
+  moments<S, W, Q>(C, mrows, C.g + s, static_cast<S*>(C.m[0]) + s,
+                   static_cast<S*>(C.m[1]) + s, static_cast<S*>(C.m[2]) + s,
+                   static_cast<W*>(C.m[3]) + s, static_cast<Q*>(C.v) + s,
+                   static_cast<S*>(C.vf) + s, gcs, mk, mk + mrows, mk + 2 * mrows,
+                   mk + 3 * mrows, sq, sq + mrows);
+  if (C.n_m == 5) {  // Adam's momentum, when it is none of the LSTM's (weight below 0.5)
+    S* __restrict const M4 = static_cast<S*>(C.m[4]) + s;
+    float* __restrict const mk4 = mk + 4 * mrows;
+    const float w4 = C.w[4];
+    for (int64_t i = 0; i < mrows; ++i) {
+      const float m4 = load_s(M4, i);
+      const float n4 = std::fma(w4, gcs[i] - m4, m4);
+      store_s(M4, i, n4);
+      mk4[i] = n4;
+    }
+  }
   {  // torch.sqrt (not always the correctly rounded root: the forward's)
     auto t = torch::from_blob(sq, {2 * mrows}, torch::kFloat32);
     at::sqrt_(t);
@@ -548,9 +562,10 @@ void* state_ptr(const torch::Tensor& t, int64_t n, torch::ScalarType dt, const c
 
 }  // namespace
 
-// The step. grad (n,) float32; m (4 momenta, betas 0.5, 0.9, 0.99, 0.999; Adam's is
-// m[adam_k]), v, v_fast, prev (may be empty: no adaptation), h[l], c[l] (n, H): all float32 or
-// all bfloat16 (m[3] and v: also float32 beside bfloat16), updated in place. `scalars`
+// The step. grad (n,) float32; m (4 momenta, betas 0.5, 0.9, 0.99, 0.999, and a fifth of weight
+// 1 - beta below 0.5 stored like the first three; Adam's is m[adam_k]), v, v_fast, prev (may be
+// empty: no adaptation), h[l], c[l] (n, H): all float32 or all bfloat16 (m[3] and v: each also
+// float32 beside bfloat16), updated in place. `scalars`
 // (float64): [bound G, clip scale, beta2, 1 - beta2,
 // sqrt(1 - beta2^t), eps, 1 - 0.9^t, log floor, p, a_bound, output_scale, exp(s), exp(log lr),
 // then per momentum (1 - beta_k, 1 - beta_k^t)]. out_w (H, n_out), out_b (n_out) (n_out = 2: the
@@ -563,9 +578,12 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
                     std::vector<double> scalars, int64_t adam_k, int64_t block) {
   check_grad(grad, "step_");
   const int64_t n = grad.numel(), L = static_cast<int64_t>(hs.size());
-  TORCH_CHECK(m.size() == 4 && (int64_t)cs.size() == L && L >= 1 && L <= 8 && n_in == 7,
-              "step_: four momenta, one h and c per layer (at most 8), seven inputs");
-  TORCH_CHECK(scalars.size() == 13 + 2 * 4 && adam_k >= 0 && adam_k < 4, "step_: scalars");
+  const int64_t n_m = static_cast<int64_t>(m.size());
+  TORCH_CHECK((n_m == 4 || n_m == 5) && (int64_t)cs.size() == L && L >= 1 && L <= 8 && n_in == 7,
+              "step_: four or five momenta, one h and c per layer (at most 8), seven inputs");
+  TORCH_CHECK(scalars.size() == 13 + 2 * n_m && adam_k >= 0 && adam_k < n_m, "step_: scalars");
+  TORCH_CHECK(n_m == 4 || std::fabs(static_cast<float>(scalars[21])) < 0.5f,
+              "step_: a fifth momentum's weight 1 - beta must be below 0.5");
   TORCH_CHECK(std::fabs(static_cast<float>(scalars[13])) >= 0.5f &&
                   std::fabs(static_cast<float>(scalars[15])) < 0.5f &&
                   std::fabs(static_cast<float>(scalars[17])) < 0.5f &&
@@ -580,9 +598,9 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.is_contiguous() &&
                   offsets.scalar_type() == torch::kInt64 && offsets.numel() == 3 * L,
               "step_: packed LSTM weights");
-  const auto sdt = m[0].scalar_type(), pdt = v.scalar_type();
+  const auto sdt = m[0].scalar_type(), pdt = m[3].scalar_type(), vdt = v.scalar_type();
   TORCH_CHECK((sdt == torch::kFloat32 || sdt == torch::kBFloat16) &&
-                  (pdt == sdt || pdt == torch::kFloat32),
+                  (pdt == sdt || pdt == torch::kFloat32) && (vdt == sdt || vdt == torch::kFloat32),
               "step_: states must be float32 or bfloat16 (m3 and v: also float32)");
   StepCtx C;
   C.n = n;
@@ -592,8 +610,9 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   C.n_out = n_out;
   C.adam_k = adam_k;
   C.g = grad.data_ptr<float>();
-  for (int k = 0; k < 4; ++k) C.m[k] = state_ptr(m[k], n, k == 3 ? pdt : sdt, "a momentum");
-  C.v = state_ptr(v, n, pdt, "v");
+  C.n_m = n_m;
+  for (int k = 0; k < n_m; ++k) C.m[k] = state_ptr(m[k], n, k == 3 ? pdt : sdt, "a momentum");
+  C.v = state_ptr(v, n, vdt, "v");
   C.vf = state_ptr(v_fast, n, sdt, "v_fast");
   C.prev = prev.numel() > 0 ? state_ptr(prev, n, sdt, "prev") : nullptr;
   for (int64_t l = 0; l < L; ++l) {
@@ -615,7 +634,7 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   C.oscale = scalars[10];
   C.exp_s = scalars[11];
   C.exp_lr = scalars[12];
-  for (int k = 0; k < 4; ++k) {
+  for (int k = 0; k < n_m; ++k) {
     C.w[k] = static_cast<float>(scalars[13 + 2 * k]);
     C.bc[k] = static_cast<float>(scalars[14 + 2 * k]);
   }
@@ -633,19 +652,24 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   block = std::max<int64_t>(8, block);
   const int64_t nblocks = (n + block - 1) / block;
   const bool bf16 = sdt == torch::kBFloat16;
-  // Scratch per thread: x (7 block), the new momenta (4 block), square-root and log arguments
+  // Scratch per thread: x (7 block), the new momenta (5 block), square-root and log arguments
   // (2 block each), gradient, direction, read-out (2 block), tanh/exp argument; the LSTM's
   // scratch (6 H + 16, and 6 * 4H for the 16-lane kernel's gate sums); float32 copies of
   // bfloat16 LSTM states (2 L block H).
-  const int64_t sf = 21 * block + 30 * H + 16 + (bf16 ? 2 * L * block * H : 0);
+  const int64_t sf = 22 * block + 30 * H + 16 + (bf16 ? 2 * L * block * H : 0);
   run_blocks(nblocks, sf, [&](int64_t b, float* scratch) {
     const int64_t s = b * block, rows = std::min(block, n - s);
+    const bool m3f = pdt == torch::kFloat32, vf = vdt == torch::kFloat32;
     if (!bf16) {
-      step_block<float, float>(C, s, rows, block, scratch);
-    } else if (pdt == torch::kFloat32) {
-      step_block<uint16_t, float>(C, s, rows, block, scratch);
+      step_block<float, float, float>(C, s, rows, block, scratch);
+    } else if (m3f && vf) {
+      step_block<uint16_t, float, float>(C, s, rows, block, scratch);
+    } else if (m3f) {
+      step_block<uint16_t, float, uint16_t>(C, s, rows, block, scratch);
+    } else if (vf) {
+      step_block<uint16_t, uint16_t, float>(C, s, rows, block, scratch);
     } else {
-      step_block<uint16_t, uint16_t>(C, s, rows, block, scratch);
+      step_block<uint16_t, uint16_t, uint16_t>(C, s, rows, block, scratch);
     }
   });
   return update;

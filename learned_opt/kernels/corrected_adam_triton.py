@@ -78,10 +78,10 @@ if triton is not None:
 
     @triton.jit
     def _step_kernel(
-        g_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, v_ptr, vf_ptr, prev_ptr, h_ptr, c_ptr,
+        g_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, m4_ptr, v_ptr, vf_ptr, prev_ptr, h_ptr, c_ptr,
         wih_ptr, whh_ptr, b_ptr, ow_ptr, ob_ptr, log_lr_ptr, u_ptr, clip_ptr, exp_s_ptr,
         n, G, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale,
-        w0, w1, w2, w3, bc0, bc1, bc2, bc3,
+        w0, w1, w2, w3, w4, bc0, bc1, bc2, bc3, bc4,
         ADAM_K: tl.constexpr, H: tl.constexpr, NOUT: tl.constexpr, HAS_PREV: tl.constexpr,
         BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
@@ -102,6 +102,10 @@ if triton is not None:
         tl.store(m1_ptr + rows, m1.to(m1_ptr.dtype.element_ty), mask=mask)
         tl.store(m2_ptr + rows, m2.to(m2_ptr.dtype.element_ty), mask=mask)
         tl.store(m3_ptr + rows, m3.to(m3_ptr.dtype.element_ty), mask=mask)
+        if ADAM_K == 4:  # Adam's momentum, when it is none of the LSTM's (weight below 0.5)
+            m4 = tl.load(m4_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            m4 = m4 + w4 * (gc - m4)
+            tl.store(m4_ptr + rows, m4.to(m4_ptr.dtype.element_ty), mask=mask)
         v = tl.load(v_ptr + rows, mask=mask, other=0.0).to(tl.float32) * b2 + (omb2 * gc) * gc
         tl.store(v_ptr + rows, v.to(v_ptr.dtype.element_ty), mask=mask)
         vf = tl.load(vf_ptr + rows, mask=mask, other=0.0).to(tl.float32) * 0.9 + (0.1 * gc) * gc
@@ -121,8 +125,10 @@ if triton is not None:
             dir = -x2
         elif ADAM_K == 2:
             dir = -x3
-        else:
+        elif ADAM_K == 3:
             dir = -x4
+        else:
+            dir = -((m4 / bc4) / den)
         # the layer: gates [i, f, g, o] = b + x W_ih + h W_hh, each (BLOCK, H)
         units = tl.arange(0, H)
         hc = rows[:, None] * H + units[None, :]
@@ -241,14 +247,14 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and cfg.num_layers == 1
         and hidden >= 16
         and hidden & (hidden - 1) == 0
-        and len(rule.momentum_betas) == 4
         and rule.in_size == 7
-        and rule._state_betas == rule.momentum_betas
         and "tensor" not in state
     ):
         return False
-    from . import state_layout_ok
+    from . import momenta_ok, state_layout_ok
 
+    if not momenta_ok(rule):
+        return False
     coord = [k for k in state if rule.coord_dim(k) is not None]
     return state_layout_ok(rule, state, coord) and all(
         state[k].device == grad.device and state[k].is_contiguous() for k in coord
@@ -327,7 +333,7 @@ def _fail(exc: Exception) -> None:
 def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
             exp_s: Tensor | None, update: Tensor) -> None:  # fmt: skip
     cfg = rule.settings
-    betas = rule.momentum_betas
+    betas = rule._state_betas
     n = grad.numel()
     w_ih, w_hh, bias = (ts[0] for ts in rule.layer_weights())
     prev = state.get("prev")
@@ -336,13 +342,15 @@ def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: flo
         math.exp(-rule.preprocess_p), rule.preprocess_p, cfg.a_bound, rule.output_scale,
     ]  # fmt: skip
     _step_kernel[(triton.cdiv(n, BLOCK),)](
-        grad, *(state[f"m{k}"] for k in range(4)), state["v"], state["v_fast"],
+        grad, *(state[f"m{k}"] for k in range(4)), state.get("m4", grad), state["v"],
+        state["v_fast"],
         prev if prev is not None else grad, state["h0"], state["c0"],
         w_ih.contiguous(), w_hh.contiguous(), bias.contiguous(),
         rule.out_weight.contiguous(), rule.out_bias.contiguous(), rule.log_lr.reshape(1), update,
         clip, exp_s if exp_s is not None else clip,
         n, bound, *scalars,
-        *(1 - b for b in betas), *(1 - b**t for b in betas),
+        *(1 - b for b in betas[:4]), 1 - betas[-1], *(1 - b**t for b in betas[:4]),
+        1 - betas[-1] ** t,
         ADAM_K=betas.index(cfg.beta1), H=cfg.hidden_size, NOUT=rule.out_weight.shape[1],
         HAS_PREV=prev is not None, BLOCK=BLOCK, PREC=DOT_PRECISION, num_warps=NUM_WARPS,
     )  # fmt: skip

@@ -81,7 +81,7 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
         and cfg.nominal
         and cfg.hidden_size % 4 == 0
         and cfg.num_layers <= 8
-        and rule._state_betas == rule.momentum_betas
+        and kernels.momenta_ok(rule)
         and "tensor" not in state
     ):
         return False
@@ -196,7 +196,7 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
         )
         exp_s = float(torch.exp(log_step))
     layers = range(cfg.num_layers)
-    betas = rule.momentum_betas
+    betas = rule._state_betas
     scalars = [
         bound,
         float(scale),
