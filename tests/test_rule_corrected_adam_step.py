@@ -112,6 +112,17 @@ def test_fused_step_with_bfloat16_state_is_the_forward_of_the_rounded_state(conf
         _assert_equal_runs(fused, _run(rule, grads, False, torch.bfloat16, precise))
 
 
+@pytest.mark.parametrize("beta1", [0.3, 0.998])
+def test_a_fifth_momentum_the_kernels_do_not_take_steps_by_the_forward(beta1: float) -> None:
+    """Adam's momentum with a weight 1 - beta1 of 0.5 or more (another lerp form), or a slow
+    average (stored float32 beside bfloat16): the in-place step is the forward's."""
+    rule = _rule(beta1=beta1)
+    grads = _grads(300, 6)
+    assert len(rule._state_betas) == 5 and not kernels.momenta_ok(rule)
+    assert not cas._fused_ok(rule, grads[0], rule.init_state(300, like=grads[0]))
+    _assert_equal_runs(_run(rule, grads, True), _run(rule, grads, False))
+
+
 @needs_kernels
 def test_the_fused_step_takes_every_shipped_corrected_adam_rule() -> None:
     """The shipped weights' step runs in the fused kernel (the forward is several times

@@ -142,14 +142,12 @@ def _load_corrected_adam() -> Any:
 def momenta_ok(rule: Any) -> bool:
     """Whether the fused steps (CPU and Triton) take the LSTM-corrected Adam rule's momenta: the
     LSTM's four, Adam's ``beta1`` among them or a fifth whose weight ``1 - beta1`` is below 0.5
-    and which is no slow average (stored like the others)."""
-    from ..rules.base import slow_average
-
+    and which is no slow average (not among ``rule.precise_keys()``: stored like the others)."""
     betas, lstm = rule._state_betas, tuple(rule.momentum_betas)
     if len(lstm) != 4 or betas[:4] != lstm:
         return False
     return len(betas) == 4 or (
-        len(betas) == 5 and 1 - betas[4] < 0.5 and not slow_average(betas[4])
+        len(betas) == 5 and 1 - betas[4] < 0.5 and "m4" not in rule.precise_keys()
     )
 
 
