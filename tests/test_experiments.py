@@ -361,12 +361,13 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     [
         ("experiments/adaptation_rate.py", "general", "runs/adaptation-rate"),
         ("experiments/adam_betas.py", "general-v2", "runs/adam-betas"),
+        ("experiments/adaptation_shrink.py", "general-v3", "runs/adaptation-shrink"),
     ],
 )
 def test_settings_recipe_writes_its_base_with_the_chosen_settings(
     script: str, base: str, run: str, tmp_path: Path, run_script, capsys
 ) -> None:
-    """A settings recipe (the retuned adaptation; the retuned momenta): its weights are the
+    """A settings recipe (the retuned adaptation, momenta, shrinking): its weights are the
     shipped base's tensors with the chosen settings, and the committed validation record (if
     any) chooses those settings."""
     import math
@@ -424,6 +425,7 @@ def test_validate_settings_scores_every_setting_and_chooses_the_lowest(tmp_path:
     [
         ("experiments/adaptation_rate.py", "general", "adaptation-rate", "general"),
         ("experiments/adam_betas.py", "general-v2", "adam-betas", "general-v2-regrouped"),
+        ("experiments/adaptation_shrink.py", "general-v3", "adaptation-shrink", "adam-betas"),
     ],
 )
 def test_settings_recipe_ships_its_weights_with_their_sealed_figures(
