@@ -107,6 +107,7 @@ def test_module_entry_point_help() -> None:
         capture_output=True,
         text=True,
         check=True,
+        timeout=300,
     ).stdout
     for flag in (
         "--family",

@@ -103,6 +103,7 @@ def test_cli_under_torchrun_rank0_writes_and_resume_with_other_world_size(tmp_pa
         ],
         check=True,
         capture_output=True,
+        timeout=300,
     )
     straight = MetaTrainer(
         MetaTrainConfig(

@@ -106,7 +106,9 @@ def _sigkill_and_compare(tmp_path: Path) -> None:
             kills += 1
         proc.wait()
     assert kills == 5, "the run finished before it could be killed five times"
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300
+    )
 
     final = torch.load(find_checkpoints(ckpt)[0], weights_only=True)
     assert final["iteration"] == 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -197,6 +198,22 @@ def test_build_name_includes_the_cpu() -> None:
     fp = kernels._cpu_fingerprint()
     assert fp == kernels._cpu_fingerprint()
     assert len(fp) == 10 and all(ch in "0123456789abcdef" for ch in fp)
+
+
+@pytest.mark.parametrize("extension", ["learned_opt_lstm_cell", "learned_opt_corrected_adam"])
+def test_a_build_lock_left_by_a_killed_process_does_not_block_loading(extension: str) -> None:
+    """PyTorch creates and removes a lock file around every load, up-to-date builds included: a
+    process killed in between (the fault tests kill meta-training at random moments) leaves it
+    behind, and PyTorch alone would make every later load wait on it forever."""
+    lock = kernels._build_directory(extension) / "lock"
+    lock.touch()  # what the killed process leaves
+    code = (
+        "from learned_opt import kernels; import sys; "
+        "sys.exit(0 if kernels.available() and kernels._load_corrected_adam() else 3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not lock.exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built with OpenMP on Linux only")

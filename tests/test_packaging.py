@@ -43,6 +43,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         + ["--quiet", str(src), "-w", str(out)],
         check=True,
         cwd=src,
+        timeout=600,
     )
     (found,) = out.glob("learned_opt-*.whl")
     return found
@@ -82,7 +83,9 @@ def test_wheel_requires_a_torch_range_not_a_pin(wheel: Path) -> None:
 def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel installed; returns the venv's directory."""
     venv = tmp_path_factory.mktemp("env") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300
+    )
     python = venv / "bin" / "python"
     site = Path(
         subprocess.run(
@@ -90,6 +93,7 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             check=True,
             capture_output=True,
             text=True,
+            timeout=120,
         ).stdout.strip()
     )
     # This environment's packages (torch, numpy, ...) after the fresh venv's own.
@@ -98,6 +102,7 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"]
         + ["--no-index", "--quiet", str(wheel)],
         check=True,
+        timeout=600,
     )
     return venv
 
@@ -136,6 +141,7 @@ def _use(venv: Path, cwd: Path, **env: str) -> dict:
         text=True,
         cwd=cwd,
         env={**os.environ, **env},
+        timeout=600,
     )
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(got["file"]).is_relative_to(venv), got["file"]
@@ -162,6 +168,7 @@ def test_installed_wheel_loads_the_shipped_weights_outside_the_source_tree(
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        timeout=300,
     )
     assert cli.returncode == 0 and "usage" in cli.stdout.lower()
 

@@ -22,12 +22,14 @@ kernel (imported only when a GPU tensor is stepped).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,23 +79,53 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:10]
 
 
+def _build_directory(name: str) -> Path:
+    """The cache folder of the extension ``name`` (created if missing)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(f"{name}_{_cpu_fingerprint()}", verbose=False))
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` across processes.
+
+    PyTorch's own build lock is a file that every load (even of an up-to-date build) creates and
+    removes; a process killed in between leaves it behind, and every later load waits on it
+    forever. An ``flock`` is released by the kernel when its holder dies: taken around the load,
+    it makes PyTorch's file lock, when present, the leftover of a dead process, to be removed.
+    Where there is no ``fcntl`` (Windows), a lock file older than any plausible build is taken
+    as stale instead."""
+    torch_lock = folder / "lock"
+    try:
+        import fcntl
+    except ImportError:
+        if torch_lock.exists() and time.time() - torch_lock.stat().st_mtime > 600:
+            torch_lock.unlink(missing_ok=True)
+        yield
+        return
+    with open(folder / "learned_opt.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            torch_lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build(name: str, source: str, cflags: list[str]) -> Any:
     """Compile (or load from the cache) the extension ``name`` from ``source`` in this folder."""
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
-    # A process killed while compiling leaves its lock behind, and torch would wait on it
-    # forever: a lock older than any plausible build is stale.
-    name = f"{name}_{_cpu_fingerprint()}"
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
-        lock.unlink(missing_ok=True)
-    return load(
-        name=name,
-        sources=[str(Path(__file__).with_name(source))],
-        extra_cflags=cflags + _OPENMP,
-        extra_ldflags=_OPENMP,
-        verbose=False,
-    )
+    folder = _build_directory(name)
+    with _exclusive(folder):
+        return load(
+            name=folder.name,
+            sources=[str(Path(__file__).with_name(source))],
+            extra_cflags=cflags + _OPENMP,
+            extra_ldflags=_OPENMP,
+            verbose=False,
+        )
 
 
 def _load() -> Any:

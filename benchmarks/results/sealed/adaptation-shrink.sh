@@ -4,8 +4,10 @@
 # written by the recipe from it; both horizons side by side, one torch thread each, on the 2-core
 # machine.
 # Outputs: adaptation-shrink-{100,1000}/ and adaptation-shrink-{100,1000}.log here.
+# Usage: adaptation-shrink.sh [HORIZON]: one horizon alone (a run to repeat after an interruption),
+# of the commit in $COMMIT (default HEAD).
 set -e
-COMMIT=$(git -C /work/main rev-parse HEAD)
+COMMIT=$(git -C /work/main rev-parse "${COMMIT:-HEAD}")
 rm -rf /tmp/sealed-shrink && mkdir -p /tmp/sealed-shrink/src
 git -C /work/main archive "$COMMIT" | tar -x -C /tmp/sealed-shrink/src
 export LEARNED_OPT_SOURCE_COMMIT=$COMMIT
@@ -20,6 +22,10 @@ sealed() {
     --out $OUT/sealed/adaptation-shrink-"$1"
   echo "=== done $1: $(date -u +%FT%TZ)"
 }
+if [ -n "$1" ]; then
+  sealed "$1" > $OUT/sealed/adaptation-shrink-"$1".log 2>&1
+  exit
+fi
 sealed 1000 > $OUT/sealed/adaptation-shrink-1000.log 2>&1 &
 sealed 100 > $OUT/sealed/adaptation-shrink-100.log 2>&1
 wait
