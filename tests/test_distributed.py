@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,27 @@ def _torchrun(*args: str, nproc: int = 2, timeout: float = 240) -> None:
     ]
     # faulthandler: a rank that aborts prints every thread's Python stack
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = _run_group(cmd, timeout, env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-12000:]
+
+
+def _run_group(
+    cmd: list[str], timeout: float, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``subprocess.run`` whose timeout kills the launcher's whole process group: killing
+    torchrun alone leaves its ranks holding the output pipes (and waiting in a collective for
+    up to the process group's timeout), and ``run`` would wait for them."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {cmd}\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _worker_config() -> dict:
@@ -140,7 +160,7 @@ def test_a_dying_rank_stops_the_job_with_an_error(tmp_path: Path) -> None:
         str(tmp_path),
         "die",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = _run_group(cmd, 180)
     assert proc.returncode != 0
     assert "exitcode" in proc.stderr or "failed" in proc.stderr.lower()
     assert not (tmp_path / "rank0.pt").exists()
