@@ -6,6 +6,7 @@ validation tasks (:func:`run_settings_steps`)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -261,12 +262,13 @@ def ship_settings(
         },
         "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
     }  # fmt: skip
-    meta = {key: value for key, value in meta.items() if key not in ("shipped", "figures")}
+    drop = ("shipped", "figures", "weights_sha256")  # of the base file, not of these weights
+    meta = {key: value for key, value in meta.items() if key not in drop}
     meta.update(
         source=source,
         derived_from={
             "weights": replaces,
-            "weights_sha256": meta.pop("weights_sha256", None),
+            "weights_sha256": hashlib.sha256(pretrained.path(replaces).read_bytes()).hexdigest(),
             "settings": chosen,
             "chosen_on_validation": validation,
         },

@@ -3,6 +3,7 @@ its steps), and each recipe runs the command recorded with the weights it produc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import runpy
 import shlex
@@ -453,6 +454,8 @@ def test_settings_recipe_ships_its_weights_with_their_sealed_figures(
     assert meta["command"] == before["command"] and meta["config"] == before["config"]
     assert meta["recipe"] == f"python {script}"
     assert meta["derived_from"]["settings"] == recipe["CHOSEN"]
+    base_file = pretrained.path(replaced).read_bytes()
+    assert meta["derived_from"]["weights_sha256"] == hashlib.sha256(base_file).hexdigest()
     for horizon, entry in meta["figures"]["by_steps"].items():
         table = (ROOT / entry["results"] / "table.md").read_text()
         assert f"**{entry['geometric_mean']:.3f}**" in table
