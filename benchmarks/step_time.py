@@ -1,7 +1,7 @@
 """Benchmark: optimizer step time against the rule's own floor, and against Adam.
 
 **The default rule** (``LSTMOptimizer()``: the LSTM-corrected Adam rule, shipped weights
-``"general-v3"``) on one flat tensor of 1M and 10M parameters, with 1 and 2 threads
+``"general-v4"``) on one flat tensor of 1M and 10M parameters, with 1 and 2 threads
 (``torch.set_num_threads``), side by side with ``torch.optim.Adam`` in the same run. Its floor is
 derived here from the rule's math and this machine's measured rates:
 

@@ -55,7 +55,7 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    By default (``weights=None``) the optimizer runs the shipped ``"general-v3"`` weights of
+    By default (``weights=None``) the optimizer runs the shipped ``"general-v4"`` weights of
     :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step (momenta 0.8 and 0.95),
     scaled per coordinate by a small LSTM (16 units, shared by all coordinates, reading
     scale-invariant features of each coordinate's gradient history; its correction is bounded to
