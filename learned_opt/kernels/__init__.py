@@ -90,12 +90,10 @@ def _build_directory(name: str) -> Path:
 def _exclusive(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` across processes.
 
-    PyTorch's own build lock is a file that every load (even of an up-to-date build) creates and
-    removes; a process killed in between leaves it behind, and every later load waits on it
-    forever. An ``flock`` is released by the kernel when its holder dies: taken around the load,
-    it makes PyTorch's file lock, when present, the leftover of a dead process, to be removed.
-    Where there is no ``fcntl`` (Windows), a lock file older than any plausible build is taken
-    as stale instead."""
+    Every PyTorch load, even of an up-to-date build, creates and removes the lock file
+    ``folder/lock``; a process killed in between leaves it, and later loads wait on it forever.
+    An ``flock`` is released when its file is closed or its holder dies: under it, a lock file
+    is a dead process's leftover. Without ``fcntl`` (Windows), one older than any build is."""
     torch_lock = folder / "lock"
     try:
         import fcntl
@@ -106,11 +104,8 @@ def _exclusive(folder: Path) -> Iterator[None]:
         return
     with open(folder / "learned_opt.lock", "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            torch_lock.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        torch_lock.unlink(missing_ok=True)
+        yield
 
 
 def _build(name: str, source: str, cflags: list[str]) -> Any:
