@@ -222,13 +222,15 @@ def ship_settings(
     sealed: Path = SEALED,
     replaced_name: str | None = None,
     allow_worse: bool = False,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the shipped weights ``replaces`` with the settings ``chosen`` as ``dest/{name}.pt``
     (and ``.json``), with metadata: the meta-training record of the weights they derive from,
     the settings and the validation figures that chose them (``results/records.jsonl``, written
     by :func:`validate_settings` through the command ``{recipe} --steps validate``), and the
     sealed figures (``sealed/{sealed_name}-{steps}``) of these weights and of ``replaces``
-    (``sealed/{replaced_name}-{steps}``, by default ``replaces``'s name). Returns the metadata.
+    (``sealed/{replaced_name}-{steps}``, by default ``replaces``'s name). A recipe whose
+    validation records differ passes its own ``validation`` figures. Returns the metadata.
 
     Raises:
         ValueError: (unless ``allow_worse``) their sealed geometric mean is above that of
@@ -249,19 +251,21 @@ def ship_settings(
                 f"{replaces!r}'s {before['geometric_mean']}; not shipping"
             )
         by_steps[str(horizon)] = {**mine, f"replaced_{replaces}": before}
-    rows = read_jsonl(results / "records.jsonl")
-    metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
-    validation = {
-        "command": f"{recipe} --steps validate",
-        "results": str(results),
-        "metric": "geometric mean of the final training loss over the validation group's 8 tasks",
-        "by_steps": {
-            str(h): {"chosen": round(metric[json.dumps(chosen), h], 4),
-                     replaces: round(metric["{}", h], 4)}
-            for h in horizons
-        },
-        "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
-    }  # fmt: skip
+    if validation is None:
+        rows = read_jsonl(results / "records.jsonl")
+        metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
+        validation = {
+            "command": f"{recipe} --steps validate",
+            "results": str(results),
+            "metric": "geometric mean of the final training loss over the validation group's 8 "
+            "tasks",
+            "by_steps": {
+                str(h): {"chosen": round(metric[json.dumps(chosen), h], 4),
+                         replaces: round(metric["{}", h], 4)}
+                for h in horizons
+            },
+            "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
+        }  # fmt: skip
     drop = ("shipped", "figures", "weights_sha256")  # of the base file, not of these weights
     meta = {key: value for key, value in meta.items() if key not in drop}
     meta.update(

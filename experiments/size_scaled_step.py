@@ -78,23 +78,26 @@ def _wide() -> dict[str, Any]:
 WIDE: Callable[[], dict[str, Any]] = _wide
 
 
-def _rule(ref: float) -> Any:
+def _rule(ref: float, base: str | None = None) -> Any:
+    """The shipped weights ``base`` (default :data:`REPLACES`) with ``lr_size_ref`` = ``ref``
+    (0: as shipped)."""
     from learned_opt import load_rule, pretrained
 
-    base, _ = load_rule(pretrained.path(REPLACES))
-    return base.variant(lr_size_ref=ref) if ref else base
+    rule, _ = load_rule(pretrained.path(base or REPLACES))
+    return rule.variant(lr_size_ref=ref) if ref else rule
 
 
-def _wide_run(job: tuple[str, float, int]) -> dict[str, Any]:
-    """One 1,000-step run of a wide task (in a worker process, one thread)."""
+def _wide_run(job: tuple[str, float, int, str]) -> dict[str, Any]:
+    """One 1,000-step run of a wide task by the weights ``base`` (in a worker process, one
+    thread)."""
     import torch
 
     from learned_opt import LearnedOptimizer
     from learned_opt.evaluate import run_optimizer
 
     torch.set_num_threads(1)
-    task, ref, seed = job
-    rule = _rule(ref)
+    task, ref, seed, base = job
+    rule = _rule(ref, base)
     start = time.perf_counter()
     run = run_optimizer(WIDE()[task], seed, lambda p, lr: LearnedOptimizer(p, rule, lr=lr), 1.0,
                         max(HORIZONS))  # fmt: skip
@@ -103,7 +106,7 @@ def _wide_run(job: tuple[str, float, int]) -> dict[str, Any]:
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def _validation_runs(ref: float) -> list[dict[str, Any]]:
+def _validation_runs(ref: float, base: str | None = None) -> list[dict[str, Any]]:
     """The validation group's 8 held-out tasks at each horizon (final training loss)."""
     from learned_opt import LearnedOptimizer
     from learned_opt.evaluate import run_optimizer
@@ -111,7 +114,7 @@ def _validation_runs(ref: float) -> list[dict[str, Any]]:
     from learned_opt.outer.held_out import HeldOut
     from learned_opt.tasks import make_family
 
-    rule, records = _rule(ref), []
+    rule, records = _rule(ref, base), []
     for horizon in HORIZONS:
         config = MetaTrainConfig(
             objective="final-train", log_meta_loss=True, eval_family="validation",
@@ -157,26 +160,34 @@ def largest_sealed_tensor() -> int:
     return _largest_tensor([(family, 0) for family in sealed_tasks().values()])
 
 
-def validate(out: Path, procs: int = 2) -> float:
-    """Every :data:`GRID` value on the wide tasks (and the validation group where it changes
-    anything); writes ``out``; returns the chosen value."""
+def validate(
+    out: Path,
+    procs: int = 2,
+    base: str | None = None,
+    grid: tuple[float, ...] | None = None,
+    recipe: str = RECIPE,
+) -> float:
+    """Every value of ``grid`` (default :data:`GRID`) with the weights ``base`` (default
+    :data:`REPLACES`) on the wide tasks (and the validation group where it changes anything);
+    writes ``out`` (its table names ``recipe``); returns the chosen value."""
     import multiprocessing
 
     from learned_opt.evaluate import geometric_mean
     from learned_opt.report import write_results
 
-    jobs = [(task, ref, seed) for ref in GRID for task in WIDE() for seed in SEEDS]
+    base, grid = base or REPLACES, grid or GRID
+    jobs = [(task, ref, seed, base) for ref in grid for task in WIDE() for seed in SEEDS]
     if procs == 1:
         records = [_wide_run(job) for job in jobs]
     else:
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
             records = pool.map(_wide_run, jobs, chunksize=1)
     largest = _largest_validation_tensor()
-    for ref in GRID:
+    for ref in grid:
         if ref == 0 or ref < largest:
-            records += _validation_runs(ref)
+            records += _validation_runs(ref, base)
     cells: dict[float, dict[str, float]] = {}
-    for ref in GRID:
+    for ref in grid:
         row = cells.setdefault(ref, {})
         for h in HORIZONS:
             wide = [r["metric"][str(h)] for r in records if r["group"] == "wide"
@@ -191,20 +202,20 @@ def validate(out: Path, procs: int = 2) -> float:
     def score(ref: float) -> float:
         return sum(math.log(v / cells[0.0][k]) for k, v in cells[ref].items()) / len(cells[ref])
 
-    chosen = min(GRID, key=score)
+    chosen = min(grid, key=score)
     keys = list(cells[0.0])
     lines = [
-        f"`general-v2` with large tensors starting at a smaller step size (`lr_size_ref`), on "
+        f"`{base}` with large tensors starting at a smaller step size (`lr_size_ref`), on "
         f"wide versions of the validation group's architectures ({', '.join(WIDE())}; seeds "
         f"{list(SEEDS)}; geometric mean of the mean minibatch loss over the 10 steps before the "
         f"horizon) and on the validation group's 8 held-out tasks (final training loss; run "
         f"where the reference is below its largest tensor, {largest} coordinates, else the "
-        f"same steps as `general-v2`); `{RECIPE} --steps validate`.",
+        f"same steps as `{base}`); `{recipe} --steps validate`.",
         "",
-        "| lr_size_ref | " + " | ".join(keys) + " | mean / general-v2 |",
+        "| lr_size_ref | " + " | ".join(keys) + f" | mean / {base} |",
         "| ---: | " + " | ".join("---:" for _ in keys) + " | ---: |",
     ]
-    for ref in GRID:
+    for ref in grid:
         mark = " (chosen)" if ref == chosen else ""
         cols = " | ".join(f"{cells[ref][k]:.4f}" for k in keys)
         lines.append(f"| {ref:g}{mark} | {cols} | {math.exp(score(ref)):.3f} |")
@@ -212,7 +223,7 @@ def validate(out: Path, procs: int = 2) -> float:
               "| task | lr_size_ref | " + " | ".join(f"{h} steps" for h in HORIZONS) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in HORIZONS) + " |"]  # fmt: skip
     for task in WIDE():
-        for ref in GRID:
+        for ref in grid:
             mine = [r for r in records if r["group"] == "wide" and r["task"] == task
                     and r["lr_size_ref"] == ref]  # fmt: skip
             cols = " | ".join(f"{sum(r['metric'][str(h)] for r in mine) / len(mine):.4f}"
@@ -231,12 +242,16 @@ def write_weights(path: Path) -> None:
     save_rule(path, _rule(CHOSEN), {"source": source})
 
 
-def validation_figures(records: Path) -> dict[str, Any]:
-    """The validation step's metrics of :data:`CHOSEN` and of ``general-v2``."""
+def validation_figures(
+    records: Path, chosen: float | None = None, base: str | None = None, recipe: str = RECIPE
+) -> dict[str, Any]:
+    """The validation step's metrics of ``chosen`` (default :data:`CHOSEN`) and of the weights
+    ``base`` (default :data:`REPLACES`) as shipped."""
     from learned_opt.evaluate import geometric_mean
     from learned_opt.report import read_jsonl
 
     rows = read_jsonl(records)
+    chosen, base = CHOSEN if chosen is None else chosen, base or REPLACES
 
     def wide(ref: float, h: int) -> float:
         values = [
@@ -245,11 +260,11 @@ def validation_figures(records: Path) -> dict[str, Any]:
         return round(geometric_mean(values), 4)
 
     return {
-        "command": f"{RECIPE} --steps validate",
+        "command": f"{recipe} --steps validate",
         "results": str(records.parent),
         "metric": "geometric mean over the wide validation tasks and seeds of the mean minibatch "
         "loss over the 10 steps before the horizon",
-        "by_steps": {str(h): {"chosen": wide(CHOSEN, h), REPLACES: wide(0.0, h)} for h in HORIZONS},
+        "by_steps": {str(h): {"chosen": wide(chosen, h), base: wide(0.0, h)} for h in HORIZONS},
         "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
     }
 

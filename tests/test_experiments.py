@@ -549,7 +549,7 @@ def test_size_scaled_step_validation_chooses_the_lowest_metric(tmp_path: Path) -
     validate.__globals__.update(
         WIDE=lambda: {"tiny": SourceMLPFamily("friedman3", "val", (32,), (1,), ("relu",), (16,))},
         GRID=(0.0, 64.0), SEEDS=(0,), HORIZONS=(10, 20),
-        _validation_runs=lambda ref: [{"group": "validation", "lr_size_ref": ref, "steps": h,
+        _validation_runs=lambda ref, base: [{"group": "validation", "lr_size_ref": ref, "steps": h,
                                        "metric": 1.0, "seconds": 0.0} for h in (10, 20)],
     )  # fmt: skip
     chosen = validate(tmp_path, 1)
