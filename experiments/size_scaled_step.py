@@ -193,11 +193,11 @@ def validate(
             wide = [r["metric"][str(h)] for r in records if r["group"] == "wide"
                     and r["lr_size_ref"] == ref]  # fmt: skip
             row[f"wide {h}"] = geometric_mean(wide)
-            (base,) = [r["metric"] for r in records if r["group"] == "validation"
+            (shipped,) = [r["metric"] for r in records if r["group"] == "validation"
                        and r["lr_size_ref"] == 0 and r["steps"] == h]  # fmt: skip
             same = [r["metric"] for r in records if r["group"] == "validation"
                     and r["lr_size_ref"] == ref and r["steps"] == h]  # fmt: skip
-            row[f"validation {h}"] = same[0] if same else base
+            row[f"validation {h}"] = same[0] if same else shipped
 
     def score(ref: float) -> float:
         return sum(math.log(v / cells[0.0][k]) for k, v in cells[ref].items()) / len(cells[ref])

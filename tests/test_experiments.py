@@ -501,23 +501,30 @@ def _size_recipe() -> dict:
     return runpy.run_path(str(ROOT / "experiments/size_scaled_step.py"))
 
 
-def test_size_scaled_step_recipe_writes_the_default_with_the_chosen_reference(
-    tmp_path: Path, run_script, capsys
+@pytest.mark.parametrize(
+    ("script", "base", "run"),
+    [
+        ("experiments/size_scaled_step.py", "general-v2", "runs/size-scaled-step"),
+        ("experiments/size_scaled_default.py", "general-v4", "runs/size-scaled-default"),
+    ],
+)
+def test_size_scaled_recipe_writes_its_base_with_the_chosen_reference(
+    script: str, base: str, run: str, tmp_path: Path, run_script, capsys
 ) -> None:
-    """Its weights are ``general-v2``'s tensors with ``lr_size_ref`` = CHOSEN, and the committed
+    """Its weights are the base's tensors with ``lr_size_ref`` = CHOSEN, and the committed
     validation record (if any) chooses CHOSEN."""
     import math
 
     from learned_opt.report import read_jsonl
 
-    assert run_script("experiments/size_scaled_step.py", "--dry-run") == 0
-    assert "runs/size-scaled-step/weights.pt" in capsys.readouterr().out
-    recipe = _size_recipe()
+    assert run_script(script, "--dry-run") == 0
+    assert f"{run}/weights.pt" in capsys.readouterr().out
+    recipe = runpy.run_path(str(ROOT / script))
     chosen = recipe["CHOSEN"]
     assert chosen in recipe["GRID"] and 0.0 in recipe["GRID"]
     recipe["write_weights"](tmp_path / "weights.pt")
     rule, _ = load_rule(tmp_path / "weights.pt")
-    replaced, _ = load_rule(pretrained.path(recipe["REPLACES"]))
+    replaced, _ = load_rule(pretrained.path(base))
     assert rule.settings == replaced.settings.replace(lr_size_ref=chosen)
     for key, value in replaced.state_dict().items():
         assert torch.equal(rule.state_dict()[key], value)
@@ -557,7 +564,8 @@ def test_size_scaled_step_validation_chooses_the_lowest_metric(tmp_path: Path) -
     assert sorted(r["lr_size_ref"] for r in rows) == [0.0, 64.0]
     metric = {r["lr_size_ref"]: r["metric"]["10"] * r["metric"]["20"] for r in rows}
     assert metric[0.0] != metric[64.0] and chosen == min(metric, key=metric.get)
-    assert "| 64 " in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| 64 " in table and table.startswith("`general-v2` with")
 
 
 def test_size_scaled_step_ships_its_weights_with_their_sealed_figures(tmp_path: Path) -> None:
@@ -591,3 +599,41 @@ def test_size_scaled_step_ships_its_weights_with_their_sealed_figures(tmp_path: 
         assert entry["same_steps_as"] == "general-v2"
         assert entry["geometric_mean"] == entry["general-v2"]["geometric_mean"]
     assert meta["figures"]["default_candidate"]
+
+
+def test_size_scaled_default_ships_general_v4_with_the_chosen_reference(tmp_path: Path) -> None:
+    """The default candidate's ship step writes ``general-v4``'s tensors with the chosen
+    reference, the wide validation figures that chose it and the sealed figures of both; it
+    refuses weights whose sealed figures are worse than ``general-v4``'s."""
+    recipe = runpy.run_path(str(ROOT / "experiments/size_scaled_default.py"))
+    results = ROOT / candidates_sealed()
+    if not all((results / f"size-scaled-default-{h}" / "summary.jsonl").is_file()
+               for h in (100, 1000)):  # fmt: skip
+        pytest.skip("no committed sealed runs of the candidate")
+    worse = any(
+        candidate > before
+        for candidate, before in (
+            (recipe["candidates"].sealed_figures(results / f"{name}-{h}")["geometric_mean"]
+             for name in ("size-scaled-default", "adaptation-shrink"))
+            for h in (100, 1000)
+        )
+    )  # fmt: skip
+    if worse:
+        with pytest.raises(ValueError, match="not shipping"):
+            recipe["ship"](tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+        return
+    meta = recipe["ship"](tmp_path / "package")
+    rule, saved = load_rule(tmp_path / "package" / "general-v5.pt")
+    assert saved == meta and rule.settings.lr_size_ref == recipe["CHOSEN"]
+    base, _ = load_rule(pretrained.path("general-v4"))
+    assert rule.settings == base.settings.replace(lr_size_ref=recipe["CHOSEN"])
+    assert meta["derived_from"]["settings"] == {"lr_size_ref": recipe["CHOSEN"]}
+    base_file = pretrained.path("general-v4").read_bytes()
+    assert meta["derived_from"]["weights_sha256"] == hashlib.sha256(base_file).hexdigest()
+    validation = meta["derived_from"]["chosen_on_validation"]
+    assert validation["command"] == "python experiments/size_scaled_default.py --steps validate"
+    assert set(validation["by_steps"]) == {"100", "1000"}
+    assert all(set(entry) == {"chosen", "general-v4"} for entry in validation["by_steps"].values())
+    for entry in meta["figures"]["by_steps"].values():
+        assert entry["geometric_mean"] <= entry["replaced_general-v4"]["geometric_mean"]
