@@ -234,7 +234,9 @@ def ship_settings(
 
     Raises:
         ValueError: (unless ``allow_worse``) their sealed geometric mean is above that of
-            ``replaces`` at some horizon. Nothing is written then.
+            ``replaces`` at some horizon. Nothing is written then. With ``allow_worse`` (weights
+            shipped by name beside the default) ``figures.default_candidate`` records whether
+            it is at most that at every horizon.
     """
     from learned_opt import load_rule, pretrained, save_rule
     from learned_opt.cli import git_commit
@@ -283,6 +285,11 @@ def ship_settings(
             "Adam's per task; geometric mean over the sealed test group's tasks",
             "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
             "by_steps": by_steps,
+            # at most the replaced weights' at every horizon: the condition for the default
+            "default_candidate": all(
+                entry["geometric_mean"] <= entry[f"replaced_{replaces}"]["geometric_mean"]
+                for entry in by_steps.values()
+            ),
         },
         shipped={"command": f"{recipe} --steps ship", "commit": git_commit()},
     )

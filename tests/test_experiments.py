@@ -602,32 +602,21 @@ def test_size_scaled_step_ships_its_weights_with_their_sealed_figures(tmp_path: 
 
 
 def test_size_scaled_default_ships_general_v4_with_the_chosen_reference(tmp_path: Path) -> None:
-    """The default candidate's ship step writes ``general-v4``'s tensors with the chosen
-    reference, the wide validation figures that chose it and the sealed figures of both; it
-    refuses weights whose sealed figures are worse than ``general-v4``'s."""
+    """The candidate's ship step writes ``general-v4``'s tensors with the chosen reference, the
+    wide validation figures that chose it, the sealed figures of both and whether its sealed
+    geometric mean is at most ``general-v4``'s at both horizons."""
     recipe = runpy.run_path(str(ROOT / "experiments/size_scaled_default.py"))
     results = ROOT / candidates_sealed()
     if not all((results / f"size-scaled-default-{h}" / "summary.jsonl").is_file()
                for h in (100, 1000)):  # fmt: skip
         pytest.skip("no committed sealed runs of the candidate")
-    worse = any(
-        candidate > before
-        for candidate, before in (
-            (recipe["candidates"].sealed_figures(results / f"{name}-{h}")["geometric_mean"]
-             for name in ("size-scaled-default", "adaptation-shrink"))
-            for h in (100, 1000)
-        )
-    )  # fmt: skip
-    if worse:
-        with pytest.raises(ValueError, match="not shipping"):
-            recipe["ship"](tmp_path / "refused")
-        assert not (tmp_path / "refused").exists()
-        return
     meta = recipe["ship"](tmp_path / "package")
-    rule, saved = load_rule(tmp_path / "package" / "general-v5.pt")
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
     assert saved == meta and rule.settings.lr_size_ref == recipe["CHOSEN"]
     base, _ = load_rule(pretrained.path("general-v4"))
     assert rule.settings == base.settings.replace(lr_size_ref=recipe["CHOSEN"])
+    for a, b in zip(rule.parameters(), base.parameters(), strict=True):
+        assert torch.equal(a, b)
     assert meta["derived_from"]["settings"] == {"lr_size_ref": recipe["CHOSEN"]}
     base_file = pretrained.path("general-v4").read_bytes()
     assert meta["derived_from"]["weights_sha256"] == hashlib.sha256(base_file).hexdigest()
@@ -635,5 +624,10 @@ def test_size_scaled_default_ships_general_v4_with_the_chosen_reference(tmp_path
     assert validation["command"] == "python experiments/size_scaled_default.py --steps validate"
     assert set(validation["by_steps"]) == {"100", "1000"}
     assert all(set(entry) == {"chosen", "general-v4"} for entry in validation["by_steps"].values())
-    for entry in meta["figures"]["by_steps"].values():
-        assert entry["geometric_mean"] <= entry["replaced_general-v4"]["geometric_mean"]
+    at_most = []
+    for horizon, entry in meta["figures"]["by_steps"].items():
+        assert f"size-scaled-default-{horizon}" in entry["results"]
+        before = entry["replaced_general-v4"]
+        assert f"adaptation-shrink-{horizon}" in before["results"]
+        at_most.append(entry["geometric_mean"] <= before["geometric_mean"])
+    assert meta["figures"]["default_candidate"] == all(at_most)
