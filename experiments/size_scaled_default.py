@@ -1,5 +1,5 @@
-"""Recipe of a default candidate: ``general-v4`` with large tensors starting at a smaller step
-size.
+"""Recipe of ``general-v4-wide``: ``general-v4`` with large tensors starting at a smaller step
+size (a candidate for the default, shipped by name).
 
     python experiments/size_scaled_default.py                    # validate, weights, sealed, ship
     python experiments/size_scaled_default.py --steps validate   # the choice alone
@@ -63,7 +63,7 @@ def write_weights(path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     source = f"the shipped {BASE!r} weights with lr_size_ref={CHOSEN:g}, chosen on validation"
-    save_rule(path, size_scaled_step._rule(CHOSEN, BASE), {"source": source})
+    save_rule(path, size_scaled_step.rule_with_reference(CHOSEN, BASE), {"source": source})
 
 
 def ship(dest: Path, *, sealed: Path = candidates.SEALED) -> dict[str, Any]:

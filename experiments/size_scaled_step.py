@@ -78,7 +78,7 @@ def _wide() -> dict[str, Any]:
 WIDE: Callable[[], dict[str, Any]] = _wide
 
 
-def _rule(ref: float, base: str | None = None) -> Any:
+def rule_with_reference(ref: float, base: str | None = None) -> Any:
     """The shipped weights ``base`` (default :data:`REPLACES`) with ``lr_size_ref`` = ``ref``
     (0: as shipped)."""
     from learned_opt import load_rule, pretrained
@@ -97,7 +97,7 @@ def _wide_run(job: tuple[str, float, int, str]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     task, ref, seed, base = job
-    rule = _rule(ref, base)
+    rule = rule_with_reference(ref, base)
     start = time.perf_counter()
     run = run_optimizer(WIDE()[task], seed, lambda p, lr: LearnedOptimizer(p, rule, lr=lr), 1.0,
                         max(HORIZONS))  # fmt: skip
@@ -114,7 +114,7 @@ def _validation_runs(ref: float, base: str | None = None) -> list[dict[str, Any]
     from learned_opt.outer.held_out import HeldOut
     from learned_opt.tasks import make_family
 
-    rule, records = _rule(ref, base), []
+    rule, records = rule_with_reference(ref, base), []
     for horizon in HORIZONS:
         config = MetaTrainConfig(
             objective="final-train", log_meta_loss=True, eval_family="validation",
@@ -239,7 +239,7 @@ def write_weights(path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     source = f"the shipped {REPLACES!r} weights with lr_size_ref={CHOSEN:g}, chosen on validation"
-    save_rule(path, _rule(CHOSEN), {"source": source})
+    save_rule(path, rule_with_reference(CHOSEN), {"source": source})
 
 
 def validation_figures(
@@ -313,7 +313,7 @@ def ship(dest: Path, *, sealed: Path = SEALED) -> dict[str, Any]:
         shipped={"command": f"{RECIPE} --steps ship", "commit": git_commit()},
     )
     dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{NAME}.pt", _rule(CHOSEN), meta)
+    save_rule(dest / f"{NAME}.pt", rule_with_reference(CHOSEN), meta)
     (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
