@@ -342,6 +342,22 @@ def test_adaptation_gain_recipe_resumes_its_committed_run_and_starts_from_the_de
     _assert_steps_like_the_default(rule)
 
 
+def test_learned_schedule_recipe_trains_only_a_schedule_around_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned-schedule recipe: PES over whole unrolls of a schedule around ``general-v4``
+    (only the schedule meta-trained), its sealed test told the horizon, and its starting
+    weights stepping exactly like ``general-v4`` with or without the horizon."""
+    script = "experiments/learned_schedule.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    assert config.rule == "scheduled"
+    trained = {n for n, p in rule.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("schedule.") for n in trained)
+    assert "--total-steps" in recipe["sealed"](1000)
+    _assert_steps_like_the_default(rule, reference="general-v4", total_steps=10)
+    _assert_steps_like_the_default(rule, reference="general-v4")
+
+
 def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     tmp_path: Path, run_script, capsys
 ) -> None:

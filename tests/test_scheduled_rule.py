@@ -121,3 +121,22 @@ def test_the_unroll_tells_the_rule_the_horizon() -> None:
 def test_a_base_rule_without_a_step_counter_is_refused() -> None:
     with pytest.raises(ValueError, match="counts steps"):
         ScheduledRule("sgd", {"lr": 0.1})
+
+
+def test_unknown_horizon_base_is_the_base_rule_without_the_horizon_only() -> None:
+    base, _ = load_rule(learned_opt.pretrained.path("general"))
+    rule = ScheduledRule(base.kind, base.config(), unknown_horizon="base")
+    rule.base.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        rule.schedule[2].weight.fill_(5.0)
+    assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(0.0))) == 0.0
+    assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(20.0))) != 0.0
+    a, b, c = _params(), _params(), _params()
+    _run(LSTMOptimizer(a, weights="general"), a, 6)
+    _run(LSTMOptimizer(b, weights=rule), b, 6)
+    _run(LSTMOptimizer(c, weights=rule, total_steps=20), c, 6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert ScheduledRule(**rule.config()).unknown_horizon == "base"  # saved with the weights
+    with pytest.raises(ValueError, match="unknown_horizon"):
+        ScheduledRule(base.kind, base.config(), unknown_horizon="zero")

@@ -10,9 +10,10 @@ initialization) the rule *is* its base rule, so meta-training starts from it.
 The run's length lives in the rule state as ``total_steps`` (0: unknown). The drop-in optimizer
 sets it from ``LSTMOptimizer(params, total_steps=N)``; without it, the progress features are
 zero and a separate flag input is 0, so the schedule depends on ``t`` alone: a horizon-free rule
-(it can still learn a warm-up). The schedule is one number per step, shared by all coordinates,
-so it costs nothing per parameter and composes with ``torch.optim.lr_scheduler`` (which scales
-the optimizer's ``lr`` multiplier on top of it).
+(it can still learn a warm-up); with ``unknown_horizon="base"`` the rule is then its base rule,
+step for step (for a schedule meta-trained only with the horizon told). The schedule is one
+number per step, shared by all coordinates, so it costs nothing per parameter and composes with
+``torch.optim.lr_scheduler`` (which scales the optimizer's ``lr`` multiplier on top of it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = ["ScheduledRule", "schedule_features"]
 
 #: Inputs of the schedule MLP.
 NUM_FEATURES = 7
+#: What a rule does without the run's length (``ScheduledRule(unknown_horizon=...)``).
+UNKNOWN_HORIZON = ("learned", "base")
 
 
 def schedule_features(step: Tensor, total_steps: Tensor) -> Tensor:
@@ -62,6 +65,8 @@ class ScheduledRule(UpdateRule):
         hidden: units of the schedule MLP's hidden layer.
         bound: ``A``: the schedule multiplies the update by at most ``e^A`` and at least
             ``e^-A``.
+        unknown_horizon: what the rule does when the run's length is not given: ``"learned"``
+            (the schedule of ``t`` alone) or ``"base"`` (no schedule: the base rule's update).
 
     The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
     the base rule's step counter.
@@ -75,6 +80,7 @@ class ScheduledRule(UpdateRule):
         base_config: dict[str, Any] | None = None,
         hidden: int = 16,
         bound: float = 3.0,
+        unknown_horizon: str = "learned",
     ) -> None:
         super().__init__()
         from . import build_rule  # the registry imports this module
@@ -83,6 +89,11 @@ class ScheduledRule(UpdateRule):
             raise ValueError("A ScheduledRule cannot wrap another ScheduledRule")
         if hidden < 1 or bound <= 0:
             raise ValueError(f"Invalid schedule: hidden={hidden}, bound={bound}")
+        if unknown_horizon not in UNKNOWN_HORIZON:
+            raise ValueError(
+                f"Invalid unknown_horizon: {unknown_horizon!r} (choose from {UNKNOWN_HORIZON})"
+            )
+        self.unknown_horizon = unknown_horizon
         self.base_kind = base
         self.base = build_rule(base, base_config)
         if "step" not in self.base.init_state(1, like=torch.zeros(1)):
@@ -140,7 +151,10 @@ class ScheduledRule(UpdateRule):
         """``s_t`` for step ``step`` (1-based) of ``total_steps`` (0: unknown)."""
         feats = schedule_features(step, total_steps).to(self.schedule[0].weight)
         raw = self.schedule(feats).squeeze(-1)
-        return self.bound * torch.tanh(raw / self.bound)
+        s = self.bound * torch.tanh(raw / self.bound)
+        if self.unknown_horizon == "base":
+            s = torch.where(total_steps > 0, s, torch.zeros_like(s))
+        return s
 
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         total = state.get("total_steps")
@@ -159,4 +173,5 @@ class ScheduledRule(UpdateRule):
             "base_config": self.base.config(),
             "hidden": self.hidden,
             "bound": self.bound,
+            "unknown_horizon": self.unknown_horizon,
         }
