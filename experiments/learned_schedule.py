@@ -3,6 +3,7 @@
     python experiments/learned_schedule.py               # init, meta-train (resumes), sealed test
     python experiments/learned_schedule.py --dry-run     # print its commands, run nothing
     python experiments/learned_schedule.py --steps meta-train --procs 2
+    python experiments/learned_schedule.py --steps validate   # the best weights, 100 / 1,000 steps
 
 Run it from the repository root. The rule is a :class:`~learned_opt.rules.ScheduledRule` around
 the shipped default, ``general-v4`` (its LSTM, read-out and hand-designed adaptation fixed at the
@@ -30,20 +31,29 @@ The steps:
    on a fresh machine it first copies the committed checkpoint
    (``experiments/checkpoints/learned-schedule.pt``) there. ``--procs N`` runs it under
    ``torchrun`` with N processes of one thread.
-3. ``sealed``: the sealed test group (``benchmarks/sealed.py --total-steps``) at 100 and 1,000
+3. ``validate`` (not run by default): the run's best weights (exported to
+   ``runs/learned-schedule/weights.pt``) and ``general-v4`` on the validation group's 8
+   held-out tasks at 100 and 1,000 steps, the horizon told
+   (``benchmarks/results/validation/learned-schedule/``): whether the schedule chosen at 500
+   steps helps at the sealed test's horizons.
+4. ``sealed``: the sealed test group (``benchmarks/sealed.py --total-steps``) at 100 and 1,000
    steps, once.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import candidates  # noqa: E402
 
 RUN = Path("runs/learned-schedule")
+VALIDATION = Path("benchmarks/results/validation/learned-schedule")
 CHECKPOINT = Path("experiments/checkpoints/learned-schedule.pt")
 
 #: The shipped weights the schedule is learned around.
@@ -89,9 +99,77 @@ def sealed(steps: int) -> list[str]:
     return [*candidates.sealed_command(RUN, "learned-schedule")(steps), "--total-steps"]
 
 
+def export_best() -> list[str]:
+    """The command (after ``python``) exporting the best weights of the run's latest checkpoint
+    to ``RUN/weights.pt``."""
+    latest = max((RUN / "ckpt").glob("ckpt_*.pt"), default=RUN / "ckpt" / "ckpt_<latest>.pt")
+    return [
+        "-m", "learned_opt", "export", str(latest), str(RUN / "weights.pt"), "--which", "best",
+    ]  # fmt: skip
+
+
+def validate(weights: Path, out: Path, horizons: tuple[int, ...] = (100, 1000)) -> list[dict]:
+    """``weights`` and ``general-v4`` on the validation group's held-out tasks (the
+    meta-trainer's evaluation, horizon told) at each of ``horizons``; writes ``out``."""
+    import torch
+
+    import learned_opt
+    from learned_opt import load_rule
+    from learned_opt.outer.config import MetaTrainConfig
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.report import write_results
+    from learned_opt.tasks import make_family
+
+    torch.set_num_threads(1)
+    rules = {
+        BASE: load_rule(learned_opt.pretrained.path(BASE))[0],
+        "learned schedule": load_rule(weights)[0],
+    }
+    records = []
+    for horizon in horizons:
+        config = MetaTrainConfig(
+            objective="final-train", log_meta_loss=True, eval_family="validation",
+            eval_tasks=8, eval_horizon=horizon,
+        )  # fmt: skip
+        held = HeldOut(config, make_family("validation"))
+        for name, rule in rules.items():
+            start = time.perf_counter()
+            metric, _ = held.evaluate(argparse.Namespace(rule=rule))
+            records.append({"rule": name, "steps": horizon, "metric": metric,
+                            "seconds": time.perf_counter() - start})  # fmt: skip
+            print(f"{horizon} steps, {name}: {metric:.4f}", flush=True)
+    metric = {(r["rule"], r["steps"]): r["metric"] for r in records}
+    lines = [
+        f"The learned schedule ({weights}) against {BASE} on the validation group's 8 held-out "
+        "tasks (geometric mean of the final training loss; the horizon told):",
+        "",
+        "| rule | " + " | ".join(f"{h} steps" for h in horizons) + " |",
+        "| --- | " + " | ".join("---:" for _ in horizons) + " |",
+        *(f"| {name} | " + " | ".join(f"{metric[name, h]:.4f}" for h in horizons) + " |"
+          for name in rules),
+    ]  # fmt: skip
+    write_results(out, records, lines)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
-    return candidates.main(
-        __doc__.splitlines()[0], argv, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    candidates.add_arguments(parser)
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if "validate" in steps:
+        for command in (export_best(),):
+            print("python " + " ".join(command), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+        if not args.dry_run:
+            validate(RUN / "weights.pt", VALIDATION)
+        steps.remove("validate")
+        if not steps:
+            return 0
+        args.steps = ",".join(steps)
+    return candidates.run_steps(
+        args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
         meta_train=META_TRAIN, sealed=sealed,
     )  # fmt: skip
 
