@@ -129,8 +129,9 @@ def test_unknown_horizon_base_is_the_base_rule_without_the_horizon_only() -> Non
     rule.base.load_state_dict(base.state_dict())
     with torch.no_grad():
         rule.schedule[2].weight.fill_(5.0)
-    assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(0.0))) == 0.0
-    assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(20.0))) != 0.0
+    with torch.no_grad():
+        assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(0.0))) == 0.0
+        assert float(rule.log_scale(torch.tensor(10.0), torch.tensor(20.0))) != 0.0
     a, b, c = _params(), _params(), _params()
     _run(LSTMOptimizer(a, weights="general"), a, 6)
     _run(LSTMOptimizer(b, weights=rule), b, 6)
@@ -140,3 +141,27 @@ def test_unknown_horizon_base_is_the_base_rule_without_the_horizon_only() -> Non
     assert ScheduledRule(**rule.config()).unknown_horizon == "base"  # saved with the weights
     with pytest.raises(ValueError, match="unknown_horizon"):
         ScheduledRule(base.kind, base.config(), unknown_horizon="zero")
+
+
+@pytest.mark.parametrize("numel", [24, 20000])
+def test_in_place_step_is_the_forward(numel: int) -> None:
+    """The drop-in optimizer's in-place step (the base rule's fused kernel times the schedule's
+    factor) gives the forward's updates and state, told the horizon or not."""
+    rule = _scheduled_default().requires_grad_(False)  # as the drop-in optimizer holds it
+    with torch.no_grad():
+        rule.schedule[2].weight.fill_(2.0)
+    gen = torch.Generator().manual_seed(1)
+    for total in (None, 30):
+        g0 = torch.randn(numel, generator=gen)
+        functional = rule.init_state(numel, like=g0, total_steps=total)
+        in_place = {k: v.clone() for k, v in functional.items()}
+        for _ in range(6):
+            g = torch.randn(numel, generator=gen)
+            with torch.no_grad():
+                u1, functional = rule(g, functional)
+                u2 = rule.step_(g, in_place)
+            torch.testing.assert_close(u2, u1, rtol=1e-5, atol=1e-7)
+        assert set(in_place) == set(functional)
+        for key, value in functional.items():
+            torch.testing.assert_close(in_place[key], value, rtol=1e-5, atol=1e-6)
+        assert float(in_place["total_steps"]) == float(total or 0)

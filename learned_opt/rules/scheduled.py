@@ -167,6 +167,23 @@ class ScheduledRule(UpdateRule):
         new_state["total_steps"] = total
         return update * scale, new_state
 
+    def step_(self, grad: Tensor, state: RuleState) -> Tensor:
+        """The drop-in optimizer's in-place step: the base rule's (its fused kernel where it has
+        one) times the schedule's factor; ``state`` is updated in place. The update is bounded
+        when the base rule's is (the factor is at most ``e^A``)."""
+        total = state.get("total_steps")
+        if total is None:
+            total = torch.zeros((), device=grad.device)
+        base_state = {k: v for k, v in state.items() if k != "total_steps"}
+        base_step = getattr(self.base, "step_", None)
+        if base_step is not None:
+            update = base_step(grad, base_state)
+        else:
+            update, base_state = self.base(grad, base_state)
+        state.update(base_state)
+        scale = torch.exp(self.log_scale(state["step"], total)).to(update.dtype)
+        return update * scale
+
     def config(self) -> dict[str, Any]:
         return {
             "base": self.base_kind,
