@@ -4,6 +4,8 @@
     python experiments/learned_schedule.py --dry-run     # print its commands, run nothing
     python experiments/learned_schedule.py --steps meta-train --procs 2
     python experiments/learned_schedule.py --steps validate   # the best weights, 100 / 1,000 steps
+    python experiments/learned_schedule.py --steps weights    # the committed run's best weights
+    python experiments/learned_schedule.py --steps ship       # after the sealed test
 
 Run it from the repository root. The rule is a :class:`~learned_opt.rules.ScheduledRule` around
 the shipped default, ``general-v4`` (its LSTM, read-out and hand-designed adaptation fixed at the
@@ -36,14 +38,25 @@ The steps:
    held-out tasks at 100 and 1,000 steps, the horizon told
    (``benchmarks/results/validation/learned-schedule/``): whether the schedule chosen at 500
    steps helps at the sealed test's horizons.
-4. ``sealed``: the sealed test group (``benchmarks/sealed.py --total-steps``) at 100 and 1,000
+4. ``weights`` (not run by default): the best weights of the committed checkpoint exported to
+   ``runs/learned-schedule/weights.pt`` (the sealed test's input on a fresh clone:
+   ``SEALED_ARGS=--total-steps bash benchmarks/results/sealed/candidate.sh
+   experiments/learned_schedule.py learned-schedule``).
+5. ``sealed``: the sealed test group (``benchmarks/sealed.py --total-steps``) at 100 and 1,000
    steps, once.
+6. ``ship`` (not run by default): ``runs/learned-schedule/weights.pt`` as the shipped
+   ``general-v5``, with ``unknown_horizon="base"`` (without ``total_steps`` it is
+   ``general-v4`` step for step: the schedule was meta-trained only with the horizon told), its
+   provenance, validation and sealed figures (against ``general-v4``'s sealed runs) in its
+   metadata; ``figures.default_candidate`` records whether it is at most ``general-v4`` at both
+   horizons.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -60,6 +73,9 @@ CHECKPOINT = Path("experiments/checkpoints/learned-schedule.pt")
 BASE = "general-v4"
 #: The schedule MLP: hidden units and the bound on ``|s_t|``.
 SCHEDULE = {"hidden": 16, "bound": 3.0}
+#: The shipped name of the weights, and the sealed runs of ``BASE`` they are compared with.
+NAME = "general-v5"
+BASE_SEALED = "adaptation-shrink"
 
 META_TRAIN = [
     "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
@@ -99,12 +115,14 @@ def sealed(steps: int) -> list[str]:
     return [*candidates.sealed_command(RUN, "learned-schedule")(steps), "--total-steps"]
 
 
-def export_best() -> list[str]:
-    """The command (after ``python``) exporting the best weights of the run's latest checkpoint
-    to ``RUN/weights.pt``."""
-    latest = max((RUN / "ckpt").glob("ckpt_*.pt"), default=RUN / "ckpt" / "ckpt_<latest>.pt")
+def export_best(checkpoint: Path | None = None) -> list[str]:
+    """The command (after ``python``) exporting the best weights of ``checkpoint`` (default:
+    the run's latest) to ``RUN/weights.pt``."""
+    if checkpoint is None:
+        default = RUN / "ckpt" / "ckpt_<latest>.pt"
+        checkpoint = max((RUN / "ckpt").glob("ckpt_*.pt"), default=default)
     return [
-        "-m", "learned_opt", "export", str(latest), str(RUN / "weights.pt"), "--which", "best",
+        "-m", "learned_opt", "export", str(checkpoint), str(RUN / "weights.pt"), "--which", "best",
     ]  # fmt: skip
 
 
@@ -152,26 +170,113 @@ def validate(weights: Path, out: Path, horizons: tuple[int, ...] = (100, 1000)) 
     return records
 
 
+def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
+    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
+    ``dest/{NAME}.pt`` (and ``.json``), horizon-free without ``total_steps``, with their
+    provenance and figures; returns the metadata."""
+    import hashlib
+
+    import torch
+
+    import learned_opt
+    from learned_opt import load_rule, save_rule
+    from learned_opt.cli import git_commit
+    from learned_opt.report import read_jsonl
+    from learned_opt.rules import ScheduledRule
+
+    trained, meta = load_rule(checkpoint, which="best")
+    rule = ScheduledRule(**{**trained.config(), "unknown_horizon": "base"})
+    rule.load_state_dict(trained.state_dict())
+    state = torch.load(checkpoint, weights_only=True)
+    meta.update(
+        checkpoint={"file": str(checkpoint), "iteration": state["iteration"],
+                    "best_iteration": state["best_iteration"],
+                    "best_metric": state["best_metric"]},
+        all_commands=(state.get("notes") or {}).get("commands", []),
+        eval_history=state.get("history", {}),
+    )  # fmt: skip
+    by_steps = {}
+    for horizon in (100, 1000):
+        mine = candidates.sealed_figures(sealed_dir / f"learned-schedule-{horizon}")
+        before = candidates.sealed_figures(sealed_dir / f"{BASE_SEALED}-{horizon}")
+        by_steps[str(horizon)] = {**mine, f"replaced_{BASE}": before}
+    records = read_jsonl(VALIDATION / "records.jsonl")
+    meta.update(
+        source=f"a schedule meta-trained around the shipped {BASE!r} (fixed), read when "
+        "total_steps is given",
+        recipe="python experiments/learned_schedule.py",
+        derived_from={
+            "weights": BASE,
+            "weights_sha256": hashlib.sha256(
+                learned_opt.pretrained.path(BASE).read_bytes()
+            ).hexdigest(),
+        },
+        budget={
+            "iterations": state["iteration"],
+            "meta_train_seconds": round(float(state["elapsed"]), 1),
+            "processes": 2,
+            "torch_threads": 1,
+        },
+        validation={
+            "command": "python experiments/learned_schedule.py --steps validate",
+            "results": str(VALIDATION),
+            "metric": "geometric mean of the final training loss over the validation group's 8 "
+            "tasks, the horizon told",
+            "by_steps": {str(r["steps"]): {} for r in records},
+        },
+        figures={
+            "benchmark": "benchmarks/sealed.py --total-steps: mean final training loss / tuned "
+            "constant Adam's per task; geometric mean over the sealed test group's tasks",
+            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
+            "by_steps": by_steps,
+            "default_candidate": all(
+                entry["geometric_mean"] <= entry[f"replaced_{BASE}"]["geometric_mean"]
+                for entry in by_steps.values()
+            ),
+        },
+        shipped={
+            "command": "python experiments/learned_schedule.py --steps ship",
+            "commit": git_commit(),
+        },
+    )
+    for r in records:
+        meta["validation"]["by_steps"][str(r["steps"])][r["rule"]] = round(r["metric"], 4)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_rule(dest / f"{NAME}.pt", rule, meta)
+    (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     candidates.add_arguments(parser)
+    # where ship writes: the package by default; tests ship into a temporary directory
+    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if "validate" in steps:
-        for command in (export_best(),):
-            print("python " + " ".join(command), flush=True)
+    for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
+        if step in steps:
+            command = export_best(checkpoint)
+            print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
+                if step == "validate":
+                    validate(RUN / "weights.pt", VALIDATION)
+    shared = [s for s in steps if s not in ("validate", "weights", "ship")]
+    if shared or not steps:
+        args.steps = ",".join(shared)
+        candidates.run_steps(
+            args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+            meta_train=META_TRAIN, sealed=sealed,
+        )  # fmt: skip
+    if "ship" in steps:
+        from learned_opt import pretrained
+
+        dest = args.ship_to or Path(pretrained.__file__).parent
+        print(f"# ship as {NAME!r} into {dest}", flush=True)
         if not args.dry_run:
-            validate(RUN / "weights.pt", VALIDATION)
-        steps.remove("validate")
-        if not steps:
-            return 0
-        args.steps = ",".join(steps)
-    return candidates.run_steps(
-        args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
-        meta_train=META_TRAIN, sealed=sealed,
-    )  # fmt: skip
+            ship(dest)
+    return 0
 
 
 if __name__ == "__main__":

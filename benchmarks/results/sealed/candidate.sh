@@ -5,7 +5,8 @@
 # Usage: candidate.sh RECIPE NAME [HORIZON]
 #   RECIPE: experiments/<recipe>.py; NAME: its sealed runs' name (runs/NAME/weights.pt);
 #   HORIZON: one horizon alone (a run to repeat after an interruption).
-# Commit: $COMMIT (default HEAD). Outputs: NAME-{100,1000}/ and NAME-{100,1000}.log here.
+# Commit: $COMMIT (default HEAD). SEALED_ARGS: more options of sealed.py (e.g. --total-steps).
+# Outputs: NAME-{100,1000}/ and NAME-{100,1000}.log here.
 set -e
 RECIPE=$1 NAME=$2
 COMMIT=$(git -C /work/main rev-parse "${COMMIT:-HEAD}")
@@ -19,7 +20,9 @@ OUT=/work/main/benchmarks/results/sealed
 $PY "$RECIPE" --steps weights
 sealed() {
   echo "=== $1 steps: $(date -u +%FT%TZ) commit $COMMIT"
-  $PY benchmarks/sealed.py --weights runs/"$NAME"/weights.pt --steps "$1" --out $OUT/"$NAME"-"$1"
+  # shellcheck disable=SC2086  # SEALED_ARGS: several options
+  $PY benchmarks/sealed.py --weights runs/"$NAME"/weights.pt --steps "$1" --out $OUT/"$NAME"-"$1" \
+    ${SEALED_ARGS:-}
   echo "=== done $1: $(date -u +%FT%TZ)"
 }
 if [ -n "$3" ]; then
