@@ -358,6 +358,44 @@ def test_learned_schedule_recipe_trains_only_a_schedule_around_the_default(
     _assert_steps_like_the_default(rule, reference="general-v4")
 
 
+def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
+    """The ship step writes the committed checkpoint's best weights (the ones sealed-tested)
+    with ``unknown_horizon="base"`` (``general-v4`` step for step without ``total_steps``), its
+    budget, validation and sealed figures, and whether they are at most ``general-v4``'s."""
+    from learned_opt.rules import ScheduledRule
+
+    recipe = runpy.run_path(str(ROOT / "experiments/learned_schedule.py"))
+    checkpoint = ROOT / recipe["CHECKPOINT"]
+    if not checkpoint.is_file():
+        pytest.skip("no committed checkpoint of the run")
+    sealed = tmp_path / "sealed"
+    for h in (100, 1000):  # general-v4's own runs stand in for the candidate's
+        for name in ("learned-schedule", recipe["BASE_SEALED"]):
+            source = ROOT / candidates_sealed() / f"{recipe['BASE_SEALED']}-{h}"
+            shutil.copytree(source, sealed / f"{name}-{h}")
+    validation = tmp_path / "validation"
+    write_jsonl(validation / "records.jsonl", [
+        {"rule": r, "steps": h, "metric": 0.5, "seconds": 1.0}
+        for h in (100, 1000) for r in ("general-v4", "learned schedule")
+    ])  # fmt: skip
+    ship = recipe["ship"]
+    ship.__globals__["VALIDATION"] = validation
+    meta = ship(tmp_path / "package", sealed_dir=sealed, checkpoint=checkpoint)
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
+    assert saved == meta and isinstance(rule, ScheduledRule)
+    assert rule.unknown_horizon == "base"
+    best, _ = load_rule(checkpoint, which="best")
+    for a, b in zip(rule.parameters(), best.parameters(), strict=True):
+        assert torch.equal(a, b)
+    _assert_steps_like_the_default(rule, reference="general-v4")
+    state = torch.load(checkpoint, weights_only=True)
+    assert meta["budget"]["iterations"] == state["iteration"]
+    assert meta["checkpoint"]["best_iteration"] == state["best_iteration"]
+    assert meta["validation"]["by_steps"]["1000"] == {"general-v4": 0.5, "learned schedule": 0.5}
+    assert meta["figures"]["default_candidate"]  # the same figures as general-v4's
+    assert set(meta["figures"]["by_steps"]) == {"100", "1000"}
+
+
 def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     tmp_path: Path, run_script, capsys
 ) -> None:
