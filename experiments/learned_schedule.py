@@ -26,10 +26,13 @@ The steps:
    schedule (identical steps to ``general-v4``).
 2. ``meta-train``: persistent evolution strategies over whole unrolls of 100-1,000 steps (horizon
    drawn log-uniformly per task and told to the rule; one window per task: unbiased for the
-   smoothed objective of the whole run; 8 antithetic pairs, sigma 0.1) on the
-   ``meta-train-rescaled`` group; meta-loss: the log of the final training loss; each task's
-   estimate clipped before the mean; weights selected on the ``validation`` group (final
-   training loss at 500 steps, the horizon told). It resumes from ``runs/learned-schedule/ckpt``;
+   smoothed objective of the whole run; 8 antithetic pairs, sigma 0.1) on the ``meta-train``
+   group at its tasks' own scales (on ``meta-train-rescaled``, whose random parameter and loss
+   scales the adaptation must first catch up with, the schedule learned a uniformly larger step,
+   1.1-1.16x, and the validation metric rose from 0.5859 to 0.5898 in 20 iterations);
+   meta-loss: the log of the final training loss; each task's estimate clipped before the
+   mean; weights selected on the ``validation`` group (final training loss at 500 steps, the
+   horizon told). It resumes from ``runs/learned-schedule/ckpt``;
    on a fresh machine it first copies the committed checkpoint
    (``experiments/checkpoints/learned-schedule.pt``) there. ``--procs N`` runs it under
    ``torchrun`` with N processes of one thread.
@@ -78,7 +81,7 @@ NAME = "general-v5"
 BASE_SEALED = "adaptation-shrink"
 
 META_TRAIN = [
-    "meta-train", "--family", "meta-train-rescaled", "--rule", "scheduled",
+    "meta-train", "--family", "meta-train", "--rule", "scheduled",
     "--init-weights", str(RUN / "init.pt"),
     "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000",
     "--objective", "final-train", "--log-meta-loss",

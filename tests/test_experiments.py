@@ -277,10 +277,19 @@ def test_horizon_aware_recipe_resumes_its_committed_run_and_starts_from_the_defa
     _assert_steps_like_the_default(load_rule(init)[0], total_steps=10)
 
 
-def _pes_recipe(script: str, run_script, capsys, tmp_path: Path, *, whole_unrolls: bool = True):
+def _pes_recipe(
+    script: str,
+    run_script,
+    capsys,
+    tmp_path: Path,
+    *,
+    whole_unrolls: bool = True,
+    family: str = "meta-train-rescaled",
+):
     """A PES recipe's module, its meta-training configuration (checked: PES over whole unrolls,
-    or over windows shorter than the shortest run if not ``whole_unrolls``, selection on the
-    validation group, the committed checkpoint written by it) and its starting rule."""
+    or over windows shorter than the shortest run if not ``whole_unrolls``, on ``family``,
+    selection on the validation group, the committed checkpoint written by it) and its starting
+    rule."""
     from learned_opt.cli import build_parser, config_from_args
 
     assert run_script(script, "--dry-run") == 0
@@ -294,7 +303,7 @@ def _pes_recipe(script: str, run_script, capsys, tmp_path: Path, *, whole_unroll
         assert config.truncation >= config.horizon
     else:
         assert config.truncation < (config.min_horizon or config.horizon)
-    assert config.family == "meta-train-rescaled" and config.eval_family == "validation"
+    assert config.family == family and config.eval_family == "validation"
     _assert_written_by(ROOT / recipe["CHECKPOINT"], config)
     init = tmp_path / "init.pt"
     recipe["write_init"](init)
@@ -349,7 +358,7 @@ def test_learned_schedule_recipe_trains_only_a_schedule_around_the_default(
     (only the schedule meta-trained), its sealed test told the horizon, and its starting
     weights stepping exactly like ``general-v4`` with or without the horizon."""
     script = "experiments/learned_schedule.py"
-    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path, family="meta-train")
     assert config.rule == "scheduled"
     trained = {n for n, p in rule.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("schedule.") for n in trained)
