@@ -99,13 +99,14 @@ class WarmupCosine:
     warm-up, approaching 0 at the last step ``T = total_steps``: every step moves)."""
 
     def schedule(self, total_steps: int, warmup_steps: int) -> None:
+        # (not ``self.total_steps``: the learned optimizer's own horizon, told to its rule)
         self.base_lrs = [float(g["lr"]) for g in self.param_groups]  # type: ignore[attr-defined]
-        self.total_steps = int(total_steps)
-        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        self.schedule_steps = int(total_steps)
+        self.warmup_steps = max(0, min(int(warmup_steps), self.schedule_steps - 1))
         self.t = 0
 
     def factor(self, t: int) -> float:
-        w, total = self.warmup_steps, self.total_steps
+        w, total = self.warmup_steps, self.schedule_steps
         if t <= w:
             return t / w
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - 1 - w) / max(1, total - w))))
@@ -128,13 +129,14 @@ class WarmupCosineAdam(WarmupCosine, torch.optim.Adam):
 
 
 class WarmupCosineLSTMOptimizer(WarmupCosine, LSTMOptimizer):
-    """``LSTMOptimizer`` with :class:`WarmupCosine`'s schedule on its multiplier ``lr``."""
+    """``LSTMOptimizer`` with :class:`WarmupCosine`'s schedule of ``schedule_steps`` on its
+    multiplier ``lr``; ``kwargs`` are ``LSTMOptimizer``'s (its ``total_steps`` included)."""
 
     def __init__(
-        self, params: list[Tensor], total_steps: int, warmup_steps: int, **kwargs: Any
+        self, params: list[Tensor], schedule_steps: int, warmup_steps: int, **kwargs: Any
     ) -> None:
         super().__init__(params, **kwargs)
-        self.schedule(total_steps, warmup_steps)
+        self.schedule(schedule_steps, warmup_steps)
 
 
 def make_factories(

@@ -318,7 +318,7 @@ def test_warmup_cosine_scales_the_learned_optimizers_multiplier(optimizers: dict
     grad = torch.randn(50, generator=torch.Generator().manual_seed(0))
     moves = []
     for make in (
-        lambda p: optimizers["WarmupCosineLSTMOptimizer"](p, total_steps=10, warmup_steps=2),
+        lambda p: optimizers["WarmupCosineLSTMOptimizer"](p, schedule_steps=10, warmup_steps=2),
         lambda p: LSTMOptimizer(p),
     ):
         p = torch.nn.Parameter(torch.zeros(50))
@@ -327,7 +327,7 @@ def test_warmup_cosine_scales_the_learned_optimizers_multiplier(optimizers: dict
         opt.step()
         moves.append(p.detach().clone())
     torch.testing.assert_close(moves[0], 0.5 * moves[1])
-    scheduled = optimizers["WarmupCosineLSTMOptimizer"]([p], total_steps=10, warmup_steps=2)
+    scheduled = optimizers["WarmupCosineLSTMOptimizer"]([p], schedule_steps=10, warmup_steps=2)
     lrs = []
     for _ in range(10):
         p.grad = grad.clone()
@@ -335,6 +335,22 @@ def test_warmup_cosine_scales_the_learned_optimizers_multiplier(optimizers: dict
         lrs.append(scheduled.param_groups[0]["lr"])
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and 0 < lrs[-1] < lrs[-2] < lrs[2]
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_warmup_cosine_learned_optimizer_tells_a_scheduled_rule_its_horizon(
+    optimizers: dict,
+) -> None:
+    """With ``--total-steps`` the benchmark builds every learned optimizer with the run's
+    horizon, the cosine-scheduled one included: its rule reads it as the plain one does."""
+    base, _ = load_rule(pretrained.path("general-v4"))
+    rule = ScheduledRule(base.kind, base.config())
+    factories = optimizers["make_factories"](rule, 20, True, 0.1)
+    for name in ("learned", "learned-zeroed", "learned-cosine"):
+        p = torch.nn.Parameter(torch.zeros(4))
+        opt = factories[name]([p], 1.0)
+        p.grad = torch.ones(4)
+        opt.step()
+        assert float(opt.state[p]["total_steps"]) == 20, name
 
 
 def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) -> None:
