@@ -165,3 +165,40 @@ def test_in_place_step_is_the_forward(numel: int) -> None:
         for key, value in functional.items():
             torch.testing.assert_close(in_place[key], value, rtol=1e-5, atol=1e-6)
         assert float(in_place["total_steps"]) == float(total or 0)
+
+
+def test_hand_designed_warmup_and_tail_follow_the_horizon() -> None:
+    """``warmup`` and ``tail`` scale the base rule's step by a linear warm-up and a linear decay
+    over fractions of the known horizon (the base rule itself without one), as the same
+    multiplier on the drop-in optimizer's ``lr`` would; past the horizon the last factor
+    stays."""
+    base, _ = load_rule(learned_opt.pretrained.path("general-v4"))
+    rule = ScheduledRule(base.kind, base.config(), warmup=0.1, tail=0.25, unknown_horizon="base")
+    rule.base.load_state_dict(base.state_dict())
+    total = 40
+
+    def factor(t: int) -> float:
+        return min(1.0, t / 4) * min(1.0, (total - t + 1) / 10)
+
+    with torch.no_grad():
+        got = [float(torch.exp(rule.log_scale(torch.tensor(float(t)), torch.tensor(40.0))))
+               for t in (1, 2, 4, 20, 31, 35, 40, 60)]  # fmt: skip
+        free = float(rule.log_scale(torch.tensor(3.0), torch.tensor(0.0)))
+    assert got == pytest.approx([factor(t) for t in (1, 2, 4, 20, 31, 35, 40)] + [0.1], rel=1e-5)
+    assert free == 0.0
+    a, b = _params(), _params()
+    scheduled = LSTMOptimizer(a, weights=rule, total_steps=total)
+    by_lr = LSTMOptimizer(b, weights="general-v4")
+    gen = torch.Generator().manual_seed(5)
+    for t in range(1, total + 1):
+        for group in by_lr.param_groups:
+            group["lr"] = factor(t)
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=gen)
+            y.grad = x.grad.clone()
+        scheduled.step()
+        by_lr.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="warmup"):
+        ScheduledRule(base.kind, base.config(), warmup=1.0)

@@ -67,6 +67,11 @@ class ScheduledRule(UpdateRule):
             ``e^-A``.
         unknown_horizon: what the rule does when the run's length is not given: ``"learned"``
             (the schedule of ``t`` alone) or ``"base"`` (no schedule: the base rule's update).
+        warmup, tail: a hand-designed part of the schedule, applied when the run's length
+            ``T`` is known: a linear warm-up over the first ``warmup * T`` steps (from
+            ``1 / ceil(warmup * T)``) and a linear decay over the last ``tail * T`` (to
+            ``1 / (tail * T)`` at step ``T``, kept after it); 0: none. The learned part
+            multiplies it.
 
     The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
     the base rule's step counter.
@@ -81,6 +86,8 @@ class ScheduledRule(UpdateRule):
         hidden: int = 16,
         bound: float = 3.0,
         unknown_horizon: str = "learned",
+        warmup: float = 0.0,
+        tail: float = 0.0,
     ) -> None:
         super().__init__()
         from . import build_rule  # the registry imports this module
@@ -94,6 +101,9 @@ class ScheduledRule(UpdateRule):
                 f"Invalid unknown_horizon: {unknown_horizon!r} (choose from {UNKNOWN_HORIZON})"
             )
         self.unknown_horizon = unknown_horizon
+        if not (0.0 <= warmup < 1.0 and 0.0 <= tail <= 1.0):
+            raise ValueError(f"Invalid hand-designed schedule: warmup={warmup}, tail={tail}")
+        self.warmup, self.tail = float(warmup), float(tail)
         self.base_kind = base
         self.base = build_rule(base, base_config)
         if "step" not in self.base.init_state(1, like=torch.zeros(1)):
@@ -154,7 +164,25 @@ class ScheduledRule(UpdateRule):
         s = self.bound * torch.tanh(raw / self.bound)
         if self.unknown_horizon == "base":
             s = torch.where(total_steps > 0, s, torch.zeros_like(s))
+        if self.warmup or self.tail:
+            s = s + self.hand_log_scale(step, total_steps).to(s)
         return s
+
+    def hand_log_scale(self, step: Tensor, total_steps: Tensor) -> Tensor:
+        """The log of the hand-designed warm-up and decay at ``step`` of ``total_steps`` (0
+        when it is unknown, or with ``warmup = tail = 0``)."""
+        t = step.to(torch.float32)
+        total = total_steps.to(torch.float32)
+        known = total > 0
+        log_f = torch.zeros_like(t)
+        if self.warmup > 0:
+            w = torch.ceil(self.warmup * total).clamp_min(1.0)
+            log_f = log_f + torch.log((t / w).clamp(max=1.0))
+        if self.tail > 0:
+            span = (self.tail * total).clamp_min(1.0)
+            down = ((total - t + 1.0) / span).clamp(min=1.0 / span, max=1.0)
+            log_f = log_f + torch.log(down)
+        return torch.where(known, log_f, torch.zeros_like(log_f))
 
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         total = state.get("total_steps")
@@ -191,4 +219,6 @@ class ScheduledRule(UpdateRule):
             "hidden": self.hidden,
             "bound": self.bound,
             "unknown_horizon": self.unknown_horizon,
+            "warmup": self.warmup,
+            "tail": self.tail,
         }
