@@ -1,6 +1,7 @@
 """Hand-designed decays of the default's step when the run's length is known, on validation tasks.
 
     python experiments/horizon_decay.py --out benchmarks/results/validation/horizon-decay
+    python experiments/horizon_decay.py --steps weights   # the chosen decay as weights
 
 ``general-v4`` told the horizon ``T`` through a multiplier ``f(t)`` on its step (the drop-in
 optimizer's ``lr``, set before each step), for each decay of :data:`DECAYS`, on the validation
@@ -53,6 +54,31 @@ DECAYS: dict[str, Callable[[int, int], float]] = {
 }
 HORIZONS = (100, 1000)
 WEIGHTS = "general-v4"
+#: The decay chosen on the validation group, as :class:`~learned_opt.rules.ScheduledRule`'s
+#: hand-designed part (``warmup``, ``tail``), and where its weights are written.
+CHOSEN = {"warmup": 0.02, "tail": 0.2}
+RUN = Path("runs/horizon-decay")
+
+
+def chosen_rule():
+    """``WEIGHTS`` under the identity learned schedule with the chosen hand-designed decay;
+    without ``total_steps``, ``WEIGHTS`` step for step."""
+    import learned_opt
+    from learned_opt import load_rule
+    from learned_opt.rules import ScheduledRule
+
+    base, _ = load_rule(learned_opt.pretrained.path(WEIGHTS))
+    rule = ScheduledRule(base.kind, base.config(), unknown_horizon="base", **CHOSEN)
+    rule.base.load_state_dict(base.state_dict())
+    return rule
+
+
+def write_weights(path: Path) -> None:
+    from learned_opt import save_rule
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = f"the shipped {WEIGHTS!r} with a hand-designed decay when told the horizon"
+    save_rule(path, chosen_rule(), {"source": source, "decay": CHOSEN})
 
 
 def _factory(decay: str, horizon: int) -> Callable[..., Any]:
@@ -97,12 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     from learned_opt.report import write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder of the table and records")
+    parser.add_argument("--steps", default="validate", help="comma list of validate,weights")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/validation/horizon-decay"),
+        help="folder of the validation's table and records",
+    )
     parser.add_argument("--procs", type=int, default=2, help="worker processes")
     parser.add_argument("--decays", default=None, help="comma list of DECAYS' names (default all)")
     args = parser.parse_args(argv)
     decays = list(DECAYS) if args.decays is None else args.decays.split(",")
     decays = ["none", *[d for d in decays if d != "none"]]  # the reference of the ratios
+    steps = args.steps.split(",")
+    if "weights" in steps:
+        print(f"# weights: {RUN / 'weights.pt'}", flush=True)
+        write_weights(RUN / "weights.pt")
+    if "validate" not in steps:
+        return 0
     jobs = [(d, h) for h in sorted(HORIZONS, reverse=True) for d in decays]
     with get_context("spawn").Pool(args.procs) as pool:
         records = pool.map(_evaluate, jobs, chunksize=1)

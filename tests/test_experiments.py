@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import runpy
 import shlex
 import shutil
@@ -403,6 +404,32 @@ def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path
     assert meta["validation"]["by_steps"]["1000"] == {"general-v4": 0.5, "learned schedule": 0.5}
     assert meta["figures"]["default_candidate"]  # the same figures as general-v4's
     assert set(meta["figures"]["by_steps"]) == {"100", "1000"}
+
+
+def test_horizon_decay_writes_the_decay_with_the_lowest_validation_metric(tmp_path: Path) -> None:
+    """The hand-designed decay's weights: ``general-v4`` step for step without the horizon,
+    the chosen warm-up and tail with it; the chosen decay has the lowest mean log metric of
+    the committed validation records."""
+    from learned_opt.report import read_jsonl
+
+    recipe = runpy.run_path(str(ROOT / "experiments/horizon_decay.py"))
+    recipe["write_weights"](tmp_path / "weights.pt")
+    rule, _ = load_rule(tmp_path / "weights.pt")
+    assert {k: rule.config()[k] for k in recipe["CHOSEN"]} == recipe["CHOSEN"]
+    _assert_steps_like_the_default(rule, reference="general-v4")
+    records = read_jsonl(ROOT / "benchmarks/results/validation/horizon-decay/records.jsonl")
+    score: dict[str, float] = {}
+    for r in records:
+        score[r["decay"]] = score.get(r["decay"], 0.0) + math.log(r["metric"])
+    best = min(score, key=score.get)
+    decay = recipe["DECAYS"][best]
+    warmup, tail = recipe["CHOSEN"]["warmup"], recipe["CHOSEN"]["tail"]
+    for total in (100, 1000):  # the chosen row is the shape the weights apply
+        for t in (1, total // 50, total // 2, total - total // 10, total):
+            expected = min(1.0, t / math.ceil(warmup * total)) * min(
+                1.0, (total - t + 1) / (tail * total)
+            )
+            assert decay(t, total) == pytest.approx(expected)
 
 
 def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
