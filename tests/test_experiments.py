@@ -432,6 +432,32 @@ def test_horizon_decay_writes_the_decay_with_the_lowest_validation_metric(tmp_pa
             assert decay(t, total) == pytest.approx(expected)
 
 
+def test_horizon_decay_ships_general_v4_with_the_chosen_decay(tmp_path: Path) -> None:
+    """The ship step writes the chosen decay around ``general-v4`` (the same steps without the
+    horizon), the validation figures that chose it, the sealed figures told the horizon against
+    ``general-v4``'s and whether they are at most those at both horizons."""
+    recipe = runpy.run_path(str(ROOT / "experiments/horizon_decay.py"))
+    sealed = ROOT / candidates_sealed()
+    if not all((sealed / f"horizon-decay-{h}" / "summary.jsonl").is_file() for h in (100, 1000)):
+        pytest.skip("no committed sealed runs of the candidate")
+    meta = recipe["ship"](tmp_path / "package", sealed=sealed)
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
+    assert saved == meta and rule.unknown_horizon == "base"
+    assert (rule.warmup, rule.tail) == (recipe["CHOSEN"]["warmup"], recipe["CHOSEN"]["tail"])
+    _assert_steps_like_the_default(rule, reference="general-v4")
+    settings = meta["derived_from"]["settings"]
+    assert settings["decay"] in recipe["DECAYS"] and settings["warmup"] == rule.warmup
+    validation = meta["derived_from"]["chosen_on_validation"]
+    assert set(validation["by_steps"]) == {"100", "1000"}
+    at_most = []
+    for horizon, entry in meta["figures"]["by_steps"].items():
+        assert f"horizon-decay-{horizon}" in entry["results"]
+        assert "--total-steps" in entry["command"]
+        before = entry["replaced_general-v4"]
+        at_most.append(entry["geometric_mean"] <= before["geometric_mean"])
+    assert meta["figures"]["default_candidate"] == all(at_most)
+
+
 def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     tmp_path: Path, run_script, capsys
 ) -> None:
