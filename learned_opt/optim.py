@@ -100,9 +100,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             decays as ``weight_decay=1e-4`` does here.
         maximize: maximize the objective (the rule reads the negated gradient).
         total_steps: the run's length in steps, for rules that read how far training has gone
-            (a :class:`~learned_opt.rules.ScheduledRule` learns its own warm-up and decay from
-            it); ``None``: unknown (such a rule then uses a horizon-free schedule). Parameters
-            that join later start their own count.
+            (a :class:`~learned_opt.rules.ScheduledRule`: its warm-up and decay, hand-designed
+            and learned, follow it); ``None``: unknown (such a rule then uses a horizon-free
+            schedule, or none with ``unknown_horizon="base"``). Parameters that join later
+            start their own count.
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or

@@ -70,6 +70,7 @@ RECIPES = {
     "general-v2": "experiments/adaptation_rate.py",
     "general-v3": "experiments/adam_betas.py",
     "general-v4": "experiments/adaptation_shrink.py",
+    "general-v5": "experiments/horizon_decay.py",
     "general-v4-wide": "experiments/size_scaled_default.py",
     "general-wide": "experiments/size_scaled_step.py",
     "paper-mnist": "experiments/mnist_paper.py",

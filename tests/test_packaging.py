@@ -156,8 +156,8 @@ def test_installed_wheel_loads_the_shipped_weights_outside_the_source_tree(
     # Without compiling the fused kernels (a minute or two; the slow test below compiles them).
     got = _use(installed, tmp_path, LEARNED_OPT_NO_EXT="1")
     shipped_names = {
-        "general", "general-v2", "general-v3", "general-v4", "general-v4-wide", "general-wide",
-        "paper-mnist", "quadratic",
+        "general", "general-v2", "general-v3", "general-v4", "general-v4-wide", "general-v5",
+        "general-wide", "paper-mnist", "quadratic",
     }  # fmt: skip
     assert shipped_names <= set(got["weights"])
     assert all(Path(p).is_relative_to(installed) for p in got["weights"].values())
