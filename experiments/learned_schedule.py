@@ -47,8 +47,8 @@ The steps:
    experiments/learned_schedule.py learned-schedule``).
 5. ``sealed``: the sealed test group (``benchmarks/sealed.py --total-steps``) at 100 and 1,000
    steps, once.
-6. ``ship`` (not run by default): ``runs/learned-schedule/weights.pt`` as the shipped
-   ``general-v5``, with ``unknown_horizon="base"`` (without ``total_steps`` it is
+6. ``ship`` (not run by default): the committed checkpoint's best weights as the shipped
+   ``general-v4-learned-schedule``, with ``unknown_horizon="base"`` (without ``total_steps`` it is
    ``general-v4`` step for step: the schedule was meta-trained only with the horizon told), its
    provenance, validation and sealed figures (against ``general-v4``'s sealed runs) in its
    metadata; ``figures.default_candidate`` records whether it is at most ``general-v4`` at both
@@ -77,7 +77,7 @@ BASE = "general-v4"
 #: The schedule MLP: hidden units and the bound on ``|s_t|``.
 SCHEDULE = {"hidden": 16, "bound": 3.0}
 #: The shipped name of the weights, and the sealed runs of ``BASE`` they are compared with.
-NAME = "general-v5"
+NAME = "general-v4-learned-schedule"
 BASE_SEALED = "adaptation-shrink"
 
 META_TRAIN = [
