@@ -208,6 +208,44 @@ def sealed_figures(directory: Path) -> dict[str, Any]:
     }
 
 
+def sealed_comparison(
+    sealed: Path,
+    name: str,
+    replaces: str,
+    horizons: Sequence[int],
+    *,
+    benchmark: str,
+    replaced_name: str | None = None,
+) -> dict[str, Any]:
+    """The ``figures`` recorded with shipped weights: their sealed runs (``sealed/{name}-{h}``)
+    per horizon beside those of the weights ``replaces`` (``sealed/{replaced_name}-{h}``, by
+    default ``replaces``'s name), the worst task and whether they are a default candidate."""
+    by_steps = {
+        str(h): {
+            **sealed_figures(sealed / f"{name}-{h}"),
+            f"replaced_{replaces}": sealed_figures(sealed / f"{replaced_name or replaces}-{h}"),
+        }
+        for h in horizons
+    }
+    return {
+        "benchmark": benchmark,
+        "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
+        "by_steps": by_steps,
+        # at most the replaced weights' at every horizon: the condition for the default
+        "default_candidate": all(
+            entry["geometric_mean"] <= entry[f"replaced_{replaces}"]["geometric_mean"]
+            for entry in by_steps.values()
+        ),
+    }
+
+
+#: The sealed benchmark's figures told the horizon (``--total-steps``).
+TOLD_HORIZON = (
+    "benchmarks/sealed.py --total-steps: mean final training loss / tuned constant Adam's per "
+    "task; geometric mean over the sealed test group's tasks"
+)
+
+
 def ship_settings(
     dest: Path,
     *,
@@ -243,16 +281,18 @@ def ship_settings(
     from learned_opt.report import read_jsonl
 
     base, meta = load_rule(pretrained.path(replaces))
-    by_steps = {}
-    for horizon in horizons:
-        mine = sealed_figures(sealed / f"{sealed_name}-{horizon}")
-        before = sealed_figures(sealed / f"{replaced_name or replaces}-{horizon}")
-        if mine["geometric_mean"] > before["geometric_mean"] and not allow_worse:
+    figures = sealed_comparison(
+        sealed, sealed_name, replaces, horizons, replaced_name=replaced_name,
+        benchmark="benchmarks/sealed.py: mean final training loss / tuned constant Adam's per "
+        "task; geometric mean over the sealed test group's tasks",
+    )  # fmt: skip
+    for horizon, entry in figures["by_steps"].items():
+        before = entry[f"replaced_{replaces}"]
+        if entry["geometric_mean"] > before["geometric_mean"] and not allow_worse:
             raise ValueError(
-                f"{horizon} steps: sealed geometric mean {mine['geometric_mean']} is above "
+                f"{horizon} steps: sealed geometric mean {entry['geometric_mean']} is above "
                 f"{replaces!r}'s {before['geometric_mean']}; not shipping"
             )
-        by_steps[str(horizon)] = {**mine, f"replaced_{replaces}": before}
     if validation is None:
         rows = read_jsonl(results / "records.jsonl")
         metric = {(json.dumps(r["setting"]), r["steps"]): r["metric"] for r in rows}
@@ -280,17 +320,7 @@ def ship_settings(
         },
         recipe=recipe,
         budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
-        figures={
-            "benchmark": "benchmarks/sealed.py: mean final training loss / tuned constant "
-            "Adam's per task; geometric mean over the sealed test group's tasks",
-            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
-            "by_steps": by_steps,
-            # at most the replaced weights' at every horizon: the condition for the default
-            "default_candidate": all(
-                entry["geometric_mean"] <= entry[f"replaced_{replaces}"]["geometric_mean"]
-                for entry in by_steps.values()
-            ),
-        },
+        figures=figures,
         shipped={"command": f"{recipe} --steps ship", "commit": git_commit()},
     )
     dest.mkdir(parents=True, exist_ok=True)

@@ -111,11 +111,10 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
     import candidates
 
     _, meta = load_rule(learned_opt.pretrained.path(WEIGHTS))
-    by_steps = {}
-    for horizon in HORIZONS:
-        mine = candidates.sealed_figures(sealed / f"{SEALED_NAME}-{horizon}")
-        before = candidates.sealed_figures(sealed / f"{BASE_SEALED}-{horizon}")
-        by_steps[str(horizon)] = {**mine, f"replaced_{WEIGHTS}": before}
+    figures = candidates.sealed_comparison(
+        sealed, SEALED_NAME, WEIGHTS, HORIZONS, replaced_name=BASE_SEALED,
+        benchmark=candidates.TOLD_HORIZON,
+    )  # fmt: skip
     records = read_jsonl(VALIDATION / "records.jsonl")
     metric = {(r["decay"], r["steps"]): r["metric"] for r in records}
     chosen_name = next(
@@ -147,16 +146,7 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
         },
         recipe="python experiments/horizon_decay.py",
         budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
-        figures={
-            "benchmark": "benchmarks/sealed.py --total-steps: mean final training loss / tuned "
-            "constant Adam's per task; geometric mean over the sealed test group's tasks",
-            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
-            "by_steps": by_steps,
-            "default_candidate": all(
-                entry["geometric_mean"] <= entry[f"replaced_{WEIGHTS}"]["geometric_mean"]
-                for entry in by_steps.values()
-            ),
-        },
+        figures=figures,
         shipped={"command": "python experiments/horizon_decay.py --steps ship",
                  "commit": git_commit()},
     )  # fmt: skip

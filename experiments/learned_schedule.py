@@ -198,11 +198,10 @@ def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CH
         all_commands=(state.get("notes") or {}).get("commands", []),
         eval_history=state.get("history", {}),
     )  # fmt: skip
-    by_steps = {}
-    for horizon in (100, 1000):
-        mine = candidates.sealed_figures(sealed_dir / f"learned-schedule-{horizon}")
-        before = candidates.sealed_figures(sealed_dir / f"{BASE_SEALED}-{horizon}")
-        by_steps[str(horizon)] = {**mine, f"replaced_{BASE}": before}
+    figures = candidates.sealed_comparison(
+        sealed_dir, "learned-schedule", BASE, (100, 1000), replaced_name=BASE_SEALED,
+        benchmark=candidates.TOLD_HORIZON,
+    )  # fmt: skip
     records = read_jsonl(VALIDATION / "records.jsonl")
     meta.update(
         source=f"a schedule meta-trained around the shipped {BASE!r} (fixed), read when "
@@ -227,16 +226,7 @@ def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CH
             "tasks, the horizon told",
             "by_steps": {str(r["steps"]): {} for r in records},
         },
-        figures={
-            "benchmark": "benchmarks/sealed.py --total-steps: mean final training loss / tuned "
-            "constant Adam's per task; geometric mean over the sealed test group's tasks",
-            "worst_ratio": max(entry["worst"] for entry in by_steps.values()),
-            "by_steps": by_steps,
-            "default_candidate": all(
-                entry["geometric_mean"] <= entry[f"replaced_{BASE}"]["geometric_mean"]
-                for entry in by_steps.values()
-            ),
-        },
+        figures=figures,
         shipped={
             "command": "python experiments/learned_schedule.py --steps ship",
             "commit": git_commit(),
