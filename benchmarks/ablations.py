@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rule, _ = load_rule(pretrained.resolve(args.weights))
+    # Run without the horizon: a schedule around the rule would not act (the rule inside it)
+    rule = load_rule(pretrained.resolve(args.weights))[0].unwrapped
     config = MetaTrainConfig(
         objective="final-train",
         log_meta_loss=True,

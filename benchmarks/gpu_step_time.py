@@ -1,6 +1,7 @@
 """Benchmark: the optimizer step on a CUDA GPU, against ``torch.optim.AdamW(fused=True)``.
 
-The default rule (``LSTMOptimizer()``, shipped weights ``"general-v4"``) on CUDA tensors, side by
+The default rule (``LSTMOptimizer()``, shipped weights ``"general-v5"``, without
+``total_steps``: the rule of ``"general-v4"``) on CUDA tensors, side by
 side in one run with ``AdamW(fused=True)`` and ``AdamW(foreach=True)``:
 
 - one flat tensor of 1M, 10M and 100M parameters;

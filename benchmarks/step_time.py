@@ -1,9 +1,9 @@
 """Benchmark: optimizer step time against the rule's own floor, and against Adam.
 
 **The default rule** (``LSTMOptimizer()``: the LSTM-corrected Adam rule, shipped weights
-``"general-v4"``) on one flat tensor of 1M and 10M parameters, with 1 and 2 threads
-(``torch.set_num_threads``), side by side with ``torch.optim.Adam`` in the same run. Its floor is
-derived here from the rule's math and this machine's measured rates:
+``"general-v5"``, without ``total_steps``) on one flat tensor of 1M and 10M parameters, with 1
+and 2 threads (``torch.set_num_threads``), side by side with ``torch.optim.Adam`` in the same
+run. Its floor is derived here from the rule's math and this machine's measured rates:
 
 - FLOPs per parameter, counted from the rule (:func:`rule_flops`): the LSTM's gate product
   ``[x, h] (in + H) x 4H`` and bias, the cell's nonlinearities and update, the read-out, and the
@@ -214,7 +214,7 @@ def measure(size: str, threads: int, args: argparse.Namespace, rate: float, rate
     p_adam.grad, p_lstm.grad = grad.clone(), grad.clone()
     adam = torch.optim.Adam([p_adam], lr=1e-3)
     opt = LSTMOptimizer([p_lstm])
-    rule = opt.rule
+    rule = opt.rule.unwrapped  # (a schedule around it scales its step: one multiplication)
     flops = rule_flops(rule)
     for _ in range(2):  # warm-up: state allocation, first-step paths
         adam.step()

@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--family", default="mnist", choices=sorted(FAMILIES))
     ev.add_argument("--family-kwargs", type=_json_arg, default={}, metavar="JSON")
     ev.add_argument("--steps", type=int, default=100)
+    ev.add_argument(
+        "--total-steps",
+        action="store_true",
+        help="tell the learned optimizer the run's length (--steps), for weights that read it",
+    )
     ev.add_argument("--seeds", type=int, default=10, help="evaluation seeds")
     ev.add_argument("--tune-seeds", type=int, default=3, help="seeds used to tune learning rates")
     ev.add_argument("--baselines", default="adam", help="comma list of " + ",".join(HAND_DESIGNED))
@@ -255,13 +260,23 @@ def _eval(args: argparse.Namespace) -> int:
     # Final figures train on the whole training split and report the official held-out split.
     family = evaluation_family(args.family, **args.family_kwargs)
     rule, _ = load_rule(pretrained.resolve(args.weights))
+    horizon = {"total_steps": args.steps} if args.total_steps else {}
+    try:  # fails now, before any baseline is tuned, if the rule cannot read the horizon
+        LearnedOptimizer([torch.zeros(1, requires_grad=True)], rule, **horizon)
+    except ValueError as exc:
+        print(f"--weights {args.weights}: {exc}", file=sys.stderr)
+        return 2
     lrs = [float(x) for x in args.lrs.split(",")]
     tune = COMPARISON_STREAMS.tune_seeds(args.tune_seeds, args.seed)
     evals = COMPARISON_STREAMS.eval_seeds(args.seeds, args.seed)
     records: list[dict[str, Any]] = []
 
     def learned(p: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-        return LearnedOptimizer(p, rule, lr=lr)
+        return LearnedOptimizer(p, rule, lr=lr, **horizon)
+
+    learned_name = f"learned:{args.weights}" + (
+        f" (total_steps={args.steps})" if args.total_steps else ""
+    )
 
     for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         if name not in HAND_DESIGNED:
@@ -286,7 +301,7 @@ def _eval(args: argparse.Namespace) -> int:
             for s in evals
         ]
     records += [
-        run_optimizer(family, s, learned, 1.0, args.steps, name=f"learned:{args.weights}").record()
+        run_optimizer(family, s, learned, 1.0, args.steps, name=learned_name).record()
         for s in evals
     ]
     for r in records:

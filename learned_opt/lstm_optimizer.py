@@ -13,7 +13,6 @@ from . import pretrained
 from .checkpoint import WeightsMismatchError, load_rule
 from .optim import LearnedOptimizer
 from .rules import LSTMCorrectedAdamRule, LSTMRule, UpdateRule
-from .rules.scheduled import ScheduledRule
 
 __all__ = ["LSTMOptimizer"]
 
@@ -24,8 +23,7 @@ _LSTM_RULES = (LSTMRule, LSTMCorrectedAdamRule)
 
 def _lstm(rule: UpdateRule) -> UpdateRule | None:
     """The coordinatewise LSTM rule inside ``rule`` (itself, or a schedule's base), or None."""
-    inner = rule.base if isinstance(rule, ScheduledRule) else rule
-    return inner if isinstance(inner, _LSTM_RULES) else None
+    return rule.unwrapped if isinstance(rule.unwrapped, _LSTM_RULES) else None
 
 
 def _resolve_weights(
@@ -55,8 +53,11 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    By default (``weights=None``) the optimizer runs the shipped ``"general-v4"`` weights of
-    :class:`~learned_opt.rules.LSTMCorrectedAdamRule`: Adam's step (momenta 0.8 and 0.95),
+    By default (``weights=None``) the optimizer runs the shipped ``"general-v5"`` weights: the
+    rule of :class:`~learned_opt.rules.LSTMCorrectedAdamRule` (``"general-v4"``) and, when told
+    the run's length (``total_steps``), a linear warm-up over its first 2% and a linear decay over
+    its last 20% (:class:`~learned_opt.rules.ScheduledRule`; without ``total_steps``, no
+    schedule). The rule: Adam's step (momenta 0.8 and 0.95),
     scaled per coordinate by a small LSTM (16 units, shared by all coordinates, reading
     scale-invariant features of each coordinate's gradient history; its correction is bounded to
     a factor in [1/e, e]), times a per-tensor step size that grows while a tensor's gradient

@@ -148,6 +148,29 @@ def test_unknown_baseline_is_an_error(capsys: pytest.CaptureFixture) -> None:
     assert "unknown baseline" in capsys.readouterr().err
 
 
+def test_eval_tells_the_horizon_to_weights_that_read_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``eval --total-steps`` runs the default weights told the run's length (``general-v5``:
+    its warm-up and decay change the steps); weights that cannot read it fail before tuning."""
+    common = ["eval", "--family", "quadratic", "--steps", "10", "--seeds", "2", "--tune-seeds",
+              "1", "--lrs", "0.1"]  # fmt: skip
+    finals = {}
+    for told in (False, True):
+        records = tmp_path / f"{told}.jsonl"
+        extra = ["--total-steps"] if told else []
+        assert main([*common, *extra, "--records", str(records)]) == 0
+        rows = [r for r in read_jsonl(records) if r["optimizer"].startswith("learned:")]
+        suffix = " (total_steps=10)" if told else ""
+        assert {r["optimizer"] for r in rows} == {f"learned:general-v5{suffix}"}
+        finals[told] = [r["final_train_loss"] for r in rows]
+    assert finals[True] != finals[False]
+    capsys.readouterr()
+    assert main([*common, "--weights", "general-v4", "--total-steps"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights general-v4" in err and "tuned" not in err
+
+
 def test_meta_train_with_pes_and_random_horizons(tmp_path: Path) -> None:
     argv = [
         "meta-train",

@@ -22,6 +22,7 @@ from learned_opt.rules import (
     GeneralLSTMRule,
     LSTMCorrectedAdamConfig,
     LSTMCorrectedAdamRule,
+    ScheduledRule,
     build_rule,
 )
 from learned_opt.rules.base import safe_sqrt
@@ -495,8 +496,8 @@ def test_grad_clip_warmup_loosens_the_clipping_early(t: int) -> None:
 def test_the_preset_is_the_shipped_configuration() -> None:
     """LSTMCorrectedAdamConfig's defaults are the configuration of the shipped "general" weights
     (their record and their metadata), the default weights are those with the settings that
-    their metadata and those of the weights they derive from name, and the kind
-    "lstm-corrected-adam" builds it from no options."""
+    their metadata and those of the weights they derive from name (a schedule around them: its
+    hand-designed part as named), and the kind "lstm-corrected-adam" builds it from no options."""
     rule, meta = load_rule(pretrained.path("general"))
     assert type(rule) is LSTMCorrectedAdamRule and rule.settings == LSTMCorrectedAdamConfig()
     assert LSTMCorrectedAdamRule().config() == rule.config()
@@ -504,6 +505,10 @@ def test_the_preset_is_the_shipped_configuration() -> None:
     assert LSTMCorrectedAdamConfig().replace(**shipped) == LSTMCorrectedAdamConfig()
     default, meta = load_rule(pretrained.path(pretrained.DEFAULT))
     changed: dict = {}
+    if isinstance(default, ScheduledRule):  # its schedule; the rule inside derives as below
+        settings = meta["derived_from"]["settings"]
+        assert (default.warmup, default.tail) == (settings["warmup"], settings["tail"])
+        default, meta = default.base, pretrained.metadata(meta["derived_from"]["weights"])
     while "derived_from" in meta:  # the default, then each weights it derives from
         assert meta["derived_from"]["settings"]
         changed = {**meta["derived_from"]["settings"], **changed}
@@ -518,7 +523,8 @@ def test_the_preset_is_the_shipped_configuration() -> None:
     assert build_rule("general-lstm", {}).settings == GENERAL_LSTM_DEFAULTS
     assert GeneralLSTMRule(hidden_size=8).settings == GENERAL_LSTM_DEFAULTS.replace(hidden_size=8)
     opt = LSTMOptimizer([torch.nn.Parameter(torch.zeros(3))])
-    assert isinstance(opt.rule, LSTMCorrectedAdamRule) and isinstance(opt.rule, GeneralLSTMRule)
+    assert isinstance(opt.rule.unwrapped, LSTMCorrectedAdamRule)
+    assert isinstance(opt.rule.unwrapped, GeneralLSTMRule)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LSTMCorrectedAdamConfig().lr = 1.0  # type: ignore[misc]
 

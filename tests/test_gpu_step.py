@@ -32,7 +32,7 @@ _INTERPRETED = textwrap.dedent(
     from learned_opt.rules import corrected_adam_step
 
     general, _ = load_rule(pretrained.path("general"))
-    default, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    default = load_rule(pretrained.path(pretrained.DEFAULT))[0].unwrapped
     assert len(default._state_betas) == 5
     control = general.variant(controller_hidden=8, controller_drift=0.5)
     additive = LSTMCorrectedAdamRule(hidden_size=32, additive=True)
@@ -82,7 +82,7 @@ _INTERPRETED_PER_TENSOR = textwrap.dedent(
     from learned_opt.rules import per_tensor
     from learned_opt.rules.base import grad_bound
 
-    rule, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    rule = load_rule(pretrained.path(pretrained.DEFAULT))[0].unwrapped
     cfg = rule.settings
     assert rule.controller() is None and cfg.lr_adapt > 0 and cfg.lr_adapt_slowdown > 0
     gen = torch.Generator().manual_seed(0)

@@ -32,8 +32,9 @@ def test_default_is_shipped() -> None:
 def test_default_is_the_general_rule_and_the_paper_lstm_stays_by_name() -> None:
     params = [torch.nn.Parameter(torch.ones(3))]
     default = LSTMOptimizer(params)
-    assert isinstance(default.rule, GeneralLSTMRule)
-    assert torch.count_nonzero(default.rule.out_weight) > 0  # meta-trained, not a zero read-out
+    assert isinstance(default.rule.unwrapped, GeneralLSTMRule)
+    # meta-trained, not a zero read-out
+    assert torch.count_nonzero(default.rule.unwrapped.out_weight) > 0
     paper = LSTMOptimizer(params, weights="paper-mnist")
     assert isinstance(paper.rule, LSTMRule)
     assert paper.metadata == pretrained.metadata("paper-mnist")

@@ -40,6 +40,14 @@ def test_zero_schedule_is_exactly_the_base_rule() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_unwrapped_is_the_rule_inside_the_schedule() -> None:
+    rule = _scheduled_default()
+    assert rule.unwrapped is rule.base and rule.base.unwrapped is rule.base
+    assert AdamRule().unwrapped.kind == "adam"
+    default = LSTMOptimizer([torch.nn.Parameter(torch.ones(3))])  # the shipped default
+    assert isinstance(default.rule, ScheduledRule) and default.rule.unwrapped is default.rule.base
+
+
 def test_features_depend_on_the_horizon_only_when_it_is_known() -> None:
     t = torch.tensor(30.0)
     unknown = schedule_features(t, torch.tensor(0.0))
@@ -71,7 +79,7 @@ def test_a_trained_schedule_changes_the_step_with_the_horizon_and_stays_bounded(
 def test_total_steps_needs_a_rule_that_reads_it() -> None:
     p = [torch.nn.Parameter(torch.ones(3))]
     with pytest.raises(ValueError, match="does not read the run's length"):
-        LSTMOptimizer(p, total_steps=100)  # the default weights have no schedule
+        LSTMOptimizer(p, weights="general-v4", total_steps=100)  # weights with no schedule
     with pytest.raises(ValueError, match="total_steps"):
         LearnedOptimizer(p, _scheduled_default(), total_steps=0)
     with pytest.raises(ValueError, match="cannot wrap"):

@@ -218,7 +218,7 @@ def test_sources_are_deterministic_and_parts_differ() -> None:
 # ----------------------------------------------------------------------- the benchmark
 def test_zero_readout(optimizers: dict) -> None:
     zero = optimizers["zero_readout"]
-    shipped, _ = load_rule(pretrained.resolve(pretrained.DEFAULT))
+    shipped = load_rule(pretrained.resolve(pretrained.DEFAULT))[0].unwrapped
     before = {k: v.clone() for k, v in shipped.state_dict().items()}
     zeroed = zero(shipped)
     assert all(torch.equal(before[k], v) for k, v in shipped.state_dict().items())

@@ -43,6 +43,12 @@ class UpdateRule(nn.Module):
         """Whether the update of a coordinate depends on the rest of its parameter tensor."""
         return False
 
+    @property
+    def unwrapped(self) -> UpdateRule:
+        """The rule that computes the update's direction: ``self``, or for a rule that wraps
+        another (:class:`~learned_opt.rules.ScheduledRule`) the rule inside it."""
+        return self
+
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
         """Fresh state for ``numel`` coordinates on ``like``'s device and dtype."""
         raise NotImplementedError

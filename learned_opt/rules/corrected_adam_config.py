@@ -2,12 +2,12 @@
 saved under the rule's former name (checkpoint kind ``"general-lstm"``) are read.
 
 :class:`LSTMCorrectedAdamConfig`'s defaults are the configuration of the shipped weights
-``learned_opt.pretrained`` ``"general"`` (the default weights, ``"general-v4"``, adapt the step
-size more slowly, ``lr_adapt=0.025``, ``lr_adapt_shrink=1.5``, and average Adam's moments over
-fewer steps, ``beta1=0.8``, ``beta2=0.95``): an Adam step corrected by an LSTM with 16 units,
-whose read-out scales the step per coordinate by at most ``e^1``, with per-tensor step-size
-adaptation, per-tensor gradient clipping with a warm-up, and a slowdown of the adaptation near a
-minimum.
+``learned_opt.pretrained`` ``"general"`` (the default weights' rule, ``"general-v4"``, adapts
+the step size more slowly, ``lr_adapt=0.025``, ``lr_adapt_shrink=1.5``, and averages Adam's
+moments over fewer steps, ``beta1=0.8``, ``beta2=0.95``): an Adam step corrected by an LSTM
+with 16 units, whose read-out scales the step per coordinate by at most ``e^1``, with
+per-tensor step-size adaptation, per-tensor gradient clipping with a warm-up, and a slowdown of
+the adaptation near a minimum.
 
 Options of the former keyword interface that nothing shipped or measured are gone:
 :data:`REMOVED_OPTIONS` maps each to the one value the rule still implements. A saved

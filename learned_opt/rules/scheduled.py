@@ -130,6 +130,11 @@ class ScheduledRule(UpdateRule):
         return self.base.tensor_aware
 
     @property
+    def unwrapped(self) -> UpdateRule:
+        """The base rule (the schedule only scales its update)."""
+        return self.base.unwrapped
+
+    @property
     def reads_horizon(self) -> bool:
         return True
 
