@@ -24,7 +24,7 @@ from learned_opt.tasks import (
     sample_horizon,
 )
 from learned_opt.tasks.rescale import ParamScaled, log_uniform, rescale_task
-from learned_opt.tasks.zoo import load_dataset
+from learned_opt.tasks.zoo import load_dataset, noisy_labels
 
 FAMILIES = {
     "digits-mlp": lambda: RandomMLPFamily("digits", (8, 16), (0, 1, 2), batch_sizes=(16,)),
@@ -165,6 +165,24 @@ def test_scale_invariant_rule_ignores_the_loss_scale_of_a_rescaled_task() -> Non
         (w,) = list(unroll(learner, t, torch.Generator().manual_seed(1), horizon=8, truncation=8))
         finals.append(w.state.params.detach())
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-4, atol=1e-5)
+
+
+def test_label_noise_flips_the_same_training_labels_and_leaves_the_held_out_split() -> None:
+    labels = torch.arange(3).repeat(400)
+    noisy = noisy_labels(labels, 0.2, 3)
+    assert torch.equal(noisy, noisy_labels(labels, 0.2, 3))  # the same flips every time
+    assert 0.15 < (noisy != labels).float().mean() < 0.25 and int(noisy.max()) == 2
+    assert torch.equal(noisy_labels(labels, 0.0, 3), labels)
+    clean = RandomMLPFamily("iris", (4,), (1,), ("tanh",), (8,), None)
+    family = RandomMLPFamily("iris", (4,), (1,), ("tanh",), (8,), None, label_noise=0.2)
+    a, b = (f.sample(torch.Generator().manual_seed(0)) for f in (clean, family))
+    assert "noise=0.2" in b.name and family.config()["label_noise"] == 0.2
+    assert "label_noise" not in clean.config()
+    assert not torch.equal(a.train.y, b.train.y) and torch.equal(a.test.y, b.test.y)
+    with pytest.raises(ValueError, match="classification"):
+        RandomMLPFamily("diabetes", label_noise=0.1)
+    with pytest.raises(ValueError, match="label noise"):
+        RandomMLPFamily("iris", label_noise=1.0)
 
 
 def test_mixture_family_samples_members_by_weight() -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "RowRNN",
     "RowRNNFamily",
     "load_dataset",
+    "noisy_labels",
 ]
 
 #: dataset -> (kind, image side or None). ``kind`` is "class" (cross-entropy) or "regress" (MSE).
@@ -98,6 +99,20 @@ def load_dataset(name: str, holdout: str) -> tuple[Tensor, Tensor, Tensor, Tenso
     return _load_table(name, holdout)
 
 
+def noisy_labels(labels: Tensor, fraction: float, classes: int, seed: int = 0) -> Tensor:
+    """``labels`` with about ``fraction`` of them (drawn with ``seed``) replaced by another class,
+    uniformly: a noise floor that keeps the cross-entropy of small, separable datasets well above
+    zero (a model can still memorize some of them)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"Invalid label noise fraction: {fraction} (must be in [0, 1))")
+    if fraction == 0.0:
+        return labels
+    gen = torch.Generator().manual_seed(seed)
+    flip = torch.rand(labels.shape, generator=gen) < fraction
+    shift = torch.randint(1, classes, labels.shape, generator=gen)
+    return torch.where(flip, (labels + shift) % classes, labels)
+
+
 def _choice(options: Sequence[Any], generator: torch.Generator) -> Any:
     return options[int(torch.randint(len(options), (1,), generator=generator))]
 
@@ -118,6 +133,7 @@ class _DatasetFamily(TaskFamily):
         batch_sizes: Sequence[int],
         test_batch_size: int | None,
         holdout: str,
+        label_noise: float = 0.0,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
@@ -131,10 +147,17 @@ class _DatasetFamily(TaskFamily):
         self.in_dim = xt.shape[1]
         self.regression = DATASETS[dataset][0] == "regress"
         self.out_dim = yt.shape[1] if self.regression else int(yt.max()) + 1
+        if label_noise and self.regression:
+            raise ValueError(f"label_noise needs a classification dataset, not {dataset!r}")
+        noisy_labels(yt, label_noise, max(2, self.out_dim))  # validates the fraction
+        self.label_noise = float(label_noise)
 
     def _task(self, name: str, model: nn.Module, generator: torch.Generator) -> Task:
         batch_size = _choice(self.batch_sizes, generator)
         xt, yt, xh, yh = load_dataset(self.dataset, self.holdout)
+        if self.label_noise:  # the training labels only: the held-out split stays clean
+            yt = noisy_labels(yt, self.label_noise, self.out_dim)
+            name = f"{name},noise={self.label_noise:g}"
         seed = int(torch.randint(2**62, (1,), generator=generator))
         train = BatchSampler(xt, yt, batch_size, torch.Generator().manual_seed(seed))
         test = BatchSampler(xh, yh, self.test_batch_size, torch.Generator().manual_seed(seed + 1))
@@ -152,6 +175,7 @@ class _DatasetFamily(TaskFamily):
             "batch_sizes": list(self.batch_sizes),
             "test_batch_size": self.test_batch_size,
             "holdout": self.holdout,
+            **({"label_noise": self.label_noise} if self.label_noise else {}),
         }
 
 
@@ -166,6 +190,8 @@ class RandomMLPFamily(_DatasetFamily):
         widths, depths, activations, batch_sizes: the choices (uniform).
         test_batch_size: held-out batch size of the meta-objective (``None``: the whole split).
         holdout: ``"val"`` or ``"test"``.
+        label_noise: the fraction of training labels replaced by another class
+            (:func:`noisy_labels`; the same ones in every task of the family).
     """
 
     name = "random-mlp"
@@ -179,8 +205,9 @@ class RandomMLPFamily(_DatasetFamily):
         batch_sizes: Sequence[int] = (32, 64, 128),
         test_batch_size: int | None = 1000,
         holdout: str = "val",
+        label_noise: float = 0.0,
     ) -> None:
-        super().__init__(dataset, batch_sizes, test_batch_size, holdout)
+        super().__init__(dataset, batch_sizes, test_batch_size, holdout, label_noise)
         self.widths = tuple(int(w) for w in _check_choices("widths", widths))
         self.depths = tuple(int(d) for d in _check_choices("depths", depths))
         self.activations = tuple(_check_choices("activations", activations))
