@@ -14,10 +14,11 @@ geometric mean of the final training loss) at 100 and 1,000 steps, on 2 processe
 :data:`CHOSEN`, is written by ``weights`` as a :class:`~learned_opt.rules.ScheduledRule` around
 ``general-v4`` (its learned part at zero, ``warmup`` and ``tail`` its hand-designed part,
 ``unknown_horizon="base"``: without ``total_steps``, ``general-v4`` step for step). ``ship``
-writes it as ``general-v5`` with its figures. Why: tuned Adam gains 7.6% at 1,000 steps from
-warm-up and cosine decay on the sealed group, ``general-v4`` under the same schedule 2.8%, while
-both lose at 100 steps; a learned schedule (``experiments/learned_schedule.py``) gained at 100
-and lost at 1,000 on the validation group.
+writes it as ``general-v5`` with its figures. The recipe's settings are a :class:`Recipe`
+(:data:`RECIPE`); ``experiments/warmup_decay.py`` runs the same steps with its own. Why: tuned
+Adam gains 7.6% at 1,000 steps from warm-up and cosine decay on the sealed group, ``general-v4``
+under the same schedule 2.8%, while both lose at 100 steps; a learned schedule
+(``experiments/learned_schedule.py``) gained at 100 and lost at 1,000 on the validation group.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -59,20 +61,67 @@ DECAYS: dict[str, Callable[[int, int], float]] = {
     "10% warm-up, linear over the last 20%": lambda t, T: _warmup_tail(t, T, 0.1, 0.2),
     "5% warm-up, linear over the last 50%": lambda t, T: _warmup_tail(t, T, 0.05, 0.5),
 }
+#: The shapes ``general-v5`` was chosen among.
+FIRST_GRID = tuple(DECAYS)
+#: A finer and a longer grid of warm-ups and tails, and the first grid's best shape with a larger
+#: or smaller step throughout.
+for _w in (0.01, 0.02, 0.03, 0.1, 0.15, 0.2, 0.3):
+    for _tail in (0.1, 0.15, 0.2, 0.3):
+        _name = f"{_w:.0%} warm-up, linear over the last {_tail:.0%}"
+        DECAYS.setdefault(_name, lambda t, T, w=_w, tail=_tail: _warmup_tail(t, T, w, tail))
+for _scale in (0.8, 1.25):
+    DECAYS[f"2% warm-up, linear over the last 20%, step x{_scale}"] = lambda t, T, scale=_scale: (
+        scale * _warmup_tail(t, T, 0.02, 0.2)
+    )
 HORIZONS = (100, 1000)
 WEIGHTS = "general-v4"
-#: The decay chosen on the validation group, as :class:`~learned_opt.rules.ScheduledRule`'s
-#: hand-designed part (``warmup``, ``tail``), and where its weights are written.
-CHOSEN = {"warmup": 0.02, "tail": 0.2}
-RUN = Path("runs/horizon-decay")
-#: The shipped name, and the sealed runs of the candidate and of ``WEIGHTS``.
-NAME = "general-v5"
-SEALED_NAME = "horizon-decay"
-BASE_SEALED = "adaptation-shrink"
-VALIDATION = Path("benchmarks/results/validation/horizon-decay")
 
 
-def chosen_rule():
+@dataclass(frozen=True)
+class Recipe:
+    """What one recipe of a hand-designed warm-up and decay compares, chooses and ships.
+
+    Attributes:
+        name: the shipped name of the chosen weights.
+        chosen: the chosen shape, as :class:`~learned_opt.rules.ScheduledRule`'s hand-designed
+            part (``warmup``, ``tail``).
+        script: the recipe's file (its commands, recorded with the weights).
+        validation: the folder of the validation table and records.
+        run: where ``weights`` writes ``weights.pt`` (``runs/<sealed_name>``).
+        sealed_name: the candidate's sealed runs (``<sealed_name>-<steps>``).
+        replaces: the shipped weights it is compared with on the sealed group, and their runs.
+        decays: the names of :data:`DECAYS` compared (``none`` is always the reference).
+    """
+
+    name: str
+    chosen: dict[str, float]
+    script: str
+    validation: Path
+    sealed_name: str
+    replaces: str
+    replaced_sealed: str
+    decays: tuple[str, ...] = field(default=tuple(DECAYS))
+
+    @property
+    def run(self) -> Path:
+        return Path("runs") / self.sealed_name
+
+
+#: ``general-v5``: chosen on the validation group before its small tables had noisy labels.
+RECIPE = Recipe(
+    name="general-v5",
+    chosen={"warmup": 0.02, "tail": 0.2},
+    script="experiments/horizon_decay.py",
+    validation=Path("benchmarks/results/validation/horizon-decay"),
+    sealed_name="horizon-decay",
+    replaces="general-v4",
+    replaced_sealed="adaptation-shrink",
+    decays=FIRST_GRID,
+)
+CHOSEN, NAME = RECIPE.chosen, RECIPE.name
+
+
+def chosen_rule(recipe: Recipe = RECIPE):
     """``WEIGHTS`` under the identity learned schedule with the chosen hand-designed decay;
     without ``total_steps``, ``WEIGHTS`` step for step."""
     import learned_opt
@@ -80,24 +129,26 @@ def chosen_rule():
     from learned_opt.rules import ScheduledRule
 
     base, _ = load_rule(learned_opt.pretrained.path(WEIGHTS))
-    rule = ScheduledRule(base.kind, base.config(), unknown_horizon="base", **CHOSEN)
+    rule = ScheduledRule(base.kind, base.config(), unknown_horizon="base", **recipe.chosen)
     rule.base.load_state_dict(base.state_dict())
     return rule
 
 
-def write_weights(path: Path) -> None:
+def write_weights(path: Path, recipe: Recipe = RECIPE) -> None:
     from learned_opt import save_rule
 
     path.parent.mkdir(parents=True, exist_ok=True)
     source = f"the shipped {WEIGHTS!r} with a hand-designed decay when told the horizon"
-    save_rule(path, chosen_rule(), {"source": source, "decay": CHOSEN})
+    save_rule(path, chosen_rule(recipe), {"source": source, "decay": recipe.chosen})
 
 
-def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[str, Any]:
-    """Write :func:`chosen_rule` as ``dest/{NAME}.pt`` (and ``.json``) with the metadata of
+def ship(
+    dest: Path, sealed: Path = Path("benchmarks/results/sealed"), recipe: Recipe = RECIPE
+) -> dict[str, Any]:
+    """Write :func:`chosen_rule` as ``dest/<name>.pt`` (and ``.json``) with the metadata of
     ``WEIGHTS`` it derives from, the validation figures that chose the decay and the sealed
-    figures (told the horizon) against ``WEIGHTS``'s; ``figures.default_candidate``: at most
-    ``WEIGHTS``'s sealed geometric mean at both horizons. Returns the metadata."""
+    figures (told the horizon) against those of ``recipe.replaces``; ``figures.
+    default_candidate``: at most theirs at both horizons. Returns the metadata."""
     import hashlib
     import json
     import sys
@@ -112,19 +163,20 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
 
     _, meta = load_rule(learned_opt.pretrained.path(WEIGHTS))
     figures = candidates.sealed_comparison(
-        sealed, SEALED_NAME, WEIGHTS, HORIZONS, replaced_name=BASE_SEALED,
+        sealed, recipe.sealed_name, recipe.replaces, HORIZONS,
+        replaced_name=recipe.replaced_sealed,
         benchmark=candidates.TOLD_HORIZON,
     )  # fmt: skip
-    records = read_jsonl(VALIDATION / "records.jsonl")
+    records = read_jsonl(recipe.validation / "records.jsonl")
     metric = {(r["decay"], r["steps"]): r["metric"] for r in records}
     chosen_name = next(
-        name for name in DECAYS
-        if all(DECAYS[name](t, 1000) == _warmup_tail(t, 1000, CHOSEN["warmup"], CHOSEN["tail"])
-               for t in (1, 10, 20, 21, 500, 801, 900, 1000))
+        name for name in recipe.decays
+        if all(DECAYS[name](t, 1000) == _warmup_tail(t, 1000, **recipe.chosen)
+               for t in (1, 10, 20, 21, 100, 101, 500, 801, 900, 1000))
     )  # fmt: skip
     validation = {
-        "command": "python experiments/horizon_decay.py --steps validate",
-        "results": str(VALIDATION),
+        "command": f"python {recipe.script} --steps validate",
+        "results": str(recipe.validation),
         "metric": "geometric mean of the final training loss over the validation group's 8 "
         "tasks, the horizon told",
         "by_steps": {str(h): {"chosen": round(metric[chosen_name, h], 4),
@@ -141,18 +193,18 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
             "weights_sha256": hashlib.sha256(
                 learned_opt.pretrained.path(WEIGHTS).read_bytes()
             ).hexdigest(),
-            "settings": {"decay": chosen_name, **CHOSEN},
+            "settings": {"decay": chosen_name, **recipe.chosen},
             "chosen_on_validation": validation,
         },
-        recipe="python experiments/horizon_decay.py",
+        recipe=f"python {recipe.script}",
         budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
         figures=figures,
-        shipped={"command": "python experiments/horizon_decay.py --steps ship",
+        shipped={"command": f"python {recipe.script} --steps ship",
                  "commit": git_commit()},
     )  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{NAME}.pt", chosen_rule(), meta)
-    (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_rule(dest / f"{recipe.name}.pt", chosen_rule(recipe), meta)
+    (dest / f"{recipe.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -194,39 +246,51 @@ def _evaluate(job: tuple[str, int]) -> dict[str, Any]:
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    from learned_opt.report import write_results
+def main(argv: list[str] | None = None, recipe: Recipe = RECIPE, doc: str | None = None) -> int:
+    from learned_opt.report import read_jsonl, write_results
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(doc or __doc__ or "").splitlines()[0])
     parser.add_argument("--steps", default="validate", help="comma list of validate,weights,ship")
     # where ship writes: the package by default; tests ship into a temporary directory
     parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("benchmarks/results/validation/horizon-decay"),
+        "--out", type=Path, default=recipe.validation,
         help="folder of the validation's table and records",
-    )
+    )  # fmt: skip
     parser.add_argument("--procs", type=int, default=2, help="worker processes")
-    parser.add_argument("--decays", default=None, help="comma list of DECAYS' names (default all)")
+    parser.add_argument(
+        "--decays", default=None,
+        help="semicolon-separated names of DECAYS (they contain commas; default: the recipe's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the records in --out and run only the decays and horizons they lack",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    decays = list(DECAYS) if args.decays is None else args.decays.split(",")
+    decays = list(recipe.decays) if args.decays is None else args.decays.split(";")
+    unknown = [d for d in decays if d not in DECAYS]
+    if unknown:
+        parser.error(f"unknown decays {unknown}; choose from {list(DECAYS)}")
     decays = ["none", *[d for d in decays if d != "none"]]  # the reference of the ratios
     steps = args.steps.split(",")
     if "weights" in steps:
-        print(f"# weights: {RUN / 'weights.pt'}", flush=True)
-        write_weights(RUN / "weights.pt")
+        print(f"# weights: {recipe.run / 'weights.pt'}", flush=True)
+        write_weights(recipe.run / "weights.pt", recipe)
     if "ship" in steps:
         import learned_opt
 
         dest = args.ship_to or Path(learned_opt.pretrained.__file__).parent
-        print(f"# ship as {NAME!r} into {dest}", flush=True)
-        ship(dest)
+        print(f"# ship as {recipe.name!r} into {dest}", flush=True)
+        ship(dest, recipe=recipe)
     if "validate" not in steps:
         return 0
-    jobs = [(d, h) for h in sorted(HORIZONS, reverse=True) for d in decays]
+    kept = []
+    if args.resume and (args.out / "records.jsonl").is_file():
+        kept = [r for r in read_jsonl(args.out / "records.jsonl") if r["decay"] in decays]
+    done = {(r["decay"], r["steps"]) for r in kept}
+    jobs = [(d, h) for h in sorted(HORIZONS, reverse=True) for d in decays if (d, h) not in done]
     with get_context("spawn").Pool(args.procs) as pool:
-        records = pool.map(_evaluate, jobs, chunksize=1)
+        records = kept + pool.map(_evaluate, jobs, chunksize=1)
     metric = {(r["decay"], r["steps"]): r["metric"] for r in records}
     lines = [
         f"`{WEIGHTS}` told the horizon, its step multiplied by each decay, on the validation "

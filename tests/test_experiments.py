@@ -407,18 +407,25 @@ def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path
     assert set(meta["figures"]["by_steps"]) == {"100", "1000"}
 
 
-def test_horizon_decay_writes_the_decay_with_the_lowest_validation_metric(tmp_path: Path) -> None:
-    """The hand-designed decay's weights: ``general-v4`` step for step without the horizon,
-    the chosen warm-up and tail with it; the chosen decay has the lowest mean log metric of
-    the committed validation records."""
+@pytest.mark.parametrize("script", ["horizon_decay.py", "warmup_decay.py"])
+def test_horizon_decay_writes_the_decay_with_the_lowest_validation_metric(
+    tmp_path: Path, script: str
+) -> None:
+    """A hand-designed decay's weights: ``general-v4`` step for step without the horizon, the
+    chosen warm-up and tail with it; the chosen decay has the lowest mean log metric of the
+    recipe's committed validation records, which compare every shape the recipe names."""
     from learned_opt.report import read_jsonl
 
-    recipe = runpy.run_path(str(ROOT / "experiments/horizon_decay.py"))
+    recipe = runpy.run_path(str(ROOT / "experiments" / script))
+    settings = recipe["RECIPE"]
     recipe["write_weights"](tmp_path / "weights.pt")
     rule, _ = load_rule(tmp_path / "weights.pt")
     assert {k: rule.config()[k] for k in recipe["CHOSEN"]} == recipe["CHOSEN"]
     _assert_steps_like_the_default(rule, reference="general-v4")
-    records = read_jsonl(ROOT / "benchmarks/results/validation/horizon-decay/records.jsonl")
+    records = read_jsonl(ROOT / settings.validation / "records.jsonl")
+    assert {(r["decay"], r["steps"]) for r in records} == {
+        (d, h) for d in {"none", *settings.decays} for h in (100, 1000)
+    }
     score: dict[str, float] = {}
     for r in records:
         score[r["decay"]] = score.get(r["decay"], 0.0) + math.log(r["metric"])
@@ -426,35 +433,66 @@ def test_horizon_decay_writes_the_decay_with_the_lowest_validation_metric(tmp_pa
     decay = recipe["DECAYS"][best]
     warmup, tail = recipe["CHOSEN"]["warmup"], recipe["CHOSEN"]["tail"]
     for total in (100, 1000):  # the chosen row is the shape the weights apply
-        for t in (1, total // 50, total // 2, total - total // 10, total):
+        for t in (1, total // 50, total // 10, total // 2, total - total // 10, total):
             expected = min(1.0, t / math.ceil(warmup * total)) * min(
                 1.0, (total - t + 1) / (tail * total)
             )
             assert decay(t, total) == pytest.approx(expected)
 
 
-def test_horizon_decay_ships_general_v4_with_the_chosen_decay(tmp_path: Path) -> None:
+def test_horizon_decay_validation_resumes_from_its_records(tmp_path: Path, capsys) -> None:
+    """``validate --resume`` keeps the records in ``--out`` and runs only what they lack (here
+    nothing: the table is written from the records alone)."""
+    from learned_opt.report import read_jsonl, write_jsonl
+
+    recipe = runpy.run_path(str(ROOT / "experiments/horizon_decay.py"))
+    out = tmp_path / "validation"
+    names = ["none", "5% warm-up"]
+    write_jsonl(out / "records.jsonl", [
+        {"decay": d, "steps": h, "losses": [1.0], "metric": m, "seconds": 0.0}
+        for d, m in zip(names, (0.5, 0.4)) for h in (100, 1000)
+    ])  # fmt: skip
+    argv = ["--decays", ";".join(names), "--out", str(out), "--resume", "--procs", "1"]
+    assert recipe["main"](argv) == 0
+    assert "| 5% warm-up | 0.4000 | 0.4000 | 0.800 |" in (out / "table.md").read_text()
+    assert len(read_jsonl(out / "records.jsonl")) == 4
+    with pytest.raises(SystemExit):
+        recipe["main"](["--decays", "no such decay", "--out", str(out)])
+    assert "unknown decays" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("script", "replaced"),
+    [("horizon_decay.py", "general-v4"), ("warmup_decay.py", "general-v5")],
+)
+def test_horizon_decay_ships_general_v4_with_the_chosen_decay(
+    tmp_path: Path, script: str, replaced: str
+) -> None:
     """The ship step writes the chosen decay around ``general-v4`` (the same steps without the
     horizon), the validation figures that chose it, the sealed figures told the horizon against
-    ``general-v4``'s and whether they are at most those at both horizons."""
-    recipe = runpy.run_path(str(ROOT / "experiments/horizon_decay.py"))
+    those of the weights it replaces and whether they are at most those at both horizons."""
+    recipe = runpy.run_path(str(ROOT / "experiments" / script))
+    settings = recipe["RECIPE"]
     sealed = ROOT / candidates_sealed()
-    if not all((sealed / f"horizon-decay-{h}" / "summary.jsonl").is_file() for h in (100, 1000)):
+    runs = [sealed / f"{settings.sealed_name}-{h}" / "summary.jsonl" for h in (100, 1000)]
+    if not all(run.is_file() for run in runs):
         pytest.skip("no committed sealed runs of the candidate")
     meta = recipe["ship"](tmp_path / "package", sealed=sealed)
     rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
     assert saved == meta and rule.unknown_horizon == "base"
     assert (rule.warmup, rule.tail) == (recipe["CHOSEN"]["warmup"], recipe["CHOSEN"]["tail"])
     _assert_steps_like_the_default(rule, reference="general-v4")
-    settings = meta["derived_from"]["settings"]
-    assert settings["decay"] in recipe["DECAYS"] and settings["warmup"] == rule.warmup
+    settings_recorded = meta["derived_from"]["settings"]
+    assert settings_recorded["decay"] in settings.decays
+    assert settings_recorded["warmup"] == rule.warmup
     validation = meta["derived_from"]["chosen_on_validation"]
     assert set(validation["by_steps"]) == {"100", "1000"}
+    assert validation["command"] == f"python experiments/{script} --steps validate"
     at_most = []
     for horizon, entry in meta["figures"]["by_steps"].items():
-        assert f"horizon-decay-{horizon}" in entry["results"]
+        assert f"{settings.sealed_name}-{horizon}" in entry["results"]
         assert "--total-steps" in entry["command"]
-        before = entry["replaced_general-v4"]
+        before = entry[f"replaced_{replaced}"]
         at_most.append(entry["geometric_mean"] <= before["geometric_mean"])
     assert meta["figures"]["default_candidate"] == all(at_most)
 
