@@ -8,7 +8,9 @@ loss) with
 (a) AdamW (betas 0.9/0.999, weight decay 0.01, constant learning rate) whose learning rate is
     tuned first: each learning rate of ``--lrs`` trains for ``--tune-steps`` steps and the one
     with the lowest validation loss is chosen; then it trains for ``--steps`` steps;
-(b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0).
+(b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0);
+    with ``--total-steps``, ``LSTMOptimizer(params, total_steps=steps)`` (the default weights'
+    warm-up and decay).
 
 Both see the same initial weights and the same minibatches, and they train in lock-step (a step
 of one, then a step of the other), so that other work on a shared machine slows both alike; each
@@ -292,6 +294,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", default=None, help="LSTMOptimizer weights (default: shipped)")
+    parser.add_argument(
+        "--total-steps", action="store_true",
+        help="tell the LSTMOptimizer the run's length (--steps), for weights that read it",
+    )  # fmt: skip
     parser.add_argument("--ema", type=float, default=0.98, help="smoothing of the training loss")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=8)
@@ -346,11 +352,13 @@ def run(argv: list[str] | None = None) -> int:
     best_lr = min(tuning, key=lambda r: r["final_val_loss"])["lr"]
 
     # (a) tuned AdamW and (b) the learned optimizer, trained in lock-step.
+    horizon = {"total_steps": args.steps} if args.total_steps else {}
     compared = {
         "adamw": (f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
         "lstm": (
-            f"LSTMOptimizer ({args.weights or 'default'} weights, untuned)",
-            lambda params: learned_opt.LSTMOptimizer(params, weights=args.weights),
+            f"LSTMOptimizer ({args.weights or 'default'} weights, untuned"
+            + (f", total_steps={args.steps})" if args.total_steps else ")"),
+            lambda params: learned_opt.LSTMOptimizer(params, weights=args.weights, **horizon),
             1.0,
         ),
     }

@@ -600,6 +600,14 @@ def test_transformer_step_sizes_reads_every_matrix_multiplier(tmp_path, run_scri
     assert records[1]["multipliers"] == records[3]["multipliers"]
 
 
+def test_time_to_target_benchmark_tells_the_default_the_horizon(tmp_path, run_script) -> None:
+    argv = ["--smoke", "--total-steps", "--out", str(tmp_path)]
+    assert run_script("benchmarks/time_to_target.py", *argv) == 0
+    assert "LSTMOptimizer (default weights, untuned, total_steps=6)" in (
+        (tmp_path / "table.md").read_text()
+    )
+
+
 def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> None:
     import json
 
