@@ -27,7 +27,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ class Recipe:
     sealed_name: str
     replaces: str
     replaced_sealed: str
-    decays: tuple[str, ...] = field(default=tuple(DECAYS))
+    decays: tuple[str, ...]
 
     @property
     def run(self) -> Path:

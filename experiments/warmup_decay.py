@@ -24,12 +24,11 @@ horizon: 0.947 / 0.911 of tuned Adam at 100 / 1,000 steps against ``general-v5``
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from horizon_decay import DECAYS, Recipe, main  # noqa: E402
-from horizon_decay import ship as _ship  # noqa: E402
-from horizon_decay import write_weights as _write_weights  # noqa: E402
+from horizon_decay import DECAYS, Recipe, main, ship, write_weights  # noqa: E402
 
 RECIPE = Recipe(
     name="general-v6",
@@ -42,14 +41,8 @@ RECIPE = Recipe(
     decays=tuple(DECAYS),
 )
 CHOSEN, NAME = RECIPE.chosen, RECIPE.name
-
-
-def write_weights(path: Path) -> None:
-    _write_weights(path, RECIPE)
-
-
-def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict:
-    return _ship(dest, sealed, RECIPE)
+write_weights = partial(write_weights, recipe=RECIPE)
+ship = partial(ship, recipe=RECIPE)
 
 
 if __name__ == "__main__":

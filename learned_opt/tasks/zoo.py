@@ -149,7 +149,7 @@ class _DatasetFamily(TaskFamily):
         self.out_dim = yt.shape[1] if self.regression else int(yt.max()) + 1
         if label_noise and self.regression:
             raise ValueError(f"label_noise needs a classification dataset, not {dataset!r}")
-        noisy_labels(yt, label_noise, max(2, self.out_dim))  # validates the fraction
+        noisy_labels(yt, label_noise, self.out_dim)  # validates the fraction
         self.label_noise = float(label_noise)
 
     def _task(self, name: str, model: nn.Module, generator: torch.Generator) -> Task:
