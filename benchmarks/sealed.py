@@ -12,6 +12,9 @@ parameters, the same for every optimizer), side by side in one run:
 - ``adam-cosine``: Adam with a linear warm-up (5% of the steps) and cosine decay towards 0, its
   learning rate tuned the same way (on that grid within a factor 10 of ``adam``'s, widened
   while the best is at its edge);
+- ``muon`` and ``muon-cosine``: Muon for every tensor of 2 or more dimensions and Adam for the
+  others (``sealed_optimizers.MuonAdam``), constant or with ``adam-cosine``'s schedule, tuned
+  the same way (``muon`` on the whole grid, ``muon-cosine`` within a factor 10 of it);
 - ``prodigy`` (``prodigyopt.Prodigy``, lr=1), ``dadapt-adam`` (``dadaptation.DAdaptAdam``, lr=1)
   and ``schedule-free`` (``schedulefree.AdamWScheduleFree``, its defaults; ``.train()`` for
   training, ``.eval()`` for the final losses): tuning-free optimizers at their documented
@@ -145,6 +148,22 @@ def evaluate_sealed(
                 )
                 chosen["adam-cosine"] = cosine.lr
                 tuning["adam-cosine"] = {"lr": cosine.lr, "scores": cosine.scores}
+            if "muon" in optimizers or "muon-cosine" in optimizers:
+                muon = tune_lr(family, factories["muon"], tune, n_steps, lrs, name="muon", widen=3)
+                chosen["muon"] = muon.lr
+                tuning["muon"] = {"lr": muon.lr, "scores": muon.scores, "grid": muon.grid}
+            if "muon-cosine" in optimizers:
+                cosine = tune_lr_near(
+                    family,
+                    factories["muon-cosine"],
+                    tune,
+                    n_steps,
+                    muon.grid,
+                    muon.lr,
+                    name="muon-cosine",
+                )
+                chosen["muon-cosine"] = cosine.lr
+                tuning["muon-cosine"] = {"lr": cosine.lr, "scores": cosine.scores}
             runs: dict[str, list[RunResult]] = {}
             for opt in optimizers:
                 runs[opt] = [
@@ -183,7 +202,7 @@ def summarize_task(
             row["won"] = row["speedup"] = None
         if opt in tuning:
             row["tuning"] = tuning[opt]
-            grid = tuning["adam"]["grid"]
+            grid = tuning["muon" if opt.startswith("muon") else "adam"]["grid"]
             row["lr_at_edge"] = len(grid) > 1 and tuning[opt]["lr"] in (min(grid), max(grid))
         rows.append(row)
     return rows

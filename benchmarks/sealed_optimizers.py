@@ -1,6 +1,7 @@
 """The optimizers of the sealed benchmark (``sealed.py``): the tuning-free optimizers' packages,
-the learned optimizer with its read-out zeroed (an ablation), and the warm-up + cosine schedule
-of tuned Adam and of the learned optimizer told its horizon."""
+Muon (orthogonalized momentum for matrices, Adam for the rest), the learned optimizer with its
+read-out zeroed (an ablation), and the warm-up + cosine schedule of tuned Adam, of Muon and of
+the learned optimizer told its horizon."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 from learned_opt import LSTMOptimizer
 from learned_opt.evaluate import OptimizerFactory
 from learned_opt.rules import UpdateRule
+from learned_opt.rules.orthogonal import orthogonal_direction
 from learned_opt.rules.scheduled import ScheduledRule
 
 _BENCH_PACKAGES = {
@@ -92,6 +94,66 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     return out
 
 
+class MuonAdam(torch.optim.Optimizer):
+    """Muon for every tensor of 2 or more dimensions, Adam for the others, one learning rate.
+
+    A tensor of shape ``(n, ...)`` is updated as an ``n x m`` matrix (``m`` the product of the
+    other dimensions: a conv kernel's fan-in): Nesterov momentum 0.95, orthogonalized and
+    scaled by :func:`~learned_opt.rules.orthogonal.orthogonal_direction` (by
+    ``0.2 sqrt(max(n, m))``: a root mean square about Adam's, as in Liu et al., 2025, "Muon is
+    scalable for LLM training"), which lets one tuned ``lr`` serve both parts. Vectors and
+    scalars (biases, norm gains) take Adam's step (betas 0.9, 0.999). A benchmark baseline: it
+    sees tensors, not their roles, so embeddings and output layers are orthogonalized too (the
+    usual recipe gives them Adam).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        ns_steps: int = 5,
+    ) -> None:
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"Invalid Muon settings: lr={lr}, momentum={momentum}")
+        defaults = {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps, "ns": ns_steps}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if p.ndim >= 2:
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(mu).add_(g)
+                    rows = p.shape[0]
+                    nesterov = g.add(buf, alpha=mu).reshape(-1)
+                    step = orthogonal_direction(nesterov, rows, p.numel() // rows, group["ns"])
+                    p.add_(step.view_as(p), alpha=-lr)
+                    continue
+                b1, b2 = group["betas"]
+                if not state:
+                    state["t"] = 0
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["t"] += 1
+                state["m"].lerp_(g, 1 - b1)
+                state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                m_hat = state["m"] / (1 - b1 ** state["t"])
+                v_hat = state["v"] / (1 - b2 ** state["t"])
+                p.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-lr)
+        return loss
+
+
 class WarmupCosine:
     """A torch optimizer mix-in: the ``lr`` of each param group at step ``t`` (from 1) is its
     initial ``lr`` times ``t / W`` during a linear warm-up of ``W`` steps, then times
@@ -128,6 +190,16 @@ class WarmupCosineAdam(WarmupCosine, torch.optim.Adam):
         self.schedule(total_steps, warmup_steps)
 
 
+class WarmupCosineMuon(WarmupCosine, MuonAdam):
+    """:class:`MuonAdam` with :class:`WarmupCosine`'s schedule."""
+
+    def __init__(
+        self, params: list[Tensor], lr: float, total_steps: int, warmup_steps: int
+    ) -> None:
+        super().__init__(params, lr=lr)
+        self.schedule(total_steps, warmup_steps)
+
+
 class WarmupCosineLSTMOptimizer(WarmupCosine, LSTMOptimizer):
     """``LSTMOptimizer`` with :class:`WarmupCosine`'s schedule of ``schedule_steps`` on its
     multiplier ``lr``; ``kwargs`` are ``LSTMOptimizer``'s (its ``total_steps`` included)."""
@@ -152,6 +224,8 @@ def make_factories(
     return {
         "adam": lambda p, lr: torch.optim.Adam(p, lr=lr),
         "adam-cosine": lambda p, lr: WarmupCosineAdam(p, lr, steps, warmup),
+        "muon": lambda p, lr: MuonAdam(p, lr=lr),
+        "muon-cosine": lambda p, lr: WarmupCosineMuon(p, lr, steps, warmup),
         "prodigy": lambda p, lr: mods["prodigyopt"].Prodigy(p, lr=1.0),
         "dadapt-adam": lambda p, lr: mods["dadaptation"].DAdaptAdam(p, lr=1.0),
         "schedule-free": lambda p, lr: mods["schedulefree"].AdamWScheduleFree(p),

@@ -15,6 +15,8 @@ from learned_opt.evaluate import geometric_mean, smooth
 OPTIMIZERS = (
     "adam",
     "adam-cosine",
+    "muon",
+    "muon-cosine",
     "prodigy",
     "dadapt-adam",
     "schedule-free",

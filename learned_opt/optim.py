@@ -226,10 +226,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 flat = -flat
             if len(state) == 0:
+                kwargs: dict[str, Any] = {}
                 if getattr(rule, "reads_horizon", False):
-                    fresh = rule.init_state(flat.numel(), like=flat, total_steps=self.total_steps)
-                else:
-                    fresh = rule.init_state(flat.numel(), like=flat)
+                    kwargs["total_steps"] = self.total_steps
+                if rule.reads_shape:
+                    kwargs["shape"] = tuple(p.shape)
+                fresh = rule.init_state(flat.numel(), like=flat, **kwargs)
                 state.update(fresh)
                 self._cast_state(rule, state)
             if hasattr(rule, "step_"):

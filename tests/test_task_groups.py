@@ -371,20 +371,41 @@ def test_warmup_cosine_learned_optimizer_tells_a_scheduled_rule_its_horizon(
         assert float(opt.state[p]["total_steps"]) == 20, name
 
 
+def test_muon_baseline_orthogonalizes_matrices_and_gives_vectors_adams_step(
+    optimizers: dict,
+) -> None:
+    """Muon's step on a matrix has Adam's root mean square (0.2 lr), every singular value
+    about equal; a vector's first step is Adam's (lr times the gradient's sign)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(32, 3, 2, 2))  # a conv kernel: a 32 x 12 matrix
+    b = torch.nn.Parameter(torch.zeros(5))
+    opt = optimizers["MuonAdam"]([w, b], lr=0.1)
+    w.grad = torch.randn(32, 3, 2, 2) * torch.logspace(-0.5, 0.5, 12).view(1, 3, 2, 2)
+    b.grad = torch.tensor([1.0, -2.0, 3.0, -0.5, 1e-3])
+    opt.step()
+    step = -w.detach().reshape(32, 12) / 0.1
+    assert float(step.pow(2).mean().sqrt()) == pytest.approx(0.2, rel=0.35)
+    s = torch.linalg.svdvals(step)
+    assert float(s.max() / s.min()) < 2.0  # the gradient's columns span a decade
+    assert torch.allclose(b.detach(), -0.1 * b.grad.sign(), atol=1e-6)
+
+
 def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) -> None:
     monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")  # no kernel compilation in a timed test
     args = ["--tasks", "friedman1-mlp,clusters-mlp", "--steps", "5", "--seeds", "2"]
     args += ["--tune-seeds", "1", "--lrs", "0.001,0.01", "--out", str(tmp_path)]
     assert run_script("benchmarks/sealed.py", *args) == 0
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
-    opts = {"adam", "adam-cosine", "prodigy", "dadapt-adam", "schedule-free"}
-    opts |= {"learned", "learned-zeroed", "learned-cosine"}
+    opts = {"adam", "adam-cosine", "muon", "muon-cosine", "prodigy", "dadapt-adam"}
+    opts |= {"schedule-free", "learned", "learned-zeroed", "learned-cosine"}
     assert {r["optimizer"] for r in records} == opts
-    assert len(records) == 2 * 8 * 2 and {r["steps"] for r in records} == {5}
+    assert len(records) == 2 * 10 * 2 and {r["steps"] for r in records} == {5}
     assert {r["benchmark_task"] for r in records} == {"friedman1-mlp", "clusters-mlp"}
     assert all(len(r["losses"]) == 5 for r in records)
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 8
+    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 10
+    muon_rows = [r for r in summary[1:] if r["optimizer"] == "muon"]
+    assert all(r["tuning"]["lr"] in r["tuning"]["grid"] for r in muon_rows)
     adam_rows = [r for r in summary[1:] if r["optimizer"] == "adam"]
     assert all(r["ratio_train"] == pytest.approx(1.0) and "tuning" in r for r in adam_rows)
     table = (tmp_path / "table.md").read_text()

@@ -249,6 +249,7 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and hidden & (hidden - 1) == 0
         and rule.in_size == 7
         and "tensor" not in state
+        and "matrix" not in state
     ):
         return False
     from . import momenta_ok, state_layout_ok

@@ -49,6 +49,12 @@ class UpdateRule(nn.Module):
         another (:class:`~learned_opt.rules.ScheduledRule`) the rule inside it."""
         return self
 
+    @property
+    def reads_shape(self) -> bool:
+        """Whether :meth:`init_state` takes ``shape``, the parameter tensor's shape (the drop-in
+        optimizer passes it; e.g. a rule that moves matrices differently from vectors)."""
+        return False
+
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
         """Fresh state for ``numel`` coordinates on ``like``'s device and dtype."""
         raise NotImplementedError

@@ -48,6 +48,7 @@ from .corrected_adam_config import (
     LSTMCorrectedAdamConfig,
     options_from_saved,
 )
+from .orthogonal import orthogonal_direction
 
 __all__ = ["LSTMCorrectedAdamRule"]
 
@@ -238,8 +239,17 @@ class LSTMCorrectedAdamRule(UpdateRule):
     def tensor_aware(self) -> bool:
         return self.settings.tensor_aware
 
+    @property
+    def reads_shape(self) -> bool:
+        return self.settings.orthogonal
+
     def init_state(
-        self, numel: int, *, like: Tensor, numels: Sequence[int] | None = None
+        self,
+        numel: int,
+        *,
+        like: Tensor,
+        numels: Sequence[int] | None = None,
+        shape: Sequence[int] | None = None,
     ) -> RuleState:
         """Zero momenta ``m{k}``, second moments ``v``, ``v_fast``, LSTM states ``h{l}``,
         ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
@@ -250,7 +260,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
         ``cos_avg``), one per tensor. With ``lr_adapt`` or ``grad_clip``, if
         ``numels`` (the sizes of the parameter tensors the ``numel`` coordinates concatenate) is
         given, ``tensor`` (each coordinate's tensor index; without it the coordinates are one
-        tensor).
+        tensor). With ``orthogonal`` and ``shape`` (the parameter's, of 2 or more dimensions),
+        ``matrix``: its rows and columns (on the CPU).
         """
         kw = dict(dtype=like.dtype, device=like.device)
         tensors = 1
@@ -273,6 +284,16 @@ class LSTMCorrectedAdamRule(UpdateRule):
             sizes = torch.tensor(list(numels), device=like.device)
             ids = torch.arange(len(numels), device=like.device)
             state["tensor"] = ids.repeat_interleave(sizes, output_size=numel)
+        if self.orthogonal:
+            if numels is not None and len(numels) > 1:
+                raise ValueError(
+                    "orthogonal reads each parameter tensor as a matrix: it needs one state per "
+                    "tensor (the drop-in optimizer's), not a flat vector of several"
+                )
+            if shape is not None and len(shape) >= 2 and numel > 0:
+                if math.prod(shape) != numel:
+                    raise ValueError(f"shape {tuple(shape)} does not have {numel} coordinates")
+                state["matrix"] = torch.tensor([shape[0], numel // shape[0]])
         for k in range(len(self._state_betas)):
             state[f"m{k}"] = torch.zeros(numel, **kw)
         state["v"] = torch.zeros(numel, **kw)
@@ -285,7 +306,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         return state
 
     def coord_dim(self, key: str) -> int | None:
-        return None if key == "step" or key in per_tensor.PER_TENSOR_KEYS else 0
+        return None if key in ("step", "matrix") or key in per_tensor.PER_TENSOR_KEYS else 0
 
     def precise_keys(self) -> frozenset[str]:
         slow = [f"m{k}" for k, beta in enumerate(self._state_betas) if slow_average(beta)]
@@ -358,6 +379,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
         t = float(step)
         grad = bounded_grad(grad)  # no finite gradient can overflow a square or a sum below
         new_state: RuleState = {"step": step}
+        matrix = state.get("matrix")
+        if matrix is not None:
+            new_state["matrix"] = matrix
         ids = state.get("tensor")
         if ids is not None:
             new_state["tensor"] = ids
@@ -393,6 +417,13 @@ class LSTMCorrectedAdamRule(UpdateRule):
         out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if self.nominal:
             direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
+            if matrix is not None:  # Muon's: the Nesterov momentum, orthogonalized
+                rows, cols = (int(n) for n in matrix)
+                nesterov = torch.lerp(raw_m[self.beta1], grad, 1 - self.beta1)
+                adam = direction
+                direction = -orthogonal_direction(nesterov, rows, cols)
+                if self.orthogonal_rms:  # (0.2 -> Adam's)
+                    direction = direction * (adam.pow(2).mean().sqrt() / 0.2)
             a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
             update = direction * torch.exp(a)
         else:

@@ -89,6 +89,15 @@ class LSTMCorrectedAdamConfig:
             change of the log step size is :math:`\kappa_t (c\,e^{\delta} + d)`: a drift that
             can decay or grow a tensor's step where the cosine alone would not (0: none; its
             layer starts at zero). Needs ``controller_hidden > 0``.
+        orthogonal: the direction of a matrix-shaped parameter (2 or more dimensions, read as
+            ``shape[0]`` rows) is Muon's instead of Adam's: its Nesterov momentum
+            :math:`\beta_1 m_t + (1-\beta_1) g_t` orthogonalized as a matrix and scaled to
+            Adam's root mean square (:func:`~learned_opt.rules.orthogonal.orthogonal_direction`);
+            vectors keep Adam's. Needs each tensor's shape: the drop-in optimizer gives it
+            (one state per tensor); a flat vector of several tensors is refused.
+        orthogonal_rms: with ``orthogonal``, a matrix's direction has the root mean square of
+            its Adam direction (:math:`\hat m_t / D_t` over the tensor) instead of Muon's 0.2:
+            as large as Adam's first steps (about 1), and as Adam's later ones.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
@@ -122,6 +131,8 @@ class LSTMCorrectedAdamConfig:
     controller_hidden: int = 0
     controller_bound: float = 2.0
     controller_drift: float = 0.0
+    orthogonal: bool = False
+    orthogonal_rms: bool = False
     learn_lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
@@ -176,6 +187,10 @@ class LSTMCorrectedAdamConfig:
                 "scale_invariant=False with nominal=False is the paper's LSTM: use "
                 "learned_opt.rules.LSTMRule"
             )
+        if self.orthogonal_rms and not self.orthogonal:
+            raise ValueError("orthogonal_rms scales the orthogonal direction: it needs orthogonal")
+        if self.orthogonal and not self.nominal:
+            raise ValueError("orthogonal replaces the nominal Adam direction: it needs nominal")
         if self.lr_size_ref > 0 and not self.lr_adapt > 0:
             raise ValueError(
                 "lr_size_ref sets the adapted step size's start: it needs lr_adapt > 0"

@@ -83,6 +83,7 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
         and cfg.num_layers <= 8
         and kernels.momenta_ok(rule)
         and "tensor" not in state
+        and "matrix" not in state  # (Muon's direction: the forward)
     ):
         return False
     coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]

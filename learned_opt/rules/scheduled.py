@@ -138,6 +138,10 @@ class ScheduledRule(UpdateRule):
     def reads_horizon(self) -> bool:
         return True
 
+    @property
+    def reads_shape(self) -> bool:
+        return self.base.reads_shape
+
     def init_state(
         self,
         numel: int,
@@ -145,14 +149,17 @@ class ScheduledRule(UpdateRule):
         like: Tensor,
         numels: Sequence[int] | None = None,
         total_steps: int | None = None,
+        shape: Sequence[int] | None = None,
     ) -> RuleState:
         """The base rule's fresh state plus ``total_steps`` (``None``: unknown, stored as 0)."""
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"Invalid total_steps: {total_steps} (must be >= 1)")
+        kwargs: dict[str, Any] = {}
         if numels is not None and self.base.tensor_aware:
-            state = self.base.init_state(numel, like=like, numels=numels)  # type: ignore[call-arg]
-        else:
-            state = self.base.init_state(numel, like=like)
+            kwargs["numels"] = numels
+        if shape is not None and self.base.reads_shape:
+            kwargs["shape"] = shape
+        state = self.base.init_state(numel, like=like, **kwargs)  # type: ignore[call-arg]
         state["total_steps"] = torch.tensor(float(total_steps or 0), device=like.device)
         return state
 
