@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from learned_opt import LSTMRule, pretrained
+from learned_opt import LSTMOptimizer, LSTMRule, pretrained
 from learned_opt.checkpoint import load_rule, save_rule
 from learned_opt.report import write_jsonl
 
@@ -786,4 +786,65 @@ def test_size_scaled_default_ships_general_v4_with_the_chosen_reference(tmp_path
         before = entry["replaced_general-v4"]
         assert f"adaptation-shrink-{horizon}" in before["results"]
         at_most.append(entry["geometric_mean"] <= before["geometric_mean"])
+    assert meta["figures"]["default_candidate"] == all(at_most)
+
+
+def test_orthogonal_direction_writes_general_v5_with_muons_direction_for_matrices(
+    tmp_path: Path,
+) -> None:
+    """The candidate is ``general-v5`` (weights, warm-up and decay) with the chosen base
+    settings: a vector steps as under ``general-v5``, a matrix does not."""
+    recipe = runpy.run_path(str(ROOT / "experiments/orthogonal_direction.py"))
+    recipe["write_weights"](tmp_path / "weights.pt")
+    rule, _ = load_rule(tmp_path / "weights.pt")
+    base, _ = load_rule(pretrained.path("general-v5"))
+    settings = recipe["VARIANTS"][recipe["CHOSEN"]]
+    assert settings["orthogonal"] and rule.reads_shape
+    assert rule.config() == {
+        **base.config(),
+        "base_config": {**base.config()["base_config"], **settings},
+    }
+    torch.manual_seed(0)
+    grads = [torch.randn(8, 5) for _ in range(4)]
+    final = {}
+    for name, weights in (("candidate", rule), ("general-v5", base)):
+        w = torch.nn.Parameter(torch.zeros(8, 5))
+        b = torch.nn.Parameter(torch.zeros(5))
+        opt = LSTMOptimizer([w, b], weights=weights, total_steps=20)
+        for g in grads:
+            w.grad, b.grad = g.clone(), g[0].clone()
+            opt.step()
+        final[name] = (w.detach().clone(), b.detach().clone())
+    assert torch.equal(final["candidate"][1], final["general-v5"][1])
+    assert not torch.allclose(final["candidate"][0], final["general-v5"][0], atol=1e-4)
+
+
+def test_orthogonal_direction_chose_the_lowest_validation_ratio() -> None:
+    """The committed validation runs compare every variant (the reference beside tuned Muon),
+    and :data:`CHOSEN` has the lowest mean log ratio to tuned Adam over both horizons."""
+    recipe = runpy.run_path(str(ROOT / "experiments/orthogonal_direction.py"))
+    results = ROOT / recipe["RESULTS"]
+    if not (results / "records.jsonl").is_file():
+        pytest.skip("no committed validation runs")
+    found = recipe["figures"](results)
+    assert set(found) == set(recipe["VARIANTS"])
+    assert {"muon", "muon-cosine", "learned"} <= set(found["general-v5"][1000])
+    assert recipe["choose"](found) == recipe["CHOSEN"]
+
+
+def test_orthogonal_direction_ships_with_its_sealed_figures(tmp_path: Path) -> None:
+    recipe = runpy.run_path(str(ROOT / "experiments/orthogonal_direction.py"))
+    sealed = ROOT / candidates_sealed()
+    runs = [sealed / f"{recipe['SEALED_NAME']}-{h}" / "summary.jsonl" for h in (100, 1000)]
+    if not all(run.is_file() for run in runs):
+        pytest.skip("no committed sealed runs of the candidate")
+    meta = recipe["ship"](tmp_path / "package", sealed=sealed)
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['NAME']}.pt")
+    assert saved == meta and rule.base.settings.orthogonal
+    assert meta["derived_from"]["weights"] == "general-v5"
+    at_most = []
+    for horizon, entry in meta["figures"]["by_steps"].items():
+        assert f"orthogonal-direction-{horizon}" in entry["results"]
+        assert "--total-steps" in entry["command"]
+        at_most.append(entry["geometric_mean"] <= entry["replaced_general-v5"]["geometric_mean"])
     assert meta["figures"]["default_candidate"] == all(at_most)

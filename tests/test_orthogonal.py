@@ -102,3 +102,27 @@ def test_a_flat_vector_of_several_tensors_is_refused() -> None:
 def test_orthogonal_needs_the_nominal_direction() -> None:
     with pytest.raises(ValueError, match="nominal"):
         LSTMCorrectedAdamRule(orthogonal=True, nominal=False)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_the_fused_step_takes_the_forwards_orthogonal_direction(rms: bool) -> None:
+    """The drop-in optimizer's fused step (the kernel given the orthogonalized direction) and
+    the rule's forward agree over several steps, clipping and adaptation included."""
+    from learned_opt import kernels
+    from learned_opt.rules import corrected_adam_step
+
+    if kernels._load_corrected_adam() is None:
+        pytest.skip("the fused kernel is not available here")
+    torch.manual_seed(2)
+    rule = LSTMCorrectedAdamRule(orthogonal=True, orthogonal_rms=rms, beta1=0.8)
+    with torch.no_grad():
+        rule.out_weight.normal_(0, 0.5)  # a read-out that matters
+    fused = rule.init_state(40, like=torch.zeros(40), shape=(8, 5))
+    plain = {k: v.clone() for k, v in fused.items()}
+    assert corrected_adam_step._fused_ok(rule, torch.zeros(40), fused)
+    for step in range(6):
+        g = torch.randn(40) * (10.0 if step == 3 else 1.0)  # a spike: the clipping acts
+        got = corrected_adam_step.step_(rule, g.clone(), fused)
+        want, plain = rule(g.clone(), plain)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused["prev"], plain["prev"], rtol=1e-5, atol=1e-7)

@@ -366,6 +366,7 @@ struct StepCtx {
   bool use16;
   torch::Tensor out_w, out_b;
   float* u;
+  const float* dov;  // a direction given by the caller (may be null: Adam's)
 };
 
 // The moments of rows [0, m) (pointers at the block's first row): the gradient bounded and
@@ -540,8 +541,9 @@ void step_block(const StepCtx& C, int64_t s, int64_t mrows, int64_t block, float
   }
   S* __restrict const P = C.prev ? static_cast<S*>(C.prev) + s : nullptr;
   float* __restrict u = C.u + s;
+  const float* __restrict d = C.dov ? C.dov + s : dir;
   for (int64_t i = 0; i < mrows; ++i) {
-    const float ui = dir[i] * tt[i];
+    const float ui = d[i] * tt[i];
     float r = ui;
     if (P) {
       store_s(P, i, ui);
@@ -570,12 +572,15 @@ void* state_ptr(const torch::Tensor& t, int64_t n, torch::ScalarType dt, const c
 // sqrt(1 - beta2^t), eps, 1 - 0.9^t, log floor, p, a_bound, output_scale, exp(s), exp(log lr),
 // then per momentum (1 - beta_k, 1 - beta_k^t)]. out_w (H, n_out), out_b (n_out) (n_out = 2: the
 // additive term). The LSTM: packed weights and offsets (pack_lstm), and the address of
-// learned_opt_lstm_block (used when the hidden size is not a multiple of 16). Returns the update.
+// learned_opt_lstm_block (used when the hidden size is not a multiple of 16). `direction` (n,)
+// float32, or empty: the direction the read-out scales, in place of Adam's (the caller's, e.g.
+// an orthogonalized momentum). Returns the update.
 torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Tensor v,
                     torch::Tensor v_fast, torch::Tensor prev, std::vector<torch::Tensor> hs,
                     std::vector<torch::Tensor> cs, torch::Tensor packed, torch::Tensor offsets,
                     int64_t lstm_block, int64_t n_in, torch::Tensor out_w, torch::Tensor out_b,
-                    std::vector<double> scalars, int64_t adam_k, int64_t block) {
+                    std::vector<double> scalars, int64_t adam_k, int64_t block,
+                    torch::Tensor direction) {
   check_grad(grad, "step_");
   const int64_t n = grad.numel(), L = static_cast<int64_t>(hs.size());
   const int64_t n_m = static_cast<int64_t>(m.size());
@@ -648,6 +653,12 @@ torch::Tensor step_(torch::Tensor grad, std::vector<torch::Tensor> m, torch::Ten
   C.out_b = out_b.contiguous();
   auto update = torch::empty({n}, grad.options());
   C.u = update.data_ptr<float>();
+  C.dov = nullptr;
+  if (direction.numel() > 0) {
+    check_grad(direction, "step_ (direction)");
+    TORCH_CHECK(direction.numel() == n, "step_: direction must have n coordinates");
+    C.dov = direction.data_ptr<float>();
+  }
   if (n == 0) return update;
   block = std::max<int64_t>(8, block);
   const int64_t nblocks = (n + block - 1) / block;

@@ -48,7 +48,7 @@ from .corrected_adam_config import (
     LSTMCorrectedAdamConfig,
     options_from_saved,
 )
-from .orthogonal import orthogonal_direction
+from .orthogonal import matrix_direction
 
 __all__ = ["LSTMCorrectedAdamRule"]
 
@@ -419,11 +419,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
             direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
             if matrix is not None:  # Muon's: the Nesterov momentum, orthogonalized
                 rows, cols = (int(n) for n in matrix)
-                nesterov = torch.lerp(raw_m[self.beta1], grad, 1 - self.beta1)
-                adam = direction
-                direction = -orthogonal_direction(nesterov, rows, cols)
-                if self.orthogonal_rms:  # (0.2 -> Adam's)
-                    direction = direction * (adam.pow(2).mean().sqrt() / 0.2)
+                adam = direction if self.orthogonal_rms else None
+                direction = matrix_direction(raw_m[self.beta1], grad, self.beta1, rows, cols, adam)
             a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
             update = direction * torch.exp(a)
         else:

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import kernels
 from . import per_tensor
 from .base import RuleState, grad_bound
+from .orthogonal import matrix_direction
 
 if TYPE_CHECKING:
     from .corrected_adam import LSTMCorrectedAdamRule
@@ -83,7 +84,6 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
         and cfg.num_layers <= 8
         and kernels.momenta_ok(rule)
         and "tensor" not in state
-        and "matrix" not in state  # (Muon's direction: the forward)
     ):
         return False
     coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]
@@ -161,6 +161,25 @@ def _commit(
     return update
 
 
+def _matrix_direction(
+    rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, t: float, bound: float,
+    scale: float,
+) -> Tensor:  # fmt: skip
+    """The forward's orthogonalized direction of a matrix (``orthogonal``), from the state
+    before the kernel updates it (the new momentum and second moment computed here as the
+    kernel will: equal up to the last bit)."""
+    cfg = rule.settings
+    g = grad.clamp(-bound, bound) * scale
+    k = rule._state_betas.index(cfg.beta1)
+    m = torch.lerp(state[f"m{k}"].float(), g, 1 - cfg.beta1)
+    adam = None
+    if cfg.orthogonal_rms:
+        v = state["v"].float() * cfg.beta2 + (1 - cfg.beta2) * g * g
+        adam = (m / (1 - cfg.beta1**t)) / (v.sqrt() / (1 - cfg.beta2**t) ** 0.5 + cfg.eps)
+    rows, cols = (int(n) for n in state["matrix"])
+    return matrix_direction(m, g, cfg.beta1, rows, cols, adam).contiguous()
+
+
 @torch.no_grad()
 def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
     """``rule.forward``'s step on one whole tensor's flat gradient ``grad``, with ``state``
@@ -198,6 +217,9 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
         exp_s = float(torch.exp(log_step))
     layers = range(cfg.num_layers)
     betas = rule._state_betas
+    direction = grad.new_empty(0)  # (Adam's, computed by the kernel)
+    if "matrix" in state:
+        direction = _matrix_direction(rule, grad, state, t, bound, float(scale))
     scalars = [
         bound,
         float(scale),
@@ -233,6 +255,7 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
         scalars,
         betas.index(cfg.beta1),
         BLOCK,
+        direction,
     )
     state.update(new)
     state["step"].add_(1)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
-__all__ = ["orthogonal_direction", "orthogonalize"]
+__all__ = ["matrix_direction", "orthogonal_direction", "orthogonalize"]
 
 #: Coefficients of the quintic Newton-Schulz iteration (Jordan et al., 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -41,3 +42,16 @@ def orthogonal_direction(flat: Tensor, rows: int, cols: int, steps: int = 5) -> 
     (root mean square about 0.2, as an Adam step's), flat again."""
     scale = 0.2 * math.sqrt(max(rows, cols))
     return orthogonalize(flat.view(rows, cols), steps).reshape(-1) * scale
+
+
+def matrix_direction(
+    m: Tensor, grad: Tensor, beta1: float, rows: int, cols: int, adam: Tensor | None = None
+) -> Tensor:
+    """Muon's descent direction of a ``rows x cols`` matrix, flat: minus the Nesterov momentum
+    ``beta1 m + (1 - beta1) grad`` (``m`` the momentum after this step's gradient ``grad``)
+    orthogonalized by :func:`orthogonal_direction`; with ``adam`` (the tensor's Adam direction),
+    scaled to its root mean square instead of 0.2."""
+    direction = -orthogonal_direction(torch.lerp(m, grad, 1 - beta1), rows, cols)
+    if adam is not None:
+        direction = direction * (adam.pow(2).mean().sqrt() / 0.2)
+    return direction
