@@ -38,7 +38,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,14 @@ def write_weights(path: Path, variant: str = CHOSEN) -> None:
     save_rule(path, variant_rule(variant), {"source": source, "variant": variant})
 
 
+def _seconds(run: Path) -> float:
+    """The seconds a ``benchmarks/sealed.py`` run took (its ``summary.jsonl``'s meta row)."""
+    from learned_opt.report import read_jsonl
+
+    (meta,) = [r for r in read_jsonl(run / "summary.jsonl") if r["kind"] == "meta"]
+    return round(meta["seconds"], 1)
+
+
 def _validate_one(variant: str, out: Path) -> dict[str, Any]:
     weights = RUN / f"{slug(variant)}.pt"
     write_weights(weights, variant)
@@ -96,11 +103,10 @@ def _validate_one(variant: str, out: Path) -> dict[str, Any]:
         "--weights", str(weights), "--optimizers", optimizers,
         "--steps", ",".join(map(str, HORIZONS)), "--out", str(out / slug(variant)),
     ]  # fmt: skip
-    start = time.perf_counter()
     log = out / f"{slug(variant)}.log"
     with log.open("w") as f:
         subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return {"variant": variant, "seconds": round(time.perf_counter() - start, 1)}
+    return {"variant": variant, "seconds": _seconds(out / slug(variant))}
 
 
 def figures(out: Path) -> dict[str, dict[int, dict[str, float]]]:
@@ -129,12 +135,24 @@ def choose(found: dict[str, dict[int, dict[str, float]]]) -> str:
     return min(found, key=lambda v: sum(math.log(found[v][h]["learned"]) for h in HORIZONS))
 
 
-def validate(out: Path, procs: int) -> str:
+def validate(
+    out: Path, procs: int, variants: list[str] | None = None, resume: bool = False
+) -> str | None:
+    """Run ``variants`` (default: all; with ``resume``, those without a run in ``out``); once
+    every variant has its run, write the table and records and return the chosen variant
+    (else ``None``)."""
     from learned_opt.report import write_results
 
     out.mkdir(parents=True, exist_ok=True)
+    done = {v for v in VARIANTS if (out / slug(v) / "summary.jsonl").is_file()}
+    todo = [v for v in (variants or list(VARIANTS)) if not (resume and v in done)]
     with ThreadPoolExecutor(procs) as pool:
-        records = list(pool.map(lambda v: _validate_one(v, out), VARIANTS))
+        list(pool.map(lambda v: _validate_one(v, out), todo))
+    missing = [v for v in VARIANTS if not (out / slug(v) / "summary.jsonl").is_file()]
+    if missing:
+        print(f"# the table waits for the runs of {missing}", flush=True)
+        return None
+    records = [{"variant": v, "seconds": _seconds(out / slug(v))} for v in VARIANTS]
     found = figures(out)
     lines = [
         f"`{WEIGHTS}` told the horizon, its matrices' direction changed, on the validation "
@@ -220,13 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="the validation's folder")
     parser.add_argument("--procs", type=int, default=2, help="variants validated at once")
+    parser.add_argument(
+        "--variants", default=None,
+        help="semicolon-separated names of VARIANTS to run (they contain commas; default: all)",
+    )  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="skip variants run in --out")
     args = parser.parse_args(argv)
+    variants = None if args.variants is None else args.variants.split(";")
+    if unknown := sorted(set(variants or []) - set(VARIANTS)):
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     steps = args.steps.split(",")
     if unknown := sorted(set(steps) - {"validate", "weights", "ship"}):
         parser.error(f"unknown steps {unknown}; choose from validate, weights, ship")
     if "validate" in steps:
-        chosen = validate(args.out, args.procs)
-        if chosen != CHOSEN:
+        chosen = validate(args.out, args.procs, variants, args.resume)
+        if chosen is not None and chosen != CHOSEN:
             print(f"# the validation now chooses {chosen!r}, not CHOSEN {CHOSEN!r}", flush=True)
     if "weights" in steps:
         print(f"# weights: {RUN / 'weights.pt'}", flush=True)

@@ -28,6 +28,16 @@ def test_step_time_smoke(tmp_path: Path, run_script) -> None:
     assert table.strip().splitlines()[-1].endswith("| 160 |")
 
 
+def test_matrix_step_time_smoke(tmp_path: Path, run_script) -> None:
+    args = ["--d-model", "16", "--threads", "1", "--steps", "1", "--rounds", "1"]
+    assert run_script("benchmarks/matrix_step_time.py", *args, "--out", str(tmp_path)) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in ("Adam", "general-v5", "general-v6"))
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {r["optimizer"] for r in rows} == {"Adam", "general-v5", "general-v6"}
+    assert all(r["step"] > 0 and r["fwd_bwd"] > 0 for r in rows)
+
+
 def test_meta_train_throughput_smoke(tmp_path: Path, run_script) -> None:
     out = str(tmp_path)
     assert (
