@@ -68,14 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per optimizer per round")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
-    records, lines = [], [
-        f"2-layer transformer encoder, d_model {args.d_model}, batch 16 x 32; medians of "
-        f"{args.rounds} interleaved rounds of {args.steps} steps; torch {torch.__version__}",
-        "",
-        "| threads | params | optimizer | step ms | fwd+bwd ms | step / Adam's | "
-        "step / general-v5's | training step / general-v5's |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    records, lines = (
+        [],
+        [
+            f"2-layer transformer encoder, d_model {args.d_model}, batch 16 x 32; medians of "
+            f"{args.rounds} interleaved rounds of {args.steps} steps; torch {torch.__version__}",
+            "",
+            "| threads | params | optimizer | step ms | fwd+bwd ms | step / Adam's | "
+            "step / general-v5's | training step / general-v5's |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        ],
+    )
     for threads in (int(t) for t in args.threads.split(",")):
         found = measure(args.d_model, threads, args.steps, args.rounds)
         ref, adam = found["general-v5"], found["Adam"]

@@ -1,7 +1,9 @@
 """Benchmark: optimizer step time against the rule's own floor, and against Adam.
 
 **The default rule** (``LSTMOptimizer()``: the LSTM-corrected Adam rule, shipped weights
-``"general-v5"``, without ``total_steps``) on one flat tensor of 1M and 10M parameters, with 1
+``"general-v6"``, without ``total_steps``; a flat tensor is a vector, which takes Adam's
+direction: ``benchmarks/matrix_step_time.py`` times matrices) on one flat tensor of 1M and
+10M parameters, with 1
 and 2 threads (``torch.set_num_threads``), side by side with ``torch.optim.Adam`` in the same
 run. Its floor is derived here from the rule's math and this machine's measured rates:
 

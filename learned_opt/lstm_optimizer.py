@@ -53,11 +53,13 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    By default (``weights=None``) the optimizer runs the shipped ``"general-v5"`` weights: the
-    rule of :class:`~learned_opt.rules.LSTMCorrectedAdamRule` (``"general-v4"``) and, when told
-    the run's length (``total_steps``), a linear warm-up over its first 2% and a linear decay over
-    its last 20% (:class:`~learned_opt.rules.ScheduledRule`; without ``total_steps``, no
-    schedule). The rule: Adam's step (momenta 0.8 and 0.95),
+    By default (``weights=None``) the optimizer runs the shipped ``"general-v6"`` weights: the
+    rule of :class:`~learned_opt.rules.LSTMCorrectedAdamRule` (``"general-v4"``) with Muon's
+    orthogonalized momentum as the direction of every parameter of 2 or more dimensions
+    (``orthogonal``, at the root mean square of its Adam direction) and, when told the run's
+    length (``total_steps``), a linear warm-up over its first 2% and a linear decay over its last
+    20% (:class:`~learned_opt.rules.ScheduledRule`; without ``total_steps``, no schedule). The
+    rule: Adam's step (momenta 0.8 and 0.95; Muon's direction for matrices),
     scaled per coordinate by a small LSTM (16 units, shared by all coordinates, reading
     scale-invariant features of each coordinate's gradient history; its correction is bounded to
     a factor in [1/e, e]), times a per-tensor step size that grows while a tensor's gradient

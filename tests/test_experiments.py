@@ -71,6 +71,7 @@ RECIPES = {
     "general-v3": "experiments/adam_betas.py",
     "general-v4": "experiments/adaptation_shrink.py",
     "general-v5": "experiments/horizon_decay.py",
+    "general-v6": "experiments/orthogonal_direction.py",
     "general-v4-wide": "experiments/size_scaled_default.py",
     "general-wide": "experiments/size_scaled_step.py",
     "paper-mnist": "experiments/mnist_paper.py",
