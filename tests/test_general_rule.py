@@ -505,16 +505,18 @@ def test_the_preset_is_the_shipped_configuration() -> None:
     assert LSTMCorrectedAdamConfig().replace(**shipped) == LSTMCorrectedAdamConfig()
     default, meta = load_rule(pretrained.path(pretrained.DEFAULT))
     changed: dict = {}
-    if isinstance(default, ScheduledRule):  # its schedule; the rule inside derives as below
-        settings = meta["derived_from"]["settings"]
-        assert (default.warmup, default.tail) == (settings["warmup"], settings["tail"])
-        default, meta = default.base, pretrained.metadata(meta["derived_from"]["weights"])
     while "derived_from" in meta:  # the default, then each weights it derives from
-        assert meta["derived_from"]["settings"]
-        changed = {**meta["derived_from"]["settings"], **changed}
+        settings = meta["derived_from"]["settings"]
+        assert settings
+        if "warmup" in settings:  # a schedule's hand-designed part, around the rule inside
+            assert isinstance(default, ScheduledRule)
+            assert (default.warmup, default.tail) == (settings["warmup"], settings["tail"])
+        else:  # settings of the rule (inside the schedule, if any)
+            changed = {**settings, **changed}
         meta = pretrained.metadata(meta["derived_from"]["weights"])
     assert meta == pretrained.metadata("general")
-    assert changed and default.settings == LSTMCorrectedAdamConfig().replace(**changed)
+    rule = default.unwrapped
+    assert changed and rule.settings == LSTMCorrectedAdamConfig().replace(**changed)
     assert build_rule("lstm-corrected-adam", {}).settings == LSTMCorrectedAdamConfig()
     assert build_rule("lstm-corrected-adam", {"hidden_size": 8}).settings == (
         LSTMCorrectedAdamConfig(hidden_size=8)
