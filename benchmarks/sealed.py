@@ -132,38 +132,23 @@ def evaluate_sealed(
         for n_steps in steps:
             start = time.perf_counter()
             factories = make_factories(rule, n_steps, total_steps, warmup_fraction)
-            adam = tune_lr(family, factories["adam"], tune, n_steps, lrs, widen=3)
-            tuning = {"adam": {"lr": adam.lr, "scores": adam.scores, "grid": adam.grid}}
-            chosen = {**TUNING_FREE_LR, "adam": adam.lr}
+            chosen = dict(TUNING_FREE_LR)
             chosen |= dict.fromkeys(("learned", "learned-zeroed", "learned-cosine"), learned_lr)
-            if "adam-cosine" in optimizers:
-                cosine = tune_lr_near(
-                    family,
-                    factories["adam-cosine"],
-                    tune,
-                    n_steps,
-                    adam.grid,
-                    adam.lr,
-                    name="adam-cosine",
-                )
-                chosen["adam-cosine"] = cosine.lr
-                tuning["adam-cosine"] = {"lr": cosine.lr, "scores": cosine.scores}
-            if "muon" in optimizers or "muon-cosine" in optimizers:
-                muon = tune_lr(family, factories["muon"], tune, n_steps, lrs, name="muon", widen=3)
-                chosen["muon"] = muon.lr
-                tuning["muon"] = {"lr": muon.lr, "scores": muon.scores, "grid": muon.grid}
-            if "muon-cosine" in optimizers:
-                cosine = tune_lr_near(
-                    family,
-                    factories["muon-cosine"],
-                    tune,
-                    n_steps,
-                    muon.grid,
-                    muon.lr,
-                    name="muon-cosine",
-                )
-                chosen["muon-cosine"] = cosine.lr
-                tuning["muon-cosine"] = {"lr": cosine.lr, "scores": cosine.scores}
+            tuning: dict[str, Any] = {}
+            for base in ("adam", "muon"):  # constant on the grid; scheduled near its best
+                scheduled = f"{base}-cosine"
+                if base != "adam" and base not in optimizers and scheduled not in optimizers:
+                    continue
+                const = tune_lr(family, factories[base], tune, n_steps, lrs, name=base, widen=3)
+                chosen[base] = const.lr
+                tuning[base] = {"lr": const.lr, "scores": const.scores, "grid": const.grid}
+                if scheduled in optimizers:
+                    cosine = tune_lr_near(
+                        family, factories[scheduled], tune, n_steps, const.grid, const.lr,
+                        name=scheduled,
+                    )  # fmt: skip
+                    chosen[scheduled] = cosine.lr
+                    tuning[scheduled] = {"lr": cosine.lr, "scores": cosine.scores}
             runs: dict[str, list[RunResult]] = {}
             for opt in optimizers:
                 runs[opt] = [
@@ -179,7 +164,8 @@ def evaluate_sealed(
             summary += rows
             by = {r["optimizer"]: r for r in rows}
             log(
-                f"{name} T={n_steps}: Adam lr={adam.lr:g} final {by['adam']['final_train']:.4g} "
+                f"{name} T={n_steps}: Adam lr={chosen['adam']:g} "
+                f"final {by['adam']['final_train']:.4g} "
                 f"(initial {by['adam']['initial_loss']:.4g}); ratios "
                 + ", ".join(f"{o} {by[o]['ratio_train']:.3f}" for o in optimizers[1:])
                 + f"; {time.perf_counter() - start:.0f}s"

@@ -276,8 +276,7 @@ def ship_settings(
             shipped by name beside the default) ``figures.default_candidate`` records whether
             it is at most that at every horizon.
     """
-    from learned_opt import load_rule, pretrained, save_rule
-    from learned_opt.cli import git_commit
+    from learned_opt import load_rule, pretrained
     from learned_opt.report import read_jsonl
 
     base, meta = load_rule(pretrained.path(replaces))
@@ -308,14 +307,43 @@ def ship_settings(
             },
             "selection_seconds": round(sum(r["seconds"] for r in rows), 1),
         }  # fmt: skip
+    return write_derived(
+        dest, name, base.variant(**chosen), derived_from=replaces, base_meta=meta, source=source,
+        settings=chosen, validation=validation, recipe=recipe, figures=figures,
+    )  # fmt: skip
+
+
+def write_derived(
+    dest: Path,
+    name: str,
+    rule: Any,
+    *,
+    derived_from: str,
+    base_meta: dict[str, Any],
+    source: str,
+    settings: dict[str, Any],
+    validation: dict[str, Any],
+    recipe: str,
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    """Write ``rule`` as ``dest/{name}.pt`` (and ``.json``), shipped weights derived from the
+    shipped ``derived_from`` (whose metadata ``base_meta`` it keeps, less what describes that
+    file itself): the settings changed, the validation figures that chose them, the recipe,
+    the selection's time added to the budget, the sealed ``figures`` and the commit. Returns
+    the metadata."""
+    from learned_opt import pretrained, save_rule
+    from learned_opt.cli import git_commit
+
     drop = ("shipped", "figures", "weights_sha256")  # of the base file, not of these weights
-    meta = {key: value for key, value in meta.items() if key not in drop}
+    meta = {key: value for key, value in base_meta.items() if key not in drop}
     meta.update(
         source=source,
         derived_from={
-            "weights": replaces,
-            "weights_sha256": hashlib.sha256(pretrained.path(replaces).read_bytes()).hexdigest(),
-            "settings": chosen,
+            "weights": derived_from,
+            "weights_sha256": hashlib.sha256(
+                pretrained.path(derived_from).read_bytes()
+            ).hexdigest(),
+            "settings": settings,
             "chosen_on_validation": validation,
         },
         recipe=recipe,
@@ -324,7 +352,7 @@ def ship_settings(
         shipped={"command": f"{recipe} --steps ship", "commit": git_commit()},
     )
     dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{name}.pt", base.variant(**chosen), meta)
+    save_rule(dest / f"{name}.pt", rule, meta)
     (dest / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -149,13 +149,10 @@ def ship(
     ``WEIGHTS`` it derives from, the validation figures that chose the decay and the sealed
     figures (told the horizon) against those of ``recipe.replaces``; ``figures.
     default_candidate``: at most theirs at both horizons. Returns the metadata."""
-    import hashlib
-    import json
     import sys
 
     import learned_opt
-    from learned_opt import load_rule, save_rule
-    from learned_opt.cli import git_commit
+    from learned_opt import load_rule
     from learned_opt.report import read_jsonl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -183,29 +180,13 @@ def ship(
                               WEIGHTS: round(metric["none", h], 4)} for h in HORIZONS},
         "selection_seconds": round(sum(r["seconds"] for r in records), 1),
     }  # fmt: skip
-    drop = ("shipped", "figures", "weights_sha256")  # of the base file, not of these weights
-    meta = {key: value for key, value in meta.items() if key not in drop}
-    meta.update(
+    return candidates.write_derived(
+        dest, recipe.name, chosen_rule(recipe), derived_from=WEIGHTS, base_meta=meta,
         source=f"the shipped {WEIGHTS!r} with a hand-designed warm-up and decay when told the "
         "horizon (total_steps); without it, the same steps",
-        derived_from={
-            "weights": WEIGHTS,
-            "weights_sha256": hashlib.sha256(
-                learned_opt.pretrained.path(WEIGHTS).read_bytes()
-            ).hexdigest(),
-            "settings": {"decay": chosen_name, **recipe.chosen},
-            "chosen_on_validation": validation,
-        },
-        recipe=f"python {recipe.script}",
-        budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
-        figures=figures,
-        shipped={"command": f"python {recipe.script} --steps ship",
-                 "commit": git_commit()},
+        settings={"decay": chosen_name, **recipe.chosen}, validation=validation,
+        recipe=f"python {recipe.script}", figures=figures,
     )  # fmt: skip
-    dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{recipe.name}.pt", chosen_rule(recipe), meta)
-    (dest / f"{recipe.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
 
 
 def _factory(decay: str, horizon: int) -> Callable[..., Any]:

@@ -34,7 +34,6 @@ The steps:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -178,11 +177,8 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
     """Write the chosen variant as ``dest/general-v6.pt`` (and ``.json``) with the metadata of
     ``general-v5`` it derives from, the validation figures and the sealed figures (told the
     horizon) against ``general-v5``'s. Returns the metadata."""
-    import hashlib
-
     import learned_opt
-    from learned_opt import load_rule, save_rule
-    from learned_opt.cli import git_commit
+    from learned_opt import load_rule
     from learned_opt.report import read_jsonl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,28 +203,13 @@ def ship(dest: Path, sealed: Path = Path("benchmarks/results/sealed")) -> dict[s
         },
         "selection_seconds": round(sum(r["seconds"] for r in records), 1),
     }  # fmt: skip
-    drop = ("shipped", "figures", "weights_sha256")  # of the base file, not of these weights
-    meta = {key: value for key, value in meta.items() if key not in drop}
-    meta.update(
+    return candidates.write_derived(
+        dest, NAME, variant_rule(CHOSEN), derived_from=WEIGHTS, base_meta=meta,
         source=f"the shipped {WEIGHTS!r} moving matrix-shaped parameters along Muon's "
         "orthogonalized direction",
-        derived_from={
-            "weights": WEIGHTS,
-            "weights_sha256": hashlib.sha256(
-                learned_opt.pretrained.path(WEIGHTS).read_bytes()
-            ).hexdigest(),
-            "settings": VARIANTS[CHOSEN],
-            "chosen_on_validation": validation,
-        },
-        recipe=f"python {SCRIPT}",
-        budget={**meta.get("budget", {}), "selection_seconds": validation["selection_seconds"]},
+        settings=VARIANTS[CHOSEN], validation=validation, recipe=f"python {SCRIPT}",
         figures=sealed_figures,
-        shipped={"command": f"python {SCRIPT} --steps ship", "commit": git_commit()},
-    )
-    dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{NAME}.pt", variant_rule(CHOSEN), meta)
-    (dest / f"{NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
