@@ -250,6 +250,7 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and rule.in_size == 7
         and "tensor" not in state
         and "matrix" not in state
+        and not rule.settings.orthogonal_mix
     ):
         return False
     from . import momenta_ok, state_layout_ok

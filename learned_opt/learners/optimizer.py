@@ -111,9 +111,12 @@ class OptimizerLearner(MetaLearner):
         return OptimizerState(flat, self._rule_state(spec, flat), spec)
 
     def _rule_state(self, spec: FlatSpec, flat: Tensor) -> RuleState:
+        kwargs: dict = {}
         if self.rule.tensor_aware:  # the flat vector holds several tensors: say where each is
-            return self.rule.init_state(spec.numel, like=flat, numels=spec.numels)  # type: ignore[call-arg]
-        return self.rule.init_state(spec.numel, like=flat)
+            kwargs["numels"] = spec.numels
+        if self.rule.reads_shape:  # and what shape each has
+            kwargs["shapes"] = spec.shapes
+        return self.rule.init_state(spec.numel, like=flat, **kwargs)  # type: ignore[call-arg]
 
     def step(
         self, task: Task, state: OptimizerState, batch: Batch, *, differentiable: bool = True

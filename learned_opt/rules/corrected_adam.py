@@ -48,7 +48,7 @@ from .corrected_adam_config import (
     LSTMCorrectedAdamConfig,
     options_from_saved,
 )
-from .orthogonal import matrix_direction
+from .orthogonal import matrix_layout, matrices_direction
 
 __all__ = ["LSTMCorrectedAdamRule"]
 
@@ -169,6 +169,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             if cfg.controller_drift > 0:
                 self.controller_drift_w = nn.Parameter(torch.empty(k, 1))
                 self.controller_drift_b = nn.Parameter(torch.empty(1))
+        if cfg.orthogonal_mix:
+            self.mix_weight = nn.Parameter(torch.empty(h, 1))
+            self.mix_bias = nn.Parameter(torch.empty(1))
         if not cfg.learn_lstm:
             for t in [w for ws in self.layer_weights() for w in ws]:
                 t.requires_grad_(False)
@@ -222,6 +225,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             else:
                 self.out_weight.uniform_(-bound, bound, generator=generator)
             self.out_bias.zero_()
+            if self.orthogonal_mix:  # Muon's direction
+                self.mix_weight.zero_()
+                self.mix_bias.zero_()
             if self.nominal:
                 self.log_lr.fill_(math.log(self.lr))
             if self.controller_hidden > 0:  # its last layer at zero: the hand-designed gain 1
@@ -250,6 +256,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         like: Tensor,
         numels: Sequence[int] | None = None,
         shape: Sequence[int] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
     ) -> RuleState:
         """Zero momenta ``m{k}``, second moments ``v``, ``v_fast``, LSTM states ``h{l}``,
         ``c{l}`` of shape ``(numel, hidden_size)``, and the step counter.
@@ -261,7 +268,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
         ``numels`` (the sizes of the parameter tensors the ``numel`` coordinates concatenate) is
         given, ``tensor`` (each coordinate's tensor index; without it the coordinates are one
         tensor). With ``orthogonal`` and ``shape`` (the parameter's, of 2 or more dimensions),
-        ``matrix``: its rows and columns (on the CPU).
+        ``matrix``: its rows and columns (on the CPU); with ``orthogonal`` and ``shapes`` (those
+        of the ``numels`` tensors), ``matrices``: where each matrix is
+        (:func:`~learned_opt.rules.orthogonal.matrix_layout`).
         """
         kw = dict(dtype=like.dtype, device=like.device)
         tensors = 1
@@ -285,12 +294,21 @@ class LSTMCorrectedAdamRule(UpdateRule):
             ids = torch.arange(len(numels), device=like.device)
             state["tensor"] = ids.repeat_interleave(sizes, output_size=numel)
         if self.orthogonal:
-            if numels is not None and len(numels) > 1:
+            if shapes is not None:
+                if [math.prod(s) for s in shapes] != list(
+                    numels if numels is not None else [numel]
+                ):
+                    raise ValueError(
+                        f"shapes {[tuple(s) for s in shapes]} do not match the tensor sizes "
+                        f"{list(numels) if numels is not None else [numel]}"
+                    )
+                state["matrices"] = matrix_layout(shapes)
+            elif numels is not None and len(numels) > 1:
                 raise ValueError(
-                    "orthogonal reads each parameter tensor as a matrix: it needs one state per "
-                    "tensor (the drop-in optimizer's), not a flat vector of several"
+                    "orthogonal reads each parameter tensor as a matrix: a flat vector of "
+                    "several tensors needs their shapes (init_state(..., shapes=...))"
                 )
-            if shape is not None and len(shape) >= 2 and numel > 0:
+            elif shape is not None and len(shape) >= 2 and numel > 0:
                 if math.prod(shape) != numel:
                     raise ValueError(f"shape {tuple(shape)} does not have {numel} coordinates")
                 state["matrix"] = torch.tensor([shape[0], numel // shape[0]])
@@ -306,7 +324,11 @@ class LSTMCorrectedAdamRule(UpdateRule):
         return state
 
     def coord_dim(self, key: str) -> int | None:
-        return None if key in ("step", "matrix") or key in per_tensor.PER_TENSOR_KEYS else 0
+        return (
+            None
+            if key in ("step", "matrix", "matrices") or key in per_tensor.PER_TENSOR_KEYS
+            else 0
+        )
 
     def precise_keys(self) -> frozenset[str]:
         slow = [f"m{k}" for k, beta in enumerate(self._state_betas) if slow_average(beta)]
@@ -379,9 +401,12 @@ class LSTMCorrectedAdamRule(UpdateRule):
         t = float(step)
         grad = bounded_grad(grad)  # no finite gradient can overflow a square or a sum below
         new_state: RuleState = {"step": step}
-        matrix = state.get("matrix")
-        if matrix is not None:
-            new_state["matrix"] = matrix
+        layout = state.get("matrices")  # (start, rows, cols) of each matrix
+        if layout is not None:
+            new_state["matrices"] = layout
+        elif "matrix" in state:  # one tensor, a matrix from coordinate 0
+            new_state["matrix"] = state["matrix"]
+            layout = torch.cat((state["matrix"].new_zeros(1), state["matrix"]))[None]
         ids = state.get("tensor")
         if ids is not None:
             new_state["tensor"] = ids
@@ -417,10 +442,16 @@ class LSTMCorrectedAdamRule(UpdateRule):
         out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if self.nominal:
             direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
-            if matrix is not None:  # Muon's: the Nesterov momentum, orthogonalized
-                rows, cols = (int(n) for n in matrix)
-                adam = direction if self.orthogonal_rms else None
-                direction = matrix_direction(raw_m[self.beta1], grad, self.beta1, rows, cols, adam)
+            if (
+                layout is not None and layout.numel()
+            ):  # Muon's: the Nesterov momentum, orthogonalized
+                adam = direction
+                direction = matrices_direction(
+                    raw_m[self.beta1], grad, adam, self.beta1, layout, self.orthogonal_rms
+                )
+                if self.orthogonal_mix:
+                    mix = self._mix(hs[-1], ids, count)
+                    direction = direction + mix * (adam - direction)
             a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
             update = direction * torch.exp(a)
         else:
@@ -437,6 +468,17 @@ class LSTMCorrectedAdamRule(UpdateRule):
             update = update + out[:, 1]
         return torch.exp(self.log_lr) * update, new_state
 
+    def _mix(self, h: Tensor, ids: Tensor | None, count: int) -> Tensor:
+        """The per-coordinate weight of Adam's direction against Muon's (``orthogonal_mix``):
+        ``tanh`` of the mix read-out averaged over each tensor."""
+        z = torch.addmm(self.mix_bias, h, self.mix_weight)[:, 0]
+        sums = per_tensor.tensor_sums(z[None], ids, count)[0]
+        sizes = (
+            torch.bincount(ids, minlength=count) if ids is not None else z.new_tensor([z.numel()])
+        )
+        mean = sums / sizes.clamp_min(1).to(sums)
+        return per_tensor.per_coordinate(torch.tanh(mean), ids)
+
     def variant(self, **changes: Any) -> LSTMCorrectedAdamRule:
         """This rule's configuration with ``changes``, holding this rule's weights (weights the
         new configuration adds, e.g. a controller's, keep their initialization)."""
@@ -445,7 +487,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         if "lr" in changes and not rule.learn_lr:  # a fixed base rate is the new one
             weights.pop("log_lr", None)
         missing = rule.load_state_dict(weights, strict=False).missing_keys
-        assert all(k.startswith("controller_") or k == "log_lr" for k in missing), missing
+        assert all(k.startswith(("controller_", "mix_")) or k == "log_lr" for k in missing), missing
         return rule
 
     def controller(self) -> per_tensor.Controller | None:

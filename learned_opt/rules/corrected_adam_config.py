@@ -94,10 +94,17 @@ class LSTMCorrectedAdamConfig:
             :math:`\beta_1 m_t + (1-\beta_1) g_t` orthogonalized as a matrix and scaled to
             Adam's root mean square (:func:`~learned_opt.rules.orthogonal.orthogonal_direction`);
             vectors keep Adam's. Needs each tensor's shape: the drop-in optimizer gives it
-            (one state per tensor); a flat vector of several tensors is refused.
+            (one state per tensor), a meta-learner the shapes of the tensors its flat vector
+            holds (``init_state(..., shapes=...)``).
         orthogonal_rms: with ``orthogonal``, a matrix's direction has the root mean square of
             its Adam direction (:math:`\hat m_t / D_t` over the tensor) instead of Muon's 0.2:
             as large as Adam's first steps (about 1), and as Adam's later ones.
+        orthogonal_mix: with ``orthogonal``, a learned per-tensor mix of the two directions:
+            a second read-out of the LSTM, averaged over a matrix's coordinates, gives
+            :math:`z`, and the matrix moves along :math:`d_M + \tanh(z)\,(d_A - d_M)` (Muon's
+            :math:`d_M`, Adam's :math:`d_A`): Adam's at :math:`\tanh(z) = 1`, beyond Muon's
+            below 0. Its weights start at zero (Muon's direction) and stay learnable with
+            ``learn_lstm=False``.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
@@ -133,6 +140,7 @@ class LSTMCorrectedAdamConfig:
     controller_drift: float = 0.0
     orthogonal: bool = False
     orthogonal_rms: bool = False
+    orthogonal_mix: bool = False
     learn_lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
@@ -189,6 +197,10 @@ class LSTMCorrectedAdamConfig:
             )
         if self.orthogonal_rms and not self.orthogonal:
             raise ValueError("orthogonal_rms scales the orthogonal direction: it needs orthogonal")
+        if self.orthogonal_mix and not self.orthogonal:
+            raise ValueError(
+                "orthogonal_mix mixes Adam's and Muon's directions: it needs orthogonal"
+            )
         if self.orthogonal and not self.nominal:
             raise ValueError("orthogonal replaces the nominal Adam direction: it needs nominal")
         if self.lr_size_ref > 0 and not self.lr_adapt > 0:

@@ -10,11 +10,18 @@ Liu et al., 2025, "Muon is scalable for LLM training"), so that a rule's step si
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["matrix_direction", "orthogonal_direction", "orthogonalize"]
+__all__ = [
+    "matrix_direction",
+    "matrix_layout",
+    "matrices_direction",
+    "orthogonal_direction",
+    "orthogonalize",
+]
 
 #: Coefficients of the quintic Newton-Schulz iteration (Jordan et al., 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -55,3 +62,37 @@ def matrix_direction(
     if adam is not None:
         direction = direction * (adam.pow(2).mean().sqrt() / 0.2)
     return direction
+
+
+def matrix_layout(shapes: Sequence[Sequence[int]]) -> Tensor:
+    """Where the matrices are in a flat vector that concatenates tensors of ``shapes``: an int
+    tensor (k, 3) of each matrix's (first coordinate, rows, columns), for the tensors of 2 or more
+    dimensions (``shape[0]`` rows) and at least one coordinate."""
+    rows: list[list[int]] = []
+    start = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if len(shape) >= 2 and n > 0:
+            rows.append([start, shape[0], n // shape[0]])
+        start += n
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def matrices_direction(
+    m: Tensor, grad: Tensor, adam: Tensor, beta1: float, layout: Tensor, rms: bool
+) -> Tensor:
+    """The flat direction of a vector of several tensors: :func:`matrix_direction` on each
+    matrix of ``layout`` (:func:`matrix_layout`), Adam's (``adam``) elsewhere; with ``rms``,
+    each matrix's scaled to the root mean square of its Adam direction (differentiable)."""
+    pieces: list[Tensor] = []
+    pos = 0
+    for start, rows, cols in layout.tolist():
+        end = start + rows * cols
+        pieces.append(adam[pos:start])
+        a = adam[start:end]
+        pieces.append(
+            matrix_direction(m[start:end], grad[start:end], beta1, rows, cols, a if rms else None)
+        )
+        pos = end
+    pieces.append(adam[pos:])
+    return torch.cat(pieces)

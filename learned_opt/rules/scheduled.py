@@ -72,6 +72,8 @@ class ScheduledRule(UpdateRule):
             ``1 / ceil(warmup * T)``) and a linear decay over the last ``tail * T`` (to
             ``1 / (tail * T)`` at step ``T``, kept after it); 0: none. The learned part
             multiplies it.
+        learn_schedule: meta-learn the schedule MLP (``False``: it is fixed, so a
+            meta-trainer learns only the base rule's learnable weights).
 
     The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
     the base rule's step counter.
@@ -88,6 +90,7 @@ class ScheduledRule(UpdateRule):
         unknown_horizon: str = "learned",
         warmup: float = 0.0,
         tail: float = 0.0,
+        learn_schedule: bool = True,
     ) -> None:
         super().__init__()
         from . import build_rule  # the registry imports this module
@@ -113,6 +116,8 @@ class ScheduledRule(UpdateRule):
         self.schedule = nn.Sequential(
             nn.Linear(NUM_FEATURES, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1)
         )
+        self.learn_schedule = bool(learn_schedule)
+        self.schedule.requires_grad_(self.learn_schedule)
         self.reset_schedule()
 
     def reset_schedule(self, generator: torch.Generator | None = None) -> None:
@@ -150,6 +155,7 @@ class ScheduledRule(UpdateRule):
         numels: Sequence[int] | None = None,
         total_steps: int | None = None,
         shape: Sequence[int] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
     ) -> RuleState:
         """The base rule's fresh state plus ``total_steps`` (``None``: unknown, stored as 0)."""
         if total_steps is not None and total_steps < 1:
@@ -159,6 +165,8 @@ class ScheduledRule(UpdateRule):
             kwargs["numels"] = numels
         if shape is not None and self.base.reads_shape:
             kwargs["shape"] = shape
+        if shapes is not None and self.base.reads_shape:
+            kwargs["shapes"] = shapes
         state = self.base.init_state(numel, like=like, **kwargs)  # type: ignore[call-arg]
         state["total_steps"] = torch.tensor(float(total_steps or 0), device=like.device)
         return state
@@ -233,4 +241,5 @@ class ScheduledRule(UpdateRule):
             "unknown_horizon": self.unknown_horizon,
             "warmup": self.warmup,
             "tail": self.tail,
+            "learn_schedule": self.learn_schedule,
         }
