@@ -60,9 +60,9 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     read-out; for :class:`~learned_opt.rules.GeneralLSTMRule` that makes the step its nominal
     Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
     kept; with ``orthogonal_mix``, its mix read-out too: Muon's direction for matrices); for the
-    paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a zero update), the last layer of a learned gain on the step-size adaptation
-    (``controller_hidden``: the gain 1) and of its drift (``controller_drift``: none), and the
-    last layer of a
+    paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a zero update),
+    the last layer of a learned gain on the step-size adaptation (``controller_hidden``: the gain
+    1) and of its drift (``controller_drift``: none), and the last layer of a
     :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
 
     Raises:

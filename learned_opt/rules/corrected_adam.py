@@ -48,7 +48,7 @@ from .corrected_adam_config import (
     LSTMCorrectedAdamConfig,
     options_from_saved,
 )
-from .orthogonal import matrix_layout, matrices_direction
+from .orthogonal import matrices_direction, matrix_layout
 
 __all__ = ["LSTMCorrectedAdamRule"]
 
