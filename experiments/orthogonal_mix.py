@@ -2,7 +2,8 @@
 directions.
 
     python experiments/orthogonal_mix.py --steps init,meta-train --procs 2   # meta-train (resumes)
-    python experiments/orthogonal_mix.py --steps validate   # best weights vs general-v6, zeroed
+    python experiments/orthogonal_mix.py --steps validate   # best weights vs their mix zeroed
+    python experiments/orthogonal_mix.py --steps weights    # the committed run's best weights
     python experiments/orthogonal_mix.py --dry-run          # print its commands, run nothing
 
 Run it from the repository root. Why this part: ``general-v6``'s LSTM read-out (meta-trained
@@ -30,15 +31,26 @@ The steps:
    from ``runs/orthogonal-mix/ckpt``; on a fresh machine it first copies the committed
    checkpoint (``experiments/checkpoints/orthogonal-mix.pt``) there. ``--procs N`` runs it under
    ``torchrun`` with N processes of one thread.
-3. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps, once
+3. ``validate`` (not run by default): the run's best weights (exported to
+   ``runs/orthogonal-mix/weights.pt``) against the same rule with its read-outs zeroed
+   (``general-v6``, step for step) with ``benchmarks/sealed.py --group validation
+   --total-steps`` (5 members x 5 seeds, ratios to Adam tuned on 2 other seeds) at 100 and
+   1,000 steps, one process per horizon (``benchmarks/results/validation/orthogonal-mix/``).
+4. ``weights`` (not run by default): the best weights of the committed checkpoint exported to
+   ``runs/orthogonal-mix/weights.pt`` (the sealed test's input on a fresh clone).
+5. ``sealed``: the sealed test group (``benchmarks/sealed.py``) at 100 and 1,000 steps, once
    (``SEALED_ARGS=--total-steps bash benchmarks/results/sealed/candidate.sh
    experiments/orthogonal_mix.py orthogonal-mix``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +58,8 @@ import candidates  # noqa: E402
 
 RUN = Path("runs/orthogonal-mix")
 CHECKPOINT = Path("experiments/checkpoints/orthogonal-mix.pt")
+VALIDATION = Path("benchmarks/results/validation/orthogonal-mix")
+HORIZONS = (100, 1000)
 #: The shipped weights the mix is learned around.
 BASE = "general-v6"
 
@@ -86,12 +100,94 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": f"the shipped {BASE!r} with a zero mix read-out"})
 
 
+def export_best(checkpoint: Path | None = None) -> list[str]:
+    """The command (after ``python``) exporting the best weights of ``checkpoint`` (default:
+    the run's latest) to ``RUN/weights.pt``."""
+    if checkpoint is None:
+        default = RUN / "ckpt" / "ckpt_<latest>.pt"
+        checkpoint = max((RUN / "ckpt").glob("ckpt_*.pt"), default=default)
+    return [
+        "-m", "learned_opt", "export", str(checkpoint), str(RUN / "weights.pt"), "--which", "best",
+    ]  # fmt: skip
+
+
+def validation_command(steps: int, out: Path = VALIDATION) -> list[str]:
+    """The validation run (after ``python``) of ``RUN/weights.pt`` at ``steps``."""
+    return [
+        "benchmarks/sealed.py", "--group", "validation", "--total-steps",
+        "--weights", str(RUN / "weights.pt"), "--optimizers", "learned,learned-zeroed",
+        "--steps", str(steps), "--out", str(out / f"{steps}"),
+    ]  # fmt: skip
+
+
+def figures(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
+    """Per horizon, the geometric means over the validation group of the final-loss ratios to
+    tuned Adam of the weights (``learned``) and of their read-outs zeroed (``learned-zeroed``)."""
+    from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import read_jsonl
+
+    found: dict[int, dict[str, float]] = {}
+    for steps in HORIZONS:
+        rows = [r for r in read_jsonl(out / f"{steps}" / "summary.jsonl") if r["kind"] == "summary"]
+        found[steps] = {
+            o: geometric_mean([r["ratio_train"] for r in rows if r["optimizer"] == o])
+            for o in ("learned", "learned-zeroed")
+        }
+    return found
+
+
+def validate(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
+    """Both horizons side by side (one process each); writes ``out/table.md``."""
+    from learned_opt.report import write_results
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(steps: int) -> None:
+        command = [sys.executable, *validation_command(steps, out)]
+        with (out / f"{steps}.log").open("w") as f:
+            subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+    with ThreadPoolExecutor(len(HORIZONS)) as pool:
+        list(pool.map(one, HORIZONS))
+    found = figures(out)
+    lines = [
+        "The learned mix of Adam's and Muon's directions (`runs/orthogonal-mix/weights.pt`, the "
+        "best weights on the meta-trainer's held-out tasks) against the same rule with its "
+        "read-outs zeroed (`general-v6`), on the validation group (5 members x 5 seeds; "
+        "geometric mean of the final training loss / tuned Adam's; the horizon told):",
+        "",
+        "| rule | " + " | ".join(f"{h} steps" for h in HORIZONS) + " |",
+        "| --- | " + " | ".join("---:" for _ in HORIZONS) + " |",
+    ]
+    for name, key in (("learned mix", "learned"), ("read-outs zeroed", "learned-zeroed")):
+        lines.append(f"| {name} | " + " | ".join(f"{found[h][key]:.3f}" for h in HORIZONS) + " |")
+    records = [{"steps": h, **found[h]} for h in HORIZONS]
+    write_results(out, records, lines)
+    print("\n".join(lines), flush=True)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    return candidates.main(
-        (__doc__ or "").splitlines()[0], argv, run=RUN, checkpoint=CHECKPOINT,
-        write_init=write_init, meta_train=META_TRAIN,
-        sealed=candidates.sealed_command(RUN, "orthogonal-mix"),
-    )  # fmt: skip
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    candidates.add_arguments(parser)
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
+        if step in steps:
+            command = export_best(checkpoint)
+            print(shlex.join(["python", *command]), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+                if step == "validate":
+                    validate()
+    shared = [s for s in steps if s not in ("validate", "weights")]
+    if shared or not steps:
+        args.steps = ",".join(shared)
+        candidates.run_steps(
+            args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
+            meta_train=META_TRAIN, sealed=candidates.sealed_command(RUN, "orthogonal-mix"),
+        )  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -370,6 +370,22 @@ def test_learned_schedule_recipe_trains_only_a_schedule_around_the_default(
     _assert_steps_like_the_default(rule, reference="general-v4")
 
 
+def test_orthogonal_mix_recipe_trains_only_the_mix_around_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The orthogonal-mix recipe: PES over whole unrolls of the mix read-out alone around
+    ``general-v6`` (told the horizon), its starting weights stepping exactly like it."""
+    script = "experiments/orthogonal_mix.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path, family="meta-train")
+    assert config.rule == "scheduled"
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained == ["base.mix_weight", "base.mix_bias"]
+    assert "--total-steps" in recipe["validation_command"](100)
+    assert "learned,learned-zeroed" in recipe["validation_command"](100)
+    _assert_steps_like_the_default(rule, reference="general-v6", total_steps=10)
+    _assert_steps_like_the_default(rule, reference="general-v6")
+
+
 def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
     """The ship step writes the committed checkpoint's best weights (the ones sealed-tested)
     with ``unknown_horizon="base"`` (``general-v4`` step for step without ``total_steps``), its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -93,10 +94,118 @@ def test_optimizer_state_round_trips_through_a_safe_load() -> None:
     assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)
 
 
-def test_a_flat_vector_of_several_tensors_is_refused() -> None:
+def test_a_flat_vector_of_several_tensors_needs_their_shapes() -> None:
     rule = LSTMCorrectedAdamRule(orthogonal=True)
-    with pytest.raises(ValueError, match="one state per tensor"):
+    with pytest.raises(ValueError, match="needs their shapes"):
         rule.init_state(10, like=torch.zeros(10), numels=[4, 6])
+    with pytest.raises(ValueError, match="do not match"):
+        rule.init_state(10, like=torch.zeros(10), numels=[4, 6], shapes=[(2, 2), (5,)])
+
+
+SHAPES = [(8, 5), (5,), (3, 4, 2), (7,), (0, 3)]
+
+
+def _mixing_rule(weight: float, bias: float) -> LSTMCorrectedAdamRule:
+    rule = LSTMCorrectedAdamRule(orthogonal=True, orthogonal_rms=True, orthogonal_mix=True)
+    with torch.no_grad():
+        rule.out_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        rule.mix_weight.fill_(weight)
+        rule.mix_bias.fill_(bias)
+    return rule
+
+
+@pytest.mark.parametrize("mix", [(0.0, 0.0), (0.7, -0.3)])
+def test_a_flat_vector_of_several_tensors_steps_as_its_tensors_would(mix) -> None:
+    """A meta-learner's flat state (the tensors' shapes given) and one state per tensor (the
+    drop-in optimizer's) give the same updates: Muon's direction per matrix, the mix per tensor."""
+    rule = _mixing_rule(*mix)
+    numels = [math.prod(s) for s in SHAPES]
+    n = sum(numels)
+    flat = rule.init_state(n, like=torch.zeros(n), numels=numels, shapes=SHAPES)
+    assert flat["matrices"].tolist() == [[0, 8, 5], [45, 3, 8]]  # the empty matrix has none
+    per = [rule.init_state(k, like=torch.zeros(k), shape=s) for k, s in zip(numels, SHAPES)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g = torch.randn(n, generator=gen)
+        got, flat = rule(g, flat)
+        want = []
+        for i, gi in enumerate(g.split(numels)):
+            ui, per[i] = rule(gi, per[i])
+            want.append(ui)
+        torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-8)
+
+
+def test_the_mix_moves_matrices_between_muons_direction_and_adams() -> None:
+    """At zero the mix read-out gives Muon's direction (the rule without the mix); saturated
+    towards 1, Adam's (the rule without ``orthogonal``)."""
+    g = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+
+    def updates(rule: LSTMCorrectedAdamRule) -> list[torch.Tensor]:
+        state = rule.init_state(40, like=torch.zeros(40), shape=(8, 5))
+        out = []
+        for gi in g:
+            u, state = rule(gi, state)
+            out.append(u)
+        return out
+
+    muon = _mixing_rule(0.0, 0.0)
+    adam = _mixing_rule(0.0, 30.0)  # tanh(30) = 1
+    for mixed, plain in ((muon, muon.variant(orthogonal_mix=False)),
+                         (adam, adam.variant(orthogonal=False, orthogonal_rms=False,
+                                             orthogonal_mix=False))):  # fmt: skip
+        for got, want in zip(updates(mixed), updates(plain)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_the_mix_needs_orthogonal_and_the_drop_in_step_matches_the_forward() -> None:
+    with pytest.raises(ValueError, match="orthogonal_mix"):
+        LSTMCorrectedAdamRule(orthogonal_mix=True)
+    rule = _mixing_rule(0.7, -0.3)
+    w = torch.nn.Parameter(torch.zeros(8, 5))
+    opt = LearnedOptimizer([w], rule, lr=0.1)
+    state = rule.init_state(40, like=torch.zeros(40), shape=(8, 5))
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        g = torch.randn(8, 5, generator=gen)
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+        want, state = rule(g.reshape(-1), state)
+        torch.testing.assert_close((w.detach() - before).reshape(-1), 0.1 * want)
+
+
+def test_the_mix_alone_is_learnable_and_zeroed_with_the_read_out() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sealed_optimizers import zero_readout
+
+    base = LSTMCorrectedAdamRule(orthogonal=True, orthogonal_mix=True, learn_lstm=False)
+    rule = ScheduledRule(base.kind, base.config(), learn_schedule=False)
+    learnable = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert learnable == ["base.mix_weight", "base.mix_bias"]
+    assert rule.config()["learn_schedule"] is False
+    with torch.no_grad():
+        rule.base.mix_bias.fill_(1.0)
+    zeroed = zero_readout(rule)
+    assert float(zeroed.base.mix_bias.detach()) == 0.0
+    assert float(rule.base.mix_bias.detach()) == 1.0
+
+
+def test_a_meta_learner_unrolls_the_orthogonal_direction() -> None:
+    """The learned-optimizer meta-learner gives the rule its tensors' shapes: one inner step on
+    a task with matrices runs, and moves them along Muon's direction."""
+    from learned_opt.learners import OptimizerLearner
+    from learned_opt.tasks import make_family
+
+    task = make_family("meta-train").sample(torch.Generator().manual_seed(0))
+    learner = OptimizerLearner(LSTMCorrectedAdamRule(orthogonal=True, orthogonal_rms=True))
+    state = learner.init_state(task, torch.Generator().manual_seed(0))
+    assert state.rule_state["matrices"].shape[0] >= 1
+    batch = task.train.sample()
+    new, loss = learner.step(task, state, batch, differentiable=False)
+    assert torch.isfinite(loss) and not torch.equal(new.params, state.params)
 
 
 def test_orthogonal_needs_the_nominal_direction() -> None:
