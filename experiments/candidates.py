@@ -54,6 +54,17 @@ def sealed_command(run: Path, name: str) -> Callable[[int], list[str]]:
     return command
 
 
+def export_best(run: Path, checkpoint: Path | None = None) -> list[str]:
+    """The command (after ``python``) exporting the best weights of ``checkpoint`` (default:
+    ``run``'s latest) to ``run/weights.pt``."""
+    if checkpoint is None:
+        default = run / "ckpt" / "ckpt_<latest>.pt"
+        checkpoint = max((run / "ckpt").glob("ckpt_*.pt"), default=default)
+    return [
+        "-m", "learned_opt", "export", str(checkpoint), str(run / "weights.pt"), "--which", "best",
+    ]  # fmt: skip
+
+
 def restore_checkpoint(run: Path, checkpoint: Path) -> None:
     """Put the committed ``checkpoint`` where ``--resume`` looks (``run/ckpt``), unless the run
     has newer ones."""

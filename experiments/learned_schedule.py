@@ -118,17 +118,6 @@ def sealed(steps: int) -> list[str]:
     return [*candidates.sealed_command(RUN, "learned-schedule")(steps), "--total-steps"]
 
 
-def export_best(checkpoint: Path | None = None) -> list[str]:
-    """The command (after ``python``) exporting the best weights of ``checkpoint`` (default:
-    the run's latest) to ``RUN/weights.pt``."""
-    if checkpoint is None:
-        default = RUN / "ckpt" / "ckpt_<latest>.pt"
-        checkpoint = max((RUN / "ckpt").glob("ckpt_*.pt"), default=default)
-    return [
-        "-m", "learned_opt", "export", str(checkpoint), str(RUN / "weights.pt"), "--which", "best",
-    ]  # fmt: skip
-
-
 def validate(weights: Path, out: Path, horizons: tuple[int, ...] = (100, 1000)) -> list[dict]:
     """``weights`` and ``general-v4`` on the validation group's held-out tasks (the
     meta-trainer's evaluation, horizon told) at each of ``horizons``; writes ``out``."""
@@ -249,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
         if step in steps:
-            command = export_best(checkpoint)
+            command = candidates.export_best(RUN, checkpoint)
             print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)

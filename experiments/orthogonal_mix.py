@@ -100,17 +100,6 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": f"the shipped {BASE!r} with a zero mix read-out"})
 
 
-def export_best(checkpoint: Path | None = None) -> list[str]:
-    """The command (after ``python``) exporting the best weights of ``checkpoint`` (default:
-    the run's latest) to ``RUN/weights.pt``."""
-    if checkpoint is None:
-        default = RUN / "ckpt" / "ckpt_<latest>.pt"
-        checkpoint = max((RUN / "ckpt").glob("ckpt_*.pt"), default=default)
-    return [
-        "-m", "learned_opt", "export", str(checkpoint), str(RUN / "weights.pt"), "--which", "best",
-    ]  # fmt: skip
-
-
 def validation_command(steps: int, out: Path = VALIDATION) -> list[str]:
     """The validation run (after ``python``) of ``RUN/weights.pt`` at ``steps``."""
     return [
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
         if step in steps:
-            command = export_best(checkpoint)
+            command = candidates.export_best(RUN, checkpoint)
             print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
