@@ -56,25 +56,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import candidates  # noqa: E402
 
-RUN = Path("runs/orthogonal-mix")
-CHECKPOINT = Path("experiments/checkpoints/orthogonal-mix.pt")
-VALIDATION = Path("benchmarks/results/validation/orthogonal-mix")
 HORIZONS = (100, 1000)
 #: The shipped weights the mix is learned around.
 BASE = "general-v6"
+#: The meta-training groups a run may use, with the name of its run folder, committed
+#: checkpoint and validation results: the ``meta-train`` group, and the same with a fifth of
+#: each classification task's training labels replaced (a noise floor, as the validation and
+#: sealed test groups have; ``learned_opt.tasks.label_noise``).
+NAMES = {"meta-train": "orthogonal-mix", "meta-train-noisy": "orthogonal-mix-noisy"}
 
-META_TRAIN = [
-    "meta-train", "--family", "meta-train", "--rule", "scheduled",
-    "--init-weights", str(RUN / "init.pt"),
-    "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000",
-    "--objective", "final-train", "--log-meta-loss",
-    "--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": 0.3, "pairs": 8}),
-    "--clip-grad-per-task", "--meta-lr", "3e-2", "--meta-batch", "4", "--clip-grad", "1",
-    "--iterations", "100000", "--time-budget", "20000", "--eval-every", "5",
-    "--eval-tasks", "8", "--eval-family", "validation", "--eval-horizon", "500",
-    "--checkpoint-every", "1", "--log-dir", str(RUN / "tb"), "--ckpt-dir", str(RUN / "ckpt"),
-    "--export", str(RUN / "weights.pt"), "--resume",
-]  # fmt: skip
+
+def run_dir(family: str = "meta-train") -> Path:
+    return Path("runs") / NAMES[family]
+
+
+def checkpoint_path(family: str = "meta-train") -> Path:
+    return Path("experiments/checkpoints") / f"{NAMES[family]}.pt"
+
+
+def validation_dir(family: str = "meta-train") -> Path:
+    return Path("benchmarks/results/validation") / NAMES[family]
+
+
+def meta_train_command(family: str = "meta-train") -> list[str]:
+    """The meta-training command (after ``python -m learned_opt``) on ``family``."""
+    run = run_dir(family)
+    return [
+        "meta-train", "--family", family, "--rule", "scheduled",
+        "--init-weights", str(run / "init.pt"),
+        "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000",
+        "--objective", "final-train", "--log-meta-loss",
+        "--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": 0.3, "pairs": 8}),
+        "--clip-grad-per-task", "--meta-lr", "3e-2", "--meta-batch", "4", "--clip-grad", "1",
+        "--iterations", "100000", "--time-budget", "20000", "--eval-every", "5",
+        "--eval-tasks", "8", "--eval-family", "validation", "--eval-horizon", "500",
+        "--checkpoint-every", "1", "--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
+        "--export", str(run / "weights.pt"), "--resume",
+    ]  # fmt: skip
+
+
+#: The committed run's (on ``meta-train``).
+RUN, CHECKPOINT, VALIDATION = run_dir(), checkpoint_path(), validation_dir()
+META_TRAIN = meta_train_command()
 
 
 def initial_rule():
@@ -100,11 +123,11 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": f"the shipped {BASE!r} with a zero mix read-out"})
 
 
-def validation_command(steps: int, out: Path = VALIDATION) -> list[str]:
-    """The validation run (after ``python``) of ``RUN/weights.pt`` at ``steps``."""
+def validation_command(steps: int, out: Path = VALIDATION, run: Path = RUN) -> list[str]:
+    """The validation run (after ``python``) of ``run/weights.pt`` at ``steps``."""
     return [
         "benchmarks/sealed.py", "--group", "validation", "--total-steps",
-        "--weights", str(RUN / "weights.pt"), "--optimizers", "learned,learned-zeroed",
+        "--weights", str(run / "weights.pt"), "--optimizers", "learned,learned-zeroed",
         "--steps", str(steps), "--out", str(out / f"{steps}"),
     ]  # fmt: skip
 
@@ -125,14 +148,14 @@ def figures(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
     return found
 
 
-def validate(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
+def validate(out: Path = VALIDATION, run: Path = RUN) -> dict[int, dict[str, float]]:
     """Both horizons side by side (one process each); writes ``out/table.md``."""
     from learned_opt.report import write_results
 
     out.mkdir(parents=True, exist_ok=True)
 
     def one(steps: int) -> None:
-        command = [sys.executable, *validation_command(steps, out)]
+        command = [sys.executable, *validation_command(steps, out, run)]
         with (out / f"{steps}.log").open("w") as f:
             subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
 
@@ -140,7 +163,7 @@ def validate(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
         list(pool.map(one, HORIZONS))
     found = figures(out)
     lines = [
-        "The learned mix of Adam's and Muon's directions (`runs/orthogonal-mix/weights.pt`, the "
+        f"The learned mix of Adam's and Muon's directions (`{run}/weights.pt`, the "
         "best weights on the meta-trainer's held-out tasks) against the same rule with its "
         "read-outs zeroed (`general-v6`), on the validation group (5 members x 5 seeds; "
         "geometric mean of the final training loss / tuned Adam's; the horizon told):",
@@ -159,22 +182,26 @@ def validate(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     candidates.add_arguments(parser)
+    parser.add_argument("--family", choices=sorted(NAMES), default="meta-train",
+                        help="the meta-training group (default: meta-train)")  # fmt: skip
     args = parser.parse_args(argv)
+    run, checkpoint_file = run_dir(args.family), checkpoint_path(args.family)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
+    for step, checkpoint in (("validate", None), ("weights", checkpoint_file)):
         if step in steps:
-            command = candidates.export_best(RUN, checkpoint)
+            command = candidates.export_best(run, checkpoint)
             print(shlex.join(["python", *command]), flush=True)
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
                 if step == "validate":
-                    validate()
+                    validate(validation_dir(args.family), run)
     shared = [s for s in steps if s not in ("validate", "weights")]
     if shared or not steps:
         args.steps = ",".join(shared)
         candidates.run_steps(
-            args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
-            meta_train=META_TRAIN, sealed=candidates.sealed_command(RUN, "orthogonal-mix"),
+            args, parser, run=run, checkpoint=checkpoint_file, write_init=write_init,
+            meta_train=meta_train_command(args.family),
+            sealed=candidates.sealed_command(run, NAMES[args.family]),
         )  # fmt: skip
     return 0
 

@@ -19,7 +19,7 @@ from learned_opt.checkpoint import load_rule
 from learned_opt.evaluate import geometric_mean, smooth, speedup
 from learned_opt.rules import AdamRule, GeneralLSTMRule, LSTMCorrectedAdamRule, LSTMRule
 from learned_opt.rules.scheduled import ScheduledRule
-from learned_opt.tasks import FAMILIES, BatchSampler, make_family
+from learned_opt.tasks import FAMILIES, BatchSampler, LabelNoiseFamily, make_family
 from learned_opt.tasks.groups import GROUPS, TaskGroup, check_disjoint, overlaps
 from learned_opt.tasks.patches import PatchSequenceClassifier
 from learned_opt.tasks.sequence import CharLM, WindowSampler
@@ -175,6 +175,28 @@ def test_rescaled_meta_train_tasks_keep_the_names_and_scale_the_loss() -> None:
         scaled.sample(torch.Generator().manual_seed(9)),
     )
     assert t2.name.startswith(t1.name) and "[c=" in t2.name
+
+
+def test_noisy_meta_train_tasks_flip_a_fifth_of_the_class_labels_only() -> None:
+    plain, noisy = make_family("meta-train"), make_family("meta-train-noisy")
+    assert noisy.config()["label_noise"] == 0.2 and "label_noise" not in plain.config()
+    flipped = kept = 0
+    for seed in range(12):
+        a, b = (f.sample(torch.Generator().manual_seed(seed)) for f in (plain, noisy))
+        assert b.name.startswith(a.name) and torch.equal(a.train.x, b.train.x)
+        assert torch.equal(a.test.y, b.test.y)  # the held-out split stays clean
+        if a.train.y.dim() == 1 and not a.train.y.is_floating_point():
+            assert "[noise=0.2]" in b.name
+            assert torch.equal(a.train.sample()[0], b.train.sample()[0])  # the same batches
+            assert 0.15 < (a.train.y != b.train.y).float().mean() < 0.25
+            assert int(b.train.y.max()) <= int(a.train.y.max())  # no class beyond the data's
+            flipped += 1
+        else:  # regression, language models: as drawn
+            assert b is not None and torch.equal(a.train.y, b.train.y) and "noise" not in b.name
+            kept += 1
+    assert flipped and kept
+    with pytest.raises(ValueError, match="label noise"):
+        LabelNoiseFamily(plain, 1.0)
 
 
 # -------------------------------------------------------------------- models and samplers

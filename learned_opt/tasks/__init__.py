@@ -7,6 +7,7 @@ from typing import Any
 from .base import Batch, BatchSampler, FlatSpec, Task, TaskFamily, uniform_init
 from .fewshot import DigitsFewShotFamily, MNISTFewShotFamily, SinusoidFamily
 from .groups import GROUPS, MetaTrainFamily, ValidationFamily
+from .label_noise import LabelNoiseFamily
 from .mixture import DiverseFamily, MixtureFamily, ValidationOODFamily, sample_horizon
 from .mlp import ACTIVATIONS, MLPFamily, make_mlp
 from .quadratic import QuadraticFamily
@@ -23,6 +24,7 @@ __all__ = [
     "DiverseFamily",
     "FlatSpec",
     "GROUPS",
+    "LabelNoiseFamily",
     "MLPFamily",
     "MNISTFewShotFamily",
     "MetaTrainFamily",
@@ -76,6 +78,9 @@ FAMILIES: dict[str, tuple[type[TaskFamily], dict[str, Any]]] = {
         MetaTrainFamily,
         {"param_scale_range": (0.2, 5.0), "loss_scale_range": (1e-2, 1e2)},
     ),
+    # The same with a fifth of each classification task's training labels replaced (a noise
+    # floor, as the validation and sealed test groups have: tasks/label_noise.py).
+    "meta-train-noisy": (MetaTrainFamily, {"label_noise": 0.2}),
     "validation": (ValidationFamily, {}),
 }
 

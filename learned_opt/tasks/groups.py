@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import TaskFamily
+from .label_noise import LabelNoiseFamily
 from .mixture import MixtureFamily
 from .nets import AutoencoderFamily, BNConvFamily, SourceMLPFamily
 from .patches import PatchSequenceFamily
@@ -339,9 +340,12 @@ def _mixture(
     group: str,
     param_scale_range: Sequence[float] | None = None,
     loss_scale_range: Sequence[float] | None = None,
+    label_noise: float = 0.0,
 ) -> tuple[list[TaskFamily], list[float]]:
     members = GROUPS[group].members
     families = [m.build() for m in members]
+    if label_noise:
+        families = [LabelNoiseFamily(f, label_noise) for f in families]
     if param_scale_range is not None or loss_scale_range is not None:
         p = tuple(param_scale_range or (1.0, 1.0))
         s = tuple(loss_scale_range or (1.0, 1.0))
@@ -357,16 +361,21 @@ class MetaTrainFamily(MixtureFamily):
         param_scale_range, loss_scale_range: if either is given, every member is wrapped in a
             :class:`~learned_opt.tasks.rescale.RescaledFamily` with these ranges (the other
             one defaulting to ``(1, 1)``).
+        label_noise: if above 0, every member is first wrapped in a
+            :class:`~learned_opt.tasks.label_noise.LabelNoiseFamily` with this fraction: each
+            classification task gets a noise floor (registered as ``"meta-train-noisy"``).
     """
 
     def __init__(
         self,
         param_scale_range: Sequence[float] | None = None,
         loss_scale_range: Sequence[float] | None = None,
+        label_noise: float = 0.0,
     ) -> None:
-        families, weights = _mixture("meta-train", param_scale_range, loss_scale_range)
+        families, weights = _mixture("meta-train", param_scale_range, loss_scale_range, label_noise)
         self.param_scale_range = None if param_scale_range is None else tuple(param_scale_range)
         self.loss_scale_range = None if loss_scale_range is None else tuple(loss_scale_range)
+        self.label_noise = float(label_noise)
         super().__init__(families, weights, name="meta-train")
 
     def config(self) -> dict[str, Any]:
@@ -374,6 +383,7 @@ class MetaTrainFamily(MixtureFamily):
             **super().config(),
             "param_scale_range": self.param_scale_range,
             "loss_scale_range": self.loss_scale_range,
+            **({"label_noise": self.label_noise} if self.label_noise else {}),
         }
 
 
