@@ -3,7 +3,9 @@
 Runs a rule (``--weights``, default: the shipped default) and variants of it on the meta-
 trainer's held-out tasks (the ``validation`` group, the trainer's evaluation seeds: the same
 tasks and metric as a meta-training run's ``eval/metric``, so the figures compare with its
-logs) beside Adam with its learning rate tuned on them, all in one run:
+logs; ``--family`` names another group, e.g. ``meta-train``, to see what a part is worth on the
+tasks a rule was meta-trained on) beside Adam with its learning rate tuned on them, all in one
+run:
 
 - ``as given``: the rule untuned;
 - ``learned output zeroed``: its learned read-out (and a learned gain on its step-size
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500, help="steps per task")
     parser.add_argument("--tasks", type=int, default=8, help="held-out tasks")
     parser.add_argument("--only", default=None, help="comma list of variants (all)")
+    parser.add_argument("--family", default="validation", help="task family (validation)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -103,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     config = MetaTrainConfig(
         objective="final-train",
         log_meta_loss=True,
-        eval_family="validation",
+        eval_family=args.family,
         eval_tasks=args.tasks,
         eval_horizon=args.steps,
     )
-    held = HeldOut(config, make_family("validation"))
+    held = HeldOut(config, make_family(args.family))
     chosen = variants(rule)
     if args.only:
         names = [n.strip() for n in args.only.split(",")]
@@ -130,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     given = held.aggregate(results["as given"])
     reference = held.aggregate(adam)
     lines = [
-        f"Weights `{args.weights}`; {len(tasks)} validation tasks (the meta-trainer's held-out "
-        f"seeds), {args.steps} steps; metric: geometric mean of the final training loss.",
+        f"Weights `{args.weights}`; {len(tasks)} tasks of `{args.family}` (the meta-trainer's "
+        f"held-out seeds), {args.steps} steps; metric: geometric mean of the final training "
+        "loss.",
         "",
         "| variant | metric | / as given | / tuned Adam |",
         "| --- | ---: | ---: | ---: |",
     ]
     with open(out / "records.jsonl", "w") as f:
-        f.write(json.dumps({"weights": args.weights, "steps": args.steps, "tasks": tasks}) + "\n")
+        head = {"weights": args.weights, "family": args.family, "steps": args.steps}
+        f.write(json.dumps({**head, "tasks": tasks}) + "\n")
         for name, values in results.items():
             metric = held.aggregate(values)
             lines.append(

@@ -91,3 +91,8 @@ def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     assert rows["adaptation off"]["final_losses"] != rows["as given"]["final_losses"]
     assert any(name.startswith("Adam, lr") for name in rows)
     assert "| as given |" in (out / "table.md").read_text()
+    argv += ["--family", "meta-train-noisy", "--only", "rate x2", "--out", str(tmp_path / "mt")]
+    assert run_script("benchmarks/ablations.py", *argv) == 0
+    head, *rows = map(json.loads, (tmp_path / "mt" / "records.jsonl").read_text().splitlines())
+    assert head["family"] == "meta-train-noisy" and len(head["tasks"]) == 2
+    assert [r["variant"] for r in rows[1:]] == ["as given", "rate x2"]
