@@ -14,6 +14,11 @@ run:
 - ``adaptation off``: the per-tensor step-size adaptation off (``lr_adapt=0``);
 - ``adaptation off, output zeroed``: both, i.e. Adam at the rule's base learning rate with the
   rule's gradient clipping;
+- ``direction 30% towards Adam's``, ``direction 30% beyond Muon's`` (rules that move matrices
+  along Muon's direction): every matrix along :math:`d_M + t (d_A - d_M)` with a constant
+  :math:`t = 0.3` or :math:`-0.3` (``orthogonal_mix`` with a zero read-out and a constant
+  bias), Muon's direction :math:`d_M` and Adam's :math:`d_A`: how much a per-tensor mix has
+  to gain at all;
 - ``rate x0.5``, ``rate x2``: the optimizer's ``lr`` multiplier, constant;
 - ``cosine decay``: the multiplier decayed from 1 to 0 over the run (``LambdaLR``).
 
@@ -69,6 +74,16 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
         )
         out["adaptation off"] = (plain, None)
         out["adaptation off, output zeroed"] = (zero_readout(plain), None)
+    if getattr(rule, "orthogonal", False):
+        for name, t in (
+            ("direction 30% towards Adam's", 0.3),
+            ("direction 30% beyond Muon's", -0.3),
+        ):
+            mixed = rule.variant(orthogonal_mix=True)
+            with torch.no_grad():
+                mixed.mix_weight.zero_()
+                mixed.mix_bias.fill_(math.atanh(t))
+            out[name] = (mixed, None)
     for name in SCHEDULES:
         out[name] = (rule, name)
     return out

@@ -71,6 +71,28 @@ def test_meta_gradient_bias_smoke(tmp_path: Path, run_script) -> None:
     assert -1.0 <= record["cosine"] <= 1.0
 
 
+def test_ablations_mix_a_constant_share_of_adams_direction_into_muons() -> None:
+    """For a rule that moves matrices along Muon's direction, two variants mix Adam's in at a
+    constant 0.3 or -0.3 (a zero mix read-out, a constant bias); the rule itself is untouched."""
+    import math
+    import runpy
+
+    import torch
+
+    from learned_opt import load_rule, pretrained
+
+    ablations = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks/ablations.py"))
+    rule = load_rule(pretrained.path("general-v6"))[0].unwrapped
+    found = ablations["variants"](rule)
+    for name, t in (("direction 30% towards Adam's", 0.3), ("direction 30% beyond Muon's", -0.3)):
+        mixed, schedule = found[name]
+        assert schedule is None and mixed.orthogonal_mix and not rule.orthogonal_mix
+        assert torch.count_nonzero(mixed.mix_weight) == 0
+        assert math.tanh(mixed.mix_bias.item()) == pytest.approx(t)
+    plain = ablations["variants"](load_rule(pretrained.path("general-v5"))[0].unwrapped)
+    assert not any(name.startswith("direction") for name in plain)
+
+
 def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     """A rule whose learned output is already zero (a fresh rule with a zero adaptation gain
     and drift) equals its zeroed variants exactly; the other variants change the runs."""
