@@ -5,6 +5,7 @@ directions.
     python experiments/orthogonal_mix.py --steps validate   # best weights vs their mix zeroed
     python experiments/orthogonal_mix.py --steps weights    # the committed run's best weights
     python experiments/orthogonal_mix.py --dry-run          # print its commands, run nothing
+    python experiments/orthogonal_mix.py --family meta-train-noisy ...  # on the noisy group
 
 Run it from the repository root. Why this part: ``general-v6``'s LSTM read-out (meta-trained
 around Adam's direction) changes nothing measurable once zeroed, because the hand-designed
@@ -25,7 +26,9 @@ The steps:
    horizon drawn log-uniformly per task and told to the rule; one window per task: unbiased for
    the smoothed objective of the whole run; 8 antithetic pairs, sigma 0.3: a perturbation moves
    a tensor's mix by about a quarter) on the ``meta-train`` group (MLPs, conv nets with and
-   without batch norm, Elman RNNs, LSTMs, LayerNorm attention, regression); meta-loss: the log
+   without batch norm, Elman RNNs, LSTMs, LayerNorm attention, regression), or with
+   ``--family meta-train-noisy`` on the same with label noise (``runs/orthogonal-mix-noisy``,
+   ``experiments/checkpoints/orthogonal-mix-noisy.pt``, and so on); meta-loss: the log
    of the final training loss; each task's estimate clipped before the mean; weights selected on
    the ``validation`` group (final training loss at 500 steps, the horizon told). It resumes
    from ``runs/orthogonal-mix/ckpt``; on a fresh machine it first copies the committed

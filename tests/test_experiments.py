@@ -384,6 +384,19 @@ def test_orthogonal_mix_recipe_trains_only_the_mix_around_the_default(
     assert "learned,learned-zeroed" in recipe["validation_command"](100)
     _assert_steps_like_the_default(rule, reference="general-v6", total_steps=10)
     _assert_steps_like_the_default(rule, reference="general-v6")
+    # the same run on the group with label noise: its own folder and committed checkpoint
+    from learned_opt.cli import build_parser, config_from_args
+
+    assert run_script(script, "--dry-run", "--family", "meta-train-noisy") == 0
+    printed = capsys.readouterr().out
+    noisy = recipe["meta_train_command"]("meta-train-noisy")
+    assert shlex.join(noisy) in printed and "orthogonal-mix-noisy-100" in printed
+    noisy_config = config_from_args(build_parser().parse_args(noisy))
+    assert noisy_config.family == "meta-train-noisy"
+    assert {**noisy_config.to_dict(), "family": "meta-train", "ckpt_dir": None, "log_dir": None,
+            "export": None, "init_weights": None} == {**config.to_dict(), "ckpt_dir": None,
+            "log_dir": None, "export": None, "init_weights": None}  # fmt: skip
+    _assert_written_by(ROOT / recipe["checkpoint_path"]("meta-train-noisy"), noisy_config)
 
 
 def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
