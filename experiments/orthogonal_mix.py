@@ -28,7 +28,8 @@ The steps:
    a tensor's mix by about a quarter) on the ``meta-train`` group (MLPs, conv nets with and
    without batch norm, Elman RNNs, LSTMs, LayerNorm attention, regression), or with
    ``--family meta-train-noisy`` on the same with label noise (``runs/orthogonal-mix-noisy``,
-   ``experiments/checkpoints/orthogonal-mix-noisy.pt``, and so on); meta-loss: the log
+   ``experiments/checkpoints/orthogonal-mix-noisy.pt``, and so on; ``--sigma 0.03`` adds
+   ``-sigma0.03`` to the names); meta-loss: the log
    of the final training loss; each task's estimate clipped before the mean; weights selected on
    the ``validation`` group (final training loss at 500 steps, the horizon told). It resumes
    from ``runs/orthogonal-mix/ckpt``; on a fresh machine it first copies the committed
@@ -69,27 +70,39 @@ BASE = "general-v6"
 NAMES = {"meta-train": "orthogonal-mix", "meta-train-noisy": "orthogonal-mix-noisy"}
 
 
-def run_dir(family: str = "meta-train") -> Path:
-    return Path("runs") / NAMES[family]
+#: PES's perturbation scale of the committed runs: it moves a matrix's mix by about 0.3 either
+#: way, over which the objective (least at Muon's direction, t = 0, and worse by 3-6% at
+#: t = +-0.3) slopes towards Adam's side: the learned mix drifts there. ``--sigma 0.03`` follows
+#: the objective itself.
+SIGMA = 0.3
 
 
-def checkpoint_path(family: str = "meta-train") -> Path:
-    return Path("experiments/checkpoints") / f"{NAMES[family]}.pt"
+def name(family: str = "meta-train", sigma: float = SIGMA) -> str:
+    """The run's name: the group's, with the perturbation scale if it is not :data:`SIGMA`."""
+    return NAMES[family] + ("" if sigma == SIGMA else f"-sigma{sigma:g}")
 
 
-def validation_dir(family: str = "meta-train") -> Path:
-    return Path("benchmarks/results/validation") / NAMES[family]
+def run_dir(family: str = "meta-train", sigma: float = SIGMA) -> Path:
+    return Path("runs") / name(family, sigma)
 
 
-def meta_train_command(family: str = "meta-train") -> list[str]:
+def checkpoint_path(family: str = "meta-train", sigma: float = SIGMA) -> Path:
+    return Path("experiments/checkpoints") / f"{name(family, sigma)}.pt"
+
+
+def validation_dir(family: str = "meta-train", sigma: float = SIGMA) -> Path:
+    return Path("benchmarks/results/validation") / name(family, sigma)
+
+
+def meta_train_command(family: str = "meta-train", sigma: float = SIGMA) -> list[str]:
     """The meta-training command (after ``python -m learned_opt``) on ``family``."""
-    run = run_dir(family)
+    run = run_dir(family, sigma)
     return [
         "meta-train", "--family", family, "--rule", "scheduled",
         "--init-weights", str(run / "init.pt"),
         "--horizon", "1000", "--min-horizon", "100", "--truncation", "1000",
         "--objective", "final-train", "--log-meta-loss",
-        "--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": 0.3, "pairs": 8}),
+        "--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": sigma, "pairs": 8}),
         "--clip-grad-per-task", "--meta-lr", "3e-2", "--meta-batch", "4", "--clip-grad", "1",
         "--iterations", "100000", "--time-budget", "20000", "--eval-every", "5",
         "--eval-tasks", "8", "--eval-family", "validation", "--eval-horizon", "500",
@@ -185,10 +198,19 @@ def validate(out: Path = VALIDATION, run: Path = RUN) -> dict[int, dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     candidates.add_arguments(parser)
-    parser.add_argument("--family", choices=sorted(NAMES), default="meta-train",
-                        help="the meta-training group (default: meta-train)")  # fmt: skip
+    parser.add_argument(
+        "--family",
+        choices=sorted(NAMES),
+        default="meta-train",
+        help="the meta-training group (default: meta-train)",
+    )
+    parser.add_argument("--sigma", type=float, default=SIGMA,
+                        help=f"PES's perturbation scale (default {SIGMA})")  # fmt: skip
     args = parser.parse_args(argv)
-    run, checkpoint_file = run_dir(args.family), checkpoint_path(args.family)
+    if not args.sigma > 0:
+        parser.error(f"--sigma must be > 0, got {args.sigma}")
+    family, sigma = args.family, args.sigma
+    run, checkpoint_file = run_dir(family, sigma), checkpoint_path(family, sigma)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     for step, checkpoint in (("validate", None), ("weights", checkpoint_file)):
         if step in steps:
@@ -197,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run:
                 subprocess.run([sys.executable, *command], check=True)
                 if step == "validate":
-                    validate(validation_dir(args.family), run)
+                    validate(validation_dir(family, sigma), run)
     shared = [s for s in steps if s not in ("validate", "weights")]
     if shared or not steps:
         args.steps = ",".join(shared)
         candidates.run_steps(
             args, parser, run=run, checkpoint=checkpoint_file, write_init=write_init,
-            meta_train=meta_train_command(args.family),
-            sealed=candidates.sealed_command(run, NAMES[args.family]),
+            meta_train=meta_train_command(family, sigma),
+            sealed=candidates.sealed_command(run, name(family, sigma)),
         )  # fmt: skip
     return 0
 
