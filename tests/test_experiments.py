@@ -397,6 +397,13 @@ def test_orthogonal_mix_recipe_trains_only_the_mix_around_the_default(
             "export": None, "init_weights": None} == {**config.to_dict(), "ckpt_dir": None,
             "log_dir": None, "export": None, "init_weights": None}  # fmt: skip
     _assert_written_by(ROOT / recipe["checkpoint_path"]("meta-train-noisy"), noisy_config)
+    # a smaller perturbation scale: a run of its own
+    small = recipe["meta_train_command"]("meta-train-noisy", 0.03)
+    small_config = config_from_args(build_parser().parse_args(small))
+    assert small_config.estimator_kwargs == {"sigma": 0.03, "pairs": 8}
+    assert "runs/orthogonal-mix-noisy-sigma0.03/ckpt" in small
+    _assert_written_by(ROOT / recipe["checkpoint_path"]("meta-train-noisy", 0.03), small_config)
+    assert run_script(script, "--dry-run", "--sigma", "0") == 2
 
 
 def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
