@@ -29,11 +29,11 @@ The steps:
    without batch norm, Elman RNNs, LSTMs, LayerNorm attention, regression), or with
    ``--family meta-train-noisy`` on the same with label noise (``runs/orthogonal-mix-noisy``,
    ``experiments/checkpoints/orthogonal-mix-noisy.pt``, and so on; ``--sigma 0.03`` adds
-   ``-sigma0.03`` to the names); meta-loss: the log
-   of the final training loss; each task's estimate clipped before the mean; weights selected on
-   the ``validation`` group (final training loss at 500 steps, the horizon told). It resumes
-   from ``runs/orthogonal-mix/ckpt``; on a fresh machine it first copies the committed
-   checkpoint (``experiments/checkpoints/orthogonal-mix.pt``) there. ``--procs N`` runs it under
+   ``-sigma0.03`` to the names); meta-loss: the log of the final training loss; each task's
+   estimate clipped before the mean; weights selected on the ``validation`` group (final
+   training loss at 500 steps, the horizon told). It resumes from ``runs/orthogonal-mix/ckpt``;
+   on a fresh machine it first copies the committed checkpoint
+   (``experiments/checkpoints/orthogonal-mix.pt``) there. ``--procs N`` runs it under
    ``torchrun`` with N processes of one thread.
 3. ``validate`` (not run by default): the run's best weights (exported to
    ``runs/orthogonal-mix/weights.pt``) against the same rule with its read-outs zeroed
@@ -198,12 +198,8 @@ def validate(out: Path = VALIDATION, run: Path = RUN) -> dict[int, dict[str, flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     candidates.add_arguments(parser)
-    parser.add_argument(
-        "--family",
-        choices=sorted(NAMES),
-        default="meta-train",
-        help="the meta-training group (default: meta-train)",
-    )
+    parser.add_argument("--family", choices=sorted(NAMES), default="meta-train",
+                        help="the meta-training group (default: meta-train)")  # fmt: skip
     parser.add_argument("--sigma", type=float, default=SIGMA,
                         help=f"PES's perturbation scale (default {SIGMA})")  # fmt: skip
     args = parser.parse_args(argv)
