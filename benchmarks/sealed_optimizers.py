@@ -62,7 +62,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     kept; with ``orthogonal_mix``, its mix read-out too: Muon's direction for matrices); for the
     paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a zero update),
     the last layer of a learned gain on the step-size adaptation (``controller_hidden``: the gain
-    1) and of its drift (``controller_drift``: none), and the last layer of a
+    1) and of its drift (``controller_drift``: none; with ``lr_adapt_learned``, its linear path
+    too: no adaptation at all), and the last layer of a
     :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
 
     Raises:
@@ -77,12 +78,12 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
                 if isinstance(value, Tensor):
                     value.zero_()
                     zeroed.append(f"{name}.{attr}" if name else attr)
-            if getattr(module, "controller_w2", None) is not None:  # the adaptation's gain
-                module.controller_w2.zero_()
-                module.controller_b2.zero_()
-                if getattr(module, "controller_drift_w", None) is not None:
-                    module.controller_drift_w.zero_()
-                    module.controller_drift_b.zero_()
+            if getattr(module, "controller_w1", None) is not None:  # the adaptation's control
+                for attr in ("controller_w2", "controller_b2", "controller_drift_w",
+                             "controller_drift_b", "controller_linear"):  # fmt: skip
+                    value = getattr(module, attr, None)
+                    if isinstance(value, Tensor):
+                        value.zero_()
                 zeroed.append(f"{name}.controller" if name else "controller")
             if isinstance(module, ScheduledRule):
                 last = module.schedule[-1]

@@ -121,6 +121,73 @@ def run_steps(
     return 0
 
 
+#: The horizons of the validation and sealed runs.
+HORIZONS = (100, 1000)
+
+
+def validation_command(run: Path, steps: int, out: Path) -> list[str]:
+    """The validation run (after ``python``) of ``run/weights.pt`` and of the same weights
+    with their learned outputs zeroed, told the horizon, at ``steps``, into ``out/{steps}``."""
+    return [
+        "benchmarks/sealed.py", "--group", "validation", "--total-steps",
+        "--weights", str(run / "weights.pt"), "--optimizers", "learned,learned-zeroed",
+        "--steps", str(steps), "--out", str(out / f"{steps}"),
+    ]  # fmt: skip
+
+
+def validation_figures(out: Path) -> dict[int, dict[str, float]]:
+    """Per horizon, the geometric means over the validation group of the final-loss ratios to
+    tuned Adam of the weights (``learned``) and of their learned outputs zeroed
+    (``learned-zeroed``), read from :func:`validation_command`'s runs."""
+    from learned_opt.evaluate import geometric_mean
+    from learned_opt.report import read_jsonl
+
+    found: dict[int, dict[str, float]] = {}
+    for steps in HORIZONS:
+        rows = [r for r in read_jsonl(out / f"{steps}" / "summary.jsonl") if r["kind"] == "summary"]
+        found[steps] = {
+            o: geometric_mean([r["ratio_train"] for r in rows if r["optimizer"] == o])
+            for o in ("learned", "learned-zeroed")
+        }
+    return found
+
+
+def validate_against_zeroed(
+    out: Path, run: Path, label: str, description: str, zeroed_label: str
+) -> dict[int, dict[str, float]]:
+    """:func:`validation_command` at both horizons side by side (one process each); writes
+    ``out/table.md`` (rows ``label`` and ``zeroed_label``, under ``description``) and returns
+    :func:`validation_figures`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from learned_opt.report import write_results
+
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(steps: int) -> None:
+        command = [sys.executable, *validation_command(run, steps, out)]
+        with (out / f"{steps}.log").open("w") as f:
+            subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+    with ThreadPoolExecutor(len(HORIZONS)) as pool:
+        list(pool.map(one, HORIZONS))
+    found = validation_figures(out)
+    lines = [
+        f"{description} (`{run}/weights.pt`, the best weights on the meta-trainer's held-out "
+        "tasks) against the same rule with its learned outputs zeroed, on the validation group "
+        "(5 members x 5 seeds; geometric mean of the final training loss / tuned Adam's; the "
+        "horizon told):",
+        "",
+        "| rule | " + " | ".join(f"{h} steps" for h in HORIZONS) + " |",
+        "| --- | " + " | ".join("---:" for _ in HORIZONS) + " |",
+    ]
+    for name, key in ((label, "learned"), (zeroed_label, "learned-zeroed")):
+        lines.append(f"| {name} | " + " | ".join(f"{found[h][key]:.3f}" for h in HORIZONS) + " |")
+    write_results(out, [{"steps": h, **found[h]} for h in HORIZONS], lines)
+    print("\n".join(lines), flush=True)
+    return found
+
+
 def validate_settings(
     base: str,
     grid: Sequence[dict[str, Any]],

@@ -54,13 +54,11 @@ import json
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import candidates  # noqa: E402
 
-HORIZONS = (100, 1000)
 #: The shipped weights the mix is learned around.
 BASE = "general-v6"
 #: The meta-training groups a run may use, with the name of its run folder, committed
@@ -141,58 +139,15 @@ def write_init(path: Path) -> None:
 
 def validation_command(steps: int, out: Path = VALIDATION, run: Path = RUN) -> list[str]:
     """The validation run (after ``python``) of ``run/weights.pt`` at ``steps``."""
-    return [
-        "benchmarks/sealed.py", "--group", "validation", "--total-steps",
-        "--weights", str(run / "weights.pt"), "--optimizers", "learned,learned-zeroed",
-        "--steps", str(steps), "--out", str(out / f"{steps}"),
-    ]  # fmt: skip
-
-
-def figures(out: Path = VALIDATION) -> dict[int, dict[str, float]]:
-    """Per horizon, the geometric means over the validation group of the final-loss ratios to
-    tuned Adam of the weights (``learned``) and of their read-outs zeroed (``learned-zeroed``)."""
-    from learned_opt.evaluate import geometric_mean
-    from learned_opt.report import read_jsonl
-
-    found: dict[int, dict[str, float]] = {}
-    for steps in HORIZONS:
-        rows = [r for r in read_jsonl(out / f"{steps}" / "summary.jsonl") if r["kind"] == "summary"]
-        found[steps] = {
-            o: geometric_mean([r["ratio_train"] for r in rows if r["optimizer"] == o])
-            for o in ("learned", "learned-zeroed")
-        }
-    return found
+    return candidates.validation_command(run, steps, out)
 
 
 def validate(out: Path = VALIDATION, run: Path = RUN) -> dict[int, dict[str, float]]:
     """Both horizons side by side (one process each); writes ``out/table.md``."""
-    from learned_opt.report import write_results
-
-    out.mkdir(parents=True, exist_ok=True)
-
-    def one(steps: int) -> None:
-        command = [sys.executable, *validation_command(steps, out, run)]
-        with (out / f"{steps}.log").open("w") as f:
-            subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
-
-    with ThreadPoolExecutor(len(HORIZONS)) as pool:
-        list(pool.map(one, HORIZONS))
-    found = figures(out)
-    lines = [
-        f"The learned mix of Adam's and Muon's directions (`{run}/weights.pt`, the "
-        "best weights on the meta-trainer's held-out tasks) against the same rule with its "
-        "read-outs zeroed (`general-v6`), on the validation group (5 members x 5 seeds; "
-        "geometric mean of the final training loss / tuned Adam's; the horizon told):",
-        "",
-        "| rule | " + " | ".join(f"{h} steps" for h in HORIZONS) + " |",
-        "| --- | " + " | ".join("---:" for _ in HORIZONS) + " |",
-    ]
-    for name, key in (("learned mix", "learned"), ("read-outs zeroed", "learned-zeroed")):
-        lines.append(f"| {name} | " + " | ".join(f"{found[h][key]:.3f}" for h in HORIZONS) + " |")
-    records = [{"steps": h, **found[h]} for h in HORIZONS]
-    write_results(out, records, lines)
-    print("\n".join(lines), flush=True)
-    return found
+    return candidates.validate_against_zeroed(
+        out, run, "learned mix", "The learned mix of Adam's and Muon's directions",
+        "read-outs zeroed (`general-v6`)",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

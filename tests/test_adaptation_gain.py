@@ -1,7 +1,8 @@
-"""The learned gain on LSTMCorrectedAdamRule's step-size adaptation (``controller_hidden``) and
-its drift (``controller_drift``): zero at initialization (the hand-designed rule, step for step,
-in the unroll and the drop-in optimizer), their effect on the log step size, the fixed-LSTM
-option, checkpoints and PES."""
+"""The learned gain on LSTMCorrectedAdamRule's step-size adaptation (``controller_hidden``), its
+drift (``controller_drift``) and the adaptation learned whole (``lr_adapt_learned``): zero at
+initialization (the hand-designed rule, or no adaptation, step for step, in the unroll and the
+drop-in optimizer), their effect on the log step size, the fixed-LSTM option, checkpoints and
+PES."""
 
 from __future__ import annotations
 
@@ -186,8 +187,64 @@ def test_saved_configurations_without_a_controller_load_without_one() -> None:
         {"controller_hidden": 2, "lr_adapt_slowdown": 0.0},
         {"controller_hidden": 2, "controller_drift": -0.1},
         {"controller_drift": 0.5},
+        {"controller_hidden": 2, "lr_adapt_learned": True},
     ],
 )
 def test_invalid_controllers_are_refused(options: dict) -> None:
     with pytest.raises(ValueError, match="controller"):
         LSTMCorrectedAdamConfig(**options)
+
+
+LEARNED = {"controller_hidden": 4, "controller_drift": 2.0, "lr_adapt_learned": True}
+
+
+def test_zero_learned_adaptation_is_the_rule_without_adaptation() -> None:
+    """At zero the learned adaptation keeps every tensor's step size where it starts: the rule
+    with its adaptation off, step for step; it has no gain to learn."""
+    off, _ = _train(_shipped(lr_adapt=0.0))
+    learned, state = _train(_shipped(**LEARNED))
+    assert all(torch.equal(a, b) for a, b in zip(off, learned))
+    assert float(state["log_step"]) == 0.0
+    rule = _shipped(**LEARNED)
+    assert not hasattr(rule, "controller_w2")
+    assert [n for n, _ in rule.named_parameters() if n.startswith("controller_")] == [
+        "controller_w1", "controller_b1", "controller_drift_w", "controller_drift_b",
+        "controller_linear",
+    ]  # fmt: skip
+
+
+def test_learned_adaptation_changes_the_log_step_by_kappa_times_its_drift() -> None:
+    """Each change of the log step size is kappa_t d alone (the hand-designed cosine rule is
+    not applied): with the linear path reading the cosine, d = D tanh(w cos)."""
+    rule = _shipped(**LEARNED)
+    with torch.no_grad():
+        rule.controller_linear[0, 0] = 0.5  # the first feature: the raw cosine
+    cfg = rule.settings
+    gen = torch.Generator().manual_seed(1)
+    state = rule.init_state(50, like=torch.zeros(1))
+    for t in range(1, 9):
+        g = torch.randn(50, generator=gen) + (0.5 if t < 6 else -2.0)
+        prev, before = state["prev"], state["log_step"]
+        _, state = rule(g, state)
+        cos = torch.nn.functional.cosine_similarity(-g, prev, dim=0) if t > 1 else torch.zeros(())
+        kappa = cfg.lr_adapt * (1 + cfg.lr_adapt_warmup * math.exp(-t / cfg.lr_adapt_warmup_steps))
+        expected = before + kappa * 2.0 * torch.tanh(0.5 * cos)
+        torch.testing.assert_close(state["log_step"], expected.reshape(1))
+    assert float(state["log_step"].detach()) != 0.0
+
+
+def test_unroll_and_drop_in_optimizer_agree_with_a_learned_adaptation() -> None:
+    rule = _shipped(**LEARNED)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        rule.controller_drift_w.normal_(0.0, 1.0, generator=gen)
+        rule.controller_linear.normal_(0.0, 1.0, generator=gen)
+    family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
+    task = family.sample(torch.Generator().manual_seed(3))
+    learner = OptimizerLearner(rule)
+    state = learner.init_state(task, torch.Generator().manual_seed(4))
+    for _ in range(15):
+        state, _ = learner.step(task, state, task.train.sample(), differentiable=False)
+    flat = _drop_in_run(family, rule, 15)
+    torch.testing.assert_close(flat, state.params, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(flat, _drop_in_run(family, _shipped(lr_adapt=0.0), 15))

@@ -406,6 +406,32 @@ def test_orthogonal_mix_recipe_trains_only_the_mix_around_the_default(
     assert run_script(script, "--dry-run", "--sigma", "0") == 2
 
 
+def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned-adaptation recipe: PES over whole unrolls of the controller alone (the
+    adaptation learned whole) around ``general-v6``, on the rescaled group with label noise;
+    its starting weights step exactly like ``general-v6`` with its adaptation off, told the
+    horizon or not; its validation compares the weights with their learned outputs zeroed."""
+    from learned_opt.rules import build_rule
+
+    script = "experiments/learned_adaptation.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    assert config.rule == "scheduled" and config.family_kwargs == {"label_noise": 0.2}
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("base.controller_") for n in trained)
+    assert rule.base.settings.lr_adapt_learned
+    v6, _ = load_rule(pretrained.path("general-v6"))
+    saved = v6.config()
+    saved["base_config"] = {**saved["base_config"], "lr_adapt": 0.0}
+    off = build_rule(v6.kind, saved)
+    off.load_state_dict(v6.state_dict())
+    _assert_steps_like_the_default(rule, reference=off)
+    validation = runpy.run_path(str(ROOT / "experiments/candidates.py"))["validation_command"]
+    command = validation(recipe["RUN"], 100, recipe["VALIDATION"])
+    assert "--total-steps" in command and "learned,learned-zeroed" in command
+
+
 def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
     """The ship step writes the committed checkpoint's best weights (the ones sealed-tested)
     with ``unknown_horizon="base"`` (``general-v4`` step for step without ``total_steps``), its

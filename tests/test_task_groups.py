@@ -290,6 +290,15 @@ def test_zero_readout(optimizers: dict) -> None:
     zgain = zero(gain)  # the learned gain and drift on the adaptation are learned output too
     assert all(float(getattr(zgain, n).detach().abs().sum()) == 0 for n in last)
     assert all(float(getattr(gain, n).detach().abs().sum()) > 0 for n in last)
+    learned = LSTMCorrectedAdamRule(
+        controller_hidden=4, controller_drift=2.0, lr_adapt_learned=True
+    )
+    last = ("controller_drift_w", "controller_drift_b", "controller_linear")
+    with torch.no_grad():
+        for name in last:
+            getattr(learned, name).fill_(0.5)
+    zlearned = zero(learned)  # the learned adaptation at zero: none
+    assert all(float(getattr(zlearned, n).detach().abs().sum()) == 0 for n in last)
     with pytest.raises(ValueError, match="read-out"):
         zero(AdamRule())
 

@@ -164,11 +164,14 @@ class LSTMCorrectedAdamRule(UpdateRule):
             n_feat = per_tensor.CONTROLLER_FEATURES
             self.controller_w1 = nn.Parameter(torch.empty(n_feat, k))
             self.controller_b1 = nn.Parameter(torch.empty(k))
-            self.controller_w2 = nn.Parameter(torch.empty(k, 1))
-            self.controller_b2 = nn.Parameter(torch.empty(1))
+            if not cfg.lr_adapt_learned:  # the gain (the learned adaptation has none)
+                self.controller_w2 = nn.Parameter(torch.empty(k, 1))
+                self.controller_b2 = nn.Parameter(torch.empty(1))
             if cfg.controller_drift > 0:
                 self.controller_drift_w = nn.Parameter(torch.empty(k, 1))
                 self.controller_drift_b = nn.Parameter(torch.empty(1))
+            if cfg.lr_adapt_learned:
+                self.controller_linear = nn.Parameter(torch.empty(n_feat, 1))
         if cfg.orthogonal_mix:
             self.mix_weight = nn.Parameter(torch.empty(h, 1))
             self.mix_bias = nn.Parameter(torch.empty(1))
@@ -235,11 +238,14 @@ class LSTMCorrectedAdamRule(UpdateRule):
                 b = 1.0 / math.sqrt(n_feat)
                 self.controller_w1.uniform_(-b, b, generator=generator)
                 self.controller_b1.uniform_(-b, b, generator=generator)
-                self.controller_w2.zero_()
-                self.controller_b2.zero_()
+                if not self.lr_adapt_learned:
+                    self.controller_w2.zero_()
+                    self.controller_b2.zero_()
                 if self.controller_drift > 0:  # and no drift
                     self.controller_drift_w.zero_()
                     self.controller_drift_b.zero_()
+                if self.lr_adapt_learned:
+                    self.controller_linear.zero_()
 
     @property
     def tensor_aware(self) -> bool:
@@ -492,14 +498,18 @@ class LSTMCorrectedAdamRule(UpdateRule):
 
     def controller(self) -> per_tensor.Controller | None:
         """The learned controller of the step-size adaptation, features (T, 6) -> (the log
-        gain (T,), the drift (T,) or ``None`` without ``controller_drift``), or ``None``
-        without one."""
+        gain (T,), or ``None`` with ``lr_adapt_learned``; the drift (T,), or ``None`` without
+        ``controller_drift``), or ``None`` without one."""
         if self.controller_hidden <= 0:
             return None
         return self._control
 
-    def _control(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _control(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
         hidden = torch.tanh(torch.addmm(self.controller_b1, features, self.controller_w1))
+        if self.lr_adapt_learned:  # the drift alone, with a linear path from the features
+            drift = torch.addmm(self.controller_drift_b, hidden, self.controller_drift_w)
+            drift = drift + features @ self.controller_linear
+            return None, self.controller_drift * torch.tanh(drift[:, 0])
         out = torch.addmm(self.controller_b2, hidden, self.controller_w2)[:, 0]
         gain = self.controller_bound * torch.tanh(out / self.controller_bound)
         if self.controller_drift <= 0:

@@ -89,6 +89,13 @@ class LSTMCorrectedAdamConfig:
             change of the log step size is :math:`\kappa_t (c\,e^{\delta} + d)`: a drift that
             can decay or grow a tensor's step where the cosine alone would not (0: none; its
             layer starts at zero). Needs ``controller_hidden > 0``.
+        lr_adapt_learned: the step-size adaptation is the controller's alone: each change of
+            the log step size is :math:`\kappa_t d`, the drift, whose pre-activation adds a
+            linear function of the six statistics to the hidden layer's (``controller_linear``,
+            zero at the start); the hand-designed cosine rule (its shrink and slowdown) and the
+            gain are not applied. With the controller at zero the step size keeps its start
+            (no adaptation), so meta-training learns the adaptation from nothing. Needs
+            ``controller_drift > 0``.
         orthogonal: the direction of a matrix-shaped parameter (2 or more dimensions, read as
             ``shape[0]`` rows) is Muon's instead of Adam's: its Nesterov momentum
             :math:`\beta_1 m_t + (1-\beta_1) g_t` orthogonalized as a matrix and scaled to
@@ -138,6 +145,7 @@ class LSTMCorrectedAdamConfig:
     controller_hidden: int = 0
     controller_bound: float = 2.0
     controller_drift: float = 0.0
+    lr_adapt_learned: bool = False
     orthogonal: bool = False
     orthogonal_rms: bool = False
     orthogonal_mix: bool = False
@@ -178,6 +186,11 @@ class LSTMCorrectedAdamConfig:
             raise ValueError(
                 f"Invalid controller_drift: {self.controller_drift} (must be >= 0, and > 0 only "
                 "with controller_hidden > 0)"
+            )
+        if self.lr_adapt_learned and self.controller_drift <= 0:
+            raise ValueError(
+                "lr_adapt_learned makes the controller's drift the whole step-size adaptation: "
+                "it needs controller_drift > 0 (and controller_hidden > 0)"
             )
         if self.controller_hidden > 0 and not (self.lr_adapt > 0 and self.lr_adapt_slowdown > 0):
             raise ValueError(

@@ -46,8 +46,9 @@ PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak", "cos_avg")
 #: norm (floored at -1), ``s / S``, ``exp(-t / tau)`` and ``log(t) / log(10^4)``.
 CONTROLLER_FEATURES = 6
 
-#: The learned controller: features (T, 6) -> (log gain (T,), drift (T,) or ``None``).
-Controller = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+#: The learned controller: features (T, 6) -> (log gain (T,) or ``None``: no hand-designed
+#: adaptation to gain, ``lr_adapt_learned``; drift (T,) or ``None``).
+Controller = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
 
 
 def tensor_sums(products: Tensor, ids: Tensor | None, count: int) -> Tensor:
@@ -124,7 +125,8 @@ def adapt_log_step(
     """The new log step size per tensor, ``s <- clip(s + kappa_t c, +-S)``, with ``c`` the
     cosine of ``-grad`` and the previous update ``state["prev"]`` (shaped by
     ``lr_adapt_shrink`` and the slowdown; with a ``controller`` of outputs ``(delta, d)``,
-    ``kappa_t (c exp(delta) + d)``, see :data:`CONTROLLER_FEATURES`); records ``log_step`` (and
+    ``kappa_t (c exp(delta) + d)``, and of outputs ``(None, d)``, ``kappa_t d``, see
+    :data:`CONTROLLER_FEATURES`); records ``log_step`` (and
     ``grad_fast``, ``grad_peak``, ``cos_avg``) in ``new_state`` and returns ``log_step``."""
     prev = state["prev"]
     dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
@@ -179,9 +181,13 @@ def adapt_from_sums(
             (raw_cos, avg / (1 - 0.9**t), torch.log(ratio) / 10, state["log_step"] / bound), -1
         )
         delta, drift = controller(torch.cat((feats, const), -1))
-        change = change * torch.exp(delta)
-        if drift is not None:
-            change = change + rate * drift
+        if delta is None:  # lr_adapt_learned: the drift is the whole adaptation
+            assert drift is not None
+            change = rate * drift
+        else:
+            change = change * torch.exp(delta)
+            if drift is not None:
+                change = change + rate * drift
     log_step = (state["log_step"] + change).clamp(-bound, bound)
     new_state["log_step"] = log_step
     return log_step
