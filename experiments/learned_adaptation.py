@@ -43,7 +43,10 @@ The steps:
    ``runs/learned-adaptation/weights.pt`` (the sealed test's input on a fresh clone).
 5. ``sealed``: the sealed test group at 100 and 1,000 steps, once (``SEALED_ARGS=--total-steps
    bash benchmarks/results/sealed/candidate.sh experiments/learned_adaptation.py
-   learned-adaptation``).
+   learned-adaptation``; not told the horizon: ``learned-adaptation-horizon-free-{100,1000}``).
+6. ``ship`` (not run by default): the committed checkpoint's best weights as the shipped
+   ``general-v7``, with their provenance and sealed figures beside ``general-v6``'s; refused
+   if their sealed geometric mean is above ``general-v6``'s at either horizon.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import candidates  # noqa: E402
 
 NAME = "learned-adaptation"
+#: The name of the shipped weights.
+SHIPPED = "general-v7"
+#: ``general-v6``'s sealed runs (told the horizon; and not).
+BASE_SEALED, BASE_SEALED_FREE = "orthogonal-direction", "general-v6-horizon-free"
 RUN = Path("runs") / NAME
 CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
 VALIDATION = Path("benchmarks/results/validation") / NAME
@@ -111,11 +118,99 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": source})
 
 
+def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
+    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
+    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
+    metadata.
+
+    Raises:
+        ValueError: their sealed geometric mean (told the horizon, or not) is above
+            ``general-v6``'s at some horizon; nothing is written then.
+    """
+    import hashlib
+
+    import torch
+
+    import learned_opt
+    from learned_opt import load_rule, save_rule
+    from learned_opt.cli import git_commit
+
+    rule, meta = load_rule(checkpoint, which="best")
+    state = torch.load(checkpoint, weights_only=True)
+    horizons = candidates.HORIZONS
+    figures = candidates.sealed_comparison(
+        sealed_dir, NAME, BASE, horizons, replaced_name=BASE_SEALED,
+        benchmark=candidates.TOLD_HORIZON,
+    )  # fmt: skip
+    free = candidates.sealed_comparison(
+        sealed_dir, f"{NAME}-horizon-free", BASE, horizons, replaced_name=BASE_SEALED_FREE,
+        benchmark="benchmarks/sealed.py (not told the horizon), as above",
+    )  # fmt: skip
+    for told, found in (("told the horizon", figures), ("not told", free)):
+        for horizon, entry in found["by_steps"].items():
+            before = entry[f"replaced_{BASE}"]["geometric_mean"]
+            if entry["geometric_mean"] > before:
+                raise ValueError(
+                    f"{horizon} steps, {told}: sealed geometric mean {entry['geometric_mean']} "
+                    f"is above {BASE!r}'s {before}; not shipping"
+                )
+    history = state.get("history", {})
+    meta.update(
+        source=f"the shipped {BASE!r} with its step-size adaptation learned from nothing (its "
+        "LSTM, read-out and schedule fixed)",
+        recipe="python experiments/learned_adaptation.py",
+        checkpoint={"file": str(checkpoint), "iteration": state["iteration"],
+                    "best_iteration": state["best_iteration"],
+                    "best_metric": state["best_metric"]},
+        all_commands=(state.get("notes") or {}).get("commands", []),
+        eval_history=history,
+        derived_from={
+            "weights": BASE,
+            "weights_sha256": hashlib.sha256(
+                learned_opt.pretrained.path(BASE).read_bytes()
+            ).hexdigest(),
+            "settings": LEARNED,
+        },
+        budget={
+            "iterations": state["iteration"],
+            "meta_train_seconds": round(float(state["elapsed"]), 1),
+            "processes": 2,
+            "torch_threads": 1,
+        },
+        validation={
+            "metric": "the meta-trainer's eval/metric: geometric mean of the final training "
+            "loss over the validation group's 8 held-out tasks at 500 steps, the horizon told",
+            "no_adaptation": history.get("eval_metric", [None])[0],
+            "best": state["best_metric"],
+        },
+        figures={**figures, "horizon_free": free},
+        shipped={
+            "command": "python experiments/learned_adaptation.py --steps ship",
+            "commit": git_commit(),
+        },
+    )  # fmt: skip
+    dest.mkdir(parents=True, exist_ok=True)
+    save_rule(dest / f"{SHIPPED}.pt", rule, meta)
+    (dest / f"{SHIPPED}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     candidates.add_arguments(parser)
+    # where ship writes: the package by default; tests ship into a temporary directory
+    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if "ship" in steps:
+        print(f"# ship: {SHIPPED} from the best weights of {CHECKPOINT}", flush=True)
+        if not args.dry_run:
+            import learned_opt
+
+            ship(args.ship_to or Path(learned_opt.pretrained.__file__).parent)
+        steps.remove("ship")
+        if not steps:
+            return 0
     for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
         if step in steps:
             command = candidates.export_best(RUN, checkpoint)

@@ -432,6 +432,48 @@ def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
     assert "--total-steps" in command and "learned,learned-zeroed" in command
 
 
+def test_learned_adaptation_ships_only_weights_at_most_the_defaults_sealed_figures(
+    tmp_path: Path,
+) -> None:
+    """The ship step writes the committed checkpoint's best weights with their budget and
+    sealed figures (told the horizon and not) beside ``general-v6``'s, and refuses weights
+    whose sealed geometric mean is above ``general-v6``'s."""
+    recipe = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
+    checkpoint = ROOT / recipe["CHECKPOINT"]
+    if not checkpoint.is_file():
+        pytest.skip("no committed checkpoint of the run")
+    committed = ROOT / candidates_sealed()
+
+    def sealed_runs(told: str, free: str) -> Path:
+        sealed = tmp_path / f"sealed-{told}"
+        for h in (100, 1000):
+            for name, source in (
+                (recipe["NAME"], told), (recipe["BASE_SEALED"], recipe["BASE_SEALED"]),
+                (f"{recipe['NAME']}-horizon-free", free),
+                (recipe["BASE_SEALED_FREE"], recipe["BASE_SEALED_FREE"]),
+            ):  # fmt: skip
+                shutil.copytree(committed / f"{source}-{h}", sealed / f"{name}-{h}")
+        return sealed
+
+    ship = recipe["ship"]
+    # general-v6's own runs stand in for the candidate's: not above, so it ships
+    sealed = sealed_runs(recipe["BASE_SEALED"], recipe["BASE_SEALED_FREE"])
+    meta = ship(tmp_path / "package", sealed_dir=sealed, checkpoint=checkpoint)
+    rule, saved = load_rule(tmp_path / "package" / f"{recipe['SHIPPED']}.pt")
+    assert saved == meta and rule.base.settings.lr_adapt_learned
+    best, _ = load_rule(checkpoint, which="best")
+    for a, b in zip(rule.parameters(), best.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = torch.load(checkpoint, weights_only=True)
+    assert meta["budget"]["iterations"] == state["iteration"]
+    assert meta["figures"]["default_candidate"] and meta["figures"]["horizon_free"]
+    # general-v5's runs (worse than general-v6's) are refused
+    worse = sealed_runs("horizon-decay", recipe["BASE_SEALED_FREE"])
+    with pytest.raises(ValueError, match="not shipping"):
+        ship(tmp_path / "refused", sealed_dir=worse, checkpoint=checkpoint)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_learned_schedule_ships_the_committed_best_weights_horizon_free(tmp_path: Path) -> None:
     """The ship step writes the committed checkpoint's best weights (the ones sealed-tested)
     with ``unknown_horizon="base"`` (``general-v4`` step for step without ``total_steps``), its
