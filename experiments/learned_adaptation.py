@@ -155,6 +155,11 @@ def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CH
                     f"is above {BASE!r}'s {before}; not shipping"
                 )
     history = state.get("history", {})
+    commands = (state.get("notes") or {}).get("commands", [])
+    meta.update(
+        command=commands[-1]["command"] if commands else None,
+        commit=commands[-1]["commit"] if commands else None,
+    )
     meta.update(
         source=f"the shipped {BASE!r} with its step-size adaptation learned from nothing (its "
         "LSTM, read-out and schedule fixed)",
@@ -162,7 +167,7 @@ def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CH
         checkpoint={"file": str(checkpoint), "iteration": state["iteration"],
                     "best_iteration": state["best_iteration"],
                     "best_metric": state["best_metric"]},
-        all_commands=(state.get("notes") or {}).get("commands", []),
+        all_commands=commands,
         eval_history=history,
         derived_from={
             "weights": BASE,

@@ -53,21 +53,23 @@ class LSTMOptimizer(LearnedOptimizer):
             loss_fn(model(x), y).backward()
             opt.step()
 
-    By default (``weights=None``) the optimizer runs the shipped ``"general-v6"`` weights: the
-    rule of :class:`~learned_opt.rules.LSTMCorrectedAdamRule` (``"general-v4"``) with Muon's
-    orthogonalized momentum as the direction of every parameter of 2 or more dimensions
-    (``orthogonal``, at the root mean square of its Adam direction) and, when told the run's
-    length (``total_steps``), a linear warm-up over its first 2% and a linear decay over its last
-    20% (:class:`~learned_opt.rules.ScheduledRule`; without ``total_steps``, no schedule). The
+    By default (``weights=None``) the optimizer runs the shipped ``"general-v7"`` weights: the
+    rule of :class:`~learned_opt.rules.LSTMCorrectedAdamRule` with Muon's orthogonalized
+    momentum as the direction of every parameter of 2 or more dimensions (``orthogonal``, at the
+    root mean square of its Adam direction), a per-tensor step size moved by a meta-learned
+    controller (``lr_adapt_learned``) and, when told the run's length (``total_steps``), a
+    linear warm-up over its first 2% and a linear decay over its last 20%
+    (:class:`~learned_opt.rules.ScheduledRule`; without ``total_steps``, no schedule). The
     rule: Adam's step (momenta 0.8 and 0.95; Muon's direction for matrices),
     scaled per coordinate by a small LSTM (16 units, shared by all coordinates, reading
     scale-invariant features of each coordinate's gradient history; its correction is bounded to
-    a factor in [1/e, e]), times a per-tensor step size that grows while a tensor's gradient
-    keeps pointing along its last update and shrinks when it turns against it, with per-tensor
-    clipping of unusually large gradients. Its configuration is
+    a factor in [1/e, e]), times a per-tensor step size whose log changes at each step by the
+    output of a small MLP (71 weights) of the tensor's scale-free statistics (the cosine between
+    its gradient and its last update, the gradient norm against its peak, the step count), with
+    per-tensor clipping of unusually large gradients. Its configuration is
     :class:`~learned_opt.rules.LSTMCorrectedAdamConfig`. Each parameter keeps Adam's moments, a
     second fast moment, four more momenta, its last direction and the LSTM's hidden and cell
-    states (160 bytes per float32 parameter; 82 with ``state_dtype=torch.bfloat16``), plus three
+    states (160 bytes per float32 parameter; 82 with ``state_dtype=torch.bfloat16``), plus four
     numbers per tensor. The paper's coordinatewise
     LSTM (Andrychowicz et al., 2016; :class:`~learned_opt.rules.LSTMRule`: log/sign inputs, the
     LSTM writes the whole update) is available as ``weights="paper-mnist"``.
