@@ -151,7 +151,7 @@ def test_unknown_baseline_is_an_error(capsys: pytest.CaptureFixture) -> None:
 def test_eval_tells_the_horizon_to_weights_that_read_it(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """``eval --total-steps`` runs the default weights told the run's length (``general-v6``:
+    """``eval --total-steps`` runs the default weights told the run's length (``general-v7``:
     its warm-up and decay change the steps); weights that cannot read it fail before tuning."""
     common = ["eval", "--family", "quadratic", "--steps", "10", "--seeds", "2", "--tune-seeds",
               "1", "--lrs", "0.1"]  # fmt: skip
@@ -162,7 +162,7 @@ def test_eval_tells_the_horizon_to_weights_that_read_it(
         assert main([*common, *extra, "--records", str(records)]) == 0
         rows = [r for r in read_jsonl(records) if r["optimizer"].startswith("learned:")]
         suffix = " (total_steps=10)" if told else ""
-        assert {r["optimizer"] for r in rows} == {f"learned:general-v6{suffix}"}
+        assert {r["optimizer"] for r in rows} == {f"learned:general-v7{suffix}"}
         finals[told] = [r["final_train_loss"] for r in rows]
     assert finals[True] != finals[False]
     capsys.readouterr()

@@ -72,6 +72,7 @@ RECIPES = {
     "general-v4": "experiments/adaptation_shrink.py",
     "general-v5": "experiments/horizon_decay.py",
     "general-v6": "experiments/orthogonal_direction.py",
+    "general-v7": "experiments/learned_adaptation.py",
     "general-v4-wide": "experiments/size_scaled_default.py",
     "general-wide": "experiments/size_scaled_step.py",
     "paper-mnist": "experiments/mnist_paper.py",

@@ -157,7 +157,7 @@ def test_installed_wheel_loads_the_shipped_weights_outside_the_source_tree(
     got = _use(installed, tmp_path, LEARNED_OPT_NO_EXT="1")
     shipped_names = {
         "general", "general-v2", "general-v3", "general-v4", "general-v4-wide", "general-v5",
-        "general-v6",
+        "general-v6", "general-v7",
         "general-wide", "paper-mnist", "quadratic",
     }  # fmt: skip
     assert shipped_names <= set(got["weights"])
