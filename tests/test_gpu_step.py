@@ -82,7 +82,8 @@ _INTERPRETED_PER_TENSOR = textwrap.dedent(
     from learned_opt.rules import per_tensor
     from learned_opt.rules.base import grad_bound
 
-    rule = load_rule(pretrained.path(pretrained.DEFAULT))[0].unwrapped
+    # the kernels' hand-designed adaptation (the default's learned one runs as PyTorch ops)
+    rule = load_rule(pretrained.path("general-v6"))[0].unwrapped
     cfg = rule.settings
     assert rule.controller() is None and cfg.lr_adapt > 0 and cfg.lr_adapt_slowdown > 0
     gen = torch.Generator().manual_seed(0)

@@ -206,9 +206,11 @@ def test_grad_scaler_step_without_overflow_is_the_unscaled_step(dtype: torch.dty
         # bfloat16 has float32's exponent range: a power-of-two scale is undone exactly.
         _assert_params_equal(scaled, plain)
     else:
-        # float16 gradients flush small values to zero without the scale: close, not equal.
+        # float16 gradients flush small values to zero without the scale: close, not equal
+        # (the default's step size grows fastest in its first steps, which carries the
+        # difference a little further).
         for a, b in zip(scaled.parameters(), plain.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=3e-3)
     assert not all(torch.equal(a, b) for a, b in zip(scaled.parameters(), _model().parameters()))
 
 
