@@ -2,9 +2,11 @@
 
 ``general-v6`` moves every parameter of 2 or more dimensions along Muon's orthogonalized
 momentum (5 Newton-Schulz iterations per matrix per step, then the fused kernel); ``general-v5``
-along Adam's. On a 2-layer transformer encoder (``--d-model``, 4 heads, feed-forward 4x, batch 16
-x 32 tokens), side by side in one run, interleaved: ``torch.optim.Adam``, ``LSTMOptimizer`` with
-``general-v5`` and with ``general-v6`` (both told ``total_steps``). Reported per thread count:
+along Adam's; ``general-v7`` is ``general-v6`` with a learned per-tensor step-size control (a
+71-weight MLP per tensor per step). On a 2-layer transformer encoder (``--d-model``, 4 heads,
+feed-forward 4x, batch 16 x 32 tokens), side by side in one run, interleaved:
+``torch.optim.Adam``, ``LSTMOptimizer`` with ``general-v5``, ``general-v6`` and ``general-v7``
+(all told ``total_steps``). Reported per thread count:
 the median ``opt.step()`` time, the forward + backward time, and the ratios of the steps and of
 whole training steps to Adam's and to ``general-v5``'s.
 
@@ -27,6 +29,7 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
     "general-v5": lambda p: LSTMOptimizer(p, weights="general-v5", total_steps=1000),
     "general-v6": lambda p: LSTMOptimizer(p, weights="general-v6", total_steps=1000),
+    "general-v7": lambda p: LSTMOptimizer(p, weights="general-v7", total_steps=1000),
 }
 
 
