@@ -115,16 +115,22 @@ def _nonzero_gain(**options) -> LSTMCorrectedAdamRule:
 def test_unroll_and_drop_in_optimizer_agree_with_a_controller(options: dict) -> None:
     """The unroll's flat vector (several tensors) and the drop-in optimizer (one tensor per
     call, the fused kernel) give the same run with a non-zero controller."""
-    rule = _nonzero_gain(**options)
+    family, flat = _unroll_matches_drop_in(_nonzero_gain(**options))
+    assert not torch.allclose(flat, _drop_in_run(family, _shipped(), 15))  # the gain acts
+
+
+def _unroll_matches_drop_in(rule, steps: int = 15):
+    """Asserts that the unroll's flat vector and the drop-in optimizer give the same run of
+    ``rule``; returns the family and the drop-in run's parameters."""
     family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
     task = family.sample(torch.Generator().manual_seed(3))
     learner = OptimizerLearner(rule)
     state = learner.init_state(task, torch.Generator().manual_seed(4))
-    for _ in range(15):
+    for _ in range(steps):
         state, _ = learner.step(task, state, task.train.sample(), differentiable=False)
-    flat = _drop_in_run(family, rule, 15)
+    flat = _drop_in_run(family, rule, steps)
     torch.testing.assert_close(flat, state.params, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(flat, _drop_in_run(family, _shipped(), 15))  # the gain acts
+    return family, flat
 
 
 def _drop_in_run(family, rule, steps: int) -> torch.Tensor:
@@ -239,12 +245,5 @@ def test_unroll_and_drop_in_optimizer_agree_with_a_learned_adaptation() -> None:
         gen = torch.Generator().manual_seed(2)
         rule.controller_drift_w.normal_(0.0, 1.0, generator=gen)
         rule.controller_linear.normal_(0.0, 1.0, generator=gen)
-    family = RandomMLPFamily("digits", (8,), (1,), ("tanh",), (16,))
-    task = family.sample(torch.Generator().manual_seed(3))
-    learner = OptimizerLearner(rule)
-    state = learner.init_state(task, torch.Generator().manual_seed(4))
-    for _ in range(15):
-        state, _ = learner.step(task, state, task.train.sample(), differentiable=False)
-    flat = _drop_in_run(family, rule, 15)
-    torch.testing.assert_close(flat, state.params, rtol=1e-5, atol=1e-6)
+    family, flat = _unroll_matches_drop_in(rule)
     assert not torch.allclose(flat, _drop_in_run(family, _shipped(lr_adapt=0.0), 15))
