@@ -27,7 +27,7 @@ __all__ = ["META_LR_SCHEDULES", "MetaTrainConfig", "parse_segments"]
 #: Meta learning-rate schedules (``MetaTrainConfig.meta_lr_schedule``).
 META_LR_SCHEDULES = ("constant", "cosine")
 #: Task ``j`` of iteration ``i`` draws from ``task_seed(seed, i, j)`` plus these offsets.
-_TASK_OFFSET, _INNER_STATE_OFFSET, _HORIZON_OFFSET = 0, 1, 2
+_TASK_OFFSET, _INNER_STATE_OFFSET, _HORIZON_OFFSET, _TOLD_OFFSET = 0, 1, 2, 3
 
 
 def parse_segments(text: str) -> int | tuple[int, ...]:
@@ -88,6 +88,11 @@ class MetaTrainConfig:
         None,
         "draw each task's horizon log-uniformly in [min-horizon, horizon] (heavy-tailed: every "
         "octave of lengths gets the same share of tasks); unset: every task runs horizon steps",
+    )
+    untold_fraction: float = _opt(
+        0.0,
+        "the share of tasks whose rule is not told its horizon (drawn per task): a rule that "
+        "reads how far training has gone then learns to run with total_steps and without it",
     )
     truncation: int = _opt(20, "inner steps per truncation window (K); one meta-step per window")
     objective: str = _opt(
@@ -222,6 +227,8 @@ class MetaTrainConfig:
             raise ValueError(
                 f"Invalid min_horizon: {self.min_horizon} (must be in [1, horizon={self.horizon}])"
             )
+        if not 0.0 <= self.untold_fraction <= 1.0:
+            raise ValueError(f"Invalid untold_fraction: {self.untold_fraction} (must be in [0, 1])")
         if self.estimator not in ESTIMATORS:
             raise ValueError(
                 f"Unknown estimator {self.estimator!r}; expected one of {sorted(ESTIMATORS)}"
@@ -257,9 +264,11 @@ class MetaTrainConfig:
                 self, "grad_checkpoint_segment", sizes[0] if len(sizes) == 1 else sizes
             )
 
-    def unroll_spec(self, horizon: int | None = None) -> UnrollSpec:
-        """The unroll of a meta-training task of ``horizon`` steps (default: ``horizon``)."""
+    def unroll_spec(self, horizon: int | None = None, told: bool = True) -> UnrollSpec:
+        """The unroll of a meta-training task of ``horizon`` steps (default: ``horizon``),
+        the rule told it or not."""
         return UnrollSpec(
+            told=told,
             horizon=self.horizon if horizon is None else horizon,
             truncation=self.truncation,
             objective=self.objective,
@@ -287,6 +296,15 @@ class MetaTrainConfig:
             return self.horizon
         seed = task_seed(self.seed, iteration, index) + _HORIZON_OFFSET
         return sample_horizon(torch.Generator().manual_seed(seed), self.min_horizon, self.horizon)
+
+    def task_told(self, iteration: int, index: int) -> bool:
+        """Whether task ``index`` of ``iteration`` tells the rule its horizon: always with
+        ``untold_fraction`` 0, else a draw from the task's own seed stream."""
+        if self.untold_fraction <= 0:
+            return True
+        seed = task_seed(self.seed, iteration, index) + _TOLD_OFFSET
+        draw = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))
+        return draw >= self.untold_fraction
 
     def checkpoint_segment(self) -> int | tuple[int, ...] | None:
         """The unroll's ``checkpoint_segment``: ``None`` without gradient checkpointing."""

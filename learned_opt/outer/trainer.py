@@ -302,7 +302,7 @@ class MetaTrainer:
         for j in range(distributed.rank(), cfg.meta_batch, world):
             task_generator, generator = cfg.task_generators(self.iteration, j)
             task = self.family.sample(task_generator)
-            spec = cfg.unroll_spec(horizons[j])
+            spec = cfg.unroll_spec(horizons[j], cfg.task_told(self.iteration, j))
             streams.append(
                 self.estimator.unroll(self.learner, task, generator, spec, reference=self.reference)
             )

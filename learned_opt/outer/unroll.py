@@ -62,6 +62,8 @@ class UnrollSpec:
             (a mixture of families, random loss rescaling) weigh alike in a meta-batch.
         loss_aversion: ``lambda >= 0`` of the loss-averse objective against a ``reference``
             learner (see :func:`unroll`); unused without one.
+        told: rules that read how far training has gone are told the horizon (``False``:
+            they run as they would without ``total_steps``, a horizon-free run).
     """
 
     horizon: int = 100
@@ -70,6 +72,7 @@ class UnrollSpec:
     max_loss_ratio: float | None = None
     log_meta_loss: bool = False
     loss_aversion: float = 0.0
+    told: bool = True
 
     def __post_init__(self) -> None:
         if self.horizon < 1 or self.truncation < 1:
@@ -124,9 +127,12 @@ class _DivergenceCheck:
         )
 
 
-def tell_horizon(state: Any, horizon: int) -> Any:
+def tell_horizon(state: Any, horizon: int, told: bool = True) -> Any:
     """``state`` with the run's length written into its rule state, for rules that read how far
-    training has gone (their state has a ``total_steps`` entry); other states unchanged."""
+    training has gone (their state has a ``total_steps`` entry); other states unchanged.
+    ``told=False``: the state as it is (a fresh state's length is unknown)."""
+    if not told:
+        return state
     rule_state = getattr(state, "rule_state", None)
     if isinstance(rule_state, dict) and "total_steps" in rule_state:
         old = rule_state["total_steps"]
@@ -184,8 +190,8 @@ def unroll(
     if reference is not None:  # the same phi_0: a generator in the same state
         ref_generator = torch.Generator(device=generator.device)
         ref_generator.set_state(generator.get_state())
-        ref_state = tell_horizon(reference.init_state(task, ref_generator), horizon)
-    state = tell_horizon(learner.init_state(task, generator), horizon)
+        ref_state = tell_horizon(reference.init_state(task, ref_generator), horizon, spec.told)
+    state = tell_horizon(learner.init_state(task, generator), horizon, spec.told)
     diverges = _DivergenceCheck(spec.max_loss_ratio)
     for start in range(0, horizon, truncation):
         end = min(start + truncation, horizon)

@@ -84,6 +84,7 @@ class PESUnroll:
         self.estimator = estimator
         self.learner, self.task = learner, task
         self.horizon, self.truncation = spec.horizon, spec.truncation
+        self.told = spec.told
         self.objective = spec.objective
         self.max_loss_ratio = spec.max_loss_ratio
         self.params = meta_parameters(learner)
@@ -112,7 +113,7 @@ class PESUnroll:
         gen = torch.Generator()
         gen.set_state(self.init_rng)
         with torch.no_grad():
-            return tell_horizon(self.learner.init_state(self.task, gen), self.horizon)
+            return tell_horizon(self.learner.init_state(self.task, gen), self.horizon, self.told)
 
     def _run(
         self, theta: Tensor, state: Any, batches: list[Batch], test_batch: Batch | None, pair: int
