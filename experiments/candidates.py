@@ -324,6 +324,150 @@ TOLD_HORIZON = (
 )
 
 
+def ship_learned_part(
+    dest: Path,
+    *,
+    name: str,
+    shipped: str,
+    base: str,
+    base_sealed: str,
+    base_sealed_free: str,
+    checkpoint: Path,
+    sealed_dir: Path,
+    source: str,
+    recipe: str,
+    settings: dict[str, Any],
+    start: str,
+) -> dict[str, Any]:
+    """Write the best weights of the committed ``checkpoint`` of a candidate that learned a part
+    of the shipped ``base`` weights as ``dest/{shipped}.pt`` (and ``.json``), with their
+    provenance, budget, validation metric and sealed figures (``sealed_dir/{name}-{h}``, told
+    the horizon; ``{name}-horizon-free-{h}``, not) beside ``base``'s (``base_sealed``,
+    ``base_sealed_free``); returns the metadata. ``source``: what the weights are; ``recipe``:
+    the script; ``settings``: what the candidate changed in ``base``'s configuration;
+    ``start``: the name under which the validation metric of the starting rule is recorded.
+
+    Raises:
+        ValueError: their sealed geometric mean (told the horizon, or not) is above ``base``'s
+            at some horizon; nothing is written then.
+    """
+    import torch
+
+    import learned_opt
+    from learned_opt import load_rule, save_rule
+    from learned_opt.cli import git_commit
+
+    rule, meta = load_rule(checkpoint, which="best")
+    state = torch.load(checkpoint, weights_only=True)
+    figures = sealed_comparison(
+        sealed_dir, name, base, HORIZONS, replaced_name=base_sealed, benchmark=TOLD_HORIZON
+    )
+    free = sealed_comparison(
+        sealed_dir, f"{name}-horizon-free", base, HORIZONS, replaced_name=base_sealed_free,
+        benchmark="benchmarks/sealed.py (not told the horizon), as above",
+    )  # fmt: skip
+    for told, found in (("told the horizon", figures), ("not told", free)):
+        for horizon, entry in found["by_steps"].items():
+            before = entry[f"replaced_{base}"]["geometric_mean"]
+            if entry["geometric_mean"] > before:
+                raise ValueError(
+                    f"{horizon} steps, {told}: sealed geometric mean {entry['geometric_mean']} "
+                    f"is above {base!r}'s {before}; not shipping"
+                )
+    history = state.get("history", {})
+    commands = (state.get("notes") or {}).get("commands", [])
+    meta.update(
+        command=commands[-1]["command"] if commands else None,
+        commit=commands[-1]["commit"] if commands else None,
+    )
+    meta.update(
+        source=source,
+        recipe=f"python {recipe}",
+        checkpoint={"file": str(checkpoint), "iteration": state["iteration"],
+                    "best_iteration": state["best_iteration"],
+                    "best_metric": state["best_metric"]},
+        all_commands=commands,
+        eval_history=history,
+        derived_from={
+            "weights": base,
+            "weights_sha256": hashlib.sha256(
+                learned_opt.pretrained.path(base).read_bytes()
+            ).hexdigest(),
+            "settings": settings,
+        },
+        budget={
+            "iterations": state["iteration"],
+            "meta_train_seconds": round(float(state["elapsed"]), 1),
+            "processes": 2,
+            "torch_threads": 1,
+        },
+        validation={
+            "metric": "the meta-trainer's eval/metric: geometric mean of the final training "
+            "loss over the validation group's 8 held-out tasks at 500 steps, the horizon told",
+            start: history.get("eval_metric", [None])[0],
+            "best": state["best_metric"],
+        },
+        figures={**figures, "horizon_free": free},
+        shipped={"command": f"python {recipe} --steps ship", "commit": git_commit()},
+    )  # fmt: skip
+    dest.mkdir(parents=True, exist_ok=True)
+    save_rule(dest / f"{shipped}.pt", rule, meta)
+    (dest / f"{shipped}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def learned_part_main(
+    argv: Sequence[str] | None,
+    description: str,
+    *,
+    ship: Callable[[Path], Any],
+    shipped: str,
+    run: Path,
+    checkpoint: Path,
+    validation: Path,
+    validation_labels: tuple[str, str, str],
+    write_init: Callable[[Path], None],
+    meta_train: Sequence[str],
+    name: str,
+) -> int:
+    """The command line of a candidate that learns a part of shipped weights: the
+    :data:`STEPS` (:func:`run_steps`) and ``validate`` (:func:`validate_against_zeroed` with
+    ``validation_labels``: label, description, zeroed label), ``weights`` (the committed
+    ``checkpoint``'s best weights to ``run/weights.pt``) and ``ship`` (``ship(dest)``, into
+    the package)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    # where ship writes: the package by default; tests ship into a temporary directory
+    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if "ship" in steps:
+        print(f"# ship: {shipped} from the best weights of {checkpoint}", flush=True)
+        if not args.dry_run:
+            import learned_opt
+
+            ship(args.ship_to or Path(learned_opt.pretrained.__file__).parent)
+        steps.remove("ship")
+        if not steps:
+            return 0
+    for step, source in (("validate", None), ("weights", checkpoint)):
+        if step in steps:
+            command = export_best(run, source)
+            print(shlex.join(["python", *command]), flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, *command], check=True)
+                if step == "validate":
+                    validate_against_zeroed(validation, run, *validation_labels)
+    shared = [s for s in steps if s not in ("validate", "weights")]
+    if shared or not steps:
+        args.steps = ",".join(shared)
+        run_steps(
+            args, parser, run=run, checkpoint=checkpoint, write_init=write_init,
+            meta_train=meta_train, sealed=sealed_command(run, name),
+        )  # fmt: skip
+    return 0
+
+
 def ship_settings(
     dest: Path,
     *,

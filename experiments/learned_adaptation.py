@@ -51,10 +51,7 @@ The steps:
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -121,121 +118,29 @@ def write_init(path: Path) -> None:
 def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
     """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
     ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
-    metadata.
+    metadata (:func:`candidates.ship_learned_part`).
 
     Raises:
         ValueError: their sealed geometric mean (told the horizon, or not) is above
             ``general-v6``'s at some horizon; nothing is written then.
     """
-    import hashlib
-
-    import torch
-
-    import learned_opt
-    from learned_opt import load_rule, save_rule
-    from learned_opt.cli import git_commit
-
-    rule, meta = load_rule(checkpoint, which="best")
-    state = torch.load(checkpoint, weights_only=True)
-    horizons = candidates.HORIZONS
-    figures = candidates.sealed_comparison(
-        sealed_dir, NAME, BASE, horizons, replaced_name=BASE_SEALED,
-        benchmark=candidates.TOLD_HORIZON,
-    )  # fmt: skip
-    free = candidates.sealed_comparison(
-        sealed_dir, f"{NAME}-horizon-free", BASE, horizons, replaced_name=BASE_SEALED_FREE,
-        benchmark="benchmarks/sealed.py (not told the horizon), as above",
-    )  # fmt: skip
-    for told, found in (("told the horizon", figures), ("not told", free)):
-        for horizon, entry in found["by_steps"].items():
-            before = entry[f"replaced_{BASE}"]["geometric_mean"]
-            if entry["geometric_mean"] > before:
-                raise ValueError(
-                    f"{horizon} steps, {told}: sealed geometric mean {entry['geometric_mean']} "
-                    f"is above {BASE!r}'s {before}; not shipping"
-                )
-    history = state.get("history", {})
-    commands = (state.get("notes") or {}).get("commands", [])
-    meta.update(
-        command=commands[-1]["command"] if commands else None,
-        commit=commands[-1]["commit"] if commands else None,
-    )
-    meta.update(
+    return candidates.ship_learned_part(
+        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
+        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
         source=f"the shipped {BASE!r} with its step-size adaptation learned from nothing (its "
         "LSTM, read-out and schedule fixed)",
-        recipe="python experiments/learned_adaptation.py",
-        checkpoint={"file": str(checkpoint), "iteration": state["iteration"],
-                    "best_iteration": state["best_iteration"],
-                    "best_metric": state["best_metric"]},
-        all_commands=commands,
-        eval_history=history,
-        derived_from={
-            "weights": BASE,
-            "weights_sha256": hashlib.sha256(
-                learned_opt.pretrained.path(BASE).read_bytes()
-            ).hexdigest(),
-            "settings": LEARNED,
-        },
-        budget={
-            "iterations": state["iteration"],
-            "meta_train_seconds": round(float(state["elapsed"]), 1),
-            "processes": 2,
-            "torch_threads": 1,
-        },
-        validation={
-            "metric": "the meta-trainer's eval/metric: geometric mean of the final training "
-            "loss over the validation group's 8 held-out tasks at 500 steps, the horizon told",
-            "no_adaptation": history.get("eval_metric", [None])[0],
-            "best": state["best_metric"],
-        },
-        figures={**figures, "horizon_free": free},
-        shipped={
-            "command": "python experiments/learned_adaptation.py --steps ship",
-            "commit": git_commit(),
-        },
+        recipe="experiments/learned_adaptation.py", settings=LEARNED, start="no_adaptation",
     )  # fmt: skip
-    dest.mkdir(parents=True, exist_ok=True)
-    save_rule(dest / f"{SHIPPED}.pt", rule, meta)
-    (dest / f"{SHIPPED}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    candidates.add_arguments(parser)
-    # where ship writes: the package by default; tests ship into a temporary directory
-    parser.add_argument("--ship-to", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if "ship" in steps:
-        print(f"# ship: {SHIPPED} from the best weights of {CHECKPOINT}", flush=True)
-        if not args.dry_run:
-            import learned_opt
-
-            ship(args.ship_to or Path(learned_opt.pretrained.__file__).parent)
-        steps.remove("ship")
-        if not steps:
-            return 0
-    for step, checkpoint in (("validate", None), ("weights", CHECKPOINT)):
-        if step in steps:
-            command = candidates.export_best(RUN, checkpoint)
-            print(shlex.join(["python", *command]), flush=True)
-            if not args.dry_run:
-                subprocess.run([sys.executable, *command], check=True)
-                if step == "validate":
-                    candidates.validate_against_zeroed(
-                        VALIDATION, RUN, "learned adaptation",
-                        f"{BASE!r} with its step-size adaptation learned",
-                        "learned outputs zeroed (no adaptation)",
-                    )  # fmt: skip
-    shared = [s for s in steps if s not in ("validate", "weights")]
-    if shared or not steps:
-        args.steps = ",".join(shared)
-        candidates.run_steps(
-            args, parser, run=RUN, checkpoint=CHECKPOINT, write_init=write_init,
-            meta_train=META_TRAIN, sealed=candidates.sealed_command(RUN, NAME),
-        )  # fmt: skip
-    return 0
+    return candidates.learned_part_main(
+        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
+        checkpoint=CHECKPOINT, validation=VALIDATION,
+        validation_labels=("learned adaptation", f"{BASE!r} with its step-size adaptation learned",
+                           "learned outputs zeroed (no adaptation)"),
+        write_init=write_init, meta_train=META_TRAIN, name=NAME,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -106,10 +106,33 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": source})
 
 
+def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
+    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
+    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
+    metadata (:func:`candidates.ship_learned_part`).
+
+    Raises:
+        ValueError: their sealed geometric mean (told the horizon, or not) is above
+            ``general-v7``'s at some horizon; nothing is written then.
+    """
+    return candidates.ship_learned_part(
+        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
+        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
+        source=f"the shipped {BASE!r} with its warm-up and decay learned from nothing, told the "
+        "run's length and not (its learned adaptation trained on; LSTM and read-out fixed)",
+        recipe="experiments/learned_warmup_decay.py", settings=LEARNED, start="no_schedule",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    return candidates.main((__doc__ or "").splitlines()[0], argv, run=RUN, checkpoint=CHECKPOINT,
-                           write_init=write_init, meta_train=META_TRAIN,
-                           sealed=candidates.sealed_command(RUN, NAME))  # fmt: skip
+    return candidates.learned_part_main(
+        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
+        checkpoint=CHECKPOINT, validation=VALIDATION,
+        validation_labels=("learned warm-up and decay",
+                           f"{BASE!r} with its warm-up and decay learned",
+                           "learned outputs zeroed (no schedule, no adaptation)"),
+        write_init=write_init, meta_train=META_TRAIN, name=NAME,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

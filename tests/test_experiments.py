@@ -433,13 +433,40 @@ def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
     assert "--total-steps" in command and "learned,learned-zeroed" in command
 
 
-def test_learned_adaptation_ships_only_weights_at_most_the_defaults_sealed_figures(
-    tmp_path: Path,
+def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The learned warm-up and decay recipe: PES over whole unrolls, half the tasks not told
+    their horizon, of the learned schedule and adaptation around ``general-v7``; its starting
+    weights step exactly like ``general-v7`` not told the horizon, whether told or not (the
+    hand-designed schedule is gone, the learned one is at zero)."""
+    script = "experiments/learned_warmup_decay.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    assert config.rule == "scheduled" and config.untold_fraction == 0.5
+    trained = {n.split(".")[0] for n, p in rule.named_parameters() if p.requires_grad}
+    assert trained == {"base", "schedule"}
+    assert all(
+        n.startswith(("base.controller_", "schedule."))
+        for n, p in rule.named_parameters() if p.requires_grad
+    )  # fmt: skip
+    assert (rule.warmup, rule.tail, rule.unknown_horizon) == (0.0, 0.0, "learned")
+    for options in ({}, {"total_steps": 50}):
+        _assert_steps_like_the_default(rule, reference="general-v7", **options)
+
+
+@pytest.mark.parametrize(
+    ("script", "worse"),
+    [("experiments/learned_adaptation.py", "horizon-decay"),
+     ("experiments/learned_warmup_decay.py", "orthogonal-direction")],
+)  # fmt: skip
+def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
+    tmp_path: Path, script: str, worse: str
 ) -> None:
     """The ship step writes the committed checkpoint's best weights with their budget and
-    sealed figures (told the horizon and not) beside ``general-v6``'s, and refuses weights
-    whose sealed geometric mean is above ``general-v6``'s."""
-    recipe = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
+    sealed figures (told the horizon and not) beside those of the weights they start from, and
+    refuses weights whose sealed geometric mean is above theirs (``worse``: earlier weights'
+    runs)."""
+    recipe = runpy.run_path(str(ROOT / script))
     checkpoint = ROOT / recipe["CHECKPOINT"]
     if not checkpoint.is_file():
         pytest.skip("no committed checkpoint of the run")
@@ -468,10 +495,10 @@ def test_learned_adaptation_ships_only_weights_at_most_the_defaults_sealed_figur
     state = torch.load(checkpoint, weights_only=True)
     assert meta["budget"]["iterations"] == state["iteration"]
     assert meta["figures"]["default_candidate"] and meta["figures"]["horizon_free"]
-    # general-v5's runs (worse than general-v6's) are refused
-    worse = sealed_runs("horizon-decay", recipe["BASE_SEALED_FREE"])
+    # earlier weights' runs (worse than the base's) are refused
+    refused = sealed_runs(worse, recipe["BASE_SEALED_FREE"])
     with pytest.raises(ValueError, match="not shipping"):
-        ship(tmp_path / "refused", sealed_dir=worse, checkpoint=checkpoint)
+        ship(tmp_path / "refused", sealed_dir=refused, checkpoint=checkpoint)
     assert not (tmp_path / "refused").exists()
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -432,6 +433,49 @@ def test_horizon_aware_rules_are_told_the_horizon_by_pes_and_by_the_evaluation()
     )[1]
     HeldOut(cfg, family).evaluate(learner)
     assert set(seen) == {10}
+
+
+def test_a_share_of_tasks_is_left_untold_their_horizon_by_every_estimator() -> None:
+    """``untold_fraction``: each task is told its horizon or not by a deterministic draw of its
+    own (about that share untold); an untold task's rule state keeps ``total_steps`` at 0 (a
+    horizon-free run) in PES's particles and in backpropagated unrolls."""
+    from learned_opt.outer import factory, unroll
+
+    with pytest.raises(ValueError, match="untold_fraction"):
+        MetaTrainConfig(untold_fraction=1.5)
+    cfg = MetaTrainConfig(
+        family="quadratic", rule="scheduled", rule_kwargs={"base": "lstm"}, horizon=10,
+        truncation=5, estimator="pes", estimator_kwargs={"pairs": 1}, untold_fraction=0.5,
+    )  # fmt: skip
+    drawn = [cfg.task_told(i, j) for i in range(100) for j in range(4)]
+    assert drawn == [cfg.task_told(i, j) for i in range(100) for j in range(4)]
+    assert 0.4 < sum(drawn) / len(drawn) < 0.6
+    assert all(MetaTrainConfig(**{**SMALL}).task_told(i, 0) for i in range(20))
+    assert not any(MetaTrainConfig(untold_fraction=1.0).task_told(i, 0) for i in range(20))
+    learner, family = factory.build_learner(cfg), factory.build_family(cfg)
+    seen: list[float] = []
+    learner.rule.register_forward_pre_hook(
+        lambda _, args: seen.append(float(args[1]["total_steps"]))
+    )
+    for told in (True, False):
+        task_generator, generator = cfg.task_generators(0, 0)
+        task = family.sample(task_generator)
+        stream = factory.build_estimator(cfg).unroll(
+            learner, task, generator, cfg.unroll_spec(told=told)
+        )
+        next(stream)
+        assert float(stream.states[0].rule_state["total_steps"]) == (10 if told else 0)
+        seen.clear()
+        for _ in unroll(learner, task, generator, cfg.unroll_spec(told=told)):
+            pass
+        assert seen == [10.0 if told else 0.0] * 10
+    # the trainer tells each task as drawn
+    specs = []
+    trainer = MetaTrainer(dataclasses.replace(cfg, meta_batch=4, iterations=1, eval_every=0))
+    original_unroll = trainer.estimator.unroll
+    trainer.estimator.unroll = lambda *a, **k: (specs.append(a[3]), original_unroll(*a, **k))[1]
+    trainer.train_iteration()
+    assert [s.told for s in specs] == [cfg.task_told(0, j) for j in range(4)]
 
 
 def test_a_learner_with_a_learned_initialization_checkpoints(tmp_path: Path) -> None:
