@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=pretrained.DEFAULT, help="name or .pt file")
     parser.add_argument("--steps", type=int, default=500, help="steps per task")
     parser.add_argument("--tasks", type=int, default=8, help="held-out tasks")
-    parser.add_argument("--only", default=None, help="comma list of variants (all)")
+    parser.add_argument(
+        "--only", action="append", default=None,
+        help="a variant, or a comma list of them; repeatable (default: all)",
+    )  # fmt: skip
     parser.add_argument("--family", default="validation", help="task family (validation)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", required=True)
@@ -128,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     held = HeldOut(config, make_family(args.family))
     chosen = variants(rule)
     if args.only:
-        names = [n.strip() for n in args.only.split(",")]
+        # a value that is a variant's whole name is that variant (some names hold a comma)
+        names = [
+            n.strip()
+            for value in args.only
+            for n in ([value] if value.strip() in chosen else value.split(","))
+        ]
         if unknown := sorted(set(names) - set(chosen)):
             parser.error(f"unknown variants {unknown}; choose from {sorted(chosen)}")
         chosen = {n: chosen[n] for n in ["as given", *names] if n in chosen}

@@ -115,7 +115,11 @@ def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     assert any(name.startswith("Adam, lr") for name in rows)
     assert "| as given |" in (out / "table.md").read_text()
     argv += ["--family", "meta-train-noisy", "--only", "rate x2", "--out", str(tmp_path / "mt")]
+    # a name that holds a comma is one variant; a comma list is several
+    argv += ["--only", "adaptation off, output zeroed", "--only", "cosine decay,rate x0.5"]
     assert run_script("benchmarks/ablations.py", *argv) == 0
     head, *rows = map(json.loads, (tmp_path / "mt" / "records.jsonl").read_text().splitlines())
     assert head["family"] == "meta-train-noisy" and len(head["tasks"]) == 2
-    assert [r["variant"] for r in rows[1:]] == ["as given", "rate x2"]
+    assert [r["variant"] for r in rows[1:]] == [
+        "as given", "rate x2", "adaptation off, output zeroed", "cosine decay", "rate x0.5"
+    ]  # fmt: skip
