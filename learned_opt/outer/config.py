@@ -83,6 +83,11 @@ class MetaTrainConfig:
         "start from these weights (a shipped name or a weights/checkpoint file: fine-tune) "
         "instead of a random initialization; the rule's architecture comes from the file",
     )
+    train_only: str | None = _opt(
+        None,
+        "meta-train only the rule's parameters whose names start with one of these "
+        "comma-separated prefixes (e.g. 'schedule.2.'); the others stay as they start",
+    )
     horizon: int = _opt(100, "inner steps per task (T); with --min-horizon, the longest drawn")
     min_horizon: int | None = _opt(
         None,

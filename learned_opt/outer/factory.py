@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import pretrained, rules
 from ..checkpoint import load_rule
@@ -53,8 +54,36 @@ def build_rule(config: MetaTrainConfig) -> rules.UpdateRule:
 
 
 def build_learner(config: MetaTrainConfig) -> MetaLearner:
-    """An :class:`~learned_opt.learners.OptimizerLearner` around :func:`build_rule`."""
-    return OptimizerLearner(build_rule(config), second_order=config.second_order)
+    """An :class:`~learned_opt.learners.OptimizerLearner` around :func:`build_rule`, its
+    meta-parameters limited to ``config.train_only``'s (:func:`train_only`)."""
+    rule = build_rule(config)
+    if config.train_only:
+        train_only(rule, config.train_only.split(","))
+    return OptimizerLearner(rule, second_order=config.second_order)
+
+
+def train_only(rule: nn.Module, prefixes: list[str]) -> list[str]:
+    """Fix every parameter of ``rule`` whose name starts with none of ``prefixes``
+    (``requires_grad=False``); returns the names of those still meta-trained.
+
+    Raises:
+        ValueError: a prefix names no trainable parameter of the rule.
+    """
+    prefixes = [p.strip() for p in prefixes if p.strip()]
+    trainable = {n for n, p in rule.named_parameters() if p.requires_grad}
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in trainable):
+            raise ValueError(
+                f"train_only: {prefix!r} names none of the rule's trainable parameters "
+                f"({', '.join(sorted(trainable))})"
+            )
+    kept = []
+    for name, param in rule.named_parameters():
+        if name in trainable and name.startswith(tuple(prefixes)):
+            kept.append(name)
+        else:
+            param.requires_grad_(False)
+    return kept
 
 
 def build_reference(config: MetaTrainConfig, learner: MetaLearner) -> MetaLearner | None:
