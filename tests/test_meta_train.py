@@ -511,3 +511,23 @@ def test_the_time_budget_counts_the_evaluations(monkeypatch) -> None:
     monkeypatch.setattr(trainer.held_out, "evaluate", slow)
     trainer.train()
     assert trainer.elapsed >= 3.0  # two timed evaluations (the one at iteration 0 is not)
+
+
+def test_train_only_fixes_every_other_parameter_and_refuses_unknown_prefixes() -> None:
+    """``train_only``: the meta-trainer estimates and steps only the named parameters; the
+    others keep their starting values; a prefix that names nothing is an error."""
+    cfg = MetaTrainConfig(
+        **{**SMALL, "iterations": 1}, rule="scheduled", rule_kwargs={"base": "lstm"},
+        train_only="schedule.2.",
+    )  # fmt: skip
+    trainer = MetaTrainer(cfg)
+    named = dict(trainer.learner.rule.named_parameters())
+    assert [n for n, p in named.items() if p.requires_grad] == [
+        "schedule.2.weight", "schedule.2.bias"
+    ]  # fmt: skip
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.train_iteration()
+    changed = {n for n, p in named.items() if not torch.equal(p, before[n])}
+    assert changed and changed <= {"schedule.2.weight", "schedule.2.bias"}
+    with pytest.raises(ValueError, match="names none"):
+        MetaTrainer(dataclasses.replace(cfg, train_only="schedule.2.,nonexistent"))
