@@ -27,7 +27,7 @@ The steps:
    hand-designed schedule, with a learned one at zero.
 2. ``meta-train``: persistent evolution strategies over whole unrolls of 100-1,000 steps (the
    horizon drawn log-uniformly per task; half the tasks told it, half not; one window per task;
-   8 antithetic pairs, sigma 0.1), meta-lr 5e-2, on ``meta-train-rescaled`` with a fifth of
+   8 antithetic pairs, sigma 0.1), meta-lr 0.1, on ``meta-train-rescaled`` with a fifth of
    each classifier's training labels replaced (as ``general-v7``'s); meta-loss: the log of the
    final training loss; each task's estimate clipped before the mean; weights selected on the
    ``validation`` group (final training loss at 500 steps, told). It resumes from
@@ -80,7 +80,7 @@ META_TRAIN = [
     "--horizon", "1000", "--min-horizon", "100", "--untold-fraction", "0.5",
     "--truncation", "1000", "--objective", "final-train", "--log-meta-loss",
     "--estimator", "pes", "--estimator-kwargs", json.dumps({"sigma": 0.1, "pairs": 8}),
-    "--clip-grad-per-task", "--meta-lr", "5e-2", "--meta-batch", "4", "--clip-grad", "1",
+    "--clip-grad-per-task", "--meta-lr", "0.1", "--meta-batch", "4", "--clip-grad", "1",
     "--iterations", "100000", "--time-budget", "40000", "--eval-every", "5",
     "--eval-tasks", "8", "--eval-family", "validation", "--eval-horizon", "500",
     "--checkpoint-every", "1", "--log-dir", str(RUN / "tb"), "--ckpt-dir", str(RUN / "ckpt"),
