@@ -15,9 +15,8 @@ features of the step ``t`` and, when the length ``T`` is given, of the progress 
 Only its output layer is meta-trained (17 weights, on 16 fixed random tanh features of
 ``[known, p, p^2, cos(pi p), exp(-t/10), exp(-t/100), log t]``): at zero at the start, no
 schedule at all, told or not; few weights, so that persistent ES's estimate of their
-meta-gradient is not drowned in noise (a first try training the whole MLP and the adaptation,
-216 weights, drifted to a larger step everywhere and a worse validation metric, 0.684 to 0.710
-in 10 iterations). Meta-trained on runs told their length and runs not told it, the same
+meta-gradient is not drowned in noise (docs/results.md, "Its warm-up and decay learned too").
+Meta-trained on runs told their length and runs not told it, the same
 weights learn a warm-up and decay for ``total_steps=T`` and a horizon-free one. Everything else
 stays at ``general-v7``'s, fixed (its learned adaptation included).
 

@@ -62,9 +62,9 @@ def build_learner(config: MetaTrainConfig) -> MetaLearner:
     return OptimizerLearner(rule, second_order=config.second_order)
 
 
-def train_only(rule: nn.Module, prefixes: list[str]) -> list[str]:
+def train_only(rule: nn.Module, prefixes: list[str]) -> None:
     """Fix every parameter of ``rule`` whose name starts with none of ``prefixes``
-    (``requires_grad=False``); returns the names of those still meta-trained.
+    (``requires_grad=False``).
 
     Raises:
         ValueError: a prefix names no trainable parameter of the rule.
@@ -77,13 +77,9 @@ def train_only(rule: nn.Module, prefixes: list[str]) -> list[str]:
                 f"train_only: {prefix!r} names none of the rule's trainable parameters "
                 f"({', '.join(sorted(trainable))})"
             )
-    kept = []
     for name, param in rule.named_parameters():
-        if name in trainable and name.startswith(tuple(prefixes)):
-            kept.append(name)
-        else:
+        if not name.startswith(tuple(prefixes)):
             param.requires_grad_(False)
-    return kept
 
 
 def build_reference(config: MetaTrainConfig, learner: MetaLearner) -> MetaLearner | None:
