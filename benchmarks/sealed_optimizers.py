@@ -64,7 +64,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     the last layer of a learned gain on the step-size adaptation (``controller_hidden``: the gain
     1) and of its drift (``controller_drift``: none; with ``lr_adapt_learned``, its linear path
     too: no adaptation at all), and the last layer of a
-    :class:`~learned_opt.rules.ScheduledRule`'s schedule (the identity schedule).
+    :class:`~learned_opt.rules.ScheduledRule`'s schedule and its linear path (the identity
+    schedule).
 
     Raises:
         ValueError: the rule has no read-out to zero.
@@ -89,6 +90,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
                 last = module.schedule[-1]
                 last.weight.zero_()
                 last.bias.zero_()
+                if module.basis is not None:
+                    module.basis.weight.zero_()
                 zeroed.append(f"{name}.schedule" if name else "schedule")
     if not zeroed:
         raise ValueError(f"The {type(rule).__name__} has no learned read-out to zero")

@@ -454,10 +454,32 @@ def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
         _assert_steps_like_the_default(rule, reference="general-v7", **options)
 
 
+def test_learned_basis_schedule_recipe_trains_three_weights_from_no_schedule(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The basis-schedule recipe: the learned warm-up and decay recipe's meta-training (PES over
+    whole unrolls, half the tasks not told their horizon) of the schedule's linear path alone
+    (three weights), 8 tasks of 4 pairs; its start steps exactly like ``general-v7`` not told
+    the horizon, told or not."""
+    script = "experiments/learned_basis_schedule.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    from learned_opt.outer.factory import build_learner
+
+    assert config.rule == "scheduled" and config.untold_fraction == 0.5
+    assert config.meta_batch == 8 and config.estimator_kwargs == {"sigma": 0.1, "pairs": 4}
+    learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
+    trained = [n for n, p in learner.rule.named_parameters() if p.requires_grad]
+    assert trained == ["basis.weight"]
+    assert (rule.warmup, rule.tail, rule.unknown_horizon) == (0.0, 0.0, "learned")
+    for options in ({}, {"total_steps": 50}):
+        _assert_steps_like_the_default(rule, reference="general-v7", **options)
+
+
 @pytest.mark.parametrize(
     ("script", "worse"),
     [("experiments/learned_adaptation.py", "horizon-decay"),
-     ("experiments/learned_warmup_decay.py", "orthogonal-direction")],
+     ("experiments/learned_warmup_decay.py", "orthogonal-direction"),
+     ("experiments/learned_basis_schedule.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str

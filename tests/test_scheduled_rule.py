@@ -3,6 +3,8 @@ when given, composes with the drop-in optimizer's options."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import learned_opt
 from learned_opt import LearnedOptimizer, LSTMOptimizer
 from learned_opt.checkpoint import load_rule
 from learned_opt.rules import AdamRule
-from learned_opt.rules.scheduled import ScheduledRule, schedule_features
+from learned_opt.rules.scheduled import ScheduledRule, schedule_basis, schedule_features
 
 
 def _scheduled_default() -> ScheduledRule:
@@ -59,6 +61,45 @@ def test_features_depend_on_the_horizon_only_when_it_is_known() -> None:
     assert short[0] == 1 and short[1] == pytest.approx(0.5) and long[1] == pytest.approx(0.05)
     assert torch.equal(short[4:], long[4:])  # the step's own features do not change
     assert schedule_features(torch.tensor(90.0), torch.tensor(60.0))[1] == 1  # past the end
+
+
+def test_basis_log_schedules_decay_to_the_end_warm_up_and_decay_without_an_end() -> None:
+    """``schedule_basis``: a decay to ``1 / T`` at the last step of a known run (0 when unknown),
+    a warm-up told or not, a horizon-free decay (0 when the run's length is known)."""
+    known, unknown = torch.tensor(200.0), torch.tensor(0.0)
+    first, last = schedule_basis(torch.tensor(1.0), known), schedule_basis(known, known)
+    assert first[0] == 0 and last[0] == pytest.approx(-math.log(200.0))
+    assert schedule_basis(torch.tensor(300.0), known)[0] == pytest.approx(-math.log(200.0))
+    assert schedule_basis(torch.tensor(101.0), known)[0] == pytest.approx(math.log(0.5))
+    assert first[1] == pytest.approx(math.log(1 - math.exp(-0.1)))  # warm-up: told or not
+    assert schedule_basis(torch.tensor(1.0), unknown)[1] == first[1]
+    assert abs(float(schedule_basis(torch.tensor(200.0), known)[1])) < 1e-8  # warmed up
+    assert torch.equal(schedule_basis(torch.tensor(100.0), known)[2], torch.tensor(0.0))
+    free = schedule_basis(torch.tensor(100.0), unknown)
+    assert free[0] == 0 and free[2] == pytest.approx(-math.log(2.0))
+
+
+def test_the_basis_path_starts_at_zero_and_scales_the_step_by_its_log_schedules() -> None:
+    """``basis=True``: at zero the base rule step for step, told the length or not; with a
+    weight ``w`` on the decay, the step of a known run ends scaled by ``exp(A tanh(-w log T /
+    A))``; its configuration round-trips, and weights saved without the path load as before."""
+    adam = AdamRule(lr=0.01).config()
+    rule = ScheduledRule("adam", adam, basis=True)
+    assert rule.config()["basis"] and ScheduledRule(**rule.config()).basis is not None
+    assert ScheduledRule("adam", adam).basis is None  # (the shipped rules' configuration)
+    for total in (None, 30):
+        a, b = _params(), _params()
+        _run(LearnedOptimizer(a, rule, total_steps=total), a, 8)
+        _run(LearnedOptimizer(b, AdamRule(lr=0.01)), b, 8)
+        assert all(torch.allclose(x, y) for x, y in zip(a, b))
+    with torch.no_grad():
+        rule.basis.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+    s = rule.log_scale(torch.tensor(30.0), torch.tensor(30.0))
+    assert float(s) == pytest.approx(3.0 * math.tanh(-math.log(30.0) / 3.0), rel=1e-5)
+    assert float(rule.log_scale(torch.tensor(30.0), torch.tensor(0.0))) == 0  # not told: none
+    assert [n for n, p in rule.named_parameters() if n.startswith("basis")] == ["basis.weight"]
+    frozen = ScheduledRule("adam", adam, basis=True, learn_schedule=False)
+    assert not frozen.basis.weight.requires_grad
 
 
 def test_a_trained_schedule_changes_the_step_with_the_horizon_and_stays_bounded() -> None:

@@ -281,6 +281,10 @@ def test_zero_readout(optimizers: dict) -> None:
         sched.schedule[-1].weight.fill_(0.5)
     zs = zero(sched)
     assert float(zs.schedule[-1].weight.detach().abs().sum()) == 0
+    basis = ScheduledRule("general-lstm", basis=True)
+    with torch.no_grad():
+        basis.basis.weight.fill_(0.5)
+    assert float(zero(basis).basis.weight.detach().abs().sum()) == 0  # its linear path too
     assert float(zs.base.out_weight.detach().abs().sum()) == 0
     gain = LSTMCorrectedAdamRule(controller_hidden=4, controller_drift=0.5)
     last = ("controller_w2", "controller_b2", "controller_drift_w", "controller_drift_b")

@@ -27,12 +27,38 @@ from torch import Tensor, nn
 
 from .base import RuleState, UpdateRule
 
-__all__ = ["ScheduledRule", "schedule_features"]
+__all__ = ["ScheduledRule", "schedule_basis", "schedule_features"]
 
 #: Inputs of the schedule MLP.
 NUM_FEATURES = 7
+#: Log-schedules of the optional linear path (``ScheduledRule(basis=True)``).
+NUM_BASIS = 3
 #: What a rule does without the run's length (``ScheduledRule(unknown_horizon=...)``).
 UNKNOWN_HORIZON = ("learned", "base")
+
+
+def schedule_basis(step: Tensor, total_steps: Tensor) -> Tensor:
+    """Three log-schedules of step ``t`` (>= 1) of a run of ``T`` steps (``T = 0``: unknown),
+    shape (3,), which a weight ``w`` turns into a schedule factor ``exp(w * b)``:
+
+    - ``log((T - t + 1) / T)`` when ``T`` is known (else 0): ``w = 1`` decays the step linearly
+      to ``1 / T`` at the last step; ``w = 1/2``, as a square root;
+    - ``log(1 - exp(-t / 10))``: a warm-up over the first tens of steps, told ``T`` or not;
+    - ``-log(1 + t / 100)`` when ``T`` is unknown (else 0): a horizon-free decay,
+      ``(1 + t / 100)^-w`` (``w = 1/2``: inverse square root).
+    """
+    t = step.to(torch.float32).clamp_min(1.0)
+    total = total_steps.to(torch.float32)
+    known = total > 0
+    remaining = ((total - t + 1.0) / total.clamp_min(1.0)).clamp(min=1.0 / total.clamp_min(1.0))
+    zero = torch.zeros_like(t)
+    return torch.stack(
+        (
+            torch.where(known, torch.log(remaining.clamp(max=1.0)), zero),
+            torch.log(-torch.expm1(-t / 10.0)),
+            torch.where(known, zero, -torch.log1p(t / 100.0)),
+        )
+    )
 
 
 def schedule_features(step: Tensor, total_steps: Tensor) -> Tensor:
@@ -57,7 +83,8 @@ def schedule_features(step: Tensor, total_steps: Tensor) -> Tensor:
 
 
 class ScheduledRule(UpdateRule):
-    r"""``update = exp(s_t) * base(grad)``, ``s_t = A tanh(MLP(features(t, T)) / A)``.
+    r"""``update = exp(s_t) * base(grad)``, ``s_t = A tanh((MLP(features(t, T)) + w . b(t, T))
+    / A)`` (the linear path ``w . b`` only with ``basis=True``).
 
     Args:
         base: the kind of the base rule (``learned_opt.rules.RULES``), e.g. ``"general-lstm"``.
@@ -72,8 +99,13 @@ class ScheduledRule(UpdateRule):
             ``1 / ceil(warmup * T)``) and a linear decay over the last ``tail * T`` (to
             ``1 / (tail * T)`` at step ``T``, kept after it); 0: none. The learned part
             multiplies it.
-        learn_schedule: meta-learn the schedule MLP (``False``: it is fixed, so a
+        learn_schedule: meta-learn the schedule (``False``: it is fixed, so a
             meta-trainer learns only the base rule's learnable weights).
+        basis: add a linear path ``w . b(t, T)`` on three log-schedules
+            (:func:`schedule_basis`: a decay to the end of a known run, a warm-up, a decay
+            without a known end), ``w`` at zero at the start: a learned schedule of this family
+            needs ``w`` of order 1, which an MLP on fixed random features reaches only with
+            large output weights.
 
     The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
     the base rule's step counter.
@@ -91,6 +123,7 @@ class ScheduledRule(UpdateRule):
         warmup: float = 0.0,
         tail: float = 0.0,
         learn_schedule: bool = True,
+        basis: bool = False,
     ) -> None:
         super().__init__()
         from . import build_rule  # the registry imports this module
@@ -116,12 +149,16 @@ class ScheduledRule(UpdateRule):
         self.schedule = nn.Sequential(
             nn.Linear(NUM_FEATURES, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1)
         )
+        self.basis = nn.Linear(NUM_BASIS, 1, bias=False) if basis else None
         self.learn_schedule = bool(learn_schedule)
         self.schedule.requires_grad_(self.learn_schedule)
+        if self.basis is not None:
+            self.basis.requires_grad_(self.learn_schedule)
         self.reset_schedule()
 
     def reset_schedule(self, generator: torch.Generator | None = None) -> None:
-        """Hidden layer ~ U(-1/sqrt(7), 1/sqrt(7)); output layer zero: the identity schedule."""
+        """Hidden layer ~ U(-1/sqrt(7), 1/sqrt(7)); output layer (and the linear path) zero:
+        the identity schedule."""
         bound = 1.0 / math.sqrt(NUM_FEATURES)
         with torch.no_grad():
             first, last = self.schedule[0], self.schedule[2]
@@ -129,6 +166,8 @@ class ScheduledRule(UpdateRule):
             first.bias.uniform_(-bound, bound, generator=generator)
             last.weight.zero_()
             last.bias.zero_()
+            if self.basis is not None:
+                self.basis.weight.zero_()
 
     @property
     def tensor_aware(self) -> bool:
@@ -181,6 +220,9 @@ class ScheduledRule(UpdateRule):
         """``s_t`` for step ``step`` (1-based) of ``total_steps`` (0: unknown)."""
         feats = schedule_features(step, total_steps).to(self.schedule[0].weight)
         raw = self.schedule(feats).squeeze(-1)
+        if self.basis is not None:
+            basis = schedule_basis(step, total_steps).to(self.basis.weight)
+            raw = raw + self.basis(basis).squeeze(-1)
         s = self.bound * torch.tanh(raw / self.bound)
         if self.unknown_horizon == "base":
             s = torch.where(total_steps > 0, s, torch.zeros_like(s))
@@ -242,4 +284,5 @@ class ScheduledRule(UpdateRule):
             "warmup": self.warmup,
             "tail": self.tail,
             "learn_schedule": self.learn_schedule,
+            "basis": self.basis is not None,
         }

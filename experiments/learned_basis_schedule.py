@@ -1,0 +1,126 @@
+"""Recipe of a default candidate: ``general-v7`` with its warm-up and decay learned from nothing,
+as the weights of three log-schedules instead of the output layer of a small MLP.
+
+    python experiments/learned_basis_schedule.py --steps init,meta-train --procs 2   # (resumes)
+    python experiments/learned_basis_schedule.py --steps validate   # best weights vs zeroed
+    python experiments/learned_basis_schedule.py --steps weights    # the committed run's best
+    python experiments/learned_basis_schedule.py --dry-run          # print its commands
+
+Run it from the repository root. The same candidate as ``experiments/learned_warmup_decay.py``
+(``general-v7`` without its hand-designed warm-up and decay, a learned schedule in their place,
+told the run's length or not), with the schedule's learned part changed: there, the 17 output
+weights of an MLP on fixed random tanh features, which must grow to 1-3 to fit a decay like
+the hand-designed one and moved slowly under persistent ES's noisy estimates; here, the three
+weights ``w`` of ``ScheduledRule(basis=True)``'s linear path (``exp(w . b)``,
+:func:`~learned_opt.rules.scheduled.schedule_basis`): ``(T - t + 1) / T`` to the power ``w_1``
+when the length ``T`` is told (``w_1 = 1``: a linear decay to zero), ``1 - exp(-t / 10)`` to
+the power ``w_2`` (a warm-up), and ``(1 + t / 100)^-w_3`` when it is not told (a horizon-free
+decay). All three start at zero: no schedule at all, told or not, so zeroing them (the
+ablation) leaves none. Everything else is as in ``experiments/learned_warmup_decay.py`` (the
+meta-training tasks, PES over whole 100-1,000-step unrolls half told their length, the
+validation), with 8 tasks of 4 antithetic pairs per meta-iteration instead of 4 of 8: with three
+weights, the differences between tasks, not between particles, dominate the estimate's noise.
+
+Its steps (``init``, ``meta-train``, ``validate``, ``weights``, ``sealed``, ``ship``) are those of
+``experiments/learned_warmup_decay.py``, with ``runs/learned-basis-schedule``,
+``experiments/checkpoints/learned-basis-schedule.pt`` and
+``benchmarks/results/validation/learned-basis-schedule/``; ``ship`` writes ``general-v8`` and
+refuses weights whose sealed geometric mean is above ``general-v7``'s at either horizon, told or
+not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import candidates  # noqa: E402
+import learned_warmup_decay as mlp_schedule  # noqa: E402
+
+NAME = "learned-basis-schedule"
+SHIPPED, BASE = mlp_schedule.SHIPPED, mlp_schedule.BASE
+BASE_SEALED, BASE_SEALED_FREE = mlp_schedule.BASE_SEALED, mlp_schedule.BASE_SEALED_FREE
+RUN = Path("runs") / NAME
+CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
+VALIDATION = Path("benchmarks/results/validation") / NAME
+#: What the run changes in the base rule's schedule: no hand-designed part; a learned linear
+#: path on three log-schedules (the MLP's output stays at zero).
+LEARNED = {**mlp_schedule.LEARNED, "basis": True}
+
+
+def _meta_train() -> list[str]:
+    """``experiments/learned_warmup_decay.py``'s meta-training, on the linear path's weights,
+    from this run's start, with 8 tasks of 4 pairs per meta-iteration."""
+    out = list(mlp_schedule.META_TRAIN)
+    replace = {
+        "--init-weights": str(RUN / "init.pt"), "--train-only": "basis.",
+        "--estimator-kwargs": json.dumps({"sigma": 0.1, "pairs": 4}), "--meta-batch": "8",
+        "--log-dir": str(RUN / "tb"), "--ckpt-dir": str(RUN / "ckpt"),
+        "--export": str(RUN / "weights.pt"),
+    }  # fmt: skip
+    for option, value in replace.items():
+        out[out.index(option) + 1] = value
+    return out
+
+
+META_TRAIN = _meta_train()
+
+
+def initial_rule():
+    """``general-v7`` with no hand-designed schedule and the learned linear path at zero."""
+    import learned_opt
+    from learned_opt import load_rule
+    from learned_opt.rules import build_rule
+
+    base, _ = load_rule(learned_opt.pretrained.path(BASE))
+    rule = build_rule(base.kind, {**base.config(), **LEARNED})
+    missing, unexpected = rule.load_state_dict(base.state_dict(), strict=False)
+    assert missing == ["basis.weight"] and not unexpected, (missing, unexpected)
+    assert not rule.basis.weight.any() and not rule.schedule[2].weight.any()
+    return rule
+
+
+def write_init(path: Path) -> None:
+    from learned_opt import save_rule
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = (
+        f"the shipped {BASE!r}, its hand-designed schedule replaced by a learned linear path on "
+        "three log-schedules, at zero"
+    )
+    save_rule(path, initial_rule(), {"source": source})
+
+
+def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
+    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
+    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
+    metadata (:func:`candidates.ship_learned_part`).
+
+    Raises:
+        ValueError: their sealed geometric mean (told the horizon, or not) is above
+            ``general-v7``'s at some horizon; nothing is written then.
+    """
+    return candidates.ship_learned_part(
+        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
+        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
+        source=f"the shipped {BASE!r} with its warm-up and decay learned from nothing, told the "
+        "run's length and not (the weights of three log-schedules; everything else fixed)",
+        recipe="experiments/learned_basis_schedule.py", settings=LEARNED, start="no_schedule",
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    return candidates.learned_part_main(
+        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
+        checkpoint=CHECKPOINT, validation=VALIDATION,
+        validation_labels=("learned basis schedule",
+                           f"{BASE!r} with its warm-up and decay learned (three log-schedules)",
+                           "learned outputs zeroed (no schedule, no adaptation)"),
+        write_init=write_init, meta_train=META_TRAIN, name=NAME,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
