@@ -50,9 +50,15 @@ VALIDATION = Path("benchmarks/results/validation") / NAME
 LEARNED = {**mlp_schedule.LEARNED, "basis": True}
 
 
+#: The meta-loss is ``log(L + F L_1)`` (``--meta-loss-floor``): without it, the tasks that
+#: reach near-zero loss steer these three weights, against the validation group.
+META_LOSS_FLOOR = 0.05
+
+
 def _meta_train() -> list[str]:
     """``experiments/learned_warmup_decay.py``'s meta-training, on the linear path's weights,
-    from this run's start, with 8 tasks of 4 pairs per meta-iteration."""
+    from this run's start, with 8 tasks of 4 pairs per meta-iteration and the meta-loss
+    floored."""
     out = list(mlp_schedule.META_TRAIN)
     replace = {
         "--init-weights": str(RUN / "init.pt"), "--train-only": "basis.",
@@ -62,6 +68,9 @@ def _meta_train() -> list[str]:
     }  # fmt: skip
     for option, value in replace.items():
         out[out.index(option) + 1] = value
+    out[out.index("--log-meta-loss") + 1 : out.index("--log-meta-loss") + 1] = [
+        "--meta-loss-floor", str(META_LOSS_FLOOR)
+    ]  # fmt: skip
     return out
 
 

@@ -413,3 +413,35 @@ def test_loss_averse_objective_refuses_what_it_cannot_do(quadratic) -> None:
             spec.replace(log_meta_loss=True),
             reference=reference,
         )
+
+
+def test_meta_loss_floor_adds_a_share_of_the_first_loss_inside_the_log(quadratic) -> None:
+    """``meta_loss_floor=F``: the window's meta-loss is ``log(L + F L_1)`` (``L_1`` the unroll's
+    first training loss) under backpropagation, and PES estimates its gradient; it needs the
+    log meta-loss and refuses a negative or non-finite floor."""
+    rule = MomentumLR()
+    learner = OptimizerLearner(rule, second_order=True)
+    spec = UnrollSpec(4, 4, objective="final-train", log_meta_loss=True)
+    (plain,) = list(unroll(learner, quadratic, torch.Generator().manual_seed(1), spec))
+    floored_spec = spec.replace(meta_loss_floor=0.5)
+    (floored,) = list(unroll(learner, quadratic, torch.Generator().manual_seed(1), floored_spec))
+    first = float(floored.train_losses[0])
+    expected = math.log(math.exp(float(plain.meta_loss)) + 0.5 * first)
+    assert float(floored.meta_loss) == pytest.approx(expected, rel=1e-9)
+    true = torch.stack(torch.autograd.grad(floored.meta_loss, list(rule.parameters())))
+    g = PESEstimator(0.01, 120).meta_gradient(
+        OptimizerLearner(rule), quadratic, torch.Generator().manual_seed(1), floored_spec
+    )
+    assert _cosine(torch.stack(g.grads), true) > 0.9
+    unfloored = PESEstimator(0.01, 120).meta_gradient(
+        OptimizerLearner(rule), quadratic, torch.Generator().manual_seed(1), spec
+    )
+    assert not torch.allclose(torch.stack(g.grads), torch.stack(unfloored.grads))
+    with pytest.raises(ValueError, match="log_meta_loss"):
+        UnrollSpec(4, 4, meta_loss_floor=0.1)
+    with pytest.raises(ValueError, match="meta_loss_floor"):
+        spec.replace(meta_loss_floor=-0.1)
+    with pytest.raises(ValueError, match="log_meta_loss"):
+        MetaTrainConfig(family="quadratic", meta_loss_floor=0.1)
+    config = MetaTrainConfig(family="quadratic", log_meta_loss=True, meta_loss_floor=0.1)
+    assert config.unroll_spec().meta_loss_floor == 0.1

@@ -122,6 +122,13 @@ class MetaTrainConfig:
     estimator_kwargs: dict[str, Any] = _opt(
         {}, 'the estimator\'s arguments, e.g. \'{"sigma": 0.01, "pairs": 8}\' for pes/es'
     )
+    meta_loss_floor: float = _opt(
+        0.0,
+        "with --log-meta-loss, a window's meta-loss is log(L + F L_1), L_1 the unroll's first "
+        "training loss: a task driven near zero loss (below about F L_1) stops steering the "
+        "meta-gradient by the ratios of its tiny losses",
+        metavar="F",
+    )
     loss_aversion: float | None = _opt(
         None,
         "loss-averse meta-objective: a window's meta-loss is log(L / L_ref) against the rule "
@@ -247,6 +254,10 @@ class MetaTrainConfig:
             raise ValueError(
                 "clip_grad_per_task needs clip_grad > 0 (the norm each task is clipped at)"
             )
+        if not (math.isfinite(self.meta_loss_floor) and self.meta_loss_floor >= 0):
+            raise ValueError(f"Invalid meta_loss_floor: {self.meta_loss_floor} (must be >= 0)")
+        if self.meta_loss_floor and not self.log_meta_loss:
+            raise ValueError("meta_loss_floor needs log_meta_loss (it floors the log's argument)")
         if self.loss_aversion is not None:
             if not (math.isfinite(self.loss_aversion) and self.loss_aversion >= 0):
                 raise ValueError(f"Invalid loss_aversion: {self.loss_aversion} (must be >= 0)")
@@ -280,6 +291,7 @@ class MetaTrainConfig:
             max_loss_ratio=self.max_loss_ratio,
             log_meta_loss=self.log_meta_loss,
             loss_aversion=self.loss_aversion or 0.0,
+            meta_loss_floor=self.meta_loss_floor,
         )
 
     def task_generators(

@@ -87,6 +87,10 @@ class PESUnroll:
         self.told = spec.told
         self.objective = spec.objective
         self.max_loss_ratio = spec.max_loss_ratio
+        self.meta_loss_floor = spec.meta_loss_floor
+        #: The unroll's first training loss (the same for every particle: the same start and
+        #: batch), which ``meta_loss_floor`` scales.
+        self.task_first_loss: float | None = None
         self.params = meta_parameters(learner)
         if not self.params:
             raise ValueError("The learner has no meta-parameters to estimate a gradient for")
@@ -128,6 +132,8 @@ class PESUnroll:
             for batch in batches:
                 state, loss = self.learner.step(self.task, state, batch, differentiable=False)
                 value = float(loss)
+                if self.task_first_loss is None:
+                    self.task_first_loss = value
                 if pair >= 0 and self.first_loss[pair] is None:
                     self.first_loss[pair] = value
                 ref = self.first_loss[pair] if pair >= 0 else None
@@ -144,6 +150,8 @@ class PESUnroll:
                 assert test_batch is not None
                 meta = float(self.learner.evaluate(self.task, state, test_batch))
             if self.log_meta_loss:
+                if self.meta_loss_floor and self.task_first_loss is not None:
+                    meta = meta + self.meta_loss_floor * self.task_first_loss
                 meta = math.log(meta) if meta > 0 else math.nan
         return state, meta, losses, not math.isfinite(meta)
 
