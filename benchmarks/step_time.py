@@ -1,7 +1,7 @@
 """Benchmark: optimizer step time against the rule's own floor, and against Adam.
 
 **The default rule** (``LSTMOptimizer()``: the LSTM-corrected Adam rule, shipped weights
-``"general-v6"``, without ``total_steps``; a flat tensor is a vector, which takes Adam's
+``"general-v7"``, without ``total_steps``; a flat tensor is a vector, which takes Adam's
 direction: ``benchmarks/matrix_step_time.py`` times matrices) on one flat tensor of 1M and
 10M parameters, with 1
 and 2 threads (``torch.set_num_threads``), side by side with ``torch.optim.Adam`` in the same
