@@ -531,3 +531,33 @@ def test_train_only_fixes_every_other_parameter_and_refuses_unknown_prefixes() -
     assert changed and changed <= {"schedule.2.weight", "schedule.2.bias"}
     with pytest.raises(ValueError, match="names none"):
         MetaTrainer(dataclasses.replace(cfg, train_only="schedule.2.,nonexistent"))
+
+
+def test_the_held_out_metric_can_run_each_task_told_and_not() -> None:
+    """``eval_untold``: a rule that reads the run's length is evaluated on every held-out task
+    told it and not, and the metric aggregates both runs (a rule that does not read it runs
+    once: the metric is unchanged)."""
+    from learned_opt.outer import factory
+    from learned_opt.outer.held_out import HeldOut
+
+    cfg = MetaTrainConfig(
+        family="quadratic", rule="scheduled", rule_kwargs={"base": "adam", "basis": True},
+        horizon=20, eval_tasks=2, log_meta_loss=True,
+    )  # fmt: skip
+    learner, family = factory.build_learner(cfg), factory.build_family(cfg)
+    with torch.no_grad():  # a decay to the end of a told run: told and untold runs differ
+        learner.rule.basis.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+    told, _ = HeldOut(cfg, family).evaluate(learner)
+    both_cfg = dataclasses.replace(cfg, eval_untold=True)
+    both, _ = HeldOut(both_cfg, family).evaluate(learner)
+    with torch.no_grad():
+        learner.rule.basis.weight.zero_()
+    untold, _ = HeldOut(cfg, family).evaluate(learner)  # the same as an untold run
+    assert told != untold
+    assert both == pytest.approx(math.sqrt(told * untold), rel=1e-6)  # geometric means
+    plain_cfg = dataclasses.replace(cfg, rule="adam", rule_kwargs={})
+    plain = factory.build_learner(plain_cfg)
+    assert (
+        HeldOut(dataclasses.replace(plain_cfg, eval_untold=True), family).evaluate(plain)[0]
+        == HeldOut(plain_cfg, family).evaluate(plain)[0]
+    )

@@ -193,6 +193,12 @@ class MetaTrainConfig:
         choices=_family_names,
     )
     eval_family_kwargs: dict[str, Any] = _opt({}, "keyword arguments of --eval-family")
+    eval_untold: bool = _opt(
+        False,
+        "the held-out evaluation runs each task twice, told its length and not (for rules that "
+        "read it; others once): the metric aggregates both runs of every task, so that weights "
+        "meant for both uses are selected on both",
+    )
     checkpoint_every: int = _opt(10, "iterations between checkpoints")
     keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep", cli=False)
     max_loss_ratio: float | None = _opt(

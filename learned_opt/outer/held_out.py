@@ -42,7 +42,10 @@ class HeldOut:
 
     The metric of the per-task final losses (training loss with the ``"train"`` and
     ``"final-train"`` objectives, held-out loss with ``"test"``) is their mean, or with
-    ``log_meta_loss`` their geometric mean; ``inf`` if any is not finite.
+    ``log_meta_loss`` their geometric mean; ``inf`` if any is not finite. A rule that reads the
+    run's length is told it, and with ``config.eval_untold`` each task also runs untold: the
+    metric then aggregates the final losses of both runs of every task (the curve is the told
+    runs').
     """
 
     def __init__(self, config: MetaTrainConfig, family: TaskFamily) -> None:
@@ -69,17 +72,23 @@ class HeldOut:
             return math.inf, np.full(self.horizon, math.nan)
 
         # A rule that reads the run's length is told it, as meta-training's unrolls tell it.
-        horizon = {"total_steps": self.horizon} if getattr(rule, "reads_horizon", False) else {}
+        reads_horizon = getattr(rule, "reads_horizon", False)
+        told = {"total_steps": self.horizon} if reads_horizon else {}
 
-        def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-            return LearnedOptimizer(params, rule, lr=lr, **horizon)
+        def run_all(horizon: dict[str, int]) -> list[Any]:
+            def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+                return LearnedOptimizer(params, rule, lr=lr, **horizon)
 
-        runs = [
-            run_optimizer(self.family, s, factory, 1.0, self.horizon, name="learned")
-            for s in self.seeds
-        ]
-        metric = self.aggregate([getattr(r, self.metric_name) for r in runs])
-        return metric, mean_curve(runs, skip_diverged=True)
+            return [
+                run_optimizer(self.family, s, factory, 1.0, self.horizon, name="learned")
+                for s in self.seeds
+            ]
+
+        runs = run_all(told)
+        values = [getattr(r, self.metric_name) for r in runs]
+        if self.config.eval_untold and reads_horizon:
+            values += [getattr(r, self.metric_name) for r in run_all({})]
+        return self.aggregate(values), mean_curve(runs, skip_diverged=True)
 
     def evaluate_learner(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
         """Any learner: each task is unrolled without meta-gradients and scored with
