@@ -475,6 +475,21 @@ def test_learned_basis_schedule_recipe_trains_three_weights_from_no_schedule(
         _assert_steps_like_the_default(rule, reference="general-v7", **options)
 
 
+def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_schedule(
+    tmp_path: Path, run_script
+) -> None:
+    """The grid scores ``general-v7`` and fixed basis weights on held-out tasks as the
+    meta-trainer does: on a 3-step run ``general-v7``'s warm-up and decay are the identity, so
+    it scores as the weights at zero; a decay to the end scores differently."""
+    args = ["--steps", "3", "--tasks", "1", "--procs", "1", "--grid", "[[0, 0, 0], [2, 0, 0]]"]
+    assert run_script("experiments/basis_schedule_grid.py", *args, "--out", str(tmp_path)) == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["weights"] for r in records] == [None, [0, 0, 0], [2, 0, 0]]
+    v7, zero, decay = (r["metric"] for r in records)
+    assert v7 == zero and decay != zero and math.isfinite(decay)
+    assert "`general-v7` (hand-designed)" in (tmp_path / "table.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("script", "worse"),
     [("experiments/learned_adaptation.py", "horizon-decay"),
