@@ -437,6 +437,12 @@ def test_meta_loss_floor_adds_a_share_of_the_first_loss_inside_the_log(quadratic
         OptimizerLearner(rule), quadratic, torch.Generator().manual_seed(1), spec
     )
     assert not torch.allclose(torch.stack(g.grads), torch.stack(unfloored.grads))
+    # against a reference (the loss-averse objective) both sides are floored alike: a rule
+    # scored against itself has a zero meta-loss
+    same = OptimizerLearner(MomentumLR())
+    gen = torch.Generator().manual_seed(1)
+    (window,) = list(unroll(same, quadratic, gen, floored_spec, reference=same))
+    assert float(window.meta_loss) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="log_meta_loss"):
         UnrollSpec(4, 4, meta_loss_floor=0.1)
     with pytest.raises(ValueError, match="meta_loss_floor"):

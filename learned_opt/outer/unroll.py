@@ -248,11 +248,10 @@ def unroll(
         if ref_objective is not None and not (math.isfinite(ref_objective) and ref_objective > 0):
             ref_objective, ref_state = None, None  # the reference diverged: stop running it
         if meta_loss is not None and spec.log_meta_loss:
-            if spec.meta_loss_floor and diverges.first is not None:
-                meta_loss = meta_loss + spec.meta_loss_floor * diverges.first
-            meta_loss = torch.log(meta_loss)
+            floor = spec.meta_loss_floor * (diverges.first or 0.0)  # (the same start for both)
+            meta_loss = torch.log(meta_loss + floor)
             if ref_objective is not None:
-                meta_loss = meta_loss - math.log(ref_objective)
+                meta_loss = meta_loss - math.log(ref_objective + floor)
                 if float(meta_loss.detach()) > 0:
                     meta_loss = meta_loss * (1.0 + spec.loss_aversion)
         if meta_loss is not None and not differentiable:
