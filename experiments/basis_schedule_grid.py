@@ -34,10 +34,10 @@ GRID = [
 BASE = "general-v7"
 
 
-def score(weights: tuple[float, float, float] | None, family: str, kwargs: dict, steps: int,
-          tasks: int) -> dict:  # fmt: skip
-    """The held-out metric and per-task final training losses of the basis weights (``None``:
-    ``general-v7`` itself)."""
+def score(weights: tuple[float, ...] | None, family: str, kwargs: dict, steps: int,
+          tasks: int, tails: tuple[float, ...] = ()) -> dict:  # fmt: skip
+    """The held-out metric of the basis weights (``None``: ``general-v7`` itself), with a
+    late-decay log-schedule per fraction of ``tails`` after the three."""
     import learned_basis_schedule as recipe
     import torch
 
@@ -51,7 +51,7 @@ def score(weights: tuple[float, float, float] | None, family: str, kwargs: dict,
     if weights is None:
         rule = load_rule(learned_opt.pretrained.path(BASE))[0]
     else:
-        rule = recipe.initial_rule()
+        rule = recipe.initial_rule(tails)
         with torch.no_grad():
             rule.basis.weight.copy_(torch.tensor([weights]))
     config = MetaTrainConfig(
@@ -60,7 +60,8 @@ def score(weights: tuple[float, float, float] | None, family: str, kwargs: dict,
     )  # fmt: skip
     held_out = HeldOut(config, make_family(family, **kwargs))
     metric, _ = held_out.evaluate(type("Learner", (), {"rule": rule})())
-    return {"weights": None if weights is None else list(weights), "metric": metric}
+    weights = None if weights is None else list(weights)
+    return {"weights": weights, "tails": list(tails), "metric": metric}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--grid", type=json.loads, default=None,
                         help="a JSON list of [w1, w2, w3] (default: GRID)")  # fmt: skip
+    parser.add_argument("--tails", type=json.loads, default=[],
+                        help="a JSON list of fractions c: one late-decay log-schedule each, "
+                        "weighted by the entries after the third of each grid point")  # fmt: skip
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from learned_opt.report import write_results
 
     grid = [None, *[tuple(w) for w in (args.grid or GRID)]]
-    what = (args.family, args.family_kwargs, args.steps, args.tasks)
+    tails = tuple(float(c) for c in args.tails)
+    if any(len(w) != 3 + len(tails) for w in grid[1:]):
+        parser.error(f"each grid point needs {3 + len(tails)} weights (3 and one per tail)")
+    what = (args.family, args.family_kwargs, args.steps, args.tasks, tails)
     if args.procs > 1:
         with ProcessPoolExecutor(args.procs) as pool:
             records = [f.result() for f in [pool.submit(score, w, *what) for w in grid]]
@@ -89,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.steps} steps, told the length; the meta-trainer's evaluation): geometric mean "
         "of the final training losses (lower: better).",
         "",
-        "| w_1 (decay, told) | w_2 (warm-up) | w_3 (decay, not told) | metric |",
-        "| ---: | ---: | ---: | ---: |",
+        "| w_1 (decay, told) | w_2 (warm-up) | w_3 (decay, not told) | "
+        + "".join(f"w (decay over the last {c:g} T) | " for c in tails)
+        + "metric |",
+        "| ---: | ---: | ---: | " + "---: | " * len(tails) + "---: |",
     ]
     for r in records:
         w = r["weights"]
-        cells = [f"`{BASE}` (hand-designed)", "", ""] if w is None else [f"{x:g}" for x in w]
+        blank = [f"`{BASE}` (hand-designed)"] + [""] * (2 + len(tails))
+        cells = blank if w is None else [f"{x:g}" for x in w]
         lines.append("| " + " | ".join(cells) + f" | {r['metric']:.4f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     write_results(args.out, records, lines)

@@ -82,14 +82,15 @@ def _meta_train() -> list[str]:
 META_TRAIN = _meta_train()
 
 
-def initial_rule():
-    """``general-v7`` with no hand-designed schedule and the learned linear path at zero."""
+def initial_rule(tails: tuple[float, ...] = ()):
+    """``general-v7`` with no hand-designed schedule and the learned linear path at zero (with
+    late-decay log-schedules over the last ``c T`` steps for each ``c`` of ``tails``)."""
     import learned_opt
     from learned_opt import load_rule
     from learned_opt.rules import build_rule
 
     base, _ = load_rule(learned_opt.pretrained.path(BASE))
-    rule = build_rule(base.kind, {**base.config(), **LEARNED})
+    rule = build_rule(base.kind, {**base.config(), **LEARNED, "basis_tails": list(tails)})
     missing, unexpected = rule.load_state_dict(base.state_dict(), strict=False)
     assert missing == ["basis.weight"] and not unexpected, (missing, unexpected)
     assert not rule.basis.weight.any() and not rule.schedule[2].weight.any()

@@ -488,6 +488,14 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
     v7, zero, decay = (r["metric"] for r in records)
     assert v7 == zero and decay != zero and math.isfinite(decay)
     assert "`general-v7` (hand-designed)" in (tmp_path / "table.md").read_text()
+    # a late-decay log-schedule: one more weight per tail; a grid point without it is refused
+    tail = ["--tails", "[0.2]", "--grid", "[[0, 0, 0, 1]]", "--out", str(tmp_path / "tail")]
+    assert run_script("experiments/basis_schedule_grid.py", *args[:6], *tail) == 0
+    assert "decay over the last 0.2 T" in (tmp_path / "tail" / "table.md").read_text()
+    refused = run_script(
+        "experiments/basis_schedule_grid.py", *args, "--tails", "[0.2]", "--out", "x"
+    )
+    assert refused == 2 and not Path("x").exists()
 
 
 @pytest.mark.parametrize(

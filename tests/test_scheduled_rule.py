@@ -79,6 +79,30 @@ def test_basis_log_schedules_decay_to_the_end_warm_up_and_decay_without_an_end()
     assert free[0] == 0 and free[2] == pytest.approx(-math.log(2.0))
 
 
+def test_a_tail_log_schedule_is_the_hand_designed_late_decay() -> None:
+    """``basis_tails=(c,)``: one more log-schedule, the hand-designed decay over the last
+    ``c T`` steps (``ScheduledRule(tail=c)``'s), 0 when the length is unknown; it needs the
+    linear path, and fractions in (0, 1]."""
+    adam = AdamRule(lr=0.01).config()
+    hand = ScheduledRule("adam", adam, tail=0.2)
+    total = torch.tensor(100.0)
+    for t in (1.0, 79.0, 81.0, 95.0, 100.0, 120.0):
+        step = torch.tensor(t)
+        late = schedule_basis(step, total, (0.2, 0.5))
+        assert late.shape == (5,)
+        assert torch.equal(late[3], hand.hand_log_scale(step, total))
+    assert torch.equal(
+        schedule_basis(torch.tensor(99.0), torch.tensor(0.0), (0.2,))[3], torch.tensor(0.0)
+    )
+    rule = ScheduledRule("adam", adam, basis=True, basis_tails=(0.2,))
+    assert rule.basis.weight.shape == (1, 4) and not rule.basis.weight.any()
+    assert ScheduledRule(**rule.config()).basis_tails == (0.2,)
+    with pytest.raises(ValueError, match="needs basis"):
+        ScheduledRule("adam", adam, basis_tails=(0.2,))
+    with pytest.raises(ValueError, match="basis_tails"):
+        ScheduledRule("adam", adam, basis=True, basis_tails=(0.0,))
+
+
 def test_the_basis_path_starts_at_zero_and_scales_the_step_by_its_log_schedules() -> None:
     """``basis=True``: at zero the base rule step for step, told the length or not; with a
     weight ``w`` on the decay, the step of a known run ends scaled by ``exp(A tanh(-w log T /

@@ -37,26 +37,34 @@ NUM_BASIS = 3
 UNKNOWN_HORIZON = ("learned", "base")
 
 
-def schedule_basis(step: Tensor, total_steps: Tensor) -> Tensor:
-    """Three log-schedules of step ``t`` (>= 1) of a run of ``T`` steps (``T = 0``: unknown),
-    shape (3,), which a weight ``w`` turns into a schedule factor ``exp(w * b)``:
+def schedule_basis(step: Tensor, total_steps: Tensor, tails: Sequence[float] = ()) -> Tensor:
+    """Log-schedules of step ``t`` (>= 1) of a run of ``T`` steps (``T = 0``: unknown), shape
+    ``(3 + len(tails),)``, which a weight ``w`` turns into a schedule factor ``exp(w * b)``:
 
     - ``log((T - t + 1) / T)`` when ``T`` is known (else 0): ``w = 1`` decays the step linearly
       to ``1 / T`` at the last step; ``w = 1/2``, as a square root;
     - ``log(1 - exp(-t / 10))``: a warm-up over the first tens of steps, told ``T`` or not;
     - ``-log(1 + t / 100)`` when ``T`` is unknown (else 0): a horizon-free decay,
-      ``(1 + t / 100)^-w`` (``w = 1/2``: inverse square root).
+      ``(1 + t / 100)^-w`` (``w = 1/2``: inverse square root);
+    - per ``c`` of ``tails``, ``log(min(1, (T - t + 1) / (c T)))`` when ``T`` is known (else
+      0): a late decay, over the last ``c T`` steps only (``w = 1``: linear, to ``1 / (c T)``).
     """
     t = step.to(torch.float32).clamp_min(1.0)
     total = total_steps.to(torch.float32)
     known = total > 0
     remaining = ((total - t + 1.0) / total.clamp_min(1.0)).clamp(min=1.0 / total.clamp_min(1.0))
     zero = torch.zeros_like(t)
+    late = []
+    for c in tails:
+        span = (c * total).clamp_min(1.0)
+        down = ((total - t + 1.0) / span).clamp(min=1.0 / span, max=1.0)
+        late.append(torch.where(known, torch.log(down), zero))
     return torch.stack(
         (
             torch.where(known, torch.log(remaining.clamp(max=1.0)), zero),
             torch.log(-torch.expm1(-t / 10.0)),
             torch.where(known, zero, -torch.log1p(t / 100.0)),
+            *late,
         )
     )
 
@@ -106,6 +114,8 @@ class ScheduledRule(UpdateRule):
             without a known end), ``w`` at zero at the start: a learned schedule of this family
             needs ``w`` of order 1, which an MLP on fixed random features reaches only with
             large output weights.
+        basis_tails: with ``basis``, one more log-schedule per fraction ``c`` in ``(0, 1]``: a
+            decay over the last ``c T`` steps of a known run only.
 
     The state holds the base rule's state, ``total_steps`` (a 0-dim tensor, 0 when unknown) and
     the base rule's step counter.
@@ -124,6 +134,7 @@ class ScheduledRule(UpdateRule):
         tail: float = 0.0,
         learn_schedule: bool = True,
         basis: bool = False,
+        basis_tails: Sequence[float] = (),
     ) -> None:
         super().__init__()
         from . import build_rule  # the registry imports this module
@@ -149,7 +160,13 @@ class ScheduledRule(UpdateRule):
         self.schedule = nn.Sequential(
             nn.Linear(NUM_FEATURES, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1)
         )
-        self.basis = nn.Linear(NUM_BASIS, 1, bias=False) if basis else None
+        self.basis_tails = tuple(float(c) for c in basis_tails)
+        if self.basis_tails and not basis:
+            raise ValueError("basis_tails adds log-schedules to the linear path: it needs basis")
+        if not all(0.0 < c <= 1.0 for c in self.basis_tails):
+            raise ValueError(f"Invalid basis_tails: {self.basis_tails} (each in (0, 1])")
+        width = NUM_BASIS + len(self.basis_tails)
+        self.basis = nn.Linear(width, 1, bias=False) if basis else None
         self.learn_schedule = bool(learn_schedule)
         self.schedule.requires_grad_(self.learn_schedule)
         if self.basis is not None:
@@ -221,7 +238,7 @@ class ScheduledRule(UpdateRule):
         feats = schedule_features(step, total_steps).to(self.schedule[0].weight)
         raw = self.schedule(feats).squeeze(-1)
         if self.basis is not None:
-            basis = schedule_basis(step, total_steps).to(self.basis.weight)
+            basis = schedule_basis(step, total_steps, self.basis_tails).to(self.basis.weight)
             raw = raw + self.basis(basis).squeeze(-1)
         s = self.bound * torch.tanh(raw / self.bound)
         if self.unknown_horizon == "base":
@@ -285,4 +302,5 @@ class ScheduledRule(UpdateRule):
             "tail": self.tail,
             "learn_schedule": self.learn_schedule,
             "basis": self.basis is not None,
+            "basis_tails": list(self.basis_tails),
         }
