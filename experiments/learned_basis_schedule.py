@@ -60,16 +60,16 @@ LEARNED = {**mlp_schedule.LEARNED, "basis": True}
 META_LOSS_FLOOR = 0.05
 
 
-def _meta_train() -> list[str]:
+def meta_train_command(run: Path) -> list[str]:
     """``experiments/learned_warmup_decay.py``'s meta-training, on the linear path's weights,
-    from this run's start, with 8 tasks of 4 pairs per meta-iteration and the meta-loss
-    floored."""
+    from ``run/init.pt`` (files in ``run``), with 8 tasks of 4 pairs per meta-iteration and the
+    meta-loss floored."""
     out = list(mlp_schedule.META_TRAIN)
     replace = {
-        "--init-weights": str(RUN / "init.pt"), "--train-only": "basis.",
+        "--init-weights": str(run / "init.pt"), "--train-only": "basis.",
         "--estimator-kwargs": json.dumps({"sigma": 0.1, "pairs": 4}), "--meta-batch": "8",
-        "--log-dir": str(RUN / "tb"), "--ckpt-dir": str(RUN / "ckpt"),
-        "--export": str(RUN / "weights.pt"),
+        "--log-dir": str(run / "tb"), "--ckpt-dir": str(run / "ckpt"),
+        "--export": str(run / "weights.pt"),
     }  # fmt: skip
     for option, value in replace.items():
         out[out.index(option) + 1] = value
@@ -79,7 +79,7 @@ def _meta_train() -> list[str]:
     return out
 
 
-META_TRAIN = _meta_train()
+META_TRAIN = meta_train_command(RUN)
 
 
 def initial_rule(tails: tuple[float, ...] = ()):
@@ -97,15 +97,15 @@ def initial_rule(tails: tuple[float, ...] = ()):
     return rule
 
 
-def write_init(path: Path) -> None:
+def write_init(path: Path, tails: tuple[float, ...] = ()) -> None:
     from learned_opt import save_rule
 
     path.parent.mkdir(parents=True, exist_ok=True)
     source = (
         f"the shipped {BASE!r}, its hand-designed schedule replaced by a learned linear path on "
-        "three log-schedules, at zero"
+        f"{3 + len(tails)} log-schedules, at zero"
     )
-    save_rule(path, initial_rule(), {"source": source})
+    save_rule(path, initial_rule(tails), {"source": source})
 
 
 def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:

@@ -475,6 +475,28 @@ def test_learned_basis_schedule_recipe_trains_three_weights_from_no_schedule(
         _assert_steps_like_the_default(rule, reference="general-v7", **options)
 
 
+def test_learned_late_decay_recipe_adds_a_late_decay_to_the_basis_schedule(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The late-decay recipe: the basis-schedule recipe's meta-training (the linear path alone,
+    now four weights: one a decay over the last 20% of a told run) from a start that steps
+    exactly like ``general-v7`` not told the horizon, told or not."""
+    script = "experiments/learned_late_decay.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    from learned_opt.outer.factory import build_learner
+
+    basis = runpy.run_path(str(ROOT / "experiments/learned_basis_schedule.py"))
+    shared = [a for a in recipe["META_TRAIN"] if "learned-late-decay" not in a]
+    assert shared == [a for a in basis["META_TRAIN"] if "learned-basis-schedule" not in a]
+    assert config.meta_loss_floor == 0.05 and config.untold_fraction == 0.5
+    learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
+    trained = [n for n, p in learner.rule.named_parameters() if p.requires_grad]
+    assert trained == ["basis.weight"] and learner.rule.basis.weight.shape == (1, 4)
+    assert rule.basis_tails == (0.2,) and (rule.warmup, rule.tail) == (0.0, 0.0)
+    for options in ({}, {"total_steps": 50}):
+        _assert_steps_like_the_default(rule, reference="general-v7", **options)
+
+
 def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_schedule(
     tmp_path: Path, run_script
 ) -> None:
@@ -502,7 +524,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
     ("script", "worse"),
     [("experiments/learned_adaptation.py", "horizon-decay"),
      ("experiments/learned_warmup_decay.py", "orthogonal-direction"),
-     ("experiments/learned_basis_schedule.py", "orthogonal-direction")],
+     ("experiments/learned_basis_schedule.py", "orthogonal-direction"),
+     ("experiments/learned_late_decay.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
