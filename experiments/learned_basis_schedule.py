@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import candidates  # noqa: E402
@@ -108,32 +109,58 @@ def write_init(path: Path, tails: tuple[float, ...] = ()) -> None:
     save_rule(path, initial_rule(tails), {"source": source})
 
 
+def ship_schedule(
+    dest: Path, sealed_dir: Path, checkpoint: Path, *, name: str, settings: dict, recipe: str,
+    count: str,
+) -> dict:  # fmt: skip
+    """The ship step of a candidate that learns ``general-v7``'s schedule as the weights of
+    ``count`` log-schedules (this recipe's and ``experiments/learned_late_decay.py``'s):
+    :func:`candidates.ship_learned_part`."""
+    return candidates.ship_learned_part(
+        dest, name=name, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
+        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
+        source=f"the shipped {BASE!r} with its warm-up and decay learned from nothing, told the "
+        f"run's length and not (the weights of {count} log-schedules; everything else fixed)",
+        recipe=recipe, settings=settings, start="no_schedule",
+    )  # fmt: skip
+
+
+def schedule_main(
+    argv: list[str] | None, description: str, *, ship: Any, name: str, run: Path,
+    checkpoint: Path, validation: Path, label: str, count: str, write_init: Any,
+    meta_train: list[str],
+) -> int:  # fmt: skip
+    """The command line of such a candidate (:func:`candidates.learned_part_main`)."""
+    return candidates.learned_part_main(
+        argv, description, ship=ship, shipped=SHIPPED, run=run, checkpoint=checkpoint,
+        validation=validation,
+        validation_labels=(label,
+                           f"{BASE!r} with its warm-up and decay learned ({count} log-schedules)",
+                           "learned outputs zeroed (no schedule, no adaptation)"),
+        write_init=write_init, meta_train=meta_train, name=name,
+    )  # fmt: skip
+
+
 def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
     """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
     ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
-    metadata (:func:`candidates.ship_learned_part`).
+    metadata.
 
     Raises:
         ValueError: their sealed geometric mean (told the horizon, or not) is above
             ``general-v7``'s at some horizon; nothing is written then.
     """
-    return candidates.ship_learned_part(
-        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
-        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
-        source=f"the shipped {BASE!r} with its warm-up and decay learned from nothing, told the "
-        "run's length and not (the weights of three log-schedules; everything else fixed)",
-        recipe="experiments/learned_basis_schedule.py", settings=LEARNED, start="no_schedule",
+    return ship_schedule(
+        dest, sealed_dir, checkpoint, name=NAME, settings=LEARNED,
+        recipe="experiments/learned_basis_schedule.py", count="three",
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    return candidates.learned_part_main(
-        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
-        checkpoint=CHECKPOINT, validation=VALIDATION,
-        validation_labels=("learned basis schedule",
-                           f"{BASE!r} with its warm-up and decay learned (three log-schedules)",
-                           "learned outputs zeroed (no schedule, no adaptation)"),
-        write_init=write_init, meta_train=META_TRAIN, name=NAME,
+    return schedule_main(
+        argv, (__doc__ or "").splitlines()[0], ship=ship, name=NAME, run=RUN,
+        checkpoint=CHECKPOINT, validation=VALIDATION, label="learned basis schedule",
+        count="three", write_init=write_init, meta_train=META_TRAIN,
     )  # fmt: skip
 
 

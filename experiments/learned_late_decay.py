@@ -51,29 +51,19 @@ def write_init(path: Path) -> None:
 
 def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
     """Write the best weights of the committed ``checkpoint`` as ``dest/{SHIPPED}.pt`` with
-    their provenance and figures (:func:`candidates.ship_learned_part`).
-
-    Raises:
-        ValueError: their sealed geometric mean (told the horizon, or not) is above
-            ``general-v7``'s at some horizon; nothing is written then.
-    """
-    return candidates.ship_learned_part(
-        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
-        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
-        source=f"the shipped {BASE!r} with its warm-up and decay learned from nothing, told the "
-        "run's length and not (the weights of four log-schedules; everything else fixed)",
-        recipe="experiments/learned_late_decay.py", settings=LEARNED, start="no_schedule",
+    their provenance and figures (refused, writing nothing, if their sealed geometric mean is
+    above ``general-v7``'s at some horizon, told or not)."""
+    return basis_schedule.ship_schedule(
+        dest, sealed_dir, checkpoint, name=NAME, settings=LEARNED,
+        recipe="experiments/learned_late_decay.py", count="four",
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    return candidates.learned_part_main(
-        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
-        checkpoint=CHECKPOINT, validation=VALIDATION,
-        validation_labels=("learned late decay",
-                           f"{BASE!r} with its warm-up and decay learned (four log-schedules)",
-                           "learned outputs zeroed (no schedule, no adaptation)"),
-        write_init=write_init, meta_train=META_TRAIN, name=NAME,
+    return basis_schedule.schedule_main(
+        argv, (__doc__ or "").splitlines()[0], ship=ship, name=NAME, run=RUN,
+        checkpoint=CHECKPOINT, validation=VALIDATION, label="learned late decay",
+        count="four", write_init=write_init, meta_train=META_TRAIN,
     )  # fmt: skip
 
 
