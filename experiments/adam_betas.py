@@ -27,7 +27,6 @@ The steps:
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,16 +67,6 @@ def validate(out: Path) -> dict[str, Any]:
     return candidates.validate_settings(BASE, GRID, HORIZONS, out, caption)
 
 
-def write_weights(path: Path) -> None:
-    """``general-v2`` with :data:`CHOSEN`."""
-    from learned_opt import load_rule, pretrained, save_rule
-
-    base, _ = load_rule(pretrained.path(BASE))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    source = f"the shipped {BASE!r} weights with {json.dumps(CHOSEN)}, chosen on validation"
-    save_rule(path, base.variant(**CHOSEN), {"source": source})
-
-
 def ship(
     dest: Path, *, sealed: Path = candidates.SEALED, allow_worse: bool = False
 ) -> dict[str, Any]:
@@ -97,13 +86,9 @@ def ship(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = candidates.settings_parser(__doc__.splitlines()[0])
-    parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
-    args = parser.parse_args(argv)
-    return candidates.run_settings_steps(
-        args, parser, results=RESULTS, run=RUN, sealed_name="adam-betas", name=NAME,
-        chosen=CHOSEN, validate=lambda: validate(RESULTS), write_weights=write_weights,
-        ship=lambda dest: ship(dest, allow_worse=args.allow_worse),
+    return candidates.settings_main(
+        __doc__.splitlines()[0], argv, base=BASE, chosen=CHOSEN, results=RESULTS, run=RUN,
+        sealed_name="adam-betas", name=NAME, validate=lambda: validate(RESULTS), ship=ship,
     )  # fmt: skip
 
 

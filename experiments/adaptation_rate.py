@@ -30,7 +30,6 @@ The steps:
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,16 +72,6 @@ def validate(out: Path) -> dict[str, float]:
     return candidates.validate_settings(REPLACES, GRID, HORIZONS, out, caption)
 
 
-def write_weights(path: Path) -> None:
-    """The shipped weights with :data:`CHOSEN`."""
-    from learned_opt import load_rule, pretrained, save_rule
-
-    base, _ = load_rule(pretrained.path(REPLACES))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    source = f"the shipped {REPLACES!r} weights with {json.dumps(CHOSEN)}, chosen on validation"
-    save_rule(path, base.variant(**CHOSEN), {"source": source})
-
-
 def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dict[str, Any]:
     """Write the weights as ``dest/general-v2.pt`` (and ``.json``) with their provenance and
     figures (:func:`candidates.ship_settings`). Returns the metadata.
@@ -99,13 +88,9 @@ def ship(dest: Path, *, sealed: Path = SEALED, allow_worse: bool = False) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = candidates.settings_parser(__doc__.splitlines()[0])
-    parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
-    args = parser.parse_args(argv)
-    return candidates.run_settings_steps(
-        args, parser, results=RESULTS, run=RUN, sealed_name="adaptation-rate", name=NAME,
-        chosen=CHOSEN, validate=lambda: validate(RESULTS), write_weights=write_weights,
-        ship=lambda dest: ship(dest, allow_worse=args.allow_worse),
+    return candidates.settings_main(
+        __doc__.splitlines()[0], argv, base=REPLACES, chosen=CHOSEN, results=RESULTS, run=RUN,
+        sealed_name="adaptation-rate", name=NAME, validate=lambda: validate(RESULTS), ship=ship,
     )  # fmt: skip
 
 

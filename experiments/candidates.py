@@ -579,6 +579,17 @@ def write_derived(
     return meta
 
 
+def write_settings_weights(path: Path, base: str, chosen: dict[str, Any]) -> None:
+    """Write the shipped ``base`` weights with the settings ``chosen`` as ``path`` (a settings
+    recipe's ``weights`` step)."""
+    from learned_opt import load_rule, pretrained, save_rule
+
+    rule, _ = load_rule(pretrained.path(base))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = f"the shipped {base!r} weights with {json.dumps(chosen)}, chosen on validation"
+    save_rule(path, rule.variant(**chosen), {"source": source})
+
+
 #: The steps of a recipe that chooses settings of shipped weights on validation tasks.
 SETTINGS_STEPS = ("validate", "weights", "sealed", "ship")
 
@@ -643,3 +654,26 @@ def run_settings_steps(
         if not args.dry_run:
             ship(dest)
     return 0
+
+
+def settings_main(
+    description: str,
+    argv: Sequence[str] | None,
+    *,
+    base: str,
+    chosen: dict[str, Any],
+    validate: Callable[[], Any],
+    ship: Callable[..., Any],
+    **steps: Any,
+) -> int:
+    """The command line of a recipe that retunes settings of the shipped ``base`` weights
+    (:func:`run_settings_steps`, its ``weights`` step :func:`write_settings_weights`):
+    ``ship(dest, allow_worse=...)``; ``--allow-worse`` ships even if worse sealed."""
+    parser = settings_parser(description)
+    parser.add_argument("--allow-worse", action="store_true", help="ship even if worse sealed")
+    args = parser.parse_args(argv)
+    return run_settings_steps(
+        args, parser, chosen=chosen, validate=validate,
+        write_weights=lambda path: write_settings_weights(path, base, chosen),
+        ship=lambda dest: ship(dest, allow_worse=args.allow_worse), **steps,
+    )  # fmt: skip

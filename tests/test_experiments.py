@@ -724,11 +724,11 @@ def test_adaptation_drift_recipe_starts_from_the_gain_candidate(
     ],
 )
 def test_settings_recipe_writes_its_base_with_the_chosen_settings(
-    script: str, base: str, run: str, tmp_path: Path, run_script, capsys
+    script: str, base: str, run: str, tmp_path: Path, run_script, capsys, monkeypatch
 ) -> None:
-    """A settings recipe (the retuned adaptation, momenta, shrinking): its weights are the
-    shipped base's tensors with the chosen settings, and the committed validation record (if
-    any) chooses those settings."""
+    """A settings recipe (the retuned adaptation, momenta, shrinking): its ``weights`` step
+    writes the shipped base's tensors with the chosen settings, and the committed validation
+    record (if any) chooses those settings."""
     import math
 
     from learned_opt.report import read_jsonl
@@ -738,8 +738,10 @@ def test_settings_recipe_writes_its_base_with_the_chosen_settings(
     recipe = runpy.run_path(str(ROOT / script))
     chosen = recipe["CHOSEN"]
     assert chosen in recipe["GRID"] and {} in recipe["GRID"]
+    recipe["main"].__globals__["RUN"] = tmp_path  # the step's folder, not the repository's
+    monkeypatch.chdir(ROOT)
+    assert recipe["main"](["--steps", "weights"]) == 0
     path = tmp_path / "weights.pt"
-    recipe["write_weights"](path)
     rule, _ = load_rule(path)
     default, _ = load_rule(pretrained.path(base))
     assert all(getattr(rule.settings, k) == v for k, v in chosen.items())
@@ -803,8 +805,9 @@ def test_settings_recipe_ships_its_weights_with_their_sealed_figures(
     name = recipe["NAME"]
     rule, meta = load_rule(package / f"{name}.pt")
     assert json.loads((package / f"{name}.json").read_text()) == meta
+    recipe["main"].__globals__["RUN"] = tmp_path  # the weights step's folder
+    assert recipe["main"](["--steps", "weights"]) == 0
     written = tmp_path / "weights.pt"
-    recipe["write_weights"](written)
     for a, b in zip(rule.parameters(), load_rule(written)[0].parameters(), strict=True):
         assert torch.equal(a, b)
     assert rule.settings == load_rule(written)[0].settings
@@ -850,7 +853,9 @@ def test_adaptation_rate_gain_recipe_starts_from_the_retuned_candidate(
     renamed = [a.replace("adaptation-rate-gain", "adaptation-gain") for a in recipe["META_TRAIN"]]
     assert renamed == gain["META_TRAIN"]
     retuned = tmp_path / "retuned.pt"
-    runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))["write_weights"](retuned)
+    rate = runpy.run_path(str(ROOT / "experiments/adaptation_rate.py"))
+    candidates = runpy.run_path(str(ROOT / "experiments/candidates.py"))
+    candidates["write_settings_weights"](retuned, rate["REPLACES"], rate["CHOSEN"])
     _assert_steps_like_the_default(rule, reference=load_rule(retuned)[0])
 
 
