@@ -35,9 +35,10 @@ BASE = "general-v7"
 
 
 def score(weights: tuple[float, ...] | None, family: str, kwargs: dict, steps: int,
-          tasks: int, tails: tuple[float, ...] = ()) -> dict:  # fmt: skip
+          tasks: int, tails: tuple[float, ...] = (), bound: float = 3.0) -> dict:  # fmt: skip
     """The held-out metric of the basis weights (``None``: ``general-v7`` itself), with a
-    late-decay log-schedule per fraction of ``tails`` after the three."""
+    late-decay log-schedule per fraction of ``tails`` after the three, the schedule's log-factor
+    bounded by ``bound``."""
     import learned_basis_schedule as recipe
     import torch
 
@@ -51,7 +52,7 @@ def score(weights: tuple[float, ...] | None, family: str, kwargs: dict, steps: i
     if weights is None:
         rule = load_rule(learned_opt.pretrained.path(BASE))[0]
     else:
-        rule = recipe.initial_rule(tails)
+        rule = recipe.initial_rule(tails, bound=bound)
         with torch.no_grad():
             rule.basis.weight.copy_(torch.tensor([weights]))
     config = MetaTrainConfig(
@@ -61,7 +62,7 @@ def score(weights: tuple[float, ...] | None, family: str, kwargs: dict, steps: i
     held_out = HeldOut(config, make_family(family, **kwargs))
     metric, _ = held_out.evaluate(type("Learner", (), {"rule": rule})())
     weights = None if weights is None else list(weights)
-    return {"weights": weights, "tails": list(tails), "metric": metric}
+    return {"weights": weights, "tails": list(tails), "bound": bound, "metric": metric}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tails", type=json.loads, default=[],
                         help="a JSON list of fractions c: one late-decay log-schedule each, "
                         "weighted by the entries after the third of each grid point")  # fmt: skip
+    parser.add_argument("--bound", type=float, default=3.0,
+                        help="the schedule's bound A (its factor in [e^-A, e^A])")  # fmt: skip
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     tails = tuple(float(c) for c in args.tails)
     if any(len(w) != 3 + len(tails) for w in grid[1:]):
         parser.error(f"each grid point needs {3 + len(tails)} weights (3 and one per tail)")
-    what = (args.family, args.family_kwargs, args.steps, args.tasks, tails)
+    what = (args.family, args.family_kwargs, args.steps, args.tasks, tails, args.bound)
     if args.procs > 1:
         with ProcessPoolExecutor(args.procs) as pool:
             records = [f.result() for f in [pool.submit(score, w, *what) for w in grid]]
@@ -93,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     family = args.family + (f" {json.dumps(args.family_kwargs)}" if args.family_kwargs else "")
     lines = [
         f"Basis weights around `{BASE}` on {args.tasks} held-out tasks of `{family}` "
-        f"({args.steps} steps, told the length; the meta-trainer's evaluation): geometric mean "
-        "of the final training losses (lower: better).",
+        f"({args.steps} steps, told the length; the meta-trainer's evaluation; the learned "
+        f"log-factor bounded at {args.bound:g}): geometric mean of the final training losses "
+        "(lower: better).",
         "",
         "| w_1 (decay, told) | w_2 (warm-up) | w_3 (decay, not told) | "
         + "".join(f"w (decay over the last {c:g} T) | " for c in tails)

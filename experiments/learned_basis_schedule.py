@@ -83,15 +83,17 @@ def meta_train_command(run: Path) -> list[str]:
 META_TRAIN = meta_train_command(RUN)
 
 
-def initial_rule(tails: tuple[float, ...] = ()):
+def initial_rule(tails: tuple[float, ...] = (), **settings):
     """``general-v7`` with no hand-designed schedule and the learned linear path at zero (with
-    late-decay log-schedules over the last ``c T`` steps for each ``c`` of ``tails``)."""
+    late-decay log-schedules over the last ``c T`` steps for each ``c`` of ``tails``; other
+    ``settings`` of the schedule, e.g. its ``bound``)."""
     import learned_opt
     from learned_opt import load_rule
     from learned_opt.rules import build_rule
 
     base, _ = load_rule(learned_opt.pretrained.path(BASE))
-    rule = build_rule(base.kind, {**base.config(), **LEARNED, "basis_tails": list(tails)})
+    config = {**base.config(), **LEARNED, "basis_tails": list(tails), **settings}
+    rule = build_rule(base.kind, config)
     missing, unexpected = rule.load_state_dict(base.state_dict(), strict=False)
     assert missing == ["basis.weight"] and not unexpected, (missing, unexpected)
     assert not rule.basis.weight.any() and not rule.schedule[2].weight.any()

@@ -510,6 +510,12 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
     v7, zero, decay = (r["metric"] for r in records)
     assert v7 == zero and decay != zero and math.isfinite(decay)
     assert "`general-v7` (hand-designed)" in (tmp_path / "table.md").read_text()
+    # the bound reaches the rule: the same decay bounded tighter scores differently
+    bounded = tmp_path / "bounded"
+    assert run_script("experiments/basis_schedule_grid.py", *args, "--bound", "0.1",
+                      "--out", str(bounded)) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (bounded / "records.jsonl").read_text().splitlines()]
+    assert rows[2]["bound"] == 0.1 and rows[2]["metric"] != decay and rows[1]["metric"] == zero
     # a late-decay log-schedule: one more weight per tail; a grid point without it is refused
     tail = ["--tails", "[0.2]", "--grid", "[[0, 0, 0, 1]]", "--out", str(tmp_path / "tail")]
     assert run_script("experiments/basis_schedule_grid.py", *args[:6], *tail) == 0
