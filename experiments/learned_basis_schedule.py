@@ -61,14 +61,14 @@ LEARNED = {**mlp_schedule.LEARNED, "basis": True}
 META_LOSS_FLOOR = 0.05
 
 
-def meta_train_command(run: Path) -> list[str]:
+def meta_train_command(run: Path, sigma: float = 0.1) -> list[str]:
     """``experiments/learned_warmup_decay.py``'s meta-training, on the linear path's weights,
-    from ``run/init.pt`` (files in ``run``), with 8 tasks of 4 pairs per meta-iteration and the
-    meta-loss floored."""
+    from ``run/init.pt`` (files in ``run``), with 8 tasks of 4 pairs (perturbations of standard
+    deviation ``sigma``) per meta-iteration and the meta-loss floored."""
     out = list(mlp_schedule.META_TRAIN)
     replace = {
         "--init-weights": str(run / "init.pt"), "--train-only": "basis.",
-        "--estimator-kwargs": json.dumps({"sigma": 0.1, "pairs": 4}), "--meta-batch": "8",
+        "--estimator-kwargs": json.dumps({"sigma": sigma, "pairs": 4}), "--meta-batch": "8",
         "--log-dir": str(run / "tb"), "--ckpt-dir": str(run / "ckpt"),
         "--export": str(run / "weights.pt"),
     }  # fmt: skip

@@ -123,3 +123,38 @@ def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     assert [r["variant"] for r in rows[1:]] == [
         "as given", "rate x2", "adaptation off, output zeroed", "cosine decay", "rate x0.5"
     ]  # fmt: skip
+
+
+def test_selection_noise_scores_as_the_meta_trainer_and_measures_the_spread(
+    tmp_path: Path, run_script
+) -> None:
+    """At multiplier 1 the metric is the meta-trainer's held-out metric of the same weights on
+    the same tasks; the same multiplier twice has no spread, another one some."""
+    import learned_opt
+    from learned_opt import load_rule
+    from learned_opt.outer import MetaTrainConfig
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.tasks import make_family
+
+    args = ["--steps", "4", "--tasks", "3", "--subsets", "2,3", "--procs", "1"]
+    assert run_script("benchmarks/selection_noise.py", *args, "--scales", "1,1,1.5",
+                      "--out", str(tmp_path)) == 0  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().split("\n")
+               if line]  # fmt: skip
+    assert len(records) == 9 and {r["task"] for r in records} == {0, 1, 2}
+    config = MetaTrainConfig(
+        family="quadratic", eval_tasks=3, eval_horizon=4, objective="final-train",
+        log_meta_loss=True,
+    )  # fmt: skip
+    rule = load_rule(learned_opt.pretrained.path(learned_opt.pretrained.DEFAULT))[0]
+    metric, _ = HeldOut(config, make_family("validation")).evaluate(
+        type("Learner", (), {"rule": rule})()
+    )
+    row = (tmp_path / "table.md").read_text().strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "3" and float(cells[1]) == pytest.approx(metric, rel=1e-3)
+    assert cells[1] == cells[2] and cells[3] != cells[1] and cells[4] != "0.0%"
+    same = [r["final_train_loss"] for r in records if r["scale"] == 1]
+    assert same[:3] == same[3:]
+    refused = run_script("benchmarks/selection_noise.py", *args, "--subsets", "4", "--out", "x")
+    assert refused == 2 and not Path("x").exists()

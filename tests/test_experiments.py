@@ -475,19 +475,28 @@ def test_learned_basis_schedule_recipe_trains_three_weights_from_no_schedule(
         _assert_steps_like_the_default(rule, reference="general-v7", **options)
 
 
+@pytest.mark.parametrize(
+    ("script", "sigma"),
+    [("experiments/learned_late_decay.py", 0.1),
+     ("experiments/learned_late_decay_smoothed.py", 0.5)],
+)  # fmt: skip
 def test_learned_late_decay_recipe_adds_a_late_decay_to_the_basis_schedule(
-    tmp_path: Path, run_script, capsys
+    script: str, sigma: float, tmp_path: Path, run_script, capsys
 ) -> None:
-    """The late-decay recipe: the basis-schedule recipe's meta-training (the linear path alone,
-    now four weights: one a decay over the last 20% of a told run) from a start that steps
-    exactly like ``general-v7`` not told the horizon, told or not."""
-    script = "experiments/learned_late_decay.py"
+    """The late-decay recipes: the basis-schedule recipe's meta-training (the linear path
+    alone, now four weights: one a decay over the last 20% of a told run; perturbations of
+    ``sigma``) from a start that steps exactly like ``general-v7`` not told the horizon, told
+    or not."""
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
     from learned_opt.outer.factory import build_learner
 
     basis = runpy.run_path(str(ROOT / "experiments/learned_basis_schedule.py"))
-    shared = [a for a in recipe["META_TRAIN"] if "learned-late-decay" not in a]
-    assert shared == [a for a in basis["META_TRAIN"] if "learned-basis-schedule" not in a]
+    shared = [a for a in recipe["META_TRAIN"] if recipe["NAME"] not in a]
+    expected = [a for a in basis["META_TRAIN"] if "learned-basis-schedule" not in a]
+    pes = expected.index("--estimator-kwargs") + 1
+    assert json.loads(expected[pes])["sigma"] == 0.1
+    expected[pes] = json.dumps({**json.loads(expected[pes]), "sigma": sigma})
+    assert shared == expected and config.estimator_kwargs["sigma"] == sigma
     assert config.meta_loss_floor == 0.05 and config.untold_fraction == 0.5
     learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
     trained = [n for n, p in learner.rule.named_parameters() if p.requires_grad]
@@ -531,7 +540,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
     [("experiments/learned_adaptation.py", "horizon-decay"),
      ("experiments/learned_warmup_decay.py", "orthogonal-direction"),
      ("experiments/learned_basis_schedule.py", "orthogonal-direction"),
-     ("experiments/learned_late_decay.py", "orthogonal-direction")],
+     ("experiments/learned_late_decay.py", "orthogonal-direction"),
+     ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
