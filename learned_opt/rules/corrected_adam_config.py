@@ -118,8 +118,9 @@ class LSTMCorrectedAdamConfig:
             paper's log/sign preprocessing of the raw gradient instead of the normalized
             momenta and gradient.
         nominal: ablation switch (measured; README): ``False`` makes the read-out the update
-            itself (times :math:`e^{s}`), with no Adam step. Not both switches off: that is the
-            paper's :class:`~learned_opt.rules.LSTMRule`.
+            itself (times :math:`e^{s}`), with no Adam step, so ``lr``, ``learn_lr``,
+            ``a_bound`` and ``additive`` then have no effect. Not both switches off: that is
+            the paper's :class:`~learned_opt.rules.LSTMRule`.
     """
 
     hidden_size: int = 16
