@@ -7,7 +7,8 @@ loss) with
 
 (a) AdamW (betas 0.9/0.999, weight decay 0.01, constant learning rate) whose learning rate is
     tuned first: each learning rate of ``--lrs`` trains for ``--tune-steps`` steps and the one
-    with the lowest validation loss is chosen; then it trains for ``--steps`` steps;
+    with the lowest validation loss is chosen, on validation batches of their own (not the
+    ones the held-out losses are reported on); then it trains for ``--steps`` steps;
 (b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0);
     with ``--total-steps``, ``LSTMOptimizer(params, total_steps=steps)`` (the default weights'
     warm-up and decay).
@@ -55,7 +56,8 @@ from learned_opt.corpus import CharCorpus, load_corpus
 from learned_opt.report import write_jsonl, write_results
 
 _DATA_STREAM = 1  # generator offset of the training minibatches
-_VAL_STREAM = 2  # generator offset of the fixed validation batches
+_VAL_STREAM = 2  # generator offset of the fixed validation batches (the reported losses)
+_TUNE_STREAM = 3  # generator offset of the batches that choose AdamW's learning rate
 
 
 class CharTransformer(nn.Module):
@@ -94,8 +96,11 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def _val_batches(corpus: CharCorpus, args: argparse.Namespace) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(args.seed * 1000 + _VAL_STREAM)
+def _val_batches(
+    corpus: CharCorpus, args: argparse.Namespace, stream: int = _VAL_STREAM
+) -> list[tuple[Tensor, Tensor]]:
+    """``--eval-batches`` fixed batches of the corpus's validation split (``stream``: which)."""
+    g = torch.Generator().manual_seed(args.seed * 1000 + stream)
     return [corpus.batch("val", args.batch, args.context, g) for _ in range(args.eval_batches)]
 
 
@@ -333,6 +338,8 @@ def run(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0],
+        # generator offsets of the validation batches: reported losses, AdamW's tuning
+        "val_streams": {"reported": _VAL_STREAM, "tuning": _TUNE_STREAM},
     }
     records: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
@@ -340,9 +347,12 @@ def run(argv: list[str] | None = None) -> int:
     def adamw(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
         return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
-    # (a) AdamW: a learning rate per tuning run, chosen by validation loss.
+    # (a) AdamW: a learning rate per tuning run, chosen by the loss on validation batches of
+    # their own, so that the held-out losses reported below are not those it was chosen on.
+    tune_val = _val_batches(corpus, args, _TUNE_STREAM)
     tune = [
-        Run(f"tune_adamw_lr{lr:g}", adamw(lr), args.tune_steps, corpus, val, args) for lr in lrs
+        Run(f"tune_adamw_lr{lr:g}", adamw(lr), args.tune_steps, corpus, tune_val, args)
+        for lr in lrs
     ]
     for lr, rec in zip(lrs, train_together(tune, args.tune_steps)):
         rec.update(setup, optimizer="adamw", lr=lr, role="tuning")

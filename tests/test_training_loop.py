@@ -610,6 +610,29 @@ def test_time_to_target_benchmark_tells_the_default_the_horizon(tmp_path, run_sc
     )
 
 
+def test_time_to_target_benchmark_tunes_on_other_batches_than_it_reports() -> None:
+    """AdamW's learning rate is chosen on validation batches of its own: the held-out losses
+    reported for both optimizers are on other batches of the validation split."""
+    import argparse
+    import runpy
+
+    from conftest import ROOT
+
+    from learned_opt.corpus import load_corpus
+
+    script = runpy.run_path(str(ROOT / "benchmarks/time_to_target.py"))
+    args = argparse.Namespace(seed=0, batch=2, context=8, eval_batches=2)
+    corpus = load_corpus()
+    reported = script["_val_batches"](corpus, args)
+    tuning = script["_val_batches"](corpus, args, script["_TUNE_STREAM"])
+    assert script["_TUNE_STREAM"] != script["_VAL_STREAM"]
+    assert len(reported) == len(tuning) == 2
+    for (x, _), (xt, _) in zip(reported, tuning):
+        assert x.shape == xt.shape and not torch.equal(x, xt)
+    again = script["_val_batches"](corpus, args)  # fixed: the same batches on every call
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(reported, again))
+
+
 def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> None:
     import json
 
@@ -620,6 +643,7 @@ def test_time_to_target_benchmark_writes_its_records(tmp_path, run_script) -> No
     tuning = [r for r in records if r["role"] == "tuning"]
     adamw, lstm = (r for r in records if r["role"] == "compared")
     assert [r["lr"] for r in tuning] == [1e-3, 1e-2]
+    assert all(r["val_streams"] == {"reported": 2, "tuning": 3} for r in records)
     assert adamw["lr"] == min(tuning, key=lambda r: r["final_val_loss"])["lr"]
     assert (adamw["optimizer"], lstm["optimizer"]) == ("adamw", "lstm")
     for r in (adamw, lstm):
