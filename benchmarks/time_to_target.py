@@ -27,9 +27,10 @@ per run, tuning runs included), ``curves.jsonl`` (every step and every evaluatio
 Default sizes: 4 layers, d_model 256, 4 heads, context 128 (3.25M parameters), batch 16; 4 x 300
 tuning steps, then 2000 steps each. Measured on 2 otherwise idle CPU cores of an AMD EPYC
 (torch 2.13.0) with the default weights: about 275 ms per AdamW step and 530 ms per
-LSTMOptimizer step (opt.step about 255 ms), so about 33 minutes in all. On a shared machine these times vary up to tenfold (two threads on two busy
-cores): the lock-step keeps the comparison fair, not the total short; ``--d-model 128 --batch 8``
-(0.84M parameters) is three to four times faster.
+LSTMOptimizer step (opt.step about 255 ms), so about 33 minutes in all. On a shared machine
+these times vary up to tenfold (two threads on two busy cores): the lock-step keeps the
+comparison fair, not the total short; ``--d-model 128 --batch 8`` (0.84M parameters) is three
+to four times faster.
 
     python benchmarks/time_to_target.py --out benchmarks/results/time_to_target
     python benchmarks/time_to_target.py --smoke --out /tmp/smoke
