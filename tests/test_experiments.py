@@ -434,6 +434,32 @@ def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
     assert "--total-steps" in command and "learned,learned-zeroed" in command
 
 
+def test_learned_adaptation_untold_recipe_continues_the_default_told_and_not(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe that meta-trains ``general-v7``'s adaptation further: the learned adaptation's
+    own command (same estimator, group, objective) with half of the tasks not told their
+    horizon and the selection told and not; it trains the controller alone and starts from
+    ``general-v7``'s configuration and weights exactly."""
+    script = "experiments/learned_adaptation_untold.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
+    assert config.untold_fraction == 0.5 and config.eval_untold
+    from learned_opt.cli import build_parser, config_from_args
+
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    assert differs <= {"untold_fraction", "eval_untold", "time_budget", "init_weights",
+                       "log_dir", "ckpt_dir", "export"}, differs  # fmt: skip
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("base.controller_") for n in trained)
+    v7, _ = load_rule(pretrained.path("general-v7"))
+    assert rule.config() == v7.config()
+    for (name, a), b in zip(rule.state_dict().items(), v7.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    _assert_steps_like_the_default(rule, reference="general-v7")
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:
@@ -541,7 +567,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_warmup_decay.py", "orthogonal-direction"),
      ("experiments/learned_basis_schedule.py", "orthogonal-direction"),
      ("experiments/learned_late_decay.py", "orthogonal-direction"),
-     ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction")],
+     ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction"),
+     ("experiments/learned_adaptation_untold.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
