@@ -30,7 +30,8 @@ The steps:
    ``runs/learned-adaptation-untold/weights.pt`` (the sealed test's input on a fresh clone).
 4. ``sealed``, only if the best weights' validation metric is at least 1% below that of
    ``general-v7`` (the run's iteration 0; smaller differences are within what
-   ``benchmarks/selection_noise.py`` measured as the selection's noise): the sealed test group at 100 and 1,000 steps, once (``SEALED_ARGS="--total-steps
+   ``benchmarks/selection_noise.py`` measured as the selection's noise): the sealed test
+   group at 100 and 1,000 steps, once (``SEALED_ARGS="--total-steps
    --optimizers learned,learned-zeroed" bash benchmarks/results/sealed/candidate.sh
    experiments/learned_adaptation_untold.py learned-adaptation-untold``; not told the horizon:
    ``learned-adaptation-untold-horizon-free-{100,1000}``).
