@@ -324,6 +324,13 @@ TOLD_HORIZON = (
 )
 
 
+#: The meta-trainer's held-out metric of the learned-part runs (``--eval-horizon 500``).
+HELD_OUT_TOLD = (
+    "the meta-trainer's eval/metric: geometric mean of the final training loss over the "
+    "validation group's 8 held-out tasks at 500 steps, the horizon told"
+)
+
+
 def ship_learned_part(
     dest: Path,
     *,
@@ -338,6 +345,7 @@ def ship_learned_part(
     recipe: str,
     settings: dict[str, Any],
     start: str,
+    metric: str = HELD_OUT_TOLD,
 ) -> dict[str, Any]:
     """Write the best weights of the committed ``checkpoint`` of a candidate that learned a part
     of the shipped ``base`` weights as ``dest/{shipped}.pt`` (and ``.json``), with their
@@ -345,7 +353,8 @@ def ship_learned_part(
     the horizon; ``{name}-horizon-free-{h}``, not) beside ``base``'s (``base_sealed``,
     ``base_sealed_free``); returns the metadata. ``source``: what the weights are; ``recipe``:
     the script; ``settings``: what the candidate changed in ``base``'s configuration;
-    ``start``: the name under which the validation metric of the starting rule is recorded.
+    ``start``: the name under which the validation metric of the starting rule is recorded;
+    ``metric``: what that metric is (the run's held-out evaluation).
 
     Raises:
         ValueError: their sealed geometric mean (told the horizon, or not) is above ``base``'s
@@ -402,8 +411,7 @@ def ship_learned_part(
             "torch_threads": 1,
         },
         validation={
-            "metric": "the meta-trainer's eval/metric: geometric mean of the final training "
-            "loss over the validation group's 8 held-out tasks at 500 steps, the horizon told",
+            "metric": metric,
             start: history.get("eval_metric", [None])[0],
             "best": state["best_metric"],
         },
