@@ -67,6 +67,7 @@ def test_tensorboard_logs_checkpoints_and_best_weights(tmp_path: Path) -> None:
         "eval/best_metric",
     ):
         assert tag in tags, tag
+    assert not {"eval/metric_told", "eval/metric_untold"} & tags  # each task ran once
     assert len(acc.Scalars("meta/loss")) == 4
     assert [p.name for p in find_checkpoints(tmp_path / "ckpt")] == [
         "ckpt_00000004.pt",
@@ -76,6 +77,26 @@ def test_tensorboard_logs_checkpoints_and_best_weights(tmp_path: Path) -> None:
     opt = LSTMOptimizer([torch.nn.Parameter(torch.ones(2))], weights=tmp_path / "ckpt" / "best.pt")
     assert opt.metadata["eval_metric"] == pytest.approx(trainer.best_metric)
     assert trainer.best_metric == min(trainer.history["eval_metric"])
+
+
+def test_tensorboard_logs_the_held_out_metric_told_and_untold(tmp_path: Path) -> None:
+    """With ``eval_untold`` a rule that reads the run's length is scored told and untold: both
+    halves are logged beside the metric that aggregates them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = MetaTrainConfig(
+        iterations=1, eval_untold=True, log_meta_loss=True, rule="scheduled",
+        rule_kwargs={"base": "adam", "basis": True}, **SMALL,
+    )  # fmt: skip
+    trainer = MetaTrainer(config, log_dir=tmp_path / "tb")
+    trainer.train()
+    trainer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    told, untold, both = (
+        acc.Scalars(f"eval/{tag}")[-1].value for tag in ("metric_told", "metric_untold", "metric")
+    )
+    assert both == pytest.approx(math.sqrt(told * untold), rel=1e-5)
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
@@ -549,15 +570,19 @@ def test_the_held_out_metric_can_run_each_task_told_and_not() -> None:
         learner.rule.basis.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
     told, _ = HeldOut(cfg, family).evaluate(learner)
     both_cfg = dataclasses.replace(cfg, eval_untold=True)
-    both, _ = HeldOut(both_cfg, family).evaluate(learner)
+    held_out = HeldOut(both_cfg, family)
+    both, _ = held_out.evaluate(learner)
+    parts = held_out.parts
     with torch.no_grad():
         learner.rule.basis.weight.zero_()
     untold, _ = HeldOut(cfg, family).evaluate(learner)  # the same as an untold run
     assert told != untold
     assert both == pytest.approx(math.sqrt(told * untold), rel=1e-6)  # geometric means
+    assert parts == {"told": told, "untold": pytest.approx(untold, rel=1e-6)}
+    held_out.evaluate(learner)  # now a rule that reads the horizon but is the same untold
+    assert held_out.parts["told"] == held_out.parts["untold"]
     plain_cfg = dataclasses.replace(cfg, rule="adam", rule_kwargs={})
     plain = factory.build_learner(plain_cfg)
-    assert (
-        HeldOut(dataclasses.replace(plain_cfg, eval_untold=True), family).evaluate(plain)[0]
-        == HeldOut(plain_cfg, family).evaluate(plain)[0]
-    )
+    plain_held_out = HeldOut(dataclasses.replace(plain_cfg, eval_untold=True), family)
+    assert plain_held_out.evaluate(plain)[0] == HeldOut(plain_cfg, family).evaluate(plain)[0]
+    assert plain_held_out.parts == {}  # ran once

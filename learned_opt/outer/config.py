@@ -197,7 +197,8 @@ class MetaTrainConfig:
         False,
         "the held-out evaluation runs each task twice, told its length and not (for rules that "
         "read it; others once): the metric aggregates both runs of every task, so that weights "
-        "meant for both uses are selected on both",
+        "meant for both uses are selected on both (each half is logged too: eval/metric_told, "
+        "eval/metric_untold)",
     )
     checkpoint_every: int = _opt(10, "iterations between checkpoints")
     keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep", cli=False)

@@ -45,7 +45,8 @@ class HeldOut:
     ``log_meta_loss`` their geometric mean; ``inf`` if any is not finite. A rule that reads the
     run's length is told it, and with ``config.eval_untold`` each task also runs untold: the
     metric then aggregates the final losses of both runs of every task (the curve is the told
-    runs').
+    runs'), and :attr:`parts` holds the metric of each half (``{"told": ..., "untold": ...}``;
+    empty after an evaluation that ran each task once).
     """
 
     def __init__(self, config: MetaTrainConfig, family: TaskFamily) -> None:
@@ -57,6 +58,7 @@ class HeldOut:
         ]
         train = config.objective in ("train", "final-train")
         self.metric_name = "final_train_loss" if train else "final_test_loss"
+        self.parts: dict[str, float] = {}
 
     def aggregate(self, values: Sequence[float]) -> float:
         """The evaluation metric of per-task final losses."""
@@ -65,6 +67,7 @@ class HeldOut:
     def evaluate(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
         """The metric of ``learner`` on the held-out tasks, and its mean loss curve (per step,
         over the tasks still running)."""
+        self.parts = {}
         rule = getattr(learner, "rule", None)
         if rule is None:
             return self.evaluate_learner(learner)
@@ -87,7 +90,9 @@ class HeldOut:
         runs = run_all(told)
         values = [getattr(r, self.metric_name) for r in runs]
         if self.config.eval_untold and reads_horizon:
-            values += [getattr(r, self.metric_name) for r in run_all({})]
+            untold = [getattr(r, self.metric_name) for r in run_all({})]
+            self.parts = {"told": self.aggregate(values), "untold": self.aggregate(untold)}
+            values += untold
         return self.aggregate(values), mean_curve(runs, skip_diverged=True)
 
     def evaluate_learner(self, learner: MetaLearner) -> tuple[float, np.ndarray]:

@@ -202,6 +202,8 @@ class MetaTrainer:
         self.history["eval_iteration"].append(self.iteration)
         self.history["eval_metric"].append(metric)
         self._log("eval/metric", metric)
+        for part, value in self.held_out.parts.items():  # told and untold, when both ran
+            self._log(f"eval/metric_{part}", value)
         if metric < self.best_metric:
             self.best_metric = metric
             self.best_iteration = self.iteration
