@@ -63,20 +63,15 @@ BASE = "general-v7"
 UNTOLD_FRACTION = 0.5
 
 
-def meta_train_command(run: Path) -> list[str]:
-    """``experiments/learned_adaptation.py``'s meta-training command on ``run``'s folders, half
-    of the tasks not told their horizon, the best weights selected told and not told."""
-    old = learned_adaptation.RUN
-    out = [a.replace(str(old), str(run)) if a.startswith(str(old)) else a
-           for a in learned_adaptation.META_TRAIN]  # fmt: skip
-    at = out.index("--truncation")
-    out[at:at] = ["--untold-fraction", str(UNTOLD_FRACTION)]
-    out.insert(out.index("--checkpoint-every"), "--eval-untold")
-    out[out.index("--time-budget") + 1] = "4200"
-    return out
-
-
-META_TRAIN = meta_train_command(RUN)
+#: ``experiments/learned_adaptation.py``'s meta-training command on this run's folders, half of
+#: the tasks not told their horizon, the best weights selected told and not, 70 minutes.
+META_TRAIN = [arg.replace(str(learned_adaptation.RUN), str(RUN))
+              for arg in learned_adaptation.META_TRAIN]  # fmt: skip
+META_TRAIN[META_TRAIN.index("--truncation") : META_TRAIN.index("--truncation")] = [
+    "--untold-fraction", str(UNTOLD_FRACTION)
+]  # fmt: skip
+META_TRAIN.insert(META_TRAIN.index("--checkpoint-every"), "--eval-untold")
+META_TRAIN[META_TRAIN.index("--time-budget") + 1] = "4200"
 
 
 def write_init(path: Path) -> None:
