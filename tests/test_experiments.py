@@ -460,6 +460,38 @@ def test_learned_adaptation_untold_recipe_continues_the_default_told_and_not(
     _assert_steps_like_the_default(rule, reference="general-v7")
 
 
+def test_learned_adaptation_reweighted_recipe_changes_only_the_groups_member_weights(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe that meta-trains ``general-v7``'s adaptation further on a reweighted group:
+    the learned adaptation's own command with the attention members weighing more and the
+    diabetes regressor less, selected told and not; it trains the controller alone and starts
+    from ``general-v7`` exactly."""
+    from learned_opt.cli import build_parser, config_from_args
+    from learned_opt.tasks import make_family
+
+    script = "experiments/learned_adaptation_reweighted.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    assert differs <= {"family_kwargs", "eval_untold", "time_budget", "init_weights",
+                       "log_dir", "ckpt_dir", "export"}, differs  # fmt: skip
+    assert config.eval_untold and config.untold_fraction == 0.0
+    assert config.family_kwargs == {**before.family_kwargs,
+                                    "member_weights": recipe["MEMBER_WEIGHTS"]}  # fmt: skip
+    family = make_family(config.family, **config.family_kwargs)
+    plain = make_family(before.family, **before.family_kwargs)
+    changed = [m.name for m, a, b in zip(family.members, family.weights, plain.weights) if a != b]
+    assert len(changed) == len(recipe["MEMBER_WEIGHTS"])
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("base.controller_") for n in trained)
+    v7, _ = load_rule(pretrained.path("general-v7"))
+    assert rule.config() == v7.config()
+    for (name, a), b in zip(rule.state_dict().items(), v7.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:

@@ -490,3 +490,20 @@ def test_sealed_benchmark_rejects_total_steps_for_horizon_free_weights(
     args = ["--weights", "paper-mnist", "--total-steps", "--out", str(tmp_path)]
     assert run_script("benchmarks/sealed.py", *args) == 2
     assert "total_steps" in capsys.readouterr().err
+
+
+def test_meta_train_member_weights_change_only_the_named_members_draws() -> None:
+    names = [m.name for m in GROUPS["meta-train"].members]
+    plain = make_family("meta-train")
+    heavy = make_family("meta-train", member_weights={"mnist-transformer": 10, "diabetes-mlp": 0})
+    for name, a, b in zip(names, plain.weights, heavy.weights):
+        assert b == {"mnist-transformer": 10.0, "diabetes-mlp": 0.0}.get(name, a)
+    assert heavy.config()["member_weights"] == {"mnist-transformer": 10, "diabetes-mlp": 0}
+    assert "member_weights" not in plain.config()
+    drawn = [heavy.sample_member(torch.Generator().manual_seed(s)) for s in range(200)]
+    assert names.index("diabetes-mlp") not in drawn  # weight 0: never drawn
+    assert drawn.count(names.index("mnist-transformer")) > 60  # 10 / 27 of the draws
+    with pytest.raises(ValueError, match="names no member"):
+        make_family("meta-train", member_weights={"imagenet-resnet": 1})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        make_family("meta-train", member_weights={"mnist-mlp": -1})

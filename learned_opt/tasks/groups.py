@@ -29,7 +29,8 @@ names the parts; :func:`check_disjoint` checks both):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,6 +365,12 @@ class MetaTrainFamily(MixtureFamily):
         label_noise: if above 0, every member is first wrapped in a
             :class:`~learned_opt.tasks.label_noise.LabelNoiseFamily` with this fraction: each
             classification task gets a noise floor (registered as ``"meta-train-noisy"``).
+        member_weights: relative weights of named members in place of their defaults (e.g.
+            ``{"mnist-transformer": 3}``; 0 leaves a member out); the others keep theirs.
+
+    Raises:
+        ValueError: ``member_weights`` names no member of the group, or gives a negative
+            weight.
     """
 
     def __init__(
@@ -371,8 +378,18 @@ class MetaTrainFamily(MixtureFamily):
         param_scale_range: Sequence[float] | None = None,
         loss_scale_range: Sequence[float] | None = None,
         label_noise: float = 0.0,
+        member_weights: Mapping[str, float] | None = None,
     ) -> None:
         families, weights = _mixture("meta-train", param_scale_range, loss_scale_range, label_noise)
+        self.member_weights = dict(member_weights or {})
+        names = [m.name for m in GROUPS["meta-train"].members]
+        unknown = sorted(set(self.member_weights) - set(names))
+        if unknown:
+            raise ValueError(f"member_weights names no member of meta-train: {unknown} ({names})")
+        for name, weight in self.member_weights.items():
+            if not (float(weight) >= 0 and math.isfinite(float(weight))):
+                raise ValueError(f"member_weights[{name!r}] must be finite and >= 0, not {weight}")
+        weights = [float(self.member_weights.get(n, w)) for n, w in zip(names, weights)]
         self.param_scale_range = None if param_scale_range is None else tuple(param_scale_range)
         self.loss_scale_range = None if loss_scale_range is None else tuple(loss_scale_range)
         self.label_noise = float(label_noise)
@@ -384,6 +401,7 @@ class MetaTrainFamily(MixtureFamily):
             "param_scale_range": self.param_scale_range,
             "loss_scale_range": self.loss_scale_range,
             **({"label_noise": self.label_noise} if self.label_noise else {}),
+            **({"member_weights": self.member_weights} if self.member_weights else {}),
         }
 
 
