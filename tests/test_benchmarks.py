@@ -158,3 +158,34 @@ def test_selection_noise_scores_as_the_meta_trainer_and_measures_the_spread(
     assert same[:3] == same[3:]
     refused = run_script("benchmarks/selection_noise.py", *args, "--subsets", "4", "--out", "x")
     assert refused == 2 and not Path("x").exists()
+
+
+def test_member_comparison_runs_every_rule_on_the_same_tasks_of_every_member(
+    tmp_path: Path, run_script
+) -> None:
+    """Each rule runs the same tasks of every member of the group: a rule against itself has
+    ratio 1 on every member; another rule differs; bad rules and families are refused."""
+    args = ["--family", "validation", "--steps", "3", "--seeds", "2", "--procs", "1"]
+    out = tmp_path / "cmp"
+    assert run_script("benchmarks/member_comparison.py", *args, "--weights", "general-v7",
+                      "--weights", "general-v7", "--weights", "general-v6",
+                      "--out", str(out)) == 0  # fmt: skip
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 5 * 2
+    members = {r["member"] for r in records}
+    assert members == {"iris-mlp", "wine-linear", "friedman3-mlp", "corpus-rnn-lm",
+                       "shapes-transformer"}  # fmt: skip
+    rows = [line for line in (out / "table.md").read_text().splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in members]  # fmt: skip
+    assert len(rows) == 5
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == "1.000"  # the same rule, the same tasks
+    assert any(row.strip("|").split("|")[3].strip() != "1.000" for row in rows)
+    for bad in (
+        ["--weights", "general-v7", "--weights", "no-such-file.pt"],
+        ["--weights", "general-v7"],
+        ["--weights", "general-v7", "--weights", "general-v6", "--family", "quadratic"],
+    ):
+        assert run_script("benchmarks/member_comparison.py", *args, *bad, "--out", "x") == 2
+    assert not Path("x").exists()
