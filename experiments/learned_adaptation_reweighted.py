@@ -8,16 +8,17 @@ regressor less.
 
 Run it from the repository root. Why: ``general-v7``'s own run (``experiments/
 learned_adaptation.py``) kept moving after its best iteration (30, shipped) without improving
-its validation metric. Its latest weights (iteration 62) against the shipped ones, per task of
-the meta-trainer's 8 validation tasks (500 steps, told the horizon): 9%, 18% and 4% worse on
-the three transformer encoders, 1-3% better on the other five (the Friedman-3 regressors, the
-Elman language models, the iris MLP); on 6 tasks of each ``meta-train-rescaled`` member it was
-4% worse on the MNIST transformer, 5% on the LSTM language model and 32% on the digits MLP,
-and 14% better only on the diabetes regressor, whose tasks end near zero loss, where a final
-loss moves most between nearby rules (``benchmarks/selection_noise.py``). So the meta-gradient
-follows the few tasks whose final loss is most sensitive, and the mixture draws attention
-models for only 2 of its 14 weight units. Here the two transformer members weigh 3 each
-instead of 1 and the diabetes regressor 0.5 instead of 1
+its validation metric. Its latest weights (iteration 62, the committed checkpoint's) against the
+shipped ones on the meta-trainer's 8 validation tasks (500 steps, told): 4-18% worse on the
+three transformer encoders, 1-3% better on the other five. Member by member of the
+meta-training group itself (``benchmarks/member_comparison.py``, 6 tasks each, 500 steps,
+told; ``benchmarks/results/member_comparison/learned-adaptation-drift-meta-train/``): worse on
+9 of its 11 members (the digits MLPs by 18%, the digits LSTMs by 6%, the MNIST transformers by
+3%) and better by 11% only on the diabetes regressor, whose tasks end nearest zero loss, where a
+final loss moves most between nearby rules (``benchmarks/selection_noise.py``). So the
+meta-gradient follows the few tasks whose final loss is most sensitive, and the mixture draws
+attention models for only 2 of its 14 weight units. Here the two transformer members weigh 3
+each instead of 1 and the diabetes regressor 0.5 instead of 1
 (``MetaTrainFamily(member_weights=...)``: 6 of 17.5 units for attention models); everything else
 is ``general-v7``'s recipe, continued from its weights (the LSTM, its read-out and the schedule
 fixed), with the best weights selected on the validation group run told and not
