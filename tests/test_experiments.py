@@ -600,7 +600,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_basis_schedule.py", "orthogonal-direction"),
      ("experiments/learned_late_decay.py", "orthogonal-direction"),
      ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction"),
-     ("experiments/learned_adaptation_untold.py", "orthogonal-direction")],
+     ("experiments/learned_adaptation_untold.py", "orthogonal-direction"),
+     ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
