@@ -454,7 +454,10 @@ def learned_part_main(
         if not args.dry_run:
             import learned_opt
 
-            ship(args.ship_to or Path(learned_opt.pretrained.__file__).parent)
+            try:
+                ship(args.ship_to or Path(learned_opt.pretrained.__file__).parent)
+            except ValueError as exc:  # weights above the shipped ones' sealed figures
+                parser.exit(2, f"{parser.prog}: not shipped: {exc}\n")
         steps.remove("ship")
         if not steps:
             return 0

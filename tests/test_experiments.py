@@ -1130,3 +1130,14 @@ def test_orthogonal_direction_ships_with_its_sealed_figures(tmp_path: Path) -> N
         assert "--total-steps" in entry["command"]
         at_most.append(entry["geometric_mean"] <= entry["replaced_general-v5"]["geometric_mean"])
     assert meta["figures"]["default_candidate"] == all(at_most)
+
+
+def test_a_refused_ship_step_exits_with_a_message_and_writes_nothing(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The reweighted candidate's sealed figures are above ``general-v7``'s told: its ship step
+    exits 2 with the reason, not a traceback, and writes no weights."""
+    script = "experiments/learned_adaptation_reweighted.py"
+    assert run_script(script, "--steps", "ship", "--ship-to", str(tmp_path)) == 2
+    assert "not shipped" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
