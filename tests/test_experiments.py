@@ -434,6 +434,16 @@ def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
     assert "--total-steps" in command and "learned,learned-zeroed" in command
 
 
+def _assert_trains_the_defaults_controller_from_it(rule) -> None:
+    """``rule`` is ``general-v7`` exactly, and meta-training moves its controller alone."""
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("base.controller_") for n in trained)
+    v7, _ = load_rule(pretrained.path("general-v7"))
+    assert rule.config() == v7.config()
+    for (name, a), b in zip(rule.state_dict().items(), v7.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_learned_adaptation_untold_recipe_continues_the_default_told_and_not(
     tmp_path: Path, run_script, capsys
 ) -> None:
@@ -451,12 +461,7 @@ def test_learned_adaptation_untold_recipe_continues_the_default_told_and_not(
     differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
     assert differs <= {"untold_fraction", "eval_untold", "time_budget", "init_weights",
                        "log_dir", "ckpt_dir", "export"}, differs  # fmt: skip
-    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
-    assert trained and all(n.startswith("base.controller_") for n in trained)
-    v7, _ = load_rule(pretrained.path("general-v7"))
-    assert rule.config() == v7.config()
-    for (name, a), b in zip(rule.state_dict().items(), v7.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    _assert_trains_the_defaults_controller_from_it(rule)
     _assert_steps_like_the_default(rule, reference="general-v7")
 
 
@@ -484,12 +489,7 @@ def test_learned_adaptation_reweighted_recipe_changes_only_the_groups_member_wei
     plain = make_family(before.family, **before.family_kwargs)
     changed = [m.name for m, a, b in zip(family.members, family.weights, plain.weights) if a != b]
     assert len(changed) == len(recipe["MEMBER_WEIGHTS"])
-    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
-    assert trained and all(n.startswith("base.controller_") for n in trained)
-    v7, _ = load_rule(pretrained.path("general-v7"))
-    assert rule.config() == v7.config()
-    for (name, a), b in zip(rule.state_dict().items(), v7.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    _assert_trains_the_defaults_controller_from_it(rule)
 
 
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
