@@ -329,6 +329,12 @@ HELD_OUT_TOLD = (
     "the meta-trainer's eval/metric: geometric mean of the final training loss over the "
     "validation group's 8 held-out tasks at 500 steps, the horizon told"
 )
+#: The same with ``--eval-untold``: each task run told the horizon and not.
+HELD_OUT_TOLD_AND_UNTOLD = (
+    "the meta-trainer's eval/metric: geometric mean of the final training loss over the "
+    "validation group's 8 held-out tasks at 500 steps, each run told the horizon and not (16 "
+    "runs)"
+)
 
 
 def ship_learned_part(

@@ -100,9 +100,7 @@ def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CH
         "fixed)",
         recipe="experiments/learned_adaptation_untold.py",
         settings={"untold_fraction": UNTOLD_FRACTION}, start=BASE,
-        metric="the meta-trainer's eval/metric: geometric mean of the final training loss over "
-        "the validation group's 8 held-out tasks at 500 steps, each run told the horizon and "
-        "not (16 runs)",
+        metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
     )  # fmt: skip
 
 
