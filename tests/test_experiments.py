@@ -492,6 +492,36 @@ def test_learned_adaptation_reweighted_recipe_changes_only_the_groups_member_wei
     _assert_trains_the_defaults_controller_from_it(rule)
 
 
+def test_learned_adaptation_annealed_recipe_continues_the_reweighted_run_at_a_decayed_rate(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe that continues the reweighted run: its command with a smaller meta-learning
+    rate decayed on a cosine over a fixed number of iterations, and nothing else; it starts
+    from the reweighted run's latest weights (not its best) and trains the controller alone."""
+    from learned_opt.cli import build_parser, config_from_args
+
+    script = "experiments/learned_adaptation_annealed.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_reweighted.py"))
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    assert differs == {"meta_lr", "meta_lr_schedule", "iterations", "time_budget",
+                       "init_weights"}, differs  # fmt: skip
+    assert config.meta_lr < before.meta_lr and config.meta_lr_schedule == "cosine"
+    assert config.iterations == recipe["ITERATIONS"] <= 100
+    latest, _ = load_rule(ROOT / base["CHECKPOINT"], which="latest")
+    best, _ = load_rule(ROOT / base["CHECKPOINT"], which="best")
+    trained = [n for n, p in rule.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("base.controller_") for n in trained)
+    assert rule.config() == latest.config()
+    for (name, a), b in zip(rule.state_dict().items(), latest.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(latest.state_dict().values(), best.state_dict().values())
+    )
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:
@@ -601,7 +631,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_late_decay.py", "orthogonal-direction"),
      ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_untold.py", "orthogonal-direction"),
-     ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction")],
+     ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction"),
+     ("experiments/learned_adaptation_annealed.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
