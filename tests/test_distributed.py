@@ -106,6 +106,7 @@ def test_cli_under_torchrun_rank0_writes_and_resume_with_other_world_size(tmp_pa
     ]
     _torchrun("-m", "learned_opt", "meta-train", *args, "--iterations", "2")
     assert [p.name for p in find_checkpoints(tmp_path / "ckpt")][0] == "ckpt_00000002.pt"
+    two = torch.load(find_checkpoints(tmp_path / "ckpt")[0], weights_only=True)["history"]
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 only
     # Resume in a single process and finish; compare with a single process from scratch.
     subprocess.run(
@@ -139,6 +140,9 @@ def test_cli_under_torchrun_rank0_writes_and_resume_with_other_world_size(tmp_pa
         )
     )
     straight.train()
+    # the held-out evaluation, each process running one of the two tasks: the same metric
+    assert two["eval_iteration"] == [0, 2] == straight.history["eval_iteration"][:2]
+    assert two["eval_metric"] == pytest.approx(straight.history["eval_metric"][:2], rel=1e-5)
     final = torch.load(find_checkpoints(tmp_path / "ckpt")[0], weights_only=True)
     assert final["iteration"] == 4
     resumed = MetaTrainer(MetaTrainConfig.from_dict(final["config"]))

@@ -456,6 +456,34 @@ def test_horizon_aware_rules_are_told_the_horizon_by_pes_and_by_the_evaluation()
     assert set(seen) == {10}
 
 
+def test_each_process_evaluates_its_share_of_the_held_out_tasks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With several processes the held-out evaluation runs every ``world_size``-th task in each
+    (the sum across processes fills the rest; ``tests/test_distributed.py`` launches two and
+    gets one process's metric): rank 1 of 2, the sum left out, runs its own tasks alone and
+    holds zeros for the others'."""
+    from learned_opt import distributed
+    from learned_opt.outer import factory
+    from learned_opt.outer.held_out import HeldOut
+
+    cfg = MetaTrainConfig(family="quadratic", horizon=6, truncation=6, eval_tasks=5)
+    held_out = HeldOut(cfg, factory.build_family(cfg))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensors: None)
+    ran: list[int] = []
+
+    def one(seed: int) -> tuple[float, list[float]]:
+        ran.append(seed)
+        return 2.0, [3.0] * cfg.horizon
+
+    values, curves = held_out._spread(one)
+    assert ran == held_out.seeds[1::2]
+    assert values == [0.0, 2.0, 0.0, 2.0, 0.0]
+    assert curves.shape == (5, 6) and (curves[1::2] == 3).all() and (curves[0::2] == 0).all()
+
+
 def test_a_share_of_tasks_is_left_untold_their_horizon_by_every_estimator() -> None:
     """``untold_fraction``: each task is told its horizon or not by a deterministic draw of its
     own (about that share untold); an untold task's rule state keeps ``total_steps`` at 0 (a

@@ -5,17 +5,22 @@ The held-out tasks come from their own seed stream
 trains on. A learner with an update rule is evaluated as a user would run it (the drop-in
 optimizer, :func:`~learned_opt.evaluate.run_optimizer`) beside Adam tuned on the same tasks;
 any other learner by its own held-out loss after an unroll without meta-gradients.
+
+With several processes (``torch.distributed``) each runs every ``world_size``-th task and the
+per-task results are summed across them, so an evaluation takes ``1 / world_size`` of the time
+and every process gets the same metric (each task's run depends on its seed alone).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .. import distributed
 from ..evaluate import (
     DEFAULT_LR_GRID,
     HAND_DESIGNED,
@@ -78,40 +83,57 @@ class HeldOut:
         reads_horizon = getattr(rule, "reads_horizon", False)
         told = {"total_steps": self.horizon} if reads_horizon else {}
 
-        def run_all(horizon: dict[str, int]) -> list[Any]:
+        def run_all(horizon: dict[str, int]) -> tuple[list[float], np.ndarray]:
             def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
                 return LearnedOptimizer(params, rule, lr=lr, **horizon)
 
-            return [
-                run_optimizer(self.family, s, factory, 1.0, self.horizon, name="learned")
-                for s in self.seeds
-            ]
+            def one(seed: int) -> tuple[float, Sequence[float]]:
+                run = run_optimizer(self.family, seed, factory, 1.0, self.horizon, name="learned")
+                return getattr(run, self.metric_name), run.losses
 
-        runs = run_all(told)
-        values = [getattr(r, self.metric_name) for r in runs]
+            return self._spread(one)
+
+        values, curves = run_all(told)
         if self.config.eval_untold and reads_horizon:
-            untold = [getattr(r, self.metric_name) for r in run_all({})]
+            untold, _ = run_all({})
             self.parts = {"told": self.aggregate(values), "untold": self.aggregate(untold)}
             values += untold
-        return self.aggregate(values), mean_curve(runs, skip_diverged=True)
+        return self.aggregate(values), np.nanmean(curves, axis=0)
+
+    def _spread(
+        self, one: Callable[[int], tuple[float, Sequence[float]]]
+    ) -> tuple[list[float], np.ndarray]:
+        """``one(seed)`` (a task's final value and its per-step curve, ``horizon`` entries) for
+        every seed, this process running every ``world_size``-th: the values in seed order, and
+        the curves as rows."""
+        n, world = len(self.seeds), distributed.world_size()
+        values = torch.zeros(n, dtype=torch.float64)
+        curves = torch.zeros(n, self.horizon, dtype=torch.float64)
+        for k in range(distributed.rank(), n, world):
+            value, curve = one(self.seeds[k])
+            values[k] = float(value)
+            curves[k] = torch.as_tensor(list(curve), dtype=torch.float64)
+        distributed.all_reduce_sum([values, curves])  # the other processes' rows are zeros
+        return values.tolist(), curves.numpy()
 
     def evaluate_learner(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
         """Any learner: each task is unrolled without meta-gradients and scored with
         :meth:`MetaLearner.evaluate` on its whole ``task.test`` (the query set of a few-shot
         task); the curve is the mean inner training loss per step (NaN after a divergence)."""
         horizon = self.horizon
-        values, curves = [], []
-        for s in self.seeds:
+
+        def one(s: int) -> tuple[float, list[float]]:
             task = self.family.sample(torch.Generator().manual_seed(s))
             gen = torch.Generator().manual_seed(s + 1)
             spec = UnrollSpec(horizon=horizon, truncation=horizon)
             windows = list(unroll(learner, task, gen, spec, differentiable=False))
             with torch.no_grad():
-                values.append(float(learner.evaluate(task, windows[-1].state, task.test.full())))
+                value = float(learner.evaluate(task, windows[-1].state, task.test.full()))
             curve = torch.cat([w.train_losses for w in windows]).tolist()
-            curves.append(curve + [math.nan] * (horizon - len(curve)))
-        metric = self.aggregate(values)
-        return metric, np.nanmean(np.array(curves), axis=0)
+            return value, curve + [math.nan] * (horizon - len(curve))
+
+        values, curves = self._spread(one)
+        return self.aggregate(values), np.nanmean(curves, axis=0)
 
     def adam_baseline(self) -> dict[str, Any]:
         """Adam at the best learning rate of :data:`~learned_opt.evaluate.DEFAULT_LR_GRID` on
