@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -483,6 +484,83 @@ def learned_part_main(
             meta_train=meta_train, sealed=sealed_command(run, name),
         )  # fmt: skip
     return 0
+
+
+@dataclass(frozen=True)
+class LearnedPartRecipe:
+    """A recipe that meta-trains a part of shipped weights (the learned adaptation's family):
+    what it declares, and its :meth:`ship` step and :meth:`main` command line.
+
+    Attributes:
+        name: the run's name (``runs/{name}``, ``experiments/checkpoints/{name}.pt``, the
+            sealed runs ``{name}-{steps}`` and ``{name}-horizon-free-{steps}``).
+        script: the recipe's path from the repository root.
+        description: its command line's description.
+        shipped: the name its weights would ship under.
+        base: the shipped weights it starts from; ``base_sealed``, ``base_sealed_free``: their
+            sealed runs told the horizon and not (``ship`` refuses weights above them).
+        source: what the weights are, in words (their metadata's ``source``).
+        settings: what it changed in ``base``'s configuration or meta-training.
+        start: the name of the starting rule's validation metric in the metadata.
+        labels: the ``validate`` step's label, description and zeroed label.
+        write_init: writes the starting weights to a path.
+        meta_train: the meta-training command after ``python -m learned_opt``.
+        metric: what the run's held-out metric is.
+    """
+
+    name: str
+    script: str
+    description: str
+    shipped: str
+    base: str
+    base_sealed: str
+    base_sealed_free: str
+    source: str
+    settings: dict[str, Any]
+    start: str
+    labels: tuple[str, str, str]
+    write_init: Callable[[Path], None]
+    meta_train: Sequence[str]
+    metric: str = HELD_OUT_TOLD
+
+    @property
+    def run(self) -> Path:
+        return Path("runs") / self.name
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path("experiments/checkpoints") / f"{self.name}.pt"
+
+    @property
+    def validation(self) -> Path:
+        return Path("benchmarks/results/validation") / self.name
+
+    def ship(
+        self, dest: Path, sealed_dir: Path = SEALED, checkpoint: Path | None = None
+    ) -> dict[str, Any]:
+        """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
+        ``dest/{shipped}.pt`` (and ``.json``) with their provenance and figures; returns the
+        metadata (:func:`ship_learned_part`).
+
+        Raises:
+            ValueError: their sealed geometric mean (told the horizon, or not) is above
+                ``base``'s at some horizon; nothing is written then.
+        """
+        return ship_learned_part(
+            dest, name=self.name, shipped=self.shipped, base=self.base,
+            base_sealed=self.base_sealed, base_sealed_free=self.base_sealed_free,
+            checkpoint=checkpoint or self.checkpoint, sealed_dir=sealed_dir, source=self.source,
+            recipe=self.script, settings=self.settings, start=self.start, metric=self.metric,
+        )  # fmt: skip
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """The recipe's command line (:func:`learned_part_main`)."""
+        return learned_part_main(
+            argv, self.description, ship=self.ship, shipped=self.shipped, run=self.run,
+            checkpoint=self.checkpoint, validation=self.validation,
+            validation_labels=self.labels, write_init=self.write_init,
+            meta_train=self.meta_train, name=self.name,
+        )  # fmt: skip
 
 
 def ship_settings(

@@ -115,32 +115,18 @@ def write_init(path: Path) -> None:
     save_rule(path, initial_rule(), {"source": source})
 
 
-def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
-    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
-    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
-    metadata (:func:`candidates.ship_learned_part`).
-
-    Raises:
-        ValueError: their sealed geometric mean (told the horizon, or not) is above
-            ``general-v6``'s at some horizon; nothing is written then.
-    """
-    return candidates.ship_learned_part(
-        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
-        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
-        source=f"the shipped {BASE!r} with its step-size adaptation learned from nothing (its "
-        "LSTM, read-out and schedule fixed)",
-        recipe="experiments/learned_adaptation.py", settings=LEARNED, start="no_adaptation",
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    return candidates.learned_part_main(
-        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
-        checkpoint=CHECKPOINT, validation=VALIDATION,
-        validation_labels=("learned adaptation", f"{BASE!r} with its step-size adaptation learned",
-                           "learned outputs zeroed (no adaptation)"),
-        write_init=write_init, meta_train=META_TRAIN, name=NAME,
-    )  # fmt: skip
+RECIPE = candidates.LearnedPartRecipe(
+    name=NAME, script="experiments/learned_adaptation.py",
+    description=(__doc__ or "").splitlines()[0], shipped=SHIPPED, base=BASE,
+    base_sealed=BASE_SEALED, base_sealed_free=BASE_SEALED_FREE,
+    source=f"the shipped {BASE!r} with its step-size adaptation learned from nothing (its "
+    "LSTM, read-out and schedule fixed)",
+    settings=LEARNED, start="no_adaptation",
+    labels=("learned adaptation", f"{BASE!r} with its step-size adaptation learned",
+            "learned outputs zeroed (no adaptation)"),
+    write_init=write_init, meta_train=META_TRAIN,
+)  # fmt: skip
+ship, main = RECIPE.ship, RECIPE.main
 
 
 if __name__ == "__main__":

@@ -81,37 +81,22 @@ def write_init(path: Path) -> None:
     subprocess.run([sys.executable, *command], check=True)
 
 
-def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
-    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
-    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
-    metadata (:func:`candidates.ship_learned_part`).
-
-    Raises:
-        ValueError: their sealed geometric mean (told the horizon, or not) is above
-            ``general-v7``'s at some horizon; nothing is written then.
-    """
-    return candidates.ship_learned_part(
-        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
-        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
-        source=f"the shipped {BASE!r} with its learned step-size adaptation meta-trained "
-        "further on the reweighted meta-training group, then continued with a decayed "
-        "meta-learning rate (its LSTM, read-out and schedule fixed)",
-        recipe="experiments/learned_adaptation_annealed.py",
-        settings={"member_weights": reweighted.MEMBER_WEIGHTS, "meta_lr": META_LR,
-                  "meta_lr_schedule": "cosine", "iterations": ITERATIONS},
-        start="the reweighted run at iteration 34", metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    return candidates.learned_part_main(
-        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
-        checkpoint=CHECKPOINT, validation=VALIDATION,
-        validation_labels=("learned adaptation, annealed meta-learning rate",
-                           f"{BASE!r}'s adaptation, reweighted run continued at a decayed rate",
-                           "learned outputs zeroed (no adaptation)"),
-        write_init=write_init, meta_train=META_TRAIN, name=NAME,
-    )  # fmt: skip
+RECIPE = candidates.LearnedPartRecipe(
+    name=NAME, script="experiments/learned_adaptation_annealed.py",
+    description=(__doc__ or "").splitlines()[0], shipped=SHIPPED, base=BASE,
+    base_sealed=BASE_SEALED, base_sealed_free=BASE_SEALED_FREE,
+    source=f"the shipped {BASE!r} with its learned step-size adaptation meta-trained further "
+    "on the reweighted meta-training group, then continued with a decayed meta-learning rate "
+    "(its LSTM, read-out and schedule fixed)",
+    settings={"member_weights": reweighted.MEMBER_WEIGHTS, "meta_lr": META_LR,
+              "meta_lr_schedule": "cosine", "iterations": ITERATIONS},
+    start="the reweighted run at iteration 34",
+    labels=("learned adaptation, annealed meta-learning rate",
+            f"{BASE!r}'s adaptation, reweighted run continued at a decayed rate",
+            "learned outputs zeroed (no adaptation)"),
+    write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
+)  # fmt: skip
+ship, main = RECIPE.ship, RECIPE.main
 
 
 if __name__ == "__main__":

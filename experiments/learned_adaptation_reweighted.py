@@ -87,36 +87,20 @@ META_TRAIN[META_TRAIN.index("--time-budget") + 1] = "4200"
 write_init = learned_adaptation_untold.write_init
 
 
-def ship(dest: Path, sealed_dir: Path = candidates.SEALED, checkpoint: Path = CHECKPOINT) -> dict:
-    """Write the best weights of the committed ``checkpoint`` (those sealed-tested) as
-    ``dest/{SHIPPED}.pt`` (and ``.json``) with their provenance and figures; returns the
-    metadata (:func:`candidates.ship_learned_part`).
-
-    Raises:
-        ValueError: their sealed geometric mean (told the horizon, or not) is above
-            ``general-v7``'s at some horizon; nothing is written then.
-    """
-    return candidates.ship_learned_part(
-        dest, name=NAME, shipped=SHIPPED, base=BASE, base_sealed=BASE_SEALED,
-        base_sealed_free=BASE_SEALED_FREE, checkpoint=checkpoint, sealed_dir=sealed_dir,
-        source=f"the shipped {BASE!r} with its learned step-size adaptation meta-trained "
-        "further on the meta-training group with attention models drawn more often and the "
-        "diabetes regressor less (its LSTM, read-out and schedule fixed)",
-        recipe="experiments/learned_adaptation_reweighted.py",
-        settings={"member_weights": MEMBER_WEIGHTS}, start=BASE,
-        metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    return candidates.learned_part_main(
-        argv, (__doc__ or "").splitlines()[0], ship=ship, shipped=SHIPPED, run=RUN,
-        checkpoint=CHECKPOINT, validation=VALIDATION,
-        validation_labels=("learned adaptation, reweighted meta-training group",
-                           f"{BASE!r} meta-trained further, attention models drawn more often",
-                           "learned outputs zeroed (no adaptation)"),
-        write_init=write_init, meta_train=META_TRAIN, name=NAME,
-    )  # fmt: skip
+RECIPE = candidates.LearnedPartRecipe(
+    name=NAME, script="experiments/learned_adaptation_reweighted.py",
+    description=(__doc__ or "").splitlines()[0], shipped=SHIPPED, base=BASE,
+    base_sealed=BASE_SEALED, base_sealed_free=BASE_SEALED_FREE,
+    source=f"the shipped {BASE!r} with its learned step-size adaptation meta-trained further "
+    "on the meta-training group with attention models drawn more often and the diabetes "
+    "regressor less (its LSTM, read-out and schedule fixed)",
+    settings={"member_weights": MEMBER_WEIGHTS}, start=BASE,
+    labels=("learned adaptation, reweighted meta-training group",
+            f"{BASE!r} meta-trained further, attention models drawn more often",
+            "learned outputs zeroed (no adaptation)"),
+    write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
+)  # fmt: skip
+ship, main = RECIPE.ship, RECIPE.main
 
 
 if __name__ == "__main__":
