@@ -27,6 +27,7 @@ from .rules import (
     LSTMCorrectedAdamConfig,
     LSTMCorrectedAdamRule,
     LSTMRule,
+    ScheduledRule,
     SGDRule,
     UpdateRule,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "QuadraticFamily",
     "RNNLearner",
     "SGDRule",
+    "ScheduledRule",
     "TBPTTEstimator",
     "Task",
     "TaskFamily",
