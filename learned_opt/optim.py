@@ -55,9 +55,10 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def _nonfinite_update(p: Tensor) -> NonFiniteGradientError:
+    beyond = f" (or beyond the range of {p.dtype})" if p.dtype == torch.float16 else ""
     return NonFiniteGradientError(
-        f"Non-finite update for a parameter of shape {tuple(p.shape)} from a finite gradient; "
-        "no parameter was changed in this step"
+        f"Non-finite update{beyond} for a parameter of shape {tuple(p.shape)} from a finite "
+        "gradient; no parameter was changed in this step"
     )
 
 
@@ -78,7 +79,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     (default) a parameter whose gradient holds NaN or Inf is left untouched, its state is not
     advanced, and a ``RuntimeWarning`` is issued; with ``nonfinite="raise"`` a
     :class:`NonFiniteGradientError` is raised before any parameter or state of that step is
-    changed. The same holds for a tensor whose computed update is not finite. (The rules shipped
+    changed. The same holds for a tensor whose computed update is not finite, and for a float16
+    parameter whose new value would leave float16's range (its step is then computed out of
+    place, not by a rule's in-place fast path, so that its state can stay). (The rules shipped
     here produce finite updates for every finite gradient: they read gradients clamped to
     :func:`~learned_opt.rules.base.grad_bound`, so no square or sum of squares overflows.)
 
@@ -234,14 +237,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 fresh = rule.init_state(flat.numel(), like=flat, **kwargs)
                 state.update(fresh)
                 self._cast_state(rule, state)
-            if hasattr(rule, "step_"):
+            if hasattr(rule, "step_") and p.dtype != torch.float16:
                 # In place; such rules' updates are bounded by construction (a tanh-bounded
-                # hidden state times a linear read-out), so the check below cannot fail.
+                # hidden state times a linear read-out), so the check below cannot fail. (A
+                # float16 parameter's can: its new value may leave the range, below; its step
+                # is computed out of place, so that the state stays as it was then.)
                 update, new_state = rule.step_(flat, state), None
             elif rule.tensor_aware:  # reads whole-tensor statistics: the tensor in one chunk
                 update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
             else:
                 update, new_state = self._chunked_step(rule, flat, state)
+            if p.dtype == torch.float16:
+                # A finite update (in float32) can still take a float16 parameter past its range
+                # (65,504), as a large ``lr`` does: its new value is what is checked and written.
+                update = self._new_value(p, group, update)
             if p.device.type == "cpu":  # checked at once (a GPU tensor's below, together)
                 if not _all_finite(update):
                     if self.nonfinite == "raise":
@@ -277,13 +286,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state: dict[str, Any],
         new_state: dict[str, Any] | None,
     ) -> None:
-        """Store the new state and apply decoupled weight decay and the update to ``p``."""
+        """Store the new state and apply decoupled weight decay and the update to ``p`` (for a
+        float16 ``p``, ``update`` is its new value: :meth:`_new_value`)."""
         if new_state is not None:
             state.update(new_state)
+        if p.dtype == torch.float16:
+            p.copy_(update.view(p.shape))
+            return
         lr = group["lr"]
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.view(p.shape).to(p.dtype), alpha=lr)
+
+    @staticmethod
+    def _new_value(p: Tensor, group: dict[str, Any], update: Tensor) -> Tensor:
+        """``p``'s value after decoupled weight decay and ``update`` (flat, in the compute
+        dtype), computed there and returned flat in ``p``'s dtype: Inf where it leaves that
+        dtype's range."""
+        lr = group["lr"]
+        new = p.detach().reshape(-1).to(update.dtype)  # a copy: float16 -> float32
+        if group["weight_decay"] != 0:
+            new.mul_(1 - lr * group["weight_decay"])
+        return new.add_(update, alpha=lr).to(p.dtype)
 
     #: Coordinates per call of a rule without an in-place ``step_``: its temporaries (e.g. a
     #: (chunk, 4H) gate matrix) stay small enough to be reused by the allocator and to sit in

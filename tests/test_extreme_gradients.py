@@ -168,3 +168,39 @@ def test_a_rule_object_with_non_finite_weights_is_refused_before_any_step() -> N
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(ValueError, match="weights are not finite"):
         LSTMOptimizer([p], weights=rule)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_a_finite_update_that_takes_a_float16_parameter_past_its_range_changes_nothing(
+    nonfinite: str,
+) -> None:
+    """A float16 parameter's new value can leave its range (65,504) though the update (computed
+    in float32) is finite, as a large ``lr`` does: that tensor is skipped or raised like a
+    non-finite update, with its value and state unchanged; the other tensors step."""
+    ok, far = (torch.nn.Parameter(torch.ones(4, dtype=torch.float16)) for _ in range(2))
+    with torch.no_grad():
+        far[0] = 60_000.0
+    opt = LSTMOptimizer([{"params": [ok]}, {"params": [far]}], nonfinite=nonfinite)
+
+    def step() -> None:
+        ok.grad = far.grad = torch.full((4,), -1.0, dtype=torch.float16)
+        opt.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()  # at lr 1 the new values stay in range: applied
+    assert (far[1:] > 1).all() and torch.isfinite(far).all()
+    before = far.detach().clone(), {k: v.clone() for k, v in opt.state[far].items()}
+    ok_before = ok.detach().clone()
+    opt.param_groups[1]["lr"] = 1e7
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteGradientError, match="beyond the range of torch.float16"):
+            step()
+        assert torch.equal(ok, ok_before)
+    else:
+        with pytest.warns(RuntimeWarning, match="skipped the update of 1 parameter"):
+            step()
+        assert (ok > ok_before).all() and torch.isfinite(ok).all()  # stepped
+    assert torch.equal(far, before[0])
+    for key, value in opt.state[far].items():
+        assert torch.equal(value, before[1][key]), key
