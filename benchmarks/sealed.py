@@ -15,6 +15,8 @@ parameters, the same for every optimizer), side by side in one run:
 - ``muon`` and ``muon-cosine``: Muon for every tensor of 2 or more dimensions and Adam for the
   others (``sealed_optimizers.MuonAdam``), constant or with ``adam-cosine``'s schedule, tuned
   the same way (``muon`` on the whole grid, ``muon-cosine`` within a factor 10 of it);
+  ``muon-hidden`` and ``muon-hidden-cosine``: the same with the usual recipe's split, Adam
+  also for the input and output layers (embeddings, the first and last matrices), tuned alike;
 - ``prodigy`` (``prodigyopt.Prodigy``, lr=1), ``dadapt-adam`` (``dadaptation.DAdaptAdam``, lr=1)
   and ``schedule-free`` (``schedulefree.AdamWScheduleFree``, its defaults; ``.train()`` for
   training, ``.eval()`` for the final losses): tuning-free optimizers at their documented
@@ -135,7 +137,8 @@ def evaluate_sealed(
             chosen = dict(TUNING_FREE_LR)
             chosen |= dict.fromkeys(("learned", "learned-zeroed", "learned-cosine"), learned_lr)
             tuning: dict[str, Any] = {}
-            for base in ("adam", "muon"):  # constant on the grid; scheduled near its best
+            # constant on the grid; scheduled near its best
+            for base in ("adam", "muon", "muon-hidden"):
                 scheduled = f"{base}-cosine"
                 if base != "adam" and base not in optimizers and scheduled not in optimizers:
                     continue
@@ -188,7 +191,7 @@ def summarize_task(
             row["won"] = row["speedup"] = None
         if opt in tuning:
             row["tuning"] = tuning[opt]
-            grid = tuning["muon" if opt.startswith("muon") else "adam"]["grid"]
+            grid = tuning[opt.removesuffix("-cosine")]["grid"]
             row["lr_at_edge"] = len(grid) > 1 and tuning[opt]["lr"] in (min(grid), max(grid))
         rows.append(row)
     return rows

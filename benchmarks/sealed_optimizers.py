@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from learned_opt import LSTMOptimizer
-from learned_opt.evaluate import OptimizerFactory
+from learned_opt.evaluate import OptimizerFactory, takes_names
 from learned_opt.rules import UpdateRule
 from learned_opt.rules.orthogonal import orthogonal_direction
 from learned_opt.rules.scheduled import ScheduledRule
@@ -98,17 +98,32 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     return out
 
 
+def input_and_output_layers(named: list[tuple[str, Tensor]]) -> set[str]:
+    """The names of a model's input and output layers among its ``(name, tensor)`` pairs (in
+    the model's order): its first and last tensors of 2 or more dimensions, and every one whose
+    name marks an embedding (``embed``, or ``pos`` for positions)."""
+    matrices = [name for name, t in named if t.ndim >= 2]
+    marked = {n for n in matrices if "embed" in n or n.split(".")[-1].startswith("pos")}
+    return ({matrices[0], matrices[-1]} | marked) if matrices else set()
+
+
 class MuonAdam(torch.optim.Optimizer):
-    """Muon for every tensor of 2 or more dimensions, Adam for the others, one learning rate.
+    """Muon for tensors of 2 or more dimensions, Adam for the others, one learning rate.
 
     A tensor of shape ``(n, ...)`` is updated as an ``n x m`` matrix (``m`` the product of the
     other dimensions: a conv kernel's fan-in): Nesterov momentum 0.95, orthogonalized and
     scaled by :func:`~learned_opt.rules.orthogonal.orthogonal_direction` (by
     ``0.2 sqrt(max(n, m))``: a root mean square about Adam's, as in Liu et al., 2025, "Muon is
     scalable for LLM training"), which lets one tuned ``lr`` serve both parts. Vectors and
-    scalars (biases, norm gains) take Adam's step (betas 0.9, 0.999). A benchmark baseline: it
-    sees tensors, not their roles, so embeddings and output layers are orthogonalized too (the
-    usual recipe gives them Adam).
+    scalars (biases, norm gains) take Adam's step (betas 0.9, 0.999).
+
+    Args:
+        params: tensors or param groups; with ``hidden_only``, ``(name, tensor)`` pairs in the
+            model's order (``model.named_parameters()``).
+        hidden_only: the usual recipe (Jordan et al., 2024): the input and output layers
+            (:func:`input_and_output_layers`: embeddings, the first and last matrices) take
+            Adam's step too, so Muon moves the hidden matrices alone. Without it every matrix
+            is orthogonalized (the tensors' roles unknown).
     """
 
     def __init__(
@@ -119,9 +134,16 @@ class MuonAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         ns_steps: int = 5,
+        hidden_only: bool = False,
     ) -> None:
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"Invalid Muon settings: lr={lr}, momentum={momentum}")
+        self.adam_names: set[str] = set()
+        if hidden_only:
+            params = list(params)
+            if not all(isinstance(x, tuple) and len(x) == 2 for x in params):
+                raise ValueError("hidden_only needs (name, tensor) pairs in the model's order")
+            self.adam_names = input_and_output_layers(params)
         defaults = {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps, "ns": ns_steps}
         super().__init__(params, defaults)
 
@@ -133,11 +155,12 @@ class MuonAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
-            for p in group["params"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
                 if p.grad is None:
                     continue
                 g, state = p.grad, self.state[p]
-                if p.ndim >= 2:
+                if p.ndim >= 2 and name not in self.adam_names:
                     buf = state.setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(mu).add_(g)
                     rows = p.shape[0]
@@ -198,9 +221,14 @@ class WarmupCosineMuon(WarmupCosine, MuonAdam):
     """:class:`MuonAdam` with :class:`WarmupCosine`'s schedule."""
 
     def __init__(
-        self, params: list[Tensor], lr: float, total_steps: int, warmup_steps: int
+        self,
+        params: list[Tensor],
+        lr: float,
+        total_steps: int,
+        warmup_steps: int,
+        hidden_only: bool = False,
     ) -> None:
-        super().__init__(params, lr=lr)
+        super().__init__(params, lr=lr, hidden_only=hidden_only)
         self.schedule(total_steps, warmup_steps)
 
 
@@ -230,6 +258,10 @@ def make_factories(
         "adam-cosine": lambda p, lr: WarmupCosineAdam(p, lr, steps, warmup),
         "muon": lambda p, lr: MuonAdam(p, lr=lr),
         "muon-cosine": lambda p, lr: WarmupCosineMuon(p, lr, steps, warmup),
+        "muon-hidden": takes_names(lambda p, lr: MuonAdam(p, lr=lr, hidden_only=True)),
+        "muon-hidden-cosine": takes_names(
+            lambda p, lr: WarmupCosineMuon(p, lr, steps, warmup, hidden_only=True)
+        ),
         "prodigy": lambda p, lr: mods["prodigyopt"].Prodigy(p, lr=1.0),
         "dadapt-adam": lambda p, lr: mods["dadaptation"].DAdaptAdam(p, lr=1.0),
         "schedule-free": lambda p, lr: mods["schedulefree"].AdamWScheduleFree(p),

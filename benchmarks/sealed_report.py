@@ -17,6 +17,8 @@ OPTIMIZERS = (
     "adam-cosine",
     "muon",
     "muon-cosine",
+    "muon-hidden",
+    "muon-hidden-cosine",
     "prodigy",
     "dadapt-adam",
     "schedule-free",

@@ -54,6 +54,15 @@ __all__ = [
 #: ``factory(params, lr) -> optimizer``.
 OptimizerFactory = Callable[[list[Tensor], float], torch.optim.Optimizer]
 
+
+def takes_names(factory: OptimizerFactory) -> OptimizerFactory:
+    """Mark an optimizer factory as taking the model's named parameters, ``(name, tensor)``
+    pairs in the model's order (as ``torch.optim`` optimizers accept them), instead of tensors:
+    :func:`run_optimizer` passes them so. For optimizers that treat layers by their role."""
+    factory.named_parameters = True  # type: ignore[attr-defined]
+    return factory
+
+
 #: Learning rates tried when tuning a hand-designed optimizer (log-spaced, half decades).
 DEFAULT_LR_GRID: tuple[float, ...] = (
     1e-4,
@@ -183,7 +192,8 @@ def run_optimizer(
     task = family.sample(torch.Generator().manual_seed(seed))
     params = task.init_params(torch.Generator().manual_seed(seed + 1))
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    opt = factory(list(leaves.values()), lr)
+    named = getattr(factory, "named_parameters", False)
+    opt = factory(list(leaves.items()) if named else list(leaves.values()), lr)
     modes = callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None))
     if modes:
         opt.train()  # type: ignore[attr-defined]

@@ -425,6 +425,42 @@ def test_muon_baseline_orthogonalizes_matrices_and_gives_vectors_adams_step(
     assert torch.allclose(b.detach(), -0.1 * b.grad.sign(), atol=1e-6)
 
 
+def test_muon_by_the_usual_recipe_gives_input_and_output_layers_adams_step(
+    optimizers: dict,
+) -> None:
+    """``hidden_only``: the embeddings and the first and last matrices of a model (named, in
+    its order) take Adam's step (first step: lr times the gradient's sign); the hidden matrices
+    Muon's. On the sealed transformer those are its positions, token embedding and read-out."""
+    from learned_opt.evaluate import run_optimizer
+    from learned_opt.tasks.groups import sealed_tasks
+
+    family = sealed_tasks()["corpus-transformer-lm"]
+    named = list(family.sample(torch.Generator().manual_seed(0)).model.named_parameters())
+    assert optimizers["input_and_output_layers"](named) == {"pos", "embed.weight",
+                                                            "readout.weight"}  # fmt: skip
+    torch.manual_seed(0)
+    first, hidden, last = (torch.nn.Parameter(torch.zeros(16, 8)) for _ in range(3))
+    bias = torch.nn.Parameter(torch.zeros(8))
+    pairs = [("0.weight", first), ("2.weight", hidden), ("2.bias", bias), ("4.weight", last)]
+    opt = optimizers["MuonAdam"](pairs, lr=0.1, hidden_only=True)
+    for t in (first, hidden, bias, last):
+        t.grad = torch.randn(t.shape)
+    opt.step()
+    for t in (first, bias, last):
+        assert torch.allclose(t.detach(), -0.1 * t.grad.sign(), atol=1e-6)
+    s = torch.linalg.svdvals(hidden.detach())
+    assert float(s.max() / s.min()) < 2.0  # orthogonalized
+    with pytest.raises(ValueError, match="name, tensor"):
+        optimizers["MuonAdam"]([first], lr=0.1, hidden_only=True)
+    # the benchmark passes the model's names to it (the factory is marked as taking them)
+    from learned_opt import load_rule, pretrained
+
+    rule, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    factory = optimizers["make_factories"](rule, 3, False, 0.1)["muon-hidden"]
+    run = run_optimizer(family, 0, factory, 1e-3, 3, name="muon-hidden")
+    assert len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses)
+
+
 def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) -> None:
     monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")  # no kernel compilation in a timed test
     args = ["--tasks", "friedman1-mlp,clusters-mlp", "--steps", "5", "--seeds", "2"]
@@ -432,13 +468,14 @@ def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) ->
     assert run_script("benchmarks/sealed.py", *args) == 0
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     opts = {"adam", "adam-cosine", "muon", "muon-cosine", "prodigy", "dadapt-adam"}
+    opts |= {"muon-hidden", "muon-hidden-cosine"}
     opts |= {"schedule-free", "learned", "learned-zeroed", "learned-cosine"}
     assert {r["optimizer"] for r in records} == opts
-    assert len(records) == 2 * 10 * 2 and {r["steps"] for r in records} == {5}
+    assert len(records) == 2 * 12 * 2 and {r["steps"] for r in records} == {5}
     assert {r["benchmark_task"] for r in records} == {"friedman1-mlp", "clusters-mlp"}
     assert all(len(r["losses"]) == 5 for r in records)
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 10
+    assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 12
     muon_rows = [r for r in summary[1:] if r["optimizer"] == "muon"]
     assert all(r["tuning"]["lr"] in r["tuning"]["grid"] for r in muon_rows)
     adam_rows = [r for r in summary[1:] if r["optimizer"] == "adam"]
