@@ -484,6 +484,40 @@ def test_each_process_evaluates_its_share_of_the_held_out_tasks(
     assert curves.shape == (5, 6) and (curves[1::2] == 3).all() and (curves[0::2] == 0).all()
 
 
+def test_a_balanced_held_out_evaluation_takes_the_mixtures_members_in_turn() -> None:
+    """``eval_balanced``: held-out task k comes from member k mod n of the mixture (here the
+    validation group's five, each twice), the same task its member draws from that seed; the
+    metric runs on them and the tuned-Adam baseline too; a family that is no mixture is
+    refused."""
+    from learned_opt.outer import factory
+    from learned_opt.outer.held_out import HeldOut
+
+    cfg = MetaTrainConfig(
+        family="quadratic", eval_family="validation", eval_balanced=True, eval_tasks=10,
+        horizon=3, truncation=3,
+    )  # fmt: skip
+    mixture = factory.build_family(dataclasses.replace(cfg, family="validation"))
+    held_out = HeldOut(cfg, mixture)
+    names = []
+    for k, seed in enumerate(held_out.seeds):
+        task = held_out.family.sample(torch.Generator().manual_seed(seed))
+        member = mixture.members[k % 5].sample(torch.Generator().manual_seed(seed))
+        assert task.name == member.name
+        names.append(task.name.split("-")[0])
+    assert names == ["iris", "wine", "friedman3", "corpus", "shapes"] * 2
+    plain = [
+        mixture.sample(torch.Generator().manual_seed(s)).name.split("-")[0]
+        for s in HeldOut(dataclasses.replace(cfg, eval_balanced=False), mixture).seeds
+    ]
+    assert plain != names  # the mixture's own draws are not balanced
+    learner = factory.build_learner(cfg)
+    metric, curve = held_out.evaluate(learner)
+    assert math.isfinite(metric) and curve.shape == (3,)
+    assert held_out.adam_baseline()["lr"] > 0
+    with pytest.raises(ValueError, match="mixture"):
+        HeldOut(cfg, factory.build_family(cfg))  # quadratic: no members
+
+
 def test_a_share_of_tasks_is_left_untold_their_horizon_by_every_estimator() -> None:
     """``untold_fraction``: each task is told its horizon or not by a deterministic draw of its
     own (about that share untold); an untold task's rule state keeps ``total_steps`` at 0 (a

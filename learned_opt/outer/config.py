@@ -200,6 +200,12 @@ class MetaTrainConfig:
         "meant for both uses are selected on both (each half is logged too: eval/metric_told, "
         "eval/metric_untold)",
     )
+    eval_balanced: bool = _opt(
+        False,
+        "the held-out tasks take the members of a mixture --eval-family in turn (task k from "
+        "member k mod n), so that every member weighs alike in the metric instead of as the "
+        "mixture happens to draw them",
+    )
     checkpoint_every: int = _opt(10, "iterations between checkpoints")
     keep_checkpoints: int = _opt(3, "how many recent checkpoints to keep", cli=False)
     max_loss_ratio: float | None = _opt(

@@ -34,11 +34,37 @@ from ..evaluate import (
 )
 from ..learners import MetaLearner
 from ..optim import LearnedOptimizer
-from ..tasks import TaskFamily
+from ..tasks import Task, TaskFamily
 from .config import MetaTrainConfig
 from .unroll import UnrollSpec, unroll
 
 __all__ = ["HeldOut"]
+
+
+class _Balanced(TaskFamily):
+    """The members of a mixture in turn: the task of ``seeds[k]`` comes from member ``k mod n``
+    (``config.eval_balanced``). The held-out runs seed each task's generator with its seed
+    (:func:`~learned_opt.evaluate.run_optimizer`), which is how a draw finds its member."""
+
+    name = "balanced"
+
+    def __init__(self, mixture: TaskFamily, seeds: Sequence[int]) -> None:
+        members = getattr(mixture, "members", None)
+        if not members:
+            raise ValueError(
+                f"eval_balanced needs a mixture of task families, not {type(mixture).__name__}"
+            )
+        self.mixture = mixture
+        self.member_of = {seed: members[k % len(members)] for k, seed in enumerate(seeds)}
+
+    def sample(self, generator: torch.Generator) -> Task:
+        seed = generator.initial_seed()
+        if seed not in self.member_of:
+            raise ValueError(f"seed {seed} is none of the held-out tasks'")
+        return self.member_of[seed].sample(generator)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "mixture": self.mixture.config()}
 
 
 class HeldOut:
@@ -56,11 +82,11 @@ class HeldOut:
 
     def __init__(self, config: MetaTrainConfig, family: TaskFamily) -> None:
         self.config = config
-        self.family = family
         self.horizon = config.eval_horizon_steps()
         self.seeds = [
             task_seed(config.seed, TRAINER_EVAL_STREAM, k) for k in range(config.eval_tasks)
         ]
+        self.family = _Balanced(family, self.seeds) if config.eval_balanced else family
         train = config.objective in ("train", "final-train")
         self.metric_name = "final_train_loss" if train else "final_test_loss"
         self.parts: dict[str, float] = {}
