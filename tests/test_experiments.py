@@ -522,6 +522,29 @@ def test_learned_adaptation_annealed_recipe_continues_the_reweighted_run_at_a_de
     )
 
 
+def test_learned_adaptation_balanced_recipe_is_the_reweighted_one_decayed_and_balanced(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe that reruns the reweighted one from ``general-v7``: its command with the
+    meta-learning rate decayed on a cosine over a fixed number of iterations and the selection
+    on 3 held-out tasks of each validation member, and nothing else; it trains the controller
+    alone from ``general-v7`` exactly."""
+    from learned_opt.cli import build_parser, config_from_args
+    from learned_opt.tasks import make_family
+
+    script = "experiments/learned_adaptation_balanced.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_reweighted.py"))
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    assert differs == {"meta_lr_schedule", "iterations", "time_budget", "eval_tasks",
+                       "eval_balanced", "init_weights"}, differs  # fmt: skip
+    members = len(make_family("validation").members)
+    assert config.eval_balanced and config.eval_tasks % members == 0
+    assert config.meta_lr_schedule == "cosine" and config.meta_lr == before.meta_lr
+    _assert_trains_the_defaults_controller_from_it(rule)
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:
@@ -632,7 +655,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_late_decay_smoothed.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_untold.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction"),
-     ("experiments/learned_adaptation_annealed.py", "orthogonal-direction")],
+     ("experiments/learned_adaptation_annealed.py", "orthogonal-direction"),
+     ("experiments/learned_adaptation_balanced.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
