@@ -486,6 +486,25 @@ def learned_part_main(
     return 0
 
 
+def derived_command(
+    command: Sequence[str],
+    run: Path,
+    new_run: Path,
+    values: dict[str, str],
+    flags: dict[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """A meta-training ``command`` of ``run`` on ``new_run``'s folders, each option of ``values``
+    given its new value, and the arguments ``flags[option]`` inserted after that option's value
+    (e.g. ``{"--meta-lr": ["--meta-lr-schedule", "cosine"]}``)."""
+    out = [arg.replace(str(run), str(new_run)) for arg in command]
+    for option, value in values.items():
+        out[out.index(option) + 1] = value
+    for option, extra in (flags or {}).items():
+        at = out.index(option) + 2
+        out[at:at] = list(extra)
+    return out
+
+
 @dataclass(frozen=True)
 class LearnedPartRecipe:
     """A recipe that meta-trains a part of shipped weights (the learned adaptation's family):

@@ -65,13 +65,11 @@ META_LR, ITERATIONS = 1e-2, 30
 
 #: The reweighted recipe's meta-training command on this run's folders, with the decayed
 #: meta-learning rate, 60 minutes.
-META_TRAIN = [arg.replace(str(reweighted.RUN), str(RUN)) for arg in reweighted.META_TRAIN]
-for _option, _value in (("--meta-lr", str(META_LR)), ("--iterations", str(ITERATIONS)),
-                        ("--time-budget", "3600")):  # fmt: skip
-    META_TRAIN[META_TRAIN.index(_option) + 1] = _value
-META_TRAIN[META_TRAIN.index("--meta-lr") + 2 : META_TRAIN.index("--meta-lr") + 2] = [
-    "--meta-lr-schedule", "cosine"
-]  # fmt: skip
+META_TRAIN = candidates.derived_command(
+    reweighted.META_TRAIN, reweighted.RUN, RUN,
+    {"--meta-lr": str(META_LR), "--iterations": str(ITERATIONS), "--time-budget": "3600"},
+    {"--meta-lr": ["--meta-lr-schedule", "cosine"]},
+)  # fmt: skip
 
 
 def write_init(path: Path) -> None:

@@ -59,13 +59,11 @@ ITERATIONS = 60
 
 #: The reweighted recipe's meta-training command on this run's folders, with the decayed
 #: meta-learning rate and the balanced selection.
-META_TRAIN = [arg.replace(str(reweighted.RUN), str(RUN)) for arg in reweighted.META_TRAIN]
-for _option, _value in (("--iterations", str(ITERATIONS)), ("--time-budget", "9000"),
-                        ("--eval-tasks", str(EVAL_TASKS))):  # fmt: skip
-    META_TRAIN[META_TRAIN.index(_option) + 1] = _value
-META_TRAIN[META_TRAIN.index("--meta-lr") + 2 : META_TRAIN.index("--meta-lr") + 2] = [
-    "--meta-lr-schedule", "cosine"
-]  # fmt: skip
+META_TRAIN = candidates.derived_command(
+    reweighted.META_TRAIN, reweighted.RUN, RUN,
+    {"--iterations": str(ITERATIONS), "--time-budget": "9000", "--eval-tasks": str(EVAL_TASKS)},
+    {"--meta-lr": ["--meta-lr-schedule", "cosine"]},
+)  # fmt: skip
 META_TRAIN.insert(META_TRAIN.index("--checkpoint-every"), "--eval-balanced")
 
 write_init = reweighted.write_init
