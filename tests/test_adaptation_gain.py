@@ -247,3 +247,56 @@ def test_unroll_and_drop_in_optimizer_agree_with_a_learned_adaptation() -> None:
         rule.controller_linear.normal_(0.0, 1.0, generator=gen)
     family, flat = _unroll_matches_drop_in(rule)
     assert not torch.allclose(flat, _drop_in_run(family, _shipped(lr_adapt=0.0), 15))
+
+
+SIZED = {**LEARNED, "controller_size": True}
+
+
+def test_size_feature_at_zero_is_the_rule_without_it_and_loads_older_weights() -> None:
+    """``controller_size`` adds weights of its own, at zero: the rule takes the same steps as
+    without it, and weights saved without it load (the new ones stay at zero)."""
+    trained = _shipped(**LEARNED)
+    with torch.no_grad():
+        trained.controller_linear.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(5))
+    without, _ = _train(trained)
+    sized = trained.variant(controller_size=True)
+    assert not sized.controller_size_w.detach().any()
+    assert not sized.controller_size_linear.detach().any()
+    with_size, _ = _train(sized)
+    assert all(torch.equal(a, b) for a, b in zip(without, with_size))
+
+
+def test_size_feature_adapts_tensors_of_different_sizes_differently() -> None:
+    """With a weight on the size alone, the first change of each tensor's log step is
+    ``kappa_1 D tanh(w log(n / 10^3) / log(10^3))``: larger for the larger tensor."""
+    rule = _shipped(**SIZED)
+    with torch.no_grad():
+        rule.controller_size_linear.fill_(1.0)
+    cfg = rule.settings
+    numels = [10, 1000, 100000]
+    state = rule.init_state(sum(numels), like=torch.zeros(1), numels=numels)
+    _, state = rule(torch.randn(sum(numels), generator=torch.Generator().manual_seed(6)), state)
+    kappa = cfg.lr_adapt * (1 + cfg.lr_adapt_warmup * math.exp(-1 / cfg.lr_adapt_warmup_steps))
+    size = torch.log(torch.tensor(numels, dtype=torch.float32) / 1e3) / math.log(1e3)
+    torch.testing.assert_close(state["log_step"], kappa * 2.0 * torch.tanh(size))
+
+
+def test_unroll_and_drop_in_optimizer_agree_with_the_size_feature() -> None:
+    rule = _shipped(**SIZED)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(7)
+        rule.controller_drift_w.normal_(0.0, 1.0, generator=gen)
+        rule.controller_size_w.normal_(0.0, 1.0, generator=gen)
+        rule.controller_size_linear.fill_(0.5)
+    # (few steps: the larger steps amplify the float rounding between the two paths)
+    family, flat = _unroll_matches_drop_in(rule, steps=6)
+    blind = rule.variant()
+    with torch.no_grad():
+        blind.controller_size_w.zero_()
+        blind.controller_size_linear.zero_()
+    assert not torch.allclose(flat, _drop_in_run(family, blind, 6))
+
+
+def test_size_feature_needs_a_controller() -> None:
+    with pytest.raises(ValueError, match="controller_size"):
+        LSTMCorrectedAdamConfig(controller_size=True)

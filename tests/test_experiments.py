@@ -545,6 +545,44 @@ def test_learned_adaptation_balanced_recipe_is_the_reweighted_one_decayed_and_ba
     _assert_trains_the_defaults_controller_from_it(rule)
 
 
+def test_learned_adaptation_size_recipe_trains_the_size_input_alone_from_the_schedules_best(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe that gives the learned adaptation each tensor's size: the untold recipe's
+    command on the size's weights alone, and nothing else; it starts from the learned-schedule
+    candidate's best weights, step for step, told the horizon and not."""
+    from learned_opt.cli import build_parser, config_from_args
+    from learned_opt.outer.factory import build_learner
+
+    script = "experiments/learned_adaptation_size.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_untold.py"))
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    assert differs == {"train_only", "time_budget", "init_weights"}, differs
+    assert rule.base.settings.controller_size
+    learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
+    trained = sorted(n for n, p in learner.rule.named_parameters() if p.requires_grad)
+    assert trained == ["base.controller_size_linear", "base.controller_size_w"]
+    start, _ = load_rule(ROOT / recipe["START"], which="best")
+    _assert_steps_like_the_default(rule, reference=start)
+    from learned_opt import LSTMOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(50, 30, generator=gen))]
+    b = [torch.nn.Parameter(a[0].detach().clone())]
+    opts = (
+        LSTMOptimizer(a, weights=start, total_steps=20),
+        LSTMOptimizer(b, weights=rule, total_steps=20),
+    )
+    for _ in range(8):
+        g = torch.randn(50, 30, generator=gen)
+        for p, opt in zip((a[0], b[0]), opts):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(a[0], b[0])
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:

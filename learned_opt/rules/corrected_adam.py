@@ -172,6 +172,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
                 self.controller_drift_b = nn.Parameter(torch.empty(1))
             if cfg.lr_adapt_learned:
                 self.controller_linear = nn.Parameter(torch.empty(n_feat, 1))
+            if cfg.controller_size:  # the size's weights, apart: older weights load unchanged
+                self.controller_size_w = nn.Parameter(torch.empty(1, k))
+                if cfg.lr_adapt_learned:
+                    self.controller_size_linear = nn.Parameter(torch.empty(1, 1))
         if cfg.orthogonal_mix:
             self.mix_weight = nn.Parameter(torch.empty(h, 1))
             self.mix_bias = nn.Parameter(torch.empty(1))
@@ -246,6 +250,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
                     self.controller_drift_b.zero_()
                 if self.lr_adapt_learned:
                     self.controller_linear.zero_()
+                if self.controller_size:  # and blind to the size
+                    self.controller_size_w.zero_()
+                    if self.lr_adapt_learned:
+                        self.controller_size_linear.zero_()
 
     @property
     def tensor_aware(self) -> bool:
@@ -497,7 +505,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
         return rule
 
     def controller(self) -> per_tensor.Controller | None:
-        """The learned controller of the step-size adaptation, features (T, 6) -> (the log
+        """The learned controller of the step-size adaptation, features (T, 6; 7 with
+        ``controller_size``, the last the tensor's log size) -> (the log
         gain (T,), or ``None`` with ``lr_adapt_learned``; the drift (T,), or ``None`` without
         ``controller_drift``), or ``None`` without one."""
         if self.controller_hidden <= 0:
@@ -505,10 +514,18 @@ class LSTMCorrectedAdamRule(UpdateRule):
         return self._control
 
     def _control(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        hidden = torch.tanh(torch.addmm(self.controller_b1, features, self.controller_w1))
+        size = None
+        if self.controller_size:  # the last column: the tensor's log size
+            features, size = features[:, :-1], features[:, -1:]
+        pre = torch.addmm(self.controller_b1, features, self.controller_w1)
+        if size is not None:
+            pre = pre + size * self.controller_size_w
+        hidden = torch.tanh(pre)
         if self.lr_adapt_learned:  # the drift alone, with a linear path from the features
             drift = torch.addmm(self.controller_drift_b, hidden, self.controller_drift_w)
             drift = drift + features @ self.controller_linear
+            if size is not None:
+                drift = drift + size * self.controller_size_linear
             return None, self.controller_drift * torch.tanh(drift[:, 0])
         out = torch.addmm(self.controller_b2, hidden, self.controller_w2)[:, 0]
         gain = self.controller_bound * torch.tanh(out / self.controller_bound)

@@ -96,6 +96,12 @@ class LSTMCorrectedAdamConfig:
             gain are not applied. With the controller at zero the step size keeps its start
             (no adaptation), so meta-training learns the adaptation from nothing. Needs
             ``controller_drift > 0``.
+        controller_size: the controller also reads each tensor's size, :math:`\log(n / 10^3)
+            / \log(10^3)` for a tensor of :math:`n` coordinates, through weights of its own
+            that start at zero (``controller_size_w``, and ``controller_size_linear`` with
+            ``lr_adapt_learned``): the rule is unchanged until they are learned, and can then
+            adapt tensors of different sizes differently from the first step. Needs
+            ``controller_hidden > 0``.
         orthogonal: the direction of a matrix-shaped parameter (2 or more dimensions, read as
             ``shape[0]`` rows) is Muon's instead of Adam's: its Nesterov momentum
             :math:`\beta_1 m_t + (1-\beta_1) g_t` orthogonalized as a matrix and scaled to
@@ -147,6 +153,7 @@ class LSTMCorrectedAdamConfig:
     controller_bound: float = 2.0
     controller_drift: float = 0.0
     lr_adapt_learned: bool = False
+    controller_size: bool = False
     orthogonal: bool = False
     orthogonal_rms: bool = False
     orthogonal_mix: bool = False
@@ -193,6 +200,9 @@ class LSTMCorrectedAdamConfig:
                 "lr_adapt_learned makes the controller's drift the whole step-size adaptation: "
                 "it needs controller_drift > 0 (and controller_hidden > 0)"
             )
+        if self.controller_size and self.controller_hidden < 1:
+            raise ValueError("controller_size is an input of the controller: it needs "
+                             "controller_hidden > 0")  # fmt: skip
         if self.controller_hidden > 0 and not (self.lr_adapt > 0 and self.lr_adapt_slowdown > 0):
             raise ValueError(
                 "controller_hidden > 0 gates the step-size adaptation: it needs lr_adapt > 0 "

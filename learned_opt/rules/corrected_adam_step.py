@@ -144,7 +144,8 @@ def _device_step_(
         g = g * clip
         prev = state["prev"].float()
         sums = [-torch.dot(g, prev)[None], torch.dot(g, g)[None], torch.dot(prev, prev)[None]]
-        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, controller)
+        size = grad.new_full((1,), grad.numel(), dtype=torch.float32)
+        log_step = per_tensor.adapt_from_sums(cfg, *sums, state, new, t, controller, size)
         exp_s = torch.exp(log_step)
     return _commit(rule, grad, state, kernel, t, bound, clip, exp_s, new)
 
@@ -212,8 +213,9 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
     prev = state.get("prev", grad.new_empty(0))
     if cfg.lr_adapt > 0:
         dot, g2, p2 = ext.adapt_sums(grad, prev, bound, float(scale), BLOCK)
+        size = torch.full((1,), float(grad.numel()))
         log_step = per_tensor.adapt_from_sums(
-            cfg, dot[None], g2[None], p2[None], state, new, t, rule.controller()
+            cfg, dot[None], g2[None], p2[None], state, new, t, rule.controller(), size
         )
         exp_s = float(torch.exp(log_step))
     layers = range(cfg.num_layers)

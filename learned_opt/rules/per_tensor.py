@@ -43,7 +43,8 @@ PER_TENSOR_KEYS = ("log_step", "grad_fast", "grad_peak", "cos_avg")
 
 #: Inputs of the learned gain on the adaptation rate (``controller_hidden``), per tensor: the
 #: cosine, its bias-corrected running mean (beta 0.9), ``log(norm / peak) / 10`` of the gradient
-#: norm (floored at -1), ``s / S``, ``exp(-t / tau)`` and ``log(t) / log(10^4)``.
+#: norm (floored at -1), ``s / S``, ``exp(-t / tau)`` and ``log(t) / log(10^4)``; with
+#: ``controller_size``, a seventh: the tensor's log size (:func:`adapt_from_sums`).
 CONTROLLER_FEATURES = 6
 
 #: The learned controller: features (T, 6) -> (log gain (T,) or ``None``: no hand-designed
@@ -130,7 +131,13 @@ def adapt_log_step(
     ``grad_fast``, ``grad_peak``, ``cos_avg``) in ``new_state`` and returns ``log_step``."""
     prev = state["prev"]
     dot, g2, p2 = tensor_sums(torch.stack((-grad * prev, grad * grad, prev * prev)), ids, count)
-    return adapt_from_sums(cfg, dot, g2, p2, state, new_state, t, controller)
+    sizes = None
+    if cfg.controller_size and controller is not None:
+        sizes = (
+            grad.new_full((1,), grad.numel()) if ids is None
+            else torch.bincount(ids, minlength=count).to(grad)
+        )  # fmt: skip
+    return adapt_from_sums(cfg, dot, g2, p2, state, new_state, t, controller, sizes)
 
 
 def adapt_from_sums(
@@ -142,9 +149,11 @@ def adapt_from_sums(
     new_state: RuleState,
     t: float,
     controller: Controller | None = None,
+    sizes: Tensor | None = None,
 ) -> Tensor:
     """:func:`adapt_log_step` from the per-tensor sums of ``-grad * prev`` (``dot``),
-    ``grad**2`` (``g2``) and ``prev**2`` (``p2``)."""
+    ``grad**2`` (``g2``) and ``prev**2`` (``p2``); ``sizes``: each tensor's number of
+    coordinates, which a controller reads with ``controller_size`` (required then)."""
     # cos = 0 where either vector is zero (the first step: no previous update yet; a tensor
     # with a zero gradient); safe_sqrt: a zero meta-gradient there, not 0 * inf = nan.
     # |g|^2 |p|^2 can overflow where each factor does not: then |g| |p| (the same value up
@@ -180,7 +189,12 @@ def adapt_from_sums(
         feats = torch.stack(
             (raw_cos, avg / (1 - 0.9**t), torch.log(ratio) / 10, state["log_step"] / bound), -1
         )
-        delta, drift = controller(torch.cat((feats, const), -1))
+        columns = [feats, const]
+        if cfg.controller_size:
+            if sizes is None:
+                raise ValueError("controller_size: the controller reads the tensors' sizes")
+            columns.append((torch.log(sizes.to(cos) / 1e3) / math.log(1e3))[:, None])
+        delta, drift = controller(torch.cat(columns, -1))
         if delta is None:  # lr_adapt_learned: the drift is the whole adaptation
             assert drift is not None
             change = rate * drift
