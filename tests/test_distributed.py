@@ -145,6 +145,11 @@ def test_cli_under_torchrun_rank0_writes_and_resume_with_other_world_size(tmp_pa
     assert two["eval_metric"] == pytest.approx(straight.history["eval_metric"][:2], rel=1e-5)
     final = torch.load(find_checkpoints(tmp_path / "ckpt")[0], weights_only=True)
     assert final["iteration"] == 4
+    # the tuned-Adam baseline too (computed by the two processes, kept by the resumed run)
+    assert final["adam_baseline"]["lr"] == straight.adam_baseline["lr"]
+    assert final["adam_baseline"]["metric"] == pytest.approx(
+        straight.adam_baseline["metric"], rel=1e-6
+    )
     resumed = MetaTrainer(MetaTrainConfig.from_dict(final["config"]))
     resumed.load_state_dict(final)
     for a, b in zip(resumed.learner.parameters(), straight.learner.parameters()):

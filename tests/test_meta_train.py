@@ -648,3 +648,39 @@ def test_the_held_out_metric_can_run_each_task_told_and_not() -> None:
     plain_held_out = HeldOut(dataclasses.replace(plain_cfg, eval_untold=True), family)
     assert plain_held_out.evaluate(plain)[0] == HeldOut(plain_cfg, family).evaluate(plain)[0]
     assert plain_held_out.parts == {}  # ran once
+
+
+def test_the_held_out_adam_baseline_is_tune_lrs_choice_each_process_running_its_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tuned-Adam baseline of the held-out tasks: in one process, exactly what ``tune_lr``
+    chooses on them (its metric, rate and mean curve); as rank 1 of 2 (the sum left out), only
+    that rank's tasks run."""
+    from learned_opt import distributed
+    from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, mean_curve, tune_lr
+    from learned_opt.outer import factory
+    from learned_opt.outer import held_out as held_out_module
+    from learned_opt.outer.held_out import HeldOut
+
+    cfg = MetaTrainConfig(family="quadratic", horizon=6, truncation=6, eval_tasks=5)
+    held_out = HeldOut(cfg, factory.build_family(cfg))
+    baseline = held_out.adam_baseline()
+    tuning = tune_lr(held_out.family, HAND_DESIGNED["adam"], held_out.seeds, 6, DEFAULT_LR_GRID,
+                     name="adam", aggregate=held_out.aggregate)  # fmt: skip
+    assert baseline["lr"] == tuning.lr and baseline["metric"] == tuning.scores[tuning.lr]
+    assert baseline["curve"] == mean_curve(tuning.runs, skip_diverged=True).tolist()
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensors: None)
+    ran: list[int] = []
+    real = held_out_module.run_optimizer
+
+    def counted(family, seed, *args, **kwargs):
+        ran.append(seed)
+        return real(family, seed, *args, **kwargs)
+
+    monkeypatch.setattr(held_out_module, "run_optimizer", counted)
+    held_out.adam_baseline()
+    assert sorted(set(ran)) == sorted(held_out.seeds[1::2])
+    assert len(ran) == len(held_out.seeds[1::2]) * len(DEFAULT_LR_GRID)
