@@ -62,8 +62,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     kept; with ``orthogonal_mix``, its mix read-out too: Muon's direction for matrices); for the
     paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a zero update),
     the last layer of a learned gain on the step-size adaptation (``controller_hidden``: the gain
-    1) and of its drift (``controller_drift``: none; with ``lr_adapt_learned``, its linear path
-    too: no adaptation at all), and the last layer of a
+    1) and of its drift (``controller_drift``: none; with ``lr_adapt_learned``, its linear paths
+    too, from the statistics and from the size: no adaptation at all), and the last layer of a
     :class:`~learned_opt.rules.ScheduledRule`'s schedule and its linear path (the identity
     schedule).
 
@@ -81,7 +81,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
                     zeroed.append(f"{name}.{attr}" if name else attr)
             if getattr(module, "controller_w1", None) is not None:  # the adaptation's control
                 for attr in ("controller_w2", "controller_b2", "controller_drift_w",
-                             "controller_drift_b", "controller_linear"):  # fmt: skip
+                             "controller_drift_b", "controller_linear",
+                             "controller_size_linear"):  # fmt: skip
                     value = getattr(module, attr, None)
                     if isinstance(value, Tensor):
                         value.zero_()

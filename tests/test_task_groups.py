@@ -303,6 +303,21 @@ def test_zero_readout(optimizers: dict) -> None:
             getattr(learned, name).fill_(0.5)
     zlearned = zero(learned)  # the learned adaptation at zero: none
     assert all(float(getattr(zlearned, n).detach().abs().sum()) == 0 for n in last)
+    # every learned weight of the adaptation drawn, the size's too: zeroed, no tensor's step
+    # size moves from its start, however large or small the tensor
+    sized = LSTMCorrectedAdamRule(
+        controller_hidden=4, controller_drift=2.0, lr_adapt_learned=True, controller_size=True
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in sized.named_parameters():
+            if name.startswith("controller_"):
+                param.normal_(0.0, 1.0, generator=gen)
+    for rule, moves in ((sized, True), (zero(sized), False)):
+        state = rule.init_state(5010, like=torch.zeros(1), numels=[10, 5000])
+        for _ in range(3):
+            _, state = rule(torch.randn(5010, generator=gen), state)
+        assert bool(state["log_step"].detach().any()) == moves
     with pytest.raises(ValueError, match="read-out"):
         zero(AdamRule())
 
