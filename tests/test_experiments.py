@@ -684,7 +684,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_adaptation_untold.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_annealed.py", "orthogonal-direction"),
-     ("experiments/learned_adaptation_balanced.py", "orthogonal-direction")],
+     ("experiments/learned_adaptation_balanced.py", "orthogonal-direction"),
+     ("experiments/learned_adaptation_size.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
