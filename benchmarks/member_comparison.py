@@ -5,9 +5,10 @@ score alike there can trade one kind of task for another, and meta-training can 
 the members whose final loss is most sensitive to the rule. This script runs each rule on
 ``--seeds`` tasks of every member of a mixture family (``meta-train``, ``validation``, or a
 registered variant with ``--family-kwargs``), the same tasks for every rule, told the run's
-length when a rule reads it, and reports per member the geometric mean of the final training
-losses of the first rule and each other's ratio to it, with the geometric mean of those ratios
-over the members (each member counted once, whatever its weight in the mixture).
+length when a rule reads it (``--untold``: never), and reports per member the geometric mean of
+the final training losses of the first rule and each other's ratio to it, with the geometric
+mean of those ratios over the members (each member counted once, whatever its weight in the
+mixture).
 
     python benchmarks/member_comparison.py --weights general-v7 \\
         --weights runs/learned-adaptation/ckpt/ckpt_00000062.pt@latest \\
@@ -40,9 +41,12 @@ def load(spec: str):
     return rule
 
 
-def final_loss(spec: str, family: str, kwargs: dict, member: int, seed: int, steps: int) -> float:
+def final_loss(
+    spec: str, family: str, kwargs: dict, member: int, seed: int, steps: int, told: bool = True
+) -> float:
     """The final training loss of one task (``seed``) of member ``member`` of ``family``
-    trained by the rule of ``spec`` (untuned, told the run's length when it reads it)."""
+    trained by the rule of ``spec`` (untuned; told the run's length when it reads it, unless
+    not ``told``)."""
     import torch
 
     from learned_opt.evaluate import run_optimizer
@@ -51,10 +55,10 @@ def final_loss(spec: str, family: str, kwargs: dict, member: int, seed: int, ste
 
     torch.set_num_threads(1)
     rule = load(spec)
-    told = {"total_steps": steps} if getattr(rule, "reads_horizon", False) else {}
+    horizon = {"total_steps": steps} if told and getattr(rule, "reads_horizon", False) else {}
 
     def factory(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-        return LearnedOptimizer(params, rule, lr=lr, **told)
+        return LearnedOptimizer(params, rule, lr=lr, **horizon)
 
     mixture = make_family(family, **kwargs)
     run = run_optimizer(mixture.members[member], seed, factory, 1.0, steps)
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family-kwargs", type=json.loads, default={})
     parser.add_argument("--steps", type=int, default=500, help="steps per task")
     parser.add_argument("--seeds", type=int, default=6, help="tasks per member")
+    parser.add_argument("--untold", action="store_true",
+                        help="never tell a rule the run's length")  # fmt: skip
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -105,14 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(args.procs) as pool:
         futures = [
-            pool.submit(final_loss, w, args.family, args.family_kwargs, m, s, args.steps)
+            pool.submit(
+                final_loss, w, args.family, args.family_kwargs, m, s, args.steps, not args.untold
+            )  # fmt: skip
             for w, m, s in jobs
         ]
         losses = [f.result() for f in futures]
     seconds = time.perf_counter() - start
     records = [
         {"weights": w, "family": args.family, "family_kwargs": args.family_kwargs,
-         "member": names[m], "seed": s, "steps": args.steps, "final_train_loss": loss}
+         "member": names[m], "seed": s, "steps": args.steps, "told": not args.untold,
+         "final_train_loss": loss}
         for (w, m, s), loss in zip(jobs, losses, strict=True)
     ]  # fmt: skip
     metric = {
@@ -125,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     first, others = args.weights[0], args.weights[1:]
     described = args.family + (f" {json.dumps(args.family_kwargs)}" if args.family_kwargs else "")
     lines = [
-        f"Per member of `{described}`: {args.seeds} tasks each ({args.steps} steps, told the "
-        f"length when a rule reads it), the geometric mean of the final training losses of "
+        f"Per member of `{described}`: {args.seeds} tasks each ({args.steps} steps, "
+        f"{'not told the length' if args.untold else 'told the length when a rule reads it'}), "
+        f"the geometric mean of the final training losses of "
         f"`{first}` and each other rule's over it (below 1: the other rule ends lower). "
         f"{seconds / 60:.1f} min on {args.procs} processes.",
         "",

@@ -189,3 +189,24 @@ def test_member_comparison_runs_every_rule_on_the_same_tasks_of_every_member(
     ):
         assert run_script("benchmarks/member_comparison.py", *args, *bad, "--out", "x") == 2
     assert not Path("x").exists()
+
+
+def test_member_comparison_untold_never_tells_a_rule_the_runs_length(
+    tmp_path: Path, run_script
+) -> None:
+    """``--untold``: a rule that reads the run's length runs as without it (here against the
+    default told, on the same tasks: it differs), and the records and table say so."""
+    args = ["--family", "validation", "--steps", "12", "--seeds", "1", "--procs", "1",
+            "--weights", "general-v7", "--weights", "general-v7"]  # fmt: skip
+    told, untold = tmp_path / "told", tmp_path / "untold"
+    assert run_script("benchmarks/member_comparison.py", *args, "--out", str(told)) == 0
+    assert run_script("benchmarks/member_comparison.py", *args, "--untold",
+                      "--out", str(untold)) == 0  # fmt: skip
+
+    def losses(out: Path) -> list[tuple[bool, float]]:
+        lines = (out / "records.jsonl").read_text().splitlines()
+        return [(r["told"], r["final_train_loss"]) for r in map(json.loads, lines)]
+
+    assert all(t for t, _ in losses(told)) and not any(t for t, _ in losses(untold))
+    assert [v for _, v in losses(told)] != [v for _, v in losses(untold)]
+    assert "not told the length" in (untold / "table.md").read_text()
