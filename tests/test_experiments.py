@@ -437,6 +437,16 @@ def test_learned_adaptation_recipe_trains_only_the_adaptation_from_nothing(
     assert "--total-steps" in command and "learned,learned-zeroed" in command
 
 
+def _changed_from(config, script: str) -> tuple[dict, object, set[str]]:
+    """The recipe ``script`` another recipe derives its command from, that command's
+    configuration, and the settings in which ``config`` differs from it."""
+    from learned_opt.cli import build_parser, config_from_args
+
+    base = runpy.run_path(str(ROOT / script))
+    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
+    return base, before, {k for k, v in vars(config).items() if vars(before)[k] != v}
+
+
 def _assert_trains_the_defaults_controller_from_it(rule) -> None:
     """``rule`` is ``general-v7`` exactly, and meta-training moves its controller alone."""
     trained = [n for n, p in rule.named_parameters() if p.requires_grad]
@@ -456,12 +466,8 @@ def test_learned_adaptation_untold_recipe_continues_the_default_told_and_not(
     ``general-v7``'s configuration and weights exactly."""
     script = "experiments/learned_adaptation_untold.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
     assert config.untold_fraction == 0.5 and config.eval_untold
-    from learned_opt.cli import build_parser, config_from_args
-
-    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
-    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    _, _, differs = _changed_from(config, "experiments/learned_adaptation.py")
     assert differs <= {"untold_fraction", "eval_untold", "time_budget", "init_weights",
                        "log_dir", "ckpt_dir", "export"}, differs  # fmt: skip
     _assert_trains_the_defaults_controller_from_it(rule)
@@ -475,14 +481,11 @@ def test_learned_adaptation_reweighted_recipe_changes_only_the_groups_member_wei
     the learned adaptation's own command with the attention members weighing more and the
     diabetes regressor less, selected told and not; it trains the controller alone and starts
     from ``general-v7`` exactly."""
-    from learned_opt.cli import build_parser, config_from_args
     from learned_opt.tasks import make_family
 
     script = "experiments/learned_adaptation_reweighted.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation.py"))
-    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
-    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    _, before, differs = _changed_from(config, "experiments/learned_adaptation.py")
     assert differs <= {"family_kwargs", "eval_untold", "time_budget", "init_weights",
                        "log_dir", "ckpt_dir", "export"}, differs  # fmt: skip
     assert config.eval_untold and config.untold_fraction == 0.0
@@ -501,13 +504,10 @@ def test_learned_adaptation_annealed_recipe_continues_the_reweighted_run_at_a_de
     """The recipe that continues the reweighted run: its command with a smaller meta-learning
     rate decayed on a cosine over a fixed number of iterations, and nothing else; it starts
     from the reweighted run's latest weights (not its best) and trains the controller alone."""
-    from learned_opt.cli import build_parser, config_from_args
 
     script = "experiments/learned_adaptation_annealed.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_reweighted.py"))
-    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
-    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    base, before, differs = _changed_from(config, "experiments/learned_adaptation_reweighted.py")
     assert differs == {"meta_lr", "meta_lr_schedule", "iterations", "time_budget",
                        "init_weights"}, differs  # fmt: skip
     assert config.meta_lr < before.meta_lr and config.meta_lr_schedule == "cosine"
@@ -532,14 +532,11 @@ def test_learned_adaptation_balanced_recipe_is_the_reweighted_one_decayed_and_ba
     meta-learning rate decayed on a cosine over a fixed number of iterations and the selection
     on 3 held-out tasks of each validation member, and nothing else; it trains the controller
     alone from ``general-v7`` exactly."""
-    from learned_opt.cli import build_parser, config_from_args
     from learned_opt.tasks import make_family
 
     script = "experiments/learned_adaptation_balanced.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_reweighted.py"))
-    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
-    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    _, before, differs = _changed_from(config, "experiments/learned_adaptation_reweighted.py")
     assert differs == {"meta_lr_schedule", "iterations", "time_budget", "eval_tasks",
                        "eval_balanced", "init_weights"}, differs  # fmt: skip
     members = len(make_family("validation").members)
@@ -554,14 +551,11 @@ def test_learned_adaptation_size_recipe_trains_the_size_input_alone_from_the_sch
     """The recipe that gives the learned adaptation each tensor's size: the untold recipe's
     command on the size's weights alone, and nothing else; it starts from the learned-schedule
     candidate's best weights, step for step, told the horizon and not."""
-    from learned_opt.cli import build_parser, config_from_args
     from learned_opt.outer.factory import build_learner
 
     script = "experiments/learned_adaptation_size.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    base = runpy.run_path(str(ROOT / "experiments/learned_adaptation_untold.py"))
-    before = config_from_args(build_parser().parse_args(base["META_TRAIN"]))
-    differs = {k for k, v in vars(config).items() if vars(before)[k] != v}
+    _, _, differs = _changed_from(config, "experiments/learned_adaptation_untold.py")
     assert differs == {"train_only", "time_budget", "init_weights"}, differs
     assert rule.base.settings.controller_size
     learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
