@@ -173,8 +173,9 @@ def test_member_comparison_runs_every_rule_on_the_same_tasks_of_every_member(
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 5 * 2
     members = {r["member"] for r in records}
-    assert members == {"iris-mlp", "wine-linear", "friedman3-mlp", "corpus-rnn-lm",
-                       "shapes-transformer"}  # fmt: skip
+    from learned_opt.tasks.groups import GROUPS
+
+    assert members == {m.name for m in GROUPS["validation"].members}
     rows = [line for line in (out / "table.md").read_text().splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in members]  # fmt: skip
     assert len(rows) == 5

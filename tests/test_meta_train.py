@@ -504,7 +504,7 @@ def test_a_balanced_held_out_evaluation_takes_the_mixtures_members_in_turn() -> 
         member = mixture.members[k % 5].sample(torch.Generator().manual_seed(seed))
         assert task.name == member.name
         names.append(task.name.split("-")[0])
-    assert names == ["iris", "wine", "friedman3", "corpus", "shapes"] * 2
+    assert names == ["hastie", "friedman3", "textures", "corpus", "shapes"] * 2
     plain = [
         mixture.sample(torch.Generator().manual_seed(s)).name.split("-")[0]
         for s in HeldOut(dataclasses.replace(cfg, eval_balanced=False), mixture).seeds

@@ -23,7 +23,7 @@ from learned_opt.tasks import FAMILIES, BatchSampler, LabelNoiseFamily, make_fam
 from learned_opt.tasks.groups import GROUPS, TaskGroup, check_disjoint, overlaps
 from learned_opt.tasks.patches import PatchSequenceClassifier
 from learned_opt.tasks.sequence import CharLM, WindowSampler
-from learned_opt.tasks.sources import PARTS, load_part, make_shapes
+from learned_opt.tasks.sources import PARTS, SOURCES, load_part, make_shapes, make_textures
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = [(g, m) for g, group in GROUPS.items() for m in group.members]
@@ -105,17 +105,35 @@ def test_sealed_group_covers_the_required_kinds() -> None:
                 assert len(value) == 1, (f.config()["name"], key)
 
 
+def test_validation_group_holds_the_shareable_kinds_on_data_of_some_size() -> None:
+    """The validation group's two rules: every kind the sealed test must include that the sealed
+    test does not keep to itself (attention with LayerNorm, batch norm, a recurrent net, a
+    regression and a classification MLP), and no member training on fewer than 1,000
+    examples."""
+    members = GROUPS["validation"].members
+    families = {m.name: m.build() for m in members}
+    archs = {m.arch for m in members}
+    assert {"transformer", "bn-conv", "mlp"} <= archs and archs & {"rnn", "lstm", "gru"}
+    mlps = [families[m.name] for m in members if m.arch == "mlp"]
+    assert {f.regression for f in mlps} == {True, False}
+    for member in members:
+        for part in member.parts:
+            source, name = part.split(":")
+            n = 10**6 if source == "corpus" else len(load_part(source, name)[0])
+            assert n >= 1000, (member.name, n)
+
+
 def test_validation_tables_stay_well_above_zero_loss() -> None:
-    """The validation group's small tables (noisy labels) end 1,000 steps of Adam, its learning
-    rate tuned on the same tasks, above 5% of their initial loss, the rating threshold of the
-    sealed benchmark: a geometric mean over the group is not carried by near-zero losses."""
+    """The validation group's tabular members end 1,000 steps of Adam, its learning rate tuned
+    on the same tasks, above 5% of their initial loss, the rating threshold of the sealed
+    benchmark: a geometric mean over the group is not carried by near-zero losses."""
     from learned_opt.evaluate import HAND_DESIGNED, run_optimizer, tune_lr
 
     torch.set_num_threads(1)
-    for member in GROUPS["validation"].members:
-        if member.source not in ("iris", "wine"):
-            continue
-        family, seeds = member.build(), [0, 1, 2]
+    tables = [m for m in GROUPS["validation"].members if SOURCES.get(m.source, (0, 0))[1] is None]
+    assert {m.source for m in tables} >= {"hastie", "friedman3"}
+    for member in tables:
+        family, seeds = member.build(), [0, 1]
         adam = HAND_DESIGNED["adam"]
         lr = tune_lr(family, adam, seeds, 1000, (0.003, 0.01, 0.03, 0.1)).lr
         for seed in seeds:
@@ -241,6 +259,15 @@ def test_sources_are_deterministic_and_parts_differ() -> None:
     assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0
     val, test = load_part("shapes", "val"), load_part("shapes", "test")
     assert not torch.equal(val[0][:10], test[0][:10])
+    x1, y1 = make_textures(50, 16, torch.Generator().manual_seed(0))
+    x2, y2 = make_textures(50, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and set(y1.tolist()) <= set(range(6))
+    assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0
+    xt, yt, xh, _ = load_part("textures", "val")
+    assert xt.shape == (8000, 256) and len(xh) == 2000
+    xt, yt, xh, _ = load_part("hastie", "val")
+    assert xt.shape == (4800, 10) and set(yt.tolist()) == {0, 1} and len(xh) == 1200
+    assert 0.4 < float(yt.float().mean()) < 0.6
     from learned_opt.data import load_mnist
 
     images = load_mnist("test")[0]
@@ -511,7 +538,7 @@ def test_the_protocol_runs_on_the_validation_group_with_chosen_optimizers(
     tmp_path: Path, run_script, monkeypatch, capsys
 ) -> None:
     monkeypatch.setenv("LEARNED_OPT_NO_EXT", "1")
-    args = ["--group", "validation", "--tasks", "iris-mlp", "--steps", "4", "--seeds", "2"]
+    args = ["--group", "validation", "--tasks", "hastie-mlp", "--steps", "4", "--seeds", "2"]
     args += ["--tune-seeds", "1", "--lrs", "0.01", "--optimizers", "learned"]
     args += ["--learned-lr", "0.5", "--out", str(tmp_path)]
     assert run_script("benchmarks/sealed.py", *args) == 0

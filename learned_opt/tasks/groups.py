@@ -12,10 +12,10 @@ names the parts; :func:`check_disjoint` checks both):
   attention models with LayerNorm (transformer encoders reading MNIST and digits rows). Sizes
   are drawn per task; one inner step costs a few milliseconds on a CPU.
 - ``"validation"`` (:class:`ValidationFamily`, registered as ``"validation"``): for choosing
-  configurations and weights; an MLP on iris and a linear classifier on wine (a fifth of their
-  training labels replaced by another class: a noise floor), MLP regression on Friedman's third
-  problem, Elman character language models on the corpus's validation part, transformer encoders
-  on synthetic shapes (4x4 patches).
+  configurations and weights; MLPs classifying Hastie's sphere problem (noisy labels), MLP
+  regression on Friedman's third problem, conv nets with batch norm on synthetic oriented
+  gratings (noisy labels), Elman character language models on the corpus's validation part,
+  transformer encoders on synthetic shapes (4x4 patches).
 - ``"sealed-test"``: eight fixed tasks, each an architecture on data that neither other group
   pairs it with, on data parts neither reads: a causal transformer, a GRU and a causal
   convolutional character language model on the corpus's test part; a conv net with batch
@@ -191,30 +191,20 @@ _META_TRAIN = (
     ),
 )
 
-#: The fraction of the small tables' training labels replaced by another class in the validation
-#: group: without it, 1,000 steps drive their loss to a few percent of the initial one (iris) or
-#: to zero (wine, even with the noise for any hidden layer: hence its linear model), where the
-#: ratio of two near-zero losses carries a geometric mean.
-_LABEL_NOISE = 0.2
-
+# Chosen by two rules, fixed before any candidate was measured on the group: it holds each kind
+# of model the sealed test must include that the sealed test does not keep to itself (attention
+# with LayerNorm, a conv net with batch norm, a recurrent net, a regression and a classification
+# MLP), and no member trains on fewer than 1,000 examples (a table of a hundred rows is a problem
+# no one trains a network on; on such tables the step-size adaptation's gains were twice those on
+# larger data). Each member's data has a noise floor, so 1,000 steps of tuned Adam stay well
+# above zero loss.
 _VALIDATION = (
     _member(
-        "iris-mlp",
+        "hastie-mlp",
         "mlp",
-        "iris",
-        "train",
-        lambda: RandomMLPFamily(
-            "iris", (16, 32), (1, 2), _ACTS, (16, 32), None, label_noise=_LABEL_NOISE
-        ),
-    ),
-    _member(
-        "wine-linear",
-        "linear",
-        "wine",
-        "train",
-        lambda: RandomMLPFamily(
-            "wine", (16,), (0,), ("relu",), (16, 32), None, label_noise=_LABEL_NOISE
-        ),
+        "hastie",
+        "val",
+        lambda: SourceMLPFamily("hastie", "val", (32, 64), (1, 2), ("relu", "tanh"), (32, 64)),
     ),
     _member(
         "friedman3-mlp",
@@ -222,6 +212,13 @@ _VALIDATION = (
         "friedman3",
         "val",
         lambda: SourceMLPFamily("friedman3", "val", (16, 32), (1, 2), ("tanh", "relu"), (32, 64)),
+    ),
+    _member(
+        "textures-bn-conv",
+        "bn-conv",
+        "textures",
+        "val",
+        lambda: BNConvFamily("textures", "val", (8, 16), (2,), (32, 64), pool=True),
     ),
     _member(
         "corpus-rnn-lm",

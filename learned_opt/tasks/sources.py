@@ -15,10 +15,13 @@ Sources and parts (:data:`PARTS`):
   ``holdout="val"`` reads; the last fifth, ``holdout="test"``, is left unread);
 - ``shapes`` (:func:`make_shapes`, synthetic 16x16 images of six shapes): ``"val"`` and
   ``"test"``, drawn from different seeds;
+- ``textures`` (:func:`make_textures`, synthetic 16x16 images of oriented gratings): ``"val"``;
 - ``friedman1`` (``"test"``) and ``friedman3`` (``"val"``): scikit-learn's synthetic regression
   problems (Friedman, 1991) with noise, so the loss has a floor well above zero;
 - ``clusters`` (``"test"``): scikit-learn's ``make_classification`` (6 classes in 20 features,
-  10% of the labels flipped: a floor well above zero).
+  10% of the labels flipped: a floor well above zero);
+- ``hastie`` (``"val"``): scikit-learn's ``make_hastie_10_2`` (two classes split by a sphere in
+  10 features; Hastie et al., 2009), 10% of the labels flipped.
 
 Tables are standardized with their training half's statistics (regression targets too); images
 are pixels in [0, 1]. Everything is offline and deterministic.
@@ -31,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["PARTS", "SOURCES", "load_part", "make_shapes", "part_key"]
+__all__ = ["PARTS", "SOURCES", "load_part", "make_shapes", "make_textures", "part_key"]
 
 #: source -> (kind, image side or None); kind is "class", "regress" or "image" (autoencoder).
 SOURCES: dict[str, tuple[str, int | None]] = {
@@ -41,9 +44,11 @@ SOURCES: dict[str, tuple[str, int | None]] = {
     "iris": ("class", None),
     "wine": ("class", None),
     "shapes": ("class", 16),
+    "textures": ("class", 16),
     "friedman1": ("regress", None),
     "friedman3": ("regress", None),
     "clusters": ("class", None),
+    "hastie": ("class", None),
 }
 
 #: source -> the parts that exist.
@@ -54,9 +59,11 @@ PARTS: dict[str, tuple[str, ...]] = {
     "iris": ("train",),
     "wine": ("train",),
     "shapes": ("val", "test"),
+    "textures": ("val",),
     "friedman1": ("test",),
     "friedman3": ("val",),
     "clusters": ("test",),
+    "hastie": ("val",),
 }
 
 #: Seeds of the synthetic parts (fixed: a part is the same data on every machine).
@@ -66,6 +73,8 @@ _SEEDS: dict[tuple[str, str], int] = {
     ("friedman1", "test"): 37,
     ("friedman3", "val"): 41,
     ("clusters", "test"): 53,
+    ("textures", "val"): 61,
+    ("hastie", "val"): 67,
 }
 
 _CACHE: dict[tuple[str, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -119,6 +128,41 @@ def make_shapes(
     return x.clamp(0.0, 1.0).reshape(n, side * side), y
 
 
+def make_textures(
+    n: int, side: int, generator: torch.Generator, noise: float = 0.5, label_noise: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """``n`` noisy ``side x side`` grey images of oriented gratings and their labels.
+
+    Six classes: three orientations (0, 60 and 120 degrees, each jittered by up to 10) times two
+    spatial frequency bands (periods of 6-8 and 2.5-3.5 pixels). Each image is a grating of
+    random phase under a Gaussian window of random centre and width (2.5-5 pixels) and random
+    contrast (0.3-1) around grey 0.5, plus Gaussian pixel noise of standard deviation ``noise``,
+    clipped to [0, 1]. A fraction ``label_noise`` of the labels is replaced by a random class, so
+    no classifier reaches zero loss.
+
+    Returns:
+        ``(x, y)``: float32 ``(n, side * side)`` and int64 ``(n,)``.
+    """
+    y = torch.randint(6, (n,), generator=generator)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    angle = torch.deg2rad((y % 3).to(torch.float32) * 60.0 + u(-10.0, 10.0))
+    period = torch.where(y < 3, u(6.0, 8.0), u(2.5, 3.5))
+    phase, width = u(0.0, 2 * math.pi), u(2.5, 5.0)
+    cx, cy = u(4.0, side - 5.0), u(4.0, side - 5.0)
+    contrast = u(0.3, 1.0)
+    grid = torch.arange(side, dtype=torch.float32)
+    dx = grid.view(1, 1, side) - cx.view(n, 1, 1)
+    dy = grid.view(1, side, 1) - cy.view(n, 1, 1)
+    along = dx * torch.cos(angle).view(n, 1, 1) + dy * torch.sin(angle).view(n, 1, 1)
+    wave = torch.cos(2 * math.pi * along / period.view(n, 1, 1) + phase.view(n, 1, 1))
+    window = torch.exp(-(dx * dx + dy * dy) / (2 * width.view(n, 1, 1) ** 2))
+    x = 0.5 + 0.5 * contrast.view(n, 1, 1) * window * wave
+    x = x + noise * torch.randn(n, side, side, generator=generator)
+    flip = torch.rand(n, generator=generator) < label_noise
+    y = torch.where(flip, torch.randint(6, (n,), generator=generator), y)
+    return x.clamp(0.0, 1.0).reshape(n, side * side), y
+
+
 def _standardize(
     xt: Tensor, yt: Tensor, xh: Tensor, yh: Tensor, regress: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -150,6 +194,11 @@ def _sklearn(source: str, seed: int) -> tuple[Tensor, Tensor]:
             flip_y=0.1,
             random_state=seed,
         )
+    elif source == "hastie":
+        x, y = datasets.make_hastie_10_2(n_samples=6000, random_state=seed)
+        y = (y > 0).astype(np.int64)
+        flip = np.random.RandomState(seed + 1).rand(len(y)) < 0.1
+        y[flip] = 1 - y[flip]
     else:  # pragma: no cover - guarded by load_part
         raise ValueError(source)
     xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -180,8 +229,9 @@ def load_part(source: str, part: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x, y = load_mnist("test")  # float32 (10000, 784) in [0, 1]
         (xt, yt), (xh, yh) = train_val_split(x, y, 2000, seed=0)
         out = (xt, yt, xh, yh)
-    elif source == "shapes":
-        x, y = make_shapes(10_000, 16, torch.Generator().manual_seed(_SEEDS[key]))
+    elif source in ("shapes", "textures"):
+        make = make_shapes if source == "shapes" else make_textures
+        x, y = make(10_000, 16, torch.Generator().manual_seed(_SEEDS[key]))
         n_train = 8000
         out = (x[:n_train], y[:n_train], x[n_train:], y[n_train:])
     else:
