@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,45 @@ def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="truncation"):
         other.resume()
+
+
+def test_resume_on_other_held_out_tasks_evaluates_the_best_weights_again(tmp_path: Path) -> None:
+    """A checkpoint's best metric was measured on its held-out tasks; resumed where those are
+    others (a task group redefined, or a checkpoint that did not record them), the best weights
+    are evaluated again on the current ones, with a warning, and the tuned-Adam baseline is
+    recomputed; on the same tasks nothing changes."""
+    from learned_opt.outer import checkpoints
+
+    first = MetaTrainer(MetaTrainConfig(iterations=3, **SMALL), ckpt_dir=tmp_path)
+    first.train()
+    state = first.state_dict()
+    assert state["eval_family"] == first.eval_family.config()
+    same = MetaTrainer(MetaTrainConfig(iterations=4, **SMALL), ckpt_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert same.resume()
+    assert same.best_metric == first.best_metric and same.adam_baseline is not None
+
+    for saved in ({**state["eval_family"], "seed": -1}, None):
+        changed = {**state, "best_metric": first.best_metric / 2}  # as if on other tasks
+        if saved is None:
+            del changed["eval_family"]
+        else:
+            changed["eval_family"] = saved
+        torch.save(changed, checkpoints.find_checkpoints(tmp_path)[0])  # the one resumed
+        resumed = MetaTrainer(MetaTrainConfig(iterations=4, **SMALL), ckpt_dir=tmp_path)
+        with pytest.warns(RuntimeWarning, match="held-out tasks"):
+            assert resumed.resume()
+        best = MetaTrainer(MetaTrainConfig(iterations=4, **SMALL))
+        best.learner.load_state_dict(first.best_state)
+        assert resumed.best_metric == best.evaluate()[0] == first.best_metric
+        assert resumed.adam_baseline is None and resumed.iteration == 3
+        for a, b in zip(_weights(first), _weights(resumed)):  # the latest weights kept
+            assert torch.equal(a, b)
+        change = resumed.notes["held_out_changes"][-1]
+        assert change["saved_best_metric"] == first.best_metric / 2
+        resumed.train()  # goes on, its baseline recomputed
+        assert resumed.iteration == 4 and resumed.adam_baseline is not None
 
 
 def test_non_finite_meta_gradient_skips_the_step(tmp_path: Path) -> None:

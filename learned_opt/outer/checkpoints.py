@@ -2,13 +2,16 @@
 
 A checkpoint holds everything a resumed run needs to repeat exactly what an uninterrupted run
 would have done (the learner, the meta-optimizer, the evaluation history, the best weights, the
-loss-averse objective's reference), and the rules as weights records, so that ``load_rule`` and
-``learned-opt export`` read a checkpoint like a weights file.
+loss-averse objective's reference, the held-out family's configuration: resumed on other
+held-out tasks, the best weights are evaluated again on them), and the rules as weights
+records, so that ``load_rule`` and ``learned-opt export`` read a checkpoint like a weights file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +67,7 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         "format": TRAINER_FORMAT,
         "config": trainer.config.to_dict(),
         "family": trainer.family.config(),
+        "eval_family": trainer.eval_family.config(),
         "iteration": trainer.iteration,
         "elapsed": trainer.elapsed,
         "learner": trainer.learner.state_dict(),
@@ -129,6 +133,45 @@ def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
     trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
     trainer.notes = state.get("notes") or {"commands": []}
     trainer.rollbacks = int(state.get("rollbacks", 0))
+    if trainer.history["eval_iteration"] and not _same(state.get("eval_family"), trainer):
+        _reselect_on_current_tasks(trainer, state.get("eval_family"))
+
+
+def _same(saved_eval_family: Any, trainer: MetaTrainer) -> bool:
+    """Whether the checkpoint's held-out family is the trainer's (by configuration)."""
+    if saved_eval_family is None:  # written before checkpoints recorded it: unknown
+        return False
+    as_json = lambda c: json.dumps(c, sort_keys=True, default=str)  # noqa: E731 (tuples: lists)
+    return as_json(saved_eval_family) == as_json(trainer.eval_family.config())
+
+
+def _reselect_on_current_tasks(trainer: MetaTrainer, saved_eval_family: Any) -> None:
+    """The held-out tasks changed since the checkpoint (a task group redefined, say): its best
+    metric and tuned-Adam baseline were measured on other tasks, so a new evaluation would be
+    compared with a figure it cannot be compared with. Evaluate the best weights on the current
+    tasks, keep that as the best metric, and recompute the baseline at the next evaluation."""
+    latest = copy.deepcopy(trainer.learner.state_dict())
+    trainer.learner.load_state_dict(trainer.best_state)
+    metric, _ = trainer.held_out.evaluate(trainer.learner)
+    trainer.learner.load_state_dict(latest)
+    was = "unrecorded" if saved_eval_family is None else saved_eval_family.get("name", "?")
+    change = {
+        "iteration": trainer.iteration,
+        "saved_eval_family": was,
+        "saved_best_metric": trainer.best_metric,
+        "best_metric_on_current_tasks": metric,
+    }
+    trainer.notes.setdefault("held_out_changes", []).append(change)
+    warnings.warn(
+        f"The checkpoint's held-out tasks ({was}) are not this run's "
+        f"({trainer.eval_family.config().get('name', '?')}, as configured now): its best weights "
+        f"(iteration {trainer.best_iteration}) were re-evaluated on the current tasks, "
+        f"{metric:.4g} (was {trainer.best_metric:.4g}), and the tuned-Adam baseline is recomputed.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    trainer.best_metric = metric
+    trainer.adam_baseline = None
 
 
 def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
