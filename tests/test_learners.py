@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -263,9 +264,16 @@ def test_meta_training_maml_lowers_the_meta_test_query_loss(tmp_path: Path) -> N
     assert trainer.adam_baseline is None  # the Adam baseline is for update rules only
     # Checkpoints of non-rule learners hold the learner and restore it.
     resumed = MetaTrainer(
-        config, learner=MAMLLearner(family.model), family=family, ckpt_dir=tmp_path
+        config,
+        learner=MAMLLearner(family.model),
+        family=family,
+        eval_family=meta_test,
+        ckpt_dir=tmp_path,
     )
-    assert resumed.resume() and resumed.iteration == 60
+    with warnings.catch_warnings():  # the same held-out tasks: the best metric stands
+        warnings.simplefilter("error")
+        assert resumed.resume() and resumed.iteration == 60
+    assert resumed.best_metric == trainer.best_metric
     for p, q in zip(trainer.learner.parameters(), resumed.learner.parameters()):
         assert torch.equal(p, q)
 

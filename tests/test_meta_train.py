@@ -158,6 +158,7 @@ def test_resume_on_other_held_out_tasks_evaluates_the_best_weights_again(tmp_pat
             assert torch.equal(a, b)
         change = resumed.notes["held_out_changes"][-1]
         assert change["saved_best_metric"] == first.best_metric / 2
+        assert ("seed: -1 then, None now" if saved else "not recorded") in str(change)
         resumed.train()  # goes on, its baseline recomputed
         assert resumed.iteration == 4 and resumed.adam_baseline is not None
 

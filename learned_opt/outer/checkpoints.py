@@ -154,19 +154,27 @@ def _reselect_on_current_tasks(trainer: MetaTrainer, saved_eval_family: Any) -> 
     trainer.learner.load_state_dict(trainer.best_state)
     metric, _ = trainer.held_out.evaluate(trainer.learner)
     trainer.learner.load_state_dict(latest)
-    was = "unrecorded" if saved_eval_family is None else saved_eval_family.get("name", "?")
+    current = trainer.eval_family.config()
+    if saved_eval_family is None:
+        was = "not recorded in the checkpoint"
+    else:
+        keys = sorted(set(saved_eval_family) | set(current), key=str)
+        was = ", ".join(
+            f"{k}: {saved_eval_family.get(k)!r} then, {current.get(k)!r} now"
+            for k in keys
+            if saved_eval_family.get(k) != current.get(k)
+        )
     change = {
         "iteration": trainer.iteration,
-        "saved_eval_family": was,
+        "held_out_family_change": was,
         "saved_best_metric": trainer.best_metric,
         "best_metric_on_current_tasks": metric,
     }
     trainer.notes.setdefault("held_out_changes", []).append(change)
     warnings.warn(
-        f"The checkpoint's held-out tasks ({was}) are not this run's "
-        f"({trainer.eval_family.config().get('name', '?')}, as configured now): its best weights "
-        f"(iteration {trainer.best_iteration}) were re-evaluated on the current tasks, "
-        f"{metric:.4g} (was {trainer.best_metric:.4g}), and the tuned-Adam baseline is recomputed.",
+        f"The checkpoint's held-out tasks are not this run's ({was}): its best weights "
+        f"(iteration {trainer.best_iteration}) were evaluated again on the current ones, "
+        f"{metric:.4g} (was {trainer.best_metric:.4g}); the tuned-Adam baseline is recomputed.",
         RuntimeWarning,
         stacklevel=3,
     )
