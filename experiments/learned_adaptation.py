@@ -64,8 +64,6 @@ SHIPPED = "general-v7"
 #: ``general-v6``'s sealed runs (told the horizon; and not).
 BASE_SEALED, BASE_SEALED_FREE = "orthogonal-direction", "general-v6-horizon-free"
 RUN = Path("runs") / NAME
-CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
-VALIDATION = Path("benchmarks/results/validation") / NAME
 #: The shipped weights whose hand-designed adaptation the learned one replaces.
 BASE = "general-v6"
 #: What the run changes in the base rule's configuration.
@@ -127,6 +125,7 @@ RECIPE = candidates.LearnedPartRecipe(
     write_init=write_init, meta_train=META_TRAIN,
 )  # fmt: skip
 ship, main = RECIPE.ship, RECIPE.main
+CHECKPOINT, VALIDATION = RECIPE.checkpoint, RECIPE.validation
 
 
 if __name__ == "__main__":

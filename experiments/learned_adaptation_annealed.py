@@ -53,8 +53,6 @@ SHIPPED = reweighted.SHIPPED
 #: ``general-v7``'s sealed runs (told the horizon; and not).
 BASE_SEALED, BASE_SEALED_FREE = reweighted.BASE_SEALED, reweighted.BASE_SEALED_FREE
 RUN = Path("runs") / NAME
-CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
-VALIDATION = Path("benchmarks/results/validation") / NAME
 #: The shipped weights whose learned adaptation keeps learning.
 BASE = reweighted.BASE
 #: The run it continues: its committed checkpoint's latest weights are the start.
@@ -95,6 +93,7 @@ RECIPE = candidates.LearnedPartRecipe(
     write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
 )  # fmt: skip
 ship, main = RECIPE.ship, RECIPE.main
+CHECKPOINT, VALIDATION = RECIPE.checkpoint, RECIPE.validation
 
 
 if __name__ == "__main__":

@@ -67,8 +67,6 @@ SHIPPED = "general-v8"
 BASE_SEALED = learned_adaptation_untold.BASE_SEALED
 BASE_SEALED_FREE = learned_adaptation_untold.BASE_SEALED_FREE
 RUN = Path("runs") / NAME
-CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
-VALIDATION = Path("benchmarks/results/validation") / NAME
 #: The shipped weights whose learned adaptation keeps learning.
 BASE = learned_adaptation_untold.BASE
 #: The meta-training members whose weight in the mixture changes (the others keep theirs).
@@ -101,6 +99,7 @@ RECIPE = candidates.LearnedPartRecipe(
     write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
 )  # fmt: skip
 ship, main = RECIPE.ship, RECIPE.main
+CHECKPOINT, VALIDATION = RECIPE.checkpoint, RECIPE.validation
 
 
 if __name__ == "__main__":

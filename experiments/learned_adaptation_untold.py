@@ -55,8 +55,6 @@ SHIPPED = "general-v8"
 #: ``general-v7``'s sealed runs (told the horizon; and not).
 BASE_SEALED, BASE_SEALED_FREE = "learned-adaptation", "learned-adaptation-horizon-free"
 RUN = Path("runs") / NAME
-CHECKPOINT = Path("experiments/checkpoints") / f"{NAME}.pt"
-VALIDATION = Path("benchmarks/results/validation") / NAME
 #: The shipped weights whose learned adaptation keeps learning.
 BASE = "general-v7"
 #: The share of meta-training tasks not told their horizon.
@@ -96,6 +94,7 @@ RECIPE = candidates.LearnedPartRecipe(
     write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
 )  # fmt: skip
 ship, main = RECIPE.ship, RECIPE.main
+CHECKPOINT, VALIDATION = RECIPE.checkpoint, RECIPE.validation
 
 
 if __name__ == "__main__":
