@@ -11,6 +11,9 @@ run:
 - ``learned output zeroed``: its learned read-out (and a learned gain on its step-size
   adaptation, and a learned schedule) at zero, the hand-designed part alone
   (``benchmarks/sealed_optimizers.py``'s ``zero_readout``);
+- ``LSTM read-out zeroed`` (rules with other learned parts too: a learned adaptation or
+  schedule): only the per-coordinate correction of the direction (the LSTM's ``out_weight``
+  and ``out_bias``) at zero, the rest as given: what the learned direction adds;
 - ``adaptation off``: the per-tensor step-size adaptation off (``lr_adapt=0``);
 - ``adaptation off, output zeroed``: both, i.e. Adam at the rule's base learning rate with the
   rule's gradient clipping;
@@ -34,20 +37,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from learned_opt import LearnedOptimizer, load_rule, pretrained
 from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, run_optimizer, tune_lr
 from learned_opt.outer.config import MetaTrainConfig
 from learned_opt.outer.held_out import HeldOut
-from learned_opt.rules import UpdateRule
+from learned_opt.rules import ScheduledRule, UpdateRule
 from learned_opt.tasks import make_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,28 +67,64 @@ SCHEDULES: dict[str, Callable[[int, int], float]] = {
 }
 
 
+def zero_lstm_readout(rule: UpdateRule) -> UpdateRule | None:
+    """A copy of ``rule`` with only its LSTM's per-coordinate read-out (``out_weight``,
+    ``out_bias``) at zero; ``None`` if that is all it learns (then ``learned output zeroed`` is
+    the same rule) or it has none."""
+    out = copy.deepcopy(rule)
+    readouts = [m for m in out.modules() if isinstance(getattr(m, "out_weight", None), Tensor)]
+    others = any(
+        getattr(m, "controller_w1", None) is not None
+        or (isinstance(m, ScheduledRule) and m.config().get("learn_schedule", False))
+        for m in out.modules()
+    )
+    if not readouts or not others:
+        return None
+    with torch.no_grad():
+        for module in readouts:
+            module.out_weight.zero_()
+            module.out_bias.zero_()
+    return out
+
+
+def _with_base(rule: UpdateRule, **changes: Any) -> UpdateRule:
+    """``rule.variant(**changes)``; for a :class:`ScheduledRule`, the same schedule around its
+    base rule's variant."""
+    if isinstance(rule, ScheduledRule):
+        out = copy.deepcopy(rule)
+        out.base = rule.base.variant(**changes)
+        return out
+    return rule.variant(**changes)
+
+
 def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
     """Name -> (rule, schedule name or None) of every variant that applies to ``rule``."""
     out: dict[str, tuple[UpdateRule, str | None]] = {"as given": (rule, None)}
     with contextlib.suppress(ValueError):  # (no learned output to zero)
         out["learned output zeroed"] = (zero_readout(rule), None)
-    if getattr(rule, "controller_drift", 0) > 0:  # the learned gain alone
-        out["learned drift off"] = (rule.variant(controller_drift=0.0), None)
-    if getattr(rule, "lr_adapt", 0) > 0:
-        plain = rule.variant(
-            lr_adapt=0.0, lr_size_ref=0.0, controller_hidden=0, controller_drift=0.0
-        )
+    if (readout_zeroed := zero_lstm_readout(rule)) is not None:
+        out["LSTM read-out zeroed"] = (readout_zeroed, None)
+    base = rule.base if isinstance(rule, ScheduledRule) else rule  # (a schedule around it)
+    if getattr(base, "controller_drift", 0) > 0 and not getattr(base, "lr_adapt_learned", False):
+        out["learned drift off"] = (_with_base(rule, controller_drift=0.0), None)  # gain alone
+    if getattr(base, "lr_adapt", 0) > 0:
+        plain = _with_base(
+            rule, lr_adapt=0.0, lr_size_ref=0.0, controller_hidden=0, controller_drift=0.0,
+            **({"lr_adapt_learned": False, "controller_size": False}
+               if getattr(base, "lr_adapt_learned", False) else {}),
+        )  # fmt: skip
         out["adaptation off"] = (plain, None)
         out["adaptation off, output zeroed"] = (zero_readout(plain), None)
-    if getattr(rule, "orthogonal", False):
+    if getattr(base, "orthogonal", False):
         for name, t in (
             ("direction 30% towards Adam's", 0.3),
             ("direction 30% beyond Muon's", -0.3),
         ):
-            mixed = rule.variant(orthogonal_mix=True)
+            mixed = _with_base(rule, orthogonal_mix=True)
+            mixed_base = mixed.base if isinstance(mixed, ScheduledRule) else mixed
             with torch.no_grad():
-                mixed.mix_weight.zero_()
-                mixed.mix_bias.fill_(math.atanh(t))
+                mixed_base.mix_weight.zero_()
+                mixed_base.mix_bias.fill_(math.atanh(t))
             out[name] = (mixed, None)
     for name in SCHEDULES:
         out[name] = (rule, name)

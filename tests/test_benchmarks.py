@@ -94,6 +94,35 @@ def test_ablations_mix_a_constant_share_of_adams_direction_into_muons() -> None:
     assert not any(name.startswith("direction") for name in plain)
 
 
+def test_ablations_reach_inside_a_schedule_and_zero_the_lstm_read_out_alone() -> None:
+    """For rules wrapped in a schedule (the default), the ablations still switch off the
+    adaptation and mix the directions; ``LSTM read-out zeroed`` changes only the LSTM's
+    per-coordinate read-out, where ``learned output zeroed`` also zeroes the adaptation."""
+    import runpy
+
+    import torch
+
+    from learned_opt import load_rule, pretrained
+
+    ablations = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks/ablations.py"))
+    rule, _ = load_rule(pretrained.path("general-v7"))
+    found = ablations["variants"](rule)
+    assert {"LSTM read-out zeroed", "adaptation off", "direction 30% towards Adam's"} <= set(found)
+    given = dict(rule.named_parameters())
+    readout = dict(found["LSTM read-out zeroed"][0].named_parameters())
+    changed = {n for n, p in readout.items() if not torch.equal(p, given[n])}
+    assert changed == {"base.out_weight", "base.out_bias"}
+    assert all(float(readout[n].abs().max()) == 0.0 for n in changed)
+    zeroed = dict(found["learned output zeroed"][0].named_parameters())
+    assert {n for n, p in zeroed.items() if not torch.equal(p, given[n])} > changed
+    off = found["adaptation off"][0]
+    assert type(off) is type(rule) and off.config()["base_config"]["lr_adapt"] == 0.0
+    assert not off.config()["base_config"]["lr_adapt_learned"]
+    assert torch.equal(off.schedule[-1].weight, rule.schedule[-1].weight)  # the schedule kept
+    plain, _ = load_rule(pretrained.path("general"))  # the LSTM is all it learns
+    assert "LSTM read-out zeroed" not in ablations["variants"](plain)
+
+
 def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     """A rule whose learned output is already zero (a fresh rule with a zero adaptation gain
     and drift) equals its zeroed variants exactly; the other variants change the runs."""
