@@ -104,7 +104,7 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
         out["learned output zeroed"] = (zero_readout(rule), None)
     if (readout_zeroed := zero_lstm_readout(rule)) is not None:
         out["LSTM read-out zeroed"] = (readout_zeroed, None)
-    base = rule.base if isinstance(rule, ScheduledRule) else rule  # (a schedule around it)
+    base = rule.unwrapped  # (inside a schedule around it)
     if getattr(base, "controller_drift", 0) > 0 and not getattr(base, "lr_adapt_learned", False):
         out["learned drift off"] = (_with_base(rule, controller_drift=0.0), None)  # gain alone
     if getattr(base, "lr_adapt", 0) > 0:
@@ -121,10 +121,9 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
             ("direction 30% beyond Muon's", -0.3),
         ):
             mixed = _with_base(rule, orthogonal_mix=True)
-            mixed_base = mixed.base if isinstance(mixed, ScheduledRule) else mixed
             with torch.no_grad():
-                mixed_base.mix_weight.zero_()
-                mixed_base.mix_bias.fill_(math.atanh(t))
+                mixed.unwrapped.mix_weight.zero_()
+                mixed.unwrapped.mix_bias.fill_(math.atanh(t))
             out[name] = (mixed, None)
     for name in SCHEDULES:
         out[name] = (rule, name)
