@@ -14,6 +14,8 @@ run:
 - ``LSTM read-out zeroed`` (rules with other learned parts too: a learned adaptation or
   schedule): only the per-coordinate correction of the direction (the LSTM's ``out_weight``
   and ``out_bias``) at zero, the rest as given: what the learned direction adds;
+- ``direction correction zeroed`` (rules with ``direction_correction``): only the learned
+  correction of each tensor's direction at zero, the rest as given;
 - ``adaptation off``: the per-tensor step-size adaptation off (``lr_adapt=0``);
 - ``adaptation off, output zeroed``: both, i.e. Adam at the rule's base learning rate with the
   rule's gradient clipping;
@@ -105,6 +107,12 @@ def variants(rule: UpdateRule) -> dict[str, tuple[UpdateRule, str | None]]:
     if (readout_zeroed := zero_lstm_readout(rule)) is not None:
         out["LSTM read-out zeroed"] = (readout_zeroed, None)
     base = rule.unwrapped  # (inside a schedule around it)
+    if getattr(base, "direction_correction", False):
+        straight = copy.deepcopy(rule)
+        with torch.no_grad():
+            straight.unwrapped.correction_weight.zero_()
+            straight.unwrapped.correction_bias.zero_()
+        out["direction correction zeroed"] = (straight, None)
     if getattr(base, "controller_drift", 0) > 0 and not getattr(base, "lr_adapt_learned", False):
         out["learned drift off"] = (_with_base(rule, controller_drift=0.0), None)  # gain alone
     if getattr(base, "lr_adapt", 0) > 0:

@@ -59,7 +59,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     Zeroes every ``out_weight`` and ``out_bias`` of the rule and its submodules (the LSTM's
     read-out; for :class:`~learned_opt.rules.GeneralLSTMRule` that makes the step its nominal
     Adam direction times ``exp(0)``, with its hand-designed step-size adaptation and clipping
-    kept; with ``orthogonal_mix``, its mix read-out too: Muon's direction for matrices); for the
+    kept; with ``orthogonal_mix``, its mix read-out too: Muon's direction for matrices; with
+    ``direction_correction``, its correction read-out: the direction unturned); for the
     paper's :class:`~learned_opt.rules.LSTMRule`, whose whole update is learned, a zero update),
     the last layer of a learned gain on the step-size adaptation (``controller_hidden``: the gain
     1) and of its drift (``controller_drift``: none; with ``lr_adapt_learned``, its linear paths
@@ -74,7 +75,8 @@ def zero_readout(rule: UpdateRule) -> UpdateRule:
     zeroed: list[str] = []
     with torch.no_grad():
         for name, module in out.named_modules():
-            for attr in ("out_weight", "out_bias", "mix_weight", "mix_bias"):
+            for attr in ("out_weight", "out_bias", "mix_weight", "mix_bias", "correction_weight",
+                         "correction_bias"):  # fmt: skip
                 value = getattr(module, attr, None)
                 if isinstance(value, Tensor):
                     value.zero_()

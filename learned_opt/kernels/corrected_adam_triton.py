@@ -251,6 +251,7 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and "tensor" not in state
         and "matrix" not in state
         and not rule.settings.orthogonal_mix
+        and not rule.settings.direction_correction
     ):
         return False
     from . import momenta_ok, state_layout_ok

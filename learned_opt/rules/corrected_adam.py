@@ -106,8 +106,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
 
     Options (:class:`~learned_opt.rules.LSTMCorrectedAdamConfig`, defaults: the shipped
     configuration) also allow an additive correction :math:`\eta\, r_b` read out of the LSTM
-    (``additive``), a meta-learned :math:`\log\eta` (``learn_lr``), and the two ablations that
-    turn one of the first two changes off (``scale_invariant=False``: the paper's log/sign
+    (``additive``), a learned turn of each tensor's direction at its own root mean square
+    (``direction_correction``), a meta-learned :math:`\log\eta` (``learn_lr``), and the two
+    ablations that turn one of the first two changes off (``scale_invariant=False``: the paper's log/sign
     inputs; ``nominal=False``: :math:`u_t = r`, no Adam step).
 
     State per coordinate: the momenta ``m0..m3``, ``v``, ``v_fast``, the previous direction
@@ -179,6 +180,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
         if cfg.orthogonal_mix:
             self.mix_weight = nn.Parameter(torch.empty(h, 1))
             self.mix_bias = nn.Parameter(torch.empty(1))
+        if cfg.direction_correction:
+            self.correction_weight = nn.Parameter(torch.empty(h, 1))
+            self.correction_bias = nn.Parameter(torch.empty(1))
         if not cfg.learn_lstm:
             for t in [w for ws in self.layer_weights() for w in ws]:
                 t.requires_grad_(False)
@@ -235,6 +239,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             if self.orthogonal_mix:  # Muon's direction
                 self.mix_weight.zero_()
                 self.mix_bias.zero_()
+            if self.direction_correction:  # the direction unchanged
+                self.correction_weight.zero_()
+                self.correction_bias.zero_()
             if self.nominal:
                 self.log_lr.fill_(math.log(self.lr))
             if self.controller_hidden > 0:  # its last layer at zero: the hand-designed gain 1
@@ -468,6 +475,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
                     direction = direction + mix * (adam - direction)
             a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
             update = direction * torch.exp(a)
+            if self.direction_correction:
+                update = self._corrected(update, hs[-1], ids, count)
         else:
             update = out.squeeze(-1)
         if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
@@ -493,6 +502,16 @@ class LSTMCorrectedAdamRule(UpdateRule):
         mean = sums / sizes.clamp_min(1).to(sums)
         return per_tensor.per_coordinate(torch.tanh(mean), ids)
 
+    def _corrected(self, u: Tensor, h: Tensor, ids: Tensor | None, count: int) -> Tensor:
+        """``u`` turned by the correction read-out ``c`` at its own root mean square per tensor
+        (``direction_correction``): ``(u + c) |u| / |u + c|``; ``u`` itself where ``c`` is
+        zero (the ratio of two equal sums is exactly 1), zero where ``u + c`` is."""
+        c = torch.addmm(self.correction_bias, h, self.correction_weight)[:, 0]
+        turned = u + c
+        u2, t2 = per_tensor.tensor_sums(torch.stack((u * u, turned * turned)), ids, count)
+        scale = torch.where(t2 > 0, safe_sqrt(u2 / t2.clamp_min(1e-30)), torch.zeros_like(t2))
+        return turned * per_tensor.per_coordinate(scale, ids)
+
     def variant(self, **changes: Any) -> LSTMCorrectedAdamRule:
         """This rule's configuration with ``changes``, holding this rule's weights (weights the
         new configuration adds, e.g. a controller's, keep their initialization)."""
@@ -501,7 +520,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
         if "lr" in changes and not rule.learn_lr:  # a fixed base rate is the new one
             weights.pop("log_lr", None)
         missing = rule.load_state_dict(weights, strict=False).missing_keys
-        assert all(k.startswith(("controller_", "mix_")) or k == "log_lr" for k in missing), missing
+        added = ("controller_", "mix_", "correction_")
+        assert all(k.startswith(added) or k == "log_lr" for k in missing), missing
         return rule
 
     def controller(self) -> per_tensor.Controller | None:

@@ -118,6 +118,14 @@ class LSTMCorrectedAdamConfig:
             :math:`d_M`, Adam's :math:`d_A`): Adam's at :math:`\tanh(z) = 1`, beyond Muon's
             below 0. Its weights start at zero (Muon's direction) and stay learnable with
             ``learn_lstm=False``.
+        direction_correction: a learned correction of where each tensor moves, not of how far:
+            a third read-out of the LSTM, :math:`c` per coordinate, is added to the direction
+            :math:`u = d\,e^{a}` and the sum is rescaled to :math:`u`'s root mean square over
+            the tensor, :math:`u' = (u + c)\,\|u\| / \|u + c\|` (the per-step RMS
+            normalization of Celo2's learned update, here around the hand-designed direction):
+            the step-size adaptation keeps each tensor's step length, the read-out turns its
+            direction. Its weights start at zero (the rule unchanged, step for step) and stay
+            learnable with ``learn_lstm=False``. Needs ``nominal``.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
@@ -157,6 +165,7 @@ class LSTMCorrectedAdamConfig:
     orthogonal: bool = False
     orthogonal_rms: bool = False
     orthogonal_mix: bool = False
+    direction_correction: bool = False
     learn_lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
@@ -224,6 +233,10 @@ class LSTMCorrectedAdamConfig:
         if self.orthogonal_mix and not self.orthogonal:
             raise ValueError(
                 "orthogonal_mix mixes Adam's and Muon's directions: it needs orthogonal"
+            )
+        if self.direction_correction and not self.nominal:
+            raise ValueError(
+                "direction_correction turns the nominal direction: it needs nominal"
             )
         if self.orthogonal and not self.nominal:
             raise ValueError("orthogonal replaces the nominal Adam direction: it needs nominal")

@@ -85,6 +85,7 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
         and kernels.momenta_ok(rule)
         and "tensor" not in state
         and not cfg.orthogonal_mix  # (the forward's: it reads a second read-out first)
+        and not cfg.direction_correction  # (the forward's: it sums over the tensor first)
     ):
         return False
     coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]
