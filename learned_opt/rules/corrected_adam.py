@@ -108,8 +108,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
     configuration) also allow an additive correction :math:`\eta\, r_b` read out of the LSTM
     (``additive``), a learned turn of each tensor's direction at its own root mean square
     (``direction_correction``), a meta-learned :math:`\log\eta` (``learn_lr``), and the two
-    ablations that turn one of the first two changes off (``scale_invariant=False``: the paper's log/sign
-    inputs; ``nominal=False``: :math:`u_t = r`, no Adam step).
+    ablations that turn one of the first two changes off (``scale_invariant=False``: the
+    paper's log/sign inputs; ``nominal=False``: :math:`u_t = r`, no Adam step).
 
     State per coordinate: the momenta ``m0..m3``, ``v``, ``v_fast``, the previous direction
     ``prev`` and the LSTM's ``h{l}``, ``c{l}`` (``(n, hidden_size)``); per tensor: ``log_step``,

@@ -235,9 +235,7 @@ class LSTMCorrectedAdamConfig:
                 "orthogonal_mix mixes Adam's and Muon's directions: it needs orthogonal"
             )
         if self.direction_correction and not self.nominal:
-            raise ValueError(
-                "direction_correction turns the nominal direction: it needs nominal"
-            )
+            raise ValueError("direction_correction turns the nominal direction: it needs nominal")
         if self.orthogonal and not self.nominal:
             raise ValueError("orthogonal replaces the nominal Adam direction: it needs nominal")
         if self.lr_size_ref > 0 and not self.lr_adapt > 0:
