@@ -567,6 +567,27 @@ def test_learned_adaptation_size_recipe_trains_the_size_input_alone_from_the_sch
     _assert_steps_like_the_default(rule, reference=start, reference_options=told, **told)
 
 
+def test_learned_direction_recipe_trains_the_correction_alone_around_the_default(
+    tmp_path: Path, run_script, capsys
+) -> None:
+    """The recipe of the learned direction correction: the untold recipe's command on the
+    correction's weights alone, and nothing else; it starts from ``general-v7``, step for step,
+    told the horizon and not."""
+    from learned_opt.outer.factory import build_learner
+
+    script = "experiments/learned_direction.py"
+    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
+    _, _, differs = _changed_from(config, "experiments/learned_adaptation_untold.py")
+    assert differs == {"train_only", "time_budget", "init_weights"}, differs
+    assert rule.base.settings.direction_correction
+    learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
+    trained = sorted(n for n, p in learner.rule.named_parameters() if p.requires_grad)
+    assert trained == ["base.correction_bias", "base.correction_weight"]
+    _assert_steps_like_the_default(rule, reference="general-v7")
+    told = {"total_steps": 20}
+    _assert_steps_like_the_default(rule, reference="general-v7", reference_options=told, **told)
+
+
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(
     tmp_path: Path, run_script, capsys
 ) -> None:
@@ -679,7 +700,8 @@ def test_basis_schedule_grid_scores_fixed_weights_beside_the_hand_designed_sched
      ("experiments/learned_adaptation_reweighted.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_annealed.py", "orthogonal-direction"),
      ("experiments/learned_adaptation_balanced.py", "orthogonal-direction"),
-     ("experiments/learned_adaptation_size.py", "orthogonal-direction")],
+     ("experiments/learned_adaptation_size.py", "orthogonal-direction"),
+     ("experiments/learned_direction.py", "orthogonal-direction")],
 )  # fmt: skip
 def test_a_learned_part_ships_only_weights_at_most_the_defaults_sealed_figures(
     tmp_path: Path, script: str, worse: str
