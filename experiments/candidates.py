@@ -505,6 +505,29 @@ def derived_command(
     return out
 
 
+def with_new_part(start: Any, settings: dict[str, Any], added: Sequence[str]) -> Any:
+    """The rule ``start`` (a :class:`~learned_opt.rules.ScheduledRule`) with ``settings`` changed
+    in its base rule's configuration, holding ``start``'s weights; the weights the settings add
+    (``added``, checked: nothing else is new, nothing is dropped) keep their initialization
+    (zero: the rule steps as ``start``)."""
+    from learned_opt.rules import build_rule
+
+    config = start.config()
+    config["base_config"] = {**config["base_config"], **settings}
+    rule = build_rule(start.kind, config)
+    missing, unexpected = rule.load_state_dict(start.state_dict(), strict=False)
+    assert sorted(missing) == sorted(added) and not unexpected, (missing, unexpected)
+    return rule
+
+
+def write_start(path: Path, rule: Any, source: str) -> None:
+    """Write a run's starting ``rule`` to ``path`` (its ``init`` step), ``source`` in words."""
+    from learned_opt import save_rule
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_rule(path, rule, {"source": source})
+
+
 @dataclass(frozen=True)
 class LearnedPartRecipe:
     """A recipe that meta-trains a part of shipped weights (the learned adaptation's family):

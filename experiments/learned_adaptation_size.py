@@ -68,24 +68,15 @@ META_TRAIN = candidates.derived_command(
 def initial_rule():
     """The learned-schedule candidate's best weights with the size input at zero."""
     from learned_opt import load_rule
-    from learned_opt.rules import build_rule
 
     start, _ = load_rule(START, which="best")
-    config = start.config()
-    config["base_config"] = {**config["base_config"], **SETTINGS}
-    rule = build_rule(start.kind, config)
-    missing, unexpected = rule.load_state_dict(start.state_dict(), strict=False)
-    assert sorted(missing) == ["base.controller_size_linear", "base.controller_size_w"], missing
-    assert not unexpected, unexpected
-    return rule
+    added = ["base.controller_size_linear", "base.controller_size_w"]
+    return candidates.with_new_part(start, SETTINGS, added)
 
 
 def write_init(path: Path) -> None:
-    from learned_opt import save_rule
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     source = f"the best weights of {START} with the learned adaptation's size input at zero"
-    save_rule(path, initial_rule(), {"source": source})
+    candidates.write_start(path, initial_rule(), source)
 
 
 RECIPE = candidates.LearnedPartRecipe(

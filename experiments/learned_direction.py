@@ -69,24 +69,15 @@ def initial_rule():
     """``general-v7`` with the direction correction's read-out at zero."""
     import learned_opt
     from learned_opt import load_rule
-    from learned_opt.rules import build_rule
 
-    base, _ = load_rule(learned_opt.pretrained.path(untold.BASE))
-    config = base.config()
-    config["base_config"] = {**config["base_config"], **SETTINGS}
-    rule = build_rule(base.kind, config)
-    missing, unexpected = rule.load_state_dict(base.state_dict(), strict=False)
-    assert sorted(missing) == ["base.correction_bias", "base.correction_weight"], missing
-    assert not unexpected, unexpected
-    return rule
+    start, _ = load_rule(learned_opt.pretrained.path(untold.BASE))
+    added = ["base.correction_bias", "base.correction_weight"]
+    return candidates.with_new_part(start, SETTINGS, added)
 
 
 def write_init(path: Path) -> None:
-    from learned_opt import save_rule
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     source = f"the shipped {untold.BASE!r} with a zero direction correction"
-    save_rule(path, initial_rule(), {"source": source})
+    candidates.write_start(path, initial_rule(), source)
 
 
 RECIPE = candidates.LearnedPartRecipe(
