@@ -60,7 +60,7 @@ def test_the_correction_turns_each_tensor_but_keeps_its_step_length(options) -> 
     """A non-zero correction changes the direction of every (non-empty) tensor, and each tensor's
     update keeps the norm of the uncorrected rule's, at every step, whatever the adapted step
     size (the uncorrected rule run on the same gradients from the same state)."""
-    rule = _turning_rule(1.0, **options)
+    rule = _turning_rule(5.0, **options)
     numels = [math.prod(s) for s in SHAPES]
     n = sum(numels)
     shapes = SHAPES if rule.orthogonal else None

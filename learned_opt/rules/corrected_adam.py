@@ -504,9 +504,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
 
     def _corrected(self, u: Tensor, h: Tensor, ids: Tensor | None, count: int) -> Tensor:
         """``u`` turned by the correction read-out ``c`` at its own root mean square per tensor
-        (``direction_correction``): ``(u + c) |u| / |u + c|``; ``u`` itself where ``c`` is
-        zero (the ratio of two equal sums is exactly 1), zero where ``u + c`` is."""
-        c = torch.addmm(self.correction_bias, h, self.correction_weight)[:, 0]
+        (``direction_correction``): ``(u + c) |u| / |u + c|``, ``c`` the read-out times
+        :attr:`output_scale` (as the first read-out); ``u`` itself where ``c`` is zero (the
+        ratio of two equal sums is exactly 1), zero where ``u + c`` is."""
+        c = torch.addmm(self.correction_bias, h, self.correction_weight)[:, 0] * self.output_scale
         turned = u + c
         u2, t2 = per_tensor.tensor_sums(torch.stack((u * u, turned * turned)), ids, count)
         scale = torch.where(t2 > 0, safe_sqrt(u2 / t2.clamp_min(1e-30)), torch.zeros_like(t2))

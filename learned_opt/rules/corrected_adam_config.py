@@ -119,7 +119,8 @@ class LSTMCorrectedAdamConfig:
             below 0. Its weights start at zero (Muon's direction) and stay learnable with
             ``learn_lstm=False``.
         direction_correction: a learned correction of where each tensor moves, not of how far:
-            a third read-out of the LSTM, :math:`c` per coordinate, is added to the direction
+            a third read-out of the LSTM, :math:`c` per coordinate (times 0.1, as the first
+            read-out), is added to the direction
             :math:`u = d\,e^{a}` and the sum is rescaled to :math:`u`'s root mean square over
             the tensor, :math:`u' = (u + c)\,\|u\| / \|u + c\|` (the per-step RMS
             normalization of Celo2's learned update, here around the hand-designed direction):
