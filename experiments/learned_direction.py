@@ -94,7 +94,8 @@ RECIPE = candidates.LearnedPartRecipe(
     write_init=write_init, meta_train=META_TRAIN, metric=candidates.HELD_OUT_TOLD_AND_UNTOLD,
 )  # fmt: skip
 ship, main = RECIPE.ship, RECIPE.main
-CHECKPOINT, VALIDATION = RECIPE.checkpoint, RECIPE.validation
+CHECKPOINT, VALIDATION, SHIPPED = RECIPE.checkpoint, RECIPE.validation, RECIPE.shipped
+BASE_SEALED, BASE_SEALED_FREE = RECIPE.base_sealed, RECIPE.base_sealed_free
 
 
 if __name__ == "__main__":
