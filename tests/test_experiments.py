@@ -545,47 +545,34 @@ def test_learned_adaptation_balanced_recipe_is_the_reweighted_one_decayed_and_ba
     _assert_trains_the_defaults_controller_from_it(rule)
 
 
-def test_learned_adaptation_size_recipe_trains_the_size_input_alone_from_the_schedules_best(
-    tmp_path: Path, run_script, capsys
+@pytest.mark.parametrize(
+    ("script", "setting", "trained", "start"),
+    [("experiments/learned_adaptation_size.py", "controller_size",
+      ["base.controller_size_linear", "base.controller_size_w"], None),
+     ("experiments/learned_direction.py", "direction_correction",
+      ["base.correction_bias", "base.correction_weight"], "general-v7")],
+)  # fmt: skip
+def test_a_new_part_recipe_trains_that_part_alone_on_the_untold_recipes_command(
+    tmp_path: Path, run_script, capsys, script: str, setting: str, trained: list, start
 ) -> None:
-    """The recipe that gives the learned adaptation each tensor's size: the untold recipe's
-    command on the size's weights alone, and nothing else; it starts from the learned-schedule
-    candidate's best weights, step for step, told the horizon and not."""
+    """The recipes that add a part at zero to earlier weights (each tensor's size as an input of
+    the learned adaptation; a learned turn of the direction): the untold recipe's command on the
+    new part's weights alone, and nothing else; each starts from its weights (the
+    learned-schedule candidate's best; ``general-v7``) step for step, told the horizon and
+    not."""
     from learned_opt.outer.factory import build_learner
 
-    script = "experiments/learned_adaptation_size.py"
     recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
     _, _, differs = _changed_from(config, "experiments/learned_adaptation_untold.py")
     assert differs == {"train_only", "time_budget", "init_weights"}, differs
-    assert rule.base.settings.controller_size
+    assert getattr(rule.base.settings, setting)
     learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
-    trained = sorted(n for n, p in learner.rule.named_parameters() if p.requires_grad)
-    assert trained == ["base.controller_size_linear", "base.controller_size_w"]
-    start, _ = load_rule(ROOT / recipe["START"], which="best")
+    assert sorted(n for n, p in learner.rule.named_parameters() if p.requires_grad) == trained
+    if start is None:  # the recipe's own starting checkpoint, its best weights
+        start, _ = load_rule(ROOT / recipe["START"], which="best")
     _assert_steps_like_the_default(rule, reference=start)
     told = {"total_steps": 20}
     _assert_steps_like_the_default(rule, reference=start, reference_options=told, **told)
-
-
-def test_learned_direction_recipe_trains_the_correction_alone_around_the_default(
-    tmp_path: Path, run_script, capsys
-) -> None:
-    """The recipe of the learned direction correction: the untold recipe's command on the
-    correction's weights alone, and nothing else; it starts from ``general-v7``, step for step,
-    told the horizon and not."""
-    from learned_opt.outer.factory import build_learner
-
-    script = "experiments/learned_direction.py"
-    recipe, config, rule = _pes_recipe(script, run_script, capsys, tmp_path)
-    _, _, differs = _changed_from(config, "experiments/learned_adaptation_untold.py")
-    assert differs == {"train_only", "time_budget", "init_weights"}, differs
-    assert rule.base.settings.direction_correction
-    learner = build_learner(dataclasses.replace(config, init_weights=str(tmp_path / "init.pt")))
-    trained = sorted(n for n, p in learner.rule.named_parameters() if p.requires_grad)
-    assert trained == ["base.correction_bias", "base.correction_weight"]
-    _assert_steps_like_the_default(rule, reference="general-v7")
-    told = {"total_steps": 20}
-    _assert_steps_like_the_default(rule, reference="general-v7", reference_options=told, **told)
 
 
 def test_learned_warmup_decay_recipe_starts_without_any_schedule_told_or_not(

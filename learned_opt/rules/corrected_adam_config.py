@@ -120,13 +120,13 @@ class LSTMCorrectedAdamConfig:
             ``learn_lstm=False``.
         direction_correction: a learned correction of where each tensor moves, not of how far:
             a third read-out of the LSTM, :math:`c` per coordinate (times 0.1, as the first
-            read-out), is added to the direction
-            :math:`u = d\,e^{a}` and the sum is rescaled to :math:`u`'s root mean square over
-            the tensor, :math:`u' = (u + c)\,\|u\| / \|u + c\|` (the per-step RMS
-            normalization of Celo2's learned update, here around the hand-designed direction):
-            the step-size adaptation keeps each tensor's step length, the read-out turns its
-            direction. Its weights start at zero (the rule unchanged, step for step) and stay
-            learnable with ``learn_lstm=False``. Needs ``nominal``.
+            read-out), is added to the direction :math:`u = d\,e^{a}` and the sum is rescaled
+            to :math:`u`'s root mean square over the tensor,
+            :math:`u' = (u + c)\,\|u\| / \|u + c\|` (the per-step RMS normalization of
+            Celo2's learned update, here around the hand-designed direction): the step-size
+            adaptation keeps each tensor's step length, the read-out turns its direction. Its
+            weights start at zero (the rule unchanged, step for step) and stay learnable with
+            ``learn_lstm=False``. Needs ``nominal``.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
