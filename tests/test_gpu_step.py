@@ -72,6 +72,48 @@ def test_triton_kernel_in_the_interpreter_matches_the_forward() -> None:
     _interpret(_INTERPRETED)
 
 
+#: Matrices of the default rule and of ``general-v6`` (Muon's direction at Adam's root mean
+#: square; a learned controller, and the hand-designed adaptation's kernels): the step kernel reads
+#: the orthogonalized direction computed on the device in place of Adam's.
+_INTERPRETED_MATRICES = textwrap.dedent(
+    """
+    import copy, torch
+    from learned_opt import load_rule, pretrained
+    from learned_opt.kernels import corrected_adam_triton
+    from learned_opt.rules import corrected_adam_step
+
+    gen = torch.Generator().manual_seed(0)
+    for name in (pretrained.DEFAULT, "general-v6"):
+        rule = load_rule(pretrained.path(name))[0].unwrapped
+        assert rule.settings.orthogonal
+        rule.requires_grad_(False)
+        for shape in ((7, 3), (40, 30), (1, 5), (6, 2, 3)):
+            n = torch.Size(shape).numel()
+            ref = rule.init_state(n, like=torch.zeros(n), shape=shape)
+            assert "matrix" in ref
+            fused = copy.deepcopy(ref)
+            for k in range(8):
+                g = torch.randn(n, generator=gen) * 10.0 ** (k - 4)
+                assert corrected_adam_triton.supported(rule, g, fused)
+                expected = corrected_adam_step._forward_step_(rule, g, ref)
+                got = corrected_adam_step.step_(rule, g, fused)
+                scale = expected.abs().max()
+                assert (got - expected).abs().max() <= 1e-5 * scale, (name, shape, k)
+            for key, value in ref.items():
+                if value.is_floating_point() and value.numel():
+                    err = (fused[key].float() - value).abs().max()
+                    floor = 1e-6 if key in ("log_step", "cos_avg") else 1e-30
+                    assert err <= 1e-5 * value.abs().max() + floor, (name, key, float(err))
+    print("ok")
+    """
+)
+
+
+def test_triton_kernel_in_the_interpreter_moves_matrices_along_the_orthogonal_direction() -> None:
+    pytest.importorskip("triton")
+    _interpret(_INTERPRETED_MATRICES)
+
+
 #: The per-tensor kernels (the sums over more than one pass of partial sums, then the clipping's
 #: and the adaptation's arithmetic) against the forward's per-tensor code, for the default.
 _INTERPRETED_PER_TENSOR = textwrap.dedent(
@@ -191,6 +233,30 @@ def test_cuda_step_takes_the_kernel_and_agrees_with_the_forward(monkeypatch) -> 
 
 
 @needs_cuda
+def test_cuda_default_steps_matrices_in_the_kernel(monkeypatch) -> None:
+    """The default weights' matrices (Muon's direction) take the Triton step, not the forward,
+    and agree with the forward."""
+    from learned_opt.kernels import corrected_adam_triton
+    from learned_opt.rules import corrected_adam_step
+
+    pytest.importorskip("triton")
+    calls = []
+    forward = corrected_adam_step._forward_step_
+    monkeypatch.setattr(
+        corrected_adam_step, "_forward_step_", lambda *a: calls.append(1) or forward(*a)
+    )
+    kernel = _run("cuda", pretrained.DEFAULT, None)
+    assert not calls
+    monkeypatch.setenv("LEARNED_OPT_NO_TRITON", "1")
+    assert not corrected_adam_triton.available()
+    reference = _run("cuda", pretrained.DEFAULT, None)
+    assert calls
+    for a, b, p0 in zip(kernel, reference, _params("cpu", SHAPES)):
+        moved = float((b - p0.detach()).abs().max())
+        assert (a - b).abs().max() <= 1e-4 * moved + 1e-7
+
+
+@needs_cuda
 @pytest.mark.parametrize("magnitude", [1e-38, 1e20, 1e30, 3e38])
 def test_cuda_finite_for_every_finite_gradient(magnitude) -> None:
     params = _params("cuda", SHAPES)
@@ -268,15 +334,17 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_forward(monkeypatch) -
 
 
 @needs_cuda
-@pytest.mark.parametrize("controller", [False, True])
-def test_cuda_step_waits_for_the_device_twice_however_many_tensors(controller) -> None:
-    """A step of the default rule (and of one with the learned gain and drift) synchronizes
-    with the GPU twice (the gradients' and the updates' finiteness, each read for all tensors at
-    once), not once or more per tensor."""
+@pytest.mark.parametrize("rule_name", ["general", "general with a controller", "default"])
+def test_cuda_step_waits_for_the_device_twice_however_many_tensors(rule_name) -> None:
+    """A step of the first general rule (of one with the learned gain and drift; of the
+    default, whose matrices move along Muon's direction) synchronizes with the GPU twice (the
+    gradients' and the updates' finiteness, each read for all tensors at once), not once or
+    more per tensor."""
     from learned_opt import load_rule
 
-    rule, _ = load_rule(pretrained.path("general"))
-    if controller:
+    name = pretrained.DEFAULT if rule_name == "default" else "general"
+    rule, _ = load_rule(pretrained.path(name))
+    if rule_name == "general with a controller":
         rule = rule.variant(controller_hidden=8, controller_drift=0.5)
     params = _params("cuda", SHAPES * 4)
     opt = LSTMOptimizer(params, weights=rule)

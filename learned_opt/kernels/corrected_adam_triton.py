@@ -10,7 +10,9 @@ bfloat16) read once and written once; no per-coordinate temporaries reach memory
 stays on the device: the step makes no host synchronization. The arithmetic is the forward's up
 to rounding (GPU transcendentals, the sums' and gate products' summation order): results agree
 with the CPU step to float32 tolerance, not bit for bit. (A rule with a learned controller of
-the adaptation does the per-tensor part with PyTorch operations on the device instead.)
+the adaptation does the per-tensor part with PyTorch operations on the device instead; a
+matrix's orthogonalized direction, ``orthogonal``, is computed by PyTorch on the device before
+the main pass, which reads it in place of Adam's, as the CPU kernel does.)
 
 Used by :func:`learned_opt.rules.corrected_adam_step.step_` for CUDA tensors when Triton is
 installed (it ships with PyTorch's CUDA builds) and ``LEARNED_OPT_NO_TRITON`` is unset; a rule of
@@ -79,11 +81,11 @@ if triton is not None:
     @triton.jit
     def _step_kernel(
         g_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, m4_ptr, v_ptr, vf_ptr, prev_ptr, h_ptr, c_ptr,
-        wih_ptr, whh_ptr, b_ptr, ow_ptr, ob_ptr, log_lr_ptr, u_ptr, clip_ptr, exp_s_ptr,
+        wih_ptr, whh_ptr, b_ptr, ow_ptr, ob_ptr, log_lr_ptr, u_ptr, clip_ptr, exp_s_ptr, dir_ptr,
         n, G, b2, omb2, sq2, eps, bcf, floor_, p, abound, oscale,
         w0, w1, w2, w3, w4, bc0, bc1, bc2, bc3, bc4,
         ADAM_K: tl.constexpr, H: tl.constexpr, NOUT: tl.constexpr, HAS_PREV: tl.constexpr,
-        BLOCK: tl.constexpr, PREC: tl.constexpr,
+        HAS_DIR: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = rows < n
@@ -119,7 +121,9 @@ if triton is not None:
         x4 = (m3 / bc3) / den
         x5 = tl.log(tl.maximum(tl.abs(gc) / den, floor_)) / p
         x6 = tl.log(tl.maximum((tl.sqrt_rn(vf / bcf) + eps) / den, floor_)) / p
-        if ADAM_K == 0:
+        if HAS_DIR:  # a direction given by the caller (a matrix's, orthogonalized)
+            dir = tl.load(dir_ptr + rows, mask=mask, other=0.0)
+        elif ADAM_K == 0:
             dir = -x1
         elif ADAM_K == 1:
             dir = -x2
@@ -249,7 +253,7 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and hidden & (hidden - 1) == 0
         and rule.in_size == 7
         and "tensor" not in state
-        and "matrix" not in state
+        and ("matrix" not in state or cfg.orthogonal)
         and not rule.settings.orthogonal_mix
         and not rule.settings.direction_correction
     ):
@@ -306,15 +310,16 @@ def per_tensor_(
 
 
 def step_(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
-          exp_s: Tensor | None) -> Tensor | None:  # fmt: skip
+          exp_s: Tensor | None, direction: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """The main pass of the step at step ``t`` (``grad`` read clamped to ``[-bound, bound]``;
     the gradient clipping's factor ``clip`` and the adapted step size ``exp_s`` as one-element
-    device tensors): the state updated in place; returns the update. If the kernel cannot be
-    compiled or launched here, warns once and returns ``None`` with the state unchanged (the
+    device tensors; ``direction``, float32 of ``grad``'s size, in place of Adam's: a matrix's
+    orthogonalized one): the state updated in place; returns the update. If the kernel cannot
+    be compiled or launched here, warns once and returns ``None`` with the state unchanged (the
     caller then takes the forward)."""
     update = torch.empty_like(grad)
     try:
-        _launch(rule, grad, state, t, bound, clip, exp_s, update)
+        _launch(rule, grad, state, t, bound, clip, exp_s, update, direction)
     except Exception as exc:  # e.g. a GPU or Triton version the kernel does not compile for
         _fail(exc)
         return None
@@ -334,7 +339,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: float, clip: Tensor,
-            exp_s: Tensor | None, update: Tensor) -> None:  # fmt: skip
+            exp_s: Tensor | None, update: Tensor, direction: Tensor | None) -> None:  # fmt: skip
     cfg = rule.settings
     betas = rule._state_betas
     n = grad.numel()
@@ -350,10 +355,11 @@ def _launch(rule: Any, grad: Tensor, state: dict[str, Any], t: float, bound: flo
         prev if prev is not None else grad, state["h0"], state["c0"],
         w_ih.contiguous(), w_hh.contiguous(), bias.contiguous(),
         rule.out_weight.contiguous(), rule.out_bias.contiguous(), rule.log_lr.reshape(1), update,
-        clip, exp_s if exp_s is not None else clip,
+        clip, exp_s if exp_s is not None else clip, direction if direction is not None else grad,
         n, bound, *scalars,
         *(1 - b for b in betas[:4]), 1 - betas[-1], *(1 - b**t for b in betas[:4]),
         1 - betas[-1] ** t,
         ADAM_K=betas.index(cfg.beta1), H=cfg.hidden_size, NOUT=rule.out_weight.shape[1],
-        HAS_PREV=prev is not None, BLOCK=BLOCK, PREC=DOT_PRECISION, num_warps=NUM_WARPS,
+        HAS_PREV=prev is not None, HAS_DIR=direction is not None, BLOCK=BLOCK,
+        PREC=DOT_PRECISION, num_warps=NUM_WARPS,
     )  # fmt: skip

@@ -155,8 +155,12 @@ def _commit(
     rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, kernel: Any, t: float,
     bound: float, clip: Tensor, exp_s: Tensor | None, new: RuleState,
 ) -> Tensor:  # fmt: skip
-    """The main pass on the device, then the new per-tensor state and the step counter."""
-    update = kernel.step_(rule, grad, state, t, bound, clip, exp_s)
+    """The main pass on the device (a matrix's orthogonalized direction first, by PyTorch on
+    the device), then the new per-tensor state and the step counter."""
+    direction = None
+    if "matrix" in state:
+        direction = _matrix_direction(rule, grad, state, t, bound, clip)
+    update = kernel.step_(rule, grad, state, t, bound, clip, exp_s, direction)
     if update is None:  # the kernel failed to compile or launch here (it warned)
         return _forward_step_(rule, grad, state)
     state.update(new)
@@ -166,11 +170,12 @@ def _commit(
 
 def _matrix_direction(
     rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, t: float, bound: float,
-    scale: float,
+    scale: float | Tensor,
 ) -> Tensor:  # fmt: skip
     """The forward's orthogonalized direction of a matrix (``orthogonal``), from the state
     before the kernel updates it (the new momentum and second moment computed here as the
-    kernel will: equal up to the last bit)."""
+    kernel will: equal up to the last bit on the CPU). ``scale``: the gradient clipping's
+    factor (a one-element tensor on the GPU, so that nothing waits for the device)."""
     cfg = rule.settings
     g = grad.clamp(-bound, bound) * scale
     k = rule._state_betas.index(cfg.beta1)
