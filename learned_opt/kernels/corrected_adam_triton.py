@@ -246,6 +246,7 @@ def supported(rule: Any, grad: Tensor, state: dict[str, Any]) -> bool:
         and grad.dtype == torch.float32
         and grad.dim() == 1
         and grad.is_contiguous()
+        and cfg.lstm
         and cfg.scale_invariant
         and cfg.nominal
         and cfg.num_layers == 1

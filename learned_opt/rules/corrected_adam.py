@@ -109,7 +109,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
     (``additive``), a learned turn of each tensor's direction at its own root mean square
     (``direction_correction``), a meta-learned :math:`\log\eta` (``learn_lr``), and the two
     ablations that turn one of the first two changes off (``scale_invariant=False``: the
-    paper's log/sign inputs; ``nominal=False``: :math:`u_t = r`, no Adam step).
+    paper's log/sign inputs; ``nominal=False``: :math:`u_t = r`, no Adam step). ``lstm=False``
+    drops the LSTM and its read-out (:math:`a = 0`): the hand-designed direction moved by the
+    per-tensor step size alone, with Adam's momentum and second moment and ``prev`` as its only
+    per-coordinate state.
 
     State per coordinate: the momenta ``m0..m3``, ``v``, ``v_fast``, the previous direction
     ``prev`` and the LSTM's ``h{l}``, ``c{l}`` (``(n, hidden_size)``); per tensor: ``log_step``,
@@ -140,20 +143,21 @@ class LSTMCorrectedAdamRule(UpdateRule):
         for key, value in cfg.to_dict().items():  # rule.lr, rule.lr_adapt, ...
             setattr(self, key, value)
         # Momentum state: one buffer per distinct beta; Adam's direction shares its beta1 buffer.
-        betas = list(self.momentum_betas) if cfg.scale_invariant else []
+        betas = list(self.momentum_betas) if cfg.scale_invariant and cfg.lstm else []
         if cfg.nominal and cfg.beta1 not in betas:
             betas.append(cfg.beta1)
         self._state_betas = tuple(betas)
         self.in_size = self.num_inputs()
         h = cfg.hidden_size
-        for layer in range(cfg.num_layers):
+        for layer in range(cfg.num_layers if cfg.lstm else 0):
             n_in = self.in_size if layer == 0 else h
             self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(n_in, 4 * h)))
             self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(h, 4 * h)))
             self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(4 * h)))
-        n_out = 2 if cfg.nominal and cfg.additive else 1
-        self.out_weight = nn.Parameter(torch.empty(h, n_out))
-        self.out_bias = nn.Parameter(torch.empty(n_out))
+        if cfg.lstm:
+            n_out = 2 if cfg.nominal and cfg.additive else 1
+            self.out_weight = nn.Parameter(torch.empty(h, n_out))
+            self.out_bias = nn.Parameter(torch.empty(n_out))
         if cfg.nominal:
             log_lr = torch.tensor(math.log(cfg.lr))
             if cfg.learn_lr:
@@ -183,7 +187,7 @@ class LSTMCorrectedAdamRule(UpdateRule):
         if cfg.direction_correction:
             self.correction_weight = nn.Parameter(torch.empty(h, 1))
             self.correction_bias = nn.Parameter(torch.empty(1))
-        if not cfg.learn_lstm:
+        if not cfg.learn_lstm and cfg.lstm:
             for t in [w for ws in self.layer_weights() for w in ws]:
                 t.requires_grad_(False)
             self.out_weight.requires_grad_(False)
@@ -227,15 +231,16 @@ class LSTMCorrectedAdamRule(UpdateRule):
         bound = 1.0 / math.sqrt(self.hidden_size)
         h = self.hidden_size
         with torch.no_grad():
-            for layer in range(self.num_layers):
+            for layer in range(self.num_layers if self.lstm else 0):
                 for name in ("weight_ih", "weight_hh", "bias"):
                     getattr(self, f"{name}_l{layer}").uniform_(-bound, bound, generator=generator)
                 getattr(self, f"bias_l{layer}")[h : 2 * h].fill_(self.forget_bias)
-            if zero_output:
-                self.out_weight.zero_()
-            else:
-                self.out_weight.uniform_(-bound, bound, generator=generator)
-            self.out_bias.zero_()
+            if self.lstm:
+                if zero_output:
+                    self.out_weight.zero_()
+                else:
+                    self.out_weight.uniform_(-bound, bound, generator=generator)
+                self.out_bias.zero_()
             if self.orthogonal_mix:  # Muon's direction
                 self.mix_weight.zero_()
                 self.mix_bias.zero_()
@@ -336,9 +341,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
         for k in range(len(self._state_betas)):
             state[f"m{k}"] = torch.zeros(numel, **kw)
         state["v"] = torch.zeros(numel, **kw)
-        if self.scale_invariant:
+        if self.scale_invariant and self.lstm:
             state["v_fast"] = torch.zeros(numel, **kw)
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers if self.lstm else 0):
             state[f"h{layer}"] = torch.zeros(numel, self.hidden_size, **kw)
             state[f"c{layer}"] = torch.zeros(numel, self.hidden_size, **kw)
         state["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
@@ -381,8 +386,8 @@ class LSTMCorrectedAdamRule(UpdateRule):
         return torch.stack(feats, dim=-1)
 
     def layer_weights(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Per layer: ``weight_ih``, ``weight_hh``, ``bias``."""
-        layers = range(self.num_layers)
+        """Per layer: ``weight_ih``, ``weight_hh``, ``bias`` (none with ``lstm=False``)."""
+        layers = range(self.num_layers if self.lstm else 0)
         return (
             [getattr(self, f"weight_ih_l{layer}") for layer in layers],
             [getattr(self, f"weight_hh_l{layer}") for layer in layers],
@@ -445,22 +450,24 @@ class LSTMCorrectedAdamRule(UpdateRule):
             m = torch.lerp(state[f"m{k}"], grad, 1 - beta)
             new_state[f"m{k}"] = m
             raw_m[beta] = m
-            moments.append(m / (1 - beta**t))
+            if self.lstm:
+                moments.append(m / (1 - beta**t))
         v = state["v"] * self.beta2 + (1 - self.beta2) * grad * grad
         new_state["v"] = v
         # Adam's operation order (AdamRule), so that the nominal step matches torch.optim.
         denom = safe_sqrt(v) / (1 - self.beta2**t) ** 0.5 + self.eps
-        v_fast_hat = None
-        if self.scale_invariant:
-            v_fast = state["v_fast"] * 0.9 + 0.1 * grad * grad
-            new_state["v_fast"] = v_fast
-            v_fast_hat = v_fast / (1 - 0.9**t)
-        x = self._inputs(grad, moments, denom, v_fast_hat)
-        hs, cs = self._lstm(x, state)
-        for layer in range(self.num_layers):
-            new_state[f"h{layer}"] = hs[layer]
-            new_state[f"c{layer}"] = cs[layer]
-        out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
+        if self.lstm:
+            v_fast_hat = None
+            if self.scale_invariant:
+                v_fast = state["v_fast"] * 0.9 + 0.1 * grad * grad
+                new_state["v_fast"] = v_fast
+                v_fast_hat = v_fast / (1 - 0.9**t)
+            x = self._inputs(grad, moments, denom, v_fast_hat)
+            hs, cs = self._lstm(x, state)
+            for layer in range(self.num_layers):
+                new_state[f"h{layer}"] = hs[layer]
+                new_state[f"c{layer}"] = cs[layer]
+            out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if self.nominal:
             direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
             if (
@@ -473,8 +480,11 @@ class LSTMCorrectedAdamRule(UpdateRule):
                 if self.orthogonal_mix:
                     mix = self._mix(hs[-1], ids, count)
                     direction = direction + mix * (adam - direction)
-            a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
-            update = direction * torch.exp(a)
+            if self.lstm:
+                a = self.a_bound * torch.tanh(out[:, 0] / self.a_bound)
+                update = direction * torch.exp(a)
+            else:  # a = 0
+                update = direction
             if self.direction_correction:
                 update = self._corrected(update, hs[-1], ids, count)
         else:

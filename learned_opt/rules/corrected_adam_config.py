@@ -129,6 +129,12 @@ class LSTMCorrectedAdamConfig:
             ``learn_lstm=False``. Needs ``nominal``.
         learn_lstm: meta-learn the LSTM and its read-out (``False``: they are fixed, so a
             meta-trainer learns only the rest, e.g. the controller).
+        lstm: the per-coordinate LSTM and its read-out. ``False``: none (:math:`a = 0`): the step
+            is the hand-designed direction moved by the per-tensor step size alone (the
+            adaptation, learned or not), step for step the rule with its read-out at zero; the
+            state keeps Adam's momentum and second moment and the last direction (12 bytes per
+            parameter in float32 instead of 160 with 16 units). Needs ``nominal``, and none of
+            the other read-outs (``additive``, ``orthogonal_mix``, ``direction_correction``).
         scale_invariant: ablation switch (measured; README): ``False`` feeds the LSTM the
             paper's log/sign preprocessing of the raw gradient instead of the normalized
             momenta and gradient.
@@ -168,6 +174,7 @@ class LSTMCorrectedAdamConfig:
     orthogonal_mix: bool = False
     direction_correction: bool = False
     learn_lstm: bool = True
+    lstm: bool = True
     scale_invariant: bool = True
     nominal: bool = True
 
@@ -234,6 +241,13 @@ class LSTMCorrectedAdamConfig:
         if self.orthogonal_mix and not self.orthogonal:
             raise ValueError(
                 "orthogonal_mix mixes Adam's and Muon's directions: it needs orthogonal"
+            )
+        if not self.lstm and not self.nominal:
+            raise ValueError("lstm=False leaves the nominal direction alone: it needs nominal")
+        if not self.lstm and (self.additive or self.orthogonal_mix or self.direction_correction):
+            raise ValueError(
+                "additive, orthogonal_mix and direction_correction are read-outs of the LSTM: "
+                "they need lstm=True"
             )
         if self.direction_correction and not self.nominal:
             raise ValueError("direction_correction turns the nominal direction: it needs nominal")

@@ -78,6 +78,7 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
         and grad.dtype == torch.float32
         and grad.dim() == 1
         and grad.is_contiguous()
+        and cfg.lstm
         and cfg.scale_invariant
         and cfg.nominal
         and cfg.hidden_size % 4 == 0
