@@ -334,18 +334,23 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_the_forward(monkeypatch) -
 
 
 @needs_cuda
-@pytest.mark.parametrize("rule_name", ["general", "general with a controller", "default"])
+@pytest.mark.parametrize(
+    "rule_name", ["general", "general with a controller", "default", "default without its LSTM"]
+)
 def test_cuda_step_waits_for_the_device_twice_however_many_tensors(rule_name) -> None:
     """A step of the first general rule (of one with the learned gain and drift; of the
-    default, whose matrices move along Muon's direction) synchronizes with the GPU twice (the
+    default, whose matrices move along Muon's direction; of the default without its LSTM, whose
+    step is the rule's forward) synchronizes with the GPU twice (the
     gradients' and the updates' finiteness, each read for all tensors at once), not once or
     more per tensor."""
     from learned_opt import load_rule
 
-    name = pretrained.DEFAULT if rule_name == "default" else "general"
+    name = pretrained.DEFAULT if rule_name.startswith("default") else "general"
     rule, _ = load_rule(pretrained.path(name))
     if rule_name == "general with a controller":
         rule = rule.variant(controller_hidden=8, controller_drift=0.5)
+    if rule_name == "default without its LSTM":  # (the rule's forward, on the device)
+        rule.base = rule.base.variant(lstm=False)
     params = _params("cuda", SHAPES * 4)
     opt = LSTMOptimizer(params, weights=rule)
     for p in params:

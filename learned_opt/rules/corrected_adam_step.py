@@ -206,6 +206,8 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
         if corrected_adam_triton.supported(rule, grad, state):
             return _device_step_(rule, grad, state, corrected_adam_triton)
     if not _fused_ok(rule, grad, state):
+        if state["step"].device.type != "cpu":  # read on the host each step: keep it there
+            state["step"] = state["step"].cpu()
         return _forward_step_(rule, grad, state)
     cfg = rule.settings
     ext = kernels._load_corrected_adam()
