@@ -3,10 +3,12 @@
 ``general-v6`` moves every parameter of 2 or more dimensions along Muon's orthogonalized
 momentum (5 Newton-Schulz iterations per matrix per step, then the fused kernel); ``general-v5``
 along Adam's; ``general-v7`` is ``general-v6`` with a learned per-tensor step-size control (a
-71-weight MLP per tensor per step). On a 2-layer transformer encoder (``--d-model``, 4 heads,
-feed-forward 4x, batch 16 x 32 tokens), side by side in one run, interleaved:
-``torch.optim.Adam``, ``LSTMOptimizer`` with ``general-v5``, ``general-v6`` and ``general-v7``
-(all told ``total_steps``). Reported per thread count:
+71-weight MLP per tensor per step); ``general-v7, lstm=False`` is ``general-v7`` without its
+per-coordinate LSTM (the rule's forward, no fused kernel). On a 2-layer transformer encoder
+(``--d-model``, 4 heads, feed-forward 4x, batch 16 x 32 tokens), side by side in one run,
+interleaved: ``torch.optim.Adam``, ``LSTMOptimizer`` with ``general-v5``, ``general-v6``,
+``general-v7`` and ``general-v7, lstm=False`` (all told ``total_steps``); and the optimizers'
+state in bytes per parameter. Reported per thread count:
 the median ``opt.step()`` time, the forward + backward time, and the ratios of the steps and of
 whole training steps to Adam's and to ``general-v5``'s.
 
@@ -30,7 +32,24 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "general-v5": lambda p: LSTMOptimizer(p, weights="general-v5", total_steps=1000),
     "general-v6": lambda p: LSTMOptimizer(p, weights="general-v6", total_steps=1000),
     "general-v7": lambda p: LSTMOptimizer(p, weights="general-v7", total_steps=1000),
+    "general-v7, lstm=False": lambda p: LSTMOptimizer(p, weights=_without_lstm(), total_steps=1000),
 }
+
+
+def _without_lstm():
+    """``general-v7`` without its per-coordinate LSTM (its schedule around the changed rule)."""
+    from learned_opt import load_rule, pretrained
+
+    rule, _ = load_rule(pretrained.path("general-v7"))
+    rule.base = rule.base.variant(lstm=False)
+    return rule
+
+
+def state_bytes(opt: torch.optim.Optimizer, params: int) -> float:
+    """Bytes of the optimizer's state per parameter (every tensor in ``opt.state``)."""
+    total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))  # fmt: skip
+    return total / params
 
 
 def measure(d_model: int, threads: int, steps: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -58,9 +77,10 @@ def measure(d_model: int, threads: int, steps: int, rounds: int) -> dict[str, di
                     times[name]["step"].append(1e3 * (t2 - t1))
     params = sum(p.numel() for p in models["Adam"].parameters())
     return {
-        name: {"params": params, **{k: statistics.median(v) for k, v in t.items()}}
+        name: {"params": params, "state_bytes": state_bytes(opts[name], params),
+               **{k: statistics.median(v) for k, v in t.items()}}
         for name, t in times.items()
-    }
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             f"2-layer transformer encoder, d_model {args.d_model}, batch 16 x 32; medians of "
             f"{args.rounds} interleaved rounds of {args.steps} steps; torch {torch.__version__}",
             "",
-            "| threads | params | optimizer | step ms | fwd+bwd ms | step / Adam's | "
-            "step / general-v5's | training step / general-v5's |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| threads | params | optimizer | state bytes / param | step ms | fwd+bwd ms | "
+            "step / Adam's | step / general-v5's | training step / general-v5's |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ],
     )
     for threads in (int(t) for t in args.threads.split(",")):
@@ -89,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             whole = (m["step"] + m["fwd_bwd"]) / (ref["step"] + ref["fwd_bwd"])
             records.append({"threads": threads, "optimizer": name, **m, "whole_vs_v5": whole})
             lines.append(
-                f"| {threads} | {m['params']:,} | {name} | {m['step']:.1f} | {m['fwd_bwd']:.1f} "
+                f"| {threads} | {m['params']:,} | {name} | {m['state_bytes']:.1f} "
+                f"| {m['step']:.1f} | {m['fwd_bwd']:.1f} "
                 f"| {m['step'] / adam['step']:.1f} | {m['step'] / ref['step']:.2f} | {whole:.2f} |"
             )
     write_results(args.out, records, lines)

@@ -32,11 +32,14 @@ def test_matrix_step_time_smoke(tmp_path: Path, run_script) -> None:
     args = ["--d-model", "16", "--threads", "1", "--steps", "1", "--rounds", "1"]
     assert run_script("benchmarks/matrix_step_time.py", *args, "--out", str(tmp_path)) == 0
     table = (tmp_path / "table.md").read_text()
-    names = ("Adam", "general-v5", "general-v6", "general-v7")
+    names = ("Adam", "general-v5", "general-v6", "general-v7", "general-v7, lstm=False")
     assert all(f"| {name} |" in table for name in names)
     rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert {r["optimizer"] for r in rows} == set(names)
     assert all(r["step"] > 0 and r["fwd_bwd"] > 0 for r in rows)
+    state = {r["optimizer"]: r["state_bytes"] for r in rows}
+    assert 8 <= state["Adam"] < 9 and 12 <= state["general-v7, lstm=False"] < 13  # + per tensor
+    assert 160 <= state["general-v7"] < 161
 
 
 def test_meta_train_throughput_smoke(tmp_path: Path, run_script) -> None:
