@@ -116,6 +116,14 @@ def _geometric_mean(directory: Path) -> float:
     )
 
 
+def _seconds(directory: Path) -> float:
+    """How long one validation run took (its record's ``seconds``)."""
+    from learned_opt.report import read_jsonl
+
+    (meta,) = [r for r in read_jsonl(directory / "summary.jsonl") if r["kind"] == "meta"]
+    return float(meta["seconds"])
+
+
 def validation_figures() -> dict[str, Any]:
     """Per run (told / not told, horizon): the lean rule's and ``general-v7``'s geometric means
     on the validation group, and whether the rule above lets the lean rule be sealed."""
@@ -178,8 +186,9 @@ def ship(dest: Path, *, sealed: Path = candidates.SEALED) -> dict[str, Any]:
         "metric": "geometric mean over the validation group (5 members x 5 seeds) of the final "
         "training loss / tuned Adam's",
         **validation_figures(),
-        "selection_seconds": 0.0,
-    }
+        "selection_seconds": round(sum(_seconds(_results(t) / str(h))
+                                       for t in (True, False) for h in HORIZONS), 1),
+    }  # fmt: skip
     return candidates.write_derived(
         dest, DEFAULT_NAME if default else SIDE_NAME, lean_rule(), derived_from=BASE,
         base_meta=meta, source=f"the shipped {BASE!r} weights without the per-coordinate LSTM",

@@ -74,6 +74,7 @@ RECIPES = {
     "general-v5": "experiments/horizon_decay.py",
     "general-v6": "experiments/orthogonal_direction.py",
     "general-v7": "experiments/learned_adaptation.py",
+    "general-v7-lean": "experiments/lean_default.py",
     "general-v4-wide": "experiments/size_scaled_default.py",
     "general-wide": "experiments/size_scaled_step.py",
     "paper-mnist": "experiments/mnist_paper.py",
@@ -1217,6 +1218,44 @@ def test_orthogonal_direction_ships_with_its_sealed_figures(tmp_path: Path) -> N
         assert "--total-steps" in entry["command"]
         at_most.append(entry["geometric_mean"] <= entry["replaced_general-v5"]["geometric_mean"])
     assert meta["figures"]["default_candidate"] == all(at_most)
+
+
+def test_lean_default_ships_general_v7_without_its_lstm_by_its_sealed_figures(
+    tmp_path: Path,
+) -> None:
+    """The lean candidate's ship step writes ``general-v7``'s controller and schedule without
+    the LSTM, with the validation figures that let it be sealed, its sealed figures beside
+    ``general-v7``'s told and not, and the name the rule gives it: the default's only if it is
+    at most ``general-v7``'s in all four runs."""
+    recipe = runpy.run_path(str(ROOT / "experiments/lean_default.py"))
+    sealed = ROOT / candidates_sealed()
+    names = [f"lean-default{free}-{h}" for free in ("", "-horizon-free") for h in (100, 1000)]
+    if not all((sealed / n / "summary.jsonl").is_file() for n in names):
+        pytest.skip("no committed sealed runs of the candidate")
+    meta = recipe["ship"](tmp_path / "package", sealed=sealed)
+    default = (
+        meta["figures"]["default_candidate"]
+        and meta["figures"]["horizon_free"]["default_candidate"]
+    )
+    name = recipe["DEFAULT_NAME"] if default else recipe["SIDE_NAME"]
+    rule, saved = load_rule(tmp_path / "package" / f"{name}.pt")
+    assert saved == meta and not rule.unwrapped.lstm
+    base, _ = load_rule(pretrained.path("general-v7"))
+    kept = dict(rule.named_parameters())
+    for key, value in base.named_parameters():
+        if "controller" in key or key.startswith("schedule"):
+            assert torch.equal(kept.pop(key), value), key
+    assert not kept  # nothing else: no LSTM, no read-out
+    assert meta["derived_from"]["settings"] == {"lstm": False}
+    validation = meta["derived_from"]["chosen_on_validation"]
+    assert validation["sealed_by_the_rule"] and len(validation["runs"]) == 4
+    for figures in (meta["figures"], meta["figures"]["horizon_free"]):
+        for entry in figures["by_steps"].values():
+            assert (
+                entry["replaced_general-v7"]["results"]
+                .split("/")[-1]
+                .startswith("learned-adaptation")
+            )
 
 
 def test_a_refused_ship_step_exits_with_a_message_and_writes_nothing(
