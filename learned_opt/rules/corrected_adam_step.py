@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .. import kernels
 from . import per_tensor
-from .base import RuleState, grad_bound
-from .orthogonal import matrix_direction
+from .base import RuleState, bounded_grad, grad_bound
+from .orthogonal import matrices_direction, matrix_direction
 
 if TYPE_CHECKING:
     from .corrected_adam import LSTMCorrectedAdamRule
@@ -98,6 +98,49 @@ def _fused_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bo
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
         return False
     return kernels._load_corrected_adam() is not None
+
+
+def _lean_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> bool:
+    """Whether :func:`_lean_step_` takes the step: a rule without its LSTM (``lstm=False``) on
+    one whole tensor whose state is stored in the gradient's dtype."""
+    cfg = rule.settings
+    coord = [k for k, v in state.items() if rule.coord_dim(k) is not None]
+    return (
+        not cfg.lstm
+        and grad.dim() == 1
+        and "tensor" not in state
+        and all(state[k].dtype == grad.dtype and state[k].is_contiguous() for k in coord)
+    )
+
+
+def _lean_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
+    """The forward's step of a rule without its LSTM, its momentum, second moment and last
+    direction updated in place (the same operations in the same order: bit for bit the
+    forward's). The step counter stays on the host."""
+    cfg = rule.settings
+    if state["step"].device.type != "cpu":
+        state["step"] = state["step"].cpu()
+    step = state["step"] + 1
+    t = float(step)
+    g = bounded_grad(grad)
+    if cfg.grad_clip > 0 and t > 1:
+        v_hat = state["v"] / (1 - cfg.beta2 ** (t - 1))
+        g = per_tensor.clip(cfg, g, v_hat, None, 1, t)
+    m = state["m0"].lerp_(g, 1 - cfg.beta1)
+    v = state["v"].mul_(cfg.beta2).add_((1 - cfg.beta2) * g * g)
+    denom = v.sqrt().div_((1 - cfg.beta2**t) ** 0.5).add_(cfg.eps)
+    direction = (m / (1 - cfg.beta1**t)).div_(denom).neg_()
+    if "matrix" in state:  # Muon's: the Nesterov momentum, orthogonalized
+        layout = torch.cat((state["matrix"].new_zeros(1), state["matrix"]))[None]
+        direction = matrices_direction(m, g, direction, cfg.beta1, layout, cfg.orthogonal_rms)
+    new: dict[str, Any] = {}
+    if cfg.lr_adapt > 0:
+        log_step = per_tensor.adapt_log_step(cfg, g, state, new, None, 1, t, rule.controller())
+        state["prev"].copy_(direction)
+        direction = direction.mul_(torch.exp(log_step))
+    state.update(new)
+    state["step"] = step
+    return direction.mul_(torch.exp(rule.log_lr))
 
 
 def _packed(rule: LSTMCorrectedAdamRule) -> tuple[Tensor, Tensor]:
@@ -205,6 +248,8 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
 
         if corrected_adam_triton.supported(rule, grad, state):
             return _device_step_(rule, grad, state, corrected_adam_triton)
+    if _lean_ok(rule, grad, state):
+        return _lean_step_(rule, grad, state)
     if not _fused_ok(rule, grad, state):
         if state["step"].device.type != "cpu":  # read on the host each step: keep it there
             state["step"] = state["step"].cpu()
