@@ -114,6 +114,53 @@ def test_triton_kernel_in_the_interpreter_moves_matrices_along_the_orthogonal_di
     _interpret(_INTERPRETED_MATRICES)
 
 
+#: The drop-in optimizer with the default weights (a schedule around the rule; Muon's direction
+#: for matrices; told the run's length and not) on CPU tensors through the Triton step, run by the
+#: interpreter: no tensor falls back to the forward, and every parameter ends where the CPU's
+#: fused step leaves it, to float32 tolerance.
+_INTERPRETED_OPTIMIZER = textwrap.dedent(
+    """
+    import os, torch
+    from learned_opt import LSTMOptimizer, pretrained
+    from learned_opt.rules import corrected_adam_step
+
+    calls = []
+    forward = corrected_adam_step._forward_step_
+    corrected_adam_step._forward_step_ = lambda *a: calls.append(1) or forward(*a)
+    shapes = [(), (5,), (7, 3), (30, 25), (700,), (4, 3, 2)]
+
+    def run(total_steps):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = LSTMOptimizer(params, total_steps=total_steps)
+        for k in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** (k % 5 - 3)
+            opt.step()
+        return params
+
+    for total in (None, 20):
+        kernel = run(total)
+        assert not calls, "a tensor took the forward"
+        os.environ["LEARNED_OPT_NO_TRITON"] = "1"
+        cpu = run(total)
+        del os.environ["LEARNED_OPT_NO_TRITON"]
+        gen = torch.Generator().manual_seed(0)
+        start = [torch.randn(s, generator=gen) for s in shapes]
+        for a, b, p0 in zip(kernel, cpu, start):
+            a, b = a.detach(), b.detach()
+            moved = float((b - p0).abs().max())
+            assert float((a - b).abs().max()) <= 1e-4 * moved + 1e-7
+    print("ok")
+    """
+)
+
+
+def test_the_default_optimizer_takes_the_triton_step_in_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    _interpret(_INTERPRETED_OPTIMIZER)
+
+
 #: The per-tensor kernels (the sums over more than one pass of partial sums, then the clipping's
 #: and the adaptation's arithmetic) against the forward's per-tensor code, for the default.
 _INTERPRETED_PER_TENSOR = textwrap.dedent(
