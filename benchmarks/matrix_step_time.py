@@ -4,12 +4,12 @@
 momentum (5 Newton-Schulz iterations per matrix per step, then the fused kernel); ``general-v5``
 along Adam's; ``general-v7`` is ``general-v6`` with a learned per-tensor step-size control (a
 71-weight MLP per tensor per step); ``general-v7, lstm=False`` is ``general-v7`` without its
-per-coordinate LSTM (the rule's forward, no fused kernel). On a 2-layer transformer encoder
-(``--d-model``, 4 heads, feed-forward 4x, batch 16 x 32 tokens), side by side in one run,
-interleaved: ``torch.optim.Adam``, ``LSTMOptimizer`` with ``general-v5``, ``general-v6``,
-``general-v7`` and ``general-v7, lstm=False`` (all told ``total_steps``); and the optimizers'
-state in bytes per parameter. Reported per thread count:
-the median ``opt.step()`` time, the forward + backward time, and the ratios of the steps and of
+per-coordinate LSTM (the shipped ``general-v7-lean``; PyTorch operations, no fused kernel). On
+a 2-layer transformer encoder (``--d-model``, 4 heads, feed-forward 4x, batch 16 x 32 tokens),
+side by side in one run, interleaved: ``torch.optim.Adam``, ``LSTMOptimizer`` with
+``general-v5``, ``general-v6``, ``general-v7`` and ``general-v7, lstm=False`` (all told
+``total_steps``). Reported per thread count: the optimizers' state in bytes per parameter, the
+median ``opt.step()`` time, the forward + backward time, and the ratios of the steps and of
 whole training steps to Adam's and to ``general-v5``'s.
 
     python benchmarks/matrix_step_time.py --out benchmarks/results/matrix_step_time
@@ -32,17 +32,10 @@ OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "general-v5": lambda p: LSTMOptimizer(p, weights="general-v5", total_steps=1000),
     "general-v6": lambda p: LSTMOptimizer(p, weights="general-v6", total_steps=1000),
     "general-v7": lambda p: LSTMOptimizer(p, weights="general-v7", total_steps=1000),
-    "general-v7, lstm=False": lambda p: LSTMOptimizer(p, weights=_without_lstm(), total_steps=1000),
+    "general-v7, lstm=False": lambda p: LSTMOptimizer(
+        p, weights="general-v7-lean", total_steps=1000
+    ),
 }
-
-
-def _without_lstm():
-    """``general-v7`` without its per-coordinate LSTM (its schedule around the changed rule)."""
-    from learned_opt import load_rule, pretrained
-
-    rule, _ = load_rule(pretrained.path("general-v7"))
-    rule.base = rule.base.variant(lstm=False)
-    return rule
 
 
 def state_bytes(opt: torch.optim.Optimizer, params: int) -> float:

@@ -116,10 +116,8 @@ def _lean_ok(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> boo
 def _lean_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
     """The forward's step of a rule without its LSTM, its momentum, second moment and last
     direction updated in place (the same operations in the same order: bit for bit the
-    forward's). The step counter stays on the host."""
+    forward's)."""
     cfg = rule.settings
-    if state["step"].device.type != "cpu":
-        state["step"] = state["step"].cpu()
     step = state["step"] + 1
     t = float(step)
     g = bounded_grad(grad)
@@ -160,13 +158,11 @@ def _device_step_(
 ) -> Tensor:
     """The step on a GPU tensor: the per-tensor part in two Triton kernels (the sums, then the
     arithmetic), the rest one more; with a learned controller, the sums as PyTorch reductions and
-    the arithmetic as in the forward (on the device). Nothing waits for the device: the step
-    counter is kept on the host (as ``torch.optim`` keeps its own). ``kernel``: the module
+    the arithmetic as in the forward (on the device). Nothing waits for the device (the step
+    counter is on the host, :func:`step_`). ``kernel``: the module
     :mod:`learned_opt.kernels.corrected_adam_triton` (imported by the caller only for GPU
     tensors)."""
     cfg = rule.settings
-    if state["step"].device.type != "cpu":
-        state["step"] = state["step"].cpu()
     t = float(state["step"]) + 1
     bound = grad_bound(grad.dtype)
     controller = rule.controller()
@@ -236,7 +232,11 @@ def _matrix_direction(
 def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor:
     """``rule.forward``'s step on one whole tensor's flat gradient ``grad``, with ``state``
     updated in place (per-coordinate entries may be stored in another dtype, e.g. bfloat16: the
-    step is computed in ``grad``'s and they are rounded back). Returns the update."""
+    step is computed in ``grad``'s and they are rounded back). Returns the update. The step
+    counter is kept on the host, as ``torch.optim`` keeps its own: every path reads it each
+    step, and on a GPU nothing then waits for the device."""
+    if state["step"].device.type != "cpu":
+        state["step"] = state["step"].cpu()
     count = 1
     for key in per_tensor.PER_TENSOR_KEYS:  # per tensor, in the compute dtype
         if key in state:
@@ -251,8 +251,6 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
     if _lean_ok(rule, grad, state):
         return _lean_step_(rule, grad, state)
     if not _fused_ok(rule, grad, state):
-        if state["step"].device.type != "cpu":  # read on the host each step: keep it there
-            state["step"] = state["step"].cpu()
         return _forward_step_(rule, grad, state)
     cfg = rule.settings
     ext = kernels._load_corrected_adam()
