@@ -68,8 +68,10 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                     )
                 rule = self._rule_for(p)
                 state = self.state[group_idx][p_idx]
-                if len(state) == 0:
-                    state.update(rule.init_state(p.numel(), like=p))
+                if len(state) == 0:  # as the drop-in optimizer's (its horizon, the shape)
+                    state.update(self._other._fresh_state(rule, p, group, like=p))
+                if group.get("maximize", False):
+                    g = -g
                 # A drop-in optimizer's state may be stored in another dtype (state_dtype):
                 # compute in the gradient's.
                 work = {
@@ -83,7 +85,10 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 }
                 update, new_state = rule(g.reshape(-1), work)
                 state.update(new_state)
-                group["params"][p_idx] = p + group["lr"] * update.view(p.shape)
+                lr, decay = group["lr"], group.get("weight_decay", 0.0)
+                if decay != 0:  # decoupled, as the drop-in optimizer's
+                    p = p * (1 - lr * decay)
+                group["params"][p_idx] = p + lr * update.view(p.shape)
 
 
 def register() -> None:

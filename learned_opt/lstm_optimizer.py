@@ -87,6 +87,9 @@ class LSTMOptimizer(LearnedOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``; see :class:`LearnedOptimizer`.
         weight_decay: decoupled weight decay, see :class:`LearnedOptimizer`.
         maximize: maximize the objective instead of minimizing it.
+        orthogonal: ``False`` (for all parameters, or per param group) moves matrices along
+            Adam's direction instead of Muon's, as the usual Muon recipe does for embeddings and
+            the output layer (see :class:`LearnedOptimizer`).
         total_steps: the run's length, for weights of a horizon-aware rule (see
             :class:`LearnedOptimizer`); a ``ValueError`` for weights that cannot read it.
         hidden_size, num_layers: if given, the architecture the weights must have.
@@ -111,6 +114,7 @@ class LSTMOptimizer(LearnedOptimizer):
         state_dtype: torch.dtype | None = None,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        orthogonal: bool = True,
         total_steps: int | None = None,
     ) -> None:
         params = list(params)
@@ -138,5 +142,6 @@ class LSTMOptimizer(LearnedOptimizer):
             state_dtype=state_dtype,
             weight_decay=weight_decay,
             maximize=maximize,
+            orthogonal=orthogonal,
             total_steps=total_steps,
         )

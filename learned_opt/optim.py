@@ -102,6 +102,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             fraction of the weights removed per step: ``AdamW(lr=1e-3, weight_decay=0.1)``
             decays as ``weight_decay=1e-4`` does here.
         maximize: maximize the objective (the rule reads the negated gradient).
+        orthogonal: per param group: ``False`` shows the rule this group's parameters as flat
+            vectors, not by their shape, so that a rule with Muon's direction for matrices
+            (``LSTMCorrectedAdamConfig.orthogonal``, the default weights') moves them along its
+            vector direction (Adam's) instead. The usual Muon recipe keeps embeddings and the
+            output layer there. Read when a parameter's state is created (its first step or a
+            loaded state); no effect on rules that do not read shapes.
         total_steps: the run's length in steps, for rules that read how far training has gone
             (a :class:`~learned_opt.rules.ScheduledRule`: its warm-up and decay, hand-designed
             and learned, follow it); ``None``: unknown (such a rule then uses a horizon-free
@@ -123,6 +129,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        orthogonal: bool = True,
         total_steps: int | None = None,
     ) -> None:
         if total_steps is not None:
@@ -156,9 +163,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.state_dtype = state_dtype
         self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
-        super().__init__(
-            params, {"lr": lr, "weight_decay": weight_decay, "maximize": bool(maximize)}
-        )
+        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": bool(maximize)}
+        super().__init__(params, {**defaults, "orthogonal": bool(orthogonal)})
 
     def _rule_for(self, p: Tensor) -> UpdateRule:
         """The rule on ``p``'s device in the dtype ``p`` is computed in (cached copies; the
@@ -229,13 +235,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 flat = -flat
             if len(state) == 0:
-                kwargs: dict[str, Any] = {}
-                if getattr(rule, "reads_horizon", False):
-                    kwargs["total_steps"] = self.total_steps
-                if rule.reads_shape:
-                    kwargs["shape"] = tuple(p.shape)
-                fresh = rule.init_state(flat.numel(), like=flat, **kwargs)
-                state.update(fresh)
+                state.update(self._fresh_state(rule, p, group, like=flat))
                 self._cast_state(rule, state)
             if hasattr(rule, "step_") and p.dtype != torch.float16:
                 # In place; such rules' updates are bounded by construction (a tanh-bounded
@@ -277,6 +277,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         return loss
+
+    def _fresh_state(
+        self, rule: UpdateRule, p: Tensor, group: dict[str, Any], *, like: Tensor
+    ) -> dict[str, Any]:
+        """A fresh rule state for parameter ``p`` of ``group``, computed like ``like``: told
+        the run's length (a rule that reads it) and ``p``'s shape (a rule that reads it, unless
+        the group's ``orthogonal`` is off)."""
+        kwargs: dict[str, Any] = {}
+        if getattr(rule, "reads_horizon", False):
+            kwargs["total_steps"] = self.total_steps
+        if rule.reads_shape and group.get("orthogonal", True):
+            kwargs["shape"] = tuple(p.shape)
+        return rule.init_state(p.numel(), like=like, **kwargs)
 
     @staticmethod
     def _commit(
@@ -403,6 +416,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # state dicts saved before these options existed
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
+            group.setdefault("orthogonal", True)
         # torch casts the loaded state to each parameter's dtype (float16 zeroes small second
         # moments, and a step count above 2048 loses its last bits); restore it from the saved
         # tensors instead: per-coordinate entries in the storage dtype, the others as saved.

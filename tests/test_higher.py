@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import higher
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +53,32 @@ def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
     grads = [p.grad for p in trainable.parameters()]
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the default weights: Muon's direction for matrices, the learned controller
+        {"total_steps": 5},  # told the run's length: the warm-up and decay
+        {"weight_decay": 0.1, "maximize": True},
+        {"orthogonal": False},
+    ],
+)
+def test_higher_follows_the_default_optimizers_trajectory(options: dict) -> None:
+    """With the shipped default weights and every option that changes a step, the differentiable
+    step takes the drop-in optimizer's: the matrices' shape, the horizon, the weight decay and
+    the sign reach it too."""
+    model, x, y = _setup()
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = LSTMOptimizer(model.parameters(), **options)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        for _ in range(5):
+            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
+        fast = [p.detach().clone() for p in fmodel.parameters()]
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for a, b in zip(fast, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, r) for a, r in zip(fast, reference))

@@ -331,6 +331,63 @@ def test_param_groups_each_with_their_own_lr_weight_decay_and_maximize() -> None
     assert not torch.equal(same[5].weight, first[5].weight)
 
 
+def test_a_group_with_orthogonal_off_moves_its_matrices_as_the_rule_without_muon() -> None:
+    """``orthogonal=False`` on a group (the usual Muon recipe's embeddings and output layer):
+    its matrices step bit for bit as under the default rule configured without Muon's direction;
+    the other groups' as under the default; the option survives a state dict, and one saved
+    before the option existed loads as on."""
+    from learned_opt import load_rule, pretrained
+
+    default, _ = load_rule(pretrained.path(pretrained.DEFAULT))
+    assert default.reads_shape  # the default moves matrices along Muon's direction
+    adam_direction = copy.deepcopy(default)
+    adam_direction.base = default.base.variant(orthogonal=False, orthogonal_rms=False)
+
+    grouped, split, plain = _model(), _model(), _model()
+    first = [*grouped[0].parameters(), *grouped[5].parameters()]
+    rest = [p for i in (1, 3) for p in grouped[i].parameters()]
+    opt = LSTMOptimizer([{"params": first, "orthogonal": False}, {"params": rest}])
+    opts = [
+        LSTMOptimizer([*split[0].parameters(), *split[5].parameters()], weights=adam_direction),
+        LSTMOptimizer([p for i in (1, 3) for p in split[i].parameters()]),
+    ]
+    for k in range(6):
+        opt.zero_grad()
+        _loss(grouped, k).backward()
+        opt.step()
+        for o in opts:
+            o.zero_grad()
+        _loss(split, k).backward()
+        for o in opts:
+            o.step()
+    _assert_params_equal(grouped, split)
+    # One step from the same start: the option changes its group's matrices, and only those.
+    one = _model()
+    groups = [
+        [*one[0].parameters(), *one[5].parameters()],
+        [*one[1].parameters(), *one[3].parameters()],
+    ]
+    _train(
+        one,
+        LSTMOptimizer([{"params": groups[0], "orthogonal": False}, {"params": groups[1]}]),
+        range(1),
+    )
+    _train(plain, LSTMOptimizer(plain.parameters()), range(1))
+    assert not torch.equal(plain[0].weight, one[0].weight)
+    assert torch.equal(plain[0].bias, one[0].bias)
+    assert torch.equal(plain[3].weight, one[3].weight)
+
+    saved = opt.state_dict()
+    assert [g["orthogonal"] for g in saved["param_groups"]] == [False, True]
+    for g in saved["param_groups"]:
+        del g["orthogonal"]  # as saved before the option existed
+    fresh = LSTMOptimizer([{"params": first}, {"params": rest}])
+    fresh.load_state_dict(saved)
+    assert [g["orthogonal"] for g in fresh.param_groups] == [True, True]
+    assert "matrix" not in fresh.state[grouped[0].weight]  # the state keeps the direction
+    assert "matrix" in fresh.state[grouped[3].weight]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weight_decay_alone_shrinks_the_weights_by_exactly_1_minus_lr_wd_per_step(
     dtype: torch.dtype,
