@@ -85,6 +85,7 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 }
                 update, new_state = rule(g.reshape(-1), work)
                 state.update(new_state)
+                self._other._cast_state(rule, state)  # stored as the drop-in's (state_dtype)
                 lr, decay = group["lr"], group.get("weight_decay", 0.0)
                 if decay != 0:  # decoupled, as the drop-in optimizer's
                     p = p * (1 - lr * decay)

@@ -62,12 +62,14 @@ def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
         {"total_steps": 5},  # told the run's length: the warm-up and decay
         {"weight_decay": 0.1, "maximize": True},
         {"orthogonal": False},
+        {"state_dtype": torch.bfloat16},  # the state rounded as the drop-in's stores it
+        {"weights": "general-v7-lean", "total_steps": 5},
     ],
 )
 def test_higher_follows_the_default_optimizers_trajectory(options: dict) -> None:
     """With the shipped default weights and every option that changes a step, the differentiable
     step takes the drop-in optimizer's: the matrices' shape, the horizon, the weight decay and
-    the sign reach it too."""
+    the sign reach it too, and its state is stored as the drop-in's."""
     model, x, y = _setup()
     reference = [p.detach().clone() for p in model.parameters()]
     opt = LSTMOptimizer(model.parameters(), **options)
