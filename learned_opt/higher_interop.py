@@ -23,7 +23,7 @@ import higher
 import torch
 
 from .lstm_optimizer import LSTMOptimizer
-from .optim import LearnedOptimizer
+from .optim import LearnedOptimizer, _compute_dtype
 from .rules import UpdateRule
 
 __all__ = ["DifferentiableLearnedOptimizer", "register"]
@@ -68,8 +68,9 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                     )
                 rule = self._rule_for(p)
                 state = self.state[group_idx][p_idx]
+                g = g.to(_compute_dtype(p.dtype))  # float16's step in float32, as the drop-in's
                 if len(state) == 0:  # as the drop-in optimizer's (its horizon, the shape)
-                    state.update(self._other._fresh_state(rule, p, group, like=p))
+                    state.update(self._other._fresh_state(rule, p, group, like=g))
                 if group.get("maximize", False):
                     g = -g
                 # A drop-in optimizer's state may be stored in another dtype (state_dtype):
@@ -87,9 +88,10 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 state.update(new_state)
                 self._other._cast_state(rule, state)  # stored as the drop-in's (state_dtype)
                 lr, decay = group["lr"], group.get("weight_decay", 0.0)
+                new = p.to(update.dtype)
                 if decay != 0:  # decoupled, as the drop-in optimizer's
-                    p = p * (1 - lr * decay)
-                group["params"][p_idx] = p + lr * update.view(p.shape)
+                    new = new * (1 - lr * decay)
+                group["params"][p_idx] = (new + lr * update.view(p.shape)).to(p.dtype)
 
 
 def register() -> None:

@@ -112,7 +112,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             (a :class:`~learned_opt.rules.ScheduledRule`: its warm-up and decay, hand-designed
             and learned, follow it); ``None``: unknown (such a rule then uses a horizon-free
             schedule, or none with ``unknown_horizon="base"``). Parameters that join later
-            start their own count.
+            start their own count. :meth:`load_state_dict` keeps a ``total_steps`` given here
+            (a resumed run lengthened or shortened: the schedule follows the new length) and
+            otherwise takes the saved one.
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
@@ -434,6 +436,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if value.is_floating_point() and rule_p.coord_dim(key) is not None:
                     dtype = self._storage_dtype(rule_p, key) or _compute_dtype(p.dtype)
                 state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
+        self._align_total_steps()
+
+    def _align_total_steps(self) -> None:
+        """After a load: a ``total_steps`` given to this optimizer replaces the run's length
+        saved in each parameter's state (a run lengthened or shortened on resume); without one,
+        the optimizer takes the saved length (when the states agree), for parameters added
+        later too."""
+        states = [s for s in self.state.values() if isinstance(s.get("total_steps"), Tensor)]
+        if self.total_steps is not None:
+            for s in states:
+                s["total_steps"] = torch.full_like(s["total_steps"], float(self.total_steps))
+            return
+        saved = {float(s["total_steps"]) for s in states}
+        if len(saved) == 1 and (length := saved.pop()) > 0:
+            self.total_steps = int(length)
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's optimizer state plus this optimizer's own settings (for ``copy.deepcopy``

@@ -84,3 +84,23 @@ def test_higher_follows_the_default_optimizers_trajectory(options: dict) -> None
     for a, b in zip(fast, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(a, r) for a, r in zip(fast, reference))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_higher_steps_half_precision_parameters_as_the_drop_in_optimizer(dtype) -> None:
+    """float16 parameters step in float32 (as the drop-in's) and stay in their dtype."""
+    model, x, y = _setup()
+    model = model.to(dtype)
+    x = x.to(dtype)
+    opt = LSTMOptimizer(model.parameters())
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
+        fast = [p.detach().clone() for p in fmodel.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for a, b in zip(fast, model.parameters()):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.detach())

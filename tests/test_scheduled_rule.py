@@ -167,7 +167,40 @@ def test_schedule_composes_with_lr_scheduler_and_state_dict_round_trip(tmp_path)
     fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     state = next(iter(fresh.state.values()))
     assert float(state["total_steps"]) == 40 and float(state["step"]) == 6
+    assert fresh.total_steps == 40  # not given: the saved length, for parameters added later too
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_a_resumed_run_follows_the_length_it_is_given() -> None:
+    """Resumed with another ``total_steps`` (a run lengthened), the schedule follows the new
+    length, not the saved one; resumed with the same, the run continues exactly."""
+    import copy
+
+    def resumed(saved: tuple, total_steps: int | None) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(saved[1].clone())]
+        opt = LSTMOptimizer(params, total_steps=total_steps)
+        opt.load_state_dict(copy.deepcopy(saved[0]))
+        _run(opt, params, 4)
+        return params
+
+    def saved_after(total_steps: int | None) -> tuple[tuple, list[torch.Tensor]]:
+        params = [torch.nn.Parameter(torch.ones(4, 3))]
+        opt = LSTMOptimizer(params, total_steps=total_steps)
+        _run(opt, params, 6)
+        saved = (copy.deepcopy(opt.state_dict()), params[0].detach().clone())
+        _run(opt, params, 4)  # the uninterrupted run
+        return saved, params
+
+    told, uninterrupted = saved_after(6)
+    assert torch.equal(resumed(told, 6)[0], uninterrupted[0])
+    assert torch.equal(resumed(told, None)[0], uninterrupted[0])
+    longer = resumed(told, 12)
+    assert not torch.equal(longer[0], uninterrupted[0])  # no decay at steps 7-10 of 12
+    untold, _ = saved_after(None)
+    params = [torch.nn.Parameter(torch.ones(4, 3))]
+    opt = LSTMOptimizer(params, total_steps=12)
+    opt.load_state_dict(untold[0])
+    assert float(opt.state[params[0]]["total_steps"]) == 12
 
 
 def test_the_unroll_tells_the_rule_the_horizon() -> None:
