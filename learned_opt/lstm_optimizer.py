@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import pretrained
 from .checkpoint import WeightsMismatchError, load_rule
-from .optim import LearnedOptimizer
+from .optim import LearnedOptimizer, refuse_a_tensor
 from .rules import LSTMCorrectedAdamRule, LSTMRule, UpdateRule
 
 __all__ = ["LSTMOptimizer"]
@@ -117,6 +117,7 @@ class LSTMOptimizer(LearnedOptimizer):
         orthogonal: bool = True,
         total_steps: int | None = None,
     ) -> None:
+        refuse_a_tensor(params)
         params = list(params)
         if len(params) == 0:
             raise ValueError("optimizer got an empty parameter list")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +49,27 @@ def _finite_flags(tensors: list[Tensor]) -> list[bool]:
         for i, ok in zip(idx, sums):
             flags[i] = ok or bool(torch.isfinite(tensors[i]).all())
     return flags
+
+
+def refuse_a_tensor(params: Any) -> None:
+    """torch.optim's ``TypeError`` for a tensor given as the parameters (iterating it would
+    split it into its rows)."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or "
+            f"dicts, but got {torch.typename(params)}"
+        )
+
+
+def _check_rate(name: str, value: float | Tensor) -> None:
+    """A ``ValueError`` unless ``value`` (a number or a one-element tensor) is finite and at
+    least 0: a NaN multiplier would reach every parameter."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor of {value.numel()} elements, not 1")
+        value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"Invalid {name}: {value}")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -143,15 +165,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     "length; use weights of a horizon-aware rule or leave total_steps out"
                 )
         self.total_steps = None if total_steps is None else int(total_steps)
-        if not isinstance(weight_decay, Tensor) and weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        _check_rate("weight_decay value", weight_decay)
         if not any(state_dtype is d for d in STATE_DTYPES):
             raise ValueError(
                 f"Invalid state_dtype: {state_dtype!r}; use None (the parameters' dtype), "
                 "torch.float32 or torch.bfloat16"
             )
-        if not isinstance(lr, Tensor) and lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        _check_rate("learning rate", lr)
+        refuse_a_tensor(params)
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid nonfinite policy: {nonfinite!r}; use one of {_NONFINITE_POLICIES}"
@@ -167,6 +188,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
         defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": bool(maximize)}
         super().__init__(params, {**defaults, "orthogonal": bool(orthogonal)})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, after checking the group's ``lr`` and ``weight_decay`` (finite, at least 0)
+        and its parameters (real floating point): a group that fails is not added."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        if not isinstance(params, set):  # (torch refuses sets: their order is arbitrary)
+            params = list(params)  # once: an iterator is consumed here
+            for p in params:
+                if isinstance(p, Tensor) and not p.is_floating_point():
+                    raise TypeError(
+                        f"{type(self).__name__} optimizes real floating-point parameters, not "
+                        f"{p.dtype} (a complex parameter can be optimized as "
+                        "torch.view_as_real of it)"
+                    )
+        _check_rate("learning rate", param_group.get("lr", 0.0))
+        _check_rate("weight_decay value", param_group.get("weight_decay", 0.0))
+        super().add_param_group({**param_group, "params": params})
 
     def _rule_for(self, p: Tensor) -> UpdateRule:
         """The rule on ``p``'s device in the dtype ``p`` is computed in (cached copies; the
@@ -230,6 +269,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         # With "raise", nothing is committed until every update is known to be finite.
         pending: list[tuple[Tensor, dict[str, Any], Tensor, dict[str, Any]]] = []
+        checked = 0  # how many of the pending updates are known to be finite
+        if self.nonfinite == "raise":
+            # The steps computed out of place first, and checked before any step in place
+            # changes a state: one that fails then leaves every state as it was.
+            work.sort(key=lambda item: self._in_place(item[0]))
         for p, group in work:
             state = self.state[p]
             rule = self._rule_for(p)
@@ -239,11 +283,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if len(state) == 0:
                 state.update(self._fresh_state(rule, p, group, like=flat))
                 self._cast_state(rule, state)
-            if hasattr(rule, "step_") and p.dtype != torch.float16:
-                # In place; such rules' updates are bounded by construction (a tanh-bounded
-                # hidden state times a linear read-out), so the check below cannot fail. (A
-                # float16 parameter's can: its new value may leave the range, below; its step
-                # is computed out of place, so that the state stays as it was then.)
+            if self._in_place(p):
+                # Such rules' updates are bounded by construction (a tanh-bounded hidden
+                # state times a linear read-out), so the check below cannot fail. (A float16
+                # parameter's can: its new value may leave the range, below; its step is
+                # computed out of place, so that the state stays as it was then.)
+                if self.nonfinite == "raise" and checked < len(pending):
+                    self._raise_if_nonfinite(pending[checked:])
+                    checked = len(pending)
                 update, new_state = rule.step_(flat, state), None
             elif rule.tensor_aware:  # reads whole-tensor statistics: the tensor in one chunk
                 update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
@@ -264,9 +311,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
             pending.append((p, group, update, new_state))
         # The rest (GPU tensors'; with "raise", every tensor's): GPU tensors checked together.
-        finite = _finite_flags([update for _, _, update, _ in pending])
-        if self.nonfinite == "raise" and not all(finite):
-            raise _nonfinite_update(pending[finite.index(False)][0])
+        if self.nonfinite == "raise":
+            self._raise_if_nonfinite(pending[checked:])
+            finite = [True] * len(pending)
+        else:
+            finite = _finite_flags([update for _, _, update, _ in pending])
         skipped += finite.count(False)
         for (p, group, update, new_state), ok in zip(pending, finite):
             if ok:
@@ -279,6 +328,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         return loss
+
+    def _in_place(self, p: Tensor) -> bool:
+        """Whether ``p`` steps in place (its rule's fused step; not for float16, whose new
+        value is checked before its state changes)."""
+        return hasattr(self._rule_for(p), "step_") and p.dtype != torch.float16
+
+    @staticmethod
+    def _raise_if_nonfinite(pending: list[tuple[Tensor, Any, Tensor, Any]]) -> None:
+        """:class:`NonFiniteGradientError` for the first non-finite update of ``pending``."""
+        finite = _finite_flags([update for _, _, update, _ in pending])
+        if not all(finite):
+            raise _nonfinite_update(pending[finite.index(False)][0])
 
     def _fresh_state(
         self, rule: UpdateRule, p: Tensor, group: dict[str, Any], *, like: Tensor
@@ -309,6 +370,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             p.copy_(update.view(p.shape))
             return
         lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.reshape(())  # a one-element tensor, as torch.optim's take
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.view(p.shape).to(p.dtype), alpha=lr)
@@ -411,6 +474,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule = None
         if record is not None:
             rule = rule_from_dict(record, expected_kind=self.rule.kind, source="state_dict")
+        self._check_saved_state(rule or self.rule, state_dict)
         super().load_state_dict(state_dict)  # checks the groups before changing anything
         if rule is not None:
             self.rule = rule.requires_grad_(False)
@@ -437,6 +501,49 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     dtype = self._storage_dtype(rule_p, key) or _compute_dtype(p.dtype)
                 state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
         self._align_total_steps()
+
+    def _check_saved_state(self, rule: UpdateRule, state_dict: dict[str, Any]) -> None:
+        """A ``ValueError`` unless each saved parameter state is one ``rule`` keeps for that
+        parameter: every entry of a fresh state there (the Muon layout and the run's length
+        may differ), the per-coordinate ones of its size, a matrix layout of its shape.
+        (Groups of other sizes are torch's to refuse.)"""
+        saved, groups = state_dict.get("state", {}), state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+            len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)
+        ):
+            return
+        for g, mine in zip(groups, self.param_groups):
+            for i, p in zip(g["params"], mine["params"]):
+                if i not in saved or not saved[i]:
+                    continue
+                entries = saved[i]
+                like = torch.empty(p.numel(), device="meta", dtype=_compute_dtype(p.dtype))
+                fresh = self._fresh_state(rule, p, mine, like=like)
+                where = f"the saved state of a parameter of shape {tuple(p.shape)}"
+                missing = sorted(set(fresh) - set(entries) - {"matrix", "total_steps"})
+                if missing:
+                    raise ValueError(
+                        f"{where} lacks {missing}: it was not saved by a {rule.kind!r} rule's "
+                        "optimizer for this parameter; nothing was loaded"
+                    )
+                for key, value in entries.items():
+                    want = fresh.get(key)
+                    if key == "matrix" and isinstance(value, Tensor):
+                        rows = p.shape[0] if p.dim() >= 2 else -1
+                        if p.dim() < 2 or value.tolist() != [rows, p.numel() // rows]:
+                            raise ValueError(
+                                f"{where} moves it as a {value.tolist()} matrix; nothing was loaded"
+                            )
+                    elif (
+                        isinstance(value, Tensor)
+                        and isinstance(want, Tensor)
+                        and rule.coord_dim(key) is not None
+                        and value.shape != want.shape
+                    ):
+                        raise ValueError(
+                            f"{where} has {key!r} of shape {tuple(value.shape)}, not "
+                            f"{tuple(want.shape)}; nothing was loaded"
+                        )
 
     def _align_total_steps(self) -> None:
         """After a load: a ``total_steps`` given to this optimizer replaces the run's length

@@ -161,6 +161,27 @@ def test_non_finite_update_raise_policy_changes_nothing() -> None:
     assert len(opt.state[first]) == 0 or int(opt.state[first]["count"][0]) == 0
 
 
+def test_raise_leaves_the_in_place_steps_states_as_they_were() -> None:
+    """A float32 tensor (stepped in place by the default rule) beside a float16 one whose new
+    value leaves its range: the error comes before the float32 tensor's state changes."""
+    a = torch.nn.Parameter(torch.linspace(-1, 1, 30).reshape(6, 5))
+    b = torch.nn.Parameter(torch.full((4,), 60_000.0, dtype=torch.float16))
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b]}], nonfinite="raise")
+
+    def step() -> None:
+        a.grad, b.grad = torch.ones_like(a), torch.full_like(b, -1.0)
+        opt.step()
+
+    step()
+    before = a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()}
+    opt.param_groups[1]["lr"] = 1e6
+    with pytest.raises(NonFiniteGradientError, match="beyond the range"):
+        step()
+    assert torch.equal(a, before[0])
+    for key, value in opt.state[a].items():
+        assert torch.equal(value, before[1][key]), key
+
+
 def test_a_rule_object_with_non_finite_weights_is_refused_before_any_step() -> None:
     rule, _ = load_rule(pretrained.path("general-v2"))
     with torch.no_grad():

@@ -54,6 +54,87 @@ def test_invalid_arguments_raise(rule) -> None:
         LSTMOptimizer(p, weights="no-such-weights")
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"lr": torch.tensor(-1.0)},
+        {"lr": torch.tensor([0.5, 0.5])},
+        {"weight_decay": float("nan")},
+        {"weight_decay": torch.tensor(-0.5)},
+    ],
+)
+def test_a_non_finite_or_negative_rate_is_refused_as_torch_optim_does(options: dict) -> None:
+    """A NaN multiplier would reach every parameter unchecked: refused up front, in a group
+    added later too (which is then not added)."""
+    with pytest.raises(ValueError, match="Invalid"):
+        LSTMOptimizer([nn.Parameter(torch.ones(2))], **options)
+    opt = LSTMOptimizer([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="Invalid"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], **options})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_one_element_tensor_lr_steps_as_the_number() -> None:
+    a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    opts = LSTMOptimizer([a], lr=torch.tensor([0.5])), LSTMOptimizer([b], lr=0.5)
+    for p, opt in zip((a, b), opts):
+        p.grad = torch.linspace(-1, 1, 12).reshape(4, 3)
+        opt.step()
+    assert torch.equal(a, b) and not torch.equal(a, torch.ones(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_parameters_that_are_not_real_floating_point_are_refused(dtype: torch.dtype) -> None:
+    """Refused when given (a complex parameter once failed mid-step, after a real one had
+    stepped), not at the first step."""
+    odd = torch.zeros(3, dtype=dtype)
+    with pytest.raises(TypeError, match="real floating-point parameters"):
+        LSTMOptimizer([nn.Parameter(torch.ones(2)), odd])
+    opt = LSTMOptimizer([nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError, match="real floating-point parameters"):
+        opt.add_param_group({"params": [odd]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_single_tensor_as_the_parameters_is_refused_as_torch_optim_does() -> None:
+    """Not iterated into its rows (each taken for a parameter)."""
+    for params in (nn.Parameter(torch.ones(6, 5)), torch.ones(6, 5), torch.ones(())):
+        with pytest.raises(TypeError, match="iterable of Tensors"):
+            LSTMOptimizer(params)
+
+
+def test_a_state_saved_for_other_parameters_is_refused_and_nothing_changes() -> None:
+    """Another parameter's shape (the same size, so torch's own checks pass) or another
+    optimizer's state: a clear error, the optimizer as it was."""
+
+    def trained(shapes: list[tuple[int, ...]]) -> LSTMOptimizer:
+        params = [nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = LSTMOptimizer(params)
+        for p in params:
+            p.grad = torch.ones(s := p.shape) * torch.arange(p.numel()).reshape(s)
+        opt.step()
+        return opt
+
+    opt = trained([(5, 6), (7,)])
+    before = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
+    with pytest.raises(ValueError, match="as a \\[6, 5\\] matrix"):
+        opt.load_state_dict(trained([(6, 5), (7,)]).state_dict())
+    with pytest.raises(ValueError, match="'prev' of shape \\(7,\\), not \\(30,\\)"):
+        opt.load_state_dict(trained([(7,), (5, 6)]).state_dict())
+    adamw_params = [nn.Parameter(torch.ones(5, 6)), nn.Parameter(torch.ones(7))]
+    adamw = torch.optim.AdamW(adamw_params)
+    for p in adamw_params:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    with pytest.raises(ValueError, match="lacks .*not saved by"):
+        opt.load_state_dict(adamw.state_dict())
+    after = opt.state[opt.param_groups[0]["params"][0]]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt.param_groups[0]["lr"] == 1.0
+
+
 def test_step_with_closure_returns_loss(rule) -> None:
     model = _model()
     opt = LSTMOptimizer(model.parameters(), weights=rule)
