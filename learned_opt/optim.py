@@ -460,9 +460,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return value.to(like.dtype) if self._stored(rule, key, value) else value
 
     def state_dict(self) -> dict[str, Any]:
-        """The torch optimizer state plus the rule record (so a resume needs nothing else)."""
+        """The torch optimizer state plus the rule record (so a resume needs nothing else),
+        with the weights' metadata of an :class:`~learned_opt.LSTMOptimizer`."""
         sd = super().state_dict()
-        sd["rule"] = rule_to_dict(self.rule)
+        sd["rule"] = rule_to_dict(self.rule, getattr(self, "metadata", None))
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -479,6 +480,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if rule is not None:
             self.rule = rule.requires_grad_(False)
             self._rule_copies.clear()
+            if hasattr(self, "metadata"):  # the saved rule's (LSTMOptimizer's weights record)
+                self.metadata = dict(record.get("metadata") or {})
         for group in self.param_groups:  # state dicts saved before these options existed
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)

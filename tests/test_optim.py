@@ -135,6 +135,22 @@ def test_a_state_saved_for_other_parameters_is_refused_and_nothing_changes() -> 
     assert opt.param_groups[0]["lr"] == 1.0
 
 
+def test_a_state_dict_brings_its_rule_and_the_weights_metadata() -> None:
+    """Loading a state saved with other weights of the same rule kind resumes that run: its
+    rule, and ``opt.metadata`` then describes those weights, not the ones built with."""
+    from learned_opt import pretrained
+
+    a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+    full = LSTMOptimizer([a])
+    a.grad = torch.ones(4, 3)
+    full.step()
+    lean = LSTMOptimizer([b], weights="general-v7-lean")
+    assert lean.metadata == pretrained.metadata("general-v7-lean")
+    lean.load_state_dict(full.state_dict())
+    assert lean.metadata == full.metadata == pretrained.metadata(pretrained.DEFAULT)
+    assert lean.rule.unwrapped.lstm
+
+
 def test_step_with_closure_returns_loss(rule) -> None:
     model = _model()
     opt = LSTMOptimizer(model.parameters(), weights=rule)
