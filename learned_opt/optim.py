@@ -94,8 +94,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         p += lr * update.view_as(p)
 
     ``lr`` is a multiplier on the rule's update (1.0 reproduces the rule as meta-trained); it lives
-    in the param groups, so ``torch.optim.lr_scheduler`` schedules work unchanged. The rule itself
-    is frozen: the optimizer never changes its weights.
+    in the param groups, so ``torch.optim.lr_scheduler`` schedules work unchanged (``OneCycleLR``
+    and ``CyclicLR`` with ``cycle_momentum=False``: the rule has no momentum setting to cycle).
+    The rule itself is frozen: the optimizer never changes its weights.
 
     Non-finite gradients and updates never reach the parameters. With ``nonfinite="skip"``
     (default) a parameter whose gradient holds NaN or Inf is left untouched, its state is not
