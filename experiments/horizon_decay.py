@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None, recipe: Recipe = RECIPE, doc: str | None
         "--resume", action="store_true",
         help="keep the records in --out and run only the decays and horizons they lack",
     )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     args = parser.parse_args(argv)
     decays = list(recipe.decays) if args.decays is None else args.decays.split(";")
     unknown = [d for d in decays if d not in DECAYS]
@@ -254,6 +255,18 @@ def main(argv: list[str] | None = None, recipe: Recipe = RECIPE, doc: str | None
         parser.error(f"unknown decays {unknown}; choose from {list(DECAYS)}")
     decays = ["none", *[d for d in decays if d != "none"]]  # the reference of the ratios
     steps = args.steps.split(",")
+    if args.dry_run:
+        for step in steps:
+            if step == "validate":
+                print(f"# validate: {WEIGHTS} told the horizon, on the validation group's 8 "
+                      f"held-out tasks -> {args.out}")  # fmt: skip
+                for h in sorted(HORIZONS, reverse=True):
+                    print("\n".join(f"#   {h} steps, times {decay!r}" for decay in decays))
+            elif step == "weights":
+                print(f"# weights: {recipe.chosen} around {WEIGHTS} -> {recipe.run / 'weights.pt'}")
+            elif step == "ship":
+                print(f"# ship {recipe.run / 'weights.pt'} as {recipe.name!r}")
+        return 0
     if "weights" in steps:
         print(f"# weights: {recipe.run / 'weights.pt'}", flush=True)
         write_weights(recipe.run / "weights.pt", recipe)

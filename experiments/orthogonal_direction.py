@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -93,15 +94,19 @@ def _seconds(run: Path) -> float:
     return round(meta["seconds"], 1)
 
 
-def _validate_one(variant: str, out: Path) -> dict[str, Any]:
-    weights = RUN / f"{slug(variant)}.pt"
-    write_weights(weights, variant)
+def _validate_command(variant: str, out: Path) -> list[str]:
+    """The validation run of ``variant`` (its weights at ``RUN/<slug>.pt``)."""
     optimizers = "learned" + ("," + BASELINES if not VARIANTS[variant] else "")
-    command = [
+    return [
         sys.executable, "benchmarks/sealed.py", "--group", "validation", "--total-steps",
-        "--weights", str(weights), "--optimizers", optimizers,
+        "--weights", str(RUN / f"{slug(variant)}.pt"), "--optimizers", optimizers,
         "--steps", ",".join(map(str, HORIZONS)), "--out", str(out / slug(variant)),
     ]  # fmt: skip
+
+
+def _validate_one(variant: str, out: Path) -> dict[str, Any]:
+    write_weights(RUN / f"{slug(variant)}.pt", variant)
+    command = _validate_command(variant, out)
     log = out / f"{slug(variant)}.log"
     with log.open("w") as f:
         subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT)
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         help="semicolon-separated names of VARIANTS to run (they contain commas; default: all)",
     )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="skip variants run in --out")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     variants = None if args.variants is None else args.variants.split(";")
     if unknown := sorted(set(variants or []) - set(VARIANTS)):
@@ -231,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps.split(",")
     if unknown := sorted(set(steps) - {"validate", "weights", "ship"}):
         parser.error(f"unknown steps {unknown}; choose from validate, weights, ship")
+    if args.dry_run:
+        for step in steps:
+            if step == "validate":
+                for variant in variants or VARIANTS:
+                    print(f"# {variant}: its weights -> {RUN / (slug(variant) + '.pt')}")
+                    print(shlex.join(_validate_command(variant, args.out)))
+            elif step == "weights":
+                print(f"# weights: {CHOSEN!r} -> {RUN / 'weights.pt'}")
+            elif step == "ship":
+                print(f"# ship {RUN / 'weights.pt'} as {NAME!r}")
+        return 0
     if "validate" in steps:
         chosen = validate(args.out, args.procs, variants, args.resume)
         if chosen is not None and chosen != CHOSEN:

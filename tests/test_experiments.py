@@ -111,6 +111,18 @@ def test_every_shipped_weights_file_names_its_recipe() -> None:
         assert (ROOT / script).is_file()
 
 
+@pytest.mark.parametrize("script", sorted(set(RECIPES.values())))
+def test_every_recipe_has_a_dry_run_that_prints_and_runs_nothing(script: str, capsys) -> None:
+    """The README's promise: each recipe's ``--dry-run`` prints what its steps would do."""
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "runs").rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        assert runpy.run_path(str(ROOT / script))["main"](["--dry-run"]) in (0, None)
+    assert capsys.readouterr().out.strip()
+    after = {p: p.stat().st_mtime_ns for p in (ROOT / "runs").rglob("*") if p.is_file()}
+    assert after == before
+
+
 @pytest.mark.parametrize("name", ["general", "quadratic"])
 def test_recipe_runs_the_recorded_meta_training_command(name: str, run_script, capsys) -> None:
     assert run_script(RECIPES[name], "--dry-run") == 0
