@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import shlex
 import subprocess
@@ -63,7 +64,10 @@ def git_commit() -> str:
 
 
 def _json_arg(text: str) -> dict[str, Any]:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
@@ -193,21 +197,41 @@ def _meta_train(args: argparse.Namespace, argv: list[str]) -> int:
             distributed.shutdown()
 
 
+def _usage_error(command: str, message: str) -> int:
+    """A one-line error for what the user gave (no traceback), exit code 2 as argparse's."""
+    print(f"learned-opt {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _weights_path_error(path: str | None) -> str | None:
+    """Why ``path`` cannot take a weights file (with its metadata beside it as JSON)."""
+    if path is None:
+        return None
+    if Path(path).suffix == ".json":
+        return f"{path}: the weights need a name not ending in .json (their metadata goes there)"
+    if Path(path).is_dir():
+        return f"{path} is a directory; name the weights file to write"
+    return None
+
+
 def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
     main_rank = distributed.is_main()
-    config = config_from_args(args)
-    trainer = MetaTrainer(
-        config,
-        log_dir=args.log_dir,
-        ckpt_dir=args.ckpt_dir,
-        progress=main_rank and not args.quiet,
-    )
-    if args.resume:
-        if args.ckpt_dir is None:
-            print("--resume needs --ckpt-dir", file=sys.stderr)
-            return 2
-        if trainer.resume() and main_rank:
+    if error := _weights_path_error(args.export):  # before training, not after it
+        return _usage_error("meta-train", f"--export {error}")
+    if args.resume and args.ckpt_dir is None:
+        return _usage_error("meta-train", "--resume needs --ckpt-dir")
+    try:  # what the options and files given can get wrong: one line, before any work
+        config = config_from_args(args)
+        trainer = MetaTrainer(
+            config,
+            log_dir=args.log_dir,
+            ckpt_dir=args.ckpt_dir,
+            progress=main_rank and not args.quiet,
+        )
+        if args.resume and trainer.resume() and main_rank:
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
+    except (ValueError, CheckpointError) as exc:  # WeightsMismatchError is a ValueError too
+        return _usage_error("meta-train", str(exc))
     command = "learned-opt " + shlex.join(argv)
     trainer.notes.setdefault("commands", []).append(
         {"command": command, "commit": git_commit(), "start_iteration": trainer.iteration}
@@ -229,6 +253,9 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
     }
     if not main_rank:
         return 0
+    # no evaluation: no metric (null, not JSON's non-standard Infinity)
+    summary = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+               for k, v in summary.items()}  # fmt: skip
     print(json.dumps(summary))
     if args.export:
         trainer.export_best(
@@ -257,9 +284,16 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    for name in ("steps", "seeds", "tune_seeds"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            return _usage_error("eval", f"{flag} must be at least 1, not {getattr(args, name)}")
     # Final figures train on the whole training split and report the official held-out split.
-    family = evaluation_family(args.family, **args.family_kwargs)
-    rule, _ = load_rule(pretrained.resolve(args.weights))
+    try:
+        family = evaluation_family(args.family, **args.family_kwargs)
+        rule, _ = load_rule(pretrained.resolve(args.weights))
+    except (ValueError, TypeError, CheckpointError) as exc:  # bad family options or weights
+        return _usage_error("eval", str(exc))
     horizon = {"total_steps": args.steps} if args.total_steps else {}
     try:  # fails now, before any baseline is tuned, if the rule cannot read the horizon
         LearnedOptimizer([torch.zeros(1, requires_grad=True)], rule, **horizon)
@@ -363,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """``learned-opt export``: a checkpoint's rule as a weights file, with provenance."""
+    if error := _weights_path_error(args.out):
+        return _usage_error("export", error)
     state = safe_load(args.checkpoint)
     if not isinstance(state, dict) or "best_rule" not in state:
         raise CheckpointError(f"{args.checkpoint} is not a meta-trainer checkpoint")

@@ -272,3 +272,48 @@ def test_every_cli_field_has_an_option_and_others_have_none() -> None:
         flag = "--" + f.name.replace("_", "-")
         assert (flag in flags) == f.metadata["cli"], f.name
         assert f.metadata["help"], f.name
+
+
+def test_options_that_cannot_work_are_one_line_errors_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Exit code 2 and one line naming the problem (no traceback), before training: an export
+    path that the metadata would overwrite or that is a directory, malformed JSON options, a
+    setting that cannot run, an eval of no steps; nothing is written."""
+    base = ["meta-train", "--family", "quadratic", "--horizon", "4", "--truncation", "2"]
+    base += ["--iterations", "1", "--eval-every", "0", "--quiet"]
+    cases = [
+        ([*base, "--export", str(tmp_path / "w.json")], "not ending in .json"),
+        ([*base, "--export", str(tmp_path)], "is a directory"),
+        ([*base, "--meta-lr", "nan"], "Invalid meta learning rate: nan"),
+        (
+            [*base, "--init-weights", "quadratic", "--rule-kwargs", '{"hidden_size": 5}'],
+            "rule_kwargs differ",
+        ),  # fmt: skip
+        (
+            ["eval", "--weights", "quadratic", "--family", "quadratic", "--steps", "0"],
+            "--steps must be at least 1",
+        ),  # fmt: skip
+        (
+            ["eval", "--weights", str(tmp_path / "none.pt"), "--family", "quadratic"],
+            "neither a shipped name",
+        ),  # fmt: skip
+        (["export", str(tmp_path / "none.pt"), str(tmp_path / "out.json")], "not ending in .json"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own, with the JSON error
+        main([*base, "--family-kwargs", "{bad"])
+    assert exit_info.value.code == 2
+    assert "not JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_without_evaluation_reports_null_metrics(capsys: pytest.CaptureFixture) -> None:
+    """Standard JSON (no Infinity) when nothing was evaluated."""
+    argv = ["meta-train", "--family", "quadratic", "--horizon", "4", "--truncation", "2"]
+    assert main([*argv, "--iterations", "1", "--eval-every", "0", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "Infinity" not in line and json.loads(line)["best_eval_metric"] is None

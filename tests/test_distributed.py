@@ -178,12 +178,13 @@ def test_a_dying_rank_stops_the_job_with_an_error(tmp_path: Path) -> None:
 def test_meta_batch_must_be_divisible_by_world_size(monkeypatch: pytest.MonkeyPatch) -> None:
     from learned_opt import distributed
 
+    config = MetaTrainConfig(family="quadratic", horizon=4, truncation=2, meta_batch=3)
+    trainer = MetaTrainer(config)  # one process
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    trainer = MetaTrainer(
-        MetaTrainConfig(family="quadratic", horizon=4, truncation=2, meta_batch=3, eval_every=0)
-    )
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         trainer.train_iteration()
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        MetaTrainer(config)  # at the start, before the first held-out evaluation
 
 
 def test_processes_without_a_shared_filesystem_resume_rank_0s_checkpoint(tmp_path: Path) -> None:

@@ -114,6 +114,90 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
     assert newest not in find_checkpoints(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["nan-weights", "no-learner", "wrong-shape", "not-a-dict"])
+def test_a_malformed_newest_checkpoint_falls_back_to_previous(tmp_path: Path, damage: str) -> None:
+    """A checkpoint that reads but does not hold a trainer's whole, finite state (non-finite
+    weights, a missing entry, a tensor of another shape) is set aside like a corrupt one; a
+    checkpoint of another configuration is not (that is refused: the next test)."""
+    from learned_opt.checkpoint import atomic_save, safe_load
+
+    trainer = MetaTrainer(MetaTrainConfig(iterations=3, **SMALL), ckpt_dir=tmp_path)
+    trainer.train()
+    newest = find_checkpoints(tmp_path)[0]
+    state = safe_load(newest)
+    name = next(iter(state["learner"]))
+    if damage == "nan-weights":
+        state["learner"][name] = torch.full_like(state["learner"][name], float("nan"))
+    elif damage == "no-learner":
+        del state["learner"]
+    elif damage == "wrong-shape":
+        state["learner"][name] = torch.zeros(3)
+    else:
+        state = {"format": state["format"], "x": 1}
+    atomic_save(state, newest)
+    again = MetaTrainer(MetaTrainConfig(iterations=3, **SMALL), ckpt_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="unreadable checkpoint"):
+        assert again.resume()
+    assert again.iteration == 2
+    assert all(bool(torch.isfinite(w).all()) for w in _weights(again))
+    assert (tmp_path / (newest.name + ".unreadable")).is_file()
+
+
+def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> None:
+    """Steps the interrupted run logged after its last checkpoint are purged from the log
+    when the resumed run logs them again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = {**SMALL, "eval_every": 2, "checkpoint_every": 2}
+    first = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
+                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
+    first.train()
+    first.close()
+    find_checkpoints(tmp_path / "ckpt")[0].unlink()  # killed after logging step 5, unsaved
+    again = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 6}), log_dir=tmp_path / "tb",
+                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
+    assert again.resume() and again.iteration == 4
+    again.train()
+    again.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("meta/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("eval/metric")] == [0, 2, 4, 6]
+
+
+def test_a_time_budget_counts_the_first_evaluation(tmp_path: Path) -> None:
+    """The held-out evaluation before the first iteration (which tunes Adam's baseline) is
+    part of what the run costs: a budget it exceeds runs no iteration."""
+    trainer = MetaTrainer(MetaTrainConfig(iterations=3, time_budget=1e-6, **SMALL))
+    trainer.train()
+    assert trainer.iteration == 0 and trainer.elapsed > 1e-6
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"meta_lr": float("nan")},
+        {"clip_grad": -1.0},
+        {"time_budget": -5.0},
+        {"time_budget": 0.0},
+        {"eval_horizon": 0},
+        {"eval_horizon": -4},
+    ],
+)
+def test_settings_that_cannot_run_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError, match="Invalid"):
+        MetaTrainConfig(**{**SMALL, **bad})
+
+
+def test_init_weights_refuse_rule_kwargs_that_describe_another_rule() -> None:
+    """The rule comes from the file: options that say otherwise are an error, not ignored
+    (and recorded as if they had been used); options that describe it are fine."""
+    config = {**SMALL, "family": "quadratic", "rule": "lstm", "init_weights": "quadratic"}
+    with pytest.raises(ValueError, match="hidden_size"):
+        MetaTrainer(MetaTrainConfig(**config, rule_kwargs={"hidden_size": 5}))
+    MetaTrainer(MetaTrainConfig(**config, rule_kwargs={"hidden_size": 20}))
+
+
 def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:
     MetaTrainer(MetaTrainConfig(iterations=1, **SMALL), ckpt_dir=tmp_path).train()
     other = MetaTrainer(

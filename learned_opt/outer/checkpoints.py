@@ -13,10 +13,12 @@ import contextlib
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from .. import distributed, rules
 from ..checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RESUMABLE_CHANGES",
     "TRAINER_FORMAT",
+    "check_state",
     "find_checkpoints",
     "read_checkpoint",
     "restore_trainer",
@@ -100,17 +103,67 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
     return state
 
 
-def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
-    """Restore :func:`trainer_state` into ``trainer``, whose configuration must match the
-    saved one except in :data:`RESUMABLE_CHANGES`."""
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise CheckpointError(f"Not a learned_opt trainer checkpoint (format {TRAINER_FORMAT})")
-    saved = MetaTrainConfig.from_dict(state["config"])
-    mine, theirs = trainer.config.to_dict(), saved.to_dict()
-    diff = {
+#: What every trainer checkpoint holds.
+_REQUIRED = (
+    "config", "iteration", "elapsed", "learner", "best_learner", "best_metric",
+    "meta_optimizer", "history", "adam_baseline",
+)  # fmt: skip
+
+
+def _config_diff(trainer: MetaTrainer, state: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the saved run that differ from ``trainer``'s (those a resume may not
+    change), as ``{name: (saved, current)}``."""
+    try:
+        theirs = MetaTrainConfig.from_dict(state["config"]).to_dict()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"The checkpoint's configuration is not readable: {exc}") from None
+    mine = trainer.config.to_dict()
+    return {
         k: (theirs[k], mine[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
     }
-    if diff:
+
+
+def check_state(trainer: MetaTrainer, state: Any) -> None:
+    """A :class:`CheckpointError` unless ``state`` is a whole trainer checkpoint whose tensors
+    fit ``trainer`` and are finite (one written for another configuration passes: restoring it
+    raises a ``ValueError`` naming the difference). Changes nothing."""
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"Not a learned_opt trainer checkpoint (format {TRAINER_FORMAT})")
+    if missing := [k for k in _REQUIRED if k not in state]:
+        raise CheckpointError(f"The checkpoint lacks {missing}")
+    if _config_diff(trainer, state):
+        return
+    expected = {k: tuple(v.shape) for k, v in trainer.learner.state_dict().items()}
+    for key in ("learner", "best_learner"):
+        saved = state[key]
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            raise CheckpointError(f"The checkpoint's {key!r} is not this learner's state")
+        for name, value in saved.items():
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[name]:
+                raise CheckpointError(
+                    f"The checkpoint's {key} {name!r} is not a tensor of shape {expected[name]}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"The checkpoint's {key} {name!r} is not finite")
+    meta = state["meta_optimizer"]
+    if not isinstance(meta, dict) or not {"state", "param_groups"} <= set(meta):
+        raise CheckpointError("The checkpoint's 'meta_optimizer' is not an optimizer's state")
+    for entry in meta["state"].values():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"The checkpoint's meta-optimizer {name!r} is not finite")
+
+
+def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
+    """Restore :func:`trainer_state` into ``trainer``, whose configuration must match the
+    saved one except in :data:`RESUMABLE_CHANGES`.
+
+    Raises:
+        CheckpointError: a malformed checkpoint (:func:`check_state`), before any change.
+        ValueError: a checkpoint of a run configured otherwise, before any change.
+    """
+    check_state(trainer, state)
+    if diff := _config_diff(trainer, state):
         raise ValueError(f"Checkpoint configuration differs (saved, current): {diff}")
     trainer.learner.load_state_dict(state["learner"])
     if trainer.reference is not None:
@@ -195,17 +248,24 @@ def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path | None, ckpt_dir: Path | None) -> dict[str, Any] | None:
-    """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir`` (a truncated
-    or corrupt newest one is reported with a warning, renamed ``*.pt.unreadable`` so that it
-    takes none of the kept checkpoints' places, and the one before it is used); ``None`` if
-    there is none."""
+def read_checkpoint(
+    path: str | Path | None,
+    ckpt_dir: Path | None,
+    check: Callable[[Any], None] | None = None,
+) -> dict[str, Any] | None:
+    """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir`` (a truncated,
+    corrupt or, by ``check`` (raising :class:`CheckpointError`), malformed newest one is
+    reported with a warning, renamed ``*.pt.unreadable`` so that it takes none of the kept
+    checkpoints' places, and the one before it is used); ``None`` if there is none."""
     candidates = [Path(path)] if path is not None else []
     if path is None and ckpt_dir is not None:
         candidates = find_checkpoints(ckpt_dir)
     for candidate in candidates:
         try:
-            return safe_load(candidate)
+            state = safe_load(candidate)
+            if check is not None:
+                check(state)
+            return state
         except CheckpointError as exc:
             if path is not None:
                 raise

@@ -241,8 +241,14 @@ class MetaTrainConfig:
                 "eval_family_kwargs given without eval_family (they configure --eval-family; "
                 "the held-out tasks otherwise come from --family with its own arguments)"
             )
-        if self.meta_lr <= 0:
+        if not (math.isfinite(self.meta_lr) and self.meta_lr > 0):
             raise ValueError(f"Invalid meta learning rate: {self.meta_lr}")
+        if not (math.isfinite(self.clip_grad) and self.clip_grad >= 0):
+            raise ValueError(f"Invalid clip_grad: {self.clip_grad} (must be >= 0; 0: no clipping)")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"Invalid time_budget: {self.time_budget} (seconds, must be > 0)")
+        if self.eval_horizon is not None and self.eval_horizon < 1:
+            raise ValueError(f"Invalid eval_horizon: {self.eval_horizon} (must be >= 1)")
         if self.meta_lr_schedule not in META_LR_SCHEDULES:
             raise ValueError(
                 f"Unknown meta_lr_schedule {self.meta_lr_schedule!r}; expected one of "

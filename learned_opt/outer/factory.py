@@ -46,6 +46,14 @@ def build_rule(config: MetaTrainConfig) -> rules.UpdateRule:
     or a ``config.rule`` initialized from ``config.seed``."""
     if config.init_weights is not None:
         rule, _ = load_rule(pretrained.resolve(config.init_weights), expected_kind=config.rule)
+        if config.rule_kwargs:  # they cannot change the file's rule: they must describe it
+            mine, theirs = rules.build_rule(config.rule, config.rule_kwargs).config(), rule.config()
+            if diff := {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}:
+                raise ValueError(
+                    f"rule_kwargs differ from the rule of init_weights {config.init_weights!r} "
+                    f"(given, the file's): {diff}; its rule comes from the file: leave "
+                    "rule_kwargs out"
+                )
         return rule
     rule = rules.build_rule(config.rule, config.rule_kwargs)
     if hasattr(rule, "reset_parameters"):

@@ -9,6 +9,7 @@ meta-gradients are averaged over processes (:mod:`learned_opt.distributed`).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -31,6 +32,17 @@ from .held_out import HeldOut
 from .rounds import take_rounds, write_meta_gradient
 
 __all__ = ["MetaTrainer"]
+
+
+def _check_world(meta_batch: int) -> int:
+    """The number of processes, checked to divide ``meta_batch``."""
+    world = distributed.world_size()
+    if meta_batch % world:
+        raise ValueError(
+            f"meta_batch={meta_batch} must be a multiple of the number of processes "
+            f"({world}): each process unrolls meta_batch / {world} of the tasks"
+        )
+    return world
 
 
 class _Progress:
@@ -92,6 +104,7 @@ class MetaTrainer:
         eval_family: TaskFamily | None = None,
         progress: bool = False,
     ) -> None:
+        _check_world(config.meta_batch)  # at the start, not after the first evaluation
         self.config = config
         self.family = family or factory.build_family(config)
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
@@ -118,6 +131,7 @@ class MetaTrainer:
         #: Free-form provenance kept in checkpoints (the CLI records each command line here).
         self.notes: dict[str, Any] = {"commands": []}
         self._writer: Any = None
+        self._purge_step: int | None = None  # a resumed run's first step of its own
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -128,6 +142,7 @@ class MetaTrainer:
         """Restore :meth:`state_dict`; the configuration must match this trainer's."""
         checkpoints.restore_trainer(self, state)
         self._good = self._snapshot()
+        self._purge_step = self.iteration + 1
 
     def _snapshot(self) -> tuple[dict, dict]:
         return (copy.deepcopy(self.learner.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
@@ -144,8 +159,9 @@ class MetaTrainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Resume from ``path`` or from the newest readable checkpoint in ``ckpt_dir`` (a
-        truncated or corrupt newest checkpoint is reported with a warning and the one before it
-        is used). Returns whether a checkpoint was loaded.
+        truncated, corrupt or malformed newest checkpoint, e.g. one with non-finite weights, is
+        reported with a warning and the one before it is used). Returns whether a checkpoint
+        was loaded.
 
         Under ``torchrun`` rank 0 reads the checkpoint (only rank 0 writes them) and sends it to
         the other processes: machines without a shared filesystem resume the same state.
@@ -156,7 +172,8 @@ class MetaTrainer:
         state = None
         if distributed.is_main():
             try:
-                state = checkpoints.read_checkpoint(path, self.ckpt_dir)
+                check = functools.partial(checkpoints.check_state, self)
+                state = checkpoints.read_checkpoint(path, self.ckpt_dir, check)
             except CheckpointError as exc:  # raised on every process, not on rank 0 alone
                 state = {"unreadable": str(exc)}
         state = distributed.broadcast_state(state)
@@ -179,7 +196,9 @@ class MetaTrainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.log_dir))
+            # Resumed, the events the interrupted run logged after its checkpoint are hidden
+            # (TensorBoard purges steps from this one on): each step shows once.
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
             self._writer.add_text(
                 "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
             )
@@ -293,12 +312,7 @@ class MetaTrainer:
         of the iteration; tasks that end early drop out.
         """
         cfg = self.config
-        world = distributed.world_size()
-        if cfg.meta_batch % world:
-            raise ValueError(
-                f"meta_batch={cfg.meta_batch} must be a multiple of the number of processes "
-                f"({world}): each process unrolls meta_batch / {world} of the tasks"
-            )
+        world = _check_world(cfg.meta_batch)
         horizons = [cfg.task_horizon(self.iteration, j) for j in range(cfg.meta_batch)]
         streams = []
         for j in range(distributed.rank(), cfg.meta_batch, world):
@@ -332,7 +346,9 @@ class MetaTrainer:
         cfg = self.config
         bar = _Progress(cfg.iterations, self.progress)
         if self.iteration == 0 and cfg.eval_every:
-            self._run_eval()
+            start = time.perf_counter()
+            self._run_eval()  # counted in the budget too (it tunes Adam's baseline)
+            self.elapsed += distributed.all_reduce_max(time.perf_counter() - start)
         while self.iteration < cfg.iterations:
             if cfg.time_budget is not None and self.elapsed >= cfg.time_budget:
                 break
