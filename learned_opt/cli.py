@@ -8,7 +8,6 @@ import json
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import types
@@ -31,7 +30,7 @@ from .evaluate import (
 from .files import atomic_write_text
 from .optim import LearnedOptimizer
 from .outer import MetaTrainConfig, MetaTrainer
-from .report import plot_curves, read_jsonl, table, write_jsonl
+from .report import git_commit, plot_curves, read_jsonl, table, write_jsonl
 from .tasks import FAMILIES
 
 __all__ = [
@@ -42,25 +41,6 @@ __all__ = [
     "git_commit",
     "main",
 ]
-
-
-def git_commit() -> str:
-    """The current commit (with ``+dirty`` when the tree has changes), or ``"unknown"``."""
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _json_arg(text: str) -> dict[str, Any]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import shlex
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,10 @@ import numpy as np
 from .evaluate import RunResult
 
 __all__ = [
+    "git_commit",
     "markdown_table",
     "plot_curves",
+    "provenance",
     "read_jsonl",
     "results_from_records",
     "summarize",
@@ -33,14 +39,62 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> N
             f.write(json.dumps(r) + "\n")
 
 
+def git_commit() -> str:
+    """The current commit (with ``+dirty`` when the tree has changes), or ``"unknown"``."""
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; elsewhere the platform's)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == "model name":
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> dict[str, Any]:
+    """What a result was measured with: the command that ran, the commit, torch, the CPU, its
+    cores and the threads torch uses."""
+    import torch
+
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "cpu": _cpu(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def write_results(
     out: str | os.PathLike, records: Iterable[dict[str, Any]], lines: list[str]
 ) -> None:
-    """A benchmark's outputs: ``out/records.jsonl``, ``out/table.md`` (``lines``), and the table
-    printed."""
+    """A benchmark's outputs: ``out/records.jsonl``, ``out/table.md`` (``lines``),
+    ``out/provenance.json`` (:func:`provenance`: the command, commit and machine), and the
+    table printed."""
     out = Path(out)
     write_jsonl(out / "records.jsonl", records)
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
     print("\n".join(lines))
 
 
