@@ -4,6 +4,7 @@ and summary rows (per task, horizon and optimizer), and which tasks are rated.""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ OPTIMIZERS = (
     "learned-zeroed",
     "learned-cosine",
 )
+
+
+def _worst(ratios: Iterable[float]) -> float:
+    """The largest ratio; NaN if any is (``max`` would skip a NaN that does not come first)."""
+    values = list(ratios)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def _fmt_speedup(s: dict[str, Any] | None) -> str:
@@ -109,7 +116,9 @@ def tables(summary: list[dict[str, Any]]) -> str:
                     f"**{geometric_mean([cell[(t, o)][key] for t in good]):.3f}**" for o in others
                 )
                 out.append(f"| **geometric mean, {len(good)} rated tasks** | {geo} |")
-            worst = " | ".join(f"{max(cell[(t, o)][key] for t in task_names):.3f}" for o in others)
+            worst = " | ".join(
+                f"{_worst(cell[(t, o)][key] for t in task_names):.3f}" for o in others
+            )
             out.append(f"| worst task | {worst} |")
         out.append(
             "\n### Speedup: Adam's steps to its final smoothed loss / the optimizer's "

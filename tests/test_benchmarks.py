@@ -244,3 +244,17 @@ def test_member_comparison_untold_never_tells_a_rule_the_runs_length(
     assert all(t for t, _ in losses(told)) and not any(t for t, _ in losses(untold))
     assert [v for _, v in losses(told)] != [v for _, v in losses(untold)]
     assert "not told the length" in (untold / "table.md").read_text()
+
+
+def test_the_worst_task_of_a_sealed_table_is_nan_when_any_ratio_is() -> None:
+    """A diverged run (a NaN ratio) is the worst task, wherever it comes (``max`` skips a NaN
+    that does not come first)."""
+    import math
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sealed_report import _worst
+
+    assert math.isnan(_worst([0.9, float("nan"), 1.1]))
+    assert math.isnan(_worst([float("nan"), 0.9]))
+    assert _worst([0.9, 1.1]) == 1.1
