@@ -55,6 +55,20 @@ def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
+def _higher_then_drop_in(model, opt, x, y, steps: int) -> list[torch.Tensor]:
+    """``steps`` differentiable steps of ``opt`` through ``higher`` (the model left as it is),
+    then as many drop-in steps on the model itself; returns the differentiable run's weights."""
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
+        fast = [p.detach().clone() for p in fmodel.parameters()]
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return fast
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -72,15 +86,7 @@ def test_higher_follows_the_default_optimizers_trajectory(options: dict) -> None
     the sign reach it too, and its state is stored as the drop-in's."""
     model, x, y = _setup()
     reference = [p.detach().clone() for p in model.parameters()]
-    opt = LSTMOptimizer(model.parameters(), **options)
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
-        for _ in range(5):
-            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
-        fast = [p.detach().clone() for p in fmodel.parameters()]
-    for _ in range(5):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    fast = _higher_then_drop_in(model, LSTMOptimizer(model.parameters(), **options), x, y, 5)
     for a, b in zip(fast, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
     assert not all(torch.equal(a, r) for a, r in zip(fast, reference))
@@ -92,15 +98,7 @@ def test_higher_steps_half_precision_parameters_as_the_drop_in_optimizer(dtype) 
     model, x, y = _setup()
     model = model.to(dtype)
     x = x.to(dtype)
-    opt = LSTMOptimizer(model.parameters())
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
-        for _ in range(3):
-            diffopt.step(nn.functional.cross_entropy(fmodel(x), y))
-        fast = [p.detach().clone() for p in fmodel.parameters()]
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    fast = _higher_then_drop_in(model, LSTMOptimizer(model.parameters()), x, y, 3)
     for a, b in zip(fast, model.parameters()):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b.detach())

@@ -288,6 +288,27 @@ def test_compiled_model_trains_like_the_eager_model() -> None:
 # --- param groups, weight decay, maximize
 
 
+def _assert_one_optimizer_is_several(
+    grouped: nn.Module,
+    opt: torch.optim.Optimizer,
+    split: nn.Module,
+    opts: list[torch.optim.Optimizer],
+    loss_fn: Callable[[nn.Module, int], Tensor] = _loss,
+) -> None:
+    """Six steps of ``opt`` on ``grouped`` and of every one of ``opts`` on ``split`` (the same
+    model) end at the same parameters, bit for bit."""
+    for k in range(6):
+        opt.zero_grad()
+        loss_fn(grouped, k).backward()
+        opt.step()
+        for o in opts:
+            o.zero_grad()
+        loss_fn(split, k).backward()
+        for o in opts:
+            o.step()
+    _assert_params_equal(grouped, split)
+
+
 def test_param_groups_each_with_their_own_lr_weight_decay_and_maximize() -> None:
     """One optimizer with three groups is three optimizers, one per group, bit for bit."""
     settings = [
@@ -310,16 +331,7 @@ def test_param_groups_each_with_their_own_lr_weight_decay_and_maximize() -> None
     grouped, split = _model(), _model()
     opt = LSTMOptimizer([{"params": ps, **s} for ps, s in zip(groups(grouped), settings)])
     opts = [LSTMOptimizer(ps, **s) for ps, s in zip(groups(split), settings)]
-    for k in range(6):
-        opt.zero_grad()
-        loss_fn(grouped, k).backward()
-        opt.step()
-        for o in opts:
-            o.zero_grad()
-        loss_fn(split, k).backward()
-        for o in opts:
-            o.step()
-    _assert_params_equal(grouped, split)
+    _assert_one_optimizer_is_several(grouped, opt, split, opts, loss_fn)
     # The groups' settings matter: after one step with the first group's settings everywhere,
     # the first group's weights are the same and the others' differ.
     same, first = _model(), _model()
@@ -351,16 +363,7 @@ def test_a_group_with_orthogonal_off_moves_its_matrices_as_the_rule_without_muon
         LSTMOptimizer([*split[0].parameters(), *split[5].parameters()], weights=adam_direction),
         LSTMOptimizer([p for i in (1, 3) for p in split[i].parameters()]),
     ]
-    for k in range(6):
-        opt.zero_grad()
-        _loss(grouped, k).backward()
-        opt.step()
-        for o in opts:
-            o.zero_grad()
-        _loss(split, k).backward()
-        for o in opts:
-            o.step()
-    _assert_params_equal(grouped, split)
+    _assert_one_optimizer_is_several(grouped, opt, split, opts)
     # One step from the same start: the option changes its group's matrices, and only those.
     one = _model()
     groups = [
