@@ -809,3 +809,85 @@ def test_the_held_out_adam_baseline_is_tune_lrs_choice_each_process_running_its_
     held_out.adam_baseline()
     assert sorted(set(ran)) == sorted(held_out.seeds[1::2])
     assert len(ran) == len(held_out.seeds[1::2]) * len(DEFAULT_LR_GRID)
+
+
+def test_the_held_out_metric_scores_what_the_learner_computes() -> None:
+    """A learned optimizer with a learned initialization is scored from that initialization
+    (not from each task's own, as the drop-in optimizer would start), and a plain one at its
+    own multiplier: the selection scores the function that meta-training trains."""
+    from learned_opt import LSTMRule
+    from learned_opt.evaluate import run_optimizer
+    from learned_opt.learners import OptimizerLearner
+    from learned_opt.optim import LearnedOptimizer
+    from learned_opt.outer.held_out import HeldOut
+    from learned_opt.tasks.fewshot import SinusoidFamily
+
+    family = SinusoidFamily(k_shot=5, n_query=10)
+    cfg = MetaTrainConfig(horizon=4, truncation=4, objective="test", eval_tasks=2)
+    rule = LSTMRule(hidden_size=8)
+    rule.reset_parameters(torch.Generator().manual_seed(0))
+    learner = OptimizerLearner(rule, init_model=family.model)
+    held_out = HeldOut(cfg, family)
+    before, _ = held_out.evaluate(learner)
+    with torch.no_grad():
+        for value in learner.init.values():
+            value.mul_(3.0)
+    after, _ = held_out.evaluate(learner)
+    assert math.isfinite(before) and math.isfinite(after) and before != after
+
+    plain = OptimizerLearner(rule, lr=0.5)
+    quadratic = MetaTrainConfig(family="quadratic", horizon=6, truncation=6, eval_tasks=2)
+    from learned_opt.outer import factory
+
+    tasks = factory.build_family(quadratic)
+    held_out = HeldOut(quadratic, tasks)
+    metric, _ = held_out.evaluate(plain)
+    at_half = [
+        run_optimizer(tasks, seed, lambda p, lr: LearnedOptimizer(p, rule, lr=lr), 0.5, 6)
+        for seed in held_out.seeds
+    ]
+    assert metric == pytest.approx(held_out.aggregate([r.final_train_loss for r in at_half]))
+    assert metric != held_out.evaluate(OptimizerLearner(rule))[0]
+
+
+def test_a_learner_of_ones_own_refuses_the_settings_of_the_default_one() -> None:
+    """``train_only`` and ``second_order`` configure the learner the configuration builds: with
+    a learner given they would be ignored, so they are refused."""
+    from learned_opt import LSTMRule
+    from learned_opt.learners import OptimizerLearner
+
+    learner = OptimizerLearner(LSTMRule(hidden_size=8))
+    with pytest.raises(ValueError, match="train_only"):
+        MetaTrainer(MetaTrainConfig(train_only="out_", **SMALL), learner=learner)
+    with pytest.raises(ValueError, match="second_order"):
+        MetaTrainer(MetaTrainConfig(second_order=True, **SMALL), learner=learner)
+    second = OptimizerLearner(LSTMRule(hidden_size=8), second_order=True)
+    MetaTrainer(MetaTrainConfig(second_order=True, **SMALL), learner=second)  # as it says
+
+
+def test_resume_refuses_a_learner_or_family_of_ones_own_set_otherwise(tmp_path: Path) -> None:
+    """A checkpoint records the learner's own settings and the family trained on; a resume with
+    a learner set otherwise (MAML first order instead of second) or other tasks is refused,
+    and one without those records (older checkpoints) resumes."""
+    from learned_opt.learners import MAMLLearner
+    from learned_opt.outer.checkpoints import restore_trainer
+    from learned_opt.tasks.fewshot import SinusoidFamily
+
+    family = SinusoidFamily(k_shot=5, n_query=10)
+    cfg = MetaTrainConfig(horizon=2, truncation=2, objective="test", meta_batch=1, iterations=1,
+                          eval_every=0)  # fmt: skip
+
+    def trainer(first_order: bool = False, tasks=family) -> MetaTrainer:
+        learner = MAMLLearner(family.model, inner_lr=0.05, first_order=first_order)
+        return MetaTrainer(cfg, learner=learner, family=tasks, ckpt_dir=tmp_path)
+
+    trainer().train()
+    assert trainer().resume()
+    with pytest.raises(ValueError, match="learner_settings"):
+        trainer(first_order=True).resume()
+    with pytest.raises(ValueError, match="family"):
+        trainer(tasks=SinusoidFamily(k_shot=3, n_query=10)).resume()
+    older = trainer(first_order=True)
+    state = older.state_dict()
+    del state["learner_settings"]
+    restore_trainer(older, state)

@@ -46,6 +46,12 @@ class MetaLearner(nn.Module):
         """The optimizee parameters phi held by ``state``, by name."""
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """The learner's own settings that change what it computes without changing its
+        parameters' shapes (e.g. MAML's ``first_order``), as plain data: a checkpoint records
+        them and a resume refuses a learner set otherwise. By default none."""
+        return {}
+
     def meta_param_groups(self) -> list[dict[str, Any]]:
         """theta as the meta-optimizer's parameter groups, each ``{"params": [...],
         "lr_scale": s}``: the group's meta learning rate is ``s`` times the configured one.

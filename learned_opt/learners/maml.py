@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import higher
 import torch
@@ -95,6 +96,13 @@ class MAMLLearner(MetaLearner):
             self.log_lr = nn.Module()
             for k, v in log_lrs.items():
                 self.log_lr.register_buffer(k, v)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "inner_steps": self.inner_steps,
+            "first_order": self.first_order,
+            "learn_lrs": self.learn_lrs,
+        }
 
     def lrs(self) -> dict[str, Tensor]:
         """The inner learning rates, by parameter name (differentiable in theta)."""

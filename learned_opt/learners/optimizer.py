@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,16 @@ class OptimizerLearner(MetaLearner):
             sized = list(self.init.values())
             n = len(sized) if step_sizes == "tensor" else sum(p.numel() for p in sized)
             self.log_step_sizes = nn.Parameter(torch.zeros(n))
+
+    def drop_in(self) -> tuple[UpdateRule, float] | None:
+        """The rule and multiplier with which the drop-in optimizer
+        (:class:`~learned_opt.LearnedOptimizer`) runs exactly what this learner computes from a
+        task's own initialization, or ``None`` when the learner also meta-learns an
+        initialization or step sizes (the drop-in optimizer has neither)."""
+        return (self.rule, self.lr) if self.init is None else None
+
+    def settings(self) -> dict[str, Any]:
+        return {"second_order": self.second_order, "lr": self.lr, "step_sizes": self.step_sizes}
 
     def _scale(self, update: Tensor, spec: FlatSpec) -> Tensor:
         """``lr`` times the update, times the learned step sizes (if any)."""

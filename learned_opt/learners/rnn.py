@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,12 @@ class RNNLearner(MetaLearner):
                 f"{head!r}, hidden={hidden})"
             )
         self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "cell": self.cell, "head": self.head_kind, "pairs": self.pairs,
+            "feature_norm": self.feature_norm, "rnn_lr_scale": self.rnn_lr_scale,
+        }  # fmt: skip
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """PyTorch's default initialization (U(-1/sqrt(fan), 1/sqrt(fan))), from ``generator``;

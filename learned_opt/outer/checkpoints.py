@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointError, atomic_save, rule_to_dict, safe_load
 from .config import MetaTrainConfig
 
 if TYPE_CHECKING:
+    from ..learners import MetaLearner
     from .trainer import MetaTrainer
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "TRAINER_FORMAT",
     "check_state",
     "find_checkpoints",
+    "learner_record",
     "read_checkpoint",
     "restore_trainer",
     "trainer_state",
@@ -71,6 +73,7 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         "config": trainer.config.to_dict(),
         "family": trainer.family.config(),
         "eval_family": trainer.eval_family.config(),
+        "learner_settings": learner_record(trainer.learner),
         "iteration": trainer.iteration,
         "elapsed": trainer.elapsed,
         "learner": trainer.learner.state_dict(),
@@ -89,7 +92,10 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         state["reference_learner"] = trainer.reference.state_dict()
     rule = getattr(trainer.learner, "rule", None)
     if rule is not None:
-        meta = {"source": "meta_train", "iteration": trainer.iteration, "config": state["config"]}
+        meta = {
+            "source": "meta_train", "iteration": trainer.iteration, "config": state["config"],
+            "family": state["family"],  # (the tasks trained on: a family of one's own too)
+        }  # fmt: skip
         state["rule"] = rule_to_dict(rule, meta)
         best = rules.build_rule(rule.kind, rule.config())
         prefix = "rule."  # the learner's other meta-parameters (a learned initialization) aside
@@ -110,17 +116,37 @@ _REQUIRED = (
 )  # fmt: skip
 
 
+def learner_record(learner: MetaLearner) -> dict[str, Any]:
+    """What a checkpoint records of ``learner`` beyond its weights: its class and its
+    :meth:`~learned_opt.learners.MetaLearner.settings`."""
+    return {"class": type(learner).__name__, **learner.settings()}
+
+
+def _as_json(record: Any) -> str:
+    return json.dumps(record, sort_keys=True, default=str)  # (tuples compare as lists)
+
+
 def _config_diff(trainer: MetaTrainer, state: dict[str, Any]) -> dict[str, Any]:
     """The settings of the saved run that differ from ``trainer``'s (those a resume may not
-    change), as ``{name: (saved, current)}``."""
+    change), as ``{name: (saved, current)}``: the configuration's, and, where the checkpoint
+    records them, the training family's (``"family"``, which a family of one's own sets apart
+    from the configuration's) and the learner's (``"learner_settings"``)."""
     try:
         theirs = MetaTrainConfig.from_dict(state["config"]).to_dict()
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"The checkpoint's configuration is not readable: {exc}") from None
     mine = trainer.config.to_dict()
-    return {
+    diff = {
         k: (theirs[k], mine[k]) for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]
     }
+    current = {
+        "family": trainer.family.config(),
+        "learner_settings": learner_record(trainer.learner),
+    }
+    for key, record in current.items():
+        if state.get(key) is not None and _as_json(state[key]) != _as_json(record):
+            diff[key] = (state[key], record)
+    return diff
 
 
 def check_state(trainer: MetaTrainer, state: Any) -> None:
@@ -194,8 +220,7 @@ def _same(saved_eval_family: Any, trainer: MetaTrainer) -> bool:
     """Whether the checkpoint's held-out family is the trainer's (by configuration)."""
     if saved_eval_family is None:  # written before checkpoints recorded it: unknown
         return False
-    as_json = lambda c: json.dumps(c, sort_keys=True, default=str)  # noqa: E731 (tuples: lists)
-    return as_json(saved_eval_family) == as_json(trainer.eval_family.config())
+    return _as_json(saved_eval_family) == _as_json(trainer.eval_family.config())
 
 
 def _reselect_on_current_tasks(trainer: MetaTrainer, saved_eval_family: Any) -> None:

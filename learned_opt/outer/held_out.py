@@ -2,9 +2,11 @@
 
 The held-out tasks come from their own seed stream
 (:data:`~learned_opt.evaluate.TRAINER_EVAL_STREAM`), so evaluating never changes what the run
-trains on. A learner with an update rule is evaluated as a user would run it (the drop-in
-optimizer, :func:`~learned_opt.evaluate.run_optimizer`) beside Adam tuned on the same tasks;
-any other learner by its own held-out loss after an unroll without meta-gradients.
+trains on. A learned optimizer that starts from each task's own initialization is evaluated as
+a user would run it (the drop-in optimizer, :func:`~learned_opt.evaluate.run_optimizer`, at the
+learner's multiplier) beside Adam tuned on the same tasks; any other learner (one with a learned
+initialization or step sizes, MAML, a black-box learner) by its own unroll without
+meta-gradients.
 
 With several processes (``torch.distributed``) each runs every ``world_size``-th task and the
 per-task results are summed across them, so an evaluation takes ``1 / world_size`` of the time
@@ -30,7 +32,7 @@ from ..evaluate import (
     run_optimizer,
     task_seed,
 )
-from ..learners import MetaLearner
+from ..learners import MetaLearner, OptimizerLearner
 from ..optim import LearnedOptimizer
 from ..tasks import Task, TaskFamily
 from .config import MetaTrainConfig
@@ -97,9 +99,12 @@ class HeldOut:
         """The metric of ``learner`` on the held-out tasks, and its mean loss curve (per step,
         over the tasks still running)."""
         self.parts = {}
-        rule = getattr(learner, "rule", None)
-        if rule is None:
+        # A learned optimizer that a user can run as it is (no learned initialization or step
+        # sizes) is scored as one; any other learner by its own unroll.
+        drop_in = learner.drop_in() if isinstance(learner, OptimizerLearner) else None
+        if drop_in is None:
             return self.evaluate_learner(learner)
+        rule, lr = drop_in
         if rule.nonfinite_weights():  # (the optimizer refuses such weights)
             return math.inf, np.full(self.horizon, math.nan)
 
@@ -112,7 +117,7 @@ class HeldOut:
                 return LearnedOptimizer(params, rule, lr=lr, **horizon)
 
             def one(seed: int) -> tuple[float, Sequence[float]]:
-                run = run_optimizer(self.family, seed, factory, 1.0, self.horizon, name="learned")
+                run = run_optimizer(self.family, seed, factory, lr, self.horizon, name="learned")
                 return getattr(run, self.metric_name), run.losses
 
             return self._spread(one)
@@ -143,7 +148,9 @@ class HeldOut:
     def evaluate_learner(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
         """Any learner: each task is unrolled without meta-gradients and scored with
         :meth:`MetaLearner.evaluate` on its whole ``task.test`` (the query set of a few-shot
-        task); the curve is the mean inner training loss per step (NaN after a divergence)."""
+        task), or with the ``"train"`` and ``"final-train"`` objectives on its whole
+        ``task.train``; the curve is the mean inner training loss per step (NaN after a
+        divergence)."""
         horizon = self.horizon
 
         def one(s: int) -> tuple[float, list[float]]:
@@ -152,7 +159,8 @@ class HeldOut:
             spec = UnrollSpec(horizon=horizon, truncation=horizon)
             windows = list(unroll(learner, task, gen, spec, differentiable=False))
             with torch.no_grad():
-                value = float(learner.evaluate(task, windows[-1].state, task.test.full()))
+                data = task.train if self.metric_name == "final_train_loss" else task.test
+                value = float(learner.evaluate(task, windows[-1].state, data.full()))
             curve = torch.cat([w.train_losses for w in windows]).tolist()
             return value, curve + [math.nan] * (horizon - len(curve))
 

@@ -78,6 +78,21 @@ def _over_processes(stats: dict[str, float]) -> dict[str, float]:
     return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
 
 
+def _check_own_learner(config: MetaTrainConfig, learner: MetaLearner) -> None:
+    """A ``ValueError`` where ``config`` sets what only the learner it would build reads, for a
+    learner given instead (it would be ignored, and recorded as if it had applied)."""
+    if config.train_only:
+        raise ValueError(
+            "train_only selects the parameters of the rule the configuration builds; with a "
+            "learner of your own, fix the parameters not to train with requires_grad_(False)"
+        )
+    if config.second_order and not getattr(learner, "second_order", False):
+        raise ValueError(
+            "second_order configures the learner the configuration builds; with a learner of "
+            "your own, set it there (OptimizerLearner(rule, second_order=True))"
+        )
+
+
 class MetaTrainer:
     """Meta-trains a learner on a task family.
 
@@ -86,7 +101,9 @@ class MetaTrainer:
         log_dir: TensorBoard directory (``None``: no logging).
         ckpt_dir: checkpoint directory (``None``: no checkpoints).
         learner: the meta-learner; by default an :class:`OptimizerLearner` around the configured
-            rule (:func:`~learned_opt.outer.factory.build_learner`).
+            rule (:func:`~learned_opt.outer.factory.build_learner`). The configuration's
+            ``train_only`` and ``second_order`` configure that default: with a learner given,
+            they are refused (set them on the learner).
         family: the task family; by default ``make_family(config.family, **config.family_kwargs)``.
         eval_family: the family of the held-out evaluation tasks (e.g. a meta-test split with
             other classes); by default ``config.eval_family`` if set, else ``family``.
@@ -105,6 +122,8 @@ class MetaTrainer:
         progress: bool = False,
     ) -> None:
         _check_world(config.meta_batch)  # at the start, not after the first evaluation
+        if learner is not None:
+            _check_own_learner(config, learner)
         self.config = config
         self.family = family or factory.build_family(config)
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
