@@ -165,6 +165,30 @@ def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> 
     assert [e.step for e in acc.Scalars("eval/metric")] == [0, 2, 4, 6]
 
 
+def test_a_resumed_run_logs_each_held_out_curve_once(tmp_path: Path) -> None:
+    """The per-evaluation curves (``add_scalars``' event files of their own, which TensorBoard's
+    purge does not reach) of an evaluation the interrupted run made after its last checkpoint
+    are replaced, not doubled, when the resumed run evaluates again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = {**SMALL, "eval_every": 2, "checkpoint_every": 3}
+    first = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
+                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
+    first.train()
+    first.close()
+    find_checkpoints(tmp_path / "ckpt")[0].unlink()  # killed after evaluating at 4, unsaved
+    again = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
+                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
+    assert again.resume() and again.iteration == 3
+    again.train()
+    again.close()
+    curve = tmp_path / "tb" / "eval_curves_iter_0000004_learned"
+    acc = EventAccumulator(str(curve))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("eval_curves/iter_0000004")]
+    assert steps == list(range(len(steps))) and steps
+
+
 def test_a_time_budget_counts_the_first_evaluation(tmp_path: Path) -> None:
     """The held-out evaluation before the first iteration (which tunes Adam's baseline) is
     part of what the run costs: a budget it exceeds runs no iteration."""

@@ -256,11 +256,17 @@ class MetaTrainer:
         self._log("eval/adam_tuned_lr", adam["lr"])
         self._log("eval/ratio_vs_adam", metric / adam["metric"])
         if self._writer is not None:
+            tag = f"eval_curves/iter_{self.iteration:07d}"
+            if self._purge_step is not None and self.iteration >= self._purge_step:
+                # Resumed: the interrupted run's curve of this iteration, in add_scalars' own
+                # event files (which purge_step does not reach), gives way to this one.
+                for name in ("learned", "adam_tuned"):
+                    stale = Path(self._writer.log_dir) / f"{tag.replace('/', '_')}_{name}"
+                    for events in stale.glob("events.out.tfevents.*"):
+                        events.unlink(missing_ok=True)
             for t, (mine, theirs) in enumerate(zip(curve, adam["curve"])):
                 self._writer.add_scalars(
-                    f"eval_curves/iter_{self.iteration:07d}",
-                    {"learned": float(mine), "adam_tuned": float(theirs)},
-                    t,
+                    tag, {"learned": float(mine), "adam_tuned": float(theirs)}, t
                 )
 
     # ------------------------------------------------------------------------------ training
