@@ -134,8 +134,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         total_steps: the run's length in steps, for rules that read how far training has gone
             (a :class:`~learned_opt.rules.ScheduledRule`: its warm-up and decay, hand-designed
             and learned, follow it); ``None``: unknown (such a rule then uses a horizon-free
-            schedule, or none with ``unknown_horizon="base"``). Parameters that join later
-            start their own count. :meth:`load_state_dict` keeps a ``total_steps`` given here
+            schedule, or none with ``unknown_horizon="base"``). Each parameter counts its own
+            steps, those with a gradient (as Adam's bias correction does): parameters that join
+            later start their own count, and one that skips steps (no gradient in them: a layer
+            frozen for a while, a branch unused) reaches the end of its schedule only after
+            ``total_steps`` of its own. :meth:`load_state_dict` keeps a ``total_steps`` given here
             (a resumed run lengthened or shortened: the schedule follows the new length) and
             otherwise takes the saved one.
 
