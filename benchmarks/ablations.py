@@ -29,7 +29,8 @@ run:
 
 Variants that do not apply to the rule (no adaptation to switch off) are left out. Per variant:
 each task's final loss and the metric (geometric mean over tasks), and the ratio to the rule as
-given and to tuned Adam. Writes ``records.jsonl`` and ``table.md`` into ``--out``.
+given and to tuned Adam. Writes ``records.jsonl``, ``table.md`` and ``provenance.json`` (the
+command, commit, torch version, CPU, cores and threads) into ``--out``.
 
     python benchmarks/ablations.py --out DIR
     python benchmarks/ablations.py --weights runs/adaptation-gain/weights.pt --out DIR
@@ -40,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import sys
 import time
@@ -55,6 +55,7 @@ from learned_opt import LearnedOptimizer, load_rule, pretrained
 from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, run_optimizer, tune_lr
 from learned_opt.outer.config import MetaTrainConfig
 from learned_opt.outer.held_out import HeldOut
+from learned_opt.report import write_results
 from learned_opt.rules import ScheduledRule, UpdateRule
 from learned_opt.tasks import make_family
 
@@ -212,18 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | metric | / as given | / tuned Adam |",
         "| --- | ---: | ---: | ---: |",
     ]
-    with open(out / "records.jsonl", "w") as f:
-        head = {"weights": args.weights, "family": args.family, "steps": args.steps}
-        f.write(json.dumps({**head, "tasks": tasks}) + "\n")
-        for name, values in results.items():
-            metric = held.aggregate(values)
-            lines.append(
-                f"| {name} | {metric:.4f} | {metric / given:.3f} | {metric / reference:.3f} |"
-            )
-            f.write(json.dumps({"variant": name, "metric": metric, "final_losses": values}) + "\n")
+    head = {"weights": args.weights, "family": args.family, "steps": args.steps}
+    records: list[dict[str, Any]] = [{**head, "tasks": tasks}]
+    for name, values in results.items():
+        metric = held.aggregate(values)
+        lines.append(f"| {name} | {metric:.4f} | {metric / given:.3f} | {metric / reference:.3f} |")
+        records.append({"variant": name, "metric": metric, "final_losses": values})
     lines += ["", f"Wall time {time.perf_counter() - start:.0f} s."]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, records, lines)  # records.jsonl, table.md, provenance.json
     return 0
 
 

@@ -8,7 +8,10 @@ loss) with
 (a) AdamW (betas 0.9/0.999, weight decay 0.01, constant learning rate) whose learning rate is
     tuned first: each learning rate of ``--lrs`` trains for ``--tune-steps`` steps and the one
     with the lowest validation loss is chosen, on validation batches of their own (not the
-    ones the held-out losses are reported on); then it trains for ``--steps`` steps;
+    ones the held-out losses are reported on); then it trains for ``--steps`` steps. A chosen
+    rate that is the smallest or largest of the grid, where the best rate may lie outside it,
+    is warned about (widen ``--lrs``) and flagged: ``lr_at_edge`` in tuned AdamW's record, "at
+    the edge of the grid" in the table;
 (b) ``learned_opt.LSTMOptimizer(params)``: the default weights, untuned (lr multiplier 1.0);
     with ``--total-steps``, ``LSTMOptimizer(params, total_steps=steps)`` (the default weights'
     warm-up and decay).
@@ -20,9 +23,26 @@ smoothed training loss (an exponential moving average of the minibatch loss, ``-
 bias-corrected); reported are the step and the training wall-clock time (forward, backward and
 optimizer step; evaluation excluded) at which each optimizer's smoothed loss first reaches it,
 the final validation losses, and the optimizer's share of each step's time (``opt.step()``
-timed apart from the forward and backward pass). Writes ``records.jsonl`` (one summary record
-per run, tuning runs included), ``curves.jsonl`` (every step and every evaluation),
-``table.md``, ``loss_vs_time.png`` and TensorBoard event files (``tensorboard/<run>/``).
+timed apart from the forward and backward pass).
+
+A run counts as reaching the target only if it keeps it: its ``target_status`` is
+
+- ``reached``: its smoothed loss reaches the target, its training loss stays finite to the
+  end and its final smoothed loss is at most ``--hold-margin`` (5%) above the target; then
+  ``steps_to_target`` and ``seconds_to_target`` are the first step and time at the target;
+- ``diverged``: its training loss became non-finite (the run stops there,
+  ``diverged_at_step``), whether or not it had reached the target before;
+- ``not held``: it reached the target but ends more than ``--hold-margin`` above it;
+- ``not reached``: its smoothed loss never reaches the target.
+
+For all but ``reached``, ``steps_to_target`` and ``seconds_to_target`` are null (a time to a
+loss the run did not keep is no time to target); where the run did reach the target on the
+way, ``first_reached_step`` and ``first_reached_seconds`` say when, and the table shows it
+beside the status.
+
+Writes ``records.jsonl`` (one summary record per run, tuning runs included), ``curves.jsonl``
+(every step and every evaluation), ``table.md``, ``provenance.json``, ``loss_vs_time.png`` and
+TensorBoard event files (``tensorboard/<run>/``).
 
 Default sizes: 4 layers, d_model 256, 4 heads, context 128 (3.25M parameters), batch 16; 4 x 300
 tuning steps, then 2000 steps each. Measured on 2 otherwise idle CPU cores of an AMD EPYC
@@ -44,6 +64,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +75,7 @@ from torch import Tensor, nn
 
 import learned_opt
 from learned_opt.corpus import CharCorpus, load_corpus
+from learned_opt.evaluate import Tuning
 from learned_opt.report import write_jsonl, write_results
 
 _DATA_STREAM = 1  # generator offset of the training minibatches
@@ -212,6 +234,7 @@ class Run:
             "steps": self.steps,
             "steps_done": done,
             "diverged": self.diverged,
+            "diverged_at_step": done + 1 if self.diverged else None,
             "final_train_loss_smoothed": self.curve[-1][2] if ok else float("inf"),
             "final_val_loss": self.evals[-1][2] if ok and self.evals else float("inf"),
             "train_seconds": self.clock,
@@ -252,6 +275,32 @@ def _reach(curve: list[tuple[int, float, float]], target: float) -> tuple[int, f
     return next(((k, t) for k, t, loss in curve if loss <= target), None)
 
 
+def time_to_target(record: dict[str, Any], target: float, margin: float) -> dict[str, Any]:
+    """Whether and when the run of ``record`` reaches ``target`` and keeps it (the module's
+    rule): its ``target_status``, the step and seconds to the target (null unless
+    ``reached``) and the first step and seconds at the target whatever the status (null if
+    never). A non-finite ``target`` (tuned AdamW diverged) is no target: nothing reaches it."""
+    hit = _reach(record["curve"], target) if math.isfinite(target) else None
+    if record["diverged"]:
+        status = "diverged"
+    elif hit is None:
+        status = "not reached"
+    elif record["final_train_loss_smoothed"] > target * (1 + margin):
+        status = "not held"
+    else:
+        status = "reached"
+    counted = hit if status == "reached" else None
+    return {
+        "target_train_loss_smoothed": target,
+        "target_hold_margin": margin,
+        "target_status": status,
+        "steps_to_target": counted[0] if counted else None,
+        "seconds_to_target": counted[1] if counted else None,
+        "first_reached_step": hit[0] if hit else None,
+        "first_reached_seconds": hit[1] if hit else None,
+    }
+
+
 def _plot(runs: list[dict[str, Any]], target: float, path: Path, title: str) -> None:
     import matplotlib
 
@@ -270,7 +319,10 @@ def _plot(runs: list[dict[str, Any]], target: float, path: Path, title: str) -> 
             markersize=3,
             label=f"{r['label']}: validation",
         )
-    ax.axhline(target, color="gray", linestyle=":", label="target: tuned AdamW's final train loss")
+    if math.isfinite(target):  # (none if tuned AdamW diverged)
+        ax.axhline(
+            target, color="gray", linestyle=":", label="target: tuned AdamW's final train loss"
+        )
     ax.set_xlabel("training wall-clock time (minutes; evaluation excluded)")
     ax.set_ylabel("cross-entropy (nats per character)")
     ax.set_title(title)
@@ -279,7 +331,8 @@ def _plot(runs: list[dict[str, Any]], target: float, path: Path, title: str) -> 
     curves = [r["curve"] for r in runs if r["curve"]]
     lo = min(min(c[2] for c in curve) for curve in curves)
     hi = max(curve[-1][2] for curve in curves)  # every run's end stays in view
-    ax.set_ylim(lo * 0.95, max(lo * 2.2, target * 1.6, hi * 1.15))
+    top = max(lo * 2.2, hi * 1.15, target * 1.6 if math.isfinite(target) else 0.0)
+    ax.set_ylim(lo * 0.95, top)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -305,6 +358,11 @@ def run(argv: list[str] | None = None) -> int:
         help="tell the LSTMOptimizer the run's length (--steps), for weights that read it",
     )  # fmt: skip
     parser.add_argument("--ema", type=float, default=0.98, help="smoothing of the training loss")
+    parser.add_argument(
+        "--hold-margin", type=float, default=0.05,
+        help="how far above the target (a fraction of it) a run may end and still count as "
+        "having reached it",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=50)
@@ -361,11 +419,24 @@ def run(argv: list[str] | None = None) -> int:
     del tune
     tuning = [r for r in records if r["role"] == "tuning"]
     best_lr = min(tuning, key=lambda r: r["final_val_loss"])["lr"]
+    scores = {r["lr"]: r["final_val_loss"] for r in tuning}
+    lr_at_edge = Tuning(best_lr, scores, runs=[], grid=lrs).at_edge
+    if lr_at_edge:
+        print(
+            f"warning: the best AdamW learning rate {best_lr:g} is at the edge of the grid "
+            f"{lrs}; the best rate may lie outside it: widen --lrs",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # (a) tuned AdamW and (b) the learned optimizer, trained in lock-step.
     horizon = {"total_steps": args.steps} if args.total_steps else {}
     compared = {
-        "adamw": (f"AdamW (lr {best_lr:g}, tuned)", adamw(best_lr), best_lr),
+        "adamw": (
+            f"AdamW (lr {best_lr:g}, tuned" + (", at the edge of the grid)" if lr_at_edge else ")"),
+            adamw(best_lr),
+            best_lr,
+        ),
         "lstm": (
             f"LSTMOptimizer ({args.weights or 'default'} weights, untuned"
             + (f", total_steps={args.steps})" if args.total_steps else ")"),
@@ -383,14 +454,13 @@ def run(argv: list[str] | None = None) -> int:
         w.close()
     for rec, (label, _, lr) in zip(runs, compared.values()):
         rec.update(setup, optimizer=rec["run"], lr=lr, role="compared", label=label)
+        # whether the tuned rate is at the edge of its grid (the learned optimizer is untuned)
+        rec["lr_at_edge"] = lr_at_edge if rec["run"] == "adamw" else None
         records.append(rec)
     adam_run, lstm_run = runs
     target = adam_run["final_train_loss_smoothed"]
     for r in runs:
-        hit = _reach(r["curve"], target)
-        r["target_train_loss_smoothed"] = target
-        r["steps_to_target"] = hit[0] if hit else None
-        r["seconds_to_target"] = hit[1] if hit else None
+        r.update(time_to_target(r, target, args.hold_margin))
     params = adam_run["params"]
     title = (
         f"char transformer {args.layers}x{args.d_model} ({params / 1e6:.2f}M params), "
@@ -401,17 +471,30 @@ def run(argv: list[str] | None = None) -> int:
     curves.sort(key=lambda c: (order.index(c["run"]), c["step"]))  # stable: steps in order
     write_jsonl(out / "curves.jsonl", curves)
 
-    def fmt(v: float | None, spec: str) -> str:
-        return "not reached" if v is None else format(v, spec)
+    def fmt(r: dict[str, Any], what: str, spec: str) -> str:
+        """The run's ``steps`` or ``seconds`` to the target, or its status (and when it first
+        reached the target, if it did)."""
+        if r["target_status"] == "reached":
+            return format(r[f"{what}_to_target"], spec)
+        first = r["first_reached_step" if what == "steps" else "first_reached_seconds"]
+        return r["target_status"] + ("" if first is None else f" (at {format(first, spec)})")
 
     lines = [
         f"{title}; {args.steps} steps each, same initial weights and minibatches.",
         f"AdamW lr tuned over {lrs} ({args.tune_steps} steps each, lowest validation loss): "
         + ", ".join(f"{r['lr']:g} -> {r['final_val_loss']:.4f}" for r in tuning)
-        + f"; chosen {best_lr:g}.",
+        + f"; chosen {best_lr:g}"
+        + (
+            ", at the edge of the grid: the best rate may lie outside it (widen --lrs)."
+            if lr_at_edge
+            else "."
+        ),
         f"Tuning took {sum(r['train_seconds'] for r in tuning):.0f} s of training time "
         "(not counted below).",
-        f"Target: tuned AdamW's final smoothed training loss, {target:.4f} (EMA {args.ema}).",
+        f"Target: tuned AdamW's final smoothed training loss, {target:.4f} (EMA {args.ema}). "
+        "A run counts as reaching it only if its loss stays finite and it ends at most "
+        f"{args.hold_margin:.0%} above it; otherwise the table gives its status (diverged, "
+        "not held, not reached) and when it first reached the target, if it did.",
         "",
         "| optimizer | final train loss (EMA) | final val loss | steps to target | "
         "time to target (s) | total train time (s) | opt.step ms/step (median) | "
@@ -421,19 +504,35 @@ def run(argv: list[str] | None = None) -> int:
     for r in runs:
         lines.append(
             f"| {r['label']} | {r['final_train_loss_smoothed']:.4f} | {r['final_val_loss']:.4f} | "
-            f"{fmt(r['steps_to_target'], 'd')} | {fmt(r['seconds_to_target'], '.0f')} | "
+            f"{fmt(r, 'steps', 'd')} | {fmt(r, 'seconds', '.0f')} | "
             f"{r['train_seconds']:.0f} | {r['opt_step_ms_per_step']:.1f} "
             f"({r['opt_step_ms_median']:.1f}) | {r['fwd_bwd_ms_per_step']:.1f} "
             f"({r['fwd_bwd_ms_median']:.1f}) | {r['opt_step_share']:.1%} | "
             f"{r['opt_state_bytes'] / r['params']:.0f} |"
         )
     lines.append("")
-    if lstm_run["seconds_to_target"] is not None:
+    status, first = lstm_run["target_status"], lstm_run["first_reached_step"]
+    if not math.isfinite(target):
+        lines.append("Tuned AdamW diverged (a non-finite training loss): there is no target.")
+    elif status == "reached":
         lines.append(
             "LSTMOptimizer reaches the target in "
             f"{lstm_run['seconds_to_target'] / adam_run['seconds_to_target']:.2f}x tuned "
             f"AdamW's time ({lstm_run['steps_to_target'] / adam_run['steps_to_target']:.2f}x "
             "its steps)."
+        )
+    elif status == "diverged":
+        lines.append(
+            "LSTMOptimizer diverged (a non-finite training loss at step "
+            f"{lstm_run['diverged_at_step']})"
+            + ("" if first is None else f" after reaching the target at step {first}")
+            + ": not counted as reaching it."
+        )
+    elif status == "not held":
+        lines.append(
+            f"LSTMOptimizer reaches the target at step {first} but does not hold it: it ends "
+            f"at {lstm_run['final_train_loss_smoothed'] / target:.2f}x the target (more than "
+            f"{args.hold_margin:.0%} above it), so it is not counted as reaching it."
         )
     else:
         hit = _reach(adam_run["curve"], lstm_run["final_train_loss_smoothed"])

@@ -330,8 +330,19 @@ def _eval(args: argparse.Namespace) -> int:
     print("\nheld-out loss:\n")
     print(table(records, reference, metric="final_test_loss"))
     if args.records:
+        from .report import provenance
+
         write_jsonl(args.records, records)
-        print(f"\nwrote {args.records}", file=sys.stderr)
+        # What the records were measured with, beside them: provenance.json for records.jsonl
+        # (the benchmarks' layout, as eval_report's), else <stem>.provenance.json, so that
+        # records of several runs in one directory each keep their own.
+        path = Path(args.records)
+        name = "provenance.json" if path.name == "records.jsonl" else f"{path.stem}.provenance.json"
+        made = provenance()
+        if sys.argv[1:2] == ["eval"]:  # run as `learned-opt eval ...`
+            made["command"] = shlex.join(["learned-opt", *sys.argv[1:]])
+        (path.parent / name).write_text(json.dumps(made, indent=2) + "\n")
+        print(f"\nwrote {args.records} and {path.parent / name}", file=sys.stderr)
     if args.plot:
         plot_curves(records, args.plot, title=f"{args.family}, {args.steps} steps")
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -340,9 +351,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def eval_report(out: str | Path, eval_args: list[str], title: str, command: str) -> int:
     """``learned-opt eval`` with ``eval_args``, its outputs in the directory ``out``:
-    ``records.jsonl``, ``curves.png`` and ``table.md`` (``title``, the ``command`` that ran, the
-    commit and machine, then the mean final training and held-out losses per optimizer with
-    their ratios to the first baseline). Returns the command's exit code."""
+    ``records.jsonl``, ``provenance.json`` (written with the records: the command, commit,
+    torch, CPU, cores and threads), ``curves.png`` and ``table.md`` (``title``, the ``command``
+    that ran, the commit and machine, then the mean final training and held-out losses per
+    optimizer with their ratios to the first baseline). Returns the command's exit code."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = ["--records", str(out / "records.jsonl"), "--plot", str(out / "curves.png")]

@@ -258,3 +258,133 @@ def test_the_worst_task_of_a_sealed_table_is_nan_when_any_ratio_is() -> None:
     assert math.isnan(_worst([0.9, float("nan"), 1.1]))
     assert math.isnan(_worst([float("nan"), 0.9]))
     assert _worst([0.9, 1.1]) == 1.1
+
+
+def _time_to_target(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lrs: dict[float, float],
+    lstm: list[float],
+    lstm_diverged: bool = False,
+) -> tuple[dict[str, dict], str]:
+    """``benchmarks/time_to_target.py`` at tiny sizes with its training replaced: each tuning
+    run ends at the validation loss ``lrs`` gives its learning rate, tuned AdamW's smoothed loss
+    goes down to 2.0 in 6 steps, the LSTMOptimizer's is ``lstm`` (then non-finite if
+    ``lstm_diverged``). Returns the records by run and the table."""
+    import importlib
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    ttt = importlib.import_module("time_to_target")
+    adamw = [3.0, 2.5, 2.2, 2.1, 2.05, 2.0]
+
+    def train_together(runs: list, steps: int) -> list[dict]:
+        for r in runs:
+            if r.name.startswith("tune_adamw_lr"):
+                losses = [3.0] * steps
+                r.evals = [(steps, 0.1 * steps, lrs[float(r.name.removeprefix("tune_adamw_lr"))])]
+            else:
+                losses = adamw if r.name == "adamw" else lstm
+                r.diverged = r.name == "lstm" and lstm_diverged
+                r.evals = [(len(losses), 0.1 * len(losses), losses[-1])]
+            r.curve = [(k, 0.1 * k, v) for k, v in enumerate(losses, 1)]
+            r.clock = 0.1 * len(losses)
+        return [r.record() for r in runs]
+
+    monkeypatch.setattr(ttt, "train_together", train_together)
+    lr_grid = ",".join(f"{lr:g}" for lr in lrs)
+    argv = ["--steps", "6", "--tune-steps", "3", "--lrs", lr_grid, "--layers", "1"]
+    argv += ["--d-model", "16", "--heads", "2", "--context", "8", "--batch", "2"]
+    argv += ["--eval-batches", "1", "--threads", str(torch.get_num_threads())]
+    assert ttt.run([*argv, "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    records = {r["run"]: r for r in map(json.loads, lines)}
+    return records, (tmp_path / "table.md").read_text()
+
+
+def test_time_to_target_flags_a_tuned_learning_rate_at_the_edge_of_its_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The best rate the largest of the grid: a warning, ``lr_at_edge`` in tuned AdamW's record
+    and the table says so; the best rate inside the grid: none of these."""
+    lstm = [3.0, 2.8, 2.6, 2.4, 2.3, 2.2]
+    records, table = _time_to_target(tmp_path / "edge", monkeypatch, {1e-3: 4.0, 1e-2: 3.0}, lstm)
+    assert records["adamw"]["lr"] == 1e-2 and records["adamw"]["lr_at_edge"] is True
+    assert records["lstm"]["lr_at_edge"] is None  # untuned
+    assert "edge of the grid" in capsys.readouterr().err
+    assert "chosen 0.01, at the edge of the grid" in table
+    assert "| AdamW (lr 0.01, tuned, at the edge of the grid) |" in table
+    grid = {1e-3: 4.0, 1e-2: 3.0, 1e-1: 3.5}
+    records, table = _time_to_target(tmp_path / "inside", monkeypatch, grid, lstm)
+    assert records["adamw"]["lr"] == 1e-2 and records["adamw"]["lr_at_edge"] is False
+    assert "edge" not in capsys.readouterr().err and "edge" not in table
+
+
+def test_time_to_target_counts_only_runs_that_keep_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that reaches tuned AdamW's final loss (2.0) and then diverges, or ends far above
+    it, has no time to target (only when it first reached it); one that ends within the margin
+    of it counts."""
+    grid = {1e-3: 4.0, 1e-2: 3.0, 1e-1: 3.5}
+    runs = {
+        "diverged": ([3.0, 1.9, 1.8], True),
+        "not held": ([3.0, 2.5, 1.9, 1.8, 2.4, 2.6], False),
+        "reached": ([3.0, 2.5, 1.9, 1.8, 2.0, 2.05], False),
+        "not reached": ([3.0, 2.8, 2.6, 2.4, 2.3, 2.2], False),
+    }
+    for status, (lstm, diverged) in runs.items():
+        records, table = _time_to_target(tmp_path / status, monkeypatch, grid, lstm, diverged)
+        adam, run = records["adamw"], records["lstm"]
+        assert adam["steps_to_target"] == 6
+        if status == "reached":
+            assert run["steps_to_target"] == 3
+            assert run["seconds_to_target"] == pytest.approx(0.3)
+            assert "LSTMOptimizer reaches the target in 0.50x" in table
+        else:
+            assert run["steps_to_target"] is None and run["seconds_to_target"] is None, status
+            assert "reaches the target in" not in table
+        assert adam["target_status"] == "reached" and run["target_status"] == status
+        first = next((k for k, v in enumerate(lstm, 1) if v <= 2.0), None)
+        assert run["first_reached_step"] == first
+    assert records["lstm"]["diverged"] is False
+    records, table = _time_to_target(tmp_path / "d", monkeypatch, grid, *runs["diverged"])
+    assert records["lstm"]["diverged_at_step"] == 4
+    assert "| diverged (at 2) |" in table and "after reaching the target at step 2" in table
+
+
+def test_ablations_write_provenance(tmp_path: Path, run_script) -> None:
+    """Beside its records and table, ``benchmarks/ablations.py`` writes what they were measured
+    with (the shared ``provenance.json``)."""
+    import torch
+
+    from learned_opt import save_rule
+    from learned_opt.rules import LSTMCorrectedAdamRule
+
+    weights = tmp_path / "fresh.pt"
+    save_rule(weights, LSTMCorrectedAdamRule())
+    argv = ["--weights", str(weights), "--steps", "2", "--tasks", "1", "--family", "digits"]
+    argv += ["--only", "rate x2", "--threads", str(torch.get_num_threads())]
+    assert run_script("benchmarks/ablations.py", *argv, "--out", str(tmp_path / "out")) == 0
+    made = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert {"command", "commit", "torch", "cpu", "cores", "threads"} <= set(made)
+    assert "ablations.py" in made["command"] and made["torch"] == torch.__version__
+    assert (tmp_path / "out" / "records.jsonl").read_text().count("\n") == 4  # head + 3 rows
+
+
+def test_eval_writes_provenance_beside_its_records(tmp_path: Path) -> None:
+    """``learned-opt eval --records`` writes the provenance beside the records:
+    ``provenance.json`` for ``records.jsonl`` (the benchmarks' layout), ``<stem>.provenance.json``
+    for another name."""
+    from learned_opt.cli import main
+
+    argv = ["eval", "--weights", "quadratic", "--family", "quadratic", "--steps", "3"]
+    argv += ["--seeds", "1", "--tune-seeds", "1", "--lrs", "0.1"]
+    for name, expected in (("records.jsonl", "provenance.json"), ("r.jsonl", "r.provenance.json")):
+        assert main([*argv, "--records", str(tmp_path / name)]) == 0
+        made = json.loads((tmp_path / expected).read_text())
+        assert {"command", "commit", "torch", "cpu", "cores", "threads"} <= set(made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "provenance.json", "r.jsonl", "r.provenance.json", "records.jsonl"
+    ]  # fmt: skip
