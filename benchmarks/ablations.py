@@ -198,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         name="adam", metric=held.metric_name, aggregate=held.aggregate,
     )  # fmt: skip
     adam = [getattr(r, held.metric_name) for r in tuning.runs]
-    results = {f"Adam, lr {tuning.lr:g} (tuned)": adam}
+    edge = ", at the edge of the grid" if tuning.at_edge else ""
+    if tuning.at_edge:
+        grid = sorted(tuning.grid)
+        print(f"warning: Adam's best learning rate {tuning.lr:g} is at the edge of the grid "
+              f"{grid}: the best rate may lie outside it", file=sys.stderr)  # fmt: skip
+    results = {f"Adam, lr {tuning.lr:g} (tuned{edge})": adam}
     for name, (variant, schedule) in chosen.items():
         results[name] = run_variant(held, variant, schedule)
         print(f"{name}: {held.aggregate(results[name]):.4f}", flush=True)
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | metric | / as given | / tuned Adam |",
         "| --- | ---: | ---: | ---: |",
     ]
-    head = {"weights": args.weights, "family": args.family, "steps": args.steps}
+    head = {"weights": args.weights, "family": args.family, "steps": args.steps,
+            "adam_lr": tuning.lr, "adam_lr_at_edge": tuning.at_edge}  # fmt: skip
     records: list[dict[str, Any]] = [{**head, "tasks": tasks}]
     for name, values in results.items():
         metric = held.aggregate(values)

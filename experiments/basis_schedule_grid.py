@@ -60,7 +60,7 @@ def score(weights: tuple[float, ...] | None, family: str, kwargs: dict, steps: i
         log_meta_loss=True,
     )  # fmt: skip
     held_out = HeldOut(config, make_family(family, **kwargs))
-    metric, _ = held_out.evaluate(type("Learner", (), {"rule": rule})())
+    metric, _ = held_out.evaluate_rule(rule)
     weights = None if weights is None else list(weights)
     return {"weights": weights, "tails": list(tails), "bound": bound, "metric": metric}
 

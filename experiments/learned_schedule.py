@@ -144,7 +144,7 @@ def validate(weights: Path, out: Path, horizons: tuple[int, ...] = (100, 1000)) 
         held = HeldOut(config, make_family("validation"))
         for name, rule in rules.items():
             start = time.perf_counter()
-            metric, _ = held.evaluate(argparse.Namespace(rule=rule))
+            metric, _ = held.evaluate_rule(rule)
             records.append({"rule": name, "steps": horizon, "metric": metric,
                             "seconds": time.perf_counter() - start})  # fmt: skip
             print(f"{horizon} steps, {name}: {metric:.4f}", flush=True)

@@ -473,7 +473,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (also one read back with ``torch.load(weights_only=True)``):
         the parameter groups' settings, each parameter's state, and the rule as saved (its
-        weights and settings: the run continues exactly). Nothing changes if it does not fit."""
+        weights and settings: the run continues exactly; a ``UserWarning`` when they are not
+        this optimizer's). Nothing changes if it does not fit."""
         state_dict = dict(state_dict)
         record = state_dict.pop("rule", None)
         rule = None
@@ -482,6 +483,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._check_saved_state(rule or self.rule, state_dict)
         super().load_state_dict(state_dict)  # checks the groups before changing anything
         if rule is not None:
+            if not _same_rule(rule, self.rule):
+                warnings.warn(
+                    "The state dict was saved with other weights than this optimizer's (another "
+                    "rule or other values): the run continues with the saved ones, as saved "
+                    "(opt.metadata describes them)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             self.rule = rule.requires_grad_(False)
             self._rule_copies.clear()
             if hasattr(self, "metadata"):  # the saved rule's (LSTMOptimizer's weights record)
@@ -576,3 +585,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._rule_copies = {}
+
+
+def _same_rule(a: UpdateRule, b: UpdateRule) -> bool:
+    """Whether two rules are the same kind, settings and weights (buffers included)."""
+    if a.kind != b.kind or a.config() != b.config():
+        return False
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu())
+        for k in mine
+    )

@@ -153,6 +153,11 @@ def test_ablations_smoke(tmp_path: Path, run_script) -> None:
     assert run_script("benchmarks/ablations.py", *argv) == 0
     head, *rows = map(json.loads, (tmp_path / "mt" / "records.jsonl").read_text().splitlines())
     assert head["family"] == "diverse" and len(head["tasks"]) == 2
+    from learned_opt.evaluate import DEFAULT_LR_GRID
+
+    grid = sorted(DEFAULT_LR_GRID)  # Adam's tuned rate, and whether it is at the grid's edge
+    assert head["adam_lr"] in grid
+    assert head["adam_lr_at_edge"] == (head["adam_lr"] in (grid[0], grid[-1]))
     assert [r["variant"] for r in rows[1:]] == [
         "as given", "rate x2", "adaptation off, output zeroed", "cosine decay", "rate x0.5"
     ]  # fmt: skip
@@ -180,9 +185,7 @@ def test_selection_noise_scores_as_the_meta_trainer_and_measures_the_spread(
         log_meta_loss=True,
     )  # fmt: skip
     rule = load_rule(learned_opt.pretrained.path(learned_opt.pretrained.DEFAULT))[0]
-    metric, _ = HeldOut(config, make_family("validation")).evaluate(
-        type("Learner", (), {"rule": rule})()
-    )
+    metric, _ = HeldOut(config, make_family("validation")).evaluate_rule(rule)
     row = (tmp_path / "table.md").read_text().strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "3" and float(cells[1]) == pytest.approx(metric, rel=1e-3)

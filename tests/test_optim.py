@@ -137,16 +137,21 @@ def test_a_state_saved_for_other_parameters_is_refused_and_nothing_changes() -> 
 
 def test_a_state_dict_brings_its_rule_and_the_weights_metadata() -> None:
     """Loading a state saved with other weights of the same rule kind resumes that run: its
-    rule, and ``opt.metadata`` then describes those weights, not the ones built with."""
+    rule, with a warning, and ``opt.metadata`` then describes those weights, not the ones
+    built with. The same weights load without one."""
     from learned_opt import pretrained
 
     a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
     full = LSTMOptimizer([a])
     a.grad = torch.ones(4, 3)
     full.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LSTMOptimizer([nn.Parameter(torch.ones(4, 3))]).load_state_dict(full.state_dict())
     lean = LSTMOptimizer([b], weights="general-v7-lean")
     assert lean.metadata == pretrained.metadata("general-v7-lean")
-    lean.load_state_dict(full.state_dict())
+    with pytest.warns(UserWarning, match="saved with other weights"):
+        lean.load_state_dict(full.state_dict())
     assert lean.metadata == full.metadata == pretrained.metadata(pretrained.DEFAULT)
     assert lean.rule.unwrapped.lstm
 
@@ -257,7 +262,8 @@ def test_state_dict_round_trip_through_weights_only_load(rule) -> None:
     model2 = _model()
     model2.load_state_dict(saved["model"])
     opt2 = LSTMOptimizer(model2.parameters(), weights=learned_opt.LSTMRule())  # other weights
-    opt2.load_state_dict(saved["opt"])
+    with pytest.warns(UserWarning, match="saved with other weights"):
+        opt2.load_state_dict(saved["opt"])
     for m, o in ((model, opt), (model2, opt2)):
         for _ in range(3):
             o.zero_grad()

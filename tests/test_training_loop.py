@@ -548,7 +548,8 @@ def test_load_state_dict_takes_the_saved_rule_or_changes_nothing() -> None:
     _train(model, saved, range(2))
     opt = LSTMOptimizer(model.parameters(), weights="general")
     assert opt.rule.config() != saved.rule.config()
-    opt.load_state_dict(saved.state_dict())
+    with pytest.warns(UserWarning, match="saved with other weights"):
+        opt.load_state_dict(saved.state_dict())
     assert opt.rule.config() == saved.rule.config()
 
     other = LSTMOptimizer(_model().parameters(), weights="general")
@@ -749,13 +750,11 @@ def test_compact_state_benchmark_measures_bytes_and_ratios(tmp_path, run_script)
         # 0.999 momentum, float32: 8 bytes); a few per-tensor scalars stay float32.
         assert bf16["state_bytes_per_param"] < 0.51 * fp32["state_bytes_per_param"] + 4
         assert bf16["state_bytes_per_param"] <= 84
-    # the nudge takes effect (a last-bit change of the losses: on some CPUs one of them rounds
-    # back to the same float32)
-    metrics = ("final_train_loss", "final_test_loss")
-    assert any(
-        nudged[m] != fp32[m]
+    # the nudge takes effect: it changes the first loss of every task (the final losses of a
+    # 10-step smoke run can round back to the same float32, as on a 2-core AMD EPYC)
+    assert all(
+        nudged["initial_train_loss"] != fp32["initial_train_loss"]
         for fp32, nudged in zip(by_mode["fp32"], by_mode["fp32-nudged"])
-        for m in metrics
     )
     table = (tmp_path / "table.md").read_text()
     assert "| geometric mean (rated) |" in table and "Rated: 2 of 2 tasks" in table

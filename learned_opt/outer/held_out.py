@@ -34,6 +34,7 @@ from ..evaluate import (
 )
 from ..learners import MetaLearner, OptimizerLearner
 from ..optim import LearnedOptimizer
+from ..rules import UpdateRule
 from ..tasks import Task, TaskFamily
 from .config import MetaTrainConfig
 from .unroll import UnrollSpec, unroll
@@ -98,13 +99,18 @@ class HeldOut:
     def evaluate(self, learner: MetaLearner) -> tuple[float, np.ndarray]:
         """The metric of ``learner`` on the held-out tasks, and its mean loss curve (per step,
         over the tasks still running)."""
-        self.parts = {}
         # A learned optimizer that a user can run as it is (no learned initialization or step
         # sizes) is scored as one; any other learner by its own unroll.
         drop_in = learner.drop_in() if isinstance(learner, OptimizerLearner) else None
         if drop_in is None:
+            self.parts = {}
             return self.evaluate_learner(learner)
-        rule, lr = drop_in
+        return self.evaluate_rule(*drop_in)
+
+    def evaluate_rule(self, rule: UpdateRule, lr: float = 1.0) -> tuple[float, np.ndarray]:
+        """The metric of the drop-in optimizer running ``rule`` at the multiplier ``lr`` on the
+        held-out tasks, and its mean loss curve (per step, over the tasks still running)."""
+        self.parts = {}
         if rule.nonfinite_weights():  # (the optimizer refuses such weights)
             return math.inf, np.full(self.horizon, math.nan)
 
