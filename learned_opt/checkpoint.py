@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_save
+from .files import atomic_save, plain_data
 from .rules import RULES, UpdateRule, build_rule
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "WeightsMismatchError",
     "atomic_save",
     "safe_load",
+    "check_saveable",
     "rule_to_dict",
     "rule_from_dict",
     "save_rule",
@@ -86,14 +87,42 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
         ) from exc
 
 
+def check_saveable(rule: UpdateRule) -> None:
+    """A ``ValueError`` unless ``rule``'s weights load back as the same class: its ``kind``
+    names it in :data:`~learned_opt.rules.RULES` (a subclass that keeps its parent's kind
+    would load back as the parent; one without a kind could not load at all)."""
+    cls = type(rule)
+    if RULES.get(rule.kind) is cls:
+        return
+    if not rule.kind:
+        raise ValueError(
+            f"{cls.__qualname__} has no kind: set the class attribute kind to a name of its own "
+            "(e.g. kind = 'my-rule'), under which its weights are saved and found again"
+        )
+    raise ValueError(
+        f"{cls.__qualname__} keeps the kind {rule.kind!r} of "
+        f"{RULES[rule.kind].__qualname__ if rule.kind in RULES else 'another class'}: its "
+        "weights would load back as that class. Give it a kind of its own (the class attribute "
+        "kind = 'my-rule')"
+    )
+
+
 def rule_to_dict(rule: UpdateRule, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A plain-dict record of a rule: kind, config, weights (on CPU) and metadata."""
+    """A plain-dict record of a rule: kind, config, weights (on CPU) and metadata, readable
+    with ``torch.load(weights_only=True)`` (numpy numbers and paths in the config or metadata
+    become plain values).
+
+    Raises:
+        ValueError: the rule would not load back as its own class (:func:`check_saveable`).
+        TypeError: its config or the metadata hold a value a safe load refuses.
+    """
+    check_saveable(rule)
     return {
         "format": RULE_FORMAT,
         "kind": rule.kind,
-        "config": rule.config(),
+        "config": plain_data(rule.config(), f"the {rule.kind!r} rule's config"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()},
-        "metadata": dict(metadata or {}),
+        "metadata": plain_data(dict(metadata or {}), "the metadata"),
     }
 
 
@@ -120,7 +149,9 @@ def rule_from_dict(
     kind = record.get("kind")
     if kind not in RULES:
         raise WeightsMismatchError(
-            f"{source} holds a rule of unknown kind {kind!r}; expected one of {sorted(RULES)}"
+            f"{source} holds a rule of unknown kind {kind!r}; known: {sorted(RULES)}. A rule "
+            "class of your own is known once it is defined (imported) with kind = "
+            f"{kind!r}: define it before loading its weights"
         )
     if expected_kind is not None and kind != expected_kind:
         raise WeightsMismatchError(

@@ -7,15 +7,17 @@ The lowest layer of the library (it imports nothing of it): datasets cache with 
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text"]
+__all__ = ["atomic_save", "atomic_write_text", "plain_data"]
 
 # The process's umask (read once: os.umask can only be read by setting it), so that files get
 # the permissions a plain open() would give them, not mkstemp's owner-only 0600.
@@ -27,10 +29,49 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically: readers see the old file or the new one, never half.
 
     Args:
-        obj: tensors, containers and plain Python values (loadable with ``weights_only=True``).
+        obj: tensors, containers and plain Python values, as :func:`plain_data` makes them
+            (loadable with ``weights_only=True``).
         path: destination; its directory is created if needed.
+
+    Raises:
+        TypeError: ``obj`` holds a value that a safe load would refuse (before anything is
+            written: the file at ``path``, if any, is kept).
     """
+    obj = plain_data(obj)
     _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
+
+
+def plain_data(obj: Any, where: str = "the object") -> Any:
+    """``obj`` as a safe load (``torch.load(weights_only=True)``) reads it back: numpy scalars
+    and arrays become Python numbers and lists, paths strings; tensors, numbers, strings,
+    ``None`` and dicts, lists and tuples of them are kept.
+
+    Raises:
+        TypeError: any other value (a class instance, a set, a function), naming where it is.
+    """
+    if isinstance(obj, np.generic):  # before the scalars: np.float64 is also a float
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, _SCALARS):
+        return obj
+    if type(obj) is dict or type(obj) is collections.OrderedDict:
+        for key in obj:
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}")
+        return type(obj)((k, plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a safe load "
+        "(torch.load(weights_only=True)) refuses: save tensors, numbers, strings, None and "
+        "dicts, lists and tuples of them"
+    )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

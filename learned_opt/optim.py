@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .checkpoint import rule_from_dict, rule_to_dict
 from .rules import UpdateRule
+from .rules.base import checked_output
 
 __all__ = ["LearnedOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
@@ -413,14 +414,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 k: self._compute_value(rule, k, v, flat) if k in coord else v
                 for k, v in state.items()
             }
-            update, out_state = rule(flat, sub)
+            update, out_state = checked_output(rule, rule(flat, sub), n)
             new_state = {
                 k: v.to(state[k].dtype) if k in coord and self._stored(rule, k, state[k]) else v
                 for k, v in out_state.items()
             }
             return update, new_state
         update = torch.empty_like(flat)
-        new_state: dict[str, Any] = {k: torch.empty_like(state[k]) for k in coord}
+        new_state: dict[str, Any] = {}
+        returned: set[str] | None = None  # the per-coordinate entries the rule returns
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             sub = {}
@@ -430,8 +432,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     sub[k] = self._compute_value(rule, k, v, flat)
                 else:
                     sub[k] = v
-            out, out_state = rule(flat[start:end], sub)
+            out, out_state = checked_output(rule, rule(flat[start:end], sub), end - start)
             update[start:end] = out
+            mine = coord & set(out_state)
+            if returned is None:  # (an entry it leaves out keeps its value, as in one call)
+                returned = mine
+                new_state.update({k: torch.empty_like(state[k]) for k in mine})
+            elif mine != returned:
+                raise RuntimeError(
+                    f"the {rule.kind!r} rule returned the state entries {sorted(mine)} for one "
+                    f"chunk of a tensor and {sorted(returned)} for another: a rule returns the "
+                    "same entries whatever its input"
+                )
             for k, v in out_state.items():
                 if k in coord:
                     new_state[k].narrow(rule.coord_dim(k), start, end - start).copy_(v)
@@ -589,7 +601,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
 def _same_rule(a: UpdateRule, b: UpdateRule) -> bool:
     """Whether two rules are the same kind, settings and weights (buffers included)."""
-    if a.kind != b.kind or a.config() != b.config():
+    if type(a) is not type(b) or a.kind != b.kind or a.config() != b.config():
         return False
     mine, theirs = a.state_dict(), b.state_dict()
     return mine.keys() == theirs.keys() and all(

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import RuleState, UpdateRule
+from ..rules.base import checked_output
 from ..tasks import Batch, FlatSpec, Task
 from .base import LearnedInit, MetaLearner
 
@@ -141,12 +142,15 @@ class OptimizerLearner(MetaLearner):
             (grad,) = torch.autograd.grad(
                 loss, phi, create_graph=create_graph, retain_graph=differentiable
             )
+        n = phi.numel()
         if differentiable:
-            update, rule_state = self.rule(grad, state.rule_state)
-            new_phi = phi + self._scale(update, state.spec)
+            update, rule_state = checked_output(self.rule, self.rule(grad, state.rule_state), n)
+            new_phi = phi + self._scale(update.to(phi.dtype), state.spec)
         else:
             with torch.no_grad():
-                update, rule_state = self.rule(grad, state.rule_state)
+                output = self.rule(grad, state.rule_state)
+                update, rule_state = checked_output(self.rule, output, n)
+                update = update.to(phi.dtype)
                 new_phi = (phi + self._scale(update, state.spec)).requires_grad_(True)
             loss = loss.detach()
         return OptimizerState(new_phi, rule_state, state.spec, state.step + 1), loss

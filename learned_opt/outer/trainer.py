@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..checkpoint import CheckpointError, atomic_save
+from ..checkpoint import CheckpointError, atomic_save, check_saveable
 from ..learners import MetaLearner
 from ..tasks import TaskFamily
 from . import checkpoints, factory
@@ -81,6 +81,12 @@ def _over_processes(stats: dict[str, float]) -> dict[str, float]:
 def _check_own_learner(config: MetaTrainConfig, learner: MetaLearner) -> None:
     """A ``ValueError`` where ``config`` sets what only the learner it would build reads, for a
     learner given instead (it would be ignored, and recorded as if it had applied)."""
+    for name in ("init_weights", "rule_kwargs"):
+        if getattr(config, name):
+            raise ValueError(
+                f"{name} configures the rule the configuration builds; a learner of your own "
+                "brings its rule: leave it out"
+            )
     if config.train_only:
         raise ValueError(
             "train_only selects the parameters of the rule the configuration builds; with a "
@@ -124,6 +130,8 @@ class MetaTrainer:
         _check_world(config.meta_batch)  # at the start, not after the first evaluation
         if learner is not None:
             _check_own_learner(config, learner)
+            if (rule := getattr(learner, "rule", None)) is not None:
+                check_saveable(rule)  # (checkpoints and exports hold it: before any work)
         self.config = config
         self.family = family or factory.build_family(config)
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
@@ -203,8 +211,20 @@ class MetaTrainer:
         return state is not None
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-        """Write the best rule (by held-out evaluation) as a weights file with ``metadata``."""
-        record = self.state_dict()["best_rule"]
+        """Write the best rule (by held-out evaluation) as a weights file with ``metadata``.
+
+        Raises:
+            ValueError: the learner has no update rule (MAML, a black-box learner): its best
+                weights are the checkpoints' ``best_learner``.
+        """
+        state = self.state_dict()
+        if "best_rule" not in state:
+            raise ValueError(
+                f"export_best writes an update rule; a {type(self.learner).__name__} has none "
+                "(its best weights are the checkpoints' 'best_learner', or "
+                "trainer.best_state)"
+            )
+        record = state["best_rule"]
         record["metadata"].update(metadata or {})
         atomic_save(record, path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import RuleState, UpdateRule
+from .base import RULES, RuleState, UpdateRule
 from .corrected_adam import LSTMCorrectedAdamRule
 from .corrected_adam_config import LSTMCorrectedAdamConfig
 from .general import GeneralLSTMRule
@@ -26,16 +26,13 @@ __all__ = [
     "build_rule",
 ]
 
-#: Rule classes by their ``kind`` (the name saved in checkpoints). ``"general-lstm"`` is
-#: :class:`LSTMCorrectedAdamRule` with the options a configuration leaves out at the former
-#: defaults (those of every saved configuration and documented command);
-#: ``"lstm-corrected-adam"`` is the same rule with them at the shipped configuration
-#: (:class:`LSTMCorrectedAdamConfig`), e.g. ``--rule lstm-corrected-adam`` with no options.
-RULES: dict[str, type[UpdateRule]] = {
-    **{cls.kind: cls for cls in (LSTMRule, SGDRule, AdamRule, LSTMCorrectedAdamRule)},
-    ScheduledRule.kind: ScheduledRule,
-    "lstm-corrected-adam": LSTMCorrectedAdamRule,
-}
+# RULES: rule classes by their ``kind`` (the name saved in checkpoints), each class entered as
+# it is defined, a user's too (UpdateRule.__init_subclass__). ``"general-lstm"`` is
+# LSTMCorrectedAdamRule with the options a configuration leaves out at the former defaults
+# (those of every saved configuration and documented command); ``"lstm-corrected-adam"`` is the
+# same rule with them at the shipped configuration (LSTMCorrectedAdamConfig), e.g.
+# ``--rule lstm-corrected-adam`` with no options.
+RULES["lstm-corrected-adam"] = LSTMCorrectedAdamRule
 
 
 def build_rule(kind: str, config: dict[str, Any] | None = None) -> UpdateRule:

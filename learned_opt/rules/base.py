@@ -8,9 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RuleState", "UpdateRule", "bounded_grad", "grad_bound"]
+__all__ = ["RULES", "RuleState", "UpdateRule", "bounded_grad", "checked_output", "grad_bound"]
 
 RuleState = dict[str, Tensor]
+
+#: Rule classes by their ``kind`` (the name saved in weights files and checkpoints): every
+#: subclass of :class:`UpdateRule` that sets a ``kind`` of its own is entered as it is defined.
+RULES: dict[str, type[UpdateRule]] = {}
 
 
 class UpdateRule(nn.Module):
@@ -32,11 +36,33 @@ class UpdateRule(nn.Module):
     concatenates (the unroll passes them; the drop-in optimizer calls it once per tensor, whole,
     never in chunks).
 
-    Subclasses implement :meth:`init_state`, :meth:`forward` and :meth:`config`.
+    Subclasses implement :meth:`init_state`, :meth:`forward` and :meth:`config`, and set
+    :attr:`kind`, a name of their own: the class is entered in :data:`RULES` under it as it is
+    defined, so that :func:`~learned_opt.rules.build_rule`, ``load_rule`` and a resumed
+    optimizer or meta-trainer rebuild it (define the class before loading its weights). A
+    subclass that keeps its parent's kind would load back as the parent: its weights are
+    refused when saved.
     """
 
-    #: Name under which :func:`learned_opt.rules.build_rule` finds the class.
+    #: Name under which :func:`learned_opt.rules.build_rule` finds the class (:data:`RULES`).
     kind: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if not kind:
+            return
+        taken = RULES.get(kind)
+        same = taken is not None and (taken.__module__, taken.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )  # the same class defined again (a module reloaded, a notebook cell run again)
+        if taken is not None and not same:
+            raise TypeError(
+                f"Rule kind {kind!r} is taken by {taken.__module__}.{taken.__qualname__}: give "
+                f"{cls.__qualname__} a kind of its own"
+            )
+        RULES[kind] = cls
 
     @property
     def tensor_aware(self) -> bool:
@@ -51,8 +77,10 @@ class UpdateRule(nn.Module):
 
     @property
     def reads_shape(self) -> bool:
-        """Whether :meth:`init_state` takes ``shape``, the parameter tensor's shape (the drop-in
-        optimizer passes it; e.g. a rule that moves matrices differently from vectors)."""
+        """Whether :meth:`init_state` reads the parameters' shapes (e.g. a rule that moves
+        matrices differently from vectors): the drop-in optimizer passes ``shape``, the
+        parameter tensor's; a meta-learner's unroll over a flat vector of several tensors
+        passes ``shapes``, theirs in order (and ``numels`` with :attr:`tensor_aware`)."""
         return False
 
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
@@ -89,6 +117,28 @@ class UpdateRule(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+
+def checked_output(rule: UpdateRule, output: Any, n: int) -> tuple[Tensor, dict[str, Any]]:
+    """A rule's ``(update, new_state)`` for ``n`` coordinates, or a ``TypeError`` /
+    ``ValueError`` saying what it returned instead (before anything is stepped)."""
+    if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict)):
+        raise TypeError(
+            f"the {rule.kind or type(rule).__qualname__!r} rule returned "
+            f"{type(output).__name__}, not (update, new_state)"
+        )
+    update = output[0]
+    if not (isinstance(update, Tensor) and update.shape == (n,) and update.is_floating_point()):
+        what = (
+            f"a {update.dtype} tensor of shape {tuple(update.shape)}"
+            if isinstance(update, Tensor)
+            else type(update).__name__
+        )
+        raise ValueError(
+            f"the {rule.kind or type(rule).__qualname__!r} rule returned an update of {what} "
+            f"for a gradient of shape ({n},): an update has the gradient's shape"
+        )
+    return output
 
 
 def slow_average(beta: float) -> bool:
