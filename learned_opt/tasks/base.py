@@ -9,7 +9,7 @@ training and held-out batches. It holds no live parameters: learners and optimiz
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ Batch = tuple[Tensor, Tensor]
 
 
 class BatchSampler:
-    """Random minibatches (uniform, with replacement across batches) from fixed tensors.
+    """Random minibatches from fixed tensors: each example of a batch drawn uniformly, with
+    replacement (within a batch too: a batch of 32 from 90 rows repeats about 5 of them).
 
     Args:
         x, y: the data; the first axis indexes examples.
@@ -56,6 +57,21 @@ class BatchSampler:
         return self.x[idx], self.y[idx]
 
 
+def positive_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    """``values`` as a tuple of integers, each at least 1 (``ValueError`` otherwise)."""
+    sizes = tuple(int(v) for v in values)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"Invalid {name}: {sizes} (need one or more, each at least 1)")
+    return sizes
+
+
+def check_test_batch_size(test_batch_size: int | None) -> int | None:
+    """A held-out batch size: ``None`` (the whole held-out set) or at least 1."""
+    if test_batch_size is not None and int(test_batch_size) < 1:
+        raise ValueError(f"Invalid test_batch_size: {test_batch_size} (None, or at least 1)")
+    return test_batch_size
+
+
 class Task:
     """One inner training problem.
 
@@ -85,13 +101,31 @@ class Task:
         self.test = test
 
     def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """Fresh initial parameters drawn from ``generator``."""
-        return self.init_fn(generator)
+        """Fresh initial parameters drawn from ``generator``: one tensor for each of the
+        model's parameters, by name.
+
+        Raises:
+            ValueError: ``init_fn`` returned anything else (the model's own parameters, never
+                trained, would otherwise stand in for those it leaves out).
+        """
+        params = self.init_fn(generator)
+        names = [n for n, _ in self.model.named_parameters()]
+        if not isinstance(params, Mapping) or set(params) != set(names):
+            found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+            raise ValueError(
+                f"Task {self.name}: init_fn must return a dict of one tensor per model "
+                f"parameter, {names}; it returned {found}"
+            )
+        return dict(params)
 
     def loss(self, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
         """The loss of the model with ``params`` on ``batch`` (differentiable in ``params``)."""
         x, y = batch
-        return self.loss_fn(functional_call(self.model, dict(params), (x,)), y)
+        loss = self.loss_fn(functional_call(self.model, dict(params), (x,)), y)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss)
+            raise ValueError(f"Task {self.name}: loss_fn must return a scalar tensor, not {what}")
+        return loss
 
     def __repr__(self) -> str:
         return f"Task({self.name})"
