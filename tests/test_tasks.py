@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from learned_opt.tasks import FAMILIES, FlatSpec, MLPFamily, QuadraticFamily, make_family
+from learned_opt.tasks import (
+    FAMILIES,
+    FlatSpec,
+    MixtureFamily,
+    MLPFamily,
+    QuadraticFamily,
+    RescaledFamily,
+    make_family,
+)
+from learned_opt.tasks.patches import PatchSequenceFamily
+from learned_opt.tasks.sequence import CharLMFamily
 
 
 def test_quadratic_family_matches_the_paper() -> None:
@@ -78,3 +90,26 @@ def test_paper_mnist_task() -> None:
     x, _ = task.train.sample()
     assert x.shape == (128, 784)
     assert len(task.train) == 50_000 and len(task.test) == 10_000
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: make_family("mnist", test_batch_size=0), "test_batch_size"),
+        (lambda: make_family("mnist", hidden=(0,)), "hidden widths"),
+        (lambda: PatchSequenceFamily("shapes", "val", batch_sizes=(0,)), "batch_sizes"),
+        (lambda: PatchSequenceFamily("shapes", "val", kinds=("transformer",), heads=(3,)),
+         "divide by every heads"),
+        (lambda: CharLMFamily(kinds=("transformer",), heads=(5,)), "divide by every heads"),
+        (lambda: MixtureFamily([QuadraticFamily(), QuadraticFamily()], [1.0, math.nan]),
+         "Invalid weights"),
+        (lambda: RescaledFamily(QuadraticFamily(), (1.0, math.inf), (1.0, 1.0)), "scale range"),
+        (lambda: make_family("meta-train", param_scale_range=(1.0,)), "scale range"),
+    ],
+)  # fmt: skip
+def test_families_refuse_settings_that_would_fail_later_or_give_nan(build, match) -> None:
+    """Settings that used to construct a family whose tasks then failed at sampling, or
+    trained to NaN (an empty held-out batch, heads that do not divide the width, an infinite
+    scale), are refused when the family is built."""
+    with pytest.raises(ValueError, match=match):
+        build()

@@ -347,6 +347,8 @@ def _mixture(
     if param_scale_range is not None or loss_scale_range is not None:
         p = tuple(param_scale_range or (1.0, 1.0))
         s = tuple(loss_scale_range or (1.0, 1.0))
+        if len(p) != 2 or len(s) != 2:
+            raise ValueError(f"A scale range is (low, high): got {p} and {s}")
         families = [RescaledFamily(f, (p[0], p[1]), (s[0], s[1])) for f in families]
     return families, [m.weight for m in members]
 

@@ -73,7 +73,7 @@ class MixtureFamily(TaskFamily):
         if not self.members:
             raise ValueError("A mixture needs at least one member family")
         w = [1.0] * len(self.members) if weights is None else [float(x) for x in weights]
-        if len(w) != len(self.members) or min(w) < 0 or sum(w) <= 0:
+        if len(w) != len(self.members) or not all(0 <= x < math.inf for x in w) or sum(w) <= 0:
             raise ValueError(f"Invalid weights {w} for {len(self.members)} members")
         self.weights = w
         self.name = name

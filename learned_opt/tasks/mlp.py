@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BatchSampler, Task, TaskFamily, uniform_init
+from .base import BatchSampler, Task, TaskFamily, check_test_batch_size, uniform_init
 
 __all__ = ["ACTIVATIONS", "MLPFamily", "make_mlp", "load_split"]
 
@@ -108,9 +108,11 @@ class MLPFamily(TaskFamily):
             raise ValueError(f"Invalid batch size: {batch_size}")
         self.dataset = dataset
         self.hidden = tuple(int(h) for h in hidden)
+        if self.hidden and min(self.hidden) < 1:
+            raise ValueError(f"Invalid hidden widths: {self.hidden} (each at least 1)")
         self.activation = activation
         self.batch_size = batch_size
-        self.test_batch_size = test_batch_size
+        self.test_batch_size = check_test_batch_size(test_batch_size)
         self.holdout = holdout
         xt, yt, _, _ = load_split(dataset, holdout)
         self.model = make_mlp(xt.shape[1], self.hidden, int(yt.max()) + 1, activation)

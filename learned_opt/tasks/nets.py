@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BatchSampler, Task, TaskFamily, uniform_init
+from .base import BatchSampler, Task, TaskFamily, check_test_batch_size, uniform_init
 from .mlp import ACTIVATIONS, make_mlp
 from .sources import SOURCES, load_part
 
@@ -136,7 +136,7 @@ class _SourceFamily(TaskFamily):
         self.batch_sizes = _choices("batch_sizes", batch_sizes)
         if min(self.batch_sizes) < 1:
             raise ValueError(f"Invalid batch sizes: {self.batch_sizes}")
-        self.test_batch_size = test_batch_size
+        self.test_batch_size = check_test_batch_size(test_batch_size)
         xt, yt, _, _ = load_part(source, part)
         self.in_dim = xt.shape[1]
         self.regression = SOURCES[source][0] == "regress"

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BatchSampler, Task, TaskFamily
+from .base import (
+    BatchSampler,
+    Task,
+    TaskFamily,
+    check_test_batch_size,
+    positive_sizes,
+)
 from .sequence import CELLS, Recurrent, TransformerBlock, _choice, _choices, init_model
 from .sources import SOURCES, load_part
 
@@ -106,11 +112,13 @@ class PatchSequenceFamily(TaskFamily):
             raise ValueError(f"PatchSequenceFamily needs an image classification source: {source}")
         self.source, self.part, self.side, self.patch = source, part, side, patch
         self.kinds = _choices("kinds", kinds)
-        self.widths = tuple(int(w) for w in _choices("widths", widths))
-        self.layers = tuple(int(n) for n in _choices("layers", layers))
-        self.heads = tuple(int(h) for h in _choices("heads", heads))
-        self.batch_sizes = tuple(int(b) for b in _choices("batch_sizes", batch_sizes))
-        self.test_batch_size = test_batch_size
+        self.widths = positive_sizes("widths", _choices("widths", widths))
+        self.layers = positive_sizes("layers", _choices("layers", layers))
+        self.heads = positive_sizes("heads", _choices("heads", heads))
+        if "transformer" in self.kinds and any(w % h for w in self.widths for h in self.heads):
+            raise ValueError(f"every width {self.widths} must divide by every heads {self.heads}")
+        self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
+        self.test_batch_size = check_test_batch_size(test_batch_size)
         _, yt, _, _ = load_part(source, part)
         self.out_dim = int(yt.max()) + 1
         PatchSequenceClassifier(side, self.out_dim, self.kinds[0], self.widths[0], patch=patch)

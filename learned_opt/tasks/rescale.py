@@ -103,7 +103,7 @@ class RescaledFamily(TaskFamily):
         self.param_scale_range = (float(param_scale_range[0]), float(param_scale_range[1]))
         self.loss_scale_range = (float(loss_scale_range[0]), float(loss_scale_range[1]))
         for low, high in (self.param_scale_range, self.loss_scale_range):
-            if not 0 < low <= high:
+            if not 0 < low <= high < math.inf:
                 raise ValueError(f"Invalid scale range: ({low}, {high}) (need 0 < low <= high)")
 
     def sample(self, generator: torch.Generator) -> Task:

@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Batch, BatchSampler, Task, TaskFamily, uniform_init
+from .base import (
+    Batch,
+    BatchSampler,
+    Task,
+    TaskFamily,
+    check_test_batch_size,
+    positive_sizes,
+    uniform_init,
+)
 
 __all__ = [
     "CELLS",
@@ -263,13 +271,15 @@ class CharLMFamily(TaskFamily):
         self.kinds = _choices("kinds", kinds)
         if any(k not in _LM_KINDS for k in self.kinds):
             raise ValueError(f"Unknown kinds {self.kinds}; expected among {_LM_KINDS}")
-        self.widths = tuple(int(w) for w in _choices("widths", widths))
-        self.layers = tuple(int(n) for n in _choices("layers", layers))
-        self.heads = tuple(int(h) for h in _choices("heads", heads))
-        self.seq_lens = tuple(int(t) for t in _choices("seq_lens", seq_lens))
-        self.batch_sizes = tuple(int(b) for b in _choices("batch_sizes", batch_sizes))
+        self.widths = positive_sizes("widths", _choices("widths", widths))
+        self.layers = positive_sizes("layers", _choices("layers", layers))
+        self.heads = positive_sizes("heads", _choices("heads", heads))
+        if "transformer" in self.kinds and any(w % h for w in self.widths for h in self.heads):
+            raise ValueError(f"every width {self.widths} must divide by every heads {self.heads}")
+        self.seq_lens = positive_sizes("seq_lens", _choices("seq_lens", seq_lens))
+        self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
         self.heldout_fraction = float(heldout_fraction)
-        self.test_batch_size = test_batch_size
+        self.test_batch_size = check_test_batch_size(test_batch_size)
 
     def texts(self) -> tuple[Tensor, Tensor, int]:
         """``(training text, held-out text, vocabulary size)``."""

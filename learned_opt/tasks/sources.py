@@ -19,7 +19,7 @@ Sources and parts (:data:`PARTS`):
 - ``friedman1`` (``"test"``) and ``friedman3`` (``"val"``): scikit-learn's synthetic regression
   problems (Friedman, 1991) with noise, so the loss has a floor well above zero;
 - ``clusters`` (``"test"``): scikit-learn's ``make_classification`` (6 classes in 20 features,
-  10% of the labels flipped: a floor well above zero);
+  10% of the labels drawn again at random, so about 8% changed: a floor well above zero);
 - ``hastie`` (``"val"``): scikit-learn's ``make_hastie_10_2`` (two classes split by a sphere in
   10 features; Hastie et al., 2009), 10% of the labels flipped.
 

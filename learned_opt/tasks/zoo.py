@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BatchSampler, Task, TaskFamily, uniform_init
+from .base import BatchSampler, Task, TaskFamily, check_test_batch_size, uniform_init
 from .fewshot import conv_net
 from .mlp import ACTIVATIONS, load_split, make_mlp
 
@@ -141,7 +141,7 @@ class _DatasetFamily(TaskFamily):
         self.batch_sizes = tuple(int(b) for b in _check_choices("batch_sizes", batch_sizes))
         if min(self.batch_sizes) < 1:
             raise ValueError(f"Invalid batch sizes: {self.batch_sizes}")
-        self.test_batch_size = test_batch_size
+        self.test_batch_size = check_test_batch_size(test_batch_size)
         self.holdout = holdout
         xt, yt, _, _ = load_dataset(dataset, holdout)
         self.in_dim = xt.shape[1]
