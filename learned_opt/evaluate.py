@@ -13,6 +13,7 @@ the benchmarks all use these.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .tasks import FAMILIES, MLPFamily, TaskFamily, make_family
+from .tasks import FAMILIES, TaskFamily, make_family
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -138,10 +139,20 @@ TRAINER_EVAL_STREAM = 7_777_777
 
 
 def evaluation_family(name: str, **kwargs: Any) -> TaskFamily:
-    """A named family for final figures: an MLP family trains on its whole training split and
-    reports its official held-out split (``holdout="test"``, unless ``kwargs`` say otherwise);
-    meta-training selects on a validation split carved from the training data instead."""
-    defaults = {"holdout": "test"} if FAMILIES[name][0] is MLPFamily else {}
+    """A named family for final figures, on data its meta-training and selection did not see
+    (unless ``kwargs`` say otherwise): a family with a held-out split trains on its whole
+    training split and reports its official held-out split (``holdout="test"``; meta-training
+    selects on a validation split carved from the training data instead), a few-shot family
+    draws its tasks from the meta-test split (``split="test"``: other classes, or for
+    sinusoids other amplitudes and phases).
+
+    Raises:
+        ValueError: unknown family name.
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown task family {name!r}; expected one of {sorted(FAMILIES)}")
+    accepted = inspect.signature(FAMILIES[name][0]).parameters
+    defaults = {k: "test" for k in ("holdout", "split") if k in accepted}
     return make_family(name, **{**defaults, **kwargs})
 
 
@@ -231,13 +242,16 @@ def mean_loss(values: Sequence[float]) -> float:
 
 
 def geometric_mean(values: Sequence[float]) -> float:
-    """The geometric mean of positive finite values (``inf`` if any is ``inf``, NaN or not
-    positive: a diverged run, or a ratio left undefined, counts as the worst; NaN for no
-    values): the summary of losses and loss ratios over tasks."""
+    """The geometric mean of non-negative finite values (``inf`` if any is ``inf``, NaN or
+    negative: a diverged run, or a ratio left undefined, counts as the worst; 0 if any is 0, a
+    loss driven to exactly zero, and none of those; NaN for no values): the summary of losses
+    and loss ratios over tasks."""
     if len(values) == 0:
         return math.nan
-    if any(not (v > 0 and math.isfinite(v)) for v in values):
+    if any(not (v >= 0 and math.isfinite(v)) for v in values):
         return math.inf
+    if any(v == 0 for v in values):
+        return 0.0
     return float(np.exp(np.mean(np.log(values))))
 
 

@@ -42,7 +42,8 @@ def test_aggregates() -> None:
     assert mean_loss([1.0, 3.0]) == 2.0 and mean_loss([1.0, math.nan]) == math.inf
     assert math.isnan(mean_loss([]))
     assert geometric_mean([0.5, 2.0]) == pytest.approx(1.0)
-    assert geometric_mean([1.0, math.inf]) == math.inf and geometric_mean([1.0, 0.0]) == math.inf
+    assert geometric_mean([1.0, math.inf]) == math.inf and geometric_mean([1.0, -1.0]) == math.inf
+    assert geometric_mean([1.0, 0.0]) == 0.0  # a loss driven to exactly zero: the best
     assert math.isnan(geometric_mean([]))
 
 
@@ -144,6 +145,13 @@ def test_tuning_widens_past_an_edge_of_the_grid() -> None:
 
 
 def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> None:
+    """Final figures come from data meta-training and selection did not see: the official
+    held-out split of every family that has one, the meta-test split of few-shot families."""
     assert evaluation_family("digits").holdout == "test"
     assert evaluation_family("digits", holdout="val").holdout == "val"
+    assert evaluation_family("diverse").holdout == evaluation_family("val-ood").holdout == "test"
+    assert evaluation_family("digits-fewshot").split == "test"
+    assert evaluation_family("sinusoid").split == "test"
+    with pytest.raises(ValueError, match="Unknown task family 'nope'"):
+        evaluation_family("nope")
     assert evaluation_family("quadratic").config() == QuadraticFamily(dim=10).config()
