@@ -391,10 +391,18 @@ def _export(args: argparse.Namespace) -> int:
     """``learned-opt export``: a checkpoint's rule as a weights file, with provenance."""
     if error := _weights_path_error(args.out):
         return _usage_error("export", error)
-    state = safe_load(args.checkpoint)
-    if not isinstance(state, dict) or "best_rule" not in state:
-        raise CheckpointError(f"{args.checkpoint} is not a meta-trainer checkpoint")
-    rule, meta = load_rule(args.checkpoint, which=args.which)
+    try:
+        state = safe_load(args.checkpoint)
+        if not isinstance(state, dict) or "best_rule" not in state:
+            what = (
+                "a meta-trainer checkpoint of a learner without an update rule (nothing to export)"
+                if isinstance(state, dict) and "best_learner" in state
+                else "not a meta-trainer checkpoint"
+            )
+            raise CheckpointError(f"{args.checkpoint} is {what}")
+        rule, meta = load_rule(args.checkpoint, which=args.which)
+    except CheckpointError as exc:
+        return _usage_error("export", str(exc))
     notes = state.get("notes") or {}
     meta.update(
         {

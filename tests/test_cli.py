@@ -317,3 +317,25 @@ def test_a_run_without_evaluation_reports_null_metrics(capsys: pytest.CaptureFix
     assert main([*argv, "--iterations", "1", "--eval-every", "0", "--quiet"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "Infinity" not in line and json.loads(line)["best_eval_metric"] is None
+
+
+def test_export_of_what_is_no_rule_checkpoint_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A missing file, a weights file and a checkpoint of a learner without a rule each give
+    ``learned-opt export``'s one-line error (exit 2), not a traceback."""
+    import torch
+
+    from learned_opt import LSTMRule, save_rule
+
+    save_rule(tmp_path / "w.pt", LSTMRule(hidden_size=4))
+    torch.save({"best_learner": {}, "iteration": 1}, tmp_path / "maml.pt")
+    for source, says in (
+        ("missing.pt", "No such checkpoint file"),
+        ("w.pt", "not a meta-trainer checkpoint"),
+        ("maml.pt", "learner without an update rule"),
+    ):
+        assert main(["export", str(tmp_path / source), str(tmp_path / "out.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("learned-opt export: error:") and says in err
+    assert not (tmp_path / "out.pt").exists()
