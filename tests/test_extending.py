@@ -218,3 +218,22 @@ def test_a_learner_of_ones_own_refuses_the_rule_settings_and_a_rule_export() -> 
     maml.train()
     with pytest.raises(ValueError, match="MAMLLearner has none"):
         maml.export_best("unused.pt")
+
+
+def test_a_meta_trainer_names_what_it_was_given_instead_of_a_learner_or_a_family() -> None:
+    """A rule given as the learner, a family's name as the family, a learner with nothing to
+    meta-train, and a method a subclass left out each get an error that says so."""
+    from learned_opt.rules import SGDRule
+
+    with pytest.raises(TypeError, match=r"wrap a rule: OptimizerLearner\(rule\)"):
+        MetaTrainer(MetaTrainConfig(**SMALL), learner=ScaledSign())
+    with pytest.raises(TypeError, match="family must be a TaskFamily, not a str"):
+        MetaTrainer(MetaTrainConfig(**SMALL), family="quadratic")
+    with pytest.raises(ValueError, match="no parameter to meta-train"):
+        MetaTrainer(MetaTrainConfig(**SMALL), learner=OptimizerLearner(SGDRule()))
+
+    class Unfinished(UpdateRule):
+        kind = "test-unfinished"
+
+    with pytest.raises(NotImplementedError, match="Unfinished must implement forward"):
+        Unfinished()(torch.ones(2), {})

@@ -21,7 +21,9 @@ class MetaLearner(nn.Module):
 
     - :meth:`init_state` starts the inner state for a task;
     - :meth:`step` consumes one training batch and returns the new state and the training loss
-      (differentiable in theta when ``differentiable``);
+      (differentiable in theta when ``differentiable``: the meta-loss of the ``"train"``
+      objective backpropagates through it after the step, so a gradient taken inside the step
+      keeps the graph, ``retain_graph=differentiable``);
     - :meth:`evaluate` scores a state on held-out data.
 
     :meth:`detach_state` cuts the graph between truncation windows; :meth:`meta_param_groups`
@@ -29,22 +31,22 @@ class MetaLearner(nn.Module):
     """
 
     def init_state(self, task: Task, generator: torch.Generator) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement init_state()")
 
     def step(
         self, task: Task, state: Any, batch: Batch, *, differentiable: bool = True
     ) -> tuple[Any, Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement step()")
 
     def evaluate(self, task: Task, state: Any, batch: Batch) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement evaluate()")
 
     def detach_state(self, state: Any) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement detach_state()")
 
     def params_of(self, task: Task, state: Any) -> dict[str, Tensor]:
         """The optimizee parameters phi held by ``state``, by name."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement params_of()")
 
     def settings(self) -> dict[str, Any]:
         """The learner's own settings that change what it computes without changing its

@@ -25,6 +25,7 @@ import torch
 from .. import distributed
 from ..checkpoint import CheckpointError, atomic_save, check_saveable
 from ..learners import MetaLearner
+from ..rules import UpdateRule
 from ..tasks import TaskFamily
 from . import checkpoints, factory
 from .config import MetaTrainConfig
@@ -78,6 +79,20 @@ def _over_processes(stats: dict[str, float]) -> dict[str, float]:
     return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
 
 
+def _check_types(learner: Any, family: Any, eval_family: Any) -> None:
+    """A ``TypeError`` for a learner or task family given that is none (a rule given as the
+    learner, a family's name given as the family)."""
+    if learner is not None and not isinstance(learner, MetaLearner):
+        hint = "; wrap a rule: OptimizerLearner(rule)" if isinstance(learner, UpdateRule) else ""
+        raise TypeError(f"learner must be a MetaLearner, not a {type(learner).__name__}{hint}")
+    for name, value in (("family", family), ("eval_family", eval_family)):
+        if value is not None and not isinstance(value, TaskFamily):
+            raise TypeError(
+                f"{name} must be a TaskFamily, not a {type(value).__name__} (make_family(name) "
+                "builds a named one; or set the configuration's family / eval_family)"
+            )
+
+
 def _check_own_learner(config: MetaTrainConfig, learner: MetaLearner) -> None:
     """A ``ValueError`` where ``config`` sets what only the learner it would build reads, for a
     learner given instead (it would be ignored, and recorded as if it had applied)."""
@@ -128,6 +143,7 @@ class MetaTrainer:
         progress: bool = False,
     ) -> None:
         _check_world(config.meta_batch)  # at the start, not after the first evaluation
+        _check_types(learner, family, eval_family)
         if learner is not None:
             _check_own_learner(config, learner)
             if (rule := getattr(learner, "rule", None)) is not None:
@@ -136,6 +152,11 @@ class MetaTrainer:
         self.family = family or factory.build_family(config)
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
         self.learner = learner if learner is not None else factory.build_learner(config)
+        if not any(p.requires_grad for p in self.learner.parameters()):
+            raise ValueError(
+                f"The {type(self.learner).__name__} has no parameter to meta-train (none, or "
+                "all fixed with requires_grad=False)"
+            )
         #: The frozen rule the run started from (the loss-averse objective's reference).
         self.reference: MetaLearner | None = factory.build_reference(config, self.learner)
         self.estimator = factory.build_estimator(config)

@@ -85,15 +85,15 @@ class UpdateRule(nn.Module):
 
     def init_state(self, numel: int, *, like: Tensor) -> RuleState:
         """Fresh state for ``numel`` coordinates on ``like``'s device and dtype."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement init_state()")
 
     def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
         """Return ``(update, new_state)`` for a flat gradient ``grad`` of shape ``(n,)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement forward()")
 
     def config(self) -> dict[str, Any]:
         """JSON-serializable constructor arguments (saved in every checkpoint)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement config()")
 
     def coord_dim(self, key: str) -> int | None:
         """Axis of state entry ``key`` that indexes coordinates (``None``: shared scalar)."""

@@ -138,7 +138,7 @@ class TaskFamily:
 
     def sample(self, generator: torch.Generator) -> Task:
         """Draw one task; all of its randomness comes from ``generator``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__} must implement sample()")
 
     def config(self) -> dict[str, Any]:
         """JSON-serializable description (saved with checkpoints and logs)."""
