@@ -60,13 +60,22 @@ def plain_data(obj: Any, where: str = "the object") -> Any:
         return os.fspath(obj)
     if isinstance(obj, _SCALARS):
         return obj
+    # Containers are rebuilt only where something in them changed (a module's state dict keeps
+    # its own OrderedDict, with the version metadata load_state_dict reads).
     if type(obj) is dict or type(obj) is collections.OrderedDict:
         for key in obj:
             if not isinstance(key, (str, int, float, bool, type(None))):
                 raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}")
-        return type(obj)((k, plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items())
+        items = [(k, v, plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items()]
+        if all(new is v for _, v, new in items):
+            return obj
+        made = type(obj)((k, new) for k, _, new in items)
+        if hasattr(obj, "_metadata"):
+            made._metadata = obj._metadata  # type: ignore[attr-defined]
+        return made
     if type(obj) in (list, tuple):
-        return type(obj)(plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        values = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return obj if all(new is v for new, v in zip(values, obj)) else type(obj)(values)
     raise TypeError(
         f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a safe load "
         "(torch.load(weights_only=True)) refuses: save tensors, numbers, strings, None and "

@@ -143,22 +143,31 @@ def test_a_malformed_newest_checkpoint_falls_back_to_previous(tmp_path: Path, da
     assert (tmp_path / (newest.name + ".unreadable")).is_file()
 
 
+def _interrupted_and_resumed(tmp_path: Path, checkpoint_every: int, iterations: int) -> int:
+    """A 5-iteration run (logging to ``tmp_path/tb``, evaluating every 2) killed after its
+    last checkpoint (that checkpoint deleted), then resumed to ``iterations``; returns the
+    iteration it resumed at."""
+    config = {**SMALL, "eval_every": 2, "checkpoint_every": checkpoint_every}
+    dirs = {"log_dir": tmp_path / "tb", "ckpt_dir": tmp_path / "ckpt"}
+    first = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), **dirs)
+    first.train()
+    first.close()
+    find_checkpoints(tmp_path / "ckpt")[0].unlink()
+    again = MetaTrainer(MetaTrainConfig(**{**config, "iterations": iterations}), **dirs)
+    assert again.resume()
+    resumed_at = again.iteration
+    again.train()
+    again.close()
+    return resumed_at
+
+
 def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> None:
     """Steps the interrupted run logged after its last checkpoint are purged from the log
     when the resumed run logs them again."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = {**SMALL, "eval_every": 2, "checkpoint_every": 2}
-    first = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
-                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
-    first.train()
-    first.close()
-    find_checkpoints(tmp_path / "ckpt")[0].unlink()  # killed after logging step 5, unsaved
-    again = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 6}), log_dir=tmp_path / "tb",
-                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
-    assert again.resume() and again.iteration == 4
-    again.train()
-    again.close()
+    # killed after logging step 5, unsaved; resumed at 4
+    assert _interrupted_and_resumed(tmp_path, checkpoint_every=2, iterations=6) == 4
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("meta/loss")] == [1, 2, 3, 4, 5, 6]
@@ -171,17 +180,8 @@ def test_a_resumed_run_logs_each_held_out_curve_once(tmp_path: Path) -> None:
     are replaced, not doubled, when the resumed run evaluates again."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = {**SMALL, "eval_every": 2, "checkpoint_every": 3}
-    first = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
-                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
-    first.train()
-    first.close()
-    find_checkpoints(tmp_path / "ckpt")[0].unlink()  # killed after evaluating at 4, unsaved
-    again = MetaTrainer(MetaTrainConfig(**{**config, "iterations": 5}), log_dir=tmp_path / "tb",
-                        ckpt_dir=tmp_path / "ckpt")  # fmt: skip
-    assert again.resume() and again.iteration == 3
-    again.train()
-    again.close()
+    # killed after evaluating at 4, unsaved; resumed at 3
+    assert _interrupted_and_resumed(tmp_path, checkpoint_every=3, iterations=5) == 3
     curve = tmp_path / "tb" / "eval_curves_iter_0000004_learned"
     acc = EventAccumulator(str(curve))
     acc.Reload()

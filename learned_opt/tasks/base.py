@@ -65,6 +65,13 @@ def positive_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+def check_heads(kinds: Sequence[str], widths: Sequence[int], heads: Sequence[int]) -> None:
+    """A ``ValueError`` unless every attention width divides by every number of heads (when
+    ``kinds`` has a transformer)."""
+    if "transformer" in kinds and any(w % h for w in widths for h in heads):
+        raise ValueError(f"every width {tuple(widths)} must divide by every heads {tuple(heads)}")
+
+
 def check_test_batch_size(test_batch_size: int | None) -> int | None:
     """A held-out batch size: ``None`` (the whole held-out set) or at least 1."""
     if test_batch_size is not None and int(test_batch_size) < 1:

@@ -18,6 +18,7 @@ from .base import (
     BatchSampler,
     Task,
     TaskFamily,
+    check_heads,
     check_test_batch_size,
     positive_sizes,
 )
@@ -115,8 +116,7 @@ class PatchSequenceFamily(TaskFamily):
         self.widths = positive_sizes("widths", _choices("widths", widths))
         self.layers = positive_sizes("layers", _choices("layers", layers))
         self.heads = positive_sizes("heads", _choices("heads", heads))
-        if "transformer" in self.kinds and any(w % h for w in self.widths for h in self.heads):
-            raise ValueError(f"every width {self.widths} must divide by every heads {self.heads}")
+        check_heads(self.kinds, self.widths, self.heads)
         self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
         self.test_batch_size = check_test_batch_size(test_batch_size)
         _, yt, _, _ = load_part(source, part)

@@ -29,6 +29,7 @@ from .base import (
     BatchSampler,
     Task,
     TaskFamily,
+    check_heads,
     check_test_batch_size,
     positive_sizes,
     uniform_init,
@@ -274,8 +275,7 @@ class CharLMFamily(TaskFamily):
         self.widths = positive_sizes("widths", _choices("widths", widths))
         self.layers = positive_sizes("layers", _choices("layers", layers))
         self.heads = positive_sizes("heads", _choices("heads", heads))
-        if "transformer" in self.kinds and any(w % h for w in self.widths for h in self.heads):
-            raise ValueError(f"every width {self.widths} must divide by every heads {self.heads}")
+        check_heads(self.kinds, self.widths, self.heads)
         self.seq_lens = positive_sizes("seq_lens", _choices("seq_lens", seq_lens))
         self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
         self.heldout_fraction = float(heldout_fraction)
