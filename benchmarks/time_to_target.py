@@ -368,6 +368,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
     args = parser.parse_args(argv)
+    if not 0 <= args.hold_margin < math.inf:
+        parser.error(f"--hold-margin must be a finite fraction >= 0, not {args.hold_margin}")
     if args.smoke:
         args.steps, args.tune_steps, args.lrs = 6, 3, "1e-3,1e-2"
         args.layers, args.d_model, args.heads, args.context, args.batch = 1, 32, 2, 16, 4

@@ -87,23 +87,41 @@ def safe_load(path: str | os.PathLike, *, map_location: Any = "cpu") -> Any:
         ) from exc
 
 
+def _class_name(cls: type) -> str:
+    """``module:qualname`` (a record's ``"class"``: the qualified name is what is compared, so
+    a class moved from a script to a module still matches)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def check_saveable(rule: UpdateRule) -> None:
-    """A ``ValueError`` unless ``rule``'s weights load back as the same class: its ``kind``
-    names it in :data:`~learned_opt.rules.RULES` (a subclass that keeps its parent's kind
-    would load back as the parent; one without a kind could not load at all)."""
+    """Whether ``rule``'s weights load back as its own class, by its ``kind`` in
+    :data:`~learned_opt.rules.RULES`: a ``ValueError`` if they cannot load at all (no kind), a
+    ``UserWarning`` if they would load back as another class (a subclass that keeps its
+    parent's kind). A class that sets its kind but is not entered yet (one a by-value pickler
+    such as cloudpickle rebuilt in another process) is entered now; one defined again under
+    the same name (a module reloaded) is taken as the same class."""
     cls = type(rule)
-    if RULES.get(rule.kind) is cls:
+    registered = RULES.get(rule.kind)
+    if registered is cls:
         return
     if not rule.kind:
         raise ValueError(
             f"{cls.__qualname__} has no kind: set the class attribute kind to a name of its own "
             "(e.g. kind = 'my-rule'), under which its weights are saved and found again"
         )
-    raise ValueError(
-        f"{cls.__qualname__} keeps the kind {rule.kind!r} of "
-        f"{RULES[rule.kind].__qualname__ if rule.kind in RULES else 'another class'}: its "
-        "weights would load back as that class. Give it a kind of its own (the class attribute "
-        "kind = 'my-rule')"
+    if registered is None and cls.__dict__.get("kind") == rule.kind:
+        RULES[rule.kind] = cls
+        return
+    if registered is None:
+        raise ValueError(f"{cls.__qualname__}'s kind {rule.kind!r} names no known rule class")
+    if _class_name(registered) == _class_name(cls):
+        return
+    warnings.warn(
+        f"{cls.__qualname__} keeps the kind {rule.kind!r} of {registered.__qualname__}: its "
+        f"weights load back as {registered.__qualname__}. Give it a kind of its own (the class "
+        "attribute kind = 'my-rule')",
+        UserWarning,
+        stacklevel=3,
     )
 
 
@@ -113,13 +131,15 @@ def rule_to_dict(rule: UpdateRule, metadata: dict[str, Any] | None = None) -> di
     become plain values).
 
     Raises:
-        ValueError: the rule would not load back as its own class (:func:`check_saveable`).
+        ValueError: the rule could not load back (:func:`check_saveable`; a ``UserWarning`` if
+            it would load back as another class).
         TypeError: its config or the metadata hold a value a safe load refuses.
     """
     check_saveable(rule)
     return {
         "format": RULE_FORMAT,
         "kind": rule.kind,
+        "class": _class_name(type(rule)),
         "config": plain_data(rule.config(), f"the {rule.kind!r} rule's config"),
         "state_dict": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()},
         "metadata": plain_data(dict(metadata or {}), "the metadata"),
@@ -191,6 +211,14 @@ def rule_from_dict(
             f"{source}: the weights do not fit a {kind!r} rule with config {config}: {details}"
         )
     rule = build_rule(kind, config)
+    saved_class = record.get("class")
+    if isinstance(saved_class, str) and saved_class.split(":")[-1] != type(rule).__qualname__:
+        warnings.warn(
+            f"{source} was saved from {saved_class}; it loads as {_class_name(type(rule))}, "
+            f"the class of the kind {kind!r}",
+            UserWarning,
+            stacklevel=3,
+        )
     rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in found.items()})
     nonfinite = sorted(rule.nonfinite_weights())
     if nonfinite:  # a rule's in-place step relies on finite weights for finite updates

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .tasks import FAMILIES, TaskFamily, make_family
+from .tasks.fewshot import FEWSHOT_FAMILIES
 
 __all__ = [
     "DEFAULT_LR_GRID",
@@ -144,15 +145,17 @@ def evaluation_family(name: str, **kwargs: Any) -> TaskFamily:
     training split and reports its official held-out split (``holdout="test"``; meta-training
     selects on a validation split carved from the training data instead), a few-shot family
     draws its tasks from the meta-test split (``split="test"``: other classes, or for
-    sinusoids other amplitudes and phases).
+    sinusoids an independent stream of tasks from the same distribution).
 
     Raises:
         ValueError: unknown family name.
     """
     if name not in FAMILIES:
         raise ValueError(f"Unknown task family {name!r}; expected one of {sorted(FAMILIES)}")
-    accepted = inspect.signature(FAMILIES[name][0]).parameters
-    defaults = {k: "test" for k in ("holdout", "split") if k in accepted}
+    cls = FAMILIES[name][0]
+    defaults = {"holdout": "test"} if "holdout" in inspect.signature(cls).parameters else {}
+    if cls in FEWSHOT_FAMILIES:  # (``split`` means the meta-test split there, not elsewhere)
+        defaults["split"] = "test"
     return make_family(name, **{**defaults, **kwargs})
 
 
@@ -242,16 +245,16 @@ def mean_loss(values: Sequence[float]) -> float:
 
 
 def geometric_mean(values: Sequence[float]) -> float:
-    """The geometric mean of non-negative finite values (``inf`` if any is ``inf``, NaN or
-    negative: a diverged run, or a ratio left undefined, counts as the worst; 0 if any is 0, a
-    loss driven to exactly zero, and none of those; NaN for no values): the summary of losses
-    and loss ratios over tasks."""
+    """The geometric mean of positive finite values (``inf`` if any is ``inf``, NaN or not
+    positive: a diverged run, or a ratio left undefined, counts as the worst; NaN for no
+    values): the summary of losses and loss ratios over tasks. A loss driven to exactly zero
+    counts as the worst too: on a log scale it would outweigh every other task, and no ratio
+    to it is defined. Size tasks so that losses stay well above zero (or floor a meta-loss:
+    ``MetaTrainConfig.meta_loss_floor``)."""
     if len(values) == 0:
         return math.nan
-    if any(not (v >= 0 and math.isfinite(v)) for v in values):
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
         return math.inf
-    if any(v == 0 for v in values):
-        return 0.0
     return float(np.exp(np.mean(np.log(values))))
 
 

@@ -8,6 +8,7 @@ The lowest layer of the library (it imports nothing of it): datasets cache with 
 from __future__ import annotations
 
 import collections
+import enum
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,45 +42,53 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
+_KEPT = (str, int, float, bool, complex, bytes, type(None))
 
 
 def plain_data(obj: Any, where: str = "the object") -> Any:
     """``obj`` as a safe load (``torch.load(weights_only=True)``) reads it back: numpy scalars
-    and arrays become Python numbers and lists, paths strings; tensors, numbers, strings,
-    ``None`` and dicts, lists and tuples of them are kept.
+    and arrays become Python numbers and lists, paths strings, enumeration members their
+    values, subclasses of ``str``, ``int`` and ``float`` those types; tensors, numbers,
+    strings, bytes, ``None``, ``torch.Size`` / ``dtype`` / ``device`` and dicts, lists, tuples
+    and sets of them are kept (a container is rebuilt only where something in it changed).
 
     Raises:
-        TypeError: any other value (a class instance, a set, a function), naming where it is.
+        TypeError: any other value (an instance of another class, a function), naming where
+            it is.
     """
+    if type(obj) in _KEPT or isinstance(obj, (torch.Tensor, torch.dtype, torch.device)):
+        return obj
     if isinstance(obj, np.generic):  # before the scalars: np.float64 is also a float
         return obj.item()
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return plain_data(obj.tolist(), where)  # (an object array's elements are checked)
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if isinstance(obj, _SCALARS):
+    if isinstance(obj, enum.Enum):
+        return plain_data(obj.value, where)
+    for kind in (bool, int, float, str):  # their subclasses (not pickled as plain values)
+        if isinstance(obj, kind) and type(obj) is not torch.Size:
+            return kind(obj) if kind is not str else str.__str__(obj)
+    if type(obj) is torch.Size:
         return obj
-    # Containers are rebuilt only where something in them changed (a module's state dict keeps
-    # its own OrderedDict, with the version metadata load_state_dict reads).
     if type(obj) is dict or type(obj) is collections.OrderedDict:
         for key in obj:
-            if not isinstance(key, (str, int, float, bool, type(None))):
+            if plain_data(key, f"a key of {where}") is not key:
                 raise TypeError(f"{where} has a key {key!r} of type {type(key).__name__}")
         items = [(k, v, plain_data(v, f"{where}[{k!r}]")) for k, v in obj.items()]
         if all(new is v for _, v, new in items):
             return obj
         made = type(obj)((k, new) for k, _, new in items)
-        if hasattr(obj, "_metadata"):
+        if hasattr(obj, "_metadata"):  # a module's state dict: the version load_state_dict reads
             made._metadata = obj._metadata  # type: ignore[attr-defined]
         return made
-    if type(obj) in (list, tuple):
+    if type(obj) in (list, tuple, set, frozenset):
         values = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return obj if all(new is v for new, v in zip(values, obj)) else type(obj)(values)
     raise TypeError(
         f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a safe load "
         "(torch.load(weights_only=True)) refuses: save tensors, numbers, strings, None and "
-        "dicts, lists and tuples of them"
+        "dicts, lists, tuples and sets of them"
     )
 
 

@@ -113,3 +113,9 @@ def test_families_refuse_settings_that_would_fail_later_or_give_nan(build, match
     scale), are refused when the family is built."""
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_families_keep_settings_that_do_not_apply() -> None:
+    """Heads matter to attention models only, and a transformer of no blocks is a model."""
+    PatchSequenceFamily("shapes", "val", kinds=("lstm",), heads=(0,))
+    PatchSequenceFamily("shapes", "val", kinds=("transformer",), layers=(0,))

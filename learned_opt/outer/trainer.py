@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import CheckpointError, atomic_save, check_saveable
+from ..files import plain_data
 from ..learners import MetaLearner
 from ..rules import UpdateRule
 from ..tasks import TaskFamily
@@ -110,7 +111,8 @@ def _check_own_learner(config: MetaTrainConfig, learner: MetaLearner) -> None:
     if config.second_order and not getattr(learner, "second_order", False):
         raise ValueError(
             "second_order configures the learner the configuration builds; with a learner of "
-            "your own, set it there (OptimizerLearner(rule, second_order=True))"
+            "your own, set it there (OptimizerLearner(rule, second_order=True); MAML: "
+            "MAMLLearner(model, first_order=False))"
         )
 
 
@@ -151,6 +153,8 @@ class MetaTrainer:
         self.config = config
         self.family = family or factory.build_family(config)
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
+        for name, tasks in (("family", self.family), ("eval_family", self.eval_family)):
+            plain_data(tasks.config(), f"the {name}'s config")  # checkpoints hold it: at start
         self.learner = learner if learner is not None else factory.build_learner(config)
         if not any(p.requires_grad for p in self.learner.parameters()):
             raise ValueError(

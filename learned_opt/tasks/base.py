@@ -66,9 +66,11 @@ def positive_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_heads(kinds: Sequence[str], widths: Sequence[int], heads: Sequence[int]) -> None:
-    """A ``ValueError`` unless every attention width divides by every number of heads (when
-    ``kinds`` has a transformer)."""
-    if "transformer" in kinds and any(w % h for w in widths for h in heads):
+    """A ``ValueError`` unless, when ``kinds`` has a transformer, every number of heads is at
+    least 1 and divides every width."""
+    if "transformer" not in kinds:
+        return
+    if min(heads) < 1 or any(w % h for w in widths for h in heads):
         raise ValueError(f"every width {tuple(widths)} must divide by every heads {tuple(heads)}")
 
 
@@ -108,19 +110,19 @@ class Task:
         self.test = test
 
     def init_params(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """Fresh initial parameters drawn from ``generator``: one tensor for each of the
-        model's parameters, by name.
+        """Fresh initial parameters drawn from ``generator``: a tensor for each of the model's
+        parameters, by name (and possibly buffers).
 
         Raises:
-            ValueError: ``init_fn`` returned anything else (the model's own parameters, never
-                trained, would otherwise stand in for those it leaves out).
+            ValueError: ``init_fn`` returned no dict, or one without some of the parameters
+                (the model's own, never trained, would otherwise stand in for them).
         """
         params = self.init_fn(generator)
         names = [n for n, _ in self.model.named_parameters()]
-        if not isinstance(params, Mapping) or set(params) != set(names):
+        if not isinstance(params, Mapping) or not set(names) <= set(params):
             found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
             raise ValueError(
-                f"Task {self.name}: init_fn must return a dict of one tensor per model "
+                f"Task {self.name}: init_fn must return a dict with a tensor for each model "
                 f"parameter, {names}; it returned {found}"
             )
         return dict(params)
@@ -129,10 +131,10 @@ class Task:
         """The loss of the model with ``params`` on ``batch`` (differentiable in ``params``)."""
         x, y = batch
         loss = self.loss_fn(functional_call(self.model, dict(params), (x,)), y)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
             what = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss)
             raise ValueError(f"Task {self.name}: loss_fn must return a scalar tensor, not {what}")
-        return loss
+        return loss.reshape(())
 
     def __repr__(self) -> str:
         return f"Task({self.name})"

@@ -347,3 +347,7 @@ class MNISTFewShotFamily(_ClassFewShotFamily):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "channels": self.channels, "layers": self.layers}
+
+
+#: The few-shot families, whose ``split="test"`` is the meta-test split.
+FEWSHOT_FAMILIES = (SinusoidFamily, DigitsFewShotFamily, MNISTFewShotFamily)

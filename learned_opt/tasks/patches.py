@@ -114,8 +114,8 @@ class PatchSequenceFamily(TaskFamily):
         self.source, self.part, self.side, self.patch = source, part, side, patch
         self.kinds = _choices("kinds", kinds)
         self.widths = positive_sizes("widths", _choices("widths", widths))
-        self.layers = positive_sizes("layers", _choices("layers", layers))
-        self.heads = positive_sizes("heads", _choices("heads", heads))
+        self.layers = tuple(int(n) for n in _choices("layers", layers))
+        self.heads = tuple(int(h) for h in _choices("heads", heads))
         check_heads(self.kinds, self.widths, self.heads)
         self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
         self.test_batch_size = check_test_batch_size(test_batch_size)

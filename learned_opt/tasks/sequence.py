@@ -273,8 +273,8 @@ class CharLMFamily(TaskFamily):
         if any(k not in _LM_KINDS for k in self.kinds):
             raise ValueError(f"Unknown kinds {self.kinds}; expected among {_LM_KINDS}")
         self.widths = positive_sizes("widths", _choices("widths", widths))
-        self.layers = positive_sizes("layers", _choices("layers", layers))
-        self.heads = positive_sizes("heads", _choices("heads", heads))
+        self.layers = tuple(int(n) for n in _choices("layers", layers))
+        self.heads = tuple(int(h) for h in _choices("heads", heads))
         check_heads(self.kinds, self.widths, self.heads)
         self.seq_lens = positive_sizes("seq_lens", _choices("seq_lens", seq_lens))
         self.batch_sizes = positive_sizes("batch_sizes", _choices("batch_sizes", batch_sizes))
