@@ -1,7 +1,8 @@
 """Benchmark: an optimizer on the sealed test group against tuned Adam and tuning-free optimizers.
 
-The sealed test (``learned_opt.tasks.groups.GROUPS["sealed-test"]``: eight fixed tasks whose
-architectures and data no meta-training or validation task shares) is run once per candidate,
+The sealed test (``learned_opt.tasks.groups.GROUPS["sealed-test"]``: eight fixed tasks on data
+parts no meta-training or validation task reads, in no (architecture, data) pair they share;
+kinds of architecture recur across the groups on other data) is run once per candidate,
 and every run is recorded: nothing is ever tuned or chosen on it. For every task and horizon
 (``--steps``), on ``--seeds`` evaluation seeds (each fixes the task's data order and initial
 parameters, the same for every optimizer), side by side in one run:
