@@ -420,7 +420,7 @@ def run(argv: list[str] | None = None) -> int:
         records.append(rec)
     del tune
     tuning = [r for r in records if r["role"] == "tuning"]
-    best_lr = min(tuning, key=lambda r: r["final_val_loss"])["lr"]
+    best_lr = min(tuning, key=lambda r: (r["final_val_loss"], r["lr"]))["lr"]  # ties: the smallest
     scores = {r["lr"]: r["final_val_loss"] for r in tuning}
     lr_at_edge = Tuning(best_lr, scores, runs=[], grid=lrs).at_edge
     if lr_at_edge:
