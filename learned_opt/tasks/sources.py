@@ -11,8 +11,9 @@ Sources and parts (:data:`PARTS`):
 - ``mnist``: ``"train"`` (the official 60k training images, as :func:`~learned_opt.tasks.zoo.
   load_dataset` with ``holdout="val"``: 50k / 10k), ``"test"`` (the official 10k test images:
   8k / 2k);
-- ``digits``, ``diabetes``, ``iris``, ``wine``: ``"train"`` (the four fifths that
-  ``holdout="val"`` reads; the last fifth, ``holdout="test"``, is left unread);
+- ``digits``, ``diabetes``, ``iris``, ``wine``: ``"train"`` (the rows that ``holdout="val"``
+  reads: digits' 1,500 of 1,797, the tables' four fifths; the rest, ``holdout="test"``, is left
+  unread);
 - ``shapes`` (:func:`make_shapes`, synthetic 16x16 images of six shapes): ``"val"`` and
   ``"test"``, drawn from different seeds;
 - ``textures`` (:func:`make_textures`, synthetic 16x16 images of oriented gratings): ``"val"``;
