@@ -30,7 +30,7 @@ from .evaluate import (
 from .files import atomic_write_text
 from .optim import LearnedOptimizer
 from .outer import MetaTrainConfig, MetaTrainer
-from .report import git_commit, plot_curves, read_jsonl, table, write_jsonl
+from .report import git_commit, plot_curves, provenance, read_jsonl, table, write_jsonl
 from .tasks import FAMILIES
 
 __all__ = [
@@ -330,8 +330,6 @@ def _eval(args: argparse.Namespace) -> int:
     print("\nheld-out loss:\n")
     print(table(records, reference, metric="final_test_loss"))
     if args.records:
-        from .report import provenance
-
         write_jsonl(args.records, records)
         # What the records were measured with, beside them: provenance.json for records.jsonl
         # (the benchmarks' layout, as eval_report's), else <stem>.provenance.json, so that

@@ -56,7 +56,7 @@ def plain_data(obj: Any, where: str = "the object") -> Any:
         TypeError: any other value (an instance of another class, a function), naming where
             it is.
     """
-    if type(obj) in _KEPT or isinstance(obj, (torch.Tensor, torch.dtype, torch.device)):
+    if type(obj) in _KEPT or isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
         return obj
     if isinstance(obj, np.generic):  # before the scalars: np.float64 is also a float
         return obj.item()
@@ -67,10 +67,8 @@ def plain_data(obj: Any, where: str = "the object") -> Any:
     if isinstance(obj, enum.Enum):
         return plain_data(obj.value, where)
     for kind in (bool, int, float, str):  # their subclasses (not pickled as plain values)
-        if isinstance(obj, kind) and type(obj) is not torch.Size:
+        if isinstance(obj, kind):
             return kind(obj) if kind is not str else str.__str__(obj)
-    if type(obj) is torch.Size:
-        return obj
     if type(obj) is dict or type(obj) is collections.OrderedDict:
         for key in obj:
             if plain_data(key, f"a key of {where}") is not key:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,16 +143,12 @@ class OptimizerLearner(MetaLearner):
             (grad,) = torch.autograd.grad(
                 loss, phi, create_graph=create_graph, retain_graph=differentiable
             )
-        n = phi.numel()
-        if differentiable:
-            update, rule_state = checked_output(self.rule, self.rule(grad, state.rule_state), n)
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
+            output = self.rule(grad, state.rule_state)
+            update, rule_state = checked_output(self.rule, output, phi.numel())
             new_phi = phi + self._scale(update.to(phi.dtype), state.spec)
-        else:
-            with torch.no_grad():
-                output = self.rule(grad, state.rule_state)
-                update, rule_state = checked_output(self.rule, output, n)
-                update = update.to(phi.dtype)
-                new_phi = (phi + self._scale(update, state.spec)).requires_grad_(True)
+        if not differentiable:
+            new_phi.requires_grad_(True)
             loss = loss.detach()
         return OptimizerState(new_phi, rule_state, state.spec, state.step + 1), loss
 
