@@ -24,8 +24,13 @@ GAIN = {"controller_hidden": 4}
 
 
 def _shipped(**options) -> LSTMCorrectedAdamRule:
+    """The shipped rule with ``options``; the weights they add are drawn from a fixed seed (a
+    draw from the global generator made the unroll-against-drop-in checks depend on the tests
+    run before them, and some draws amplify the last bits of float32 a thousandfold)."""
     base, _ = load_rule(pretrained.path("general"))
-    return base.variant(**options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return base.variant(**options)
 
 
 def _train(rule, steps: int = 30) -> tuple[list[torch.Tensor], dict]:
@@ -93,7 +98,7 @@ def test_the_drift_adds_to_each_change_of_the_log_step(drift: float) -> None:
 
 
 def test_zero_drift_is_the_gain_rule_step_for_step() -> None:
-    rule = _nonzero_gain()  # (its first layer is drawn anew on each call)
+    rule = _nonzero_gain()
     gained, _ = _train(rule)
     drifted, state = _train(rule.variant(controller_drift=0.5))
     assert all(torch.equal(a, b) for a, b in zip(gained, drifted))
@@ -130,8 +135,8 @@ def _unroll_matches_drop_in(rule, steps: int = 15):
         state, _ = learner.step(task, state, task.train.sample(), differentiable=False)
     flat = _drop_in_run(family, rule, steps)
     # The two sum each tensor's statistics in different orders (the flat vector's index_add,
-    # the fused kernel's blocks); a controller with N(0, 1) weights amplifies those last bits
-    # over 15 steps to a few 1e-6 at most (a clean-clone run measured 3.4e-6).
+    # the fused kernel's blocks). With the seeded controllers here the runs are well
+    # conditioned: a relative 1e-5 error in every gradient moves the end by under 1e-5.
     torch.testing.assert_close(flat, state.params, rtol=1e-4, atol=1e-5)
     return family, flat
 
