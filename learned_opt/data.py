@@ -15,6 +15,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -265,6 +266,19 @@ def _load_cache(
     return obj["images"], obj["labels"]
 
 
+def sklearn_datasets(needed_by: str) -> ModuleType:
+    """Returns ``sklearn.datasets``, or raises an ImportError that names what needs it and how
+    to install it (scikit-learn ships the small real datasets the tasks use)."""
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise ImportError(
+            f"{needed_by} needs scikit-learn (its datasets ship with the package); install it "
+            "with: pip install 'learned_opt[data]' (or pip install scikit-learn)"
+        ) from exc
+    return datasets
+
+
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Loads scikit-learn's bundled 8x8 digits dataset (1797 samples, 10 classes).
 
@@ -274,14 +288,7 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     Raises:
         ImportError: If scikit-learn is not installed.
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as exc:
-        raise ImportError(
-            "load_digits needs scikit-learn (its digits data ship with the package); "
-            "install it with: pip install scikit-learn"
-        ) from exc
-    bunch = _sk_load_digits()
+    bunch = sklearn_datasets("load_digits").load_digits()
     x = torch.as_tensor(np.asarray(bunch.data, dtype=np.float32) / 16.0)
     y = torch.as_tensor(np.asarray(bunch.target, dtype=np.int64))
     return x, y

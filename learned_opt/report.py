@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .evaluate import RunResult
+from .files import atomic_write_text
 
 __all__ = [
     "git_commit",
@@ -32,11 +33,10 @@ __all__ = [
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    """Writes one JSON object per line, atomically: an error or interruption part-way keeps the
+    previous file whole. A diverged run's loss is written as Python's ``NaN`` / ``Infinity``
+    tokens, which :func:`read_jsonl` (and pandas) read back."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def git_commit() -> str:

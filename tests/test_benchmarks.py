@@ -391,3 +391,20 @@ def test_eval_writes_provenance_beside_its_records(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "provenance.json", "r.jsonl", "r.provenance.json", "records.jsonl"
     ]  # fmt: skip
+
+
+def test_records_are_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    from learned_opt.report import read_jsonl, write_jsonl
+
+    path = tmp_path / "records.jsonl"
+    write_jsonl(path, [{"loss": 1.0}, {"loss": float("nan")}])
+    rows = read_jsonl(path)
+    assert rows[0] == {"loss": 1.0} and rows[1]["loss"] != rows[1]["loss"]  # NaN reads back
+
+    def interrupted():
+        yield {"loss": 2.0}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(path, interrupted())
+    assert len(read_jsonl(path)) == 2 and [p.name for p in tmp_path.iterdir()] == [path.name]

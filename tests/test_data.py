@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
+import sys
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 
@@ -273,3 +274,20 @@ def test_train_val_split() -> None:
         train_val_split(x, y, 101)
     with pytest.raises(ValueError):
         train_val_split(x, y[:5], 2)
+
+
+def test_missing_scikit_learn_is_named_with_its_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from learned_opt.tasks import sources, zoo
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    monkeypatch.setattr(zoo, "_TABLES", {})
+    monkeypatch.setattr(sources, "_CACHE", {})
+    for load in (
+        load_digits,
+        lambda: zoo.load_dataset("diabetes", "val"),
+        lambda: sources.load_part("friedman1", "test"),
+    ):
+        with pytest.raises(ImportError, match=r"needs scikit-learn.*pip install"):
+            load()

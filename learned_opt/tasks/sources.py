@@ -177,8 +177,10 @@ def _standardize(
 
 def _sklearn(source: str, seed: int) -> tuple[Tensor, Tensor]:
     import numpy as np
-    from sklearn import datasets
 
+    from ..data import sklearn_datasets
+
+    datasets = sklearn_datasets(f"the {source} data")
     if source == "friedman1":
         x, y = datasets.make_friedman1(n_samples=3000, noise=2.0, random_state=seed)
     elif source == "friedman3":

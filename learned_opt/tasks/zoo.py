@@ -56,11 +56,10 @@ def _load_table(name: str, holdout: str) -> tuple[Tensor, Tensor, Tensor, Tensor
     if key in _TABLES:
         return _TABLES[key]
     import numpy as np
-    from sklearn import datasets
 
-    from ..data import train_val_split
+    from ..data import sklearn_datasets, train_val_split
 
-    bunch = getattr(datasets, f"load_{name}")()
+    bunch = getattr(sklearn_datasets(f"the {name} tasks"), f"load_{name}")()
     x = torch.as_tensor(np.asarray(bunch.data, dtype=np.float32))
     if DATASETS[name][0] == "regress":
         y = torch.as_tensor(np.asarray(bunch.target, dtype=np.float32)).unsqueeze(1)
