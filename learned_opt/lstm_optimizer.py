@@ -94,7 +94,8 @@ class LSTMOptimizer(LearnedOptimizer):
             :class:`LearnedOptimizer`); a ``ValueError`` for weights that cannot read it.
         hidden_size, num_layers: if given, the architecture the weights must have.
         state_dtype: ``torch.bfloat16`` stores the per-coordinate state in bfloat16 (half the
-            bytes); it is upcast for the step and rounded back. ``None``: the parameter's dtype.
+            bytes); it is upcast for the step and rounded back. ``None``: the dtype the step is
+            computed in (the parameter's; float32 for float16).
 
     Raises:
         ValueError: empty parameters, bad ``lr``, unknown weights name or missing file.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,8 @@ from .rules.base import checked_output
 __all__ = ["LearnedOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
 _NONFINITE_POLICIES = ("skip", "raise")
-#: Storage dtypes of the per-coordinate optimizer state (``None``: the parameter's dtype).
+#: Storage dtypes of the per-coordinate optimizer state (``None``: the dtype the step is computed
+#: in, the parameter's or float32 for float16).
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
@@ -73,6 +76,20 @@ def _check_rate(name: str, value: float | Tensor) -> None:
         raise ValueError(f"Invalid {name}: {value}")
 
 
+def _check_group_rates(group: dict[str, Any], index: int) -> None:
+    """:func:`_check_rate` on a group's ``lr`` and ``weight_decay`` as they are now (a scheduler
+    or the user may have set them since): a NaN or negative rate would reach every parameter.
+    A tensor rate on an accelerator is not read (that would wait for the device)."""
+    for key, name in (("lr", "learning rate"), ("weight_decay", "weight_decay value")):
+        value = group.get(key, 0.0)
+        if isinstance(value, Tensor) and value.device.type != "cpu":
+            continue
+        try:
+            _check_rate(name, value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} in param group {index}; no parameter was changed") from None
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update computed from it) contains NaN or Inf."""
 
@@ -114,9 +131,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule: the update rule.
         lr: multiplier on the rule's update.
         nonfinite: ``"skip"`` or ``"raise"``.
-        state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the parameter's
-            dtype), ``torch.float32`` or ``torch.bfloat16`` (about half the memory of float32:
-            slow moving averages such as Adam's second moment stay in float32, see
+        state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the dtype the
+            step is computed in: the parameter's, float32 for float16), ``torch.float32`` or
+            ``torch.bfloat16`` (about half the memory of float32: slow moving averages such as
+            Adam's second moment stay in float32, see
             :meth:`~learned_opt.rules.UpdateRule.precise_keys`). The update is always computed
             in the parameter's dtype (float32 for float16 parameters): the state is upcast for
             the computation and rounded back when stored.
@@ -141,7 +159,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             frozen for a while, a branch unused) reaches the end of its schedule only after
             ``total_steps`` of its own. :meth:`load_state_dict` keeps a ``total_steps`` given here
             (a resumed run lengthened or shortened: the schedule follows the new length) and
-            otherwise takes the saved one.
+            otherwise takes the saved one. Steps past ``total_steps`` keep the schedule's last
+            value; the warm-up and decay last whole steps (the default weights' 2% warm-up is
+            none below 50 steps).
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
@@ -202,6 +222,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not isinstance(params, set):  # (torch refuses sets: their order is arbitrary)
             params = list(params)  # once: an iterator is consumed here
             for p in params:
+                if isinstance(p, tuple) and len(p) == 2:  # named parameters: (name, tensor)
+                    p = p[1]
                 if isinstance(p, Tensor) and not p.is_floating_point():
                     raise TypeError(
                         f"{type(self).__name__} optimizes real floating-point parameters, not "
@@ -246,7 +268,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         # Check every gradient first, so that "raise" leaves the model and state untouched.
         work: list[tuple[Tensor, dict[str, Any]]] = []
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
+            _check_group_rates(group, i)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -478,22 +501,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state plus the rule record (so a resume needs nothing else),
         with the weights' metadata of an :class:`~learned_opt.LSTMOptimizer`."""
-        sd = super().state_dict()
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            sd = super().state_dict()
         sd["rule"] = rule_to_dict(self.rule, getattr(self, "metadata", None))
+        for hook in post_hooks:  # (torch's order: they see the whole state dict, the rule too)
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (also one read back with ``torch.load(weights_only=True)``):
         the parameter groups' settings, each parameter's state, and the rule as saved (its
         weights and settings: the run continues exactly; a ``UserWarning`` when they are not
-        this optimizer's). Nothing changes if it does not fit."""
+        this optimizer's). Nothing changes if it does not fit. Load-state-dict hooks run as
+        torch's do: the pre-hooks' result is what is loaded, the post-hooks run at the end."""
         state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         record = state_dict.pop("rule", None)
         rule = None
         if record is not None:
             rule = rule_from_dict(record, expected_kind=self.rule.kind, source="state_dict")
         self._check_saved_state(rule or self.rule, state_dict)
-        super().load_state_dict(state_dict)  # checks the groups before changing anything
+        hooks = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with _hooks_held(self, *hooks) as post_hooks:  # (each run once, here)
+            super().load_state_dict(state_dict)  # checks the groups before changing anything
         if rule is not None:
             if not _same_rule(rule, self.rule):
                 warnings.warn(
@@ -529,6 +564,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     dtype = self._storage_dtype(rule_p, key) or _compute_dtype(p.dtype)
                 state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
         self._align_total_steps()
+        for hook in post_hooks:
+            hook(self)
 
     def _check_saved_state(self, rule: UpdateRule, state_dict: dict[str, Any]) -> None:
         """A ``ValueError`` unless each saved parameter state is one ``rule`` keeps for that
@@ -597,6 +634,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._rule_copies = {}
+
+
+@contextlib.contextmanager
+def _hooks_held(opt: torch.optim.Optimizer, *names: str) -> Iterator[list[Callable[..., Any]]]:
+    """Empties the optimizer's hook tables ``names`` while the block runs (torch's method it
+    calls then runs none of them) and yields the last table's hooks, for the caller to run."""
+    held = {name: getattr(opt, name) for name in names}
+    for name in names:
+        setattr(opt, name, OrderedDict())
+    try:
+        yield list(held[names[-1]].values())
+    finally:
+        for name, table in held.items():
+            setattr(opt, name, table)
 
 
 def _same_rule(a: UpdateRule, b: UpdateRule) -> bool:

@@ -76,6 +76,76 @@ def test_a_non_finite_or_negative_rate_is_refused_as_torch_optim_does(options: d
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_rate_set_after_construction_is_checked_at_the_step(policy: str, bad: float) -> None:
+    """A scheduler (or the user) setting a NaN, infinite or negative rate later: the step
+    refuses it before any parameter or state changes, whatever the non-finite policy."""
+    a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(5))
+    opt = LSTMOptimizer([{"params": [a]}, {"params": [b]}], nonfinite=policy)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: bad if i >= 1 else 1.0)
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    before = [a.detach().clone(), b.detach().clone()]
+    state = {k: v.clone() for k, v in opt.state[a].items()}
+    for group, key in ((0, "lr"), (1, "lr"), (1, "weight_decay")):  # the scheduler's, then ours
+        if key == "weight_decay" or group == 1:
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = 1.0, 0.0
+            opt.param_groups[group][key] = bad
+        with pytest.raises(ValueError, match=rf"Invalid .* in param group {group}; no param"):
+            opt.step()
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+        assert all(torch.equal(v, state[k]) for k, v in opt.state[a].items())
+
+
+def test_named_parameters_are_checked_as_parameters_are() -> None:
+    """``model.named_parameters()``, which torch.optim takes: a complex or integer parameter
+    among them is refused as it is without names."""
+    complex_model = nn.Linear(3, 2, dtype=torch.cfloat)
+    with pytest.raises(TypeError, match="real floating-point parameters"):
+        LSTMOptimizer(complex_model.named_parameters())
+    with pytest.raises(TypeError, match="real floating-point parameters"):
+        LSTMOptimizer([("i", torch.zeros(3, dtype=torch.long))])
+    model = nn.Linear(3, 2)
+    opt = LSTMOptimizer(model.named_parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+
+
+def test_state_dict_hooks_act_as_torch_optims_do() -> None:
+    """A load pre-hook's result is what is loaded (here: every first moment zeroed, then: a
+    state dict with no state, which loads as no state); the post-hooks run once, at the end;
+    a state-dict post-hook sees the rule's record."""
+    model = nn.Linear(4, 3)
+    opt = LSTMOptimizer(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    first = next(k for k, v in sd["state"][0].items() if v.shape == (12,) and v.abs().sum() > 0)
+
+    def zeroed(_, sd: dict) -> dict:
+        state = {i: {**s, first: torch.zeros_like(s[first])} for i, s in sd["state"].items()}
+        return {**sd, "state": state}
+
+    loaded, seen = [], []
+    other = LSTMOptimizer(nn.Linear(4, 3).parameters())
+    other.register_load_state_dict_pre_hook(zeroed)
+    other.register_load_state_dict_post_hook(lambda o: loaded.append(len(o.state)))
+    other.load_state_dict(sd)
+    assert loaded == [2] and all(float(s[first].abs().sum()) == 0 for s in other.state.values())
+    empty = LSTMOptimizer(nn.Linear(4, 3).parameters(), lr=0.5)
+    empty.register_load_state_dict_pre_hook(lambda _, sd: {**sd, "state": {}})
+    empty.load_state_dict(sd)
+    assert len(empty.state) == 0 and empty.param_groups[0]["lr"] == 1.0
+    opt.register_state_dict_post_hook(lambda _, sd: seen.append("rule" in sd))
+    opt.state_dict()
+    assert seen == [True]
+
+
 def test_a_one_element_tensor_lr_steps_as_the_number() -> None:
     a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
     opts = LSTMOptimizer([a], lr=torch.tensor([0.5])), LSTMOptimizer([b], lr=0.5)
