@@ -161,7 +161,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             (a resumed run lengthened or shortened: the schedule follows the new length) and
             otherwise takes the saved one. Steps past ``total_steps`` keep the schedule's last
             value; the warm-up and decay last whole steps (the default weights' 2% warm-up is
-            none below 50 steps).
+            none for runs of 50 steps or fewer).
 
     Raises:
         ValueError: empty parameter list, negative ``lr``, unknown ``nonfinite`` policy or
