@@ -35,7 +35,7 @@ def test_higher_follows_the_drop_in_trajectory(rule: LSTMRule) -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     for a, b in zip(fast, model.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_meta_gradient_reaches_a_trainable_rule(rule: LSTMRule) -> None:
@@ -88,7 +88,7 @@ def test_higher_follows_the_default_optimizers_trajectory(options: dict) -> None
     reference = [p.detach().clone() for p in model.parameters()]
     fast = _higher_then_drop_in(model, LSTMOptimizer(model.parameters(), **options), x, y, 5)
     for a, b in zip(fast, model.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-5)
     assert not all(torch.equal(a, r) for a, r in zip(fast, reference))
 
 

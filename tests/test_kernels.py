@@ -187,12 +187,14 @@ def test_fused_step_declines_what_it_does_not_cover(rule: LSTMRule) -> None:
 
 def test_vector_tanh_and_sigmoid_error_bounds() -> None:
     """The fused step's rational tanh, and sigmoid(x) = 0.5 tanh(x / 2) + 0.5 built from it, are
-    within 4e-7 (absolute) of the exact functions over the whole float range."""
+    within 5e-7 (absolute) of the exact functions over the whole float range: the rational
+    function's own 3.2e-7 plus what the refined reciprocal estimate leaves, which differs by CPU
+    vendor (up to about 4.3e-7 within the instruction's documented error)."""
     x = torch.cat((torch.linspace(-20.0, 20.0, 2_000_001), torch.tensor([-1e30, 1e30, 0.0])))
     t = kernels._load().tanh_approx(x)
-    assert (t.double() - torch.tanh(x.double())).abs().max() < 4e-7
+    assert (t.double() - torch.tanh(x.double())).abs().max() < 5e-7
     s = 0.5 * kernels._load().tanh_approx(0.5 * x) + 0.5
-    assert (s.double() - torch.sigmoid(x.double())).abs().max() < 4e-7
+    assert (s.double() - torch.sigmoid(x.double())).abs().max() < 5e-7
     assert t.abs().max() <= 1.0 and s.min() >= 0.0 and s.max() <= 1.0
 
 

@@ -1,9 +1,9 @@
 """Meta-training is reproducible across refactors: a few iterations of several configurations give
 the meta-parameters (and held-out figures) recorded in ``tests/fixtures``, up to rounding: bit for
-bit on the machine that recorded them, within 1e-3 of each tensor's largest entry on another CPU
-(PyTorch's matrix products and sums round differently by instruction set, and evolution
-strategies amplify the difference: 2e-4 measured between two x86-64 machines), far below what a
-change of the computation moves.
+bit on the machine that recorded them, within 1e-3 of each tensor's largest entry (at least a
+tenth of the largest of all) on another CPU (PyTorch's matrix products and sums round differently
+by instruction set, and evolution strategies amplify the difference: 2e-4 measured between two
+x86-64 machines), far below what a change of the computation moves.
 
 Regenerate the fixture only for a deliberate change of the numbers:
 ``python tests/test_outer_fixture.py``.
@@ -92,8 +92,11 @@ def test_meta_training_reproduces_the_recorded_run(
     expected = torch.load(FIXTURE, weights_only=True)[name]
     got = run(CONFIGS[name])
     assert expected["learner"].keys() == got["learner"].keys()
+    largest = max(float(v.abs().max()) for v in expected["learner"].values())
     for key, value in expected["learner"].items():
-        scale = float(value.abs().max().clamp_min(1e-6))
+        # A one-number tensor moved little (the read-out's bias, ~3e-3) is held to a tenth of
+        # the largest entry's scale: its own would leave ES's amplified rounding no room.
+        scale = max(float(value.abs().max()), 0.1 * largest, 1e-6)
         torch.testing.assert_close(got["learner"][key], value, rtol=0, atol=1e-3 * scale)
     assert got["eval_metric"] == pytest.approx(expected["eval_metric"], rel=1e-5)
     assert got["adam_metric"] == (
