@@ -210,7 +210,8 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         )
         if args.resume and trainer.resume() and main_rank:
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
-    except (ValueError, CheckpointError) as exc:  # WeightsMismatchError is a ValueError too
+        trainer.check_fresh_start()  # an earlier run's checkpoints, not resumed: refused
+    except (ValueError, CheckpointError, FileExistsError) as exc:  # (WeightsMismatchError too)
         return _usage_error("meta-train", str(exc))
     command = "learned-opt " + shlex.join(argv)
     trainer.notes.setdefault("commands", []).append(

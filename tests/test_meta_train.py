@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from learned_opt import LSTMOptimizer
+from learned_opt.checkpoint import CheckpointError
 from learned_opt.outer import MetaTrainConfig, MetaTrainer, find_checkpoints
 
 SMALL = dict(
@@ -165,6 +166,9 @@ def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> 
     """Steps the interrupted run logged after its last checkpoint are purged from the log
     when the resumed run logs them again."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_accumulator import (
+        EventAccumulator as PluginEventAccumulator,  # what TensorBoard's dashboards read
+    )
 
     # killed after logging step 5, unsaved; resumed at 4
     assert _interrupted_and_resumed(tmp_path, checkpoint_every=2, iterations=6) == 4
@@ -172,6 +176,10 @@ def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> 
     acc.Reload()
     assert [e.step for e in acc.Scalars("meta/loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in acc.Scalars("eval/metric")] == [0, 2, 4, 6]
+    plugin = PluginEventAccumulator(str(tmp_path / "tb"))
+    plugin.Reload()
+    assert [e.step for e in plugin.Tensors("meta/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in plugin.Tensors("config/text_summary")] == [0]
 
 
 def test_a_resumed_run_logs_each_held_out_curve_once(tmp_path: Path) -> None:
@@ -915,3 +923,39 @@ def test_resume_refuses_a_learner_or_family_of_ones_own_set_otherwise(tmp_path: 
     state = older.state_dict()
     del state["learner_settings"]
     restore_trainer(older, state)
+
+
+def test_a_fresh_run_refuses_a_directory_of_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    """Not resumed, a run there would prune the earlier run's checkpoints and replace its
+    best.pt as it writes its own: refused before any work, nothing touched."""
+    MetaTrainer(MetaTrainConfig(iterations=2, **SMALL), ckpt_dir=tmp_path).train()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = MetaTrainer(MetaTrainConfig(iterations=2, **{**SMALL, "seed": 5}), ckpt_dir=tmp_path)
+    with pytest.raises(FileExistsError, match="earlier run.*resume it"):
+        other.train()
+    assert other.iteration == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("damage", ["another-learner", "all-corrupt"])
+def test_resume_refuses_when_no_checkpoint_can_be_resumed(tmp_path: Path, damage: str) -> None:
+    """Every checkpoint failing (a learner built otherwise than the one that wrote them, or
+    each file damaged) is an error on resume, not a fresh run: none is set aside as
+    unreadable, nothing changes. (One damaged among good ones: the tests above.)"""
+    from learned_opt import LSTMRule
+    from learned_opt.learners import OptimizerLearner
+
+    config = MetaTrainConfig(iterations=3, **{**SMALL, "checkpoint_every": 1})
+    MetaTrainer(config, ckpt_dir=tmp_path).train()
+    if damage == "all-corrupt":
+        for path in find_checkpoints(tmp_path):
+            path.write_bytes(bytes(path.stat().st_size))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    learner = None
+    if damage == "another-learner":
+        learner = OptimizerLearner(LSTMRule(hidden_size=3, num_layers=1))
+    again = MetaTrainer(config, ckpt_dir=tmp_path, learner=learner)
+    with pytest.raises(CheckpointError, match="None of the 3 checkpoints .* can be resumed"):
+        again.resume()
+    assert again.iteration == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

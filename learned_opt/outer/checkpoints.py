@@ -278,29 +278,47 @@ def read_checkpoint(
     ckpt_dir: Path | None,
     check: Callable[[Any], None] | None = None,
 ) -> dict[str, Any] | None:
-    """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir`` (a truncated,
-    corrupt or, by ``check`` (raising :class:`CheckpointError`), malformed newest one is
-    reported with a warning, renamed ``*.pt.unreadable`` so that it takes none of the kept
-    checkpoints' places, and the one before it is used); ``None`` if there is none."""
-    candidates = [Path(path)] if path is not None else []
-    if path is None and ckpt_dir is not None:
-        candidates = find_checkpoints(ckpt_dir)
+    """The state in ``path``, or in the newest readable checkpoint of ``ckpt_dir``; ``None`` if
+    there is none. A truncated, corrupt or, by ``check`` (raising :class:`CheckpointError`),
+    malformed checkpoint newer than the one used is reported with a warning and renamed
+    ``*.pt.unreadable`` (so that it takes none of the kept checkpoints' places).
+
+    Raises:
+        CheckpointError: ``path`` is unreadable, or none of ``ckpt_dir``'s checkpoints is (they
+            are left as they are: all of them failing is more likely another run's directory
+            or a learner built otherwise than damage to each).
+    """
+    if path is not None:
+        state = safe_load(Path(path))
+        if check is not None:
+            check(state)
+        return state
+    candidates = find_checkpoints(ckpt_dir) if ckpt_dir is not None else []
+    failed: list[tuple[Path, CheckpointError]] = []
     for candidate in candidates:
         try:
             state = safe_load(candidate)
             if check is not None:
                 check(state)
-            return state
         except CheckpointError as exc:
-            if path is not None:
-                raise
-            aside = candidate.with_name(candidate.name + ".unreadable")
+            failed.append((candidate, exc))
+            continue
+        for bad, exc in failed:
+            aside = bad.with_name(bad.name + ".unreadable")
             if distributed.is_main():  # (gone already, or a read-only directory: left there)
                 with contextlib.suppress(OSError):
-                    candidate.rename(aside)
+                    bad.rename(aside)
             warnings.warn(
                 f"Skipping unreadable checkpoint (kept as {aside.name}): {exc}",
                 RuntimeWarning,
                 stacklevel=3,
             )
+        return state
+    if failed:
+        reasons = "; ".join(f"{bad.name}: {exc}" for bad, exc in failed[:3])
+        raise CheckpointError(
+            f"None of the {len(failed)} checkpoints in {ckpt_dir} can be resumed ({reasons}); "
+            "nothing was changed. Resume with the learner that wrote them, or start afresh in "
+            "another checkpoint directory"
+        )
     return None

@@ -219,7 +219,8 @@ class MetaTrainer:
         the other processes: machines without a shared filesystem resume the same state.
 
         Raises:
-            CheckpointError: ``path`` is unreadable (on every process).
+            CheckpointError: ``path`` is unreadable, or none of ``ckpt_dir``'s checkpoints can
+                be resumed (they are left as they are), on every process.
         """
         state = None
         if distributed.is_main():
@@ -234,6 +235,27 @@ class MetaTrainer:
         if state is not None:
             self.load_state_dict(state)
         return state is not None
+
+    def check_fresh_start(self) -> None:
+        """A ``FileExistsError`` when a run that did not resume would write into a checkpoint
+        directory holding an earlier run's checkpoints (its writes would prune them and replace
+        ``best.pt``); :meth:`train` calls it first.
+
+        Raises:
+            FileExistsError: on every process, naming the directory and how to go on.
+        """
+        if self.ckpt_dir is None or self.iteration > 0 or self._purge_step is not None:
+            return
+        found = None
+        if distributed.is_main():
+            found = [p.name for p in checkpoints.find_checkpoints(self.ckpt_dir)]
+        found = distributed.broadcast_state(found)
+        if found:
+            raise FileExistsError(
+                f"{self.ckpt_dir} holds checkpoints of an earlier run ({found[0]}, newest): "
+                "resume it (trainer.resume(), --resume), or start this run in another "
+                "checkpoint directory; a new run there would prune them and replace best.pt"
+            )
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the best rule (by held-out evaluation) as a weights file with ``metadata``.
@@ -260,12 +282,16 @@ class MetaTrainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # Resumed, the events the interrupted run logged after its checkpoint are hidden
-            # (TensorBoard purges steps from this one on): each step shows once.
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step)
-            self._writer.add_text(
-                "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
-            )
+            # Each writer marks its session's start: resumed, TensorBoard hides the events the
+            # interrupted run logged after its checkpoint (from the resumed run's first step
+            # on), so that each step shows once. (It takes a run's first start mark for the
+            # initial one and purges at the later ones: a fresh run marks step 0.)
+            resumed = self._purge_step is not None
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step or 0)
+            if not resumed:
+                self._writer.add_text(
+                    "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
+                )
         self._writer.add_scalar(tag, value, self.iteration if step is None else step)
 
     def close(self) -> None:
@@ -414,6 +440,7 @@ class MetaTrainer:
         evaluation, checkpoints every ``checkpoint_every`` iterations and at the end.
         """
         cfg = self.config
+        self.check_fresh_start()
         bar = _Progress(cfg.iterations, self.progress)
         if self.iteration == 0 and cfg.eval_every:
             start = time.perf_counter()
