@@ -959,3 +959,12 @@ def test_resume_refuses_when_no_checkpoint_can_be_resumed(tmp_path: Path, damage
         again.resume()
     assert again.iteration == 0
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_checkpoints_remove_the_temporary_files_a_killed_write_left(tmp_path: Path) -> None:
+    stale = [tmp_path / ".ckpt_00000001.pt.ab12.tmp", tmp_path / ".best.pt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    (tmp_path / ".notes.tmp").write_bytes(b"not ours")
+    MetaTrainer(MetaTrainConfig(iterations=1, **SMALL), ckpt_dir=tmp_path).train()
+    assert not any(path.exists() for path in stale) and (tmp_path / ".notes.tmp").exists()

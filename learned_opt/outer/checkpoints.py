@@ -262,7 +262,8 @@ def _reselect_on_current_tasks(trainer: MetaTrainer, saved_eval_family: Any) -> 
 
 def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``ckpt_<iteration>.pt`` atomically (and the rules as ``best.pt`` and ``last.pt``),
-    keeping the newest ``keep`` checkpoints."""
+    keeping the newest ``keep`` checkpoints; removes the temporary files of writes that a killed
+    process left (this run's are done)."""
     path = ckpt_dir / f"ckpt_{state['iteration']:08d}.pt"
     atomic_save(state, path)
     if "best_rule" in state:
@@ -270,6 +271,9 @@ def write_checkpoint(ckpt_dir: Path, state: dict[str, Any], keep: int) -> Path:
         atomic_save(state["rule"], ckpt_dir / "last.pt")
     for old in find_checkpoints(ckpt_dir)[keep:]:
         old.unlink(missing_ok=True)
+    for name in ("ckpt_*.pt", "best.pt", "last.pt"):  # (atomic_save's temporary names)
+        for stale in ckpt_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     return path
 
 
