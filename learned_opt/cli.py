@@ -210,8 +210,8 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         )
         if args.resume and trainer.resume() and main_rank:
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
-        trainer.check_fresh_start()  # an earlier run's checkpoints, not resumed: refused
-    except (ValueError, CheckpointError, FileExistsError) as exc:  # (WeightsMismatchError too)
+        trainer.check_outputs()  # unwritable folders; an earlier run's checkpoints, not resumed
+    except (ValueError, CheckpointError, OSError) as exc:  # (WeightsMismatchError too)
         return _usage_error("meta-train", str(exc))
     command = "learned-opt " + shlex.join(argv)
     trainer.notes.setdefault("commands", []).append(

@@ -968,3 +968,14 @@ def test_checkpoints_remove_the_temporary_files_a_killed_write_left(tmp_path: Pa
     (tmp_path / ".notes.tmp").write_bytes(b"not ours")
     MetaTrainer(MetaTrainConfig(iterations=1, **SMALL), ckpt_dir=tmp_path).train()
     assert not any(path.exists() for path in stale) and (tmp_path / ".notes.tmp").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("a file where the folder should be")
+    for dirs in ({"ckpt_dir": tmp_path / "file"}, {"log_dir": tmp_path / "file" / "tb"}):
+        trainer = MetaTrainer(MetaTrainConfig(iterations=1, **SMALL), **dirs)
+        with pytest.raises(OSError, match="Cannot write in .*file"):
+            trainer.train()
+        assert trainer.iteration == 0 and trainer.history["eval_metric"] == []

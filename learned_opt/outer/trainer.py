@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -78,6 +79,21 @@ def _over_processes(stats: dict[str, float]) -> dict[str, float]:
     both = torch.tensor([stats["meta_loss"], stats["diverged"]], dtype=torch.float64)
     distributed.all_reduce_sum([both])
     return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
+
+
+def _output_problem(*folders: Path | None) -> tuple[str, str] | None:
+    """``("unwritable", message)`` for the first of ``folders`` that cannot be created or
+    written (a file in its place, a read-only or full disk), else ``None``."""
+    for folder in folders:
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            return "unwritable", f"Cannot write in {folder}: {exc.strerror or exc}"
+    return None
 
 
 def _check_types(learner: Any, family: Any, eval_family: Any) -> None:
@@ -236,26 +252,33 @@ class MetaTrainer:
             self.load_state_dict(state)
         return state is not None
 
-    def check_fresh_start(self) -> None:
-        """A ``FileExistsError`` when a run that did not resume would write into a checkpoint
-        directory holding an earlier run's checkpoints (its writes would prune them and replace
-        ``best.pt``); :meth:`train` calls it first.
+    def check_outputs(self) -> None:
+        """Refuses, before any work, what would fail or lose data at the first write: a
+        checkpoint or log directory that cannot be written, and a run that did not resume
+        writing into a checkpoint directory holding an earlier run's checkpoints (its writes
+        would prune them and replace ``best.pt``). :meth:`train` calls it first.
 
         Raises:
-            FileExistsError: on every process, naming the directory and how to go on.
+            FileExistsError: an earlier run's checkpoints (on every process).
+            OSError: a directory that cannot be created or written (on every process).
         """
-        if self.ckpt_dir is None or self.iteration > 0 or self._purge_step is not None:
-            return
-        found = None
+        problem = None
         if distributed.is_main():
-            found = [p.name for p in checkpoints.find_checkpoints(self.ckpt_dir)]
-        found = distributed.broadcast_state(found)
-        if found:
-            raise FileExistsError(
-                f"{self.ckpt_dir} holds checkpoints of an earlier run ({found[0]}, newest): "
-                "resume it (trainer.resume(), --resume), or start this run in another "
-                "checkpoint directory; a new run there would prune them and replace best.pt"
-            )
+            problem = _output_problem(self.log_dir, self.ckpt_dir)
+            fresh = self.iteration == 0 and self._purge_step is None
+            found = checkpoints.find_checkpoints(self.ckpt_dir) if self.ckpt_dir else []
+            if problem is None and fresh and found:
+                problem = (
+                    "exists",
+                    f"{self.ckpt_dir} holds checkpoints of an earlier run ({found[0].name}, "
+                    "newest): resume it (trainer.resume(), --resume), or start this run in "
+                    "another checkpoint directory; a new run there would prune them and "
+                    "replace best.pt",
+                )
+        problem = distributed.broadcast_state(problem)
+        if problem is not None:
+            kind, message = problem
+            raise (FileExistsError if kind == "exists" else OSError)(message)
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the best rule (by held-out evaluation) as a weights file with ``metadata``.
@@ -440,7 +463,7 @@ class MetaTrainer:
         evaluation, checkpoints every ``checkpoint_every`` iterations and at the end.
         """
         cfg = self.config
-        self.check_fresh_start()
+        self.check_outputs()
         bar = _Progress(cfg.iterations, self.progress)
         if self.iteration == 0 and cfg.eval_every:
             start = time.perf_counter()
