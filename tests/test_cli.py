@@ -38,6 +38,8 @@ def test_meta_train_resume_export_then_eval(tmp_path: Path, capsys: pytest.Captu
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["iterations"] == 4
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert main([*common, "--iterations", "2"]) == 2  # not resumed: the run's checkpoints kept
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
 
     from learned_opt import load_rule
 
@@ -300,6 +302,7 @@ def test_options_that_cannot_work_are_one_line_errors_before_any_work(
             "neither a shipped name",
         ),  # fmt: skip
         (["export", str(tmp_path / "none.pt"), str(tmp_path / "out.json")], "not ending in .json"),
+        ([*base, "--ckpt-dir", "/dev/null/ckpt"], "Cannot write in /dev/null/ckpt"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
