@@ -64,7 +64,7 @@ STEPS = ("stage1", "stage2", "benchmark", "ship")
 
 
 def _outputs(run: Path) -> list[str]:
-    return ["--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"),
+    return ["--log-dir", str(run / "tb"), "--ckpt-dir", str(run / "ckpt"), "--resume",
             "--export", str(run / f"{NAME}.pt")]  # fmt: skip
 
 

@@ -36,7 +36,7 @@ META_TRAIN = [
     "meta-train", "--family", "quadratic", "--horizon", "100", "--truncation", "20",
     "--meta-lr", "3e-3", "--meta-batch", "4", "--iterations", "150", "--eval-every", "25",
     "--eval-tasks", "16", "--seed", "0", "--log-dir", "runs/quad/tb", "--ckpt-dir",
-    "runs/quad/ckpt", "--export", str(WEIGHTS), "--quiet",
+    "runs/quad/ckpt", "--resume", "--export", str(WEIGHTS), "--quiet",
 ]  # fmt: skip
 
 BENCHMARK = [

@@ -83,10 +83,12 @@ RECIPES = {
 
 
 def _options(command: str, drop: set[str] = PATH_OPTIONS) -> list[str]:
-    """The words of a ``learned-opt`` command without the values of the options in ``drop``."""
+    """The words of a ``learned-opt`` command without the values of the options in ``drop``
+    and without ``--resume`` (which changes no result: a recipe passes it so that running it
+    again continues or reuses its run rather than being refused an earlier run's folder)."""
     words, kept = shlex.split(command), []
     for i, word in enumerate(words):
-        if word in drop or (i > 0 and words[i - 1] in drop):
+        if word in drop or (i > 0 and words[i - 1] in drop) or word == "--resume":
             continue
         kept.append(word)
     return kept

@@ -179,7 +179,7 @@ def test_a_resumed_runs_tensorboard_log_shows_each_step_once(tmp_path: Path) -> 
     plugin = PluginEventAccumulator(str(tmp_path / "tb"))
     plugin.Reload()
     assert [e.step for e in plugin.Tensors("meta/loss")] == [1, 2, 3, 4, 5, 6]
-    assert [e.step for e in plugin.Tensors("config/text_summary")] == [0]
+    assert [e.step for e in plugin.Tensors("config/text_summary")] == [0, 5]  # each session's
 
 
 def test_a_resumed_run_logs_each_held_out_curve_once(tmp_path: Path) -> None:
@@ -979,3 +979,27 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
         with pytest.raises(OSError, match="Cannot write in .*file"):
             trainer.train()
         assert trainer.iteration == 0 and trainer.history["eval_metric"] == []
+
+
+def test_a_trainer_trained_again_keeps_its_log_and_checkpoints(tmp_path: Path) -> None:
+    """train() again on the same trainer (after close(), or after a budget that the first
+    evaluation spent, which checkpoints at iteration 0): its own TensorBoard events stay and
+    its own checkpoint does not count as an earlier run's."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    dirs = {"log_dir": tmp_path / "tb", "ckpt_dir": tmp_path / "ckpt"}
+    trainer = MetaTrainer(MetaTrainConfig(iterations=2, **SMALL), **dirs)
+    trainer.train()
+    trainer.close()
+    trainer.config = dataclasses.replace(trainer.config, iterations=4)
+    trainer.train()
+    trainer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("meta/loss")] == [1, 2, 3, 4]
+    spent = MetaTrainer(
+        MetaTrainConfig(iterations=2, **{**SMALL, "time_budget": 1e-6}), ckpt_dir=tmp_path / "b"
+    )
+    spent.train()
+    assert spent.iteration == 0 and find_checkpoints(tmp_path / "b")
+    spent.train()  # not refused: the checkpoint is its own

@@ -199,7 +199,9 @@ class MetaTrainer:
         #: Free-form provenance kept in checkpoints (the CLI records each command line here).
         self.notes: dict[str, Any] = {"commands": []}
         self._writer: Any = None
+        self._log_opened = False  # whether this trainer has opened its TensorBoard writer
         self._purge_step: int | None = None  # a resumed run's first step of its own
+        self._checkpointed = False  # whether this trainer has written a checkpoint
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -219,6 +221,7 @@ class MetaTrainer:
         """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``; the
         state is also the one a rollback returns to."""
         self._good = self._snapshot()
+        self._checkpointed = True
         if self.ckpt_dir is None or not distributed.is_main():
             return None
         return checkpoints.write_checkpoint(
@@ -265,7 +268,7 @@ class MetaTrainer:
         problem = None
         if distributed.is_main():
             problem = _output_problem(self.log_dir, self.ckpt_dir)
-            fresh = self.iteration == 0 and self._purge_step is None
+            fresh = self.iteration == 0 and self._purge_step is None and not self._checkpointed
             found = checkpoints.find_checkpoints(self.ckpt_dir) if self.ckpt_dir else []
             if problem is None and fresh and found:
                 problem = (
@@ -305,16 +308,19 @@ class MetaTrainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # Each writer marks its session's start: resumed, TensorBoard hides the events the
-            # interrupted run logged after its checkpoint (from the resumed run's first step
-            # on), so that each step shows once. (It takes a run's first start mark for the
-            # initial one and purges at the later ones: a fresh run marks step 0.)
-            resumed = self._purge_step is not None
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=self._purge_step or 0)
-            if not resumed:
-                self._writer.add_text(
-                    "config", "```\n" + json.dumps(self.config.to_dict(), indent=2) + "\n```", 0
-                )
+            # A session's first writer marks its start: resumed, TensorBoard hides the events
+            # the interrupted run logged after its checkpoint (from the resumed run's first
+            # step on), so that each step shows once. (It takes a run's first start mark for
+            # the initial one and purges at the later ones: a fresh run marks step 0; a writer
+            # opened again after close() marks nothing.) The configuration is logged at the
+            # session's first step, with what a resume may change (the iterations, say).
+            start = self._purge_step or 0
+            purge = None if self._log_opened else start
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=purge)
+            if not self._log_opened:
+                config = json.dumps(self.config.to_dict(), indent=2)
+                self._writer.add_text("config", "```\n" + config + "\n```", start)
+            self._log_opened = True
         self._writer.add_scalar(tag, value, self.iteration if step is None else step)
 
     def close(self) -> None:
