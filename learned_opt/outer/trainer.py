@@ -81,9 +81,9 @@ def _over_processes(stats: dict[str, float]) -> dict[str, float]:
     return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
 
 
-def _output_problem(*folders: Path | None) -> tuple[str, str] | None:
-    """``("unwritable", message)`` for the first of ``folders`` that cannot be created or
-    written (a file in its place, a read-only or full disk), else ``None``."""
+def _unwritable(*folders: Path | None) -> str | None:
+    """What keeps the first of ``folders`` that cannot be created or written from it (a file in
+    its place, a read-only or full disk), else ``None``."""
     for folder in folders:
         if folder is None:
             continue
@@ -92,7 +92,7 @@ def _output_problem(*folders: Path | None) -> tuple[str, str] | None:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as exc:
-            return "unwritable", f"Cannot write in {folder}: {exc.strerror or exc}"
+            return f"Cannot write in {folder}: {exc.strerror or exc}"
     return None
 
 
@@ -265,14 +265,14 @@ class MetaTrainer:
             FileExistsError: an earlier run's checkpoints (on every process).
             OSError: a directory that cannot be created or written (on every process).
         """
-        problem = None
+        problem = None  # (whether an earlier run's checkpoints, the message): rank 0 decides
         if distributed.is_main():
-            problem = _output_problem(self.log_dir, self.ckpt_dir)
             fresh = self.iteration == 0 and self._purge_step is None and not self._checkpointed
-            found = checkpoints.find_checkpoints(self.ckpt_dir) if self.ckpt_dir else []
-            if problem is None and fresh and found:
+            if message := _unwritable(self.log_dir, self.ckpt_dir):
+                problem = (False, message)
+            elif fresh and self.ckpt_dir and (found := checkpoints.find_checkpoints(self.ckpt_dir)):
                 problem = (
-                    "exists",
+                    True,
                     f"{self.ckpt_dir} holds checkpoints of an earlier run ({found[0].name}, "
                     "newest): resume it (trainer.resume(), --resume), or start this run in "
                     "another checkpoint directory; a new run there would prune them and "
@@ -280,8 +280,8 @@ class MetaTrainer:
                 )
         problem = distributed.broadcast_state(problem)
         if problem is not None:
-            kind, message = problem
-            raise (FileExistsError if kind == "exists" else OSError)(message)
+            earlier_run, message = problem
+            raise (FileExistsError if earlier_run else OSError)(message)
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the best rule (by held-out evaluation) as a weights file with ``metadata``.
