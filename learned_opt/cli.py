@@ -219,7 +219,13 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
     )
     trainer.notes.setdefault("notes", []).extend(args.note)
     start = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:  # (the trainer warned what it saved)
+        trainer.close()
+        if main_rank:
+            print("learned-opt meta-train: interrupted", file=sys.stderr)
+        return 130
     trainer.close()
     adam = trainer.adam_baseline or {}
     summary = {

@@ -8,6 +8,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,44 @@ def test_a_dying_rank_stops_the_job_with_an_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "exitcode" in proc.stderr or "failed" in proc.stderr.lower()
     assert not (tmp_path / "rank0.pt").exists()
+
+
+def test_torchrun_stopped_by_sigterm_saves_the_last_completed_iteration(tmp_path: Path) -> None:
+    # What a job scheduler's preemption does: SIGTERM to torchrun, which sends it to the ranks.
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    args = [
+        "--family", "quadratic", "--horizon", "10", "--truncation", "5", "--meta-batch", "2",
+        "--eval-every", "2", "--eval-tasks", "2", "--checkpoint-every", "100000", "--seed", "2",
+        "--ckpt-dir", str(ckpt), "--log-dir", str(tb), "--quiet",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with subprocess.Popen(
+        [*cmd, "-m", "learned_opt", "meta-train", *args, "--iterations", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not list(tb.glob("events.out.tfevents.*")):  # the first evaluation is done
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+            time.sleep(2.0)  # some iterations
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "last completed iteration" in err, err[-4000:]
+    (saved,) = find_checkpoints(ckpt)
+    iteration = torch.load(saved, weights_only=True)["iteration"]
+    assert iteration >= 1
+    resumed = subprocess.run(
+        [sys.executable, "-m", "learned_opt", "meta-train", *args, "--iterations",
+         str(iteration + 1), "--resume"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed at iteration {iteration}" in resumed.stderr
 
 
 def test_meta_batch_must_be_divisible_by_world_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -176,3 +176,97 @@ def test_huge_tiny_and_empty_parameters(numel: int) -> None:
     assert torch.isfinite(p).all() and p.shape == (numel,)
     if numel:
         assert p.abs().sum() > 0
+
+
+def _small_config(**changes) -> MetaTrainConfig:
+    settings = dict(
+        family="quadratic", horizon=30, truncation=5, iterations=6, eval_every=2, eval_tasks=2,
+        checkpoint_every=100, seed=11, meta_lr=3e-3,
+    )  # fmt: skip
+    return MetaTrainConfig(**{**settings, **changes})
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_run_saves_its_last_completed_iteration_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    reference = MetaTrainer(_small_config())
+    reference.train()
+
+    trainer = MetaTrainer(_small_config(), ckpt_dir=tmp_path)
+    original = trainer.train_iteration
+
+    def fourth_fails() -> dict:
+        if trainer.iteration == 3:
+            original()  # half-way through (its meta-steps taken), then interrupted
+            raise error("stop")
+        return original()
+
+    monkeypatch.setattr(trainer, "train_iteration", fourth_fails)
+    saved = r"last completed iteration \(3\) is saved"
+    with pytest.warns(RuntimeWarning, match=saved), pytest.raises(error):
+        trainer.train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["ckpt_00000003.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+    resumed = MetaTrainer(_small_config(), ckpt_dir=tmp_path)
+    assert resumed.resume() and resumed.iteration == 3
+    resumed.train()
+    for a, b in zip(reference.learner.parameters(), resumed.learner.parameters()):
+        assert torch.equal(a, b)
+    assert reference.history == resumed.history
+
+
+def test_an_interruption_before_any_completed_iteration_writes_nothing(tmp_path: Path) -> None:
+    trainer = MetaTrainer(_small_config(), ckpt_dir=tmp_path)
+
+    def interrupt() -> dict:
+        raise KeyboardInterrupt
+
+    trainer.train_iteration = interrupt  # type: ignore[method-assign]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to report either
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert find_checkpoints(tmp_path) == []
+
+
+_SIGNAL_AT_ITERATION_3 = """
+import os, signal, sys
+from learned_opt import cli
+from learned_opt.outer import MetaTrainer
+
+train_iteration = MetaTrainer.train_iteration
+
+def signalled(self):
+    if self.iteration == 2:
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return train_iteration(self)
+
+MetaTrainer.train_iteration = signalled
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_the_cli_saves_the_last_completed_iteration_when_signalled(
+    tmp_path: Path, name: str, status: int
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = [*ARGS, "--ckpt-dir", str(ckpt), "--resume", "--checkpoint-every", "100"]
+    args[args.index("--iterations") + 1] = "5"
+    run = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_ITERATION_3, name, "meta-train", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == status, run.stderr
+    assert "last completed iteration (2) is saved" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert [p.name for p in find_checkpoints(ckpt)] == ["ckpt_00000002.pt"]
+    again = subprocess.run(
+        [sys.executable, "-m", "learned_opt", "meta-train", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "resumed at iteration 2" in again.stderr
+    assert torch.load(find_checkpoints(ckpt)[0], weights_only=True)["iteration"] == 5

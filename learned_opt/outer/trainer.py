@@ -8,15 +8,18 @@ meta-gradients are averaged over processes (:mod:`learned_opt.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import math
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +205,8 @@ class MetaTrainer:
         self._log_opened = False  # whether this trainer has opened its TensorBoard writer
         self._purge_step: int | None = None  # a resumed run's first step of its own
         self._checkpointed = False  # whether this trainer has written a checkpoint
+        #: The state of the last completed iteration that no checkpoint holds yet.
+        self._unsaved: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -467,9 +472,25 @@ class MetaTrainer:
         Evaluates every ``eval_every`` iterations (on that schedule only, so that a resumed run
         evaluates exactly where an uninterrupted one would), keeps the best rule by that
         evaluation, checkpoints every ``checkpoint_every`` iterations and at the end.
+
+        Interrupted (Ctrl-C, ``SIGTERM`` as ``kill``, ``torchrun`` and job schedulers send it,
+        or any exception), the run writes its last completed iteration as a checkpoint before
+        the exception goes on, so that a resume loses no finished iteration; a ``SIGTERM``
+        then ends the process with exit status 143. (The state of a completed iteration not
+        yet checkpointed is held in memory for that; ``SIGTERM`` is caught only where it has
+        its default action, in the main thread.)
         """
-        cfg = self.config
         self.check_outputs()
+        self._unsaved = None
+        try:
+            with _terminate_as_exit():
+                self._train(on_iteration)
+        except BaseException as exc:
+            self._save_interrupted(exc)
+            raise
+
+    def _train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None) -> None:
+        cfg = self.config
         bar = _Progress(cfg.iterations, self.progress)
         if self.iteration == 0 and cfg.eval_every:
             start = time.perf_counter()
@@ -495,10 +516,75 @@ class MetaTrainer:
             self.elapsed += distributed.all_reduce_max(time.perf_counter() - start)
             if self.iteration % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+                self._unsaved = None
+            else:
+                self._hold_unsaved()
             best = f" best_eval={self.best_metric:.4g}" if math.isfinite(self.best_metric) else ""
             bar.update(self.iteration, f"meta_loss={stats['meta_loss']:.4g}{best}")
             if on_iteration is not None:
                 on_iteration(self, stats)
         self.save_checkpoint()
+        self._unsaved = None
         if self._writer is not None:
             self._writer.flush()
+
+    def _hold_unsaved(self) -> None:
+        """Keep a copy of the state of the iteration just completed, which no checkpoint holds
+        yet (on the process that writes checkpoints): an interruption writes it."""
+        if self.ckpt_dir is not None and distributed.is_main():
+            self._unsaved = copy.deepcopy(self.state_dict())
+
+    def _save_interrupted(self, exc: BaseException) -> None:
+        """Write the last completed iteration not yet checkpointed, as ``exc`` ends the run."""
+        state, self._unsaved = self._unsaved, None
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.flush()
+        if state is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            what = "was interrupted (KeyboardInterrupt)"
+        elif isinstance(exc, SystemExit):
+            what = f"was stopped (SystemExit {exc.code})"
+        else:
+            what = f"failed ({type(exc).__name__}: {exc})"
+        try:
+            path = checkpoints.write_checkpoint(self.ckpt_dir, state, self.config.keep_checkpoints)
+        except Exception as failure:  # (a full disk, say): the original exception goes on
+            warnings.warn(
+                f"The run {what}, and its last completed iteration ({state['iteration']}) "
+                f"could not be saved: {failure}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self._checkpointed = True
+        warnings.warn(
+            f"The run {what}: its last completed iteration ({state['iteration']}) is saved "
+            f"as {path}; resume it with trainer.resume() (learned-opt meta-train --resume)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """``SIGTERM`` raises ``SystemExit(143)`` inside the block (where it has its default action,
+    in the main thread), so that the run saves its last completed iteration; a second one kills
+    the process as before."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
