@@ -206,6 +206,73 @@ def test_maml_rejects_a_mismatched_task() -> None:
         learner.init_state(task, torch.Generator())
 
 
+def test_a_learned_initialization_refuses_a_model_of_another_size() -> None:
+    # The same parameter names, other shapes: it would run with the initialization's sizes.
+    five_way = DigitsFewShotFamily(n_way=5).model
+    task = DigitsFewShotFamily(n_way=3).sample(torch.Generator().manual_seed(0))
+    rule = LSTMRule(hidden_size=8)
+    for learner in (MAMLLearner(five_way), OptimizerLearner(rule, init_model=five_way)):
+        with pytest.raises(ValueError, match=r"has shape \(3, 64\), the learned initialization"):
+            learner.init_state(task, torch.Generator())
+
+
+def test_learners_refuse_running_statistics_and_keep_a_copy_of_the_encoder() -> None:
+    tracked = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    for build in (lambda: MAMLLearner(tracked), lambda: RNNLearner(4, 2, encoder=tracked)):
+        with pytest.raises(ValueError, match="track_running_stats=False"):
+            build()
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6, track_running_stats=False)
+    )
+    before = [p.detach().clone() for p in encoder.parameters()]
+    a, b = RNNLearner(4, 2, encoder=encoder, seed=1), RNNLearner(4, 2, encoder=encoder, seed=2)
+    assert a.f_dim == 6 and a.encoder is not encoder and a.encoder is not b.encoder
+    assert all(torch.equal(p, q) for p, q in zip(before, encoder.parameters()))  # untouched
+    assert not torch.equal(a.encoder[0].weight, b.encoder[0].weight)  # each its own seed
+    with pytest.raises(ValueError, match="x_dim=4"):
+        a.features(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="non-empty"):
+        a.features(torch.randn(0, 4))
+
+
+def test_maml_meta_trains_its_learning_rates_with_the_initialization_fixed() -> None:
+    family = SinusoidFamily(k_shot=5, n_query=10)
+    learner = MAMLLearner(family.model, inner_lr=0.05)
+    learner.init.requires_grad_(False)  # Meta-SGD's rates alone
+    start = {k: v.clone() for k, v in learner.state_dict().items()}
+    config = MetaTrainConfig(
+        family="sinusoid", horizon=3, truncation=3, objective="test", meta_lr=1e-2,
+        meta_batch=2, iterations=2, eval_every=0,
+    )  # fmt: skip
+    MetaTrainer(config, learner=learner, family=family).train()
+    for name, value in learner.state_dict().items():
+        assert torch.equal(value, start[name]) == name.startswith("init."), name
+    with pytest.raises(ValueError, match="empty batch"):
+        task = family.sample(torch.Generator().manual_seed(0))
+        x, y = task.train.full()
+        learner.step(task, learner.init_state(task, torch.Generator()), (x[:0], y[:0]))
+
+
+def test_maml_second_order_and_fixed_rates_are_part_of_the_run(tmp_path: Path) -> None:
+    family = SinusoidFamily(k_shot=5, n_query=10)
+    config = MetaTrainConfig(
+        family="sinusoid", horizon=3, truncation=3, objective="test", meta_batch=2,
+        iterations=1, eval_every=0, second_order=True,
+    )  # fmt: skip
+    MetaTrainer(config, learner=MAMLLearner(family.model), family=family)  # second order
+    with pytest.raises(ValueError, match="second_order"):
+        MetaTrainer(config, learner=MAMLLearner(family.model, first_order=True), family=family)
+    config = MetaTrainConfig.from_dict({**config.to_dict(), "second_order": False})
+
+    def fixed(lr: float) -> MAMLLearner:
+        return MAMLLearner(family.model, inner_lr=lr, learn_lrs=False)
+
+    MetaTrainer(config, learner=fixed(0.01), family=family, ckpt_dir=tmp_path).train()
+    other = MetaTrainer(config, learner=fixed(0.5), family=family, ckpt_dir=tmp_path)
+    with pytest.raises(ValueError, match="inner_lr"):  # the checkpoint's rate would replace it
+        other.resume()
+
+
 def test_rnn_learner_is_seeded_and_leaves_the_global_rng_alone() -> None:
     before = torch.random.get_rng_state()
     a, b = RNNLearner(64, 5, seed=1), RNNLearner(64, 5, seed=1)

@@ -73,6 +73,7 @@ class LearnedInit(nn.ParameterDict):
     """
 
     def __init__(self, model: nn.Module, seed: int = 0) -> None:
+        refuse_running_statistics(model, "A learned initialization's model")
         init = uniform_init(model, torch.Generator().manual_seed(seed))
         if any("-" in n for n in init):
             raise ValueError(f"Parameter names must not contain '-': {list(init)}")
@@ -89,7 +90,31 @@ class LearnedInit(nn.ParameterDict):
         return {k.replace("-", "."): v for k, v in self.items()}
 
     def check(self, task: Task) -> None:
-        """Raise ``ValueError`` if ``task``'s model has other parameters than this init."""
-        names = [n for n, _ in task.model.named_parameters()]
-        if names != self.names:
-            raise ValueError(f"Task {task.name} has parameters {names}, expected {self.names}")
+        """Raise ``ValueError`` if ``task``'s model has other parameters than this init, by name
+        or by shape (a model of another size would run with this init's sizes)."""
+        found = dict(task.model.named_parameters())
+        if list(found) != self.names:
+            raise ValueError(
+                f"Task {task.name} has parameters {list(found)}, expected {self.names}"
+            )
+        for name, value in self.values_by_name().items():
+            if found[name].shape != value.shape:
+                raise ValueError(
+                    f"Task {task.name}'s parameter {name} has shape {tuple(found[name].shape)}, "
+                    f"the learned initialization {tuple(value.shape)}: build the learner for "
+                    "this task's model"
+                )
+
+
+def refuse_running_statistics(module: nn.Module, what: str) -> None:
+    """A ``ValueError`` if ``module`` keeps running statistics (batch norm with
+    ``track_running_stats=True``): a learner runs it on every task's data, evaluations too, so
+    they would mix tasks, and change state that belongs to theta."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+            raise ValueError(
+                f"{what} keeps running statistics ({name or 'the module'}: "
+                f"{type(sub).__name__} with track_running_stats=True), which every task's "
+                "data would update; use batch statistics (track_running_stats=False), as "
+                "MAML does"
+            )

@@ -56,7 +56,8 @@ class MAMLLearner(MetaLearner):
 
     Args:
         model: the task model whose parameters are meta-learned (e.g. ``family.model``); only its
-            parameter names and shapes are used.
+            parameter names and shapes are used. Batch norm in it must use batch statistics
+            (``track_running_stats=False``, as in the MAML paper).
         inner_steps: the intended number of adaptation steps (the unroll's horizon; the default
             of :meth:`adapt` and :meth:`adapt_with_higher`).
         inner_lr: initial inner learning rate.
@@ -80,6 +81,7 @@ class MAMLLearner(MetaLearner):
         if inner_steps < 1 or inner_lr <= 0:
             raise ValueError(f"Invalid inner_steps/inner_lr: {inner_steps}/{inner_lr}")
         self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
         self.first_order = first_order
         self.learn_lrs = learn_lrs
         self.init = LearnedInit(model, seed)
@@ -97,12 +99,20 @@ class MAMLLearner(MetaLearner):
             for k, v in log_lrs.items():
                 self.log_lr.register_buffer(k, v)
 
+    @property
+    def second_order(self) -> bool:
+        """Whether the meta-gradient goes through the inner gradients (not ``first_order``)."""
+        return not self.first_order
+
     def settings(self) -> dict[str, Any]:
-        return {
+        settings = {
             "inner_steps": self.inner_steps,
             "first_order": self.first_order,
             "learn_lrs": self.learn_lrs,
         }
+        if not self.learn_lrs:  # a fixed rate: a checkpoint's buffer holds it, so a resume
+            settings["inner_lr"] = self.inner_lr  # must be built with the same
+        return settings
 
     def lrs(self) -> dict[str, Tensor]:
         """The inner learning rates, by parameter name (differentiable in theta)."""
@@ -116,9 +126,14 @@ class MAMLLearner(MetaLearner):
     def step(
         self, task: Task, state: MAMLState, batch: Batch, *, differentiable: bool = True
     ) -> tuple[MAMLState, Tensor]:
+        if len(batch[0]) == 0:
+            raise ValueError(f"Task {task.name}: an empty batch; MAML adapts on support examples")
         params = state.params
         if not differentiable:
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        else:  # a part of the initialization held fixed (requires_grad=False): still adapted
+            params = {n: p if p.requires_grad else p.detach().requires_grad_(True)
+                      for n, p in params.items()}  # fmt: skip
         with torch.enable_grad():
             loss = task.loss(params, batch)
             grads = torch.autograd.grad(

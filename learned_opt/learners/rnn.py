@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import Batch, Task, uniform_init
-from .base import MetaLearner
+from .base import MetaLearner, refuse_running_statistics
 
 __all__ = ["RNNLearner", "RNNState"]
 
@@ -80,8 +81,10 @@ class RNNLearner(MetaLearner):
             per-class means: the accumulated values keep one scale whatever K is, where sums
             of K examples saturate the cell's tanh (on 5-way 10-shot MNIST the ``"outer"``
             learner collapsed to one class).
-        encoder: a module mapping flattened inputs ``(n, x_dim)`` to features ``(n, d)``; its
-            weights are re-initialized from ``seed`` (PyTorch's default layer scheme).
+        encoder: a module mapping flattened inputs ``(n, x_dim)`` to features ``(n, d)``; the
+            learner holds a copy of it (the module given is not changed), its weights
+            re-initialized from ``seed`` (PyTorch's default layer scheme). Batch norm in it must
+            use batch statistics (``track_running_stats=False``).
         feature_norm: if given, the features are layer-normalized (zero mean and unit variance
             over the features of each input, no learned affine) and multiplied by this number:
             the accumulator's tanh then stays near its linear range, and a component common to
@@ -153,8 +156,10 @@ class RNNLearner(MetaLearner):
         self.pairs = pairs
         f_dim = x_dim
         if encoder is not None:
+            refuse_running_statistics(encoder, "The encoder")
+            encoder = copy.deepcopy(encoder)  # its own: the caller's module is left as it is
             with torch.no_grad():
-                f_dim = int(encoder(torch.zeros(1, x_dim)).shape[-1])
+                f_dim = int(encoder(torch.zeros(2, x_dim)).shape[-1])  # (2: batch norm)
         self.f_dim = f_dim
         # Built on the meta device, so nothing is drawn from the global RNG (reset_parameters
         # initializes the weights from an explicit generator).
@@ -227,7 +232,12 @@ class RNNLearner(MetaLearner):
 
     def features(self, x: Tensor) -> Tensor:
         """``f(x)`` for flattened inputs."""
-        f = x.reshape(len(x), -1)
+        f = x.reshape(len(x), -1) if len(x) else x
+        if len(f) == 0 or f[0].numel() != self.x_dim:
+            raise ValueError(
+                f"Inputs of shape {tuple(x.shape)}: expected a non-empty batch of "
+                f"x_dim={self.x_dim} features each (after flattening)"
+            )
         if self.encoder is not None:
             f = self.encoder(f)
         if self.feature_norm is not None:
