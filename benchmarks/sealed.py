@@ -309,7 +309,8 @@ def run(argv: list[str] | None = None) -> int:
         f"Command: `{meta['command']}`  \n"
         f"Commit: {commit}; torch {torch.__version__}; {platform.machine()}, "
         f"{torch.get_num_threads()} thread(s); {elapsed / 60:.1f} min; {args.seeds} evaluation "
-        f"seeds; Adam's lr tuned on {args.tune_seeds} other seeds over {lrs} (cosine: warm-up "
+        f"seeds; Adam's lr tuned on {args.tune_seeds} other seeds over {lrs}, widened by up "
+        f"to 3 values past an edge (cosine: warm-up "
         f"{args.warmup_fraction:.0%} of the steps); learned optimizer "
         + ("untuned" if untuned else f"at lr multiplier {args.learned_lr:g}")
         + (", told the horizon (total_steps)" if args.total_steps else "")

@@ -91,12 +91,23 @@ def tables(summary: list[dict[str, Any]]) -> str:
             a, c = cell[(t, "adam")], cell.get((t, "adam-cosine"))
             edge = " (edge)" if a.get("lr_at_edge") else ""
             t = t if t in good else f"{t} (not rated)"
-            cosine_lr = f"{c['lr']:g}" if c else "-"
+            cosine_lr = f"{c['lr']:g}" + (" (edge)" if c.get("lr_at_edge") else "") if c else "-"
             out.append(
                 f"| {t} | {a['lr']:g}{edge} | {cosine_lr} | {a['initial_loss']:.4g} | "
                 f"{a['final_train']:.4g} | {a['final_train'] / a['initial_loss']:.3f} | "
                 f"{a['final_test']:.4g} |"
             )
+        edges = [
+            f"{t} ({o}: {cell[(t, o)]['lr']:g})"
+            for t in task_names
+            for o in others
+            if o != "adam-cosine" and cell[(t, o)].get("lr_at_edge")
+        ]
+        out.append(
+            "\nOther tuned learning rates at an edge of their grid: "
+            + (", ".join(edges) if edges else "none")
+            + "."
+        )
         header = "| task | " + " | ".join(others) + " |"
         sep = "| --- |" + " ---: |" * len(others)
         for title, key, fmt in (

@@ -305,7 +305,7 @@ def _eval(args: argparse.Namespace) -> int:
                 f"unknown baseline {name!r}; choose from {sorted(HAND_DESIGNED)}", file=sys.stderr
             )
             return 2
-        tuning = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name)
+        tuning = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name, widen=3)
         grid = ", ".join(f"{lr:g}: {s:.4g}" for lr, s in tuning.scores.items())
         print(
             f"tuned {name}: lr={tuning.lr:g} (mean final train loss on tuning seeds: {grid})",
@@ -314,11 +314,13 @@ def _eval(args: argparse.Namespace) -> int:
         if tuning.at_edge:
             print(
                 f"warning: the best {name} learning rate {tuning.lr:g} is at the edge of the "
-                "grid; widen --lrs",
+                "grid, widened by 3 values; widen --lrs",
                 file=sys.stderr,
             )
+        tuned = {"lr_at_edge": tuning.at_edge, "lr_grid": tuning.grid}
         records += [
             run_optimizer(family, s, HAND_DESIGNED[name], tuning.lr, args.steps, name=name).record()
+            | tuned
             for s in evals
         ]
     records += [

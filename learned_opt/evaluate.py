@@ -300,12 +300,16 @@ def tune_lr(
     metric: str = "final_train_loss",
     aggregate: Callable[[Sequence[float]], float] = mean_loss,
     widen: int = 0,
+    tie_below: float = 1e-6,
 ) -> Tuning:
     """The learning rate of ``lrs`` with the lowest ``aggregate`` (by default :func:`mean_loss`:
     a diverged run counts as ``inf``) of ``metric`` over ``seeds``; ties go to the smallest.
-    While the best is at an edge of the grid, up to ``widen`` more values are tried past it (at
-    the ratio of the grid's two values nearest that edge). The tuning seeds must differ from
-    the evaluation seeds."""
+    Scores below ``tie_below`` times the mean initial loss tie (where no score is negative):
+    differences at float32's resolution rank nothing, and a rate that drives the tuning seeds'
+    loss to exactly zero is more often at the edge of diverging than the best. While the best
+    is at an edge of the grid, up to ``widen`` more values are tried past it (at the ratio of
+    the grid's two values nearest that edge). The tuning seeds must differ from the evaluation
+    seeds."""
     grid = sorted(lrs)
     scores: dict[float, float] = {}
     runs: dict[float, list[RunResult]] = {}
@@ -316,7 +320,15 @@ def tune_lr(
 
     for lr in grid:
         score(lr)
-    best = min(scores, key=lambda k: (scores[k], k))
+    initial = mean_loss([r.losses[0] for r in runs[grid[0]] if r.losses])
+    floor = tie_below * initial if math.isfinite(initial) and initial > 0 else -math.inf
+
+    def rank(lr: float) -> tuple[float, float]:
+        if min(scores.values()) < 0:  # a loss that can be negative: no floor
+            return scores[lr], lr
+        return max(scores[lr], floor), lr
+
+    best = min(scores, key=rank)
     for _ in range(widen if len(grid) > 1 else 0):
         if best == grid[0]:
             grid.insert(0, grid[0] * grid[0] / grid[1])
@@ -326,7 +338,7 @@ def tune_lr(
             score(grid[-1])
         else:
             break
-        best = min(scores, key=lambda k: (scores[k], k))
+        best = min(scores, key=rank)
     return Tuning(best, scores, runs[best], grid)
 
 

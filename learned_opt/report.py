@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import RunResult
+from .evaluate import RunResult, mean_loss
 from .files import atomic_write_text
 
 __all__ = [
@@ -111,20 +111,22 @@ def results_from_records(records: Iterable[dict[str, Any]]) -> list[RunResult]:
 def summarize(
     results: Iterable[RunResult], metric: str = "final_train_loss"
 ) -> list[dict[str, float | str | int]]:
-    """Per optimizer: lr, number of seeds, mean, standard deviation, standard error, median."""
+    """Per optimizer: lr, number of seeds, mean (:func:`~learned_opt.evaluate.mean_loss`:
+    ``inf`` where a seed diverged), standard deviation, standard error, median."""
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.optimizer, []).append(r)
     rows = []
     for name, runs in groups.items():
         values = np.array([getattr(r, metric) for r in runs], dtype=float)
-        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        with np.errstate(invalid="ignore"):  # (NaN where a seed diverged)
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         rows.append(
             {
                 "optimizer": name,
                 "lr": runs[0].lr,
                 "seeds": len(runs),
-                "mean": float(values.mean()),
+                "mean": mean_loss(values.tolist()),
                 "std": std,
                 "sem": std / math.sqrt(len(values)),
                 "median": float(np.median(values)),
@@ -134,7 +136,9 @@ def summarize(
 
 
 def markdown_table(rows: list[dict], reference: str | None = None) -> str:
-    """A markdown table of :func:`summarize` rows; ``reference`` adds a ratio column."""
+    """A markdown table of :func:`summarize` rows; ``reference`` adds a ratio column (``n/a``
+    where the reference diverged, ``diverged`` where the row did). A row with a true
+    ``lr_at_edge`` shows its tuned learning rate as ``(edge)``."""
     ref = next((r["mean"] for r in rows if r["optimizer"] == reference), None)
     header = "| optimizer | lr | seeds | mean | std | sem | median |"
     sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -143,12 +147,18 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
         sep += " ---: |"
     lines = [header, sep]
     for r in rows:
+        edge = " (edge)" if r.get("lr_at_edge") else ""
         line = (
-            f"| {r['optimizer']} | {r['lr']:.3g} | {r['seeds']} | {r['mean']:.4f} | "
+            f"| {r['optimizer']} | {r['lr']:.3g}{edge} | {r['seeds']} | {r['mean']:.4f} | "
             f"{r['std']:.4f} | {r['sem']:.4f} | {r['median']:.4f} |"
         )
         if ref is not None:
-            line += f" {r['mean'] / ref:.3f} |"
+            if not math.isfinite(r["mean"]):
+                line += " diverged |"
+            elif not (math.isfinite(ref) and ref > 0):
+                line += " n/a |"
+            else:
+                line += f" {r['mean'] / ref:.3f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -156,8 +166,14 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
 def table(
     records: Iterable[dict[str, Any]], reference: str = "adam", metric: str = "final_train_loss"
 ) -> str:
-    """Markdown table of final losses per optimizer, with a ratio to ``reference``."""
-    return markdown_table(summarize(results_from_records(records), metric), reference)
+    """Markdown table of final losses per optimizer, with a ratio to ``reference``; a tuned
+    learning rate at the edge of its grid (a record's ``lr_at_edge``) is marked."""
+    records = list(records)
+    edges = {r["optimizer"] for r in records if r.get("lr_at_edge")}
+    rows = summarize(results_from_records(records), metric)
+    for row in rows:
+        row["lr_at_edge"] = row["optimizer"] in edges
+    return markdown_table(rows, reference)
 
 
 def plot_curves(

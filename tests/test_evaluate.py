@@ -143,6 +143,27 @@ def test_tuning_widens_past_an_edge_of_the_grid() -> None:
     assert narrow.lr == min(narrow.scores, key=narrow.scores.get)
 
 
+@pytest.mark.parametrize(("final", "chosen"), [
+    ({0.1: 1e-3, 0.3: 6e-7, 1.0: 8e-7, 3.0: 7e-8, 10.0: 0.0}, 0.3),  # float32's floor: ties
+    ({0.1: 1e-3, 0.3: 2e-4, 1.0: 1e-4, 3.0: 3e-4, 10.0: 0.5}, 1.0),  # above it: the lowest
+    ({0.1: -1.0, 0.3: -2.0, 1.0: -3.0, 3.0: -3e-7, 10.0: 0.0}, 1.0),  # negative: no floor
+])  # fmt: skip
+def test_tuning_ties_losses_at_float32_resolution(
+    monkeypatch: pytest.MonkeyPatch, final: dict[float, float], chosen: float
+) -> None:
+    # A rate that drives the tuning seeds' loss to exactly zero (an unstable one, on tasks
+    # solved to float32's resolution) does not beat rates that reach 1e-6 of the initial loss.
+    import learned_opt.evaluate as evaluate
+
+    def fake(family, seed, factory, lr, steps, name=""):  # noqa: ANN001, ANN202
+        return RunResult(name, lr, seed, [1.0] * steps, final[lr], final[lr], 0.0)
+
+    monkeypatch.setattr(evaluate, "run_optimizer", fake)
+    tuning = tune_lr(QuadraticFamily(dim=3), HAND_DESIGNED["adam"], [1, 2], 3, list(final))
+    assert tuning.lr == chosen
+    assert tuning.scores == final  # the scores as measured
+
+
 def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> None:
     """Final figures come from data meta-training and selection did not see: the official
     held-out split of every family that has one, the meta-test split of few-shot families."""
@@ -154,3 +175,23 @@ def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> 
     with pytest.raises(ValueError, match="Unknown task family 'nope'"):
         evaluation_family("nope")
     assert evaluation_family("quadratic").config() == QuadraticFamily(dim=10).config()
+
+
+def test_report_tables_never_rate_against_a_diverged_run_and_mark_an_edge() -> None:
+    from learned_opt.report import table
+
+    def records(name: str, finals: list[float], **extra) -> list[dict]:  # noqa: ANN003
+        return [
+            RunResult(name, 0.01, seed, [1.0], v, v, 0.0).record() | extra
+            for seed, v in enumerate(finals)
+        ]
+
+    learned = records("learned", [0.35, 0.36, 0.34])
+    diverged = records("adam", [0.30, 0.31, math.inf], lr_at_edge=True)
+    lines = table(diverged + learned, "adam").splitlines()
+    assert lines[2].startswith("| adam | 0.01 (edge) |") and "| inf |" in lines[2]
+    assert lines[3].endswith("| n/a |")  # not 0.000: better on no seed
+    lines = table(records("adam", [0.30, 0.31, 0.32]) + learned, "adam")
+    assert lines.splitlines()[3].endswith("| 1.129 |")
+    lines = table(records("adam", [0.3]) + records("learned", [math.nan]), "adam").splitlines()
+    assert lines[3].endswith("| diverged |")

@@ -390,6 +390,9 @@ def test_tables_rate_only_tasks_that_stay_above_zero(report: dict) -> None:
     assert "| **geometric mean** | **0.089** |" in table  # sqrt(0.8 * 0.01)
     assert "| **geometric mean, 1 rated tasks** | **0.800** |" in table
     assert "rated tasks" not in report["tables"](summary[:2])  # every task rated: one mean
+    assert "at an edge of their grid: none." in table
+    summary[1]["lr_at_edge"] = True  # a tuned optimizer's rate at an edge, not Adam's: shown
+    assert "at an edge of their grid: a (learned: 0.1)." in report["tables"](summary)
 
 
 def test_warmup_cosine_schedule(optimizers: dict) -> None:
