@@ -115,7 +115,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> Non
     assert newest not in find_checkpoints(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["nan-weights", "no-learner", "wrong-shape", "not-a-dict"])
+@pytest.mark.parametrize(
+    "damage",
+    ["nan-weights", "no-learner", "wrong-shape", "not-a-dict", "no-meta-groups", "history",
+     "iteration"],
+)  # fmt: skip
 def test_a_malformed_newest_checkpoint_falls_back_to_previous(tmp_path: Path, damage: str) -> None:
     """A checkpoint that reads but does not hold a trainer's whole, finite state (non-finite
     weights, a missing entry, a tensor of another shape) is set aside like a corrupt one; a
@@ -133,6 +137,12 @@ def test_a_malformed_newest_checkpoint_falls_back_to_previous(tmp_path: Path, da
         del state["learner"]
     elif damage == "wrong-shape":
         state["learner"][name] = torch.zeros(3)
+    elif damage == "no-meta-groups":  # (it failed after the learner had been loaded)
+        state["meta_optimizer"]["param_groups"] = []
+    elif damage == "history":
+        state["history"] = [1, 2]
+    elif damage == "iteration":
+        state["iteration"] = "2"
     else:
         state = {"format": state["format"], "x": 1}
     atomic_save(state, newest)

@@ -174,6 +174,31 @@ def check_state(trainer: MetaTrainer, state: Any) -> None:
     meta = state["meta_optimizer"]
     if not isinstance(meta, dict) or not {"state", "param_groups"} <= set(meta):
         raise CheckpointError("The checkpoint's 'meta_optimizer' is not an optimizer's state")
+    groups, mine = meta["param_groups"], trainer.meta_opt.param_groups
+    if not (
+        isinstance(groups, list)
+        and len(groups) == len(mine)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        and [len(g["params"]) for g in groups] == [len(g["params"]) for g in mine]
+        and isinstance(meta["state"], dict)
+    ):
+        raise CheckpointError(
+            "The checkpoint's 'meta_optimizer' does not fit this learner's meta-optimizer "
+            f"({len(mine)} param groups of {[len(g['params']) for g in mine]} tensors)"
+        )
+    history = state["history"]
+    if not (
+        isinstance(history, dict)
+        and all(isinstance(history.get(k), list) for k in ("eval_iteration", "eval_metric"))
+        and len(history["eval_iteration"]) == len(history["eval_metric"])
+    ):
+        raise CheckpointError(
+            "The checkpoint's 'history' is not a record of evaluations (eval_iteration and "
+            "eval_metric, lists of one length)"
+        )
+    for key in ("iteration", "elapsed", "best_metric"):
+        if not isinstance(state[key], int | float) or isinstance(state[key], bool):
+            raise CheckpointError(f"The checkpoint's {key!r} is not a number")
     for entry in meta["state"].values():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
