@@ -95,7 +95,7 @@ class LSTMOptimizer(LearnedOptimizer):
         hidden_size, num_layers: if given, the architecture the weights must have.
         state_dtype: ``torch.bfloat16`` stores the per-coordinate state in bfloat16 (half the
             bytes); it is upcast for the step and rounded back. ``None``: the dtype the step is
-            computed in (the parameter's; float32 for float16).
+            computed in (the parameter's; float32 for float16 and bfloat16).
 
     Raises:
         ValueError: empty parameters, bad ``lr``, unknown weights name or missing file.

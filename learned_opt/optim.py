@@ -21,14 +21,16 @@ __all__ = ["LearnedOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
 _NONFINITE_POLICIES = ("skip", "raise")
 #: Storage dtypes of the per-coordinate optimizer state (``None``: the dtype the step is computed
-#: in, the parameter's or float32 for float16).
+#: in, the parameter's or float32 for float16 and bfloat16).
 STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a parameter's step is computed in: its own, except float16 (whose range, up to
-    65504, the squared gradients of a second moment overflow), computed in float32."""
-    return torch.float32 if dtype == torch.float16 else dtype
+    """The dtype a parameter's step is computed in: its own, except for the half types, computed
+    in float32: float16's range (up to 65504) the squared gradients of a second moment
+    overflow, and in bfloat16's 8-bit mantissa a moving average whose weight ``1 - beta`` is
+    below half a unit in the last place stops moving."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -132,12 +134,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: multiplier on the rule's update.
         nonfinite: ``"skip"`` or ``"raise"``.
         state_dtype: storage dtype of the per-coordinate rule state: ``None`` (the dtype the
-            step is computed in: the parameter's, float32 for float16), ``torch.float32`` or
-            ``torch.bfloat16`` (about half the memory of float32: slow moving averages such as
-            Adam's second moment stay in float32, see
-            :meth:`~learned_opt.rules.UpdateRule.precise_keys`). The update is always computed
-            in the parameter's dtype (float32 for float16 parameters): the state is upcast for
-            the computation and rounded back when stored.
+            step is computed in: the parameter's, float32 for float16 and bfloat16),
+            ``torch.float32`` or ``torch.bfloat16`` (about half the memory of float32: the
+            moving averages too slow for bfloat16, whose weight per step is below half its last
+            place, stay in float32, see :meth:`~learned_opt.rules.UpdateRule.precise_keys`).
+            The update is always computed in the parameter's dtype (float32 for float16 and
+            bfloat16 parameters, each new value rounded once): the state is upcast for the
+            computation and rounded back when stored.
         weight_decay: decoupled weight decay (as in AdamW): each step first multiplies the
             parameters by ``1 - lr * weight_decay``, then adds ``lr * update``. Per param group,
             schedulable. Since ``lr`` is a multiplier (1.0 by default), ``weight_decay`` is the
@@ -397,6 +400,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if p.dtype == torch.float16:
             p.copy_(update.view(p.shape))
             return
+        if p.dtype == torch.bfloat16:  # the new value computed in float32, rounded once
+            p.copy_(LearnedOptimizer._new_value(p, group, update).view(p.shape))
+            return
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = lr.reshape(())  # a one-element tensor, as torch.optim's take
@@ -410,6 +416,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         dtype), computed there and returned flat in ``p``'s dtype: Inf where it leaves that
         dtype's range."""
         lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.reshape(())  # a one-element tensor, as torch.optim's take
         new = p.detach().reshape(-1).to(update.dtype)  # a copy: float16 -> float32
         if group["weight_decay"] != 0:
             new.mul_(1 - lr * group["weight_decay"])

@@ -146,13 +146,37 @@ def test_state_dict_hooks_act_as_torch_optims_do() -> None:
     assert seen == [True]
 
 
-def test_a_one_element_tensor_lr_steps_as_the_number() -> None:
-    a, b = nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(4, 3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_one_element_tensor_lr_steps_as_the_number(dtype: torch.dtype) -> None:
+    a, b = nn.Parameter(torch.ones(4, 3, dtype=dtype)), nn.Parameter(torch.ones(4, 3, dtype=dtype))
     opts = LSTMOptimizer([a], lr=torch.tensor([0.5])), LSTMOptimizer([b], lr=0.5)
     for p, opt in zip((a, b), opts):
-        p.grad = torch.linspace(-1, 1, 12).reshape(4, 3)
+        p.grad = torch.linspace(-1, 1, 12, dtype=dtype).reshape(4, 3)
         opt.step()
-    assert torch.equal(a, b) and not torch.equal(a, torch.ones(4, 3))
+    assert torch.equal(a, b) and not torch.equal(a, torch.ones(4, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_half_precision_parameters_step_in_float32(state_dtype: torch.dtype | None) -> None:
+    """A bfloat16 parameter's step is computed in float32, as a float16 one's: in bfloat16 a
+    moving average whose weight is below half its last place stalls (beta 0.999 stopped at a
+    third of its value), whatever the state's storage. Its state then follows a float32
+    parameter's given the same gradients (its new value is rounded once: tests/test_higher.py)."""
+    params = {dtype: nn.Parameter(torch.ones(16, dtype=dtype)) for dtype in
+              (torch.float32, torch.bfloat16, torch.float16)}  # fmt: skip
+    opts = {d: LSTMOptimizer([p], state_dtype=state_dtype) for d, p in params.items()}
+    for _ in range(600):
+        for d, p in params.items():
+            p.grad = torch.ones(16, dtype=d)
+            opts[d].step()
+    exact = opts[torch.float32].state[params[torch.float32]]
+    for d in (torch.bfloat16, torch.float16):
+        state = opts[d].state[params[d]]
+        for key, value in exact.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(
+                    state[key].float(), value.float(), rtol=1e-2, atol=1e-3, msg=key
+                )
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
