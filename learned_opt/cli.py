@@ -221,10 +221,13 @@ def _meta_train_inner(args: argparse.Namespace, argv: list[str]) -> int:
     start = time.time()
     try:
         trainer.train()
-    except KeyboardInterrupt:  # (the trainer warned what it saved)
+    except KeyboardInterrupt as exc:  # (the trainer warned what it saved)
         trainer.close()
+        cause = trainer._stopped_by  # a failure whose last iteration was being saved
         if main_rank:
-            print("learned-opt meta-train: interrupted", file=sys.stderr)
+            saving = cause is not None and cause is not exc and exc.__context__ is cause
+            during = f" while saving after {cause!r}" if saving else ""
+            print(f"learned-opt meta-train: interrupted{during}", file=sys.stderr)
         return 130
     trainer.close()
     adam = trainer.adam_baseline or {}
@@ -340,7 +343,7 @@ def _eval(args: argparse.Namespace) -> int:
     for r in records:
         r["family"] = family.config()
         r["steps"] = args.steps
-    reference = args.baselines.split(",")[0].strip()
+    reference = baselines[0] if baselines else ""
     print(
         f"\n{family.config()} after {args.steps} steps, {args.seeds} seeds; "
         "final loss on the whole training set:\n"

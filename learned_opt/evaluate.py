@@ -48,6 +48,7 @@ __all__ = [
     "smooth",
     "speedup",
     "task_seed",
+    "best_lr",
     "tune_lr",
     "tune_lr_near",
     "versus",
@@ -321,14 +322,7 @@ def tune_lr(
     for lr in grid:
         score(lr)
     initial = mean_loss([r.losses[0] for r in runs[grid[0]] if r.losses])
-    floor = tie_below * initial if math.isfinite(initial) and initial > 0 else -math.inf
-
-    def rank(lr: float) -> tuple[float, float]:
-        if min(scores.values()) < 0:  # a loss that can be negative: no floor
-            return scores[lr], lr
-        return max(scores[lr], floor), lr
-
-    best = min(scores, key=rank)
+    best = best_lr(scores, initial, tie_below)
     for _ in range(widen if len(grid) > 1 else 0):
         if best == grid[0]:
             grid.insert(0, grid[0] * grid[0] / grid[1])
@@ -338,8 +332,18 @@ def tune_lr(
             score(grid[-1])
         else:
             break
-        best = min(scores, key=rank)
+        best = best_lr(scores, initial, tie_below)
     return Tuning(best, scores, runs[best], grid)
+
+
+def best_lr(scores: dict[float, float], initial: float, tie_below: float = 1e-6) -> float:
+    """The learning rate of the lowest score, ties going to the smallest; scores below
+    ``tie_below`` times ``initial`` (the mean initial loss) tie, where none is negative
+    (:func:`tune_lr`)."""
+    floor = -math.inf
+    if math.isfinite(initial) and initial > 0 and not any(v < 0 for v in scores.values()):
+        floor = tie_below * initial
+    return min(scores, key=lambda lr: (max(scores[lr], floor), lr))
 
 
 def tune_lr_near(
@@ -360,13 +364,17 @@ def tune_lr_near(
     tried = tried or list(grid)
     scores: dict[float, float] = {}
     runs: dict[float, list[RunResult]] = {}
+    initial = math.nan
     while True:
         todo = [lr for lr in tried if lr not in scores]
         if todo:
             tuning = tune_lr(family, factory, seeds, steps, todo, name=name)
             scores.update(tuning.scores)
             runs[tuning.lr] = tuning.runs
-        best = min(scores, key=lambda k: (scores[k], k))
+            initial = mean_loss([r.losses[0] for r in tuning.runs if r.losses])
+        best = best_lr(scores, initial)  # (the seeds' initial loss is every rate's)
+        if best not in runs:  # (only where the floor differs between calls: run it again)
+            runs[best] = [run_optimizer(family, s, factory, best, steps, name=name) for s in seeds]
         i = grid.index(best)
         if best == min(tried) and i > 0:
             tried.insert(0, grid[i - 1])

@@ -162,6 +162,9 @@ def test_tuning_ties_losses_at_float32_resolution(
     tuning = tune_lr(QuadraticFamily(dim=3), HAND_DESIGNED["adam"], [1, 2], 3, list(final))
     assert tuning.lr == chosen
     assert tuning.scores == final  # the scores as measured
+    # a scheduled variant's tuning near a rate chooses alike (its runs those of its choice)
+    near = tune_lr_near(QuadraticFamily(dim=3), HAND_DESIGNED["adam"], [1, 2], 3, list(final), 1.0)
+    assert near.lr == chosen and {r.lr for r in near.runs} == {chosen}
 
 
 def test_evaluation_family_reports_the_official_test_split_of_mlp_families() -> None:

@@ -270,3 +270,52 @@ def test_the_cli_saves_the_last_completed_iteration_when_signalled(
     assert again.returncode == 0, again.stderr
     assert "resumed at iteration 2" in again.stderr
     assert torch.load(find_checkpoints(ckpt)[0], weights_only=True)["iteration"] == 5
+
+
+def test_interrupted_writing_a_checkpoint_the_run_keeps_it_and_writes_no_older_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = MetaTrainer(_small_config(checkpoint_every=2), ckpt_dir=tmp_path)
+    save = trainer.save_checkpoint
+
+    def interrupted_after_its_file() -> None:  # (as in the write of its best.pt)
+        save()
+        if trainer.iteration == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_after_its_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing older written, nothing to report
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["ckpt_00000004.pt", "ckpt_00000002.pt"]
+
+
+def test_sigterm_while_the_last_iteration_is_saved_waits_for_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun terminates the other ranks when one fails: rank 0, saving after the failed
+    collective, finishes its write, then exits as terminated (143)."""
+    from learned_opt.outer import checkpoints
+
+    trainer = MetaTrainer(_small_config(), ckpt_dir=tmp_path)
+    original = trainer.train_iteration
+    write = checkpoints.write_checkpoint
+
+    def fails_at_the_fourth() -> dict:
+        if trainer.iteration == 3:
+            raise RuntimeError("Connection closed by peer")
+        return original()
+
+    def terminated_meanwhile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_iteration", fails_at_the_fourth)
+    monkeypatch.setattr(checkpoints, "write_checkpoint", terminated_meanwhile)
+    saved = r"iteration \(3\) is saved"
+    with pytest.warns(RuntimeWarning, match=saved), pytest.raises(SystemExit) as stopped:
+        trainer.train()
+    assert stopped.value.code == 143 and isinstance(stopped.value.__cause__, RuntimeError)
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["ckpt_00000003.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

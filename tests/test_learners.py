@@ -271,6 +271,16 @@ def test_maml_second_order_and_fixed_rates_are_part_of_the_run(tmp_path: Path) -
     other = MetaTrainer(config, learner=fixed(0.5), family=family, ckpt_dir=tmp_path)
     with pytest.raises(ValueError, match="inner_lr"):  # the checkpoint's rate would replace it
         other.resume()
+    # a checkpoint written before its settings recorded inner_lr still resumes
+    from learned_opt.checkpoint import atomic_save, safe_load
+    from learned_opt.outer import find_checkpoints
+
+    (path,) = find_checkpoints(tmp_path)
+    state = safe_load(path)
+    del state["learner_settings"]["inner_lr"]
+    atomic_save(state, path)
+    older = MetaTrainer(config, learner=fixed(0.01), family=family, ckpt_dir=tmp_path)
+    assert older.resume() and older.iteration == 1
 
 
 def test_rnn_learner_is_seeded_and_leaves_the_global_rng_alone() -> None:

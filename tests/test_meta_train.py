@@ -1013,3 +1013,30 @@ def test_a_trainer_trained_again_keeps_its_log_and_checkpoints(tmp_path: Path) -
     spent.train()
     assert spent.iteration == 0 and find_checkpoints(tmp_path / "b")
     spent.train()  # not refused: the checkpoint is its own
+
+
+def test_the_held_out_adam_baseline_ties_losses_at_float32_resolution_as_tune_lr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rates whose losses reach a millionth of the initial loss tie, the smallest winning, in
+    the meta-trainer's baseline as in ``tune_lr`` (both chose a rate that drove the tasks to
+    exactly zero)."""
+    from learned_opt import evaluate
+    from learned_opt.evaluate import DEFAULT_LR_GRID, HAND_DESIGNED, RunResult, tune_lr
+    from learned_opt.outer import factory
+    from learned_opt.outer import held_out as held_out_module
+    from learned_opt.outer.held_out import HeldOut
+
+    final = {lr: (0.0 if lr >= 3 else 5e-7 if lr >= 0.3 else 1.0 / (1 + lr)) for lr in
+             DEFAULT_LR_GRID}  # fmt: skip
+
+    def fake(family, seed, factory, lr, steps, name=""):  # noqa: ANN001, ANN202
+        return RunResult(name, lr, seed, [2.0] * steps, final[lr], final[lr], 0.0)
+
+    monkeypatch.setattr(held_out_module, "run_optimizer", fake)
+    monkeypatch.setattr(evaluate, "run_optimizer", fake)
+    cfg = MetaTrainConfig(family="quadratic", horizon=6, truncation=6, eval_tasks=3)
+    held_out = HeldOut(cfg, factory.build_family(cfg))
+    tuning = tune_lr(held_out.family, HAND_DESIGNED["adam"], held_out.seeds, 6, DEFAULT_LR_GRID,
+                     name="adam", aggregate=held_out.aggregate)  # fmt: skip
+    assert held_out.adam_baseline()["lr"] == tuning.lr == 0.3

@@ -33,6 +33,7 @@ __all__ = [
     "TRAINER_FORMAT",
     "check_state",
     "find_checkpoints",
+    "iteration_of",
     "learner_record",
     "read_checkpoint",
     "restore_trainer",
@@ -60,6 +61,13 @@ RESUMABLE_CHANGES = frozenset(
 def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     """Trainer checkpoints in ``ckpt_dir``, newest first."""
     return sorted(Path(ckpt_dir).glob("ckpt_*.pt"), reverse=True)
+
+
+def iteration_of(path: Path) -> int:
+    """The iteration of the checkpoint ``path`` by its name (``ckpt_<iteration>.pt``; -1 for
+    another name)."""
+    digits = path.stem.removeprefix("ckpt_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
@@ -143,6 +151,11 @@ def _config_diff(trainer: MetaTrainer, state: dict[str, Any]) -> dict[str, Any]:
         "family": trainer.family.config(),
         "learner_settings": learner_record(trainer.learner),
     }
+    saved_learner = state.get("learner_settings")
+    if isinstance(saved_learner, dict):  # settings recorded since it was written: not compared
+        current["learner_settings"] = {
+            k: v for k, v in current["learner_settings"].items() if k in saved_learner
+        }
     for key, record in current.items():
         if state.get(key) is not None and _as_json(state[key]) != _as_json(record):
             diff[key] = (state[key], record)

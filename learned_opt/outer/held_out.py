@@ -27,6 +27,7 @@ from ..evaluate import (
     DEFAULT_LR_GRID,
     HAND_DESIGNED,
     TRAINER_EVAL_STREAM,
+    best_lr,
     geometric_mean,
     mean_loss,
     run_optimizer,
@@ -188,6 +189,7 @@ class HeldOut:
 
             values, curves[lr] = self._spread(one)
             scores[lr] = self.aggregate(values)
-        best = min(scores, key=lambda k: (scores[k], k))  # ties: the smallest, as tune_lr
+        initial = float(np.nanmean([c[0] for c in curves[min(scores)]]))
+        best = best_lr(scores, initial)  # as tune_lr chooses (ties: the smallest)
         curve = np.nanmean(curves[best], axis=0)  # the runs still going, as mean_curve's
         return {"metric": scores[best], "lr": best, "curve": curve.tolist()}

@@ -207,6 +207,7 @@ class MetaTrainer:
         self._checkpointed = False  # whether this trainer has written a checkpoint
         #: The state of the last completed iteration that no checkpoint holds yet.
         self._unsaved: dict[str, Any] | None = None
+        self._stopped_by: BaseException | None = None  # what ended train(), if anything
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -486,7 +487,11 @@ class MetaTrainer:
             with _terminate_as_exit():
                 self._train(on_iteration)
         except BaseException as exc:
-            self._save_interrupted(exc)
+            self._stopped_by = exc
+            with _terminate_deferred() as terminated:  # (torchrun's, as another rank failed)
+                self._save_interrupted(exc)
+            if terminated and not isinstance(exc, SystemExit):
+                raise SystemExit(128 + signal.SIGTERM) from exc
             raise
 
     def _train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None) -> None:
@@ -530,9 +535,10 @@ class MetaTrainer:
 
     def _hold_unsaved(self) -> None:
         """Keep a copy of the state of the iteration just completed, which no checkpoint holds
-        yet (on the process that writes checkpoints): an interruption writes it."""
+        yet (on the process that writes checkpoints; its tensors in CPU memory): an
+        interruption writes it."""
         if self.ckpt_dir is not None and distributed.is_main():
-            self._unsaved = copy.deepcopy(self.state_dict())
+            self._unsaved = _copy_to_cpu(self.state_dict())
 
     def _save_interrupted(self, exc: BaseException) -> None:
         """Write the last completed iteration not yet checkpointed, as ``exc`` ends the run."""
@@ -542,6 +548,9 @@ class MetaTrainer:
                 self._writer.flush()
         if state is None:
             return
+        newest = checkpoints.find_checkpoints(self.ckpt_dir)
+        if newest and checkpoints.iteration_of(newest[0]) >= state["iteration"]:
+            return  # (interrupted writing a later one's best.pt: its checkpoint is whole)
         if isinstance(exc, KeyboardInterrupt):
             what = "was interrupted (KeyboardInterrupt)"
         elif isinstance(exc, SystemExit):
@@ -587,4 +596,40 @@ def _terminate_as_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGTERM) is terminate:  # (not one set in the meantime)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _terminate_deferred() -> Iterator[list[int]]:
+    """``SIGTERM`` only recorded inside the block (where it has its default action, in the main
+    thread): the last completed iteration's write is not cut short by it. Yields the list of
+    signals received."""
+    received: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield received
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, record)
+    try:
+        yield received
+    finally:
+        if signal.getsignal(signal.SIGTERM) is record:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _copy_to_cpu(state: Any) -> Any:
+    """A copy of ``state`` (plain data and tensors) with every tensor in CPU memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _copy_to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_copy_to_cpu(v) for v in state)
+    return copy.deepcopy(state)
