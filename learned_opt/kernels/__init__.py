@@ -80,12 +80,17 @@ def _cpu_fingerprint() -> str:
 
 
 def _install_fingerprint() -> str:
-    """A short hash of this install: its sources' folder, the torch it builds against and the
-    Python environment. Two installs on one machine (a checkout and a pip-installed copy, two
-    virtual environments) then keep builds of their own: sharing one, each rebuilt it on every
-    first use after the other, and a torch upgraded in place could load a build for the old."""
-    desc = [str(Path(__file__).resolve().parent), torch.__version__, str(Path(torch.__file__))]
-    return hashlib.sha256("\n".join([*desc, sys.prefix]).encode()).hexdigest()[:10]
+    """A short hash of this install: its sources (folder and text), the torch it builds against
+    and the Python environment. Two installs on one machine (a checkout and a pip-installed
+    copy, two virtual environments) then keep builds of their own: sharing one, each rebuilt it
+    on every first use after the other, and a torch upgraded in place could load a build for
+    the old; an upgraded install builds anew (and says so)."""
+    folder = Path(__file__).resolve().parent
+    desc = [str(folder), torch.__version__, str(Path(torch.__file__)), sys.prefix]
+    digest = hashlib.sha256("\n".join(desc).encode())
+    for source in sorted(folder.glob("*.cpp")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _build_directory(name: str) -> Path:
