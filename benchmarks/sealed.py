@@ -66,6 +66,7 @@ import torch
 from learned_opt import LSTMOptimizer, pretrained
 from learned_opt.checkpoint import load_rule
 from learned_opt.cli import git_commit
+from learned_opt.corpus import load_corpus
 from learned_opt.evaluate import (
     DEFAULT_LR_GRID,
     SEALED_STREAMS,
@@ -292,7 +293,11 @@ def run(argv: list[str] | None = None) -> int:
         "total_steps": args.total_steps,
         "group": args.group,
         "learned_lr": args.learned_lr,
+        "python": platform.python_version(),
         "torch": torch.__version__,
+        # The language models' text is Python's own documentation: it differs between Python
+        # releases, and so do those tasks.
+        "corpus_digest": load_corpus().digest,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "seconds": elapsed,

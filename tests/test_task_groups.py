@@ -521,6 +521,7 @@ def test_sealed_benchmark_end_to_end(tmp_path: Path, run_script, monkeypatch) ->
     assert all(len(r["losses"]) == 5 for r in records)
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
     assert summary[0]["kind"] == "meta" and len(summary) == 1 + 2 * 12
+    assert len(summary[0]["corpus_digest"]) == 64 and summary[0]["python"]  # (the LMs' text)
     muon_rows = [r for r in summary[1:] if r["optimizer"] == "muon"]
     assert all(r["tuning"]["lr"] in r["tuning"]["grid"] for r in muon_rows)
     adam_rows = [r for r in summary[1:] if r["optimizer"] == "adam"]
