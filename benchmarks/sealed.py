@@ -268,6 +268,10 @@ def run(argv: list[str] | None = None) -> int:
         commit = os.environ.get("LEARNED_OPT_SOURCE_COMMIT", "unknown") + " (exported tree)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:  # (before the runs: a failure here loses none of them)
+        corpus_digest: str | None = load_corpus().digest
+    except Exception:  # noqa: BLE001 (a Python without its documentation's text)
+        corpus_digest = None
     start = time.perf_counter()
     records, summary = evaluate_sealed(
         rule,
@@ -297,7 +301,7 @@ def run(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         # The language models' text is Python's own documentation: it differs between Python
         # releases, and so do those tasks.
-        "corpus_digest": load_corpus().digest,
+        "corpus_digest": corpus_digest,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "seconds": elapsed,

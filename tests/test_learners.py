@@ -280,7 +280,9 @@ def test_maml_second_order_and_fixed_rates_are_part_of_the_run(tmp_path: Path) -
     del state["learner_settings"]["inner_lr"]
     atomic_save(state, path)
     older = MetaTrainer(config, learner=fixed(0.01), family=family, ckpt_dir=tmp_path)
-    assert older.resume() and older.iteration == 1
+    assert older.resume() and older.iteration == 1  # (0.01: the default, that of older runs)
+    with pytest.raises(ValueError, match="inner_lr"):
+        MetaTrainer(config, learner=fixed(0.5), family=family, ckpt_dir=tmp_path).resume()
 
 
 def test_rnn_learner_is_seeded_and_leaves_the_global_rng_alone() -> None:

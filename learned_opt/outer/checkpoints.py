@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import warnings
 from collections.abc import Callable
@@ -152,14 +153,26 @@ def _config_diff(trainer: MetaTrainer, state: dict[str, Any]) -> dict[str, Any]:
         "learner_settings": learner_record(trainer.learner),
     }
     saved_learner = state.get("learner_settings")
-    if isinstance(saved_learner, dict):  # settings recorded since it was written: not compared
+    if isinstance(saved_learner, dict):  # a setting recorded since it was written: compared
+        defaults = _defaults(type(trainer.learner))  # with the value runs had before it
         current["learner_settings"] = {
-            k: v for k, v in current["learner_settings"].items() if k in saved_learner
+            k: v
+            for k, v in current["learner_settings"].items()
+            if k in saved_learner or k not in defaults or defaults[k] != v
         }
     for key, record in current.items():
         if state.get(key) is not None and _as_json(state[key]) != _as_json(record):
             diff[key] = (state[key], record)
     return diff
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default values of ``cls``'s constructor arguments."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def check_state(trainer: MetaTrainer, state: Any) -> None:

@@ -483,15 +483,19 @@ class MetaTrainer:
         """
         self.check_outputs()
         self._unsaved = None
+        self._stopped_by = None
         try:
             with _terminate_as_exit():
                 self._train(on_iteration)
         except BaseException as exc:
             self._stopped_by = exc
-            with _terminate_deferred() as terminated:  # (torchrun's, as another rank failed)
+            terminated_already = isinstance(exc, SystemExit) and exc.code == _TERMINATED
+            # A SIGTERM during the write (torchrun's, as another rank failed) waits for it; one
+            # after the SIGTERM that stopped the run kills at once.
+            with _terminate_deferred(not terminated_already) as terminated:
                 self._save_interrupted(exc)
-            if terminated and not isinstance(exc, SystemExit):
-                raise SystemExit(128 + signal.SIGTERM) from exc
+            if terminated and not terminated_already:
+                raise SystemExit(_TERMINATED) from exc
             raise
 
     def _train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None) -> None:
@@ -548,9 +552,11 @@ class MetaTrainer:
                 self._writer.flush()
         if state is None:
             return
-        newest = checkpoints.find_checkpoints(self.ckpt_dir)
-        if newest and checkpoints.iteration_of(newest[0]) >= state["iteration"]:
-            return  # (interrupted writing a later one's best.pt: its checkpoint is whole)
+        ours = self.ckpt_dir / f"ckpt_{self.iteration:08d}.pt"
+        if self.iteration > state["iteration"] and ours.is_file():
+            # Interrupted while writing this iteration's checkpoint (its best.pt, say): the
+            # state is still that iteration's, written again whole.
+            state = self.state_dict()
         if isinstance(exc, KeyboardInterrupt):
             what = "was interrupted (KeyboardInterrupt)"
         elif isinstance(exc, SystemExit):
@@ -576,6 +582,10 @@ class MetaTrainer:
         )
 
 
+#: The exit status of a process that ``SIGTERM`` stopped (128 + the signal's number).
+_TERMINATED = 128 + signal.SIGTERM
+
+
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     """``SIGTERM`` raises ``SystemExit(143)`` inside the block (where it has its default action,
@@ -590,7 +600,7 @@ def _terminate_as_exit() -> Iterator[None]:
 
     def terminate(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise SystemExit(128 + signum)
+        raise SystemExit(_TERMINATED)
 
     signal.signal(signal.SIGTERM, terminate)
     try:
@@ -601,13 +611,14 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _terminate_deferred() -> Iterator[list[int]]:
-    """``SIGTERM`` only recorded inside the block (where it has its default action, in the main
-    thread): the last completed iteration's write is not cut short by it. Yields the list of
-    signals received."""
+def _terminate_deferred(enabled: bool = True) -> Iterator[list[int]]:
+    """With ``enabled``, a first ``SIGTERM`` only recorded inside the block (where it has its
+    default action, in the main thread): the last completed iteration's write is not cut short
+    by it; a second kills the process. Yields the list of signals received."""
     received: list[int] = []
     if (
-        threading.current_thread() is not threading.main_thread()
+        not enabled
+        or threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
         yield received
@@ -615,6 +626,7 @@ def _terminate_deferred() -> Iterator[list[int]]:
 
     def record(signum: int, frame: Any) -> None:
         received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     signal.signal(signal.SIGTERM, record)
     try:
@@ -625,11 +637,28 @@ def _terminate_deferred() -> Iterator[list[int]]:
 
 
 def _copy_to_cpu(state: Any) -> Any:
-    """A copy of ``state`` (plain data and tensors) with every tensor in CPU memory."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _copy_to_cpu(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return type(state)(_copy_to_cpu(v) for v in state)
-    return copy.deepcopy(state)
+    """A deep copy of ``state`` (plain data and tensors) with every tensor in CPU memory: its
+    device tensors moved first (each object once), then the whole copied as ``deepcopy`` copies
+    (tensors sharing storage still share it; state dicts keep their metadata)."""
+    moved: dict[int, Any] = {}
+
+    def to_cpu(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x
+            if id(x) not in moved:
+                moved[id(x)] = x.detach().cpu()
+            return moved[id(x)]
+        if isinstance(x, dict):
+            out = copy.copy(x)  # (its type and attributes, e.g. a state dict's _metadata)
+            for k, v in x.items():
+                out[k] = to_cpu(v)
+            return out
+        if isinstance(x, list):
+            return [to_cpu(v) for v in x]
+        if isinstance(x, tuple):
+            items = [to_cpu(v) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        return x
+
+    return copy.deepcopy(to_cpu(state))
