@@ -33,6 +33,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _scalar(lr: float | Tensor) -> float | Tensor:
+    """A group's ``lr`` as an ``alpha``: a one-element tensor as a 0-dim one, as torch.optim's
+    take it."""
+    return lr.reshape(()) if isinstance(lr, Tensor) else lr
+
+
 def _all_finite(x: Tensor) -> bool:
     """Whether every element of ``x`` is finite. A NaN or Inf makes the sum non-finite, so a
     finite sum (one fast reduction) settles it; only a non-finite sum (which finite elements
@@ -403,9 +409,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if p.dtype == torch.bfloat16:  # the new value computed in float32, rounded once
             p.copy_(LearnedOptimizer._new_value(p, group, update).view(p.shape))
             return
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            lr = lr.reshape(())  # a one-element tensor, as torch.optim's take
+        lr = _scalar(group["lr"])
         if group["weight_decay"] != 0:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.view(p.shape).to(p.dtype), alpha=lr)
@@ -415,9 +419,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """``p``'s value after decoupled weight decay and ``update`` (flat, in the compute
         dtype), computed there and returned flat in ``p``'s dtype: Inf where it leaves that
         dtype's range."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            lr = lr.reshape(())  # a one-element tensor, as torch.optim's take
+        lr = _scalar(group["lr"])
         new = p.detach().reshape(-1).to(update.dtype)  # a copy: float16 -> float32
         if group["weight_decay"] != 0:
             new.mul_(1 - lr * group["weight_decay"])

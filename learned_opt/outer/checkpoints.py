@@ -34,7 +34,6 @@ __all__ = [
     "TRAINER_FORMAT",
     "check_state",
     "find_checkpoints",
-    "iteration_of",
     "learner_record",
     "read_checkpoint",
     "restore_trainer",
@@ -62,13 +61,6 @@ RESUMABLE_CHANGES = frozenset(
 def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     """Trainer checkpoints in ``ckpt_dir``, newest first."""
     return sorted(Path(ckpt_dir).glob("ckpt_*.pt"), reverse=True)
-
-
-def iteration_of(path: Path) -> int:
-    """The iteration of the checkpoint ``path`` by its name (``ckpt_<iteration>.pt``; -1 for
-    another name)."""
-    digits = path.stem.removeprefix("ckpt_")
-    return int(digits) if digits.isdigit() else -1
 
 
 def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:

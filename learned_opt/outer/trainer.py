@@ -586,15 +586,21 @@ class MetaTrainer:
 _TERMINATED = 128 + signal.SIGTERM
 
 
+def _sigterm_free() -> bool:
+    """Whether this thread may handle ``SIGTERM``: the main thread, where it still has its
+    default action (no handler of the user's or of another library)."""
+    return (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+
+
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     """``SIGTERM`` raises ``SystemExit(143)`` inside the block (where it has its default action,
     in the main thread), so that the run saves its last completed iteration; a second one kills
     the process as before."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
+    if not _sigterm_free():
         yield
         return
 
@@ -616,11 +622,7 @@ def _terminate_deferred(enabled: bool = True) -> Iterator[list[int]]:
     default action, in the main thread): the last completed iteration's write is not cut short
     by it; a second kills the process. Yields the list of signals received."""
     received: list[int] = []
-    if (
-        not enabled
-        or threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
+    if not (enabled and _sigterm_free()):
         yield received
         return
 
