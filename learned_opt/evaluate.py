@@ -346,6 +346,7 @@ def best_lr(scores: dict[float, float], initial: float, tie_below: float = 1e-6)
     floor = -math.inf
     if math.isfinite(initial) and initial > 0 and not any(v < 0 for v in scores.values()):
         floor = tie_below * initial
+
     def rank(lr: float) -> tuple[float, float]:
         score = scores[lr] if not math.isnan(scores[lr]) else math.inf  # (no value: the worst)
         return max(score, floor), lr

@@ -329,6 +329,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     self._raise_if_nonfinite(pending[checked:])
                     checked = len(pending)
                 update, new_state = rule.step_(flat, state), None
+            elif (two_pass := self._checked_step(rule, p, flat, state)) is not None:
+                update, new_state = two_pass
             elif rule.tensor_aware:  # reads whole-tensor statistics: the tensor in one chunk
                 update, new_state = self._chunked_step(rule, flat, state, max(1, flat.numel()))
             else:
@@ -371,6 +373,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         value is checked before its state changes)."""
         return hasattr(self._rule_for(p), "step_") and p.dtype != torch.float16
 
+    def _checked_step(
+        self, rule: UpdateRule, p: Tensor, flat: Tensor, state: dict[str, Any]
+    ) -> tuple[Tensor, _StepState] | None:
+        """A large float16 parameter's update computed in chunks of coordinates with its state
+        left as it was (its new value is checked first), and the step that takes it in place
+        once it is committed: the arithmetic twice, with temporaries of a chunk's size instead
+        of the whole tensor's (hundreds of bytes a coordinate). ``None`` for a tensor of at
+        most :attr:`chunk_size` coordinates, or where its rule has no such step."""
+        if p.dtype != torch.float16 or p.numel() <= self.chunk_size:
+            return None
+        chunked = getattr(rule, "chunked_step_", None)
+        update = None if chunked is None else chunked(flat, state, write=False)
+        return None if update is None else (update, _StepState(chunked, flat))
+
     @staticmethod
     def _raise_if_nonfinite(pending: list[tuple[Tensor, Any, Tensor, Any]]) -> None:
         """:class:`NonFiniteGradientError` for the first non-finite update of ``pending``."""
@@ -397,11 +413,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         group: dict[str, Any],
         update: Tensor,
         state: dict[str, Any],
-        new_state: dict[str, Any] | None,
+        new_state: dict[str, Any] | _StepState | None,
     ) -> None:
         """Store the new state and apply decoupled weight decay and the update to ``p`` (for a
         float16 ``p``, ``update`` is its new value: :meth:`_new_value`)."""
-        if new_state is not None:
+        if isinstance(new_state, _StepState):
+            new_state.take(state)
+        elif new_state is not None:
             state.update(new_state)
         if p.dtype == torch.float16:
             p.copy_(update.view(p.shape))
@@ -644,6 +662,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._rule_copies = {}
+
+
+class _StepState:
+    """The in-place step of a tensor's state whose update was computed and checked before it
+    (:meth:`LearnedOptimizer._checked_step`): the same arithmetic again, writing the state."""
+
+    def __init__(self, chunked_step: Callable[..., Any], grad: Tensor) -> None:
+        self.chunked_step, self.grad = chunked_step, grad
+
+    def take(self, state: dict[str, Any]) -> None:
+        self.chunked_step(self.grad, state, write=True)
 
 
 @contextlib.contextmanager

@@ -180,7 +180,10 @@ def table(
 def plot_curves(
     records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str = ""
 ) -> None:
-    """Mean minibatch training loss per step (band: one standard error) for each optimizer."""
+    """Mean minibatch training loss per step (band: one standard error) for each optimizer,
+    over all its seeds: a curve ends where any seed diverged (as
+    :func:`~learned_opt.evaluate.mean_curve` does, and the tables), and its label says at which
+    step, instead of averaging the seeds still running."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,10 +197,15 @@ def plot_curves(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curves in groups.items():
         arr = np.array(curves, dtype=float)
-        mean = np.nanmean(arr, axis=0)
-        sem = np.nanstd(arr, axis=0) / np.sqrt(max(len(arr), 1))
+        arr[~np.isfinite(arr)] = np.nan  # (an infinite loss: diverged too)
+        mean = np.mean(arr, axis=0)  # NaN from the first step any seed diverged
+        sem = np.std(arr, axis=0) / np.sqrt(max(len(arr), 1))
         steps = np.arange(len(mean))
-        ax.plot(steps, mean, label=f"{name} (lr={lrs[name]:.3g}, n={len(arr)})")
+        label = f"{name} (lr={lrs[name]:.3g}, n={len(arr)}"
+        gone = np.flatnonzero(np.isnan(mean))
+        if gone.size:
+            label += f"; a seed diverged at step {int(gone[0])}"
+        ax.plot(steps, mean, label=label + ")")
         ax.fill_between(steps, mean - sem, mean + sem, alpha=0.2)
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -28,6 +28,17 @@ def test_step_time_smoke(tmp_path: Path, run_script) -> None:
     assert table.strip().splitlines()[-1].endswith("| 160 |")
 
 
+def test_step_memory_smoke(tmp_path: Path, run_script) -> None:
+    assert run_script("benchmarks/step_memory.py", "--smoke", "--out", str(tmp_path)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {(r["optimizer"], r["dtype"]) for r in rows} == {
+        (o, d) for o in ("Adam", "LSTMOptimizer") for d in ("float32", "float16")
+    }
+    assert all(r["step_peak_bytes_per_param"] >= 0 and r["step_seconds"] > 0 for r in rows)
+    state = {(r["optimizer"], r["dtype"]): r["state_bytes_per_param"] for r in rows}
+    assert round(state["Adam", "float32"]) == 8 and round(state["LSTMOptimizer", "float32"]) == 160
+
+
 def test_matrix_step_time_smoke(tmp_path: Path, run_script) -> None:
     args = ["--d-model", "16", "--threads", "1", "--steps", "1", "--rounds", "1"]
     assert run_script("benchmarks/matrix_step_time.py", *args, "--out", str(tmp_path)) == 0

@@ -198,3 +198,33 @@ def test_report_tables_never_rate_against_a_diverged_run_and_mark_an_edge() -> N
     assert lines.splitlines()[3].endswith("| 1.129 |")
     lines = table(records("adam", [0.3]) + records("learned", [math.nan]), "adam").splitlines()
     assert lines[3].endswith("| diverged |")
+
+
+def test_a_plotted_curve_ends_where_a_seed_diverged(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three of four seeds diverge at step 3: the curve is the mean over all four and ends
+    there, as the tables (which say "diverged") and ``mean_curve`` have it, instead of going on
+    with the one seed left to a loss below the optimizer that did not diverge."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from learned_opt.report import plot_curves
+
+    records = [
+        {"optimizer": "adam", "lr": 1e-3, "losses": [1.0 - 0.05 * i for i in range(10)]}
+        for _ in range(4)
+    ]
+    for seed in range(4):
+        fine = [1.0 - 0.09 * i for i in range(10)]
+        losses = fine if seed == 3 else fine[:3] + [math.nan] * 6 + [math.inf]
+        records.append({"optimizer": "sgd", "lr": 1.0, "losses": losses})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig))[1])
+    plot_curves(records, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    lines = {line.get_label(): line.get_ydata() for line in figures[0].axes[0].get_lines()}
+    sgd = lines["sgd (lr=1, n=4; a seed diverged at step 3)"]
+    assert np.allclose(sgd[:3], [1.0, 0.91, 0.82]) and np.isnan(sgd[3:]).all()
+    assert np.isfinite(lines["adam (lr=0.001, n=4)"]).all()

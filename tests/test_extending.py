@@ -259,7 +259,8 @@ def test_a_learner_of_ones_own_refuses_the_rule_settings_and_a_rule_export() -> 
             MetaTrainer(MetaTrainConfig(**{**SMALL, **setting}), learner=learner)
     cfg = MetaTrainConfig(horizon=2, truncation=2, objective="test", meta_batch=1, iterations=1,
                           eval_every=0)  # fmt: skip
-    maml = MetaTrainer(cfg, learner=MAMLLearner(family.model, inner_lr=0.05), family=family)
+    maml = MAMLLearner(family.model, inner_steps=2, inner_lr=0.05)
+    maml = MetaTrainer(cfg, learner=maml, family=family)
     maml.train()
     with pytest.raises(ValueError, match="MAMLLearner has none"):
         maml.export_best("unused.pt")

@@ -192,19 +192,20 @@ def test_a_rule_object_with_non_finite_weights_is_refused_before_any_step() -> N
 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+@pytest.mark.parametrize("n", [4, LSTMOptimizer.chunk_size + 1])  # (larger: checked in chunks)
 def test_a_finite_update_that_takes_a_float16_parameter_past_its_range_changes_nothing(
-    nonfinite: str,
+    nonfinite: str, n: int
 ) -> None:
     """A float16 parameter's new value can leave its range (65,504) though the update (computed
     in float32) is finite, as a large ``lr`` does: that tensor is skipped or raised like a
     non-finite update, with its value and state unchanged; the other tensors step."""
-    ok, far = (torch.nn.Parameter(torch.ones(4, dtype=torch.float16)) for _ in range(2))
+    ok, far = (torch.nn.Parameter(torch.ones(n, dtype=torch.float16)) for _ in range(2))
     with torch.no_grad():
         far[0] = 60_000.0
     opt = LSTMOptimizer([{"params": [ok]}, {"params": [far]}], nonfinite=nonfinite)
 
     def step() -> None:
-        ok.grad = far.grad = torch.full((4,), -1.0, dtype=torch.float16)
+        ok.grad = far.grad = torch.full((n,), -1.0, dtype=torch.float16)
         opt.step()
 
     with warnings.catch_warnings():

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from learned_opt import DifferentiableLearnedOptimizer, LSTMOptimizer, LSTMRule
+from learned_opt import (
+    DifferentiableLearnedOptimizer,
+    LSTMOptimizer,
+    LSTMRule,
+    NonFiniteGradientError,
+)
 
 
 def _setup():
@@ -102,3 +107,33 @@ def test_higher_steps_half_precision_parameters_as_the_drop_in_optimizer(dtype) 
     for a, b in zip(fast, model.parameters()):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b.detach())
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_higher_keeps_the_optimizers_nonfinite_policy(nonfinite: str) -> None:
+    """A NaN gradient on the weight (not the bias) under ``higher``: as the drop-in optimizer,
+    "skip" leaves the weight and its state as they were and steps the bias, with a warning;
+    "raise" raises before anything changes. (It used to write NaN into the weights.)"""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = LSTMOptimizer(model.parameters(), nonfinite=nonfinite)
+    x = torch.ones(2, 3)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).sum())  # a first, finite step: state exists
+        weight, bias = (t.detach().clone() for t in fmodel.parameters())
+        states = [{k: v.clone() for k, v in diffopt.state[0][i].items()} for i in range(2)]
+        loss = (fmodel.weight * float("nan")).sum() + fmodel.bias.sum()
+        grads = torch.autograd.grad(loss, list(fmodel.parameters()), retain_graph=True)
+        assert not torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
+        if nonfinite == "raise":
+            with pytest.raises(NonFiniteGradientError, match="no parameter was changed"):
+                diffopt.step(loss)
+        else:
+            with pytest.warns(RuntimeWarning, match="skipped the update of 1 parameter"):
+                diffopt.step(loss)
+        assert torch.equal(fmodel.weight, weight)
+        assert torch.equal(fmodel.bias, bias) == (nonfinite == "raise")
+        for i in range(2):
+            state = diffopt.state[0][i]
+            unchanged = all(torch.equal(v, states[i][k]) for k, v in state.items())
+            assert unchanged == (i == 0 or nonfinite == "raise"), i

@@ -237,7 +237,7 @@ def test_learners_refuse_running_statistics_and_keep_a_copy_of_the_encoder() -> 
 
 def test_maml_meta_trains_its_learning_rates_with_the_initialization_fixed() -> None:
     family = SinusoidFamily(k_shot=5, n_query=10)
-    learner = MAMLLearner(family.model, inner_lr=0.05)
+    learner = MAMLLearner(family.model, inner_steps=3, inner_lr=0.05)
     learner.init.requires_grad_(False)  # Meta-SGD's rates alone
     start = {k: v.clone() for k, v in learner.state_dict().items()}
     config = MetaTrainConfig(
@@ -259,13 +259,16 @@ def test_maml_second_order_and_fixed_rates_are_part_of_the_run(tmp_path: Path) -
         family="sinusoid", horizon=3, truncation=3, objective="test", meta_batch=2,
         iterations=1, eval_every=0, second_order=True,
     )  # fmt: skip
-    MetaTrainer(config, learner=MAMLLearner(family.model), family=family)  # second order
+    MetaTrainer(config, learner=MAMLLearner(family.model, inner_steps=3), family=family)
     with pytest.raises(ValueError, match="second_order"):
-        MetaTrainer(config, learner=MAMLLearner(family.model, first_order=True), family=family)
+        first = MAMLLearner(family.model, inner_steps=3, first_order=True)
+        MetaTrainer(config, learner=first, family=family)
+    with pytest.raises(ValueError, match="inner_steps=5 steps.*horizon=3"):
+        MetaTrainer(config, learner=MAMLLearner(family.model), family=family)
     config = MetaTrainConfig.from_dict({**config.to_dict(), "second_order": False})
 
     def fixed(lr: float) -> MAMLLearner:
-        return MAMLLearner(family.model, inner_lr=lr, learn_lrs=False)
+        return MAMLLearner(family.model, inner_steps=3, inner_lr=lr, learn_lrs=False)
 
     MetaTrainer(config, learner=fixed(0.01), family=family, ckpt_dir=tmp_path).train()
     other = MetaTrainer(config, learner=fixed(0.5), family=family, ckpt_dir=tmp_path)

@@ -920,7 +920,7 @@ def test_resume_refuses_a_learner_or_family_of_ones_own_set_otherwise(tmp_path: 
                           eval_every=0)  # fmt: skip
 
     def trainer(first_order: bool = False, tasks=family) -> MetaTrainer:
-        learner = MAMLLearner(family.model, inner_lr=0.05, first_order=first_order)
+        learner = MAMLLearner(family.model, inner_steps=2, inner_lr=0.05, first_order=first_order)
         return MetaTrainer(cfg, learner=learner, family=tasks, ckpt_dir=tmp_path)
 
     trainer().train()

@@ -179,6 +179,37 @@ def test_half_precision_parameters_step_in_float32(state_dtype: torch.dtype | No
                 )
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_a_large_float16_parameter_steps_in_chunks_as_in_one_pass(
+    state_dtype: torch.dtype | None,
+) -> None:
+    """A float16 tensor of more than ``chunk_size`` coordinates is stepped twice in chunks (its
+    update checked with the state left as it was, then taken in place): the same new values and
+    state, bit for bit, as the whole tensor's forward out of place (on up to one block of the
+    chunked step's coordinates; beyond, its sums are added chunk by chunk)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(LSTMOptimizer.chunk_size + 7,), (96, 100)]  # a vector, and a matrix (Muon's)
+    init = [torch.randn(s, generator=gen).half() for s in shapes]
+    runs = []
+    for chunk_size in (LSTMOptimizer.chunk_size, 10**9):  # two passes in chunks; one whole
+        params = [nn.Parameter(x.clone()) for x in init]
+        opt = LSTMOptimizer(params, state_dtype=state_dtype, total_steps=20)
+        opt.chunk_size = chunk_size
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).half() * 10.0**-step
+            opt.step()
+        runs.append((params, opt))
+    (chunked, c_opt), (whole, w_opt) = runs
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
+        assert sorted(c_opt.state[a]) == sorted(w_opt.state[b])
+        for key, value in w_opt.state[b].items():
+            assert c_opt.state[a][key].dtype == value.dtype, key
+            assert torch.equal(c_opt.state[a][key], value), key
+
+
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
 def test_parameters_that_are_not_real_floating_point_are_refused(dtype: torch.dtype) -> None:
     """Refused when given (a complex parameter once failed mid-step, after a real one had

@@ -180,6 +180,58 @@ def test_float64_step_is_the_forward(n: int) -> None:
         torch.testing.assert_close(fs[key], rs[key], rtol=1e-12, atol=0.0)
 
 
+def _run_chunked(rule, grads, chunk: int, shape=None):
+    """:func:`_run`'s steps by the chunked step, each first taken as a dry run (``write=False``),
+    which must leave the state as it was and give the same update."""
+    state = rule.init_state(grads[0].numel(), like=grads[0], shape=shape)
+    updates = []
+    for g in grads:
+        before = {k: v.clone() for k, v in state.items()}
+        dry = cas.chunked_step_(rule, g, state, write=False, chunk=chunk)
+        assert sorted(state) == sorted(before)
+        for key, value in before.items():
+            assert torch.equal(state[key], value), key
+        updates.append(cas.chunked_step_(rule, g, state, chunk=chunk))
+        assert torch.equal(dry, updates[-1])
+    return updates, state
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_the_chunked_step_is_the_forward_bit_for_bit_on_one_chunk(config: str) -> None:
+    rule = _rule(**CONFIGS[config]).double()
+    grads = _grads(1000, 10, torch.float64)
+    _assert_equal_runs(_run_chunked(rule, grads, 1000), _run(rule, grads, False))
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_the_chunked_step_matches_the_forward_over_many_chunks(orthogonal: bool) -> None:
+    """Chunks of 97 coordinates of a 60 x 50 tensor (with ``orthogonal``, a matrix: Muon's
+    direction over the whole matrix first): the forward's steps to float64 rounding (the sums
+    added chunk by chunk)."""
+    rule = _rule(GENERAL_LSTM_DEFAULTS, orthogonal=orthogonal).double()
+    grads = _grads(3000, 10, torch.float64)
+    shape = (60, 50) if orthogonal else None
+    state = rule.init_state(3000, like=grads[0], shape=shape)
+    assert ("matrix" in state) == orthogonal
+    ref = []
+    for g in grads:
+        ref.append(cas._forward_step_(rule, g, state))
+    updates, chunked = _run_chunked(rule, grads, 97, shape)
+    for u, r in zip(updates, ref):
+        torch.testing.assert_close(u, r, rtol=1e-10, atol=1e-12 * float(r.abs().max()))
+    for key, value in state.items():
+        torch.testing.assert_close(chunked[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_the_chunked_step_refuses_what_reads_sums_inside_the_forward() -> None:
+    rule = _rule(GENERAL_LSTM_DEFAULTS, direction_correction=True).double()
+    g = _grads(10, 1, torch.float64)[0]
+    state = rule.init_state(10, like=g)
+    assert rule.chunked_step_(g, state) is None
+    with pytest.raises(ValueError, match="sums over the tensor"):
+        cas.chunked_step_(rule, g, state)
+
+
 def test_without_the_kernels_the_step_is_the_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     rule = _rule()
     grads = _grads(50, 5)

@@ -58,8 +58,9 @@ class MAMLLearner(MetaLearner):
         model: the task model whose parameters are meta-learned (e.g. ``family.model``); only its
             parameter names and shapes are used. Batch norm in it must use batch statistics
             (``track_running_stats=False``, as in the MAML paper).
-        inner_steps: the intended number of adaptation steps (the unroll's horizon; the default
-            of :meth:`adapt` and :meth:`adapt_with_higher`).
+        inner_steps: the number of adaptation steps (the default of :meth:`adapt` and
+            :meth:`adapt_with_higher`): the meta-trainer refuses a configuration whose horizon
+            (or held-out evaluation's) is another.
         inner_lr: initial inner learning rate.
         first_order: drop second derivatives (FOMAML).
         learn_lrs: meta-learn the per-coordinate learning rates (Meta-SGD); otherwise they stay

@@ -127,6 +127,18 @@ def _check_own_learner(config: MetaTrainConfig, learner: MetaLearner) -> None:
             "train_only selects the parameters of the rule the configuration builds; with a "
             "learner of your own, fix the parameters not to train with requires_grad_(False)"
         )
+    steps = getattr(learner, "inner_steps", None)  # (MAML's: the adaptation it stands for)
+    if steps is not None and (
+        config.horizon != steps
+        or config.min_horizon is not None
+        or config.eval_horizon not in (None, steps)
+    ):
+        raise ValueError(
+            f"the learner adapts in inner_steps={steps} steps, and the meta-trainer unrolls "
+            f"horizon={config.horizon} (min_horizon={config.min_horizon}, eval_horizon="
+            f"{config.eval_horizon}): set horizon={steps} and truncation={steps} in the "
+            f"configuration, or inner_steps={config.horizon} on the learner"
+        )
     if config.second_order and not getattr(learner, "second_order", False):
         raise ValueError(
             "second_order configures the learner the configuration builds; with a learner of "

@@ -422,7 +422,23 @@ class LSTMCorrectedAdamRule(UpdateRule):
             x = h
         return new_h, new_c
 
-    def forward(self, grad: Tensor, state: RuleState) -> tuple[Tensor, RuleState]:
+    def forward(
+        self,
+        grad: Tensor,
+        state: RuleState,
+        precomputed: per_tensor.Precomputed | None = None,
+    ) -> tuple[Tensor, RuleState]:
+        """The update and new state for the flat gradient ``grad``. ``precomputed``: the
+        per-tensor parts of this step (clipping, step size, a matrix's direction) computed over
+        the whole tensor beforehand, when ``grad`` and ``state`` are a chunk of one tensor's
+        coordinates (:func:`~learned_opt.rules.corrected_adam_step.chunked_step_`)."""
+        if precomputed is not None and (
+            "tensor" in state or self.orthogonal_mix or self.direction_correction
+        ):
+            raise ValueError(
+                "precomputed per-tensor parts need one tensor's coordinates and a rule without "
+                "orthogonal_mix or direction_correction (they read sums over the tensor)"
+            )
         step = step_count(state, grad)
         t = float(step)
         grad = bounded_grad(grad)  # no finite gradient can overflow a square or a sum below
@@ -441,7 +457,10 @@ class LSTMCorrectedAdamRule(UpdateRule):
         for key in per_tensor.PER_TENSOR_KEYS:
             if key in state:
                 state[key] = per_tensor.per_tensor_state(state, key, ids, count)
-        if self.grad_clip > 0 and t > 1:
+        if precomputed is not None:
+            if precomputed.clip is not None:
+                grad = grad * precomputed.clip
+        elif self.grad_clip > 0 and t > 1:
             v_hat = state["v"] / (1 - self.beta2 ** (t - 1))
             grad = per_tensor.clip(self.settings, grad, v_hat, ids, count, t)
         moments: list[Tensor] = []  # bias-corrected momenta, by _state_betas
@@ -470,7 +489,9 @@ class LSTMCorrectedAdamRule(UpdateRule):
             out = torch.addmm(self.out_bias, hs[-1], self.out_weight) * self.output_scale
         if self.nominal:
             direction = -(raw_m[self.beta1] / (1 - self.beta1**t)) / denom
-            if (
+            if precomputed is not None and precomputed.direction is not None:
+                direction = precomputed.direction
+            elif (
                 layout is not None and layout.numel()
             ):  # Muon's: the Nesterov momentum, orthogonalized
                 adam = direction
@@ -490,9 +511,14 @@ class LSTMCorrectedAdamRule(UpdateRule):
         else:
             update = out.squeeze(-1)
         if self.lr_adapt > 0:  # the adapted size scales the direction, not the additive term
-            log_step = per_tensor.adapt_log_step(
-                self.settings, grad, state, new_state, ids, count, t, self.controller()
-            )
+            if precomputed is not None:
+                assert precomputed.log_step is not None, "the step size was not precomputed"
+                log_step = precomputed.log_step
+                new_state.update(precomputed.new_state)
+            else:
+                log_step = per_tensor.adapt_log_step(
+                    self.settings, grad, state, new_state, ids, count, t, self.controller()
+                )
             new_state["prev"] = update
             update = update * per_tensor.per_coordinate(torch.exp(log_step), ids)
         if not self.nominal:
@@ -572,6 +598,17 @@ class LSTMCorrectedAdamRule(UpdateRule):
         than ``grad``'s, e.g. bfloat16: they are computed in ``grad``'s and rounded back).
         Returns the update. See :func:`learned_opt.rules.corrected_adam_step.step_`."""
         return corrected_adam_step.step_(self, grad, state)
+
+    def chunked_step_(self, grad: Tensor, state: RuleState, *, write: bool = True) -> Tensor | None:
+        """:meth:`step_` with the forward's arithmetic on chunks of coordinates (the
+        per-tensor parts first); ``write=False``: the update alone, ``state`` left as it was.
+        ``None`` where the step reads sums over the tensor inside its forward
+        (``orthogonal_mix``, ``direction_correction``). See
+        :func:`learned_opt.rules.corrected_adam_step.chunked_step_`."""
+        if not corrected_adam_step.chunked_ok(self, state):
+            return None
+        with torch.no_grad():
+            return corrected_adam_step.chunked_step_(self, grad, state, write=write)
 
     def config(self) -> dict[str, Any]:
         return self.settings.to_dict()

@@ -36,7 +36,7 @@ from .orthogonal import matrices_direction, matrix_direction
 if TYPE_CHECKING:
     from .corrected_adam import LSTMCorrectedAdamRule
 
-__all__ = ["BLOCK", "step_"]
+__all__ = ["BLOCK", "chunked_step_", "step_"]
 
 #: Coordinates per block of the fused step: large enough that the per-block ATen calls (the
 #: transcendental functions, the read-out's product) cost little beside the block's arithmetic
@@ -68,6 +68,97 @@ def _forward_step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) 
     }
     update, new_state = rule(grad, work)
     _write_back(rule, state, new_state)
+    return update
+
+
+def chunked_ok(rule: LSTMCorrectedAdamRule, state: RuleState) -> bool:
+    """Whether :func:`chunked_step_` takes ``rule``'s step on one tensor with ``state``."""
+    cfg = rule.settings
+    return not (
+        cfg.orthogonal_mix or cfg.direction_correction or "tensor" in state or "matrices" in state
+    )
+
+
+def chunked_step_(
+    rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState, *, write: bool = True,
+    chunk: int | None = None,
+) -> Tensor:  # fmt: skip
+    """The forward's step on one whole tensor, its coordinates in chunks: the per-tensor parts
+    (the sums of the gradient clipping and of the step-size adaptation, a matrix's
+    orthogonalized direction) over the whole tensor first, then the forward on each chunk
+    (:class:`~learned_opt.rules.per_tensor.Precomputed`), so that its temporaries (the LSTM's
+    gates and states, about 1.6 kB a coordinate in float64) are a chunk's, not the tensor's.
+    Per-coordinate state is written chunk by chunk into ``state`` (``write``; else ``state`` is
+    left as it was: the update alone, for a step checked before it is taken). Returns the
+    update. Bit for bit the forward's step on a tensor of one chunk (``chunk``: :data:`BLOCK`
+    coordinates on the CPU, 2**20 elsewhere); on larger ones the sums are added chunk by
+    chunk (a last-bit difference)."""
+    if not chunked_ok(rule, state):
+        raise ValueError("this rule's step reads sums over the tensor inside its forward")
+    cfg = rule.settings
+    n = grad.numel()
+    chunk = max(1, chunk or (BLOCK if grad.device.type == "cpu" else 1 << 20))
+    spans = [(start, min(n, start + chunk)) for start in range(0, n, chunk)] or [(0, 0)]
+    t = float(state["step"]) + 1
+    bound = grad_bound(grad.dtype)
+    coord = [k for k in state if rule.coord_dim(k) is not None]
+
+    def part(key: str, start: int, end: int) -> Tensor:  # a chunk of the state, computed in
+        return state[key].narrow(rule.coord_dim(key), start, end - start).to(grad.dtype)
+
+    def sums(products: Any) -> Tensor:  # over the chunks, each as the forward sums a tensor
+        return torch.stack(
+            [per_tensor.tensor_sums(torch.stack(products(s, e)), None, 1)[:, 0] for s, e in spans]
+        ).sum(0)
+
+    clip = None
+    if cfg.grad_clip > 0 and t > 1:
+        c = 1 - cfg.beta2 ** (t - 1)
+
+        def clip_terms(s: int, e: int) -> tuple[Tensor, Tensor]:
+            g = bounded_grad(grad[s:e])
+            return g * g, part("v", s, e) / c
+
+        g2, ref = sums(clip_terms)
+        clip = per_tensor.clip_scale(cfg, g2[None], ref[None], t)
+
+    def clipped(s: int, e: int) -> Tensor:
+        g = bounded_grad(grad[s:e])
+        return g if clip is None else g * clip
+
+    new: dict[str, Any] = {}
+    log_step = None
+    if cfg.lr_adapt > 0:
+
+        def adapt_terms(s: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+            g, prev = clipped(s, e), part("prev", s, e)
+            return -g * prev, g * g, prev * prev
+
+        dot, g2, p2 = sums(adapt_terms)
+        size = grad.new_full((1,), n)
+        per = {k: state[k] for k in per_tensor.PER_TENSOR_KEYS if k in state}
+        log_step = per_tensor.adapt_from_sums(
+            cfg, dot[None], g2[None], p2[None], per, new, t, rule.controller(), size
+        )
+    direction = None
+    if "matrix" in state:
+        direction = _matrix_direction(rule, grad, state, t, bound, 1.0 if clip is None else clip)
+    update = torch.empty_like(grad)
+    for start, end in spans:
+        sub = {k: part(k, start, end) if k in coord else v for k, v in state.items()}
+        sub.pop("matrix", None)
+        given = per_tensor.Precomputed(
+            clip, log_step, new, None if direction is None else direction[start:end]
+        )
+        out, new_state = rule(grad[start:end], sub, given)
+        update[start:end] = out
+        if write:
+            for key in coord:
+                if key in new_state:
+                    state[key].narrow(rule.coord_dim(key), start, end - start).copy_(new_state[key])
+    if write:
+        state.update(new)
+        state["step"].add_(1)
     return update
 
 
@@ -219,10 +310,10 @@ def _matrix_direction(
     cfg = rule.settings
     g = grad.clamp(-bound, bound) * scale
     k = rule._state_betas.index(cfg.beta1)
-    m = torch.lerp(state[f"m{k}"].float(), g, 1 - cfg.beta1)
+    m = torch.lerp(state[f"m{k}"].to(g.dtype), g, 1 - cfg.beta1)
     adam = None
     if cfg.orthogonal_rms:
-        v = state["v"].float() * cfg.beta2 + (1 - cfg.beta2) * g * g
+        v = state["v"].to(g.dtype) * cfg.beta2 + (1 - cfg.beta2) * g * g
         adam = (m / (1 - cfg.beta1**t)) / (v.sqrt() / (1 - cfg.beta2**t) ** 0.5 + cfg.eps)
     rows, cols = (int(n) for n in state["matrix"])
     return matrix_direction(m, g, cfg.beta1, rows, cols, adam).contiguous()
@@ -251,6 +342,8 @@ def step_(rule: LSTMCorrectedAdamRule, grad: Tensor, state: RuleState) -> Tensor
     if _lean_ok(rule, grad, state):
         return _lean_step_(rule, grad, state)
     if not _fused_ok(rule, grad, state):
+        if chunked_ok(rule, state):
+            return chunked_step_(rule, grad, state)
         return _forward_step_(rule, grad, state)
     cfg = rule.settings
     ext = kernels._load_corrected_adam()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ __all__ = [
     "CONTROLLER_FEATURES",
     "Controller",
     "PER_TENSOR_KEYS",
+    "Precomputed",
     "adapt_from_sums",
     "adapt_log_step",
     "adapt_rate",
@@ -50,6 +52,22 @@ CONTROLLER_FEATURES = 6
 #: The learned controller: features (T, 6) -> (log gain (T,) or ``None``: no hand-designed
 #: adaptation to gain, ``lr_adapt_learned``; drift (T,) or ``None``).
 Controller = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Precomputed:
+    """The per-tensor parts of one tensor's step, computed over its whole gradient before the
+    rule's forward steps a chunk of its coordinates (the drop-in optimizer's step in chunks,
+    :func:`~learned_opt.rules.corrected_adam_step.chunked_step_`)."""
+
+    #: The gradient clipping's factor (1,), or ``None`` where this step does not clip.
+    clip: Tensor | None = None
+    #: The new log step size (1,), or ``None`` without the step-size adaptation.
+    log_step: Tensor | None = None
+    #: The new per-tensor state entries (``log_step``, ``grad_fast``, ...).
+    new_state: RuleState = field(default_factory=dict)
+    #: This chunk's orthogonalized direction (a matrix's, ``orthogonal``), or ``None``.
+    direction: Tensor | None = None
 
 
 def tensor_sums(products: Tensor, ids: Tensor | None, count: int) -> Tensor:

@@ -291,6 +291,26 @@ class ScheduledRule(UpdateRule):
         scale = torch.exp(self.log_scale(state["step"], total)).to(update.dtype)
         return update * scale
 
+    def chunked_step_(self, grad: Tensor, state: RuleState, *, write: bool = True) -> Tensor | None:
+        """The base rule's ``chunked_step_`` (``None`` without one, or where it returns
+        ``None``) times the schedule's factor; ``write=False``: the update alone, ``state`` left
+        as it was."""
+        base_step = getattr(self.base, "chunked_step_", None)
+        if base_step is None:
+            return None
+        total = state.get("total_steps")
+        if total is None:
+            total = torch.zeros((), device=grad.device)
+        base_state = {k: v for k, v in state.items() if k != "total_steps"}
+        step = state["step"] + 1
+        update = base_step(grad, base_state, write=write)
+        if update is None:
+            return None
+        if write:
+            state.update(base_state)
+        scale = torch.exp(self.log_scale(step, total)).to(update.dtype)
+        return update * scale
+
     def config(self) -> dict[str, Any]:
         return {
             "base": self.base_kind,
