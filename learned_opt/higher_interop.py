@@ -33,6 +33,7 @@ from .optim import (
     _compute_dtype,
     _finite_flags,
     _nonfinite_update,
+    autocast_off,
 )
 from .rules import UpdateRule
 
@@ -68,6 +69,10 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
         return self._other._rule_for(p)
 
     def _update(self, grouped_grads: list[list[torch.Tensor | None]], **kwargs: Any) -> None:
+        with autocast_off():  # as the drop-in optimizer's step
+            self._update_all(grouped_grads)
+
+    def _update_all(self, grouped_grads: list[list[torch.Tensor | None]]) -> None:
         work = []
         for group_idx, grads in enumerate(grouped_grads):
             for p_idx, g in enumerate(grads):
@@ -112,7 +117,7 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 "with non-finite gradients or updates (parameters and optimizer state left "
                 "unchanged)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
 
     def _step(

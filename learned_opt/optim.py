@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .checkpoint import rule_from_dict, rule_to_dict
 from .rules import UpdateRule
-from .rules.base import checked_output
+from .rules.base import checked_output, rounded, store_
 
 __all__ = ["LearnedOptimizer", "NonFiniteGradientError", "STATE_DTYPES"]
 
@@ -61,6 +61,23 @@ def _finite_flags(tensors: list[Tensor]) -> list[bool]:
         for i, ok in zip(idx, sums):
             flags[i] = ok or bool(torch.isfinite(tensors[i]).all())
     return flags
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Autocast switched off on every device type where the caller switched it on: an
+    optimizer's step computed in bfloat16 matrix products (Muon's iterations, the LSTM's gates,
+    the step-size controller) moved each update by a few percent, and a step must not depend on
+    its caller's context."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda", "xpu", "mps"):
+            try:
+                on = torch.is_autocast_enabled(device)
+            except (RuntimeError, TypeError, ValueError):  # (a device type this build lacks)
+                continue
+            if on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def refuse_a_tensor(params: Any) -> None:
@@ -274,6 +291,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with autocast_off():  # the rule's products in its own dtype, whatever the caller's
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        """:meth:`step` after its closure."""
 
         # Check every gradient first, so that "raise" leaves the model and state untouched.
         work: list[tuple[Tensor, dict[str, Any]]] = []
@@ -364,9 +387,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "
                 "non-finite gradients or updates (parameters and optimizer state left unchanged)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-        return loss
 
     def _in_place(self, p: Tensor) -> bool:
         """Whether ``p`` steps in place (its rule's fused step; not for float16, whose new
@@ -467,7 +489,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             }
             update, out_state = checked_output(rule, rule(flat, sub), n)
             new_state = {
-                k: v.to(state[k].dtype) if k in coord and self._stored(rule, k, state[k]) else v
+                k: rounded(v, state[k].dtype)
+                if k in coord and self._stored(rule, k, state[k])
+                else v
                 for k, v in out_state.items()
             }
             return update, new_state
@@ -497,7 +521,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
             for k, v in out_state.items():
                 if k in coord:
-                    new_state[k].narrow(rule.coord_dim(k), start, end - start).copy_(v)
+                    store_(new_state[k].narrow(rule.coord_dim(k), start, end - start), v)
                 else:
                     new_state[k] = v  # e.g. the step counter: the same in every chunk
         return update, new_state
@@ -521,7 +545,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for key, value in state.items():
             dtype = self._storage_dtype(rule, key)
             if self._stored(rule, key, value) and value.dtype != dtype:
-                state[key] = value.to(dtype)
+                state[key] = rounded(value, dtype)
 
     def _compute_value(self, rule: UpdateRule, key: str, value: Any, like: Tensor) -> Any:
         return value.to(like.dtype) if self._stored(rule, key, value) else value
@@ -532,6 +556,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             sd = super().state_dict()
         sd["rule"] = rule_to_dict(self.rule, getattr(self, "metadata", None))
+        sd["total_steps"] = self.total_steps  # (also where no parameter has a state yet)
         for hook in post_hooks:  # (torch's order: they see the whole state dict, the rule too)
             result = hook(self, sd)
             if result is not None:
@@ -550,6 +575,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = dict(result)
         record = state_dict.pop("rule", None)
+        saved_total = state_dict.pop("total_steps", None)
         rule = None
         if record is not None:
             rule = rule_from_dict(record, expected_kind=self.rule.kind, source="state_dict")
@@ -590,8 +616,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 dtype = value.dtype
                 if value.is_floating_point() and rule_p.coord_dim(key) is not None:
                     dtype = self._storage_dtype(rule_p, key) or _compute_dtype(p.dtype)
-                state[key] = value.to(device=state[key].device, dtype=dtype, copy=True)
-        self._align_total_steps()
+                value = value.to(device=state[key].device, copy=True)
+                state[key] = rounded(value, dtype) if value.dtype != dtype else value
+        self._align_total_steps(saved_total)
         for hook in post_hooks:
             hook(self)
 
@@ -638,11 +665,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                             f"{tuple(want.shape)}; nothing was loaded"
                         )
 
-    def _align_total_steps(self) -> None:
+    def _align_total_steps(self, saved_total: int | None = None) -> None:
         """After a load: a ``total_steps`` given to this optimizer replaces the run's length
         saved in each parameter's state (a run lengthened or shortened on resume); without one,
-        the optimizer takes the saved length (when the states agree), for parameters added
-        later too."""
+        the optimizer takes the saved length (when the states agree; where no parameter had a
+        state yet, the saved optimizer's, ``saved_total``), for parameters added later too."""
         states = [s for s in self.state.values() if isinstance(s.get("total_steps"), Tensor)]
         if self.total_steps is not None:
             for s in states:
@@ -651,6 +678,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         saved = {float(s["total_steps"]) for s in states}
         if len(saved) == 1 and (length := saved.pop()) > 0:
             self.total_steps = int(length)
+        elif (
+            not states
+            and isinstance(saved_total, int)
+            and saved_total >= 1
+            and getattr(self.rule, "reads_horizon", False)
+        ):
+            self.total_steps = saved_total
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's optimizer state plus this optimizer's own settings (for ``copy.deepcopy``

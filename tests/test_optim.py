@@ -516,3 +516,73 @@ def test_rules_without_an_in_place_step_run_in_chunks_with_the_same_result(state
     for key, value in opts[0].state[params[0]].items():
         torch.testing.assert_close(value, opts[1].state[params[1]][key], rtol=1e-5, atol=1e-6)
     assert int(opts[1].state[params[1]]["step"]) == 3
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 3) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(5, 6, generator=gen), torch.randn(5, 3, generator=gen)
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("weights", ["general-v7", "general-v7-lean"])
+def test_a_step_under_autocast_is_the_step_without_it(weights: str) -> None:
+    """The rule's matrix products (Muon's iterations, the LSTM, the controller) ran in
+    bfloat16 inside ``torch.autocast``: each update moved by a few percent."""
+    runs = []
+    for autocast in (False, True):
+        model = _small_model()
+        opt = LSTMOptimizer(model.parameters(), weights=weights)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_the_runs_length_is_kept_by_a_state_dict_saved_before_the_first_step() -> None:
+    """Saved where no parameter has a state yet (a checkpoint at step 0), the run's length is
+    still taken by an optimizer built without one, and the run continues as the original."""
+    original, resumed = _small_model(), _small_model()
+    first = LSTMOptimizer(original.parameters(), total_steps=100)
+    sd = first.state_dict()
+    second = LSTMOptimizer(resumed.parameters())
+    second.load_state_dict(sd)
+    assert second.total_steps == 100
+    _train(original, first)
+    _train(resumed, second)
+    assert all(torch.equal(a, b) for a, b in zip(original.parameters(), resumed.parameters()))
+    paper = LSTMOptimizer(_small_model().parameters(), weights="paper-mnist")
+    paper_sd = paper.state_dict()
+    assert paper_sd["total_steps"] is None
+    paper.load_state_dict(paper_sd)
+    assert paper.total_steps is None
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_a_float64_state_beyond_its_storage_range_is_clamped_not_infinite(
+    state_dtype: torch.dtype,
+) -> None:
+    """A float64 gradient of 1e20 (finite, inside the rule's float64 bound) makes a second
+    moment beyond float32's range: stored in 32 bits it was Inf, and every later update of the
+    tensor non-finite (skipped for good). It is stored as the largest finite value."""
+    p = nn.Parameter(torch.ones(8, dtype=torch.float64))
+    opt = LSTMOptimizer([p], state_dtype=state_dtype, nonfinite="raise")
+    p.grad = torch.full_like(p, 1e20)
+    opt.step()
+    assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert torch.isfinite(p).all() and not torch.equal(p, before)

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RULES", "RuleState", "UpdateRule", "bounded_grad", "checked_output", "grad_bound"]
+__all__ = [
+    "RULES",
+    "RuleState",
+    "UpdateRule",
+    "bounded_grad",
+    "checked_output",
+    "grad_bound",
+    "rounded",
+    "store_",
+]
 
 RuleState = dict[str, Tensor]
 
@@ -166,6 +175,23 @@ def grad_bound(dtype: torch.dtype) -> float:
     """
     max_exp = math.frexp(torch.finfo(dtype).max)[1]  # 128 for float32 and bfloat16
     return math.ldexp(1.0, (max_exp - 40) // 2)
+
+
+def rounded(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` in ``dtype``, for storage, clamped to ``dtype``'s finite range where it is
+    narrower than ``value``'s: a float64 second moment beyond float32's range is stored as the
+    largest float32, not as Inf (which would make every later update of the tensor
+    non-finite). Values within the range round as ``value.to(dtype)`` does."""
+    if value.is_floating_point() and dtype.is_floating_point:
+        big = torch.finfo(dtype).max
+        if big < torch.finfo(value.dtype).max:
+            value = value.clamp(-big, big)
+    return value.to(dtype)
+
+
+def store_(stored: Tensor, value: Tensor) -> None:
+    """``stored.copy_(value)``, clamped to ``stored``'s range as :func:`rounded` does."""
+    stored.copy_(rounded(value, stored.dtype) if stored.dtype != value.dtype else value)
 
 
 def bounded_grad(grad: Tensor) -> Tensor:

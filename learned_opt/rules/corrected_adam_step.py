@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import kernels
 from . import per_tensor
-from .base import RuleState, bounded_grad, grad_bound
+from .base import RuleState, bounded_grad, grad_bound, store_
 from .orthogonal import matrices_direction, matrix_direction
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _write_back(rule: LSTMCorrectedAdamRule, state: RuleState, new_state: RuleSt
             and old.shape == value.shape
             and old is not value
         ):
-            old.copy_(value)
+            store_(old, value)
         else:
             state[key] = value
 
@@ -155,7 +155,8 @@ def chunked_step_(
         if write:
             for key in coord:
                 if key in new_state:
-                    state[key].narrow(rule.coord_dim(key), start, end - start).copy_(new_state[key])
+                    stored = state[key].narrow(rule.coord_dim(key), start, end - start)
+                    store_(stored, new_state[key])
     if write:
         state.update(new)
         state["step"].add_(1)
