@@ -117,7 +117,7 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 "with non-finite gradients or updates (parameters and optimizer state left "
                 "unchanged)",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=4,  # (the caller's diffopt.step)
             )
 
     def _step(

@@ -387,7 +387,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "
                 "non-finite gradients or updates (parameters and optimizer state left unchanged)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,  # (through torch's step wrappers: the caller's line)
             )
 
     def _in_place(self, p: Tensor) -> bool:

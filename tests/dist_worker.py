@@ -39,6 +39,14 @@ if __name__ == "__main__":
                    out / f"rank{rank}_resume.pt")  # fmt: skip
         distributed.shutdown()
         sys.exit(0)
+    if len(sys.argv) > 2 and sys.argv[2] == "disagree":  # rank 1 given another meta_lr
+        cfg = MetaTrainConfig(**{**CONFIG, "meta_lr": CONFIG["meta_lr"] * (1 + rank)})
+        try:
+            MetaTrainer(cfg).train()
+        except ValueError as exc:
+            (out / f"rank{rank}_refused.txt").write_text(str(exc))
+        distributed.shutdown()
+        sys.exit(0)
     trainer = MetaTrainer(cfg)
     own, logged = [], []  # each iteration's statistics: this rank's tasks; as logged
     unroll_own_tasks = trainer.train_iteration

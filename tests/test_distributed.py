@@ -176,6 +176,15 @@ def test_a_dying_rank_stops_the_job_with_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "rank0.pt").exists()
 
 
+def test_ranks_given_different_configurations_are_refused_on_every_rank(tmp_path: Path) -> None:
+    """Command lines that differ between machines: the ranks trained apart (another meta
+    learning rate) or stalled in mismatched collectives (another horizon)."""
+    _torchrun(str(HERE / "dist_worker.py"), str(tmp_path), "disagree")
+    refused = [(tmp_path / f"rank{r}_refused.txt").read_text() for r in (0, 1)]
+    assert all("different configurations" in text for text in refused)
+    assert "['meta_lr']" in refused[1] and "another process" in refused[0]
+
+
 def test_torchrun_stopped_by_sigterm_saves_the_last_completed_iteration(tmp_path: Path) -> None:
     # What a job scheduler's preemption does: SIGTERM to torchrun, which sends it to the ranks.
     ckpt = tmp_path / "ckpt"

@@ -564,12 +564,19 @@ def test_both_ablations_off_is_the_paper_lstm_and_refused() -> None:
         GeneralLSTMRule(scale_invariant=False, nominal=False)
 
 
-def test_optimizer_state_with_per_coordinate_step_sizes_loads_and_steps_the_same() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_optimizer_state_with_per_coordinate_step_sizes_loads_and_steps_the_same(
+    dtype: torch.dtype,
+) -> None:
     """Optimizer states written when the per-tensor numbers (log step size, gradient norm and
-    its peak) were kept once per coordinate continue exactly like the per-tensor layout."""
+    its peak) were kept once per coordinate continue exactly like the per-tensor layout (in
+    float16 also a tensor stepped in chunks of coordinates)."""
     torch.manual_seed(0)
     rule = _random_rule(preset=True)
     params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    if dtype == torch.float16:
+        params = [torch.nn.Parameter(p.detach().half()) for p in params]
+        params.append(torch.nn.Parameter(torch.randn(20_000).half()))
     opt = LearnedOptimizer(params, rule)
     for _ in range(4):
         for p in params:

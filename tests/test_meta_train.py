@@ -406,8 +406,8 @@ def test_repeated_non_finite_meta_gradients_roll_back_with_lower_lr() -> None:
     good = _weights(trainer)
     trainer.train_iteration()  # moves away from it
     hooks = [p.register_hook(lambda g: g * float("nan")) for p in trainer.learner.parameters()]
-    with pytest.warns(RuntimeWarning, match="rolled back"):
-        trainer.train_iteration()  # 3 windows, all non-finite
+    with pytest.warns(RuntimeWarning, match="in a row at iteration 2: rolled back"):
+        trainer.train_iteration()  # 3 windows, all non-finite (of iteration 2, under way)
     for h in hooks:
         h.remove()
     assert trainer.rollbacks == 1 and trainer.skipped_steps == 3
@@ -1040,3 +1040,35 @@ def test_the_held_out_adam_baseline_ties_losses_at_float32_resolution_as_tune_lr
     tuning = tune_lr(held_out.family, HAND_DESIGNED["adam"], held_out.seeds, 6, DEFAULT_LR_GRID,
                      name="adam", aggregate=held_out.aggregate)  # fmt: skip
     assert held_out.adam_baseline()["lr"] == tuning.lr == 0.3
+
+
+def test_one_step_windows_of_the_training_objective_are_refused() -> None:
+    """A window's training losses are measured before each of its steps: a one-step window
+    scores none of its updates, and the run meta-trained nothing without a word."""
+    for setting in ({"truncation": 1}, {"horizon": 1}):
+        with pytest.raises(ValueError, match="no meta-gradient"):
+            MetaTrainConfig(**{**SMALL, **setting})
+    MetaTrainConfig(**{**SMALL, "truncation": 1, "estimator": "pes"})
+    MetaTrainConfig(**{**SMALL, "truncation": 1, "objective": "final-train"})
+
+
+def test_a_run_resumed_from_iteration_0_evaluates_it_once(tmp_path: Path) -> None:
+    """A time budget spent by the first evaluation stops the run at iteration 0, whose
+    checkpoint it writes; resumed, the run went on with a second evaluation of iteration 0."""
+    config = dict(SMALL, iterations=4, eval_every=2)
+    first = MetaTrainer(MetaTrainConfig(**config, time_budget=1e-9), ckpt_dir=tmp_path)
+    first.train()
+    assert first.iteration == 0 and first.history["eval_iteration"] == [0]
+    second = MetaTrainer(MetaTrainConfig(**config), ckpt_dir=tmp_path)
+    assert second.resume()
+    second.train()
+    assert second.history["eval_iteration"] == [0, 2, 4]
+
+
+def test_a_run_that_ends_between_evaluations_says_which_weights_are_best() -> None:
+    """Its last weights are not scored, so best.pt and --export are an earlier iteration's
+    (with eval_every above the iterations, the untrained start's): the run says so."""
+    trainer = MetaTrainer(MetaTrainConfig(**dict(SMALL, iterations=3, eval_every=2)))
+    with pytest.warns(RuntimeWarning, match="ended at iteration 3, which no held-out"):
+        trainer.train()
+    assert trainer.history["eval_iteration"] == [0, 2]

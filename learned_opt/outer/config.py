@@ -264,6 +264,18 @@ class MetaTrainConfig:
             raise ValueError(
                 f"Unknown estimator {self.estimator!r}; expected one of {sorted(ESTIMATORS)}"
             )
+        if (
+            min(self.truncation, self.horizon) == 1
+            and self.objective == "train"
+            and self.estimator != "pes"
+        ):
+            raise ValueError(
+                "windows of one step (truncation or horizon 1) with the 'train' objective give "
+                "no meta-gradient: a window's "
+                "training loss is measured before each of its steps, so a one-step window "
+                "scores none of its updates (use truncation >= 2, another objective, or the "
+                "'pes' estimator, whose windows carry their perturbations forward)"
+            )
         if self.estimator != "tbptt" and (self.grad_checkpoint or self.second_order):
             raise ValueError(
                 f"grad_checkpoint and second_order apply to backpropagation only, not to the "

@@ -283,6 +283,7 @@ class MetaTrainer:
             FileExistsError: an earlier run's checkpoints (on every process).
             OSError: a directory that cannot be created or written (on every process).
         """
+        self._check_ranks_agree()
         problem = None  # (whether an earlier run's checkpoints, the message): rank 0 decides
         if distributed.is_main():
             fresh = self.iteration == 0 and self._purge_step is None and not self._checkpointed
@@ -300,6 +301,24 @@ class MetaTrainer:
         if problem is not None:
             earlier_run, message = problem
             raise (FileExistsError if earlier_run else OSError)(message)
+
+    def _check_ranks_agree(self) -> None:
+        """Under ``torchrun``, a ``ValueError`` on every process unless all were given rank
+        0's configuration (command lines that differ between machines: the ranks would train
+        apart, or stall in mismatched collectives)."""
+        if distributed.world_size() < 2:
+            return
+        ours = self.config.to_dict()
+        main = distributed.broadcast_state(json.dumps(ours, sort_keys=True, default=str))
+        theirs = json.loads(main)
+        differ = sorted(k for k in ours if json.dumps(ours[k], default=str) != json.dumps(
+            theirs.get(k), default=str))  # fmt: skip
+        if distributed.all_reduce_max(float(bool(differ))):
+            where = f"this process's {differ}" if differ else "another process's settings"
+            raise ValueError(
+                f"the processes of this run were given different configurations ({where} "
+                f"differ from rank 0's): start every process with the same settings"
+            )
 
     def export_best(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the best rule (by held-out evaluation) as a weights file with ``metadata``.
@@ -436,11 +455,12 @@ class MetaTrainer:
         lrs = [g["lr"] for g in self.meta_opt.param_groups]
         self.rollbacks += 1
         self.consecutive_skips = 0
-        self._log("meta/rollbacks", self.rollbacks)
-        self._log("meta/lr", lrs[0])
+        # At the iteration under way (its meta/lr, logged when it ends, is the lowered one).
+        self._log("meta/rollbacks", self.rollbacks, step=self.iteration + 1)
         warnings.warn(
             f"{self.config.rollback_after} non-finite meta-steps in a row at iteration "
-            f"{self.iteration}: rolled back to the last good checkpoint, meta lr now {lrs[0]:.3g}",
+            f"{self.iteration + 1}: rolled back to the last good checkpoint, meta lr now "
+            f"{lrs[0]:.3g}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -513,7 +533,7 @@ class MetaTrainer:
     def _train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None) -> None:
         cfg = self.config
         bar = _Progress(cfg.iterations, self.progress)
-        if self.iteration == 0 and cfg.eval_every:
+        if self.iteration == 0 and cfg.eval_every and not self._evaluated():
             start = time.perf_counter()
             self._run_eval()  # counted in the budget too (it tunes Adam's baseline)
             self.elapsed += distributed.all_reduce_max(time.perf_counter() - start)
@@ -544,10 +564,26 @@ class MetaTrainer:
             bar.update(self.iteration, f"meta_loss={stats['meta_loss']:.4g}{best}")
             if on_iteration is not None:
                 on_iteration(self, stats)
+        if self.iteration >= cfg.iterations and cfg.eval_every and not self._evaluated():
+            # (Not evaluated here: a run lengthened on resume then goes on as an uninterrupted
+            # one would, whose evaluations are every eval_every iterations.)
+            warnings.warn(
+                f"the run ended at iteration {self.iteration}, which no held-out evaluation "
+                f"scored (every {cfg.eval_every}): its best weights (best.pt, --export) are "
+                f"those of iteration {self.best_iteration}, chosen among the evaluated ones. "
+                "Make iterations a multiple of eval_every, or export the last weights "
+                "(learned-opt export --which latest)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.save_checkpoint()
         self._unsaved = None
         if self._writer is not None:
             self._writer.flush()
+
+    def _evaluated(self) -> bool:
+        """Whether the held-out evaluation has scored the current iteration's weights."""
+        return self.history["eval_iteration"][-1:] == [self.iteration]
 
     def _hold_unsaved(self) -> None:
         """Keep a copy of the state of the iteration just completed, which no checkpoint holds

@@ -136,7 +136,11 @@ def chunked_step_(
 
         dot, g2, p2 = sums(adapt_terms)
         size = grad.new_full((1,), n)
-        per = {k: state[k] for k in per_tensor.PER_TENSOR_KEYS if k in state}
+        per = {  # one number per tensor, also from a state that kept one per coordinate
+            k: per_tensor.per_tensor_state(state, k, None, 1).to(grad.dtype)
+            for k in per_tensor.PER_TENSOR_KEYS
+            if k in state
+        }
         log_step = per_tensor.adapt_from_sums(
             cfg, dot[None], g2[None], p2[None], per, new, t, rule.controller(), size
         )
