@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -1072,3 +1073,40 @@ def test_a_run_that_ends_between_evaluations_says_which_weights_are_best() -> No
     with pytest.warns(RuntimeWarning, match="ended at iteration 3, which no held-out"):
         trainer.train()
     assert trainer.history["eval_iteration"] == [0, 2]
+
+
+def test_a_run_holds_its_checkpoint_directory_while_it_trains(tmp_path: Path) -> None:
+    """Two runs started in one checkpoint directory before either wrote a checkpoint both
+    passed the check for an earlier run's checkpoints, then overwrote each other's. The
+    directory is now held while a run trains; a lock its process left on dying is taken over,
+    and a run releases it when it ends, stopped or not."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from learned_opt.outer.checkpoints import LOCK_NAME
+
+    lock = tmp_path / LOCK_NAME
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        trainer = MetaTrainer(MetaTrainConfig(**dict(SMALL, iterations=2)), ckpt_dir=tmp_path)
+        with pytest.raises(FileExistsError, match=f"another run \\(process {other.pid}"):
+            trainer.train()
+        assert not list(tmp_path.glob("ckpt_*.pt")) and lock.exists()
+    finally:
+        other.kill()
+        other.wait()
+    trainer.train()  # its holder gone: taken over, and released at the end
+    assert trainer.iteration == 2 and not lock.exists()
+
+    def stop(tr: MetaTrainer, stats: dict) -> None:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()  # held while it trains
+        raise KeyboardInterrupt
+
+    resumed = MetaTrainer(MetaTrainConfig(**dict(SMALL, iterations=4)), ckpt_dir=tmp_path)
+    assert resumed.resume()
+    with pytest.raises(KeyboardInterrupt):
+        resumed.train(on_iteration=stop)
+    assert not lock.exists()

@@ -13,6 +13,8 @@ import contextlib
 import copy
 import inspect
 import json
+import os
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +32,15 @@ if TYPE_CHECKING:
     from .trainer import MetaTrainer
 
 __all__ = [
+    "LOCK_NAME",
     "RESUMABLE_CHANGES",
     "TRAINER_FORMAT",
     "check_state",
     "find_checkpoints",
+    "hold_directory",
     "learner_record",
     "read_checkpoint",
+    "release_directory",
     "restore_trainer",
     "trainer_state",
     "write_checkpoint",
@@ -56,6 +61,75 @@ RESUMABLE_CHANGES = frozenset(
         "grad_checkpoint_segment",
     }
 )
+
+
+#: The file a training run holds in its checkpoint directory (:func:`hold_directory`).
+LOCK_NAME = ".run.lock"
+
+
+def hold_directory(ckpt_dir: str | Path) -> Path:
+    """Take ``ckpt_dir`` for the run of this process (its checkpoint writer): a lock file
+    naming the process. A lock left by a run that died (no such process on this machine, or
+    this very process) is taken over.
+
+    Raises:
+        FileExistsError: another run holds the directory: both would write and prune the same
+            checkpoints and ``best.pt``, each destroying the other's.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _alive(holder):
+                raise FileExistsError(
+                    f"{ckpt_dir} is being written by another run (process {holder['pid']} on "
+                    f"{holder['host']}): two runs there would overwrite each other's "
+                    f"checkpoints and best.pt. Use another checkpoint directory, or, if no "
+                    f"such run is going on, delete {lock}"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a run that died
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise FileExistsError(f"could not take {lock}: other runs keep taking it")
+
+
+def release_directory(lock: Path) -> None:
+    """Remove the lock :func:`hold_directory` took, if it is still this process's."""
+    if _lock_holder(lock) == {"pid": os.getpid(), "host": socket.gethostname()}:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    """The process a lock file names, or ``None`` (gone, or unreadable: a write cut short)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int)
+    return {"pid": holder["pid"], "host": str(holder.get("host"))} if ok else None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock names may still be running (on another machine: it cannot
+    be told, so yes)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False  # this process's own, from a run that ended without releasing it
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_checkpoints(ckpt_dir: str | Path) -> list[Path]:

@@ -219,6 +219,7 @@ class MetaTrainer:
         self._checkpointed = False  # whether this trainer has written a checkpoint
         #: The state of the last completed iteration that no checkpoint holds yet.
         self._unsaved: dict[str, Any] | None = None
+        self._lock: Path | None = None  # the checkpoint directory's, while train() runs
         self._stopped_by: BaseException | None = None  # what ended train(), if anything
 
     # ----------------------------------------------------------------------------------- state
@@ -297,6 +298,11 @@ class MetaTrainer:
                     "another checkpoint directory; a new run there would prune them and "
                     "replace best.pt",
                 )
+            elif self.ckpt_dir and self._lock is None:
+                try:  # while it trains, no other run writes there (run started alike)
+                    self._lock = checkpoints.hold_directory(self.ckpt_dir)
+                except FileExistsError as exc:
+                    problem = (True, str(exc))
         problem = distributed.broadcast_state(problem)
         if problem is not None:
             earlier_run, message = problem
@@ -514,6 +520,14 @@ class MetaTrainer:
         its default action, in the main thread.)
         """
         self.check_outputs()
+        try:
+            self._train_held(on_iteration)
+        finally:
+            if self._lock is not None:
+                checkpoints.release_directory(self._lock)
+                self._lock = None
+
+    def _train_held(self, on_iteration: Callable[[MetaTrainer, dict], None] | None) -> None:
         self._unsaved = None
         self._stopped_by = None
         try:
