@@ -208,6 +208,25 @@ def test_a_resumed_run_logs_each_held_out_curve_once(tmp_path: Path) -> None:
     assert steps == list(range(len(steps))) and steps
 
 
+def test_a_fresh_run_in_a_used_log_directory_logs_each_held_out_curve_once(
+    tmp_path: Path,
+) -> None:
+    """A new run (another checkpoint directory) logging where an earlier one did: its writer
+    hides the earlier run's scalars, and its held-out curves replace the earlier ones (they
+    held both runs' points at each step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run, meta_lr in (("first", 1e-2), ("second", 3e-2)):
+        config = MetaTrainConfig(**dict(SMALL, iterations=2, meta_lr=meta_lr))
+        trainer = MetaTrainer(config, log_dir=tmp_path / "tb", ckpt_dir=tmp_path / run)
+        trainer.train()
+        trainer.close()
+    acc = EventAccumulator(str(tmp_path / "tb" / "eval_curves_iter_0000002_learned"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("eval_curves/iter_0000002")]
+    assert steps == list(range(len(steps))) and steps
+
+
 def test_a_time_budget_counts_the_first_evaluation(tmp_path: Path) -> None:
     """The held-out evaluation before the first iteration (which tunes Adam's baseline) is
     part of what the run costs: a budget it exceeds runs no iteration."""
@@ -1110,3 +1129,20 @@ def test_a_run_holds_its_checkpoint_directory_while_it_trains(tmp_path: Path) ->
     with pytest.raises(KeyboardInterrupt):
         resumed.train(on_iteration=stop)
     assert not lock.exists()
+
+
+def test_an_iteration_whose_every_task_diverged_says_so() -> None:
+    """Every task's loss NaN from the start (NaN in the data): no window is usable and no
+    meta-step taken; the run went on without a word."""
+    from learned_opt.tasks.quadratic import QuadraticFamily
+
+    class NaNTargets(QuadraticFamily):
+        def sample(self, generator):
+            task = super().sample(generator)
+            task.train.y = task.train.y * float("nan")
+            return task
+
+    config = MetaTrainConfig(**dict(SMALL, iterations=2, eval_every=0))
+    trainer = MetaTrainer(config, family=NaNTargets())
+    with pytest.warns(RuntimeWarning, match="iteration 1: no task gave a usable meta-loss"):
+        trainer.train()

@@ -95,11 +95,16 @@ def take_rounds(
             gradient dominates the mean.
 
     Returns:
-        ``{"meta_loss", "grad_norm"}`` (means over the steps), ``"diverged"`` (windows after
-        which a task stopped), ``"skipped"`` (steps not taken) and ``"rounds"`` (steps).
+        ``{"meta_loss", "grad_norm"}`` (means over the steps; the meta-loss over those with a
+        usable window), ``"diverged"`` (windows after which a task stopped), ``"skipped"``
+        (steps not taken), ``"rounds"`` (steps), and per round the sum of the usable windows'
+        meta-losses and their number (``"round_loss_sums"``, ``"round_windows"``: a distributed
+        run's mean over all processes' windows is made of them).
     """
     active = list(streams)
     meta_losses: list[float] = []
+    round_sums: list[float] = []  # each round's usable meta-losses, summed, and their number
+    round_windows: list[float] = []
     norms: list[float] = []
     diverged = skipped = done = 0
     while active if rounds is None else done < rounds:
@@ -118,11 +123,16 @@ def take_rounds(
         usable = [e.meta_loss for e in estimates if e.grads is not None]
         loss = float(np.mean(usable)) if usable else 0.0
         norm, stepped = step(grads, loss, len(usable))
-        meta_losses.append(loss)
+        if usable:  # (a round this process only takes part in has no meta-loss of its own)
+            meta_losses.append(loss)
+        round_sums.append(float(np.sum(usable)) if usable else 0.0)
+        round_windows.append(float(len(usable)))
         norms.append(norm)
         skipped += not stepped
     return {
         "meta_loss": float(np.mean(meta_losses)) if meta_losses else math.nan,
+        "round_loss_sums": round_sums,
+        "round_windows": round_windows,
         "grad_norm": float(np.mean(norms)) if norms else math.nan,
         "diverged": float(diverged),
         "skipped": float(skipped),

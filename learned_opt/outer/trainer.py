@@ -74,14 +74,25 @@ class _Progress:
 
 def _over_processes(stats: dict[str, float]) -> dict[str, float]:
     """An iteration's statistics over every process's tasks (each process unrolls its share):
-    the mean of the processes' meta-losses, the sum of their diverged tasks. The gradient norm
-    and the inner steps are the same on every process already."""
-    world = distributed.world_size()
-    if world == 1:
+    the meta-loss as one process would have it (each round's mean over every process's usable
+    windows, averaged over the rounds that had one: a process whose tasks had ended takes part
+    in later rounds with none), the sum of their diverged tasks. The gradient norm and the inner
+    steps are the same on every process already."""
+    if distributed.world_size() == 1:
         return stats
-    both = torch.tensor([stats["meta_loss"], stats["diverged"]], dtype=torch.float64)
-    distributed.all_reduce_sum([both])
-    return {**stats, "meta_loss": float(both[0]) / world, "diverged": float(both[1])}
+    sums, windows = stats["round_loss_sums"], stats["round_windows"]  # (the same rounds on
+    parts = torch.tensor([stats["diverged"], *sums, *windows], dtype=torch.float64)  # each)
+    distributed.all_reduce_sum([parts])
+    total, count = parts[1 : 1 + len(sums)], parts[1 + len(sums) :]
+    used = count > 0
+    loss = float((total[used] / count[used]).mean()) if bool(used.any()) else math.nan
+    return {
+        **stats,
+        "meta_loss": loss,
+        "diverged": float(parts[0]),
+        "round_loss_sums": total.tolist(),
+        "round_windows": count.tolist(),
+    }
 
 
 def _unwritable(*folders: Path | None) -> str | None:
@@ -400,9 +411,11 @@ class MetaTrainer:
         self._log("eval/ratio_vs_adam", metric / adam["metric"])
         if self._writer is not None:
             tag = f"eval_curves/iter_{self.iteration:07d}"
-            if self._purge_step is not None and self.iteration >= self._purge_step:
-                # Resumed: the interrupted run's curve of this iteration, in add_scalars' own
-                # event files (which purge_step does not reach), gives way to this one.
+            if self.iteration >= (self._purge_step or 0):
+                # An earlier run's curve of this iteration in this log directory (the
+                # interrupted run's, resumed; any, for a fresh run: the writer purged from step
+                # 0), in add_scalars' own event files, which purge_step does not reach, gives
+                # way to this one.
                 for name in ("learned", "adam_tuned"):
                     stale = Path(self._writer.log_dir) / f"{tag.replace('/', '_')}_{name}"
                     for events in stale.glob("events.out.tfevents.*"):
@@ -503,6 +516,8 @@ class MetaTrainer:
             "grad_norm": stats["grad_norm"],
             "diverged": stats["diverged"],
             "inner_steps": float(sum(horizons)),
+            "round_loss_sums": stats["round_loss_sums"],
+            "round_windows": stats["round_windows"],
         }
 
     def train(self, on_iteration: Callable[[MetaTrainer, dict], None] | None = None) -> None:
@@ -557,6 +572,14 @@ class MetaTrainer:
             start = time.perf_counter()
             stats = _over_processes(self.train_iteration())
             self.iteration += 1
+            if not math.isfinite(stats["meta_loss"]) and distributed.is_main():
+                warnings.warn(
+                    f"iteration {self.iteration}: no task gave a usable meta-loss (every one "
+                    f"diverged or was not finite, {stats['diverged']:.0f} of them): no "
+                    "meta-step. Check the tasks (their data, the losses at the rule's start)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             seconds = time.perf_counter() - start
             self._log("meta/loss", stats["meta_loss"])
             self._log("meta/grad_norm", stats["grad_norm"])
