@@ -1146,3 +1146,35 @@ def test_an_iteration_whose_every_task_diverged_says_so() -> None:
     trainer = MetaTrainer(config, family=NaNTargets())
     with pytest.warns(RuntimeWarning, match="iteration 1: no task gave a usable meta-loss"):
         trainer.train()
+
+
+def test_a_run_resumed_from_any_checkpoint_rolls_back_where_an_uninterrupted_one_does(
+    tmp_path: Path,
+) -> None:
+    """A rollback returns to the last periodic checkpoint's state. A run resumed from a
+    checkpoint written at its end or on an interruption (iteration 5, between the periodic
+    ones at 4 and 8) rolled back to that checkpoint instead, and ended elsewhere."""
+
+    class NaNAtIteration5(MetaTrainer):
+        def _meta_step(self, grads, meta_loss, count):
+            if self.iteration == 5 and grads is not None:
+                grads = [None if g is None else g * float("nan") for g in grads]
+            return super()._meta_step(grads, meta_loss, count)
+
+    def config(iterations: int) -> MetaTrainConfig:
+        return MetaTrainConfig(**dict(
+            SMALL, iterations=iterations, eval_every=0, checkpoint_every=4, rollback_after=3,
+            truncation=2, horizon=6,
+        ))  # fmt: skip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the rollbacks)
+        whole = NaNAtIteration5(config(8), ckpt_dir=tmp_path / "whole")
+        whole.train()
+        NaNAtIteration5(config(5), ckpt_dir=tmp_path / "split").train()  # ends at 5
+        resumed = NaNAtIteration5(config(8), ckpt_dir=tmp_path / "split")
+        assert resumed.resume() and resumed.iteration == 5
+        resumed.train()
+    assert whole.rollbacks == resumed.rollbacks == 1
+    for a, b in zip(_weights(whole), _weights(resumed)):
+        assert torch.equal(a, b)

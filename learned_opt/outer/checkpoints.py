@@ -49,7 +49,9 @@ __all__ = [
 TRAINER_FORMAT = "learned_opt.trainer/1"
 
 #: Settings that change neither the math nor the randomness of a run (checkpointing recomputes
-#: the same values): a run may be resumed with other values of these.
+#: the same values): a run may be resumed with other values of these. (Only a run that rolls
+#: back, after ``rollback_after`` non-finite meta-steps in a row, depends on
+#: ``checkpoint_every``: its periodic checkpoints are where a rollback returns to.)
 RESUMABLE_CHANGES = frozenset(
     {
         "iterations",
@@ -162,6 +164,10 @@ def trainer_state(trainer: MetaTrainer) -> dict[str, Any]:
         "consecutive_skips": trainer.consecutive_skips,
         "rollbacks": trainer.rollbacks,
         "notes": trainer.notes,
+        # Where a rollback returns to: the last periodic checkpoint's state (this one's, or
+        # an earlier one's for a checkpoint written at the end or on an interruption).
+        "rollback_learner": trainer._good[0],
+        "rollback_meta_optimizer": trainer._good[1],
     }
     if trainer.reference is not None:
         state["reference_learner"] = trainer.reference.state_dict()
@@ -252,7 +258,9 @@ def check_state(trainer: MetaTrainer, state: Any) -> None:
     if _config_diff(trainer, state):
         return
     expected = {k: tuple(v.shape) for k, v in trainer.learner.state_dict().items()}
-    for key in ("learner", "best_learner"):
+    for key in ("learner", "best_learner", "rollback_learner"):
+        if key not in state:  # (the rollback point: not in checkpoints written before it)
+            continue
         saved = state[key]
         if not isinstance(saved, dict) or set(saved) != set(expected):
             raise CheckpointError(f"The checkpoint's {key!r} is not this learner's state")
@@ -263,21 +271,10 @@ def check_state(trainer: MetaTrainer, state: Any) -> None:
                 )
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"The checkpoint's {key} {name!r} is not finite")
+    for key in ("meta_optimizer", "rollback_meta_optimizer"):
+        if key in state:
+            _check_meta_optimizer(trainer, key, state[key])
     meta = state["meta_optimizer"]
-    if not isinstance(meta, dict) or not {"state", "param_groups"} <= set(meta):
-        raise CheckpointError("The checkpoint's 'meta_optimizer' is not an optimizer's state")
-    groups, mine = meta["param_groups"], trainer.meta_opt.param_groups
-    if not (
-        isinstance(groups, list)
-        and len(groups) == len(mine)
-        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
-        and [len(g["params"]) for g in groups] == [len(g["params"]) for g in mine]
-        and isinstance(meta["state"], dict)
-    ):
-        raise CheckpointError(
-            "The checkpoint's 'meta_optimizer' does not fit this learner's meta-optimizer "
-            f"({len(mine)} param groups of {[len(g['params']) for g in mine]} tensors)"
-        )
     history = state["history"]
     if not (
         isinstance(history, dict)
@@ -295,6 +292,25 @@ def check_state(trainer: MetaTrainer, state: Any) -> None:
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"The checkpoint's meta-optimizer {name!r} is not finite")
+
+
+def _check_meta_optimizer(trainer: MetaTrainer, key: str, meta: Any) -> None:
+    """A :class:`CheckpointError` unless ``meta`` (the checkpoint's ``key``) is a state of the
+    trainer's meta-optimizer: its param groups of as many tensors."""
+    if not isinstance(meta, dict) or not {"state", "param_groups"} <= set(meta):
+        raise CheckpointError(f"The checkpoint's {key!r} is not an optimizer's state")
+    groups, mine = meta["param_groups"], trainer.meta_opt.param_groups
+    if not (
+        isinstance(groups, list)
+        and len(groups) == len(mine)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        and [len(g["params"]) for g in groups] == [len(g["params"]) for g in mine]
+        and isinstance(meta["state"], dict)
+    ):
+        raise CheckpointError(
+            f"The checkpoint's {key!r} does not fit this learner's meta-optimizer "
+            f"({len(mine)} param groups of {[len(g['params']) for g in mine]} tensors)"
+        )
 
 
 def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
@@ -328,6 +344,15 @@ def restore_trainer(trainer: MetaTrainer, state: dict[str, Any]) -> None:
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
     trainer.consecutive_skips = int(state.get("consecutive_skips", 0))
     trainer.notes = state.get("notes") or {"commands": []}
+    if isinstance(state.get("rollback_learner"), dict) and isinstance(
+        state.get("rollback_meta_optimizer"), dict
+    ):
+        trainer._good = (
+            copy.deepcopy(state["rollback_learner"]),
+            copy.deepcopy(state["rollback_meta_optimizer"]),
+        )
+    else:  # checkpoints written before they held it: the loaded state
+        trainer._good = trainer._snapshot()
     trainer.rollbacks = int(state.get("rollbacks", 0))
     if trainer.history["eval_iteration"] and not _same(state.get("eval_family"), trainer):
         _reselect_on_current_tasks(trainer, state.get("eval_family"))

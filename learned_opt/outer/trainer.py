@@ -240,17 +240,19 @@ class MetaTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the configuration must match this trainer's."""
-        checkpoints.restore_trainer(self, state)
-        self._good = self._snapshot()
+        checkpoints.restore_trainer(self, state)  # (the rollback point too, where it has one)
         self._purge_step = self.iteration + 1
 
     def _snapshot(self) -> tuple[dict, dict]:
         return (copy.deepcopy(self.learner.state_dict()), copy.deepcopy(self.meta_opt.state_dict()))
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``; the
-        state is also the one a rollback returns to."""
-        self._good = self._snapshot()
+    def save_checkpoint(self, rollback_point: bool = True) -> Path | None:
+        """Write ``ckpt_<iteration>.pt`` atomically, prune old ones, export ``best.pt``. With
+        ``rollback_point`` (the periodic checkpoints, every ``checkpoint_every`` iterations)
+        the state is also the one a rollback returns to; the checkpoint holds that point, so
+        that a run resumed from any checkpoint rolls back where an uninterrupted one would."""
+        if rollback_point:
+            self._good = self._snapshot()
         self._checkpointed = True
         if self.ckpt_dir is None or not distributed.is_main():
             return None
@@ -613,7 +615,7 @@ class MetaTrainer:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.save_checkpoint()
+        self.save_checkpoint(rollback_point=self.iteration % cfg.checkpoint_every == 0)
         self._unsaved = None
         if self._writer is not None:
             self._writer.flush()
