@@ -1178,3 +1178,25 @@ def test_a_run_resumed_from_any_checkpoint_rolls_back_where_an_uninterrupted_one
     assert whole.rollbacks == resumed.rollbacks == 1
     for a, b in zip(_weights(whole), _weights(resumed)):
         assert torch.equal(a, b)
+
+
+def test_a_run_resumes_where_its_initial_weights_file_is_gone(tmp_path: Path) -> None:
+    """A checkpoint holds the whole trainer state, yet building the trainer to resume it read
+    the rule from ``init_weights`` (a file a fresh machine may not have) and failed."""
+    import shutil
+
+    from learned_opt import pretrained
+
+    init = tmp_path / "init.pt"
+    shutil.copy(pretrained.path("quadratic"), init)
+    config = MetaTrainConfig(**dict(SMALL, iterations=2, init_weights=str(init), rule="lstm"))
+    first = MetaTrainer(config, ckpt_dir=tmp_path / "ckpt")
+    first.train()
+    init.unlink()
+    with pytest.raises(ValueError, match="is neither a shipped name"):
+        MetaTrainer(config)  # (no checkpoints to read the rule from)
+    with pytest.warns(UserWarning, match="is gone: the rule's architecture is read from"):
+        resumed = MetaTrainer(config, ckpt_dir=tmp_path / "ckpt")
+    assert resumed.resume() and resumed.iteration == 2
+    for a, b in zip(_weights(first), _weights(resumed)):
+        assert torch.equal(a, b)

@@ -4,6 +4,8 @@ rule and learner, the loss-averse objective's reference, the estimator and the m
 from __future__ import annotations
 
 import copy
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from .. import pretrained, rules
 from ..checkpoint import load_rule
 from ..learners import MetaLearner, OptimizerLearner
 from ..tasks import TaskFamily, make_family
+from .checkpoints import find_checkpoints
 from .config import MetaTrainConfig
 from .estimators import Estimator
 from .estimators import build_estimator as estimator_by_name
@@ -41,11 +44,26 @@ def build_eval_family(config: MetaTrainConfig, family: TaskFamily) -> TaskFamily
     return make_family(config.eval_family, **config.eval_family_kwargs)
 
 
-def build_rule(config: MetaTrainConfig) -> rules.UpdateRule:
+def build_rule(config: MetaTrainConfig, ckpt_dir: str | Path | None = None) -> rules.UpdateRule:
     """The rule the run starts from: ``config.init_weights`` (its architecture from the file),
-    or a ``config.rule`` initialized from ``config.seed``."""
+    or a ``config.rule`` initialized from ``config.seed``. Where the ``init_weights`` file is
+    gone and ``ckpt_dir`` holds the run's checkpoints (a run to resume, on a machine without
+    the file), the newest one's rule: resuming restores its weights anyway."""
     if config.init_weights is not None:
-        rule, _ = load_rule(pretrained.resolve(config.init_weights), expected_kind=config.rule)
+        try:
+            source = pretrained.resolve(config.init_weights)
+        except ValueError:
+            found = [] if ckpt_dir is None else find_checkpoints(ckpt_dir)
+            if not found:
+                raise
+            source = found[0]
+            warnings.warn(
+                f"init_weights {config.init_weights!r} is gone: the rule's architecture is "
+                f"read from {source} (resuming the run restores its weights)",
+                UserWarning,
+                stacklevel=4,
+            )
+        rule, _ = load_rule(source, expected_kind=config.rule)
         if config.rule_kwargs:  # they cannot change the file's rule: they must describe it
             mine, theirs = rules.build_rule(config.rule, config.rule_kwargs).config(), rule.config()
             if diff := {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}:
@@ -61,10 +79,10 @@ def build_rule(config: MetaTrainConfig) -> rules.UpdateRule:
     return rule
 
 
-def build_learner(config: MetaTrainConfig) -> MetaLearner:
+def build_learner(config: MetaTrainConfig, ckpt_dir: str | Path | None = None) -> MetaLearner:
     """An :class:`~learned_opt.learners.OptimizerLearner` around :func:`build_rule`, its
     meta-parameters limited to ``config.train_only``'s (:func:`train_only`)."""
-    rule = build_rule(config)
+    rule = build_rule(config, ckpt_dir)
     if config.train_only:
         train_only(rule, config.train_only.split(","))
     return OptimizerLearner(rule, second_order=config.second_order)

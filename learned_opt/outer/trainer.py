@@ -197,7 +197,7 @@ class MetaTrainer:
         self.eval_family = eval_family or factory.build_eval_family(config, self.family)
         for name, tasks in (("family", self.family), ("eval_family", self.eval_family)):
             plain_data(tasks.config(), f"the {name}'s config")  # checkpoints hold it: at start
-        self.learner = learner if learner is not None else factory.build_learner(config)
+        self.learner = learner if learner is not None else factory.build_learner(config, ckpt_dir)
         if not any(p.requires_grad for p in self.learner.parameters()):
             raise ValueError(
                 f"The {type(self.learner).__name__} has no parameter to meta-train (none, or "
