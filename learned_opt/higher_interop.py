@@ -20,7 +20,6 @@ used; construct
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import higher
@@ -29,10 +28,11 @@ import torch
 from .lstm_optimizer import LSTMOptimizer
 from .optim import (
     LearnedOptimizer,
-    NonFiniteGradientError,
     _compute_dtype,
     _finite_flags,
+    _nonfinite_gradient,
     _nonfinite_update,
+    _warn_skipped,
     autocast_off,
 )
 from .rules import UpdateRule
@@ -89,11 +89,7 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
         finite = _finite_flags([g.detach() for *_, g in work])
         if policy == "raise" and not all(finite):
             group_idx, p_idx, _ = work[finite.index(False)]
-            shape = tuple(self.param_groups[group_idx]["params"][p_idx].shape)
-            raise NonFiniteGradientError(
-                f"Non-finite gradient for a parameter of shape {shape}; "
-                "no parameter was changed in this step"
-            )
+            raise _nonfinite_gradient(self.param_groups[group_idx]["params"][p_idx])
         skipped = finite.count(False)
         steps = [
             (group_idx, p_idx, *self._step(group_idx, p_idx, g))
@@ -112,13 +108,7 @@ class DifferentiableLearnedOptimizer(higher.optim.DifferentiableOptimizer):
                 self._other._cast_state(rule, state)  # stored as the drop-in's (state_dtype)
                 self.param_groups[group_idx]["params"][p_idx] = new
         if skipped:
-            warnings.warn(
-                f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) "
-                "with non-finite gradients or updates (parameters and optimizer state left "
-                "unchanged)",
-                RuntimeWarning,
-                stacklevel=4,  # (the caller's diffopt.step)
-            )
+            _warn_skipped(self, skipped, stacklevel=4)  # (the caller's diffopt.step)
 
     def _step(
         self, group_idx: int, p_idx: int, g: torch.Tensor

@@ -119,6 +119,24 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient (or the update computed from it) contains NaN or Inf."""
 
 
+def _nonfinite_gradient(p: Tensor) -> NonFiniteGradientError:
+    return NonFiniteGradientError(
+        f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
+        "no parameter was changed in this step"
+    )
+
+
+def _warn_skipped(owner: object, skipped: int, stacklevel: int) -> None:
+    """The warning of a step that left ``skipped`` tensors as they were (``nonfinite="skip"``);
+    ``stacklevel`` counted from the caller of this function."""
+    warnings.warn(
+        f"{type(owner).__name__}: skipped the update of {skipped} parameter tensor(s) with "
+        "non-finite gradients or updates (parameters and optimizer state left unchanged)",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _nonfinite_update(p: Tensor) -> NonFiniteGradientError:
     beyond = f" (or beyond the range of {p.dtype})" if p.dtype == torch.float16 else ""
     return NonFiniteGradientError(
@@ -319,11 +337,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 work.append((p, group))
         finite = _finite_flags([p.grad for p, _ in work])
         if self.nonfinite == "raise" and not all(finite):
-            p = work[finite.index(False)][0]
-            raise NonFiniteGradientError(
-                f"Non-finite gradient for a parameter of shape {tuple(p.shape)}; "
-                "no parameter was changed in this step"
-            )
+            raise _nonfinite_gradient(work[finite.index(False)][0])
         skipped = finite.count(False)
         work = [item for item, ok in zip(work, finite) if ok]
 
@@ -383,12 +397,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if ok:
                 self._commit(p, group, update, self.state[p], new_state)
         if skipped:
-            warnings.warn(
-                f"{type(self).__name__}: skipped the update of {skipped} parameter tensor(s) with "
-                "non-finite gradients or updates (parameters and optimizer state left unchanged)",
-                RuntimeWarning,
-                stacklevel=5,  # (through torch's step wrappers: the caller's line)
-            )
+            _warn_skipped(self, skipped, stacklevel=5)  # (through torch's step wrappers)
 
     def _in_place(self, p: Tensor) -> bool:
         """Whether ``p`` steps in place (its rule's fused step; not for float16, whose new

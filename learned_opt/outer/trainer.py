@@ -327,11 +327,9 @@ class MetaTrainer:
         apart, or stall in mismatched collectives)."""
         if distributed.world_size() < 2:
             return
-        ours = self.config.to_dict()
-        main = distributed.broadcast_state(json.dumps(ours, sort_keys=True, default=str))
-        theirs = json.loads(main)
-        differ = sorted(k for k in ours if json.dumps(ours[k], default=str) != json.dumps(
-            theirs.get(k), default=str))  # fmt: skip
+        ours = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        mine, theirs = json.loads(ours), json.loads(distributed.broadcast_state(ours))
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
         if distributed.all_reduce_max(float(bool(differ))):
             where = f"this process's {differ}" if differ else "another process's settings"
             raise ValueError(
